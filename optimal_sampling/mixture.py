@@ -1,0 +1,263 @@
+"""The q* mixture and its diagnostics, from two `[B, V]` log-prob tensors.
+
+`compute_mixture` is the whole per-token q* computation in one pure function; every
+front (logits processor, generate strategy, sampler, server coordinator, trainer) calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .alpha import AlphaSolution, check_log_prob_pair, compute_dtype, ess_log_gap, solve_alpha, teacher_nucleus_mask
+
+NEG_INF = float("-inf")
+
+
+def log_probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, vocab_size: int | None = None) -> torch.Tensor:
+    """`[B, V']` logits → `[B, V]` float32 log-softmax(logits / T) over the first `vocab_size` ids.
+
+    Models that share a tokenizer often pad their embedding matrices to different sizes;
+    slicing both to the tokenizer's length drops the padded ids (random models put real
+    mass there).
+    """
+    if temperature <= 0:
+        raise ValueError(
+            f"`temperature` (={temperature}) has to be a strictly positive float; for greedy "
+            "decoding take the argmax of log q instead."
+        )
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
+    logits = logits.to(compute_dtype(logits))
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _log_mixture(lp: torch.Tensor, lr: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised (1-α) log p + α log r on the common support (`-inf` elsewhere), and
+    the support mask. Masking before mixing avoids 0 · (−inf) = NaN at α ∈ {0, 1}."""
+    support = torch.isfinite(lp) & torch.isfinite(lr)
+    a = alpha.unsqueeze(-1)
+    mixed = (1 - a) * lp.masked_fill(~support, 0.0) + a * lr.masked_fill(~support, 0.0)
+    return mixed.masked_fill(~support, NEG_INF), support
+
+
+def _as_alpha(alpha: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(alpha, dtype=like.dtype, device=like.device).expand(like.shape[0])
+
+
+def optimal_log_probs(
+    logp_theta: torch.Tensor,
+    logp_t: torch.Tensor,
+    alpha: torch.Tensor | float,
+    *,
+    empty_support: str = "teacher",
+) -> torch.Tensor:
+    """Normalised log q_α = (1-α) log π_θ + α log π_t − A(α) on the common support.
+
+    Args:
+        logp_theta, logp_t: `[B, V]` log-probabilities (`-inf` = masked).
+        alpha: `[B]` (or a float) mixing weight per row.
+        empty_support: a row with no common token gets the teacher's (`"teacher"`) or the
+            base's (`"base"`) distribution instead.
+
+    Returns:
+        `[B, V]` float32 (float64 for float64 input) log q, `-inf` outside the common support.
+
+    Example:
+        >>> import torch
+        >>> from optimal_sampling import optimal_log_probs
+        >>> lp = torch.log(torch.tensor([[0.5, 0.5, 0.0]]))
+        >>> lr = torch.log(torch.tensor([[0.2, 0.3, 0.5]]))
+        >>> optimal_log_probs(lp, lr, torch.tensor([1.0])).exp()  # α = 1: the teacher on the common support
+        tensor([[0.4000, 0.6000, 0.0000]])
+    """
+    dtype = compute_dtype(logp_theta)
+    lp, lr = logp_theta.to(dtype), logp_t.to(dtype)
+    if empty_support not in ("teacher", "base"):
+        raise ValueError(f"`empty_support` must be 'teacher' or 'base', got {empty_support!r}.")
+    mixed, support = _log_mixture(lp, lr, _as_alpha(alpha, lp))
+    empty = ~support.any(dim=-1, keepdim=True)
+    fallback = lr if empty_support == "teacher" else lp
+    mixed = torch.where(empty, fallback, mixed)
+    return mixed - torch.logsumexp(mixed, dim=-1, keepdim=True)
+
+
+@dataclass
+class MixtureDiagnostics:
+    """Per-row diagnostics of q_α against the two models, `[B]` float64 tensors each.
+
+    Attributes:
+        kl_theta: KL(q‖π_θ).
+        kl_t: KL(q‖π_t).
+        kl_diff: KL(q‖π_θ) − KL(q‖π_t), = A'(α); ≈ 0 at the KL-symmetric α.
+        ess_ratio: ESS_θ(q) / ESS_t(q) with ESS_π(q) = 1 / Σ π²/q; 1 when balanced.
+        entropy_q: H(q).
+        chernoff: −A(α) = −log Σ_S π_θ^(1-α) π_t^α; at α* this is the Chernoff information
+            and equals both KLs (on full support).
+    """
+
+    kl_theta: torch.Tensor
+    kl_t: torch.Tensor
+    kl_diff: torch.Tensor
+    ess_ratio: torch.Tensor
+    entropy_q: torch.Tensor
+    chernoff: torch.Tensor
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def mixture_diagnostics(
+    logp_theta: torch.Tensor,
+    logp_t: torch.Tensor,
+    alpha: torch.Tensor | float,
+    *,
+    logq: torch.Tensor | None = None,
+    log_multiplicity: torch.Tensor | None = None,
+) -> MixtureDiagnostics:
+    """KLs, ESS ratio, entropy and Chernoff value of q_α, per row.
+
+    `logq` may be passed if already computed (`optimal_log_probs` of the same inputs).
+    `log_multiplicity` (`[B, V]`, log of the number of tokens a column stands for) is used by
+    the sparse path's rest bucket: KLs are exact per bucket, entropy and ESS need the count.
+    """
+    dtype = compute_dtype(logp_theta)
+    lp, lr = logp_theta.to(dtype), logp_t.to(dtype)
+    if logq is None:
+        logq = optimal_log_probs(lp, lr, alpha)
+    alpha = _as_alpha(alpha, lp)
+    on_q = torch.isfinite(logq)
+    q = logq.exp()
+
+    def q_weighted_sum(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(on_q, q * values, torch.zeros_like(q)).sum(dim=-1, dtype=torch.float64)
+
+    kl_theta = q_weighted_sum(logq - lp)  # inf where q has mass that π_θ lacks (fallback rows)
+    kl_t = q_weighted_sum(logq - lr)
+    per_token_logq = logq if log_multiplicity is None else logq - log_multiplicity
+    entropy_q = -q_weighted_sum(per_token_logq)
+
+    mixed, support = _log_mixture(lp, lr, alpha)
+    log_partition = torch.logsumexp(mixed, dim=-1)
+    lp_s, lr_s = lp.masked_fill(~support, NEG_INF), lr.masked_fill(~support, NEG_INF)
+    delta = (lr - lp).masked_fill(~support, 0.0)
+    ess_ratio = torch.exp(-ess_log_gap(lp_s, delta, lr_s, alpha))
+    return MixtureDiagnostics(
+        kl_theta=kl_theta,
+        kl_t=kl_t,
+        kl_diff=kl_theta - kl_t,
+        ess_ratio=ess_ratio,
+        entropy_q=entropy_q,
+        chernoff=-log_partition.to(torch.float64),
+    )
+
+
+def truncate_log_probs(logq: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Optional top-k / top-p on q after mixing, renormalised: the distribution actually sampled.
+
+    `top_k=0` and `top_p=1.0` leave q unchanged. The most likely token is always kept.
+    """
+    if top_k < 0:
+        raise ValueError(f"`top_k` (={top_k}) must be >= 0 (0 disables it).")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"`top_p` (={top_p}) must be in (0, 1] (1.0 disables it).")
+    if top_k == 0 and top_p >= 1.0:
+        return logq
+    keep = torch.isfinite(logq)
+    if top_k > 0 and top_k < logq.shape[-1]:
+        kth = torch.topk(logq, top_k, dim=-1).values[..., -1:]
+        keep = keep & (logq >= kth)
+    if top_p < 1.0:
+        sorted_logq, order = torch.sort(logq.masked_fill(~keep, NEG_INF), dim=-1, descending=True)
+        probs = sorted_logq.exp()
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        keep_sorted = (torch.cumsum(probs, dim=-1) - probs) < top_p
+        keep_sorted[..., 0] = True
+        keep = keep & torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    kept = logq.masked_fill(~keep, NEG_INF)
+    return kept - torch.logsumexp(kept, dim=-1, keepdim=True)
+
+
+@dataclass
+class Mixture:
+    """One decoding step of q* for a batch (all tensors have batch size B).
+
+    Attributes:
+        logq: `[B, V]` log of the distribution to sample (after top-k / top-p on q*).
+        alpha: `[B]` α per row.
+        solution: the solver's per-row info (iterations, degenerate / empty-support flags).
+        diagnostics: `MixtureDiagnostics` of the untruncated q*, or None when not requested.
+    """
+
+    logq: torch.Tensor
+    alpha: torch.Tensor
+    solution: AlphaSolution
+    diagnostics: MixtureDiagnostics | None
+
+
+def compute_mixture(
+    logp_theta: torch.Tensor,
+    logp_t: torch.Tensor,
+    *,
+    alpha_method: str = "kl_symmetry",
+    alpha: float | torch.Tensor | None = None,
+    alpha_min: float = 0.0,
+    alpha_max: float = 1.0,
+    teacher_top_p: float | None = None,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    tol: float = 1e-6,
+    max_iter: int = 20,
+    empty_support: str = "teacher",
+    log_multiplicity: torch.Tensor | None = None,
+    return_diagnostics: bool = True,
+    validate: bool = True,
+) -> Mixture:
+    """α, log q* and diagnostics for one step: the whole q* computation in one place.
+
+    `logp_theta` / `logp_t` are the two models' `[B, V]` log-probs after temperature.
+    α is solved with `solve_alpha` (the options are passed through), q* formed with
+    `optimal_log_probs`, and `top_k` / `top_p` applied after mixing give the distribution
+    actually sampled, whose log-probs are `logq`.
+
+    Example:
+        >>> import torch
+        >>> from optimal_sampling.mixture import compute_mixture
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> lp = torch.log_softmax(torch.randn(2, 10), -1)
+        >>> lr = torch.log_softmax(torch.randn(2, 10), -1)
+        >>> step = compute_mixture(lp, lr)
+        >>> step.logq.shape, bool(step.diagnostics.kl_diff.abs().max() < 1e-5)
+        (torch.Size([2, 10]), True)
+    """
+    if validate:
+        check_log_prob_pair(logp_theta, logp_t)
+    solution = solve_alpha(
+        logp_theta,
+        logp_t,
+        alpha_method,
+        alpha=alpha,
+        tol=tol,
+        max_iter=max_iter,
+        alpha_min=alpha_min,
+        alpha_max=alpha_max,
+        teacher_top_p=teacher_top_p,
+        empty_support=empty_support,
+        log_multiplicity=log_multiplicity,
+        return_info=True,
+        validate=False,
+    )
+    lp, lr = logp_theta, logp_t
+    if teacher_top_p is not None and teacher_top_p < 1.0:
+        keep = teacher_nucleus_mask(lr, teacher_top_p)
+        lp, lr = lp.masked_fill(~keep, NEG_INF), lr.masked_fill(~keep, NEG_INF)
+    logq_full = optimal_log_probs(lp, lr, solution.alpha, empty_support=empty_support)
+    diagnostics = None
+    if return_diagnostics:
+        diagnostics = mixture_diagnostics(lp, lr, solution.alpha, logq=logq_full, log_multiplicity=log_multiplicity)
+    logq = truncate_log_probs(logq_full, top_k=top_k, top_p=top_p)
+    return Mixture(logq=logq, alpha=solution.alpha, solution=solution, diagnostics=diagnostics)
