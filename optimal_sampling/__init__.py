@@ -35,3 +35,15 @@ __all__ = [
     "teacher_nucleus_mask",
     "truncate_log_probs",
 ]
+
+from .generation import GenerationOutput, OptimalGenerateOutput, OptimalSampler, optimal_generate  # noqa: E402
+from .processor import OptimalSamplingLogitsProcessor, OptimalSamplingRecord  # noqa: E402
+
+__all__ += [
+    "GenerationOutput",
+    "OptimalGenerateOutput",
+    "OptimalSampler",
+    "OptimalSamplingLogitsProcessor",
+    "OptimalSamplingRecord",
+    "optimal_generate",
+]

@@ -1,0 +1,523 @@
+"""q* generation with transformers: the `optimal_generate` strategy and `OptimalSampler`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.stopping_criteria import EosTokenCriteria
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .processor import OptimalSamplingLogitsProcessor, OptimalSamplingRecord, model_eos_ids
+
+# Warpers whose effect on q* we reproduce inside the mixture (temperature before mixing,
+# top-k / top-p after); any other warper would change what is sampled without being in logq.
+_ABSORBED_WARPERS = {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"}
+_REJECTED_WARPERS = {
+    "MinPLogitsWarper": "min_p",
+    "TopHLogitsWarper": "top_h",
+    "TypicalLogitsWarper": "typical_p",
+    "EpsilonLogitsWarper": "epsilon_cutoff",
+    "EtaLogitsWarper": "eta_cutoff",
+    "LogitNormalization": "renormalize_logits",
+}
+
+
+@dataclass
+class OptimalGenerateOutput(GenerateDecoderOnlyOutput):
+    """`generate`'s usual output plus the per-token q* records (`[B, T]` tensors).
+
+    `alpha`, `logq`, `logp_theta`, `logp_t` and `token_mask` are as in
+    `OptimalSamplingRecord`; `diagnostics` maps names to `[B, T]` tensors.
+    """
+
+    alpha: torch.Tensor | None = None
+    logq: torch.Tensor | None = None
+    logp_theta: torch.Tensor | None = None
+    logp_t: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+    diagnostics: dict[str, torch.Tensor] | None = None
+
+
+def _as_id_list(ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:
+    if ids is None:
+        return []
+    if isinstance(ids, torch.Tensor):
+        return [int(i) for i in ids.flatten().tolist()]
+    if isinstance(ids, int):
+        return [ids]
+    return [int(i) for i in ids]
+
+
+def optimal_generate(
+    model: torch.nn.Module,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config,
+    teacher_model: torch.nn.Module | None = None,
+    teacher_input_ids: torch.Tensor | None = None,
+    teacher_attention_mask: torch.Tensor | None = None,
+    alpha_method: str = "kl_symmetry",
+    alpha: float | None = None,
+    alpha_min: float = 0.0,
+    alpha_max: float = 1.0,
+    teacher_top_p: float | None = None,
+    force_teacher_first_tokens: int = 0,
+    vocab_size: int | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    optimal_streamer=None,
+    synced_gpus: bool = False,
+    **model_kwargs,
+):
+    """A `custom_generate` strategy: sample from q* with `base.generate(...)`.
+
+    Use as `base.generate(**inputs, custom_generate=optimal_generate, teacher_model=teacher, ...)`.
+    `generate` prepares inputs, cache, processors and stopping criteria as usual; this
+    strategy moves `temperature` (before mixing) and `top_k` / `top_p` (after mixing) into
+    the q* processor, adds the teacher's EOS (and `stop_token_ids`) to the stopping
+    criteria, and runs transformers' own sampling loop. Note that `generate`'s default
+    `top_k=50` applies to q* too: pass `top_k=0` for untruncated q*.
+
+    With `return_dict_in_generate=True` the result is an `OptimalGenerateOutput`: the
+    usual fields plus `alpha`, `logq`, `logp_theta`, `logp_t`, `token_mask` and
+    `diagnostics` per generated token. A streamer goes in `optimal_streamer=` (generate
+    drops `streamer=` before calling custom strategies).
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from optimal_sampling import optimal_generate
+        >>> config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> base, teacher = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
+        >>> prompt = torch.tensor([[5, 6, 7]])
+        >>> out = base.generate(prompt, attention_mask=torch.ones_like(prompt), custom_generate=optimal_generate,
+        ...                     teacher_model=teacher, do_sample=True, top_k=0, max_new_tokens=4,
+        ...                     return_dict_in_generate=True)
+        >>> out.sequences.shape[1] <= 7, out.logq.shape == out.alpha.shape
+        (True, True)
+    """
+    if teacher_model is None:
+        raise ValueError("optimal_generate needs `teacher_model=` (the teacher causal LM).")
+    if (generation_config.num_beams or 1) > 1:
+        raise ValueError(
+            f"optimal_generate samples token by token from q*; beam search (num_beams={generation_config.num_beams}) "
+            "is not supported. Use num_beams=1."
+        )
+    if model_kwargs.get("assistant_model") is not None or getattr(generation_config, "prompt_lookup_num_tokens", None):
+        raise ValueError("optimal_generate does not support assisted / speculative decoding; drop `assistant_model`.")
+
+    kept = LogitsProcessorList()
+    for processor in logits_processor:
+        name = type(processor).__name__
+        if name in _REJECTED_WARPERS:
+            raise ValueError(
+                f"`{_REJECTED_WARPERS[name]}` is not supported with optimal_generate: it would change the sampled "
+                "distribution without being recorded in logq. Use top_k / top_p instead."
+            )
+        if name not in _ABSORBED_WARPERS:
+            kept.append(processor)
+    do_sample = bool(generation_config.do_sample)
+    temperature = generation_config.temperature if do_sample and generation_config.temperature else 1.0
+    top_k = (generation_config.top_k or 0) if do_sample else 0
+    top_p = (generation_config.top_p if generation_config.top_p is not None else 1.0) if do_sample else 1.0
+
+    stop_ids = sorted(
+        set(_as_id_list(generation_config.eos_token_id)) | set(model_eos_ids(teacher_model)) | set(_as_id_list(stop_token_ids))
+    )
+    extra_stops = sorted(set(stop_ids) - set(_as_id_list(generation_config.eos_token_id)))
+    if extra_stops:
+        stopping_criteria = StoppingCriteriaList([*stopping_criteria, EosTokenCriteria(eos_token_id=extra_stops)])
+        if generation_config._pad_token_tensor is None:
+            generation_config._pad_token_tensor = torch.tensor(stop_ids[0], device=input_ids.device)
+
+    processor = OptimalSamplingLogitsProcessor(
+        teacher_model,
+        alpha_method=alpha_method,
+        alpha=alpha,
+        teacher_input_ids=teacher_input_ids,
+        teacher_attention_mask=teacher_attention_mask,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        alpha_min=alpha_min,
+        alpha_max=alpha_max,
+        teacher_top_p=teacher_top_p,
+        force_teacher_first_tokens=force_teacher_first_tokens,
+        vocab_size=vocab_size,
+        pad_token_id=_first_or_none(generation_config.pad_token_id),
+        eos_token_id=stop_ids,
+    )
+    kept.append(processor)
+    if optimal_streamer is not None:
+        optimal_streamer.put(input_ids.cpu())
+    output = GenerationMixin._sample(
+        model,
+        input_ids,
+        logits_processor=kept,
+        stopping_criteria=stopping_criteria,
+        generation_config=generation_config,
+        synced_gpus=synced_gpus,
+        streamer=optimal_streamer,
+        **model_kwargs,
+    )
+    if not generation_config.return_dict_in_generate:
+        return output
+    record = processor.records(output.sequences)
+    return OptimalGenerateOutput(
+        **{k: v for k, v in output.items()},
+        alpha=record.alpha,
+        logq=record.logq,
+        logp_theta=record.logp_theta,
+        logp_t=record.logp_t,
+        token_mask=record.token_mask,
+        diagnostics=record.diagnostics,
+    )
+
+
+def _first_or_none(ids) -> int | None:
+    ids = _as_id_list(ids)
+    return ids[0] if ids else None
+
+
+# ---------------------------------------------------------------------------------------
+# The high-level sampler
+
+
+@dataclass
+class GenerationOutput:
+    """One sample of q* with everything training code needs.
+
+    Attributes:
+        prompt: the base prompt (a string, or the chat messages as given).
+        teacher_prompt: the prompt the teacher saw.
+        generated_text: the decoded completion (special tokens skipped).
+        generated_tokens: the completion's token ids, including the stop token if one was sampled.
+        alpha_history: α at each generated token.
+        logq: log q(y_t) under the distribution actually sampled, per token.
+        logp_theta: log π_θ(y_t) (after temperature), per token.
+        logp_t: log π_t(y_t) (after temperature), per token.
+        diagnostics: means over the generated tokens (alpha_mean/std/min/max, kl_theta_mean,
+            kl_t_mean, kl_diff_mean, ess_ratio_mean, entropy_q_mean, chernoff_mean,
+            iterations_mean, empty_support_tokens, num_tokens), or None.
+        error: None, or what went wrong for this sample (its other fields are then empty).
+    """
+
+    prompt: Any
+    generated_text: str = ""
+    generated_tokens: list[int] = field(default_factory=list)
+    alpha_history: list[float] = field(default_factory=list)
+    logq: list[float] = field(default_factory=list)
+    logp_theta: list[float] = field(default_factory=list)
+    logp_t: list[float] = field(default_factory=list)
+    diagnostics: dict[str, float] | None = None
+    error: str | None = None
+    teacher_prompt: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize_tokens(alpha: Sequence[float], per_token: dict[str, Sequence[float]]) -> dict[str, float]:
+    """Per-sample diagnostics from per-token values (only tokens actually generated)."""
+    alpha_t = torch.tensor(list(alpha), dtype=torch.float64)
+    n = alpha_t.numel()
+    summary = {"num_tokens": float(n)}
+    if n == 0:
+        return summary
+    summary.update(
+        alpha_mean=float(alpha_t.mean()),
+        alpha_std=float(alpha_t.std(unbiased=False)),
+        alpha_min=float(alpha_t.min()),
+        alpha_max=float(alpha_t.max()),
+    )
+    for name, values in per_token.items():
+        values_t = torch.tensor(list(values), dtype=torch.float64)
+        if name == "empty_support":
+            summary["empty_support_tokens"] = float(values_t.sum())
+        else:
+            summary[f"{name}_mean"] = float(values_t.mean())
+    return summary
+
+
+def check_same_vocabulary(tokenizer, teacher_tokenizer) -> None:
+    """Raise unless the two tokenizers map every token to the same id."""
+    if teacher_tokenizer is tokenizer:
+        return
+    vocab, teacher_vocab = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if vocab != teacher_vocab:
+        only_base = len(set(vocab.items()) - set(teacher_vocab.items()))
+        only_teacher = len(set(teacher_vocab.items()) - set(vocab.items()))
+        raise ValueError(
+            f"The base and teacher tokenizers have different vocabularies ({len(vocab)} vs {len(teacher_vocab)} "
+            f"tokens; {only_base} (token, id) pairs only in the base's, {only_teacher} only in the teacher's). "
+            "q* mixes the two models token by token, so they must share one tokenizer: pick a teacher from "
+            "the same model family."
+        )
+
+
+class OptimalSampler:
+    """Sample completions from q* with a base (π_θ) and a teacher (π_t) transformers model.
+
+    Args:
+        base_model, teacher_model: causal LMs sharing one vocabulary (their padded embedding
+            sizes may differ). The same object may serve as both (separate caches), e.g. for
+            self-distillation with a privileged teacher prompt.
+        tokenizer: the base's tokenizer (its chat template formats chat prompts for the base).
+        teacher_tokenizer: the teacher's tokenizer, if it has its own chat template; its
+            vocabulary must equal the base's.
+        alpha_method, alpha_min, alpha_max, teacher_top_p: how α is chosen (see `solve_alpha`).
+        temperature: applied to both models before mixing.
+        top_p, top_k: applied to q* after mixing; `logq` is under the truncated distribution.
+        force_teacher_first_tokens: α = 1 for the first n tokens of every completion.
+        stop_token_ids: extra ids that end a completion (the base's and the teacher's EOS
+            always do).
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from optimal_sampling import OptimalSampler
+        >>> from optimal_sampling.testing import tiny_tokenizer
+        >>> tokenizer = tiny_tokenizer()
+        >>> config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+        ...                      eos_token_id=tokenizer.eos_token_id)
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> sampler = OptimalSampler(LlamaForCausalLM(config), LlamaForCausalLM(config), tokenizer)
+        >>> [out] = sampler.generate(["the cat"], teacher_prompts=["the dog"], max_new_tokens=5, seed=0)
+        >>> out.error is None, len(out.logq) == len(out.generated_tokens) == len(out.alpha_history)
+        (True, True)
+    """
+
+    def __init__(
+        self,
+        base_model: torch.nn.Module,
+        teacher_model: torch.nn.Module,
+        tokenizer,
+        *,
+        teacher_tokenizer=None,
+        alpha_method: str = "kl_symmetry",
+        alpha: float | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        alpha_min: float = 0.0,
+        alpha_max: float = 1.0,
+        force_teacher_first_tokens: int = 0,
+        teacher_top_p: float | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ):
+        self.base = base_model.eval()
+        self.teacher = teacher_model.eval()
+        self.tokenizer = tokenizer
+        self.teacher_tokenizer = teacher_tokenizer or tokenizer
+        check_same_vocabulary(self.tokenizer, self.teacher_tokenizer)
+        self.vocab_size = len(tokenizer)
+        for name, model in (("base", base_model), ("teacher", teacher_model)):
+            width = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else model.config.vocab_size
+            if width < self.vocab_size:
+                raise ValueError(
+                    f"The {name} model's output layer has {width} rows but the tokenizer has {self.vocab_size} tokens; "
+                    "this tokenizer does not belong to that model."
+                )
+        from .processor import check_same_device
+
+        check_same_device(next(base_model.parameters()).device, teacher_model)
+        self.device = next(base_model.parameters()).device
+        self.options = dict(
+            alpha_method=alpha_method,
+            alpha=alpha,
+            alpha_min=alpha_min,
+            alpha_max=alpha_max,
+            teacher_top_p=teacher_top_p,
+            force_teacher_first_tokens=force_teacher_first_tokens,
+        )
+        OptimalSamplingLogitsProcessor(teacher_model, temperature=temperature, top_k=top_k, top_p=top_p, **{
+            k: v for k, v in self.options.items()
+        })  # validates every option now
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.pad_token_id = self._pad_id()
+        self.stop_token_ids = sorted(
+            set(_as_id_list(stop_token_ids))
+            | set(model_eos_ids(base_model))
+            | set(model_eos_ids(teacher_model))
+            | set(_as_id_list(tokenizer.eos_token_id))
+            | set(_as_id_list(self.teacher_tokenizer.eos_token_id))
+        )
+        if not self.stop_token_ids:
+            raise ValueError("No stop token: neither model nor tokenizer defines an EOS id; pass `stop_token_ids=`.")
+
+    def _pad_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.base.config.pad_token_id, self.tokenizer.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        raise ValueError("The tokenizer has neither a pad nor an EOS token; set `tokenizer.pad_token`.")
+
+    # -- prompts ------------------------------------------------------------------------
+
+    @staticmethod
+    def _format(prompt, tokenizer, where: str) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"{where} is an empty string; every prompt needs at least one token.")
+            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
+            if not prompt:
+                raise ValueError(f"{where} is an empty message list.")
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise ValueError(f"{where} is a chat message list but the tokenizer has no chat template.")
+            ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        else:
+            raise TypeError(f"{where} must be a string or a list of chat messages ({{'role': ..., 'content': ...}}).")
+        if len(ids) == 0:
+            raise ValueError(f"{where} tokenizes to no tokens.")
+        return list(ids)
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # -- generation -----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Any],
+        *,
+        teacher_prompts: Sequence[Any] | None = None,
+        max_new_tokens: int = 128,
+        batch_size: int = 8,
+        seed: int | None = None,
+        return_diagnostics: bool = True,
+        show_progress: bool = False,
+    ) -> list[GenerationOutput]:
+        """Sample one completion per prompt from q*.
+
+        `teacher_prompts` (same length as `prompts`) give the teacher its own view, e.g. a
+        system prompt or the reference answer as a hint; by default the teacher sees the
+        base's prompt (chat prompts are formatted with each model's own template). A batch
+        that fails is retried one sample at a time, so an error marks only the sample that
+        caused it (`GenerationOutput.error`).
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+            raise TypeError("`prompts` must be a list of prompts; wrap a single prompt in a list.")
+        if teacher_prompts is not None and len(teacher_prompts) != len(prompts):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(teacher_prompts)} teacher prompts; give one per prompt.")
+        if max_new_tokens < 1 or batch_size < 1:
+            raise ValueError(f"Need max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens} and {batch_size}.")
+        teacher_prompts = list(teacher_prompts) if teacher_prompts is not None else list(prompts)
+        base_ids = [self._format(p, self.tokenizer, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        teacher_ids = [self._format(p, self.teacher_tokenizer, f"teacher_prompts[{i}]") for i, p in enumerate(teacher_prompts)]
+        if seed is not None:
+            torch.manual_seed(seed)
+
+        outputs: list[GenerationOutput] = []
+        starts = range(0, len(prompts), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(prompts), desc="q* sampling", unit="sample")
+        for start in starts:
+            end = min(start + batch_size, len(prompts))
+            batch = list(range(start, end))
+            try:
+                outputs.extend(self._generate_batch(batch, prompts, teacher_prompts, base_ids, teacher_ids, max_new_tokens, return_diagnostics))
+            except Exception as batch_error:  # retry alone, so one bad sample marks only itself
+                if len(batch) == 1:
+                    outputs.append(GenerationOutput(prompt=prompts[start], teacher_prompt=teacher_prompts[start], error=f"{type(batch_error).__name__}: {batch_error}"))
+                else:
+                    for i in batch:
+                        try:
+                            outputs.extend(self._generate_batch([i], prompts, teacher_prompts, base_ids, teacher_ids, max_new_tokens, return_diagnostics))
+                        except Exception as error:
+                            outputs.append(GenerationOutput(prompt=prompts[i], teacher_prompt=teacher_prompts[i], error=f"{type(error).__name__}: {error}"))
+            if show_progress:
+                progress.update(end - start)
+        if show_progress:
+            progress.close()
+        return outputs
+
+    def generate_token_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        teacher_prompt_ids: Sequence[Sequence[int]] | None = None,
+        max_new_tokens: int = 128,
+        return_diagnostics: bool = False,
+    ) -> OptimalGenerateOutput:
+        """Lower-level: already tokenized prompts in, the `optimal_generate` output out.
+
+        Rows are left-padded here; the result holds `sequences` (prompt + completion),
+        `logq`, `alpha`, ... as `[B, T]` tensors. Trainers use this entry point.
+        """
+        ids, mask = self._left_pad([list(r) for r in prompt_ids])
+        teacher_ids = teacher_mask = None
+        if teacher_prompt_ids is not None:
+            teacher_ids, teacher_mask = self._left_pad([list(r) for r in teacher_prompt_ids])
+        return self.base.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            custom_generate=optimal_generate,
+            teacher_model=self.teacher,
+            teacher_input_ids=teacher_ids,
+            teacher_attention_mask=teacher_mask,
+            vocab_size=self.vocab_size,
+            stop_token_ids=self.stop_token_ids,
+            do_sample=True,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.stop_token_ids,
+            return_dict_in_generate=True,
+            **self.options,
+        )
+
+    def _generate_batch(self, batch, prompts, teacher_prompts, base_ids, teacher_ids, max_new_tokens, return_diagnostics):
+        same_prompts = all(base_ids[i] == teacher_ids[i] for i in batch) and self.teacher_tokenizer is self.tokenizer
+        out = self.generate_token_ids(
+            [base_ids[i] for i in batch],
+            teacher_prompt_ids=None if same_prompts else [teacher_ids[i] for i in batch],
+            max_new_tokens=max_new_tokens,
+        )
+        prompt_width = out.sequences.shape[1] - out.logq.shape[1]
+        results = []
+        for row, i in enumerate(batch):
+            n = int(out.token_mask[row].sum())
+            tokens = out.sequences[row, prompt_width : prompt_width + n].tolist()
+            alpha = out.alpha[row, :n].tolist()
+            diagnostics = None
+            if return_diagnostics:
+                per_token = {name: values[row, :n].tolist() for name, values in out.diagnostics.items()}
+                diagnostics = summarize_tokens(alpha, per_token)
+            logq = out.logq[row, :n].tolist()
+            if any(math.isnan(v) for v in logq):
+                raise FloatingPointError(f"NaN log q in sample {i}.")
+            results.append(
+                GenerationOutput(
+                    prompt=prompts[i],
+                    teacher_prompt=teacher_prompts[i],
+                    generated_text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                    generated_tokens=tokens,
+                    alpha_history=alpha,
+                    logq=logq,
+                    logp_theta=out.logp_theta[row, :n].tolist(),
+                    logp_t=out.logp_t[row, :n].tolist(),
+                    diagnostics=diagnostics,
+                )
+            )
+        return results

@@ -1,0 +1,304 @@
+"""`OptimalSamplingLogitsProcessor`: q* sampling inside an ordinary `model.generate` call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor
+
+from .mixture import compute_mixture, log_probs_from_logits
+from .teacher import TeacherCache, left_padding_mask
+
+RECORDED_DIAGNOSTICS = ("kl_theta", "kl_t", "kl_diff", "ess_ratio", "entropy_q", "chernoff")
+
+
+def model_eos_ids(model: torch.nn.Module) -> list[int]:
+    """The EOS ids a model's generation config (or config) declares, as a list."""
+    config = getattr(model, "generation_config", None) or model.config
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def check_same_device(base_device: torch.device, teacher: torch.nn.Module) -> None:
+    teacher_device = next(teacher.parameters()).device
+    if torch.device(base_device) != teacher_device:
+        raise ValueError(
+            f"The base model's inputs are on {base_device} but the teacher is on {teacher_device}. "
+            f"Put both models on one device, e.g. `teacher.to({str(base_device)!r})`."
+        )
+
+
+@dataclass
+class OptimalSamplingRecord:
+    """Per-token records of a q* generation, `[B, T]` tensors over the T generated positions.
+
+    Attributes:
+        alpha: α used at each position.
+        logq: log q(y_t) of the sampled token under the distribution actually sampled.
+        logp_theta: log π_θ(y_t) (after temperature, full vocabulary).
+        logp_t: log π_t(y_t).
+        token_mask: True for the tokens a row really generated (up to and including its
+            first stop token); False for the padding `generate` adds after a row stopped.
+        diagnostics: name → `[B, T]` (kl_theta, kl_t, kl_diff, ess_ratio, entropy_q,
+            chernoff, iterations, empty_support).
+    """
+
+    alpha: torch.Tensor
+    logq: torch.Tensor
+    logp_theta: torch.Tensor
+    logp_t: torch.Tensor
+    token_mask: torch.Tensor
+    diagnostics: dict[str, torch.Tensor]
+
+
+class OptimalSamplingLogitsProcessor(LogitsProcessor):
+    r"""Replace the base model's scores with log q*, q* ∝ π_θ^(1-α*) · π_t^α*, at every step.
+
+    The teacher runs alongside `generate` with its own KV cache, fed the same new tokens as
+    the base (with its own prompt if `teacher_input_ids` is given). Temperature is applied
+    to both models *before* mixing, top-k / top-p *after*, so pass them here and leave
+    `generate`'s own `temperature=1.0` and `top_k=0` (its default `top_k=50` would truncate
+    q* behind this processor's back). For stopping on either model's EOS, pass both ids as
+    `eos_token_id=[...]` to `generate`, or use `optimal_generate`, which does all of this.
+
+    Beam search is rejected: beams are reordered every step, which would tie the teacher
+    cache and the records to the wrong rows.
+
+    Args:
+        teacher_model: the teacher `PreTrainedModel`; must share the base's tokenizer and be
+            on the same device. May be the base model object itself (separate cache).
+        alpha_method: `"kl_symmetry"` (default), `"fixed"`, `"entropy"` or `"ess_balance"`.
+        alpha: the constant for `alpha_method="fixed"`.
+        teacher_input_ids, teacher_attention_mask: the teacher's own (left-padded) prompt,
+            one row per base prompt (rows are repeated for `num_return_sequences`). Default:
+            the teacher sees the base's prompt.
+        temperature: applied to both models' logits before mixing.
+        top_k, top_p: applied to q* after mixing (0 / 1.0 disable them).
+        alpha_min, alpha_max: clamp α.
+        teacher_top_p: restrict both models to the teacher's top-p nucleus before solving.
+        force_teacher_first_tokens: α = 1 for the first n generated tokens.
+        vocab_size: the shared vocabulary size (`len(tokenizer)`); ids at or above it get
+            probability 0. Default: the smaller of the two models' logit widths.
+        pad_token_id: the id used for left padding (default: the base's pad id), to rebuild
+            the attention mask that the processor is not given.
+        eos_token_id: id(s) that end a row, for `token_mask` (default: both models' EOS).
+        record: keep per-token records for `records(sequences)`.
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from optimal_sampling import OptimalSamplingLogitsProcessor
+        >>> config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> base, teacher = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
+        >>> proc = OptimalSamplingLogitsProcessor(teacher)
+        >>> prompt = torch.tensor([[5, 6, 7]])
+        >>> out = base.generate(prompt, attention_mask=torch.ones_like(prompt), logits_processor=[proc],
+        ...                     do_sample=True, top_k=0, max_new_tokens=4, min_new_tokens=4)
+        >>> rec = proc.records(out)
+        >>> rec.alpha.shape, bool((rec.alpha >= 0).all() and (rec.alpha <= 1).all())
+        (torch.Size([1, 4]), True)
+    """
+
+    def __init__(
+        self,
+        teacher_model: torch.nn.Module,
+        *,
+        alpha_method: str = "kl_symmetry",
+        alpha: float | None = None,
+        teacher_input_ids: torch.Tensor | None = None,
+        teacher_attention_mask: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        alpha_min: float = 0.0,
+        alpha_max: float = 1.0,
+        teacher_top_p: float | None = None,
+        force_teacher_first_tokens: int = 0,
+        vocab_size: int | None = None,
+        pad_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        empty_support: str = "teacher",
+        record: bool = True,
+    ):
+        if not isinstance(teacher_model, torch.nn.Module) or not hasattr(teacher_model, "config"):
+            raise TypeError(
+                f"`teacher_model` must be a transformers causal LM (e.g. AutoModelForCausalLM.from_pretrained(...)), "
+                f"got {type(teacher_model).__name__}."
+            )
+        if temperature <= 0:
+            raise ValueError(
+                f"`temperature` (={temperature}) has to be a strictly positive float; for greedy decoding "
+                "use `do_sample=False` in generate."
+            )
+        if force_teacher_first_tokens < 0:
+            raise ValueError(f"`force_teacher_first_tokens` (={force_teacher_first_tokens}) must be >= 0.")
+        if teacher_attention_mask is not None and teacher_input_ids is None:
+            raise ValueError("`teacher_attention_mask` was given without `teacher_input_ids`.")
+        if teacher_input_ids is not None and teacher_attention_mask is None:
+            teacher_attention_mask = torch.ones_like(teacher_input_ids)
+        if teacher_input_ids is not None and teacher_input_ids.shape != teacher_attention_mask.shape:
+            raise ValueError(
+                f"`teacher_input_ids` {tuple(teacher_input_ids.shape)} and `teacher_attention_mask` "
+                f"{tuple(teacher_attention_mask.shape)} must have the same shape."
+            )
+        if teacher_input_ids is not None and teacher_input_ids.shape[1] == 0:
+            raise ValueError("`teacher_input_ids` is empty; the teacher needs at least one prompt token per row.")
+        self.teacher = teacher_model
+        self.teacher_cache = TeacherCache(teacher_model)
+        self.mixing = dict(
+            alpha_method=alpha_method,
+            alpha=alpha,
+            alpha_min=alpha_min,
+            alpha_max=alpha_max,
+            teacher_top_p=teacher_top_p,
+            top_k=top_k,
+            top_p=top_p,
+            empty_support=empty_support,
+        )
+        # Validate the mixing options now rather than at the first generated token.
+        compute_mixture(torch.zeros(1, 2), torch.zeros(1, 2), **self.mixing, return_diagnostics=False)
+        self.temperature = temperature
+        self.force_teacher_first_tokens = force_teacher_first_tokens
+        self.vocab_size = vocab_size
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        self.teacher_prompt = (teacher_input_ids, teacher_attention_mask)
+        self.record = record
+        self._reset_call(None)
+
+    # -- state of one generate call ---------------------------------------------------
+
+    def _reset_call(self, input_ids: torch.Tensor | None) -> None:
+        self._last_ids = input_ids
+        self._prompt_length = 0 if input_ids is None else input_ids.shape[1]
+        self._steps: list[dict[str, torch.Tensor]] = []  # per step: alpha, diagnostics, and the step's log-probs
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # last step's [B, V] log-probs
+
+    def _continues_last_call(self, input_ids: torch.Tensor) -> bool:
+        last = self._last_ids
+        if last is None or last.shape[0] != input_ids.shape[0] or input_ids.shape[1] != last.shape[1] + 1:
+            return False
+        if bool((input_ids[:, :-1] == last).all()):
+            return True
+        # The same rows in another order is beam search (or another reordering strategy).
+        matches = (input_ids[:, None, :-1] == last[None, :, :]).all(dim=-1)  # [B, B]
+        if bool(matches.any(dim=-1).all()):
+            raise ValueError(
+                "OptimalSamplingLogitsProcessor does not support beam search (the rows were reordered "
+                "between steps). Use `do_sample=True, num_beams=1`."
+            )
+        return False
+
+    def _teacher_sequence(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        teacher_ids, teacher_mask = self.teacher_prompt
+        if teacher_ids is None:
+            pad = self.pad_token_id
+            return input_ids, left_padding_mask(input_ids, pad)
+        rows = input_ids.shape[0]
+        if teacher_ids.shape[0] != rows:
+            if rows % teacher_ids.shape[0]:
+                raise ValueError(
+                    f"`teacher_input_ids` has {teacher_ids.shape[0]} rows but generate runs {rows}; give one "
+                    "teacher prompt per base prompt (they are repeated for num_return_sequences)."
+                )
+            repeats = rows // teacher_ids.shape[0]
+            teacher_ids = teacher_ids.repeat_interleave(repeats, dim=0)
+            teacher_mask = teacher_mask.repeat_interleave(repeats, dim=0)
+            self.teacher_prompt = (teacher_ids, teacher_mask)
+        teacher_ids = teacher_ids.to(input_ids.device)
+        teacher_mask = teacher_mask.to(input_ids.device)
+        generated = input_ids[:, self._prompt_length :]
+        return (
+            torch.cat([teacher_ids, generated], dim=-1),
+            torch.cat([teacher_mask, torch.ones_like(generated)], dim=-1),
+        )
+
+    # -- the processor ----------------------------------------------------------------
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._continues_last_call(input_ids):
+            self._record_sampled(input_ids[:, -1])
+        else:
+            check_same_device(input_ids.device, self.teacher)
+            if self.pad_token_id is None and self.teacher_prompt[0] is None:
+                self.pad_token_id = getattr(self.teacher.config, "pad_token_id", None)
+            self._reset_call(input_ids)
+        self._last_ids = input_ids
+
+        teacher_logits = self.teacher_cache.last_logits(*self._teacher_sequence(input_ids))
+        vocab = self.vocab_size or min(scores.shape[-1], teacher_logits.shape[-1])
+        logp_theta = log_probs_from_logits(scores, self.temperature, vocab)
+        logp_t = log_probs_from_logits(teacher_logits, self.temperature, vocab)
+        options = dict(self.mixing)
+        if input_ids.shape[1] - self._prompt_length < self.force_teacher_first_tokens:
+            options.update(alpha_method="fixed", alpha=1.0)
+        step = compute_mixture(logp_theta, logp_t, **options, return_diagnostics=self.record)
+
+        if self.record:
+            self._pending = (step.logq, logp_theta, logp_t)
+            entry = {"alpha": step.alpha, "iterations": step.solution.iterations, "empty_support": step.solution.empty_support}
+            entry.update({name: getattr(step.diagnostics, name) for name in RECORDED_DIAGNOSTICS})
+            self._steps.append(entry)
+        out = torch.full_like(scores, float("-inf"))
+        out[:, :vocab] = step.logq.to(scores.dtype)
+        return out
+
+    def _record_sampled(self, tokens: torch.Tensor) -> None:
+        if not self.record or self._pending is None:
+            return
+        logq, logp_theta, logp_t = self._pending
+        index = tokens.clamp(max=logq.shape[-1] - 1).unsqueeze(-1)
+        entry = self._steps[-1]
+        entry["logq"] = logq.gather(-1, index).squeeze(-1)
+        entry["logp_theta"] = logp_theta.gather(-1, index).squeeze(-1)
+        entry["logp_t"] = logp_t.gather(-1, index).squeeze(-1)
+        self._pending = None
+
+    def records(self, sequences: torch.Tensor) -> OptimalSamplingRecord:
+        """Per-token records for the final `sequences` that `generate` returned (`[B, P + T]`)."""
+        if not self.record:
+            raise RuntimeError("This processor was built with `record=False`.")
+        if self._last_ids is None:
+            raise RuntimeError("No generate call has run through this processor yet.")
+        generated = sequences[:, self._prompt_length :]
+        steps = generated.shape[1]
+        if len(self._steps) < steps or steps == 0:
+            raise ValueError(
+                f"`sequences` has {steps} generated tokens but the processor saw {len(self._steps)} steps; "
+                "pass the sequences of the last generate call made with this processor."
+            )
+        if self._pending is not None and len(self._steps) == steps:
+            self._record_sampled(generated[:, len(self._steps) - 1].to(self._pending[0].device))
+        steps_used = self._steps[:steps]
+        stacked = {name: torch.stack([s[name] for s in steps_used], dim=1) for name in steps_used[0]}
+        return OptimalSamplingRecord(
+            alpha=stacked.pop("alpha"),
+            logq=stacked.pop("logq"),
+            logp_theta=stacked.pop("logp_theta"),
+            logp_t=stacked.pop("logp_t"),
+            token_mask=generated_token_mask(generated, self._stop_ids()),
+            diagnostics=stacked,
+        )
+
+    def _stop_ids(self) -> list[int]:
+        if self.eos_token_id is not None:
+            eos = self.eos_token_id
+            return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        return model_eos_ids(self.teacher)
+
+
+def generated_token_mask(generated: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """`[B, T]` True up to and including each row's first stop token."""
+    if not stop_ids:
+        return torch.ones_like(generated, dtype=torch.bool)
+    is_stop = torch.isin(generated, torch.tensor(stop_ids, device=generated.device))
+    stops_before = is_stop.long().cumsum(dim=-1) - is_stop.long()
+    return stops_before == 0

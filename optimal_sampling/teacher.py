@@ -1,0 +1,86 @@
+"""The teacher's KV cache, kept in step with the tokens the base model has produced."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+def left_padding_mask(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """`[B, L]` attention mask for a left-padded batch: 0 on the leading pad tokens only.
+
+    Pad tokens *after* the first real token (e.g. rows that finished and were padded by
+    `generate`) stay attended, as `generate` keeps them in its own attention mask.
+    """
+    if pad_token_id is None:
+        return torch.ones_like(input_ids)
+    return ((input_ids != pad_token_id).cumsum(dim=-1) > 0).to(input_ids.dtype)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: `cumsum(mask) - 1`, clamped at 0.
+
+    Needed for any model fed incrementally under left padding, and essential for models
+    with absolute position embeddings (GPT-2), which are badly wrong without them.
+    """
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)
+
+
+def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the longest prefix shared by every row of `a` and `b` (`[B, La]`, `[B, Lb]`)."""
+    n = min(a.shape[1], b.shape[1])
+    if n == 0 or a.shape[0] != b.shape[0]:
+        return 0
+    same = (a[:, :n] == b[:, :n]).all(dim=0)
+    mismatch = (~same).nonzero()
+    return int(mismatch[0, 0]) if mismatch.numel() else n
+
+
+class TeacherCache:
+    """Incremental teacher forward passes over a growing (left-padded) token sequence.
+
+    Each call gives the whole current teacher sequence; the cache keeps what it already
+    holds, crops back to the longest prefix the new sequence shares with the old one (a
+    new generate call, a rewritten turn), and feeds only the rest. The result always equals
+    a full forward pass over the sequence (tested), at the cost of one forward per new token.
+
+    Args:
+        model: the teacher `PreTrainedModel` (kept in eval mode; never gets gradients).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.cache: DynamicCache | None = None
+        self.token_ids: torch.Tensor | None = None  # [B, L] what the cache holds
+        self.attention_mask: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.cache, self.token_ids, self.attention_mask = None, None, None
+
+    @torch.no_grad()
+    def last_logits(self, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`[B, V_teacher]` float32 logits at the last position of `token_ids` (`[B, L]`)."""
+        if token_ids.shape[1] == 0:
+            raise ValueError("The teacher sequence is empty; every row needs at least one prompt token.")
+        keep = 0
+        if self.cache is not None and self.token_ids.shape[0] == token_ids.shape[0]:
+            keep = min(
+                common_prefix_length(self.token_ids, token_ids),
+                common_prefix_length(self.attention_mask, attention_mask),
+            )
+        keep = min(keep, token_ids.shape[1] - 1)  # feed at least one token to get its logits
+        if keep == 0:
+            self.cache = DynamicCache(config=self.model.config)
+        elif keep < self.cache.get_seq_length():
+            self.cache.crop(keep - self.cache.get_seq_length())
+        positions = position_ids_from_mask(attention_mask)
+        out = self.model(
+            input_ids=token_ids[:, keep:],
+            attention_mask=attention_mask,
+            position_ids=positions[:, keep:],
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.token_ids, self.attention_mask = token_ids, attention_mask
+        return out.logits[:, -1].float()
