@@ -47,3 +47,7 @@ __all__ += [
     "OptimalSamplingRecord",
     "optimal_generate",
 ]
+
+from .servers import CoordinatorConfig, DualVLLMCoordinator, generate_with_optimal_sampling  # noqa: E402
+
+__all__ += ["CoordinatorConfig", "DualVLLMCoordinator", "generate_with_optimal_sampling"]

@@ -1,0 +1,209 @@
+"""One vLLM server seen through its OpenAI-compatible API: retries, errors, top-k parsing.
+
+The only request on the hot path is a 1-token `/v1/completions` whose `prompt` is a list
+of token-id lists (one per in-flight sequence), with `logprobs=k` and
+`return_tokens_as_token_ids`, so the response's `top_logprobs` are keyed `"token_id:N"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+import torch
+
+logger = logging.getLogger("optimal_sampling.servers")
+
+START_HINT = (
+    "Start one with `python -m vllm.entrypoints.openai.api_server --model MODEL_DIR --port PORT "
+    "--max-logprobs -1 --dtype float32` (tests/VLLM_SERVERS.md has the flags that work on CPU), "
+    "or fix the URL."
+)
+
+
+class ServerError(RuntimeError):
+    """A request to one of the two servers failed; the message names the server and the cause."""
+
+
+class ServerUnavailableError(ServerError):
+    """The server could not be reached at all (connection refused or DNS), even after retries."""
+
+
+class ServerRequestError(ServerError):
+    """The server rejected the request (HTTP 4xx); `message` is the server's own explanation."""
+
+    def __init__(self, text: str, status: int, message: str):
+        super().__init__(text)
+        self.status = status
+        self.message = message
+
+
+class MalformedResponseError(ServerError):
+    """The server answered, but not with the JSON a vLLM completion has."""
+
+
+@dataclass
+class RequestCounters:
+    """Counters shared by both servers' clients (see `DualVLLMCoordinator.get_statistics`)."""
+
+    requests: int = 0  # HTTP requests sent, retries included
+    retries: int = 0
+    failed_requests: int = 0  # requests given up on (after retries, or rejected)
+    dropped_entries: int = 0  # top-k entries with ids beyond the tokenizer (padded vocabularies)
+    per_server: dict[str, int] = field(default_factory=dict)
+
+
+def _server_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return str(body["error"]["message"]) if isinstance(body.get("error"), dict) else str(body.get("message", body))
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return response.text[:500]
+
+
+class ServerClient:
+    """HTTP access to one vLLM server (`role` is "base" or "teacher", used in messages)."""
+
+    def __init__(self, role: str, url: str, *, api_key: str | None, timeout: float, pool_size: int,
+                 max_retries: int, retry_delay: float, counters: RequestCounters):
+        self.role, self.url = role, url
+        self.model: str | None = None
+        self.max_retries, self.retry_delay = max_retries, retry_delay
+        self.timeout = timeout
+        self.counters = counters
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(
+            base_url=url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
+        )
+
+    def __repr__(self) -> str:
+        return f"{self.role} server {self.url}"
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    # -- requests with retries ----------------------------------------------------------
+
+    async def request(self, method: str, path: str, payload: dict | None = None, *, retries: int | None = None):
+        """Send one request, retrying connection errors, 5xx / 429 and timeouts with backoff.
+
+        Returns the parsed JSON body. Raises `ServerRequestError` at once for other 4xx
+        answers, `MalformedResponseError` for a body that is not JSON, and
+        `ServerUnavailableError` / `ServerError` once the retries are used up.
+        """
+        retries = self.max_retries if retries is None else retries
+        last, unreachable = "", False
+        for attempt in range(retries + 1):
+            if attempt:
+                self.counters.retries += 1
+                delay = self.retry_delay * 2 ** (attempt - 1)
+                logger.warning("%s: %s; retry %d/%d in %.2f s", self, last, attempt, retries, delay)
+                await asyncio.sleep(delay)
+            self.counters.requests += 1
+            try:
+                if payload is None:
+                    response = await self.http.request(method, path)
+                else:
+                    response = await self.http.request(method, path, content=json.dumps(payload),
+                                                       headers={"Content-Type": "application/json"})
+            except httpx.ConnectError as error:
+                last = f"cannot connect ({error or type(error).__name__})"
+                unreachable = True
+                continue
+            except httpx.TimeoutException:
+                last = f"no answer within request_timeout={self.timeout} s"
+                unreachable = False
+                continue
+            except httpx.TransportError as error:  # connection dropped mid-request, protocol errors
+                last = f"connection failed: {type(error).__name__}: {error}"
+                unreachable = False
+                continue
+            if response.status_code >= 500 or response.status_code == 429:
+                last = f"HTTP {response.status_code}: {_server_message(response)}"
+                unreachable = False
+                continue
+            if response.status_code >= 400:
+                self.counters.failed_requests += 1
+                message = _server_message(response)
+                raise ServerRequestError(
+                    f"{self} rejected {method} {path} with HTTP {response.status_code}: {message}",
+                    response.status_code,
+                    message,
+                )
+            try:
+                return json.loads(response.content)
+            except ValueError:
+                self.counters.failed_requests += 1
+                raise MalformedResponseError(
+                    f"{self} answered {method} {path} with a body that is not JSON: {response.text[:200]!r}"
+                ) from None
+        self.counters.failed_requests += 1
+        text = f"{self}: {method} {path} failed after {retries + 1} attempt(s): {last}"
+        if unreachable:
+            raise ServerUnavailableError(f"{text}. {START_HINT}")
+        raise ServerError(text)
+
+    # -- the hot path -------------------------------------------------------------------
+
+    async def top_logprobs(self, prompts: list[list[int]], k: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next-token top-k `(ids [B, k] int64, logp [B, k] float64)` after each prompt.
+
+        Rows with fewer than k usable entries are padded with id -1 / log-prob -inf.
+        """
+        payload = {
+            "model": self.model,
+            "prompt": prompts,
+            "max_tokens": 1,
+            "temperature": 1.0,  # the returned log-probs are raw (temperature 1); the sample is ignored
+            "logprobs": k,
+            "return_tokens_as_token_ids": True,
+        }
+        body = await self.request("POST", "/v1/completions", payload)
+        return self.parse_top_logprobs(body, len(prompts), k, vocab_size)
+
+    def parse_top_logprobs(self, body, n_prompts: int, k: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            choices = body["choices"]
+            if len(choices) != n_prompts:
+                raise ValueError(f"{len(choices)} choices for {n_prompts} prompts")
+            ids = np.full((n_prompts, k), -1, dtype=np.int64)
+            logp = np.full((n_prompts, k), -math.inf, dtype=np.float64)
+            for position, choice in enumerate(choices):
+                row = choice.get("index", position)
+                if not 0 <= row < n_prompts:
+                    raise ValueError(f"choice index {row} out of range")
+                top = choice["logprobs"]["top_logprobs"][0]
+                # The sampled token comes first and may be an extra (k + 1)-th entry: keep the k largest.
+                items = [(int(key[9:]), float(value)) for key, value in top.items() if key.startswith("token_id:")]
+                if len(items) != len(top):
+                    raise ValueError("top_logprobs keys are not 'token_id:N' (is return_tokens_as_token_ids supported?)")
+                if len(items) > k:
+                    items.sort(key=lambda item: (-item[1], item[0]))
+                    del items[k:]
+                # Id order: the server's key order varies between calls (the sampled token comes
+                # first), and sampling by inversion must see the same columns for the same input.
+                kept = sorted((i, v) for i, v in items if i < vocab_size)
+                if len(kept) < len(items):
+                    self.counters.dropped_entries += len(items) - len(kept)
+                if kept:
+                    row_ids, row_logp = zip(*kept)
+                    ids[row, : len(kept)] = row_ids
+                    logp[row, : len(kept)] = row_logp
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+            self.counters.failed_requests += 1
+            raise MalformedResponseError(
+                f"{self} sent a completion without usable top-k log-probs ({type(error).__name__}: {error}): "
+                f"{json.dumps(body)[:300] if not isinstance(body, str) else body[:300]}"
+            ) from None
+        if np.isnan(logp).any() or (logp > 1e-4).any() or (ids < -1).any():
+            self.counters.failed_requests += 1
+            raise MalformedResponseError(f"{self} sent NaN, positive log-probs or negative token ids.")
+        return torch.from_numpy(ids), torch.from_numpy(logp)

@@ -1,0 +1,117 @@
+"""`CoordinatorConfig`: everything the two-server coordinator needs to know, with help texts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from ..alpha import ALPHA_METHODS
+
+
+@dataclass
+class CoordinatorConfig:
+    """Settings of a `DualVLLMCoordinator` (the original tool's names, plus a few).
+
+    Every field carries its help text in `metadata["help"]`.
+
+    Example:
+        >>> from optimal_sampling.servers import CoordinatorConfig
+        >>> config = CoordinatorConfig(theta_url="http://127.0.0.1:8000", t_url="http://127.0.0.1:8001", top_k=20)
+        >>> config.top_k, config.max_retries
+        (20, 3)
+        >>> CoordinatorConfig(top_k=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `top_k` (=0) must be >= 1: it is how many log-probs each server returns per step (e.g. 20-100).
+    """
+
+    theta_url: str = field(default="http://localhost:8000", metadata={"help": "Base model (π_θ) server, without /v1."})
+    t_url: str = field(default="http://localhost:8001", metadata={"help": "Teacher (π_t) server, without /v1."})
+    top_k: int = field(
+        default=100,
+        metadata={"help": "Log-probs each server returns per step; the candidate set is the union of both "
+                          "top-k lists. Must not exceed the servers' --max-logprobs (-1 there allows the whole "
+                          "vocabulary); the start-up check reports the server's refusal."},
+    )
+    alpha_tol: float = field(default=1e-6, metadata={"help": "Tolerance on α of the safeguarded Newton solver."})
+    alpha_max_iter: int = field(default=20, metadata={"help": "Iteration cap of the α solver."})
+    max_retries: int = field(
+        default=3, metadata={"help": "Retries of a request after a connection error, an HTTP 5xx / 429 or a timeout."}
+    )
+    retry_delay: float = field(
+        default=1.0, metadata={"help": "Seconds before the first retry; doubled after each further failure."}
+    )
+    request_timeout: float = field(default=60.0, metadata={"help": "Seconds before one HTTP request times out."})
+    connection_pool_size: int = field(default=100, metadata={"help": "HTTP connections kept per server."})
+
+    theta_api_key: str | None = field(default=None, metadata={"help": "Bearer token for the base server (--api-key)."})
+    t_api_key: str | None = field(default=None, metadata={"help": "Bearer token for the teacher server."})
+    theta_model: str | None = field(
+        default=None, metadata={"help": "Served model name on the base server; default: the one /v1/models lists."}
+    )
+    t_model: str | None = field(
+        default=None, metadata={"help": "Served model name on the teacher server; default: the one /v1/models lists."}
+    )
+    theta_tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer (path or hub id) of the base; default: the model directory /v1/models "
+                          "reports as `root`, when it exists on this machine."},
+    )
+    t_tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer of the teacher; default as for the base."})
+    max_concurrency: int = field(
+        default=64,
+        metadata={"help": "Sequences in flight at once. Each step sends one batched request per server "
+                          "holding every in-flight sequence, so this is also the server-side batch size."},
+    )
+    pipeline_groups: int = field(
+        default=1,
+        metadata={"help": "Split the in-flight sequences into this many groups that step independently, so the "
+                          "servers work on one group while the coordinator samples another."},
+    )
+    stop_token_ids: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Extra ids that end a sequence; both tokenizers' EOS and both models' "
+                          "generation_config EOS always do."},
+    )
+    alpha_method: str = field(
+        default="kl_symmetry", metadata={"help": f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}."}
+    )
+    alpha: float | None = field(default=None, metadata={"help": "The constant α for alpha_method='fixed'."})
+    alpha_min: float = field(default=0.0, metadata={"help": "Lower clamp on α."})
+    alpha_max: float = field(default=1.0, metadata={"help": "Upper clamp on α."})
+    seed: int = field(
+        default=0,
+        metadata={"help": "Sampling seed. Draws depend only on (seed, prompt index, step), not on concurrency "
+                          "or timing; generate_batch(seed=...) overrides it per call."},
+    )
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(
+                f"`top_k` (={self.top_k}) must be >= 1: it is how many log-probs each server returns per step (e.g. 20-100)."
+            )
+        for name in ("max_concurrency", "connection_pool_size", "alpha_max_iter", "pipeline_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` (={getattr(self, name)}) must be >= 1.")
+        if self.max_retries < 0 or self.retry_delay < 0:
+            raise ValueError(f"Need max_retries >= 0 and retry_delay >= 0, got {self.max_retries} and {self.retry_delay}.")
+        if not self.request_timeout > 0 or not self.alpha_tol > 0:
+            raise ValueError(f"Need request_timeout > 0 and alpha_tol > 0, got {self.request_timeout} and {self.alpha_tol}.")
+        if self.alpha_method not in ALPHA_METHODS:
+            raise ValueError(f"Unknown alpha_method {self.alpha_method!r}; choose one of {', '.join(ALPHA_METHODS)}.")
+        if self.alpha_method == "fixed" and self.alpha is None:
+            raise ValueError("alpha_method='fixed' needs `alpha=` (a float in [0, 1]).")
+        if not 0.0 <= self.alpha_min <= self.alpha_max <= 1.0:
+            raise ValueError(f"Need 0 <= alpha_min <= alpha_max <= 1, got {self.alpha_min} and {self.alpha_max}.")
+        for name in ("theta_url", "t_url"):
+            url = getattr(self, name)
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"`{name}` ({url!r}) must be an http(s) URL such as http://127.0.0.1:8000.")
+            # The coordinator adds /v1/...; accept the OpenAI-style base URL too.
+            url = url.rstrip("/")
+            setattr(self, name, url[:-3] if url.endswith("/v1") else url)
+        self.stop_token_ids = [int(i) for i in self.stop_token_ids]
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Field name → help text."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

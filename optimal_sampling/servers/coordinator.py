@@ -1,0 +1,696 @@
+"""`DualVLLMCoordinator`: q* sampled token by token from two vLLM servers (top-k approximation).
+
+Per step, every in-flight sequence's current token ids go to both servers in ONE batched
+1-token completion request per server (`prompt` = a list of token-id lists, `logprobs=k`).
+The coordinator merges the two top-k lists with the core's `sparse_candidates`, solves α and
+q* for the whole step with `compute_mixture`, and samples the next token itself. The token
+ids travel back in the next request, so nothing is ever re-tokenised; the servers' prefix
+caches keep each step incremental.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..generation import GenerationOutput, OptimalSampler, check_same_vocabulary, summarize_tokens
+from ..mixture import Mixture, compute_mixture
+from ..sparse import SparseCandidates, sparse_candidates
+from .client import (
+    MalformedResponseError,
+    RequestCounters,
+    ServerClient,
+    ServerError,
+    ServerRequestError,
+    ServerUnavailableError,
+    logger,
+)
+from .config import CoordinatorConfig
+
+# Per-token values kept for the diagnostics (the transformers front records the same names).
+_DIAGNOSTICS = ("kl_theta", "kl_t", "kl_diff", "ess_ratio", "entropy_q", "chernoff")
+_PER_TOKEN = ("alpha", "logq", "logp_theta", "logp_t", *_DIAGNOSTICS, "iterations", "empty_support",
+              "covered_theta", "covered_t")
+
+
+@dataclass
+class StepDistribution:
+    """q* for one decoding step of B sequences, built from the two servers' top-k lists.
+
+    Attributes:
+        candidates: the merged candidate columns (`[B, M + 1]`, last column = rest bucket).
+        mixture: α (`[B]`), log q over the columns (`[B, M + 1]`) and diagnostics.
+    """
+
+    candidates: SparseCandidates
+    mixture: Mixture
+
+    def token_log_probs(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`logq`, `logp_theta`, `logp_t` (per token, after temperature) of `token_ids` `[B]`."""
+        column = self.columns_of(token_ids)
+        per_token = lambda cols: (cols.gather(-1, column[:, None]) - self.candidates.log_multiplicity.gather(-1, column[:, None]))[:, 0]  # noqa: E731
+        return {
+            "logq": per_token(self.mixture.logq),
+            "logp_theta": per_token(self.candidates.logp_theta),
+            "logp_t": per_token(self.candidates.logp_t),
+        }
+
+    def columns_of(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The candidate column of each token (the rest bucket's for unlisted ids), `[B]`."""
+        match = self.candidates.token_ids == token_ids[:, None]
+        return torch.where(match.any(-1), match.int().argmax(-1), self.candidates.rest_column)
+
+
+# -- counter-based sampling --------------------------------------------------------------
+# A draw depends only on (seed, sequence index, step), so a sample does not change with the
+# concurrency, the pipeline grouping or which requests had to be retried.
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_uniforms(seed: int, index: Sequence[int], step: Sequence[int], stream: int = 0) -> np.ndarray:
+    """Uniforms in [0, 1), one per (index, step) pair, from a splitmix64 hash of the counters."""
+    with np.errstate(over="ignore"):
+        x = _splitmix64(np.full(len(index), seed & _MASK64, dtype=np.uint64))
+        x = _splitmix64(x ^ np.asarray(index, dtype=np.uint64))
+        x = _splitmix64(x ^ ((np.asarray(step, dtype=np.uint64) << np.uint64(4)) | np.uint64(stream)))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def sample_step(step: StepDistribution, u_column: np.ndarray, u_rest: np.ndarray) -> torch.Tensor:
+    """Token ids `[B]` drawn from the step's q by inversion with the given uniforms.
+
+    The same distribution as `sample_candidates`: a column ∝ q, and for the rest bucket a
+    uniform id among those outside the candidate union.
+    """
+    probs = step.mixture.logq.double().exp()  # [B, M + 1]
+    cdf = probs.cumsum(-1)
+    target = torch.from_numpy(u_column) * cdf[:, -1]
+    column = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+    last_positive = (probs > 0).cumsum(-1).argmax(-1)  # round-off guard: never past the last column with mass
+    column = torch.minimum(column, last_positive)
+    candidates = step.candidates
+    rest = candidates.rest_column
+    ids = candidates.token_ids.gather(-1, column.clamp(max=rest - 1)[:, None])[:, 0]
+    for row in (column == rest).nonzero().flatten().tolist():  # rare: the bucket holds little mass
+        listed = sorted(set(candidates.token_ids[row][candidates.token_ids[row] >= 0].tolist()))
+        unlisted = candidates.vocab_size - len(listed)
+        if unlisted <= 0:
+            raise RuntimeError("Sampled the rest bucket, but the candidate union covers the whole vocabulary.")
+        target_id = min(int(u_rest[row] * unlisted), unlisted - 1)  # rank among the unlisted ids
+        for taken in listed:
+            if taken > target_id:
+                break
+            target_id += 1
+        ids[row] = target_id
+    return ids
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """Run the step's maths on one thread: the tensors are tiny (`[B, ~2k]`), and on a busy
+    machine intra-op threads that wait for each other made a logsumexp 30x slower (7 ms)."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+# -- the coordinator ---------------------------------------------------------------------
+
+
+@dataclass
+class _Sequence:
+    index: int
+    prompt: Any
+    teacher_prompt: Any
+    base_ids: list[int]
+    teacher_ids: list[int]
+    tokens: list[int] = field(default_factory=list)
+    records: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in _PER_TOKEN})
+    error: str | None = None
+    done: bool = False
+
+
+def _format_prompt(prompt, tokenizer, where: str) -> list[int]:
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+        return list(prompt)  # already token ids
+    return OptimalSampler._format(prompt, tokenizer, where)
+
+
+def _declared_eos_ids(model_dir: str | None) -> set[int]:
+    """EOS ids a local model directory declares (generation_config.json, config.json)."""
+    ids: set[int] = set()
+    if not model_dir:
+        return ids
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            try:
+                eos = json.loads(path.read_text()).get("eos_token_id")
+            except (OSError, ValueError):
+                continue
+            ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+    return ids
+
+
+class DualVLLMCoordinator:
+    """Sample from q* ∝ π_θ^(1-α*) · π_t^α* with a base and a teacher vLLM server.
+
+    Use it as an async context manager: entering checks that both servers answer, that
+    their tokenizers share one vocabulary and that they accept `top_k` log-probs.
+
+    Args:
+        config: a `CoordinatorConfig` (or pass its fields as keyword arguments).
+        theta_tokenizer, t_tokenizer: already loaded tokenizers, instead of loading them
+            from `config.theta_tokenizer` / the servers' model directories.
+
+    Example (needs two running servers, see tests/VLLM_SERVERS.md):
+
+        async with DualVLLMCoordinator(CoordinatorConfig(theta_url=..., t_url=..., top_k=20)) as coordinator:
+            outputs = await coordinator.generate_batch(["Hello"], max_tokens=16)
+            outputs[0].generated_text, outputs[0].alpha_history, outputs[0].logq
+            coordinator.get_statistics()["covered_mass_theta_mean"]
+    """
+
+    def __init__(self, config: CoordinatorConfig | None = None, *, theta_tokenizer=None, t_tokenizer=None, **fields):
+        if config is None:
+            config = CoordinatorConfig(**fields)
+        elif fields:
+            raise TypeError("Pass either a CoordinatorConfig or its fields as keyword arguments, not both.")
+        self.config = config
+        self.theta_tokenizer, self.t_tokenizer = theta_tokenizer, t_tokenizer
+        self.counters = RequestCounters()
+        self._theta: ServerClient | None = None
+        self._t: ServerClient | None = None
+        self._started = False
+        self._unavailable: ServerUnavailableError | None = None
+        self.vocab_size = 0
+        self.top_k = config.top_k
+        self.stop_token_ids: set[int] = set()
+        self.max_model_len: dict[str, int | None] = {}
+        self._reset_statistics()
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> "DualVLLMCoordinator":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect and check both servers (called by `async with`)."""
+        if self._started:
+            return
+        cfg = self.config
+        common = dict(timeout=cfg.request_timeout, pool_size=cfg.connection_pool_size, max_retries=cfg.max_retries,
+                      retry_delay=cfg.retry_delay, counters=self.counters)
+        self._theta = ServerClient("base", cfg.theta_url, api_key=cfg.theta_api_key, **common)
+        self._t = ServerClient("teacher", cfg.t_url, api_key=cfg.t_api_key, **common)
+        try:
+            roots = await asyncio.gather(
+                self._discover(self._theta, cfg.theta_model), self._discover(self._t, cfg.t_model)
+            )
+            await asyncio.to_thread(self._load_tokenizers, *roots)
+            await asyncio.gather(self._check_tokenizer(self._theta, self.theta_tokenizer),
+                                 self._check_tokenizer(self._t, self.t_tokenizer))
+            self.vocab_size = len(self.theta_tokenizer)
+            self.stop_token_ids = set(cfg.stop_token_ids) | _declared_eos_ids(roots[0]) | _declared_eos_ids(roots[1])
+            for tokenizer in (self.theta_tokenizer, self.t_tokenizer):
+                if tokenizer.eos_token_id is not None:
+                    self.stop_token_ids.add(int(tokenizer.eos_token_id))
+            await asyncio.gather(self._probe(self._theta), self._probe(self._t))
+        except BaseException:
+            await self.close()
+            raise
+        self._started = True
+
+    async def close(self) -> None:
+        for client in (self._theta, self._t):
+            if client is not None:
+                await client.aclose()
+        self._started = False
+
+    async def _discover(self, client: ServerClient, model: str | None) -> str | None:
+        """Pick the served model and return its directory (`root`) when it is on this machine."""
+        body = await client.request("GET", "/v1/models")
+        try:
+            entries = {entry["id"]: entry for entry in body["data"]}
+        except (KeyError, TypeError) as error:
+            raise MalformedResponseError(f"{client}: /v1/models is not an OpenAI model list ({error}): {body}") from None
+        if model is None:
+            if len(entries) != 1:
+                raise ValueError(f"{client} serves {sorted(entries)}; say which one with "
+                                 f"`{'theta' if client.role == 'base' else 't'}_model=`.")
+            model = next(iter(entries))
+        elif model not in entries:
+            raise ValueError(f"{client} serves {sorted(entries)}, not {model!r}; fix "
+                             f"`{'theta' if client.role == 'base' else 't'}_model`.")
+        client.model = model
+        self.max_model_len[client.role] = entries[model].get("max_model_len")
+        root = entries[model].get("root")
+        return root if root and Path(root).is_dir() else None
+
+    def _load_tokenizers(self, theta_root: str | None, t_root: str | None) -> None:
+        from transformers import AutoTokenizer
+
+        cfg = self.config
+        for attr, path, root, option in (
+            ("theta_tokenizer", cfg.theta_tokenizer, theta_root, "theta_tokenizer"),
+            ("t_tokenizer", cfg.t_tokenizer, t_root, "t_tokenizer"),
+        ):
+            if getattr(self, attr) is not None:
+                continue
+            source = path or root
+            if source is None:
+                client = self._theta if attr == "theta_tokenizer" else self._t
+                raise ValueError(f"{client} serves {client.model!r} from a directory that is not on this machine, so "
+                                 f"its tokenizer cannot be found; pass `{option}=` (a local path or hub id).")
+            setattr(self, attr, AutoTokenizer.from_pretrained(source))
+        try:
+            check_same_vocabulary(self.theta_tokenizer, self.t_tokenizer)
+        except ValueError as error:
+            raise ValueError(f"{self._theta} ({self._theta.model}) and {self._t} ({self._t.model}): {error}") from None
+
+    async def _check_tokenizer(self, client: ServerClient, tokenizer) -> None:
+        """The local tokenizer must encode like the served model's (vLLM's /tokenize)."""
+        text = "Hello world! 12 + 34 = 46. The teacher and the student."
+        try:
+            body = await client.request("POST", "/tokenize", {"model": client.model, "prompt": text,
+                                                              "add_special_tokens": False}, retries=0)
+            served = body["tokens"]
+        except (ServerRequestError, MalformedResponseError, KeyError, TypeError):
+            logger.info("%s has no usable /tokenize endpoint; skipping the tokenizer check", client)
+            return
+        local = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if list(served) != list(local):
+            raise ValueError(f"{client} ({client.model}) tokenizes text differently from the local tokenizer "
+                             f"({getattr(tokenizer, 'name_or_path', tokenizer)!r}): {served[:12]} vs {local[:12]}. "
+                             "Pass the served model's tokenizer (`theta_tokenizer=` / `t_tokenizer=`).")
+
+    async def _probe(self, client: ServerClient) -> None:
+        tokenizer = self.theta_tokenizer
+        token = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        try:
+            await client.top_logprobs([[int(token)]], self.top_k, self.vocab_size)
+        except ServerRequestError as error:
+            fix = ""
+            if "logprobs" in error.message:
+                fix = (f" Lower `top_k` (={self.top_k}) or restart the server with `--max-logprobs {self.top_k}` "
+                       "(-1 allows the whole vocabulary).")
+            raise ValueError(f"{client} rejected a probe request with top_k={self.top_k}: {error.message}.{fix}") from None
+
+    def _require_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("Use the coordinator inside `async with DualVLLMCoordinator(config) as coordinator:` "
+                               "(or await coordinator.start() first).")
+
+    # -- one step -----------------------------------------------------------------------
+
+    def mix(self, ids_theta, logp_theta, ids_t, logp_t, *, temperature: float = 1.0,
+            return_diagnostics: bool = True) -> StepDistribution:
+        """q* over the candidate columns of two top-k lists (`[B, k]` each): the core's sparse path."""
+        cfg = self.config
+        candidates = sparse_candidates(ids_theta, logp_theta, ids_t, logp_t, self.vocab_size,
+                                       temperature=temperature, validate=False)
+        mixture = compute_mixture(
+            candidates.logp_theta,
+            candidates.logp_t,
+            alpha_method=cfg.alpha_method,
+            alpha=cfg.alpha,
+            alpha_min=cfg.alpha_min,
+            alpha_max=cfg.alpha_max,
+            tol=cfg.alpha_tol,
+            max_iter=cfg.alpha_max_iter,
+            log_multiplicity=candidates.log_multiplicity,
+            return_diagnostics=return_diagnostics,
+            validate=False,
+        )
+        return StepDistribution(candidates, mixture)
+
+    async def next_token_distribution(
+        self,
+        base_prefixes: Sequence[Sequence[int]],
+        teacher_prefixes: Sequence[Sequence[int]] | None = None,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        return_diagnostics: bool = True,
+    ) -> StepDistribution:
+        """q* for the next token after each prefix (token ids), without sampling: one step.
+
+        `teacher_prefixes` default to `base_prefixes`; `top_k` overrides the config's.
+        """
+        self._require_started()
+        base_prefixes = [list(p) for p in base_prefixes]
+        teacher_prefixes = base_prefixes if teacher_prefixes is None else [list(p) for p in teacher_prefixes]
+        k = top_k or self.top_k
+        (ids_theta, lp_theta), (ids_t, lp_t) = await asyncio.gather(
+            self._theta.top_logprobs(base_prefixes, k, self.vocab_size),
+            self._t.top_logprobs(teacher_prefixes, k, self.vocab_size),
+        )
+        return self.mix(ids_theta, lp_theta, ids_t, lp_t, temperature=temperature, return_diagnostics=return_diagnostics)
+
+    async def _fetch(self, rows: list[_Sequence]) -> tuple[dict[int, tuple], dict[int, str]]:
+        """Both servers' top-k for every row: one batched request per server, and per-row
+        requests for a side whose batched request failed (so a bad row marks only itself).
+
+        Returns `({row position: (ids_theta, lp_theta, ids_t, lp_t)}, {row position: error})`.
+        """
+        sides = (
+            (self._theta, [s.base_ids for s in rows]),
+            (self._t, [s.teacher_ids for s in rows]),
+        )
+        batched = await asyncio.gather(
+            *(client.top_logprobs(prefixes, self.top_k, self.vocab_size) for client, prefixes in sides),
+            return_exceptions=True,
+        )
+        per_side: list[list] = []
+        for (client, prefixes), result in zip(sides, batched):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            if not isinstance(result, Exception):
+                ids, logp = result
+                per_side.append([(ids[i : i + 1], logp[i : i + 1]) for i in range(len(rows))])
+                continue
+            self._check_available(result)
+            if len(rows) == 1:
+                per_side.append([result])
+                continue
+            logger.warning("%s: batched step failed (%s); retrying its %d rows one by one", client, result, len(rows))
+            singles = await asyncio.gather(
+                *(client.top_logprobs([p], self.top_k, self.vocab_size) for p in prefixes), return_exceptions=True
+            )
+            for single in singles:
+                if isinstance(single, BaseException) and not isinstance(single, Exception):
+                    raise single
+                if isinstance(single, Exception):
+                    self._check_available(single)
+            per_side.append(singles)
+        fetched, errors = {}, {}
+        for position in range(len(rows)):
+            theta, t = per_side[0][position], per_side[1][position]
+            failure = next((r for r in (theta, t) if isinstance(r, Exception)), None)
+            if failure is not None:
+                errors[position] = f"{type(failure).__name__}: {failure}"
+            else:
+                fetched[position] = (*theta, *t)
+        return fetched, errors
+
+    def _check_available(self, error: Exception) -> None:
+        if isinstance(error, ServerUnavailableError):
+            self._unavailable = error  # the remaining sequences fail at once instead of retrying one by one
+            raise error
+
+    async def _advance(self, rows: list[_Sequence], *, seed: int, temperature: float, max_tokens: int,
+                       return_diagnostics: bool) -> None:
+        """One step for `rows`: append a token to each, or set its error."""
+        started = time.perf_counter()
+        try:
+            fetched, errors = await self._fetch(rows)
+        except ServerUnavailableError as error:
+            fetched, errors = {}, {i: f"{type(error).__name__}: {error}" for i in range(len(rows))}
+        fetched_at = time.perf_counter()
+        self._stats["server_seconds"] += fetched_at - started
+        for position, message in errors.items():
+            rows[position].error = f"at generated token {len(rows[position].tokens)}: {message}"
+            rows[position].done = True
+        if not fetched:
+            return
+        positions = sorted(fetched)
+        ids_theta, lp_theta, ids_t, lp_t = (torch.cat([fetched[p][j] for p in positions]) for j in range(4))
+        ok = [rows[p] for p in positions]
+        with _one_torch_thread():
+            self._mix_and_sample(ok, ids_theta, lp_theta, ids_t, lp_t, seed=seed, temperature=temperature,
+                                 max_tokens=max_tokens, return_diagnostics=return_diagnostics)
+        self._stats["compute_seconds"] += time.perf_counter() - fetched_at
+
+    def _mix_and_sample(self, ok, ids_theta, lp_theta, ids_t, lp_t, *, seed, temperature, max_tokens,
+                        return_diagnostics) -> None:
+        try:
+            step = self.mix(ids_theta, lp_theta, ids_t, lp_t, temperature=temperature,
+                            return_diagnostics=return_diagnostics)
+            self._sample_and_record(ok, step, seed=seed, max_tokens=max_tokens)
+        except Exception as error:  # isolate the row that broke the batched maths
+            if len(ok) == 1:
+                ok[0].error = f"at generated token {len(ok[0].tokens)}: {type(error).__name__}: {error}"
+                ok[0].done = True
+                return
+            for j, row in enumerate(ok):
+                try:
+                    step = self.mix(ids_theta[j : j + 1], lp_theta[j : j + 1], ids_t[j : j + 1], lp_t[j : j + 1],
+                                    temperature=temperature, return_diagnostics=return_diagnostics)
+                    self._sample_and_record([row], step, seed=seed, max_tokens=max_tokens)
+                except Exception as row_error:
+                    row.error = f"at generated token {len(row.tokens)}: {type(row_error).__name__}: {row_error}"
+                    row.done = True
+
+    def _sample_and_record(self, rows: list[_Sequence], step: StepDistribution, *, seed: int, max_tokens: int) -> None:
+        index = [s.index for s in rows]
+        position = [len(s.tokens) for s in rows]
+        tokens = sample_step(step, counter_uniforms(seed, index, position, 0), counter_uniforms(seed, index, position, 1))
+        values = {"alpha": step.mixture.alpha, **step.token_log_probs(tokens),
+                  "covered_theta": step.candidates.covered_theta, "covered_t": step.candidates.covered_t}
+        if step.mixture.diagnostics is not None:
+            values.update({name: getattr(step.mixture.diagnostics, name) for name in _DIAGNOSTICS})
+            values["iterations"] = step.mixture.solution.iterations
+            values["empty_support"] = step.mixture.solution.empty_support
+        names = list(values)
+        table = torch.stack([values[n].to(torch.float64) for n in names]).tolist()  # one conversion per step
+        if any(math.isnan(v) for v in table[names.index("logq")]):
+            raise FloatingPointError("NaN log q in this step's q*; the servers' log-probs are not usable.")
+        for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            row.tokens.append(token)
+            row.base_ids.append(token)
+            row.teacher_ids.append(token)
+            for n, column in zip(names, table):
+                row.records[n].append(column[j])
+            if token in self.stop_token_ids or len(row.tokens) >= max_tokens:
+                row.done = True
+        self._stats["tokens"] += len(rows)
+        self._stats["covered_theta_sum"] += sum(table[names.index("covered_theta")])
+        self._stats["covered_t_sum"] += sum(table[names.index("covered_t")])
+        self._stats["steps"] += 1
+
+    # -- many sequences -----------------------------------------------------------------
+
+    async def generate_batch(
+        self,
+        prompts: Sequence[Any],
+        *,
+        teacher_prompts: Sequence[Any] | None = None,
+        max_tokens: int = 100,
+        temperature: float = 1.0,
+        return_diagnostics: bool = True,
+        show_progress: bool = False,
+        seed: int | None = None,
+    ) -> list[GenerationOutput]:
+        """Sample one q* completion per prompt; outputs come back in the prompts' order.
+
+        Prompts are strings, chat message lists (each tokenizer's chat template) or token-id
+        lists. `teacher_prompts` give the teacher its own view of each prompt. Up to
+        `config.max_concurrency` sequences are in flight; a sequence ends at a stop token of
+        either model or after `max_tokens`. A sequence whose requests fail (after retries)
+        gets `error` set and empty fields; the others are unaffected.
+        """
+        self._require_started()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+            raise TypeError("`prompts` must be a list of prompts; wrap a single prompt in a list.")
+        if teacher_prompts is not None and len(teacher_prompts) != len(prompts):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(teacher_prompts)} teacher prompts; give one per prompt.")
+        if max_tokens < 1:
+            raise ValueError(f"`max_tokens` (={max_tokens}) must be >= 1.")
+        if not temperature > 0:
+            raise ValueError(f"`temperature` (={temperature}) has to be a strictly positive float.")
+        teacher_prompts = list(prompts) if teacher_prompts is None else list(teacher_prompts)
+        sequences = [
+            _Sequence(
+                index=i,
+                prompt=prompt,
+                teacher_prompt=teacher_prompt,
+                base_ids=_format_prompt(prompt, self.theta_tokenizer, f"prompts[{i}]"),
+                teacher_ids=_format_prompt(teacher_prompt, self.t_tokenizer, f"teacher_prompts[{i}]"),
+            )
+            for i, (prompt, teacher_prompt) in enumerate(zip(prompts, teacher_prompts))
+        ]
+        seed = self.config.seed if seed is None else seed
+        self._unavailable = None
+        progress = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(sequences), desc="q* sampling (vLLM)", unit="sample")
+        queue = deque(sequences)
+        groups = min(self.config.pipeline_groups, self.config.max_concurrency)
+        capacity = math.ceil(self.config.max_concurrency / groups)
+        options = dict(seed=seed, temperature=temperature, max_tokens=max_tokens, return_diagnostics=return_diagnostics)
+        started = time.perf_counter()
+        try:
+            await asyncio.gather(*(self._run_group(queue, capacity, progress, options) for _ in range(groups)))
+        finally:
+            self._stats["seconds"] += time.perf_counter() - started
+            if progress is not None:
+                progress.close()
+        self._stats["samples"] += len(sequences)
+        self._stats["failed_samples"] += sum(s.error is not None for s in sequences)
+        return [self._output(s, return_diagnostics) for s in sequences]
+
+    async def _run_group(self, queue: deque, capacity: int, progress, options: dict) -> None:
+        active: list[_Sequence] = []
+        while True:
+            while queue and len(active) < capacity:
+                active.append(queue.popleft())
+            if not active:
+                return
+            if self._unavailable is not None:
+                for row in active:
+                    row.error = f"at generated token {len(row.tokens)}: ServerUnavailableError: {self._unavailable}"
+                    row.done = True
+            else:
+                await self._advance(active, **options)
+            finished = [s for s in active if s.done]
+            active = [s for s in active if not s.done]
+            if progress is not None and finished:
+                progress.update(len(finished))
+
+    def _output(self, s: _Sequence, return_diagnostics: bool) -> GenerationOutput:
+        if s.error is not None:
+            return GenerationOutput(prompt=s.prompt, teacher_prompt=s.teacher_prompt, error=s.error)
+        r = s.records
+        diagnostics = None
+        if return_diagnostics:
+            diagnostics = summarize_tokens(r["alpha"], {n: r[n] for n in _PER_TOKEN[4:] if len(r[n]) == len(s.tokens)})
+        return GenerationOutput(
+            prompt=s.prompt,
+            teacher_prompt=s.teacher_prompt,
+            generated_text=self.theta_tokenizer.decode(s.tokens, skip_special_tokens=True),
+            generated_tokens=list(s.tokens),
+            alpha_history=r["alpha"],
+            logq=r["logq"],
+            logp_theta=r["logp_theta"],
+            logp_t=r["logp_t"],
+            diagnostics=diagnostics,
+        )
+
+    # -- statistics ---------------------------------------------------------------------
+
+    def _reset_statistics(self) -> None:
+        self._stats = dict(tokens=0, steps=0, samples=0, failed_samples=0, seconds=0.0, server_seconds=0.0,
+                           compute_seconds=0.0, covered_theta_sum=0.0, covered_t_sum=0.0)
+
+    def get_statistics(self) -> dict[str, float]:
+        """Totals since the coordinator was created.
+
+        total_tokens, samples, failed_samples, steps (batched steps), mean_batch_size,
+        requests (HTTP requests sent, retries included), retries, failed_requests,
+        dropped_entries (top-k ids beyond the tokenizer), covered_mass_theta_mean /
+        covered_mass_t_mean (mass of each side's own top-k list, mean over generated
+        tokens), elapsed (seconds inside generate_batch), tokens_per_second, and where
+        the time went: server_seconds (waiting for both servers' answers, parsing
+        included) and compute_seconds (q* and sampling); with several pipeline groups
+        these overlap.
+        """
+        s, c = self._stats, self.counters
+        tokens = s["tokens"]
+        return {
+            "total_tokens": tokens,
+            "samples": s["samples"],
+            "failed_samples": s["failed_samples"],
+            "steps": s["steps"],
+            "mean_batch_size": tokens / s["steps"] if s["steps"] else 0.0,
+            "requests": c.requests,
+            "retries": c.retries,
+            "failed_requests": c.failed_requests,
+            "dropped_entries": c.dropped_entries,
+            "covered_mass_theta_mean": s["covered_theta_sum"] / tokens if tokens else float("nan"),
+            "covered_mass_t_mean": s["covered_t_sum"] / tokens if tokens else float("nan"),
+            "elapsed": s["seconds"],
+            "tokens_per_second": tokens / s["seconds"] if s["seconds"] > 0 else 0.0,
+            "server_seconds": s["server_seconds"],
+            "compute_seconds": s["compute_seconds"],
+        }
+
+
+# -- one-call helpers --------------------------------------------------------------------
+
+
+async def generate_with_optimal_sampling_async(
+    prompts: Sequence[Any],
+    theta_url: str = "http://localhost:8000",
+    t_url: str = "http://localhost:8001",
+    *,
+    teacher_prompts: Sequence[Any] | None = None,
+    max_tokens: int = 100,
+    temperature: float = 1.0,
+    return_diagnostics: bool = True,
+    show_progress: bool = False,
+    seed: int | None = None,
+    **config_fields,
+) -> list[GenerationOutput]:
+    """Open a coordinator on the two servers, sample, close: `await` this from async code."""
+    config = CoordinatorConfig(theta_url=theta_url, t_url=t_url, **config_fields)
+    async with DualVLLMCoordinator(config) as coordinator:
+        return await coordinator.generate_batch(
+            prompts,
+            teacher_prompts=teacher_prompts,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            return_diagnostics=return_diagnostics,
+            show_progress=show_progress,
+            seed=seed,
+        )
+
+
+def generate_with_optimal_sampling(prompts, theta_url="http://localhost:8000", t_url="http://localhost:8001", **kwargs):
+    """Sample q* completions from two vLLM servers in one call.
+
+    From synchronous code it runs the sampling and returns the list of `GenerationOutput`.
+    Inside a running event loop (async code, Jupyter) it returns an awaitable instead, as
+    the original tool did: `results = await generate_with_optimal_sampling(...)`.
+    Keyword arguments are `generate_batch`'s (`teacher_prompts`, `max_tokens`,
+    `temperature`, `return_diagnostics`, `show_progress`, `seed`) and
+    `CoordinatorConfig`'s fields (`top_k`, `max_retries`, ...).
+
+        results = generate_with_optimal_sampling(["Hello"], "http://127.0.0.1:8000", "http://127.0.0.1:8001",
+                                                 max_tokens=32, top_k=20)
+    """
+    coroutine = generate_with_optimal_sampling_async(prompts, theta_url, t_url, **kwargs)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    return coroutine
+
+
+__all__ = [
+    "DualVLLMCoordinator",
+    "StepDistribution",
+    "counter_uniforms",
+    "generate_with_optimal_sampling",
+    "generate_with_optimal_sampling_async",
+    "sample_step",
+    "ServerError",
+]
