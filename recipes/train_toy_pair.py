@@ -11,8 +11,8 @@ It
    - the *teacher*: all training pairs, in its own chat format
      (``<|user|>\\n12+34=\\n<|assistant|>\\n``) and in the base's plain format
      (``12+34=``), long enough to be strong (>= 90% exact match at temperature 1);
-   - the *base*: a small subset of the training pairs, plain format only, few steps,
-     so it is weak (about 20-40% exact match at temperature 1);
+   - the *base*: the training pairs in the plain format only, stopped early (constant
+     LR, 1000 steps) so it is weak (about 20-40% exact match at temperature 1);
    the loss covers only the answer tokens (the digits and EOS);
 3. evaluates both on held-out problems (greedy and temperature-1 sampling) and
 4. saves ``base/`` and ``teacher/`` (each with the tokenizer files next to the model,
@@ -209,7 +209,9 @@ def collate(batch, pad_id):
     return input_ids, mask, labels
 
 
-def train_model(name, model, examples, *, steps, batch_size, lr, warmup, weight_decay, seed, pad_id, log_every=250):
+def train_model(name, model, examples, *, steps, batch_size, lr, warmup, weight_decay, seed, pad_id,
+                schedule="cosine", log_every=250, callback=None):
+    """AdamW with linear warmup, then cosine decay to 5% (``"cosine"``) or a constant LR."""
     gen = torch.Generator().manual_seed(seed)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -223,6 +225,8 @@ def train_model(name, model, examples, *, steps, batch_size, lr, warmup, weight_
     def lr_at(step):
         if step < warmup:
             return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
         progress = (step - warmup) / max(1, steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * progress)) * 0.95 + 0.05
 
@@ -246,6 +250,8 @@ def train_model(name, model, examples, *, steps, batch_size, lr, warmup, weight_
         sched.step()
         if (step + 1) % log_every == 0 or step == 0 or step + 1 == steps:
             print(f"[{name}] step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+        if callback is not None:
+            callback(step + 1, model)
     model.eval()
     return time.time() - t0
 
@@ -290,6 +296,15 @@ def save_model(model, tokenizer, directory: Path) -> None:
 # ---------------------------------------------------------------------------- main
 
 
+def _display(value):
+    if isinstance(value, Path):
+        try:
+            return str(value.resolve().relative_to(REPO_ROOT))
+        except ValueError:
+            return str(value)
+    return str(value)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
@@ -301,10 +316,11 @@ def parse_args(argv=None):
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--teacher-steps", type=int, default=3000)
-    p.add_argument("--base-steps", type=int, default=400)
-    p.add_argument("--base-train-pairs", type=int, default=1000,
-                   help="number of training pairs the base sees (a fixed subset)")
+    p.add_argument("--teacher-steps", type=int, default=800, help="cosine schedule")
+    p.add_argument("--base-steps", type=int, default=1000,
+                   help="constant LR; stopping early is what keeps the base weak")
+    p.add_argument("--base-train-pairs", type=int, default=None,
+                   help="size of the fixed subset of training pairs the base sees (default: all)")
     p.add_argument("--eval-size", type=int, default=500, help="held-out problems per evaluation")
     p.add_argument("--only", choices=["base", "teacher"], default=None, help="train only one model (tuning)")
     p.add_argument("--no-save", action="store_true")
@@ -322,7 +338,7 @@ def main(argv=None):
 
     train_pairs = all_pairs("train")
     rng = random.Random(args.seed)
-    base_pairs = rng.sample(train_pairs, args.base_train_pairs)
+    base_pairs = rng.sample(train_pairs, args.base_train_pairs or len(train_pairs))
     heldout = make_problems(args.eval_size, seed=args.seed + 1, split="test")
 
     metrics = {
@@ -333,7 +349,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": {k: _display(v) for k, v in vars(args).items()},
         "vocab_size": len(tokenizer),
     }
     models_out = {}
@@ -345,16 +361,17 @@ def main(argv=None):
         n_params = sum(p.numel() for p in model.parameters())
         if name == "teacher":
             examples = encode_examples(tokenizer, train_pairs, ["chat", "plain"])
-            steps = args.teacher_steps
+            steps, schedule, warmup = args.teacher_steps, "cosine", min(100, args.teacher_steps // 10)
         else:
             examples = encode_examples(tokenizer, base_pairs, ["plain"])
-            steps = args.base_steps
+            steps, schedule, warmup = args.base_steps, "constant", 50
         print(f"[{name}] {n_params} parameters, {len(examples)} training sequences, {steps} steps")
         secs = train_model(
             name, model, examples, steps=steps, batch_size=args.batch_size, lr=args.lr,
-            warmup=min(100, steps // 10), weight_decay=0.01, seed=args.seed, pad_id=tokenizer.pad_token_id,
+            warmup=warmup, weight_decay=0.01, seed=args.seed, pad_id=tokenizer.pad_token_id, schedule=schedule,
         )
-        m = {"parameters": n_params, "train_sequences": len(examples), "steps": steps, "train_seconds": round(secs, 1)}
+        m = {"parameters": n_params, "train_sequences": len(examples), "steps": steps, "schedule": schedule,
+             "train_seconds": round(secs, 1)}
         keys = ["prompt", "teacher_prompt"] if name == "teacher" else ["prompt"]
         for key in keys:
             fmt = "teacher_format" if key == "teacher_prompt" else "plain_format"
