@@ -71,6 +71,7 @@ def optimal_generate(
     stop_token_ids: Sequence[int] | None = None,
     optimal_streamer=None,
     synced_gpus: bool = False,
+    fast=False,
     **model_kwargs,
 ):
     """A `custom_generate` strategy: sample from q* with `base.generate(...)`.
@@ -86,6 +87,10 @@ def optimal_generate(
     usual fields plus `alpha`, `logq`, `logp_theta`, `logp_t`, `token_mask` and
     `diagnostics` per generated token. A streamer goes in `optimal_streamer=` (generate
     drops `streamer=` before calling custom strategies).
+
+    `fast=True` (or a mode name, or an `optimal_sampling.fast.FastPathConfig`) decodes with
+    the fast path instead: static KV caches for both models and the whole step captured in
+    a CUDA graph (eager on CPU); same output fields, diagnostics reduced unless asked for.
 
     Example:
         >>> import torch
@@ -136,6 +141,22 @@ def optimal_generate(
         stopping_criteria = StoppingCriteriaList([*stopping_criteria, EosTokenCriteria(eos_token_id=extra_stops)])
         if generation_config._pad_token_tensor is None:
             generation_config._pad_token_tensor = torch.tensor(stop_ids[0], device=input_ids.device)
+
+    # --- fast path (optimal_sampling/fast.py): static caches, CUDA graphs --------------------
+    if fast:
+        from .fast import fast_optimal_generate
+
+        if optimal_streamer is not None:
+            raise ValueError("The fast path does not stream; drop `optimal_streamer` or use fast=False.")
+        return fast_optimal_generate(
+            model, teacher_model, input_ids, generation_config, kept, stopping_criteria, fast=fast,
+            model_kwargs=model_kwargs, stop_ids=stop_ids, temperature=temperature, top_k=top_k, top_p=top_p,
+            teacher_input_ids=teacher_input_ids, teacher_attention_mask=teacher_attention_mask,
+            alpha_method=alpha_method, alpha=alpha, alpha_min=alpha_min, alpha_max=alpha_max,
+            teacher_top_p=teacher_top_p, force_teacher_first_tokens=force_teacher_first_tokens,
+            vocab_size=vocab_size,
+        )
+    # --- end of fast path ----------------------------------------------------------------------
 
     processor = OptimalSamplingLogitsProcessor(
         teacher_model,
@@ -278,6 +299,8 @@ class OptimalSampler:
         force_teacher_first_tokens: α = 1 for the first n tokens of every completion.
         stop_token_ids: extra ids that end a completion (the base's and the teacher's EOS
             always do).
+        fast: `True`, a mode name or a `FastPathConfig`: decode with the fast path (static
+            caches, CUDA graphs) instead of transformers' sampling loop.
 
     Example:
         >>> import torch
@@ -313,7 +336,9 @@ class OptimalSampler:
         force_teacher_first_tokens: int = 0,
         teacher_top_p: float | None = None,
         stop_token_ids: Sequence[int] | None = None,
+        fast=False,
     ):
+        self.fast = fast  # the fast path (optimal_sampling/fast.py) when truthy
         self.base = base_model.eval()
         self.teacher = teacher_model.eval()
         self.tokenizer = tokenizer
@@ -484,6 +509,7 @@ class OptimalSampler:
             pad_token_id=self.pad_token_id,
             eos_token_id=self.stop_token_ids,
             return_dict_in_generate=True,
+            fast=self.fast,
             **self.options,
         )
 

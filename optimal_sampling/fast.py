@@ -1,0 +1,710 @@
+"""The fast path: q* decoding with static KV caches and a decode step without host syncs.
+
+`optimal_generate` reuses transformers' `_sample` loop: one Python-driven forward per model,
+a processor with host synchronisations, a growing `DynamicCache`. On a GPU that is bound
+by Python and kernel launches, not by memory bandwidth. Here the whole decoding step
+
+    base forward + teacher forward → log-softmax(z / T) on the shared vocabulary
+    → α (`solve_alpha`) → log q* (`optimal_log_probs`, `truncate_log_probs`)
+    → sample → record logq / logp_theta / logp_t / α → stop bookkeeping
+
+touches only preallocated tensors (two `StaticCache`s, `[B, ...]` buffers), so it can be
+captured once in a CUDA graph (optionally compiled with `torch.compile` first) and replayed
+for every token. The host looks at the finished mask only every `check_every` steps.
+
+Shapes are bucketed (batch to a power of two, cache lengths to a multiple of 64) and each
+bucket's caches and graph are kept, so later calls of similar size reuse them.
+
+**Same distribution, same tokens.** Sampling is the exponential race
+`argmax(softmax(scores) / E)`, `E ~ Exp(1)` drawn with `exponential_` on a `[B, V_base]`
+tensor from the default generator: that is exactly what `torch.multinomial(probs, 1)` (and
+so transformers' `_sample`) does. In eager mode without batch padding the fast path
+therefore gives the same tokens as `optimal_generate` under the same seed (up to float
+round-off between the static and the dynamic cache). Batch padding draws noise for the
+dummy rows too, so the stream shifts and only the distribution is the same. A CUDA graph
+replays the eager kernels, random draws included (benchmarks/fast_path.py checks that
+`cuda_graph` mode reproduces eager mode's tokens on the GPU).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from transformers import StaticCache
+
+from .alpha import EMPTY_SUPPORT_FALLBACKS, solve_alpha, teacher_nucleus_mask
+from .mixture import NEG_INF, log_probs_from_logits, mixture_diagnostics, optimal_log_probs, truncate_log_probs
+from .processor import RECORDED_DIAGNOSTICS, check_same_device
+from .teacher import position_ids_from_mask
+
+FAST_MODES = ("auto", "eager", "cuda_graph", "compile_mixture", "compile")
+_FALLBACK = {"compile": "cuda_graph", "compile_mixture": "cuda_graph", "cuda_graph": "eager"}
+_WARMUP_STEPS = 2  # eager steps before a capture (compilation, cuBLAS handles)
+
+
+@dataclass(frozen=True)
+class FastPathConfig:
+    """How the fast path runs. Pass as `fast=FastPathConfig(...)` (or `fast=True` for these defaults).
+
+    Attributes:
+        mode: `"eager"` (plain Python loop over the same step; the CPU choice),
+            `"cuda_graph"` (the eager step captured in one CUDA graph: no compile time),
+            `"compile_mixture"` (the α solve, mixing and sampling compiled with torch.compile,
+            the two forwards eager, all captured in one CUDA graph), `"compile"` (the whole
+            step compiled, then captured), or `"auto"` (`"compile_mixture"` on CUDA, `"eager"`
+            elsewhere). A mode that fails to compile or capture falls back to the next simpler
+            one (`FastDecoder.stats` counts it and keeps the error).
+        max_iter: Newton iterations of the α solve. Under a CUDA graph every iteration runs
+            (there is no early exit without a host sync); 8 is plenty for the safeguarded
+            Newton started at the secant point. Rows that did not reach `tol` are counted in
+            the `converged` diagnostic.
+        tol: tolerance on α.
+        check_every: look at the finished mask on the host every this many steps.
+        diagnostics: also record KL / ESS / entropy / Chernoff diagnostics per token
+            (several more passes over the vocabulary per step).
+        bucket_batch: pad the batch to a power of two with dummy rows (stripped from the
+            output). Default: on for the graph modes, off for eager (so that eager sampling
+            uses the random stream exactly as `optimal_generate` does).
+        length_multiple: round the static cache lengths up to a multiple of this.
+        max_cached_shapes: how many (batch, length) buckets keep their caches and graphs.
+    """
+
+    mode: str = "auto"
+    max_iter: int = 8
+    tol: float = 1e-6
+    check_every: int = 8
+    diagnostics: bool = False
+    bucket_batch: bool | None = None
+    length_multiple: int = 64
+    max_cached_shapes: int = 4
+
+    def __post_init__(self):
+        if self.mode not in FAST_MODES:
+            raise ValueError(f"Unknown fast-path mode {self.mode!r}; choose one of {', '.join(FAST_MODES)}.")
+        if self.max_iter < 1 or self.tol <= 0:
+            raise ValueError(f"Need max_iter >= 1 and tol > 0, got max_iter={self.max_iter}, tol={self.tol}.")
+        if self.check_every < 1 or self.length_multiple < 1 or self.max_cached_shapes < 1:
+            raise ValueError("`check_every`, `length_multiple` and `max_cached_shapes` must be >= 1.")
+
+    @classmethod
+    def from_flag(cls, fast: "bool | str | FastPathConfig") -> "FastPathConfig":
+        """`True` → defaults, a mode name → that mode, a `FastPathConfig` → itself."""
+        if isinstance(fast, FastPathConfig):
+            return fast
+        if fast is True:
+            return cls()
+        if isinstance(fast, str):
+            return cls(mode=fast)
+        raise TypeError(f"`fast` must be True, a mode name ({', '.join(FAST_MODES)}) or a FastPathConfig, got {fast!r}.")
+
+
+@dataclass(frozen=True)
+class MixingOptions:
+    """Everything that fixes the per-step q* computation (hashable: part of a graph's key)."""
+
+    vocab_size: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    alpha_method: str = "kl_symmetry"
+    alpha: float | None = None
+    alpha_min: float = 0.0
+    alpha_max: float = 1.0
+    teacher_top_p: float | None = None
+    force_teacher_first_tokens: int = 0
+    empty_support: str = "teacher"
+    tol: float = 1e-6
+    max_iter: int = 8
+    diagnostics: bool = False
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"`temperature` (={self.temperature}) has to be a strictly positive float.")
+        if self.empty_support not in EMPTY_SUPPORT_FALLBACKS:
+            raise ValueError(f"`empty_support` must be 'teacher' or 'base', got {self.empty_support!r}.")
+        if self.alpha_method == "fixed":
+            if self.alpha is None or isinstance(self.alpha, torch.Tensor) or not 0.0 <= float(self.alpha) <= 1.0:
+                raise ValueError(
+                    f"The fast path needs `alpha=` as a float in [0, 1] for alpha_method='fixed', got {self.alpha!r}."
+                )
+        if self.force_teacher_first_tokens < 0:
+            raise ValueError(f"`force_teacher_first_tokens` (={self.force_teacher_first_tokens}) must be >= 0.")
+        # Let the core validate the rest (method names, alpha_min/max, top_k / top_p) now, not mid-graph.
+        solve_alpha(torch.zeros(1, 2), torch.zeros(1, 2), self.alpha_method, alpha=self.alpha, alpha_min=self.alpha_min,
+                    alpha_max=self.alpha_max, teacher_top_p=self.teacher_top_p, empty_support=self.empty_support)
+        truncate_log_probs(torch.zeros(1, 2), top_k=self.top_k, top_p=self.top_p)
+
+
+# ---------------------------------------------------------------------------------------
+# The per-step maths: pure tensor functions, no host synchronisation
+
+
+@dataclass
+class QStarStep:
+    """One step of q* for a batch; `[B, V]` log-probs and `[B]` per-row values."""
+
+    logq: torch.Tensor
+    logp_theta: torch.Tensor
+    logp_t: torch.Tensor
+    alpha: torch.Tensor
+    iterations: torch.Tensor
+    empty_support: torch.Tensor
+    converged: torch.Tensor
+    diagnostics: dict[str, torch.Tensor] | None
+
+
+def q_star_step(base_logits: torch.Tensor, teacher_logits: torch.Tensor, forced: torch.Tensor, options: MixingOptions) -> QStarStep:
+    """`compute_mixture` for the fast path: the same core calls, without host synchronisation.
+
+    Args:
+        base_logits: `[B, V_base]` raw last-position logits of the base (any float dtype).
+        teacher_logits: `[B, V_teacher]` raw logits of the teacher.
+        forced: `[]` bool tensor, True while `force_teacher_first_tokens` applies (α = 1).
+        options: the mixing options.
+
+    It differs from `compute_mixture` only where that function would read a tensor back to
+    the host: `alpha_method="fixed"` takes a host-validated float, and the forced-teacher
+    steps are selected on the device instead of by a Python branch.
+    """
+    logp_theta = log_probs_from_logits(base_logits, options.temperature, options.vocab_size)  # [B, V] float32
+    logp_t = log_probs_from_logits(teacher_logits, options.temperature, options.vocab_size)
+    lp, lr = logp_theta, logp_t
+    if options.teacher_top_p is not None and options.teacher_top_p < 1.0:
+        keep = teacher_nucleus_mask(lr, options.teacher_top_p)
+        lp, lr = lp.masked_fill(~keep, NEG_INF), lr.masked_fill(~keep, NEG_INF)
+    empty = ~(torch.isfinite(lp) & torch.isfinite(lr)).any(dim=-1)  # [B]
+    fallback = 1.0 if options.empty_support == "teacher" else 0.0
+    if options.alpha_method == "fixed":
+        alpha = torch.full_like(empty, float(options.alpha), dtype=torch.float64)
+        alpha = torch.where(empty, torch.full_like(alpha, fallback), alpha)
+        alpha = alpha.clamp(options.alpha_min, options.alpha_max).to(torch.float32)
+        iterations = torch.zeros_like(empty, dtype=torch.int32)
+        converged = torch.ones_like(empty)
+    else:
+        solution = solve_alpha(
+            lp, lr, options.alpha_method, tol=options.tol, max_iter=options.max_iter, alpha_min=options.alpha_min,
+            alpha_max=options.alpha_max, empty_support=options.empty_support, return_info=True, validate=False,
+        )
+        alpha, iterations, converged = solution.alpha, solution.iterations, solution.converged
+    if options.force_teacher_first_tokens:
+        forced_alpha = torch.where(empty, torch.full_like(alpha, fallback), torch.ones_like(alpha))
+        alpha = torch.where(forced, forced_alpha.clamp(options.alpha_min, options.alpha_max), alpha)
+        iterations = torch.where(forced, torch.zeros_like(iterations), iterations)
+        converged = converged | forced
+    logq_full = optimal_log_probs(lp, lr, alpha, empty_support=options.empty_support)
+    diagnostics = None
+    if options.diagnostics:
+        diagnostics = mixture_diagnostics(lp, lr, alpha, logq=logq_full).as_dict()
+    logq = truncate_log_probs(logq_full, top_k=options.top_k, top_p=options.top_p)
+    return QStarStep(logq, logp_theta, logp_t, alpha, iterations, empty, converged, diagnostics)
+
+
+def sample_exponential_race(logq: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """`[B]` tokens: `argmax(softmax(scores) / noise)` with `noise ~ Exp(1)` of shape `[B, W]`.
+
+    `scores` is `logq` (`[B, V]`) padded with −inf to the base's logit width W. With `noise`
+    drawn by `torch.empty(B, W).exponential_()` this is, draw for draw, what
+    `torch.multinomial(torch.softmax(scores, -1), 1)` computes — without its host checks.
+    """
+    width = noise.shape[-1]
+    scores = F.pad(logq, (0, width - logq.shape[-1]), value=NEG_INF) if width > logq.shape[-1] else logq
+    probs = torch.softmax(scores, dim=-1)
+    return (probs / noise).argmax(dim=-1)
+
+
+@dataclass
+class _Buffers:
+    """Preallocated device tensors of one (batch, length) bucket; their addresses never change."""
+
+    base_input: torch.Tensor  # [B, 1] token fed to the base at this step
+    teacher_input: torch.Tensor  # [B, 1]
+    base_positions: torch.Tensor  # [B, 1]
+    teacher_positions: torch.Tensor  # [B, 1]
+    base_mask: torch.Tensor  # [B, L_base]: the prompt's padding mask, then ones
+    teacher_mask: torch.Tensor  # [B, L_teacher]
+    finished: torch.Tensor  # [B] bool
+    step: torch.Tensor  # [] long, index of the token being generated
+    noise: torch.Tensor  # [B, W] float32, Exp(1) draws for this step
+    pad: torch.Tensor  # [] long
+    stop_ids: torch.Tensor  # [S] long
+    records: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, T_max]
+
+
+def decode_tail(base_logits: torch.Tensor, teacher_logits: torch.Tensor, buffers: _Buffers, options: MixingOptions) -> None:
+    """Mix, sample, record and advance one step, writing only into `buffers`."""
+    forced = buffers.step < options.force_teacher_first_tokens
+    step = q_star_step(base_logits, teacher_logits, forced, options)
+    unfinished = ~buffers.finished
+    token = sample_exponential_race(step.logq, buffers.noise)
+    token = torch.where(unfinished, token, buffers.pad)  # finished rows emit padding, as in generate
+    index = token.clamp(max=step.logq.shape[-1] - 1).unsqueeze(-1)  # [B, 1]
+    values = {
+        "tokens": token,
+        "token_mask": unfinished,
+        "alpha": step.alpha,
+        "logq": step.logq.gather(-1, index).squeeze(-1),
+        "logp_theta": step.logp_theta.gather(-1, index).squeeze(-1),
+        "logp_t": step.logp_t.gather(-1, index).squeeze(-1),
+        "iterations": step.iterations,
+        "empty_support": step.empty_support,
+        "converged": step.converged,
+    }
+    if step.diagnostics is not None:
+        values.update(step.diagnostics)
+    column = buffers.step.view(1)
+    for name, value in values.items():
+        record = buffers.records[name]
+        record.index_copy_(1, column, value.to(record.dtype).unsqueeze(-1))
+    buffers.finished.logical_or_((token.unsqueeze(-1) == buffers.stop_ids).any(dim=-1))
+    buffers.base_input.copy_(token.unsqueeze(-1))
+    buffers.teacher_input.copy_(token.unsqueeze(-1))
+    buffers.base_positions.add_(1)
+    buffers.teacher_positions.add_(1)
+    buffers.step.add_(1)
+
+
+class DeviceScalarConstants(TorchFunctionMode):
+    """Create `torch.tensor(<number>, device=...)` constants with a device fill (`torch.full`).
+
+    Eager code may build small constants as `torch.tensor(float("inf"), device=x.device)`:
+    on a GPU that is a blocking copy from host memory, which a CUDA-graph capture rejects
+    ("operation not permitted when stream is capturing"). A fill kernel captures. Active
+    only while the eager part of a step is warmed up and captured (replays run no Python).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and args and isinstance(args[0], (bool, int, float)):
+            extra = dict(zip(("dtype", "device"), args[1:])) if func is torch.as_tensor else {}
+            device, dtype = kwargs.get("device", extra.get("device")), kwargs.get("dtype", extra.get("dtype"))
+            if device is not None and not kwargs.get("requires_grad", False):
+                dtype = dtype or torch.tensor(args[0]).dtype  # the dtype torch.tensor would infer
+                return torch.full((), args[0], dtype=dtype, device=device)
+        return func(*args, **kwargs)
+
+
+def _forward_last_logits(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _batch_bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------
+# One bucket: caches, buffers, and the captured step
+
+
+class _DecodeSlot:
+    """Static caches, buffers and (in the graph modes) the captured step of one shape bucket."""
+
+    def __init__(self, base, teacher, batch: int, base_len: int, teacher_len: int, width: int, steps: int,
+                 options: MixingOptions, pad: int, stop_ids: tuple[int, ...], device: torch.device):
+        self.base, self.teacher, self.options = base, teacher, options
+        self.batch, self.base_len, self.teacher_len = batch, base_len, teacher_len
+        self.base_cache = StaticCache(config=base.config, max_cache_len=base_len)
+        self.teacher_cache = StaticCache(config=teacher.config, max_cache_len=teacher_len)
+        long = dict(dtype=torch.long, device=device)
+        self.buffers = _Buffers(
+            base_input=torch.zeros(batch, 1, **long),
+            teacher_input=torch.zeros(batch, 1, **long),
+            base_positions=torch.zeros(batch, 1, **long),
+            teacher_positions=torch.zeros(batch, 1, **long),
+            base_mask=torch.ones(batch, base_len, **long),
+            teacher_mask=torch.ones(batch, teacher_len, **long),
+            finished=torch.zeros(batch, dtype=torch.bool, device=device),
+            step=torch.zeros((), **long),
+            noise=torch.ones(batch, width, dtype=torch.float32, device=device),
+            pad=torch.tensor(pad, **long),
+            stop_ids=torch.tensor(list(stop_ids) or [-1], **long),
+        )
+        record_dtypes = {
+            "tokens": torch.long, "token_mask": torch.bool, "alpha": torch.float32, "logq": torch.float32,
+            "logp_theta": torch.float32, "logp_t": torch.float32, "iterations": torch.int32,
+            "empty_support": torch.bool, "converged": torch.bool,
+        }
+        if options.diagnostics:
+            record_dtypes.update({name: torch.float64 for name in RECORDED_DIAGNOSTICS})
+        self.buffers.records = {name: torch.zeros(batch, steps, dtype=dt, device=device) for name, dt in record_dtypes.items()}
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.built = False
+        self.mode = "eager"
+        self.step_fn = self._eager_step
+        # Allocate the caches now (they initialise lazily on the first update), outside any
+        # graph or compiled region, so that their addresses are fixed from here on.
+        buffers = self.buffers
+        with torch.no_grad():
+            _forward_last_logits(base, buffers.base_input, buffers.base_mask, buffers.base_positions, self.base_cache)
+            _forward_last_logits(teacher, buffers.teacher_input, buffers.teacher_mask, buffers.teacher_positions, self.teacher_cache)
+        self.base_cache.reset()
+        self.teacher_cache.reset()
+
+    # -- the step, in its three forms ----------------------------------------------------
+
+    def _forwards(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.buffers
+        base_logits = _forward_last_logits(self.base, b.base_input, b.base_mask, b.base_positions, self.base_cache)
+        teacher_logits = _forward_last_logits(self.teacher, b.teacher_input, b.teacher_mask, b.teacher_positions, self.teacher_cache)
+        return base_logits, teacher_logits
+
+    def _eager_step(self) -> None:
+        self.buffers.noise.exponential_()
+        base_logits, teacher_logits = self._forwards()
+        decode_tail(base_logits, teacher_logits, self.buffers, self.options)
+
+    def _full_step_body(self) -> None:
+        base_logits, teacher_logits = self._forwards()
+        decode_tail(base_logits, teacher_logits, self.buffers, self.options)
+
+    def build(self, mode: str, warmup_steps: int = _WARMUP_STEPS) -> None:
+        """Compile and/or capture the step for `mode` (the state is reloaded by the caller afterwards)."""
+        if mode == "eager":
+            self.mode, self.step_fn, self.graph = "eager", self._eager_step, None
+            return
+        if mode == "compile":
+            compiled = torch.compile(self._full_step_body, dynamic=False)
+
+            def body():
+                self.buffers.noise.exponential_()
+                compiled()
+        elif mode == "compile_mixture":
+            compiled_tail = torch.compile(decode_tail, dynamic=False)
+
+            def body():
+                self.buffers.noise.exponential_()
+                with DeviceScalarConstants():
+                    base_logits, teacher_logits = self._forwards()
+                compiled_tail(base_logits, teacher_logits, self.buffers, self.options)
+        elif mode == "cuda_graph":
+
+            def body():
+                with DeviceScalarConstants():
+                    self._eager_step()
+        else:
+            raise ValueError(f"Unknown mode {mode!r}.")
+        # Warm up on a side stream (compilation, cuBLAS handles, lazy initialisation), then capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup_steps):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            body()
+        self.graph, self.mode, self.step_fn = graph, mode, graph.replay
+
+    # -- one call --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def load(self, ids, mask, teacher_ids, teacher_mask, dummy_rows: torch.Tensor) -> None:
+        """Reset the caches, prefill both prompts but their last token, and set up step 0."""
+        b = self.buffers
+        for cache in (self.base_cache, self.teacher_cache):
+            cache.reset()
+        for model, cache, prompt, prompt_mask, full_mask, inputs, positions in (
+            (self.base, self.base_cache, ids, mask, b.base_mask, b.base_input, b.base_positions),
+            (self.teacher, self.teacher_cache, teacher_ids, teacher_mask, b.teacher_mask, b.teacher_input, b.teacher_positions),
+        ):
+            width = prompt.shape[1]
+            full_mask.fill_(1)
+            full_mask[:, :width].copy_(prompt_mask)
+            prompt_positions = position_ids_from_mask(prompt_mask)
+            if width > 1:
+                _forward_last_logits(model, prompt[:, :-1], full_mask, prompt_positions[:, :-1], cache)
+            inputs.copy_(prompt[:, -1:])
+            positions.copy_(prompt_positions[:, -1:])
+        b.finished.copy_(dummy_rows)
+        b.step.zero_()
+        b.records["token_mask"].zero_()
+
+    def run(self, max_new_tokens: int, check_every: int) -> int:
+        """Run up to `max_new_tokens` steps; stop early once every row finished. Returns the steps run."""
+        steps = 0
+        with torch.no_grad():
+            while steps < max_new_tokens:
+                self.step_fn()
+                steps += 1
+                if steps % check_every == 0 and steps < max_new_tokens and bool(self.buffers.finished.all()):
+                    break
+        return steps
+
+
+# ---------------------------------------------------------------------------------------
+# The decoder: buckets, fallbacks, outputs
+
+
+class FastDecoder:
+    """q* sampling with static caches for both models and a captured (or compiled) decode step.
+
+    Holds the static caches and graphs of the shape buckets it has seen, so keep one
+    decoder per (base, teacher) pair; `optimal_generate(..., fast=True)` and
+    `OptimalSampler(..., fast=True)` do that for you (see `fast_decoder_for`).
+
+    Args:
+        base_model, teacher_model: causal LMs on one device sharing a vocabulary (the same
+            object may serve as both; it gets two caches).
+        config: a `FastPathConfig` (mode, solver iterations, stop-check interval, buckets).
+
+    Example:
+        >>> import torch
+        >>> from optimal_sampling.fast import FastDecoder
+        >>> from optimal_sampling.testing import tiny_causal_lm
+        >>> base, teacher = tiny_causal_lm(40, seed=1), tiny_causal_lm(40, seed=2)
+        >>> decoder = FastDecoder(base, teacher)  # eager on CPU; CUDA graphs on a GPU
+        >>> prompt = torch.tensor([[0, 5, 6], [7, 8, 9]])  # left-padded with id 0
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> out = decoder.generate(prompt, prompt != 0, max_new_tokens=4, pad_token_id=0, stop_token_ids=[2])
+        >>> out.logq.shape == out.alpha.shape == out.token_mask.shape, out.sequences.shape[0]
+        (True, 2)
+    """
+
+    def __init__(self, base_model: torch.nn.Module, teacher_model: torch.nn.Module, config: FastPathConfig | None = None):
+        for name, model in (("base_model", base_model), ("teacher_model", teacher_model)):
+            if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+                raise TypeError(f"`{name}` must be a transformers causal LM, got {type(model).__name__}.")
+        self.device = next(base_model.parameters()).device
+        check_same_device(self.device, teacher_model)
+        self.base, self.teacher = base_model.eval(), teacher_model.eval()
+        self.config = config or FastPathConfig()
+        self._slots: OrderedDict[tuple, _DecodeSlot] = OrderedDict()
+        self.stats: dict = {"calls": 0, "builds": 0, "build_seconds": 0.0, "fallbacks": 0, "errors": [], "mode": None}
+
+    def _resolve_mode(self) -> str:
+        mode = self.config.mode
+        if mode == "auto":
+            mode = "compile_mixture" if self.device.type == "cuda" else "eager"
+        if mode != "eager" and self.device.type != "cuda":
+            raise ValueError(f"Fast-path mode {mode!r} needs a CUDA device; the models are on {self.device}. Use mode='eager'.")
+        return mode
+
+    def _slot(self, batch, base_len, teacher_len, width, steps, options, pad, stop_ids) -> _DecodeSlot:
+        key = (batch, base_len, teacher_len, steps, options, pad, stop_ids)
+        slot = self._slots.get(key)
+        if slot is not None:
+            self._slots.move_to_end(key)
+            return slot
+        while len(self._slots) >= self.config.max_cached_shapes:
+            self._slots.popitem(last=False)
+        slot = _DecodeSlot(self.base, self.teacher, batch, base_len, teacher_len, width, steps, options, pad, stop_ids, self.device)
+        self._slots[key] = slot
+        return slot
+
+    def _build(self, slot: _DecodeSlot, load_args) -> None:
+        """Compile/capture the slot's step, falling back to simpler modes on failure."""
+        mode = self._resolve_mode()
+        start = time.perf_counter()
+        # Warm-up steps draw random numbers; restore the generator afterwards so that the first
+        # call of a shape samples what later calls with the same seed sample.
+        rng_state = torch.cuda.get_rng_state(self.device)
+        while True:
+            try:
+                slot.load(*load_args)  # warm-up runs on real inputs (it is reloaded below)
+                slot.build(mode)
+                break
+            except Exception as error:  # counted and kept: a mode that cannot capture must not stop sampling
+                if mode not in _FALLBACK:
+                    raise
+                self.stats["fallbacks"] += 1
+                self.stats["errors"].append(f"{mode}: {type(error).__name__}: {error}"[:2000])
+                mode = _FALLBACK[mode]
+        torch.cuda.synchronize(self.device)
+        torch.cuda.set_rng_state(rng_state, self.device)
+        self.stats["builds"] += 1
+        self.stats["build_seconds"] += time.perf_counter() - start
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        teacher_input_ids: torch.Tensor | None = None,
+        teacher_attention_mask: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        alpha_method: str = "kl_symmetry",
+        alpha: float | None = None,
+        alpha_min: float = 0.0,
+        alpha_max: float = 1.0,
+        teacher_top_p: float | None = None,
+        force_teacher_first_tokens: int = 0,
+        empty_support: str = "teacher",
+        vocab_size: int | None = None,
+        pad_token_id: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ):
+        """Sample up to `max_new_tokens` tokens per row from q*; returns an `OptimalGenerateOutput`.
+
+        `input_ids` / `attention_mask` are the base's left-padded prompts (`[B, P]`);
+        `teacher_input_ids` / `teacher_attention_mask` the teacher's (default: the same).
+        A row ends at its first token in `stop_token_ids` (pass both models' EOS ids) and is
+        padded with `pad_token_id` afterwards. The mixing options are those of `compute_mixture`.
+        """
+        from .generation import OptimalGenerateOutput  # generation.py imports this module lazily
+
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+            raise ValueError(f"`input_ids` must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}.")
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` (={max_new_tokens}) must be >= 1.")
+        stop_ids = tuple(sorted({int(i) for i in (stop_token_ids or [])}))
+        if pad_token_id is None:
+            if not stop_ids:
+                raise ValueError("Pass `pad_token_id` (or at least one stop token id, used for padding as generate does).")
+            pad_token_id = stop_ids[0]
+        rows = input_ids.shape[0]
+        device = self.device
+        ids = input_ids.to(device)
+        mask = (torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)).long()
+        if teacher_input_ids is None:
+            teacher_ids, teacher_mask = ids, mask
+        else:
+            teacher_ids = teacher_input_ids.to(device)
+            teacher_mask = torch.ones_like(teacher_ids) if teacher_attention_mask is None else teacher_attention_mask.to(device).long()
+            if teacher_ids.shape[1] == 0:
+                raise ValueError("`teacher_input_ids` is empty; the teacher needs at least one prompt token per row.")
+            if teacher_ids.shape[0] != rows:
+                if rows % teacher_ids.shape[0]:
+                    raise ValueError(
+                        f"`teacher_input_ids` has {teacher_ids.shape[0]} rows but there are {rows} prompts; give one "
+                        "teacher prompt per base prompt."
+                    )
+                repeats = rows // teacher_ids.shape[0]
+                teacher_ids = teacher_ids.repeat_interleave(repeats, dim=0)
+                teacher_mask = teacher_mask.repeat_interleave(repeats, dim=0)
+        if bool((mask[:, -1] == 0).any()) or bool((teacher_mask[:, -1] == 0).any()):
+            raise ValueError("The fast path needs left-padded prompts (every row's last column a real token); pad on the left.")
+
+        base_width = self.base.get_output_embeddings().weight.shape[0]
+        teacher_width = self.teacher.get_output_embeddings().weight.shape[0]
+        options = MixingOptions(
+            vocab_size=vocab_size or min(base_width, teacher_width), temperature=temperature, top_k=top_k, top_p=top_p,
+            alpha_method=alpha_method, alpha=alpha, alpha_min=alpha_min, alpha_max=alpha_max, teacher_top_p=teacher_top_p,
+            force_teacher_first_tokens=force_teacher_first_tokens, empty_support=empty_support, tol=self.config.tol,
+            max_iter=self.config.max_iter, diagnostics=self.config.diagnostics,
+        )
+
+        mode = self._resolve_mode()
+        bucket = self.config.bucket_batch if self.config.bucket_batch is not None else mode != "eager"
+        batch = _batch_bucket(rows) if bucket else rows
+        multiple = self.config.length_multiple
+        # Cache slots used: (prompt - 1) prefilled + one per step (at least the warm-up steps).
+        steps_cap = _round_up(max(max_new_tokens, _WARMUP_STEPS), multiple)
+        base_len = _round_up(ids.shape[1] - 1 + max(max_new_tokens, _WARMUP_STEPS), multiple)
+        teacher_len = _round_up(teacher_ids.shape[1] - 1 + max(max_new_tokens, _WARMUP_STEPS), multiple)
+        dummy = torch.zeros(batch, dtype=torch.bool, device=device)
+        dummy[rows:] = True  # dummy rows copy row 0 and start finished
+        if batch > rows:
+            fill = lambda x: torch.cat([x, x[:1].expand(batch - rows, -1)], 0)  # noqa: E731
+            ids, mask, teacher_ids, teacher_mask = fill(ids), fill(mask), fill(teacher_ids), fill(teacher_mask)
+
+        self.stats["calls"] += 1
+        slot = self._slot(batch, base_len, teacher_len, base_width, steps_cap, options, pad_token_id, stop_ids)
+        load_args = (ids, mask, teacher_ids, teacher_mask, dummy)
+        if not slot.built:
+            if mode != "eager":
+                self._build(slot, load_args)
+            slot.built = True
+            self.stats["mode"] = slot.mode
+        slot.load(*load_args)
+        steps = slot.run(max_new_tokens, self.config.check_every)
+
+        records = {name: r[:rows, :steps] for name, r in slot.buffers.records.items()}
+        token_mask = records.pop("token_mask")
+        width = int(token_mask.sum(dim=1).max())  # generate stops after the step where the last row ended
+        records = {name: r[:, :width].clone() for name, r in records.items()}
+        token_mask = token_mask[:, :width].clone()
+        if bool(torch.isnan(records["logq"][token_mask]).any()):
+            raise ValueError(
+                "log q contains NaN: a model produced NaN logits (check the dtype: fp16 overflow is the usual "
+                "cause; try bfloat16 or float32)."
+            )
+        tokens = records.pop("tokens")
+        sequences = torch.cat([input_ids.to(device), tokens], dim=1)
+        return OptimalGenerateOutput(
+            sequences=sequences,
+            alpha=records.pop("alpha"),
+            logq=records.pop("logq"),
+            logp_theta=records.pop("logp_theta"),
+            logp_t=records.pop("logp_t"),
+            token_mask=token_mask,
+            diagnostics=records,
+        )
+
+
+# Decoders of recent (base, teacher, config) triples, so that repeated
+# `optimal_generate(..., fast=...)` calls reuse caches and graphs. A decoder holds its
+# models, so a weak registry would never let them go; a short LRU list does.
+_DECODERS: "OrderedDict[tuple, FastDecoder]" = OrderedDict()
+MAX_CACHED_DECODERS = 2
+
+
+def fast_decoder_for(base_model: torch.nn.Module, teacher_model: torch.nn.Module, config: FastPathConfig) -> FastDecoder:
+    """The cached `FastDecoder` of this model pair and config (created on first use).
+
+    The last `MAX_CACHED_DECODERS` decoders are kept, with their models, static caches and
+    graphs; `clear_fast_decoders()` releases them.
+    """
+    key = (id(base_model), id(teacher_model), config)
+    decoder = _DECODERS.get(key)
+    if decoder is not None and decoder.base is base_model and decoder.teacher is teacher_model:
+        _DECODERS.move_to_end(key)
+        return decoder
+    decoder = FastDecoder(base_model, teacher_model, config)
+    _DECODERS[key] = decoder
+    while len(_DECODERS) > MAX_CACHED_DECODERS:
+        _DECODERS.popitem(last=False)
+    return decoder
+
+
+def clear_fast_decoders() -> None:
+    """Drop the cached decoders (and the models, caches and CUDA graphs they hold)."""
+    _DECODERS.clear()
+
+
+# Processors that generate adds and that the fast path has no equivalent for.
+_SUPPORTED_STOPPING = {"MaxLengthCriteria", "EosTokenCriteria"}
+
+
+def fast_optimal_generate(model, teacher_model, input_ids, generation_config, logits_processor, stopping_criteria, *,
+                          fast, model_kwargs, stop_ids, temperature, top_k, top_p, **mixing):
+    """The `optimal_generate(..., fast=...)` branch: same inputs, same output type, fast decoder."""
+    unsupported = [type(p).__name__ for p in logits_processor]
+    if unsupported:
+        raise ValueError(
+            f"The fast path does not support these generate options (processors {', '.join(unsupported)}); "
+            "drop them or use fast=False."
+        )
+    other_criteria = [type(c).__name__ for c in stopping_criteria if type(c).__name__ not in _SUPPORTED_STOPPING]
+    if other_criteria:
+        raise ValueError(
+            f"The fast path stops on max_new_tokens and stop ids only, not on {', '.join(other_criteria)}; "
+            "use fast=False."
+        )
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError("The fast path needs `input_ids`, not `inputs_embeds`; use fast=False.")
+    max_new_tokens = int(generation_config.max_length) - input_ids.shape[1]
+    pad = generation_config._pad_token_tensor
+    pad_id = int(pad.flatten()[0]) if pad is not None else (stop_ids[0] if stop_ids else None)
+    decoder = fast_decoder_for(model, teacher_model, FastPathConfig.from_flag(fast))
+    output = decoder.generate(
+        input_ids, model_kwargs.get("attention_mask"), max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, pad_token_id=pad_id, stop_token_ids=stop_ids, **mixing,
+    )
+    return output if generation_config.return_dict_in_generate else output.sequences
