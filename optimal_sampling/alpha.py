@@ -211,28 +211,64 @@ def solve_alpha(
 
 
 # ---------------------------------------------------------------------------------------
-# KL symmetry: safeguarded Newton on A'(α) = 0
+# KL symmetry: safeguarded Newton on A'(α) = 0, in a better-conditioned form
+#
+# A'(α) = E_q[Δ] = (S₊(α) − S₋(α)) / Z(α) with S± = Σ_{±Δ>0} p e^{αΔ} |Δ|. Newton runs on
+#
+#     h(α) = log S₊(α) − log S₋(α),      h'(α) = E_{q₊}[Δ] − E_{q₋}[Δ] > 0,
+#
+# which has the same root and sign as A' but stays well-conditioned on peaked rows: where
+# A' is a near-step (q jumping from one dominant token to another), h is nearly linear
+# (exactly linear when two tokens dominate), and tokens with Δ = 0 — typically the token
+# both models agree on — drop out of h instead of flattening A' towards 0.
 
 
-def _mixture_moments(
-    lp_s: torch.Tensor, delta: torch.Tensor, alpha: torch.Tensor
+def _log_ratio_moments(
+    log_weight: torch.Tensor,
+    delta: torch.Tensor,
+    delta_pos: torch.Tensor,
+    delta_neg: torch.Tensor,
+    alpha: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """E_q[Δ] and Var_q[Δ] at α, `[B]` each, with q_α ∝ exp(log p + α Δ) on S.
+    """h(α) = log S₊ − log S₋ and h'(α), `[B]` float64 each.
 
-    The weights are formed in the input precision; the three sums accumulate in float64,
-    which keeps A' accurate enough for a 1e-6 root even when Var_q[Δ] is small.
+    `log_weight` is log p on the tokens with Δ ≠ 0 (−inf elsewhere, row max 0);
+    `delta_pos` / `delta_neg` are max(Δ, 0) and max(−Δ, 0), all `[B, V]`. The weights are
+    formed in the input precision, the sums accumulate in float64 (the root of a flat row
+    is sensitive to round-off in them).
     """
-    t = lp_s + alpha.to(lp_s.dtype).unsqueeze(-1) * delta  # [B, V]
+    t = torch.addcmul(log_weight, alpha.to(log_weight.dtype).unsqueeze(-1), delta)  # [B, V]
     top = t.amax(dim=-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w = torch.exp(t - top)  # [B, V], 0 outside S
-    z = w.sum(dim=-1, dtype=torch.float64)
-    wd = w * delta
-    s1 = wd.sum(dim=-1, dtype=torch.float64)
-    s2 = (wd * delta).sum(dim=-1, dtype=torch.float64)
-    mean = s1 / z
-    var = (s2 / z - mean * mean).clamp_min(0.0)
-    return mean, var
+    w = torch.exp(t - top)  # [B, V]; the top token has w = 1, so S₊ + S₋ > 0 on non-empty rows
+    w_pos, w_neg = w * delta_pos, w * delta_neg
+    s1_pos, s1_neg = w_pos.sum(dim=-1, dtype=torch.float64), w_neg.sum(dim=-1, dtype=torch.float64)
+    s2_pos = (w_pos * delta_pos).sum(dim=-1, dtype=torch.float64)
+    s2_neg = (w_neg * delta_neg).sum(dim=-1, dtype=torch.float64)
+    h = s1_pos.log() - s1_neg.log()  # ±inf when one side is empty or underflows: sign still right
+    slope = torch.where(s1_pos > 0, s2_pos / s1_pos, 0.0) + torch.where(s1_neg > 0, s2_neg / s1_neg, 0.0)
+    return h, slope
+
+
+def _bracketed_newton_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi):
+    """Next iterate inside (lo, hi) from the tangents at both bracket ends.
+
+    Where h is concave on the bracket both tangent roots undershoot the root and the larger
+    is the tighter; where convex both overshoot and the smaller is. So take the max (if the
+    slope decreases from lo to hi) or the min, else whichever tangent root lies inside,
+    else bisect. One end is the latest iterate, so near the root this is Newton's step;
+    far from it, the older end's tangent often cuts across a kink that plain Newton
+    would creep along. For h made of two linear pieces it lands on the root exactly.
+    """
+    from_lo = lo - h_lo / slope_lo
+    from_hi = hi - h_hi / slope_hi
+    inside_lo = torch.isfinite(from_lo) & (from_lo > lo) & (from_lo < hi)
+    inside_hi = torch.isfinite(from_hi) & (from_hi > lo) & (from_hi < hi)
+    preferred = torch.where(slope_lo >= slope_hi, torch.maximum(from_lo, from_hi), torch.minimum(from_lo, from_hi))
+    inside_preferred = torch.isfinite(preferred) & (preferred > lo) & (preferred < hi)
+    other = torch.where(inside_lo, from_lo, from_hi)
+    step = torch.where(inside_lo | inside_hi, other, 0.5 * (lo + hi))
+    return torch.where(inside_preferred, preferred, step)
 
 
 def _iteration_done(active: torch.Tensor) -> bool:
@@ -248,41 +284,52 @@ def _iteration_done(active: torch.Tensor) -> bool:
 def _kl_symmetry_alpha(lp_s, delta, tol, max_iter):
     batch = lp_s.shape[0]
     device = lp_s.device
+    support = torch.isfinite(lp_s)
+    nonempty = support.any(dim=-1)
+    delta_max = delta.masked_fill(~support, float("-inf")).amax(dim=-1)
+    delta_min = delta.masked_fill(~support, float("inf")).amin(dim=-1)
+    delta_scale = torch.maximum(delta_max.abs(), delta_min.abs())
+    degenerate = nonempty & (delta_max - delta_min <= _DEGENERATE_RTOL * delta_scale)
+
+    # Centring log p per row keeps the float32 round-off of log p + αΔ small on flat rows,
+    # where the root is most sensitive to it.
+    top_lp = lp_s.amax(dim=-1, keepdim=True)
+    log_weight = lp_s - torch.where(torch.isfinite(top_lp), top_lp, torch.zeros_like(top_lp))
+    log_weight = log_weight.masked_fill(delta == 0, float("-inf"))
+    delta_pos, delta_neg = delta.clamp_min(0.0), (-delta).clamp_min(0.0)
+
     zeros = torch.zeros(batch, dtype=torch.float64, device=device)
-    slope_at_0, _ = _mixture_moments(lp_s, delta, zeros)  # A'(0) = -KL(p‖r) on full support
-    slope_at_1, _ = _mixture_moments(lp_s, delta, zeros + 1.0)  # A'(1) = KL(r‖p)
+    lo, hi = zeros.clone(), zeros + 1.0  # bracket: h(lo) < 0 < h(hi)
+    h_lo, slope_lo = _log_ratio_moments(log_weight, delta, delta_pos, delta_neg, lo)  # sign of A'(0) = -KL(p‖r)
+    h_hi, slope_hi = _log_ratio_moments(log_weight, delta, delta_pos, delta_neg, hi)  # sign of A'(1) = KL(r‖p)
+    at_lower = nonempty & ~degenerate & (h_lo >= 0)  # A increasing on [0, 1]: minimum at 0
+    at_upper = nonempty & ~degenerate & ~at_lower & (h_hi <= 0)  # A decreasing on [0, 1]: minimum at 1
 
-    spread = slope_at_1 - slope_at_0  # = ∫ Var_q[Δ] dα ≥ 0; zero iff Δ is constant on S
-    scale = slope_at_0.abs() + slope_at_1.abs()
-    degenerate = spread <= _DEGENERATE_RTOL * scale + 1e-12
-    at_lower = ~degenerate & (slope_at_0 >= 0)  # A increasing on [0, 1]: minimum at 0
-    at_upper = ~degenerate & (slope_at_1 <= 0)  # A decreasing on [0, 1]: minimum at 1
-
-    # Secant start: the root of the chord through (0, A'(0)) and (1, A'(1)), which is
-    # KL(p‖r) / (KL(p‖r) + KL(r‖p)) on full support.
-    secant = (-slope_at_0 / spread.clamp_min(1e-300)).clamp(0.0, 1.0)
-    alpha = torch.where(degenerate, zeros + 0.5, secant)
+    alpha = _bracketed_newton_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi)
+    alpha = torch.where(degenerate, zeros + 0.5, alpha)
     alpha = torch.where(at_lower, zeros, alpha)
     alpha = torch.where(at_upper, zeros + 1.0, alpha)
 
-    lo, hi = zeros.clone(), zeros + 1.0  # bracket: A'(lo) < 0 < A'(hi)
-    active = ~(degenerate | at_lower | at_upper)
-    active = active & torch.isfinite(slope_at_0) & torch.isfinite(slope_at_1)  # empty rows
+    active = nonempty & ~(degenerate | at_lower | at_upper)
     iterations = torch.zeros(batch, dtype=torch.int32, device=device)
     for _ in range(max_iter):
         if _iteration_done(active):
             break
-        slope, curvature = _mixture_moments(lp_s, delta, alpha)
+        h, slope = _log_ratio_moments(log_weight, delta, delta_pos, delta_neg, alpha)
         iterations += active.to(torch.int32)
-        lo = torch.where(active & (slope < 0), alpha, lo)
-        hi = torch.where(active & (slope > 0), alpha, hi)
-        newton = alpha - slope / curvature.clamp_min(1e-300)
-        inside = (curvature > 0) & (newton > lo) & (newton < hi)
-        step = torch.where(inside, newton, 0.5 * (lo + hi))
-        # Freeze a row once the step (≈ the distance to the root) or the bracket is below
-        # tol: further steps would only chase round-off and could flip the bracket.
-        done = (slope == 0) | ((step - alpha).abs() <= tol) | (hi - lo <= tol)
-        alpha = torch.where(active & (slope != 0), step, alpha)
+        below, above = active & (h < 0), active & (h > 0)
+        lo, h_lo = torch.where(below, alpha, lo), torch.where(below, h, h_lo)
+        hi, h_hi = torch.where(above, alpha, hi), torch.where(above, h, h_hi)
+        slope_lo, slope_hi = torch.where(below, slope, slope_lo), torch.where(above, slope, slope_hi)
+        newton_step = h / slope
+        # Freeze a row once Newton's step (≈ the distance to the root) or the bracket is
+        # below tol: further steps would only chase round-off. The step is tested before the
+        # bracket safeguard, which would reject a step below round-off of α as "outside".
+        close = torch.isfinite(newton_step) & (newton_step.abs() <= tol)
+        step = _bracketed_newton_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi)
+        step = torch.where(close, (alpha - newton_step).clamp(lo, hi), step)
+        done = (h == 0) | close | (hi - lo <= tol)
+        alpha = torch.where(active & (h != 0), step, alpha)
         active = active & ~done
     converged = ~active
     return alpha, iterations, degenerate, converged

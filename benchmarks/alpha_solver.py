@@ -1,0 +1,163 @@
+"""Time of one batched α* solve: `solve_alpha` (safeguarded Newton) against plain bisection.
+
+For each shape `[B, V]` the script draws related base / teacher log-prob pairs (teacher
+logits = base logits + noise, float32), then times
+
+  newton     `solve_alpha(lp, lr, "kl_symmetry", validate=False)`, tol 1e-6: two endpoint
+             evaluations, then Newton iterations until every row converged (one host read-back
+             per iteration to check that).
+  bisection  a batched torch bisection on A'(α) = E_q[Δ] over [0, 1] to the same tolerance:
+             20 fixed iterations (2^-20 < 1e-6), each one evaluation of E_q[Δ] written in the
+             solver's moments style (float32 weights, float64 sums), no host read-back.
+
+and reports the median time per solve over `--repeats` (after `--warmup` untimed solves;
+`torch.cuda.synchronize()` around every timed solve on CUDA), Newton's iterations per row
+(median and worst row) and the largest |α_newton − α_bisection|. On CUDA it also says
+whether the target, ≤ 0.25 ms per [64, 151936] float32 solve, is met.
+
+The table is printed and appended to benchmarks/RESULTS.md (and copied to $OUT when set).
+
+    python benchmarks/alpha_solver.py --device cpu --repeats 3
+    python benchmarks/alpha_solver.py --device cuda --repeats 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from optimal_sampling import solve_alpha
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+TARGET_SHAPE, TARGET_MS = (64, 151936), 0.25
+
+
+def make_pair(batch: int, vocab: int, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, V]` float32 log-probs of two related models: peaked logits, teacher = base + noise."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    scale = torch.empty(batch, 1).uniform_(1.0, 4.0, generator=gen)  # flat-ish to peaked rows
+    base = scale * torch.randn(batch, vocab, generator=gen)
+    teacher = base + scale * torch.randn(batch, vocab, generator=gen)
+    return torch.log_softmax(base, -1).to(device), torch.log_softmax(teacher, -1).to(device)
+
+
+def _mean_delta(lp: torch.Tensor, delta: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """A'(α) = E_{q_α}[Δ], `[B]` float64: weights in float32, sums in float64."""
+    t = lp + alpha.to(lp.dtype).unsqueeze(-1) * delta  # [B, V]
+    w = torch.exp(t - t.amax(dim=-1, keepdim=True))
+    return (w * delta).sum(dim=-1, dtype=torch.float64) / w.sum(dim=-1, dtype=torch.float64)
+
+
+def bisection_alpha(lp: torch.Tensor, lr: torch.Tensor, iterations: int = 20) -> torch.Tensor:
+    """Plain batched bisection on A'(α) over [0, 1] (full support: A'(0) ≤ 0 ≤ A'(1))."""
+    delta = lr - lp
+    lo = torch.zeros(lp.shape[0], dtype=torch.float64, device=lp.device)
+    hi = torch.ones_like(lo)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        negative = _mean_delta(lp, delta, mid) < 0
+        lo, hi = torch.where(negative, mid, lo), torch.where(negative, hi, mid)
+    return (0.5 * (lo + hi)).float()
+
+
+def time_ms(fn, device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def machine(device: str) -> str:
+    cpu = f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    cpu += f" (torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} at the end)"
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); host {cpu}"
+    return cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shapes", default="64x151936,256x32000", help="comma-separated BxV")
+    parser.add_argument("--repeats", type=int, default=None, help="timed solves per row (default 3 on CPU, 50 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed solves first (default 1 on CPU, 10 on CUDA)")
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda, but torch.cuda.is_available() is False")
+    cuda = args.device == "cuda"
+    repeats = args.repeats or (50 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+
+    header = (
+        "| shape [B, V] | method | median ms / solve | iterations (median row) | iterations (worst row) "
+        "| max abs(α_newton − α_bisection) |\n|---|---|---|---|---|---|"
+    )
+    lines, target_note = [header], ""
+    for spec in args.shapes.split(","):
+        batch, vocab = (int(x) for x in spec.lower().split("x"))
+        lp, lr = make_pair(batch, vocab, args.device)
+        info = solve_alpha(lp, lr, return_info=True, validate=False)
+        alpha_bisect = bisection_alpha(lp, lr)
+        gap = (info.alpha - alpha_bisect).abs().max().item()
+        newton_ms = time_ms(lambda: solve_alpha(lp, lr, validate=False), args.device, warmup, repeats)
+        bisect_ms = time_ms(lambda: bisection_alpha(lp, lr), args.device, warmup, repeats)
+        its = info.iterations.float()
+        shape = f"[{batch}, {vocab}]"
+        lines.append(
+            f"| {shape} | newton (solve_alpha) | {newton_ms:.3f} | {its.median().item():.0f} + 2 endpoint evals "
+            f"| {its.max().item():.0f} + 2 | {gap:.1e} |"
+        )
+        lines.append(f"| {shape} | bisection (20 its) | {bisect_ms:.3f} | 20 | 20 | |")
+        if cuda and (batch, vocab) == TARGET_SHAPE:
+            met = "met" if newton_ms <= TARGET_MS else "NOT met"
+            target_note = (
+                f"\nTarget ≤ {TARGET_MS} ms per {list(TARGET_SHAPE)} float32 solve on H100: **{met}** "
+                f"(newton {newton_ms:.3f} ms on {torch.cuda.get_device_name()})."
+            )
+
+    command = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    section = "\n".join(
+        [
+            f"### alpha_solver: Newton (solve_alpha) vs bisection — {datetime.datetime.now().isoformat(timespec='seconds')}",
+            "",
+            f"- machine: {machine(args.device)}",
+            f"- torch {torch.__version__}, device `{args.device}`, float32 inputs, tol 1e-6; "
+            f"median of {repeats} timed solves after {warmup} warm-up",
+            f"- command: `{command}`",
+            "",
+            *lines,
+            target_note,
+        ]
+    )
+    print(section)
+    if not args.no_append:
+        if not RESULTS.exists():
+            RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in `benchmarks/`; newest last.\n")
+        with RESULTS.open("a") as f:
+            f.write("\n" + section + "\n")
+        out = os.environ.get("OUT")
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            shutil.copy(RESULTS, Path(out) / "RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
