@@ -89,6 +89,34 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+_SUM_CHUNK = 1024
+
+
+def has_mass(logp: torch.Tensor) -> torch.Tensor:
+    """`logp > -inf`: where a log-prob tensor puts mass. Log-probs are never NaN or +inf
+    here (`check_log_prob_pair`), so this is `isfinite` in one pass instead of three."""
+    return logp > float("-inf")
+
+
+def row_sum64(x: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dim of a `[B, V]` tensor as float64 `[B]`, without a float64 copy.
+
+    Chunks of 1024 are summed in the input precision (pairwise, so their error is tiny)
+    and the chunk sums in float64. Converting the whole tensor to float64 first costs a
+    copy that dominated the solve (on CPU float64 arithmetic is also far slower).
+    """
+    if x.dtype == torch.float64:
+        return x.sum(dim=-1)
+    batch, width = x.shape
+    whole = width // _SUM_CHUNK * _SUM_CHUNK
+    total = torch.zeros(batch, dtype=torch.float64, device=x.device)
+    if whole:
+        total = x[:, :whole].reshape(batch, -1, _SUM_CHUNK).sum(dim=-1).to(torch.float64).sum(dim=-1)
+    if whole < width:
+        total = total + x[:, whole:].sum(dim=-1).to(torch.float64)
+    return total
+
+
 def teacher_nucleus_mask(logp_t: torch.Tensor, top_p: float) -> torch.Tensor:
     """`[B, V]` bool: the smallest set of teacher tokens whose mass reaches `top_p`.
 
@@ -180,7 +208,7 @@ def solve_alpha(
         keep = teacher_nucleus_mask(lr, teacher_top_p)
         lp = lp.masked_fill(~keep, float("-inf"))
         lr = lr.masked_fill(~keep, float("-inf"))
-    support = torch.isfinite(lp) & torch.isfinite(lr)
+    support = has_mass(lp) & has_mass(lr)
     empty = ~support.any(dim=-1)
     lp_s = lp.masked_fill(~support, float("-inf"))
     delta = (lr - lp).masked_fill(~support, 0.0)
@@ -242,9 +270,8 @@ def _log_ratio_moments(
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.exp(t - top)  # [B, V]; the top token has w = 1, so S₊ + S₋ > 0 on non-empty rows
     w_pos, w_neg = w * delta_pos, w * delta_neg
-    s1_pos, s1_neg = w_pos.sum(dim=-1, dtype=torch.float64), w_neg.sum(dim=-1, dtype=torch.float64)
-    s2_pos = (w_pos * delta_pos).sum(dim=-1, dtype=torch.float64)
-    s2_neg = (w_neg * delta_neg).sum(dim=-1, dtype=torch.float64)
+    s1_pos, s1_neg = row_sum64(w_pos), row_sum64(w_neg)
+    s2_pos, s2_neg = row_sum64(w_pos * delta_pos), row_sum64(w_neg * delta_neg)
     h = s1_pos.log() - s1_neg.log()  # ±inf when one side is empty or underflows: sign still right
     slope = torch.where(s1_pos > 0, s2_pos / s1_pos, 0.0) + torch.where(s1_neg > 0, s2_neg / s1_neg, 0.0)
     return h, slope
@@ -284,7 +311,7 @@ def _iteration_done(active: torch.Tensor) -> bool:
 def _kl_symmetry_alpha(lp_s, delta, tol, max_iter):
     batch = lp_s.shape[0]
     device = lp_s.device
-    support = torch.isfinite(lp_s)
+    support = has_mass(lp_s)
     nonempty = support.any(dim=-1)
     delta_max = delta.masked_fill(~support, float("-inf")).amax(dim=-1)
     delta_min = delta.masked_fill(~support, float("inf")).amin(dim=-1)
@@ -342,8 +369,8 @@ def _kl_symmetry_alpha(lp_s, delta, tol, max_iter):
 def _entropy(logp: torch.Tensor, log_multiplicity: torch.Tensor | None) -> torch.Tensor:
     """H = −Σ p log p per row, counting a bucket of n equal tokens as n tokens."""
     per_token = logp if log_multiplicity is None else logp - log_multiplicity
-    terms = torch.where(torch.isfinite(logp), logp.exp() * per_token, torch.zeros_like(logp))
-    return -terms.sum(dim=-1, dtype=torch.float64)
+    terms = torch.where(has_mass(logp), logp.exp() * per_token, torch.zeros_like(logp))
+    return -row_sum64(terms)
 
 
 def _entropy_alpha(lp, lr, log_multiplicity):
@@ -365,7 +392,7 @@ def ess_log_gap(lp_s: torch.Tensor, delta: torch.Tensor, lr_s: torch.Tensor, alp
 
 
 def _ess_balance_alpha(lp_s, delta, lr, tol, max_iter):
-    lr_s = lr.masked_fill(~torch.isfinite(lp_s), float("-inf"))
+    lr_s = lr.masked_fill(~has_mass(lp_s), float("-inf"))
     batch, device = lp_s.shape[0], lp_s.device
     lo = torch.zeros(batch, dtype=torch.float64, device=device)
     hi = lo + 1.0

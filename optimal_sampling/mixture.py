@@ -10,7 +10,16 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .alpha import AlphaSolution, check_log_prob_pair, compute_dtype, ess_log_gap, solve_alpha, teacher_nucleus_mask
+from .alpha import (
+    AlphaSolution,
+    check_log_prob_pair,
+    compute_dtype,
+    ess_log_gap,
+    has_mass,
+    row_sum64,
+    solve_alpha,
+    teacher_nucleus_mask,
+)
 
 NEG_INF = float("-inf")
 
@@ -38,7 +47,7 @@ def log_probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, vocab_
 def _log_mixture(lp: torch.Tensor, lr: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unnormalised (1-α) log p + α log r on the common support (`-inf` elsewhere), and
     the support mask. Masking before mixing avoids 0 · (−inf) = NaN at α ∈ {0, 1}."""
-    support = torch.isfinite(lp) & torch.isfinite(lr)
+    support = has_mass(lp) & has_mass(lr)
     a = alpha.unsqueeze(-1)
     mixed = (1 - a) * lp.masked_fill(~support, 0.0) + a * lr.masked_fill(~support, 0.0)
     return mixed.masked_fill(~support, NEG_INF), support
@@ -129,11 +138,11 @@ def mixture_diagnostics(
     if logq is None:
         logq = optimal_log_probs(lp, lr, alpha)
     alpha = _as_alpha(alpha, lp)
-    on_q = torch.isfinite(logq)
+    on_q = has_mass(logq)
     q = logq.exp()
 
     def q_weighted_sum(values: torch.Tensor) -> torch.Tensor:
-        return torch.where(on_q, q * values, torch.zeros_like(q)).sum(dim=-1, dtype=torch.float64)
+        return row_sum64(torch.where(on_q, q * values, torch.zeros_like(q)))
 
     kl_theta = q_weighted_sum(logq - lp)  # inf where q has mass that π_θ lacks (fallback rows)
     kl_t = q_weighted_sum(logq - lr)
@@ -166,7 +175,7 @@ def truncate_log_probs(logq: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0
         raise ValueError(f"`top_p` (={top_p}) must be in (0, 1] (1.0 disables it).")
     if top_k == 0 and top_p >= 1.0:
         return logq
-    keep = torch.isfinite(logq)
+    keep = has_mass(logq)
     if top_k > 0 and top_k < logq.shape[-1]:
         kth = torch.topk(logq, top_k, dim=-1).values[..., -1:]
         keep = keep & (logq >= kth)
