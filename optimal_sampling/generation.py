@@ -283,6 +283,28 @@ def check_same_vocabulary(tokenizer, teacher_tokenizer) -> None:
         )
 
 
+def prompt_token_ids(prompt, tokenizer, where: str = "prompt") -> list[int]:
+    """Token ids of a prompt: a string is tokenized as is, a chat message list through the
+    tokenizer's chat template (with the generation prompt). `where` names it in errors."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError(f"{where} is an empty string; every prompt needs at least one token.")
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
+        if not prompt:
+            raise ValueError(f"{where} is an empty message list.")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"{where} is a chat message list but the tokenizer has no chat template.")
+        ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+    else:
+        raise TypeError(f"{where} must be a string or a list of chat messages ({{'role': ..., 'content': ...}}).")
+    if len(ids) == 0:
+        raise ValueError(f"{where} tokenizes to no tokens.")
+    return list(ids)
+
+
 class OptimalSampler:
     """Sample completions from q* with a base (π_θ) and a teacher (π_t) transformers model.
 
@@ -387,26 +409,6 @@ class OptimalSampler:
 
     # -- prompts ------------------------------------------------------------------------
 
-    @staticmethod
-    def _format(prompt, tokenizer, where: str) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError(f"{where} is an empty string; every prompt needs at least one token.")
-            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
-            if not prompt:
-                raise ValueError(f"{where} is an empty message list.")
-            if getattr(tokenizer, "chat_template", None) is None:
-                raise ValueError(f"{where} is a chat message list but the tokenizer has no chat template.")
-            ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-        else:
-            raise TypeError(f"{where} must be a string or a list of chat messages ({{'role': ..., 'content': ...}}).")
-        if len(ids) == 0:
-            raise ValueError(f"{where} tokenizes to no tokens.")
-        return list(ids)
-
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -444,8 +446,8 @@ class OptimalSampler:
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"Need max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens} and {batch_size}.")
         teacher_prompts = list(teacher_prompts) if teacher_prompts is not None else list(prompts)
-        base_ids = [self._format(p, self.tokenizer, f"prompts[{i}]") for i, p in enumerate(prompts)]
-        teacher_ids = [self._format(p, self.teacher_tokenizer, f"teacher_prompts[{i}]") for i, p in enumerate(teacher_prompts)]
+        base_ids = [prompt_token_ids(p, self.tokenizer, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        teacher_ids = [prompt_token_ids(p, self.teacher_tokenizer, f"teacher_prompts[{i}]") for i, p in enumerate(teacher_prompts)]
         if seed is not None:
             torch.manual_seed(seed)
 

@@ -187,35 +187,50 @@ def _apply_temperature(logp_cols: torch.Tensor, log_multiplicity: torch.Tensor, 
 
 
 def sample_candidates(
-    logq: torch.Tensor, candidates: SparseCandidates, generator: torch.Generator | None = None
+    logq: torch.Tensor,
+    candidates: SparseCandidates,
+    generator: torch.Generator | None = None,
+    *,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row from candidate-column log q, `[B, M + 1]`.
+    """Sample one token per row from candidate-column log q, `[B, M + 1]`, by inversion.
 
     A draw of the rest bucket becomes a uniform draw among the vocabulary ids outside the
-    union (by rejection: the union is tiny next to V). Returns `(token_ids [B], logq [B])`,
-    where `logq` is the log-probability of the sampled *token* (the bucket's mass divided
-    by its count for bucket draws).
+    union. `uniforms` (`[B, 2]` in [0, 1): the column draw and the rest-bucket draw) makes
+    the result a pure function of them, which the server coordinator uses to keep samples
+    independent of concurrency and retries; without it they come from `generator`.
+    Returns `(token_ids [B], logq [B])`, where `logq` is the log-probability of the sampled
+    *token* (the bucket's mass divided by its count for bucket draws).
     """
-    probs = logq.exp()
-    column = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
-    token_logq = logq.gather(-1, column.unsqueeze(-1)).squeeze(-1) - candidates.log_multiplicity.gather(
-        -1, column.unsqueeze(-1)
-    ).squeeze(-1)
+    if uniforms is None:
+        uniforms = torch.rand(logq.shape[0], 2, generator=generator, dtype=torch.float64)
+    uniforms = uniforms.to(torch.float64).cpu()
+    probs = logq.detach().double().cpu().exp()  # [B, M + 1]
+    cdf = probs.cumsum(-1)
+    target = uniforms[:, 0] * cdf[:, -1]
+    column = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+    last_with_mass = (probs > 0).cumsum(-1).argmax(-1)  # round-off guard at the top of the cdf
+    column = torch.minimum(column, last_with_mass)
+
     rest = candidates.rest_column
-    ids = candidates.token_ids.gather(-1, column.clamp(max=rest - 1).unsqueeze(-1)).squeeze(-1)
-    in_rest = column == rest
-    if bool(in_rest.any()):
-        for row in in_rest.nonzero().flatten().tolist():  # rare: the bucket holds little mass
-            ids[row] = _draw_outside(candidates.token_ids[row], candidates.vocab_size, generator)
-    return ids, token_logq
+    token_ids = candidates.token_ids.cpu()
+    ids = token_ids.gather(-1, column.clamp(max=rest - 1)[:, None])[:, 0]
+    for row in (column == rest).nonzero().flatten().tolist():  # rare: the bucket holds little mass
+        ids[row] = _unlisted_id(token_ids[row], candidates.vocab_size, float(uniforms[row, 1]))
+    column = column.to(logq.device)
+    token_logq = (logq.gather(-1, column[:, None]) - candidates.log_multiplicity.gather(-1, column[:, None]))[:, 0]
+    return ids.to(candidates.token_ids.device), token_logq
 
 
-def _draw_outside(listed: torch.Tensor, vocab_size: int, generator: torch.Generator | None) -> int:
-    taken = set(listed[listed >= 0].tolist())
-    if len(taken) >= vocab_size:
+def _unlisted_id(listed: torch.Tensor, vocab_size: int, u: float) -> int:
+    """The id of rank ⌊u · n⌋ among the n vocabulary ids not in `listed`."""
+    taken = sorted(set(listed[listed >= 0].tolist()))
+    unlisted = vocab_size - len(taken)
+    if unlisted <= 0:
         raise RuntimeError("Sampled the rest bucket, but the candidate union already covers the whole vocabulary.")
-    while True:
-        draw = int(torch.randint(vocab_size, (1,), generator=generator).item())
-        if draw not in taken:
-            return draw
-
+    target = min(int(u * unlisted), unlisted - 1)
+    for t in taken:
+        if t > target:
+            break
+        target += 1
+    return target

@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..generation import GenerationOutput, OptimalSampler, check_same_vocabulary, summarize_tokens
+from ..generation import GenerationOutput, check_same_vocabulary, prompt_token_ids, summarize_tokens
 from ..mixture import Mixture, compute_mixture
-from ..sparse import SparseCandidates, sparse_candidates
+from ..sparse import SparseCandidates, sample_candidates, sparse_candidates
 from .client import (
     MalformedResponseError,
     RequestCounters,
@@ -95,31 +95,9 @@ def counter_uniforms(seed: int, index: Sequence[int], step: Sequence[int], strea
 
 
 def sample_step(step: StepDistribution, u_column: np.ndarray, u_rest: np.ndarray) -> torch.Tensor:
-    """Token ids `[B]` drawn from the step's q by inversion with the given uniforms.
-
-    The same distribution as `sample_candidates`: a column ∝ q, and for the rest bucket a
-    uniform id among those outside the candidate union.
-    """
-    probs = step.mixture.logq.double().exp()  # [B, M + 1]
-    cdf = probs.cumsum(-1)
-    target = torch.from_numpy(u_column) * cdf[:, -1]
-    column = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
-    last_positive = (probs > 0).cumsum(-1).argmax(-1)  # round-off guard: never past the last column with mass
-    column = torch.minimum(column, last_positive)
-    candidates = step.candidates
-    rest = candidates.rest_column
-    ids = candidates.token_ids.gather(-1, column.clamp(max=rest - 1)[:, None])[:, 0]
-    for row in (column == rest).nonzero().flatten().tolist():  # rare: the bucket holds little mass
-        listed = sorted(set(candidates.token_ids[row][candidates.token_ids[row] >= 0].tolist()))
-        unlisted = candidates.vocab_size - len(listed)
-        if unlisted <= 0:
-            raise RuntimeError("Sampled the rest bucket, but the candidate union covers the whole vocabulary.")
-        target_id = min(int(u_rest[row] * unlisted), unlisted - 1)  # rank among the unlisted ids
-        for taken in listed:
-            if taken > target_id:
-                break
-            target_id += 1
-        ids[row] = target_id
+    """Token ids `[B]` drawn from the step's q with the given uniforms (`sample_candidates`)."""
+    uniforms = torch.from_numpy(np.stack([u_column, u_rest], axis=-1))
+    ids, _ = sample_candidates(step.mixture.logq, step.candidates, uniforms=uniforms)
     return ids
 
 
@@ -151,12 +129,6 @@ class _Sequence:
     records: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in _PER_TOKEN})
     error: str | None = None
     done: bool = False
-
-
-def _format_prompt(prompt, tokenizer, where: str) -> list[int]:
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-        return list(prompt)  # already token ids
-    return OptimalSampler._format(prompt, tokenizer, where)
 
 
 def _declared_eos_ids(model_dir: str | None) -> set[int]:
@@ -531,8 +503,8 @@ class DualVLLMCoordinator:
                 index=i,
                 prompt=prompt,
                 teacher_prompt=teacher_prompt,
-                base_ids=_format_prompt(prompt, self.theta_tokenizer, f"prompts[{i}]"),
-                teacher_ids=_format_prompt(teacher_prompt, self.t_tokenizer, f"teacher_prompts[{i}]"),
+                base_ids=prompt_token_ids(prompt, self.theta_tokenizer, f"prompts[{i}]"),
+                teacher_ids=prompt_token_ids(teacher_prompt, self.t_tokenizer, f"teacher_prompts[{i}]"),
             )
             for i, (prompt, teacher_prompt) in enumerate(zip(prompts, teacher_prompts))
         ]
