@@ -1,0 +1,355 @@
+"""What the GRPO and RLOO subclasses share: the teacher, teacher prompts, q* rollouts, metrics."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from optimal_sampling.generation import check_same_vocabulary
+from optimal_sampling.processor import model_eos_ids
+
+from .config import OptimalSamplingArguments
+from .rollout import Rollouts, sample_rollouts
+
+METRIC_PREFIX = "optimal_sampling/"
+
+
+def check_sampler_backend(args: OptimalSamplingArguments) -> None:
+    """Raise for the two-server backend until the trainer drives it (the config field exists already)."""
+    if args.sampler_backend != "vllm":
+        return
+    try:
+        from optimal_sampling import DualVLLMCoordinator  # noqa: F401
+    except ImportError:
+        raise NotImplementedError(
+            "sampler_backend='vllm' needs `optimal_sampling.DualVLLMCoordinator`, which this install does not "
+            "provide. Use sampler_backend='transformers' (exact, in-process)."
+        ) from None
+    raise NotImplementedError(
+        "sampler_backend='vllm' is not wired into the trainer yet: the base server would have to receive the "
+        "policy's weights after every optimizer step. Use sampler_backend='transformers' for training, and the "
+        "coordinator for offline data generation."
+    )
+
+
+def check_teacher_given(teacher_model, args: OptimalSamplingArguments) -> None:
+    if teacher_model is None and args.teacher_model_name_or_path is None:
+        raise ValueError(
+            "No teacher: pass `teacher_model=` (a causal LM or a path / Hub id) to the trainer, or set "
+            "`teacher_model_name_or_path` in the config. q* mixes the policy with a teacher; without one, use "
+            "TRL's own trainer."
+        )
+    if teacher_model is not None and not isinstance(teacher_model, (str, torch.nn.Module)):
+        raise TypeError(
+            f"`teacher_model` must be a causal LM or a path / Hub id, got {type(teacher_model).__name__}."
+        )
+
+
+def check_generation_options(args) -> None:
+    """Options that would change what is sampled without being in log q, or that use another generator."""
+    if args.use_vllm:
+        raise ValueError(
+            "`use_vllm=True` makes TRL sample from its own vLLM engine, not from q*. Leave it False; for servers "
+            "use `sampler_backend='vllm'`."
+        )
+    if getattr(args, "use_transformers_continuous_batching", False):
+        raise ValueError("`use_transformers_continuous_batching` is not supported: rollouts come from the q* sampler.")
+    if (args.top_k or 0) != 0 or (args.top_p if args.top_p is not None else 1.0) != 1.0:
+        raise ValueError(
+            f"top_k={args.top_k}, top_p={args.top_p}: the trainer scores untruncated π_θ, so q* is sampled "
+            "untruncated; set top_k=0 and top_p=1.0 (to restrict the support, use `teacher_top_p`)."
+        )
+    if args.min_p is not None or args.repetition_penalty != 1.0:
+        raise ValueError(
+            "`min_p` and `repetition_penalty` would change the sampled distribution without being in log q; "
+            "unset them."
+        )
+    if args.generation_kwargs:
+        raise ValueError(
+            f"`generation_kwargs` ({sorted(args.generation_kwargs)}) are for `model.generate`; the q* sampler does "
+            "not use them. Unset them."
+        )
+
+
+def resolve_callable(spec: Callable | str) -> Callable:
+    """A callable, or one named by its import path `"package.module:function"`."""
+    if callable(spec):
+        return spec
+    module_name, _, name = str(spec).partition(":")
+    if not name:
+        raise ValueError(f"`teacher_prompt_fn` must be a callable or 'package.module:function', got {spec!r}.")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"Could not import `teacher_prompt_fn` {spec!r}: {error}.") from error
+
+
+class OptimalSamplingMixin:
+    """Teacher handling, q* rollouts and their metrics; mixed into TRL trainer subclasses.
+
+    Subclasses call `_setup_teacher` after TRL's `__init__`, `_sample_optimal` from their
+    `_generate_single_turn`, and wrap `_generate_and_score_completions` with
+    `_with_rollout_rows` + `_log_rollout_metrics`.
+    """
+
+    # -- teacher ---------------------------------------------------------------------
+
+    def _setup_teacher(self, teacher_model, teacher_processing_class, teacher_prompt_fn) -> None:
+        args = self.args
+        source = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        policy = self.accelerator.unwrap_model(self.model)
+        self._teacher_is_policy = source is policy or source is self.model
+        if isinstance(source, str):
+            teacher = self._load_teacher(source)
+        else:
+            teacher = source
+        if not isinstance(teacher, PreTrainedModel) and not hasattr(teacher, "config"):
+            raise TypeError(f"The teacher must be a transformers causal LM, got {type(teacher).__name__}.")
+        if getattr(teacher.config, "is_encoder_decoder", False) or teacher.get_output_embeddings() is None:
+            raise ValueError(
+                f"The teacher ({type(teacher).__name__}) is not a decoder-only causal LM with an output layer; load "
+                "it with `AutoModelForCausalLM`."
+            )
+
+        if teacher_processing_class is None and isinstance(source, str):
+            try:
+                teacher_processing_class = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+            except (OSError, ValueError):
+                teacher_processing_class = None  # no tokenizer files next to the weights: use the policy's
+        self.teacher_processing_class = teacher_processing_class or self._tokenizer
+        try:
+            check_same_vocabulary(self._tokenizer, self.teacher_processing_class)
+        except ValueError as error:
+            raise ValueError(f"Incompatible teacher: {error}") from None
+        vocab_size = len(self._tokenizer)
+        width = teacher.get_output_embeddings().weight.shape[0]
+        if width < vocab_size:
+            raise ValueError(
+                f"Incompatible teacher: its output layer has {width} rows but the policy's tokenizer has {vocab_size} "
+                "tokens; the teacher must share the policy's vocabulary (same model family)."
+            )
+        self._vocab_size = vocab_size
+
+        teacher_eos = set(model_eos_ids(teacher))
+        if self.teacher_processing_class.eos_token_id is not None:
+            teacher_eos.add(int(self.teacher_processing_class.eos_token_id))
+        # TRL ends completions on `eos_token_ids` too (truncation stats, masking): keep them in agreement.
+        self.eos_token_ids = sorted(set(self.eos_token_ids) | teacher_eos)
+
+        if self._teacher_is_policy:
+            self.teacher_model = None  # the policy itself, unwrapped at generation time
+        else:
+            teacher.requires_grad_(False)
+            self.teacher_model = self._prepare_teacher(teacher.eval())
+
+        if args.teacher_prompt_template is not None:
+            template = args.teacher_prompt_template
+            self._teacher_prompt_source = lambda row: _format_template(template, row)
+        elif (teacher_prompt_fn or args.teacher_prompt_fn) is not None:
+            self._teacher_prompt_source = resolve_callable(teacher_prompt_fn or args.teacher_prompt_fn)
+        else:
+            self._teacher_prompt_source = None
+        self._mixing = dict(
+            alpha_method=args.alpha_method,
+            alpha=args.alpha,
+            alpha_min=args.alpha_min,
+            alpha_max=args.alpha_max,
+            teacher_top_p=args.teacher_top_p,
+        )
+        self._rollout_rows: list[dict] | None = None
+        self._pending_rollouts: list[Rollouts] = []
+
+    def _load_teacher(self, path: str) -> PreTrainedModel:
+        kwargs = dict(self.args.teacher_model_init_kwargs or {})
+        kwargs.setdefault("dtype", self.accelerator.unwrap_model(self.model).dtype)
+        kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+        if self.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+            kwargs["device_map"] = None
+        # Loading must not consume the training RNG: runs with and without a teacher path stay comparable.
+        with torch.random.fork_rng(devices=[]):
+            try:
+                return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            except (OSError, ValueError, KeyError) as error:
+                raise ValueError(
+                    f"Could not load the teacher from {path!r} as a causal LM ({type(error).__name__}: {error}). Pass "
+                    "`teacher_model=` a loaded model, or a local directory / Hub id of a causal LM."
+                ) from error
+
+    def _prepare_teacher(self, teacher: PreTrainedModel):
+        # As TRL prepares its reference model: sharded with the policy under ZeRO-3 / FSDP, else on the device.
+        from trl.models import prepare_deepspeed, prepare_fsdp
+
+        if self.is_deepspeed_enabled:
+            teacher = prepare_deepspeed(teacher, self.accelerator)
+        elif self.is_fsdp_enabled:
+            teacher = prepare_fsdp(teacher, self.accelerator)
+        else:
+            teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return teacher.eval()
+
+    # -- teacher prompts ---------------------------------------------------------------
+
+    def _with_rollout_rows(self, inputs: list[dict], generate: Callable[[], Any]):
+        """Run `generate()` with this batch's dataset rows visible to `_teacher_prompt_ids`."""
+        self._rollout_rows = inputs
+        self._pending_rollouts = []
+        try:
+            return generate()
+        finally:
+            self._rollout_rows = None
+
+    def _teacher_prompt_ids(self, num_rows: int) -> list[list[int]] | None:
+        if self._teacher_prompt_source is None:
+            return None
+        rows = self._rollout_rows
+        if rows is None or len(rows) != num_rows:
+            raise RuntimeError(
+                f"Teacher prompts need the batch's dataset rows, but {0 if rows is None else len(rows)} rows are "
+                f"known for {num_rows} prompts (a multi-turn continuation, or a TRL change in how `_generate` "
+                "calls `_generate_single_turn`)."
+            )
+        ids = []
+        for i, row in enumerate(rows):
+            prompt = self._teacher_prompt_source(row)
+            ids.append(self._tokenize_teacher_prompt(prompt, i))
+        return ids
+
+    def _tokenize_teacher_prompt(self, prompt, index: int) -> list[int]:
+        tokenizer = self.teacher_processing_class
+        if isinstance(prompt, str):
+            ids = tokenizer(text=prompt)["input_ids"]
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        else:
+            raise TypeError(
+                f"The teacher prompt of row {index} is a {type(prompt).__name__}; it must be a string or a list of "
+                "chat messages ({'role': ..., 'content': ...})."
+            )
+        if len(ids) == 0:
+            raise ValueError(f"The teacher prompt of row {index} tokenizes to no tokens: {prompt!r}.")
+        return list(ids)
+
+    # -- rollouts ----------------------------------------------------------------------
+
+    def _any_rank_running(self, local_running: bool) -> bool:
+        flag = torch.tensor([1.0 if local_running else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _sample_optimal(self, prompt_ids: list[list[int]]) -> Rollouts:
+        """q* completions for already tokenized (repeated) prompts; kept for the metrics."""
+        from trl.models import unwrap_model_for_generation
+
+        teacher_prompt_ids = self._teacher_prompt_ids(len(prompt_ids))
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            rollouts = sample_rollouts(
+                unwrapped_model,
+                unwrapped_model if self._teacher_is_policy else self.teacher_model,
+                prompt_ids,
+                teacher_prompt_ids=teacher_prompt_ids,
+                max_new_tokens=self.max_completion_length,
+                pad_token_id=self._tokenizer.pad_token_id,
+                stop_token_ids=self.eos_token_ids,
+                vocab_size=self._vocab_size,
+                device=self.accelerator.device,
+                temperature=self.temperature,
+                mixing=self._mixing,
+                force_teacher_first_tokens=self.args.force_teacher_first_tokens,
+                # Under FSDP / ZeRO-3 each forward is a collective: every rank decodes until all are done.
+                sync_stop=self._any_rank_running if self.accelerator.num_processes > 1 else None,
+            )
+        self._pending_rollouts.append(rollouts)
+        return rollouts
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def _log_rollout_metrics(self, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """Log α, KL and (via `extra`) importance-weight statistics of this batch's rollouts.
+
+        Every rank gathers one fixed-size tensor of sufficient statistics (sum, sum of squares,
+        count, min, max per quantity), so the statistics are exact over all processes.
+        """
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        rollouts, self._pending_rollouts = self._pending_rollouts, []
+        per_token = {"alpha": [], "kl_theta": [], "kl_t": [], "kl_diff": [], "chernoff": [], "entropy_q": [], "empty_support": []}
+        for r in rollouts:
+            mask = r.token_mask
+            per_token["alpha"].append(r.alpha[mask])
+            for name in per_token:
+                if name != "alpha":
+                    per_token[name].append(r.diagnostics[name][mask])
+        values = {name: torch.cat(parts).double() if parts else torch.zeros(0, dtype=torch.float64) for name, parts in per_token.items()}
+        for name, tensor in (extra or {}).items():
+            values[name] = tensor.detach().double().flatten()
+        names = sorted(values)
+        stats = torch.stack([_sufficient_stats(values[n].to(device)) for n in names])  # [K, 5]
+        gathered = self.accelerator.gather(stats.float().to(device)).view(-1, len(names), 5).double()
+        total = gathered[..., 0].sum(0)
+        total_sq = gathered[..., 1].sum(0)
+        count = gathered[..., 2].sum(0)
+        low = gathered[..., 3].min(0).values
+        high = gathered[..., 4].max(0).values
+        metrics = self._metrics[mode]
+        for k, name in enumerate(names):
+            n = float(count[k])
+            if n == 0:
+                continue
+            mean = float(total[k]) / n
+            if name == "alpha":
+                var = max(float(total_sq[k]) / n - mean * mean, 0.0)
+                metrics[METRIC_PREFIX + "alpha_mean"].append(mean)
+                metrics[METRIC_PREFIX + "alpha_std"].append(var**0.5)
+                metrics[METRIC_PREFIX + "alpha_min"].append(float(low[k]))
+                metrics[METRIC_PREFIX + "alpha_max"].append(float(high[k]))
+            elif name == "is_weight":
+                metrics[METRIC_PREFIX + "is_weight_mean"].append(mean)
+                metrics[METRIC_PREFIX + "is_weight_min"].append(float(low[k]))
+                metrics[METRIC_PREFIX + "is_weight_max"].append(float(high[k]))
+                # Kish effective sample size of the raw weights, as a fraction of the sample count.
+                metrics[METRIC_PREFIX + "is_weight_ess"].append(float(total[k]) ** 2 / (n * float(total_sq[k])))
+            elif name == "empty_support":
+                metrics[METRIC_PREFIX + "empty_support_frac"].append(mean)
+            else:
+                metrics[METRIC_PREFIX + name].append(mean)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # TRL averages each metric over the logging window; a window's min / max should be the extreme.
+        mode = "train" if self.model.training else "eval"
+        for key, values in self._metrics[mode].items():
+            if key.startswith(METRIC_PREFIX) and len(values) > 1:
+                if key.endswith("_min"):
+                    values[:] = [min(values)]
+                elif key.endswith("_max"):
+                    values[:] = [max(values)]
+        super().log(logs, start_time)
+
+
+def _sufficient_stats(x: torch.Tensor) -> torch.Tensor:
+    """`[5]` float64: sum, sum of squares, count, min, max (±inf when empty) of a 1-D tensor."""
+    x = x[torch.isfinite(x)]
+    if x.numel() == 0:
+        return torch.tensor([0.0, 0.0, 0.0, float("inf"), float("-inf")], dtype=torch.float64, device=x.device)
+    return torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device), x.min(), x.max()])
+
+
+def _format_template(template: str, row: dict) -> str:
+    try:
+        return template.format(**row)
+    except KeyError as error:
+        raise KeyError(
+            f"`teacher_prompt_template` uses the field {error} but the dataset rows have only {sorted(row)}."
+        ) from None

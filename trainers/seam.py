@@ -1,0 +1,193 @@
+"""The TRL internals the optimal-sampling trainers rely on, checked at trainer init and in tests.
+
+TRL's private generation API has changed shape five times between 0.24 and 1.16, so every
+private name, signature and source-level assumption we depend on is listed here, in one
+place. `check_trl_seam` raises, naming each broken assumption, instead of letting an upgrade
+train silently on uncorrected samples.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from dataclasses import dataclass
+
+import trl
+from packaging.version import Version
+
+#: TRL versions the trainers were tested with (also pinned in pyproject's `[trl]` extra).
+TESTED_TRL_RANGE = (Version("1.16.0"), Version("1.17.0"))
+
+
+@dataclass(frozen=True)
+class SeamPoint:
+    """One assumption about TRL: `owner.name` has `parameters`, and its source contains `snippets`."""
+
+    owner: str
+    name: str
+    parameters: tuple[str, ...] | None = None
+    snippets: tuple[str, ...] = ()
+    why: str = ""
+
+
+GRPO_SEAM = (
+    SeamPoint(
+        "GRPOTrainer",
+        "_generate_single_turn",
+        ("self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"),
+        ("return completion_ids, logprobs",),
+        "overridden: the only place completion tokens are produced; returns log q per token",
+    ),
+    SeamPoint(
+        "GRPOTrainer",
+        "_generate",
+        ("self", "prompts"),
+        ("self._generate_single_turn(", "self._tokenize_prompts(prompts)"),
+        "calls our `_generate_single_turn` once per batch, rows in the order of `inputs`",
+    ),
+    SeamPoint(
+        "GRPOTrainer",
+        "_generate_and_score_completions",
+        ("self", "inputs"),
+        (
+            "prompts = [x[\"prompt\"] for x in inputs]",
+            "= self._generate(prompts)",
+            "self.use_vllm and self.vllm_importance_sampling_correction",
+            "torch.exp(logps_diff)",
+            'output["old_per_token_logps"] = old_per_token_logps',
+            'output["sampling_per_token_logps"] = sampling_per_token_logps',
+            '"sampling/importance_sampling_ratio/mean"',
+        ),
+        "wrapped to see the dataset rows (teacher prompts) and log rollout metrics; its IS ratio "
+        "exp(old_logp - sampling_logp) is gated on `use_vllm`",
+    ),
+    SeamPoint(
+        "GRPOTrainer",
+        "_compute_loss",
+        ("self", "model", "inputs"),
+        ('per_token_loss * inputs["importance_sampling_ratio"]',),
+        "multiplies the per-token loss by the IS ratio",
+    ),
+    SeamPoint(
+        "GRPOTrainer",
+        "log",
+        ("self", "logs", "start_time"),
+        ("self._metrics[mode]",),
+        "averages `self._metrics[mode][key]` lists into the logs",
+    ),
+    SeamPoint(
+        "GRPOTrainer",
+        "__init__",
+        None,
+        (
+            "self.use_vllm = args.use_vllm",
+            "self.eos_token_ids = eos_token_ids",
+            "self._dist = DistributedBackend(self.accelerator)",
+            "self.ref_model = prepare_fsdp(self.ref_model, self.accelerator)",
+        ),
+        "attributes we read or flip after init; the reference-model placement we copy for the teacher",
+    ),
+)
+
+RLOO_SEAM = (
+    SeamPoint(
+        "RLOOTrainer",
+        "_generate_single_turn",
+        ("self", "prompt_ids", "images", "multimodal_fields"),
+        ("return completion_ids",),
+        "overridden: returns q* completion ids (log q is kept on the trainer)",
+    ),
+    SeamPoint(
+        "RLOOTrainer",
+        "_generate_and_score_completions",
+        ("self", "inputs"),
+        (
+            "prompts = [x[\"prompt\"] for x in inputs]",
+            "old_logps = (old_per_token_logps * completion_mask).sum(1)",
+            '"old_logps": old_logps',
+            '"advantages": advantages',
+        ),
+        "wrapped: advantages are multiplied by the truncated sequence weight exp(old_logps - log q)",
+    ),
+    SeamPoint(
+        "RLOOTrainer",
+        "_compute_loss",
+        ("self", "model", "inputs"),
+        ('old_logps = inputs["old_logps"]', "per_sequence_loss1 = coef_1 * advantages"),
+        "the sequence-level clipped loss is linear in the advantage",
+    ),
+)
+
+#: Every `self.use_vllm` read in `GRPOTrainer` (TRL 1.16). The trainer flips the flag after
+#: init to switch on TRL's IS correction; a new reader could start a vLLM-only code path
+#: (weight sync, an engine call), so any change in this count needs a fresh audit.
+GRPO_USE_VLLM_READS = 10
+
+_FUNCTIONS = (
+    ("trl.models", "unwrap_model_for_generation", ("model", "accelerator", "gather_deepspeed3_params", "generation_kwargs", "gradient_checkpointing_kwargs")),
+    ("trl.models", "prepare_deepspeed", ("model", "accelerator")),
+    ("trl.models", "prepare_fsdp", ("model", "accelerator")),
+)
+
+
+def _source(obj) -> str:
+    return inspect.getsource(obj)
+
+
+def seam_problems(trainer: str = "grpo") -> list[str]:
+    """Every broken assumption about the installed TRL, as readable lines (empty when all hold)."""
+    import importlib
+
+    problems = []
+    points = GRPO_SEAM if trainer == "grpo" else RLOO_SEAM
+    for point in points:
+        owner = getattr(trl, point.owner, None)
+        member = getattr(owner, point.name, None) if owner is not None else None
+        where = f"trl.{point.owner}.{point.name}"
+        if member is None:
+            problems.append(f"{where} is missing ({point.why}).")
+            continue
+        if point.parameters is not None:
+            got = tuple(inspect.signature(member).parameters)
+            if got != point.parameters:
+                problems.append(f"{where} has parameters {got}, expected {point.parameters} ({point.why}).")
+        source = _source(member)
+        for snippet in point.snippets:
+            if snippet not in source:
+                problems.append(f"{where} no longer contains `{snippet}` ({point.why}).")
+    if trainer == "grpo":
+        reads = len(re.findall(r"self\.use_vllm\b(?!\s*=[^=])", _source(trl.GRPOTrainer)))
+        if reads != GRPO_USE_VLLM_READS:
+            problems.append(
+                f"trl.GRPOTrainer reads `self.use_vllm` {reads} times, expected {GRPO_USE_VLLM_READS}: audit the new "
+                "reads before flipping the flag after init."
+            )
+    for module_name, name, parameters in _FUNCTIONS:
+        member = getattr(importlib.import_module(module_name), name, None)
+        if member is None:
+            problems.append(f"{module_name}.{name} is missing.")
+        elif tuple(inspect.signature(member).parameters) != parameters:
+            problems.append(
+                f"{module_name}.{name} has parameters {tuple(inspect.signature(member).parameters)}, expected {parameters}."
+            )
+    return problems
+
+
+def check_trl_seam(trainer: str = "grpo") -> None:
+    """Raise `RuntimeError` if the installed TRL breaks an assumption; warn outside the tested range."""
+    problems = seam_problems(trainer)
+    low, high = TESTED_TRL_RANGE
+    version = Version(trl.__version__)
+    if problems:
+        raise RuntimeError(
+            f"optimal-sampling's trainers were built against trl>={low},<{high}; the installed trl {version} "
+            "changed internals they rely on:\n  - " + "\n  - ".join(problems) + "\nInstall a tested version: "
+            f"pip install 'trl>={low},<{high}'."
+        )
+    if not low <= version < high:
+        warnings.warn(
+            f"trl {version} is outside the tested range >={low},<{high}; the seam checks pass, but results are "
+            "untested.",
+            stacklevel=3,
+        )
