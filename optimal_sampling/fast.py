@@ -41,7 +41,7 @@ from transformers import StaticCache
 from .alpha import EMPTY_SUPPORT_FALLBACKS, solve_alpha, teacher_nucleus_mask
 from .mixture import NEG_INF, log_probs_from_logits, mixture_diagnostics, optimal_log_probs, truncate_log_probs
 from .processor import RECORDED_DIAGNOSTICS, check_same_device
-from .teacher import position_ids_from_mask
+from .teacher import position_ids_from_mask, repeat_teacher_prompts
 
 FAST_MODES = ("auto", "eager", "cuda_graph", "compile_mixture", "compile")
 _FALLBACK = {"compile": "cuda_graph", "compile_mixture": "cuda_graph", "cuda_graph": "eager"}
@@ -579,15 +579,7 @@ class FastDecoder:
             teacher_mask = torch.ones_like(teacher_ids) if teacher_attention_mask is None else teacher_attention_mask.to(device).long()
             if teacher_ids.shape[1] == 0:
                 raise ValueError("`teacher_input_ids` is empty; the teacher needs at least one prompt token per row.")
-            if teacher_ids.shape[0] != rows:
-                if rows % teacher_ids.shape[0]:
-                    raise ValueError(
-                        f"`teacher_input_ids` has {teacher_ids.shape[0]} rows but there are {rows} prompts; give one "
-                        "teacher prompt per base prompt."
-                    )
-                repeats = rows // teacher_ids.shape[0]
-                teacher_ids = teacher_ids.repeat_interleave(repeats, dim=0)
-                teacher_mask = teacher_mask.repeat_interleave(repeats, dim=0)
+            teacher_ids, teacher_mask = repeat_teacher_prompts(teacher_ids, teacher_mask, rows)
         if bool((mask[:, -1] == 0).any()) or bool((teacher_mask[:, -1] == 0).any()):
             raise ValueError("The fast path needs left-padded prompts (every row's last column a real token); pad on the left.")
 

@@ -8,7 +8,7 @@ import torch
 from transformers import LogitsProcessor
 
 from .mixture import compute_mixture, log_probs_from_logits
-from .teacher import TeacherCache, left_padding_mask
+from .teacher import TeacherCache, left_padding_mask, repeat_teacher_prompts
 
 RECORDED_DIAGNOSTICS = ("kl_theta", "kl_t", "kl_diff", "ess_ratio", "entropy_q", "chernoff")
 
@@ -202,17 +202,8 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
         if teacher_ids is None:
             pad = self.pad_token_id
             return input_ids, left_padding_mask(input_ids, pad)
-        rows = input_ids.shape[0]
-        if teacher_ids.shape[0] != rows:
-            if rows % teacher_ids.shape[0]:
-                raise ValueError(
-                    f"`teacher_input_ids` has {teacher_ids.shape[0]} rows but generate runs {rows}; give one "
-                    "teacher prompt per base prompt (they are repeated for num_return_sequences)."
-                )
-            repeats = rows // teacher_ids.shape[0]
-            teacher_ids = teacher_ids.repeat_interleave(repeats, dim=0)
-            teacher_mask = teacher_mask.repeat_interleave(repeats, dim=0)
-            self.teacher_prompt = (teacher_ids, teacher_mask)
+        teacher_ids, teacher_mask = repeat_teacher_prompts(teacher_ids, teacher_mask, input_ids.shape[0])
+        self.teacher_prompt = (teacher_ids, teacher_mask)
         teacher_ids = teacher_ids.to(input_ids.device)
         teacher_mask = teacher_mask.to(input_ids.device)
         generated = input_ids[:, self._prompt_length :]

@@ -26,6 +26,21 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)
 
 
+def repeat_teacher_prompts(
+    teacher_ids: torch.Tensor, teacher_mask: torch.Tensor, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One teacher prompt per base prompt, repeated to `rows` (e.g. for num_return_sequences)."""
+    if teacher_ids.shape[0] == rows:
+        return teacher_ids, teacher_mask
+    if rows % teacher_ids.shape[0]:
+        raise ValueError(
+            f"`teacher_input_ids` has {teacher_ids.shape[0]} rows but there are {rows} sequences; give one "
+            "teacher prompt per base prompt (they are repeated for num_return_sequences)."
+        )
+    repeats = rows // teacher_ids.shape[0]
+    return teacher_ids.repeat_interleave(repeats, dim=0), teacher_mask.repeat_interleave(repeats, dim=0)
+
+
 def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
     """Length of the longest prefix shared by every row of `a` and `b` (`[B, La]`, `[B, Lb]`)."""
     n = min(a.shape[1], b.shape[1])
