@@ -285,7 +285,10 @@ def check_same_vocabulary(tokenizer, teacher_tokenizer) -> None:
 
 def prompt_token_ids(prompt, tokenizer, where: str = "prompt") -> list[int]:
     """Token ids of a prompt: a string is tokenized as is, a chat message list through the
-    tokenizer's chat template (with the generation prompt). `where` names it in errors."""
+    tokenizer's chat template (with the generation prompt), and a list of ints is taken as
+    token ids already. `where` names the prompt in errors."""
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError(f"{where} is an empty string; every prompt needs at least one token.")
@@ -299,7 +302,9 @@ def prompt_token_ids(prompt, tokenizer, where: str = "prompt") -> list[int]:
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
     else:
-        raise TypeError(f"{where} must be a string or a list of chat messages ({{'role': ..., 'content': ...}}).")
+        raise TypeError(
+            f"{where} must be a string, a list of chat messages ({{'role': ..., 'content': ...}}) or a list of token ids."
+        )
     if len(ids) == 0:
         raise ValueError(f"{where} tokenizes to no tokens.")
     return list(ids)

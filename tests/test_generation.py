@@ -415,3 +415,14 @@ def test_chat_prompts_use_each_models_template_and_diagnostics_cover_generated_t
     for key in ("kl_theta_mean", "kl_t_mean", "kl_diff_mean", "ess_ratio_mean", "entropy_q_mean"):
         assert key in d and math.isfinite(d[key])
     assert abs(d["kl_diff_mean"]) < 1e-4
+
+
+def test_token_id_prompts_are_used_as_is():
+    base, teacher = make_pair("llama")
+    sampler = OptimalSampler(base, teacher, TOKENIZER)
+    ids = TOKENIZER(PROMPTS[0])["input_ids"]
+    [from_ids] = sampler.generate([ids], max_new_tokens=4, seed=3)
+    [from_text] = sampler.generate([PROMPTS[0]], max_new_tokens=4, seed=3)
+    assert from_ids.generated_tokens == from_text.generated_tokens
+    with pytest.raises(TypeError, match="list of token ids"):
+        sampler.generate([3.5], max_new_tokens=2)
