@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("trl")
-
+# trl comes with the README's test install (`.[test,trl]`): a missing trl must fail, not skip.
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, RLOOTrainer  # noqa: E402
 
