@@ -82,3 +82,57 @@ def tiny_causal_lm(
     model.generation_config.pad_token_id = pad_token_id
     model.generation_config.eos_token_id = eos_token_id
     return model.to(dtype).eval()
+
+
+def bias_output_layer(model, token_id: int, bias: float = 30.0):
+    """Swap in an output layer with a bias towards `token_id` (30 makes it all but certain).
+
+    Tests use it to make a model emit a chosen stop token.
+    """
+    head = model.get_output_embeddings()
+    new = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        new.weight.copy_(head.weight)
+        new.bias.zero_()
+        new.bias[token_id] = bias
+    model.set_output_embeddings(new)
+    return model
+
+
+def reference_q_star(lp, lr):
+    """q* for one row of full-support float64 log-probs (numpy), by bisection on
+    E_q[log r − log p] = 0: an oracle written independently of the package's solver."""
+    import numpy as np
+
+    delta = lr - lp
+
+    def slope(a):
+        w = lp + a * delta
+        w = np.exp(w - w.max())
+        return (w * delta).sum() / w.sum()
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
+    a = 0.5 * (lo + hi)
+    w = np.exp(lp + a * delta - (lp + a * delta).max())
+    return w / w.sum()
+
+
+def random_log_prob_pairs(rng, rows: int, vocab: int, scale: float = 2.0, mask_fraction: float = 0.0):
+    """`[rows, vocab]` float32 log-prob pairs: logits ~ scale · N(0, 1), with random masks
+    (-inf) on either side, each side renormalised on its own support; two random tokens per
+    row stay unmasked on both sides, so the common support is never a single token.
+    `rng` is a `numpy.random.Generator` or a seed."""
+    import numpy as np
+
+    rng = np.random.default_rng(rng)
+    logits = scale * rng.standard_normal((2, rows, vocab))
+    if mask_fraction > 0:
+        masked = rng.random((2, rows, vocab)) < mask_fraction
+        keep = np.stack([rng.choice(vocab, 2, replace=False) for _ in range(rows)])
+        masked[:, np.arange(rows)[:, None], keep] = False
+        logits = np.where(masked, -np.inf, logits)
+    logp = torch.log_softmax(torch.from_numpy(logits).float(), dim=-1)
+    return logp[0], logp[1]

@@ -11,6 +11,7 @@ import torch
 from scipy.optimize import brentq
 
 from optimal_sampling import solve_alpha
+from optimal_sampling.testing import random_log_prob_pairs
 
 NEG_INF = float("-inf")
 
@@ -89,26 +90,10 @@ def ref_ess(lp_pi: np.ndarray, lp: np.ndarray, lr: np.ndarray, alpha: np.ndarray
 SCALES = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # logit std: from nearly flat to very peaked
 
 
-def random_pairs(
-    rng: np.random.Generator, rows: int, vocab: int, scale: float, mask_fraction: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[rows, vocab]` float32 log-prob pairs: logits ~ scale · N(0, 1) with random masks on
-    either side (each side renormalised on its own support); two random tokens per row stay
-    unmasked on both sides, so the common support is never a single token."""
-    logits = scale * rng.standard_normal((2, rows, vocab))
-    if mask_fraction > 0:
-        masked = rng.random((2, rows, vocab)) < mask_fraction
-        keep = np.stack([rng.choice(vocab, 2, replace=False) for _ in range(rows)])
-        masked[:, np.arange(rows)[:, None], keep] = False
-        logits = np.where(masked, -np.inf, logits)
-    logp = torch.log_softmax(torch.from_numpy(logits).float(), dim=-1)
-    return logp[0], logp[1]
-
-
 def stacked_pairs(seed: int, rows_per_setting: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every scale in SCALES, half the rows with masks on both sides (30% of tokens each)."""
     rng = np.random.default_rng(seed)
-    pairs = [random_pairs(rng, rows_per_setting, vocab, scale, mask) for scale in SCALES for mask in (0.0, 0.3)]
+    pairs = [random_log_prob_pairs(rng, rows_per_setting, vocab, scale, mask) for scale in SCALES for mask in (0.0, 0.3)]
     return torch.cat([p for p, _ in pairs]), torch.cat([r for _, r in pairs])
 
 
@@ -187,7 +172,7 @@ def test_alpha_is_one_when_the_slope_at_one_is_nonpositive():
 def moderate_batch():
     """Flat to peaked rows (no masks) on a 1,000-token vocabulary, float32."""
     rng = np.random.default_rng(7)
-    pairs = [random_pairs(rng, 50, 1000, scale) for scale in (0.3, 1.0, 3.0, 10.0)]
+    pairs = [random_log_prob_pairs(rng, 50, 1000, scale) for scale in (0.3, 1.0, 3.0, 10.0)]
     return torch.cat([p for p, _ in pairs]), torch.cat([r for _, r in pairs])
 
 
@@ -237,8 +222,8 @@ def _row(probs) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def edge_batch():
     rng = np.random.default_rng(3)
-    ordinary_p, ordinary_r = random_pairs(rng, 2, 6, 1.0)
-    peaked_p, peaked_r = random_pairs(rng, 1, 6, 30.0)
+    ordinary_p, ordinary_r = random_log_prob_pairs(rng, 2, 6, 1.0)
+    peaked_p, peaked_r = random_log_prob_pairs(rng, 1, 6, 30.0)
     rows = {
         "ordinary_0": (ordinary_p[0], ordinary_r[0]),
         "identical": (ordinary_p[1], ordinary_p[1]),
@@ -300,7 +285,7 @@ def test_alpha_is_clamped_to_alpha_min_and_alpha_max():
 
 def test_teacher_top_p_solves_on_the_teacher_nucleus_only():
     rng = np.random.default_rng(12)
-    pairs = [random_pairs(rng, 20, 200, scale) for scale in (0.3, 1.0, 3.0)]
+    pairs = [random_log_prob_pairs(rng, 20, 200, scale) for scale in (0.3, 1.0, 3.0)]
     lp, lr = torch.cat([p for p, _ in pairs]), torch.cat([r for _, r in pairs])
     top_p = 0.8
     # Independent nucleus: sort teacher probs, keep tokens whose preceding mass is < top_p.
@@ -327,7 +312,7 @@ def test_entropy_alpha_is_the_entropy_share_of_the_base():
 
 def test_ess_balance_alpha_equalises_the_two_effective_sample_sizes():
     rng = np.random.default_rng(14)
-    pairs = [random_pairs(rng, 30, 100, scale) for scale in (0.3, 1.0, 3.0)]  # full support: always bracketed
+    pairs = [random_log_prob_pairs(rng, 30, 100, scale) for scale in (0.3, 1.0, 3.0)]  # full support: always bracketed
     lp, lr = torch.cat([p for p, _ in pairs]), torch.cat([r for _, r in pairs])
     alpha = solve_alpha(lp, lr, "ess_balance", tol=1e-9, max_iter=60).double().numpy()
     lp64, lr64 = lp.double().numpy(), lr.double().numpy()

@@ -29,7 +29,7 @@ from optimal_sampling.fast import (
     fast_decoder_for,
 )
 from optimal_sampling.teacher import position_ids_from_mask
-from optimal_sampling.testing import tiny_causal_lm, tiny_tokenizer
+from optimal_sampling.testing import bias_output_layer, reference_q_star, tiny_causal_lm, tiny_tokenizer
 
 TOKENIZER = tiny_tokenizer()
 V = len(TOKENIZER)
@@ -45,20 +45,8 @@ def make_pair(arch="llama", logit_scale=3.0, eos_bias=0.0):
     teacher = tiny_causal_lm(V + 16, arch=arch, seed=2, pad_token_id=PAD, eos_token_id=EOS, logit_scale=logit_scale)
     if eos_bias:
         for model in (base, teacher):
-            biased_to(model, EOS, eos_bias)
+            bias_output_layer(model, EOS, eos_bias)
     return base, teacher
-
-
-def biased_to(model, token_id, bias):
-    """Swap in an output layer with a bias towards `token_id`."""
-    head = model.get_output_embeddings()
-    new = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        new.weight.copy_(head.weight)
-        new.bias.zero_()
-        new.bias[token_id] = bias
-    model.set_output_embeddings(new)
-    return model
 
 
 def left_pad(texts):
@@ -193,22 +181,6 @@ def test_buckets_are_reused_across_calls_of_similar_shape():
     assert fast_decoder_for(base, teacher, EAGER) is fast_decoder_for(base, teacher, EAGER)
 
 
-def independent_first_token_q(lp: np.ndarray, lr: np.ndarray) -> np.ndarray:
-    """q* by float64 bisection on E_q[log r − log p] = 0 (full support)."""
-    delta = lr - lp
-
-    def slope(a):
-        w = np.exp(lp + a * delta - (lp + a * delta).max())
-        return (w * delta).sum() / w.sum()
-
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
-    w = np.exp(lp + lo * delta - (lp + lo * delta).max())
-    return w / w.sum()
-
-
 def test_first_tokens_follow_q_star_chi_square_with_batch_padding():
     """20,000 first tokens (a 32,768-row bucket with 12,768 dummy rows) against q* in float64.
 
@@ -220,7 +192,7 @@ def test_first_tokens_follow_q_star_chi_square_with_batch_padding():
     with torch.no_grad():
         lp = torch.log_softmax(base(ids).logits[0, -1, :V].double(), -1).numpy()
         lr = torch.log_softmax(teacher(ids).logits[0, -1, :V].double(), -1).numpy()
-    q = independent_first_token_q(lp, lr)
+    q = reference_q_star(lp, lr)
     decoder = FastDecoder(base, teacher, FastPathConfig(mode="eager", bucket_batch=True))
     torch.manual_seed(2024)
     out = decoder.generate(ids.repeat(n, 1), mask.repeat(n, 1), max_new_tokens=1, pad_token_id=PAD, stop_token_ids=[EOS])
@@ -247,8 +219,8 @@ def test_a_stop_token_of_either_model_ends_the_row_and_the_loop(which):
     stop_word = TOKENIZER.convert_tokens_to_ids("yes")
     base, teacher = make_pair("llama")
     (base if which == "base" else teacher).generation_config.eos_token_id = stop_word
-    biased_to(base, stop_word, 30.0)
-    biased_to(teacher, stop_word, 30.0)
+    bias_output_layer(base, stop_word, 30.0)
+    bias_output_layer(teacher, stop_word, 30.0)
     config = FastPathConfig(mode="eager", check_every=4)
     outs = OptimalSampler(base, teacher, TOKENIZER, fast=config).generate(PROMPTS, max_new_tokens=50, seed=0)
     assert all(o.generated_tokens == [stop_word] and len(o.logq) == 1 for o in outs)

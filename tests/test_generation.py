@@ -24,7 +24,7 @@ from optimal_sampling import (
     log_probs_from_logits,
     optimal_generate,
 )
-from optimal_sampling.testing import tiny_causal_lm, tiny_tokenizer
+from optimal_sampling.testing import bias_output_layer, reference_q_star, tiny_causal_lm, tiny_tokenizer
 from optimal_sampling.teacher import position_ids_from_mask
 
 TOKENIZER = tiny_tokenizer()
@@ -156,24 +156,6 @@ def test_processor_custom_generate_and_sampler_give_the_same_tokens():
         assert all(t == PAD for t in rest)
 
 
-def independent_first_token_q(lp: np.ndarray, lr: np.ndarray) -> np.ndarray:
-    """q* by float64 bisection on E_q[log r - log p] = 0 (full support)."""
-    delta = lr - lp
-
-    def slope(a):
-        w = lp + a * delta
-        w = np.exp(w - w.max())
-        return (w * delta).sum() / w.sum()
-
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
-    a = 0.5 * (lo + hi)
-    w = np.exp(lp + a * delta - (lp + a * delta).max())
-    return w / w.sum()
-
-
 def test_first_tokens_follow_q_star_chi_square():
     """20,000 first tokens against q* computed independently in float64.
 
@@ -185,7 +167,7 @@ def test_first_tokens_follow_q_star_chi_square():
     with torch.no_grad():
         lp = torch.log_softmax(base(ids).logits[0, -1, :V].double(), -1).numpy()
         lr = torch.log_softmax(teacher(ids).logits[0, -1, :V].double(), -1).numpy()
-    q = independent_first_token_q(lp, lr)
+    q = reference_q_star(lp, lr)
 
     torch.manual_seed(2024)
     out = base.generate(
@@ -210,18 +192,6 @@ def test_first_tokens_follow_q_star_chi_square():
     assert p_base < 1e-6
 
 
-def biased_to(model, token_id, bias=30.0):
-    """Swap in an output layer with a bias that makes `token_id` all but certain."""
-    head = model.get_output_embeddings()
-    new = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        new.weight.copy_(head.weight)
-        new.bias.zero_()
-        new.bias[token_id] = bias
-    model.set_output_embeddings(new)
-    return model
-
-
 @pytest.mark.parametrize("which", ["base", "teacher"])
 def test_a_stop_token_of_either_model_ends_the_row(which):
     stop_word = TOKENIZER.convert_tokens_to_ids("yes")
@@ -229,8 +199,8 @@ def test_a_stop_token_of_either_model_ends_the_row(which):
     teacher = tiny_causal_lm(V, seed=2, pad_token_id=PAD, eos_token_id=EOS)
     model = base if which == "base" else teacher
     model.generation_config.eos_token_id = stop_word
-    biased_to(base, stop_word)
-    biased_to(teacher, stop_word)
+    bias_output_layer(base, stop_word)
+    bias_output_layer(teacher, stop_word)
     sampler = OptimalSampler(base, teacher, TOKENIZER)
     assert stop_word in sampler.stop_token_ids
     outs = sampler.generate(PROMPTS, max_new_tokens=10, seed=0)
@@ -242,8 +212,8 @@ def test_a_stop_token_of_either_model_ends_the_row(which):
 def test_configured_stop_ids_end_the_row():
     stop_word = TOKENIZER.convert_tokens_to_ids("no")
     base, teacher = make_pair("llama")
-    biased_to(base, stop_word)
-    biased_to(teacher, stop_word)
+    bias_output_layer(base, stop_word)
+    bias_output_layer(teacher, stop_word)
     outs = OptimalSampler(base, teacher, TOKENIZER, stop_token_ids=[stop_word]).generate(PROMPTS[:1], max_new_tokens=10, seed=0)
     assert outs[0].generated_tokens == [stop_word]
 

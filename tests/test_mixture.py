@@ -14,20 +14,7 @@ from optimal_sampling import (
     solve_alpha,
     truncate_log_probs,
 )
-
-
-def random_pairs(seed: int, rows: int, vocab: int, scale: float = 2.0, mask_fraction: float = 0.0):
-    """float32 log-prob pairs (logits ~ scale · N(0, 1)), optionally with random masks on both
-    sides; two tokens per row stay unmasked on both sides."""
-    rng = np.random.default_rng(seed)
-    logits = scale * rng.standard_normal((2, rows, vocab))
-    if mask_fraction > 0:
-        masked = rng.random((2, rows, vocab)) < mask_fraction
-        keep = np.stack([rng.choice(vocab, 2, replace=False) for _ in range(rows)])
-        masked[:, np.arange(rows)[:, None], keep] = False
-        logits = np.where(masked, -np.inf, logits)
-    logp = torch.log_softmax(torch.from_numpy(logits).float(), dim=-1)
-    return logp[0], logp[1]
+from optimal_sampling.testing import random_log_prob_pairs
 
 
 def ref_logq(lp: np.ndarray, lr: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -47,7 +34,7 @@ def finite(x: np.ndarray) -> np.ndarray:
 
 
 def test_optimal_log_probs_is_the_normalised_geometric_mixture_on_the_common_support():
-    lp, lr = random_pairs(seed=1, rows=64, vocab=50, mask_fraction=0.3)
+    lp, lr = random_log_prob_pairs(1, rows=64, vocab=50, mask_fraction=0.3)
     alpha = torch.from_numpy(np.random.default_rng(1).random(64)).float()
     logq = optimal_log_probs(lp, lr, alpha)
     expected = ref_logq(lp.double().numpy(), lr.double().numpy(), alpha.double().numpy())
@@ -58,7 +45,7 @@ def test_optimal_log_probs_is_the_normalised_geometric_mixture_on_the_common_sup
 
 
 def test_optimal_log_probs_at_the_endpoints_is_each_model_on_the_common_support():
-    lp, lr = random_pairs(seed=2, rows=4, vocab=20, mask_fraction=0.3)
+    lp, lr = random_log_prob_pairs(2, rows=4, vocab=20, mask_fraction=0.3)
     support = (torch.isfinite(lp) & torch.isfinite(lr)).numpy()
     for alpha, source in ((0.0, lp), (1.0, lr)):
         logq = optimal_log_probs(lp, lr, alpha).double().numpy()
@@ -101,7 +88,7 @@ def ref_diagnostics(lp: np.ndarray, lr: np.ndarray, alpha: np.ndarray) -> dict[s
 
 
 def test_mixture_diagnostics_match_float64_formulas():
-    lp, lr = random_pairs(seed=3, rows=32, vocab=40, mask_fraction=0.3)
+    lp, lr = random_log_prob_pairs(3, rows=32, vocab=40, mask_fraction=0.3)
     alpha = torch.from_numpy(np.random.default_rng(3).random(32)).float()
     diagnostics = mixture_diagnostics(lp, lr, alpha).as_dict()
     expected = ref_diagnostics(lp.double().numpy(), lr.double().numpy(), alpha.double().numpy())
@@ -111,7 +98,7 @@ def test_mixture_diagnostics_match_float64_formulas():
 
 
 def test_chernoff_information_equals_both_kls_at_the_kl_symmetric_alpha():
-    lp, lr = random_pairs(seed=4, rows=32, vocab=100, scale=3.0)  # full support
+    lp, lr = random_log_prob_pairs(4, rows=32, vocab=100, scale=3.0)  # full support
     alpha = solve_alpha(lp, lr)
     diagnostics = mixture_diagnostics(lp, lr, alpha)
     expected = ref_diagnostics(lp.double().numpy(), lr.double().numpy(), alpha.double().numpy())
@@ -163,7 +150,7 @@ def test_truncate_without_top_k_or_top_p_returns_q_unchanged():
 
 
 def test_compute_mixture_samples_q_star_truncated_after_mixing():
-    lp, lr = random_pairs(seed=7, rows=16, vocab=60)
+    lp, lr = random_log_prob_pairs(7, rows=16, vocab=60)
     step = compute_mixture(lp, lr, top_k=10)
     q = ref_logq(lp.double().numpy(), lr.double().numpy(), step.alpha.double().numpy())
     top10 = np.argsort(-q, axis=1)[:, :10]
@@ -245,13 +232,13 @@ def test_bad_truncation_arguments_are_reported():
 
 
 def test_compute_mixture_reports_nan_inputs():
-    lp, lr = random_pairs(seed=10, rows=2, vocab=5)
+    lp, lr = random_log_prob_pairs(10, rows=2, vocab=5)
     lp[0, 1] = float("nan")
     with pytest.raises(ValueError, match="`logp_theta` contains NaN"):
         compute_mixture(lp, lr)
 
 
 def test_compute_mixture_reports_shape_mismatch():
-    lp, lr = random_pairs(seed=11, rows=2, vocab=5)
+    lp, lr = random_log_prob_pairs(11, rows=2, vocab=5)
     with pytest.raises(ValueError, match="same shape"):
         compute_mixture(lp, lr[:1])
