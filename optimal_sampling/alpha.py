@@ -188,6 +188,20 @@ def solve_alpha(
         >>> solve_alpha(logp_theta, logp_theta)  # identical rows: α = 0.5 by convention
         tensor([0.5000])
     """
+    check_solve_options(method, alpha=alpha, tol=tol, max_iter=max_iter, alpha_min=alpha_min, alpha_max=alpha_max,
+                        empty_support=empty_support)
+    if validate:
+        check_log_prob_pair(logp_theta, logp_t)
+    pair = common_support(logp_theta, logp_t, teacher_top_p=teacher_top_p)
+    solution = solve_on_support(
+        pair, method, alpha=alpha, tol=tol, max_iter=max_iter, alpha_min=alpha_min, alpha_max=alpha_max,
+        empty_support=empty_support, log_multiplicity=log_multiplicity,
+    )
+    return solution if return_info else solution.alpha
+
+
+def check_solve_options(method, *, alpha, tol, max_iter, alpha_min, alpha_max, empty_support) -> None:
+    """Raise a clear error for an unknown method or inconsistent solver options."""
     if method not in ALPHA_METHODS:
         raise ValueError(f"Unknown alpha method {method!r}; choose one of {', '.join(ALPHA_METHODS)}.")
     if not (0.0 <= alpha_min <= alpha_max <= 1.0):
@@ -201,43 +215,79 @@ def solve_alpha(
         raise ValueError(f"Need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}.")
     if method == "fixed" and alpha is None:
         raise ValueError("method='fixed' needs `alpha=` (a float in [0, 1] or a [B] tensor).")
-    if validate:
-        check_log_prob_pair(logp_theta, logp_t)
 
+
+@dataclass
+class CommonSupport:
+    """A base/teacher pair of `[B, V]` log-probs split into what every q* computation reuses.
+
+    Attributes:
+        logp_theta, logp_t: the inputs in the compute dtype, restricted to the teacher's
+            top-p nucleus when one was asked for (`-inf` outside it).
+        logp_theta_s: log π_θ on the common support S, `-inf` off it.
+        delta: Δ = log π_t − log π_θ on S, 0 off it (so log q ∝ logp_theta_s + αΔ everywhere).
+        off: `[B, V]` bool, the token is outside S.
+        empty: `[B]` bool, the row has no common token.
+    """
+
+    logp_theta: torch.Tensor
+    logp_t: torch.Tensor
+    logp_theta_s: torch.Tensor
+    delta: torch.Tensor
+    off: torch.Tensor
+    empty: torch.Tensor
+
+
+def common_support(logp_theta: torch.Tensor, logp_t: torch.Tensor, *, teacher_top_p: float | None = None) -> CommonSupport:
+    """Prepare a validated pair for `solve_on_support` and the mixture (a few passes over `[B, V]`)."""
     dtype = compute_dtype(logp_theta)
     lp, lr = logp_theta.to(dtype), logp_t.to(dtype)
     if teacher_top_p is not None and teacher_top_p < 1.0:
-        keep = teacher_nucleus_mask(lr, teacher_top_p)
-        lp = lp.masked_fill(~keep, float("-inf"))
-        lr = lr.masked_fill(~keep, float("-inf"))
-    support = has_mass(lp) & has_mass(lr)
-    empty = ~support.any(dim=-1)
-    lp_s = lp.masked_fill(~support, float("-inf"))
-    delta = (lr - lp).masked_fill(~support, 0.0)
+        outside = ~teacher_nucleus_mask(lr, teacher_top_p)
+        lp, lr = lp.masked_fill(outside, float("-inf")), lr.masked_fill(outside, float("-inf"))
+    # Log-probs are never +inf, so the sum is -inf exactly off S (one pass instead of two
+    # comparisons). A NaN input stays NaN in Δ and log q, where callers that skip
+    # `check_log_prob_pair` (the fast path) detect it.
+    off = torch.isneginf(lp + lr)
+    delta = torch.where(off, 0.0, lr - lp)
+    lp_s = torch.where(off, float("-inf"), lp)
+    return CommonSupport(lp, lr, lp_s, delta, off, off.all(dim=-1))
 
-    batch = lp.shape[0]
-    iterations = torch.zeros(batch, dtype=torch.int32, device=lp.device)
-    degenerate = torch.zeros(batch, dtype=torch.bool, device=lp.device)
-    converged = torch.ones(batch, dtype=torch.bool, device=lp.device)
 
+def solve_on_support(
+    pair: CommonSupport,
+    method: str = "kl_symmetry",
+    *,
+    alpha: float | torch.Tensor | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 20,
+    alpha_min: float = 0.0,
+    alpha_max: float = 1.0,
+    empty_support: str = "teacher",
+    log_multiplicity: torch.Tensor | None = None,
+) -> AlphaSolution:
+    """`solve_alpha` on a prepared pair (options already checked by `check_solve_options`)."""
+    batch, device = pair.delta.shape[0], pair.delta.device
+    iterations = torch.zeros(batch, dtype=torch.int32, device=device)
+    degenerate = torch.zeros(batch, dtype=torch.bool, device=device)
+    converged = torch.ones(batch, dtype=torch.bool, device=device)
     if method == "fixed":
-        result = torch.as_tensor(alpha, dtype=torch.float64, device=lp.device).expand(batch).clone()
+        result = torch.as_tensor(alpha, dtype=torch.float64, device=device).expand(batch).clone()
         if bool(((result < 0) | (result > 1)).any()):
             raise ValueError(f"`alpha` for method='fixed' must lie in [0, 1], got {alpha}.")
     elif method == "entropy":
-        result = _entropy_alpha(lp, lr, log_multiplicity)
+        result = _entropy_alpha(pair.logp_theta, pair.logp_t, log_multiplicity)
     elif method == "ess_balance":
-        result, iterations, converged = _ess_balance_alpha(lp_s, delta, lr, tol, max_iter)
+        lr_s = pair.logp_t.masked_fill(pair.off, float("-inf"))
+        result, iterations, converged = _ess_balance_alpha(pair.logp_theta_s, pair.delta, lr_s, tol, max_iter)
     else:
-        result, iterations, degenerate, converged = _kl_symmetry_alpha(lp_s, delta, tol, max_iter)
+        result, iterations, degenerate, converged = _kl_symmetry_alpha(pair, tol, max_iter)
 
     fallback = 1.0 if empty_support == "teacher" else 0.0
-    result = torch.where(empty, torch.full_like(result, fallback), result)
-    degenerate = degenerate & ~empty
+    result = torch.where(pair.empty, fallback, result)
+    degenerate = degenerate & ~pair.empty
     result = result.clamp(alpha_min, alpha_max).to(torch.float32)
-    if not return_info:
-        return result
-    return AlphaSolution(result, iterations, degenerate, empty, converged | empty)
+    return AlphaSolution(result, iterations, degenerate, pair.empty, converged | pair.empty)
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,51 +303,67 @@ def solve_alpha(
 # both models agree on — drop out of h instead of flattening A' towards 0.
 
 
-def _log_ratio_moments(
-    log_weight: torch.Tensor,
-    delta: torch.Tensor,
-    delta_pos: torch.Tensor,
-    delta_neg: torch.Tensor,
-    alpha: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """h(α) = log S₊ − log S₋ and h'(α), `[B]` float64 each.
+_LOG2E = 1.4426950408889634
 
-    `log_weight` is log p on the tokens with Δ ≠ 0 (−inf elsewhere, row max 0);
-    `delta_pos` / `delta_neg` are max(Δ, 0) and max(−Δ, 0), all `[B, V]`. The weights are
-    formed in the input precision, the sums accumulate in float64 (the root of a flat row
-    is sensitive to round-off in them).
+
+class LogRatioMoments:
+    """Evaluates h(α) and h'(α) of one batch at any number of α per row.
+
+    Built once per solve; each call is one pass over the `[B, V]` data: the weights
+    w = p e^{αΔ} shifted by their row max, then the four sums S₊, S₋, Σ w Δ₊², Σ w Δ₋² in one
+    fused multiply-and-sum against a stacked `[B, 4, V]` feature tensor. Tokens with Δ = 0
+    add nothing to any of them; leaving them out of the weights keeps the row max among the
+    tokens that count, so S± cannot underflow behind a shared top token. The weights are
+    float32 (`exp2` of pre-scaled exponents: the same values at a third of `exp`'s cost on
+    CPU), the sums float32 (tree / cascade summation), converted to float64 for the logs and
+    ratios. Few, large ops: on small batches the solve is bound by the number of ops, not
+    by the arithmetic.
     """
-    t = torch.addcmul(log_weight, alpha.to(log_weight.dtype).unsqueeze(-1), delta)  # [B, V]
-    top = t.amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w = torch.exp(t - top)  # [B, V]; the top token has w = 1, so S₊ + S₋ > 0 on non-empty rows
-    w_pos, w_neg = w * delta_pos, w * delta_neg
-    s1_pos, s1_neg = row_sum64(w_pos), row_sum64(w_neg)
-    s2_pos, s2_neg = row_sum64(w_pos * delta_pos), row_sum64(w_neg * delta_neg)
-    h = s1_pos.log() - s1_neg.log()  # ±inf when one side is empty or underflows: sign still right
-    slope = torch.where(s1_pos > 0, s2_pos / s1_pos, 0.0) + torch.where(s1_neg > 0, s2_neg / s1_neg, 0.0)
-    return h, slope
+
+    def __init__(self, pair: CommonSupport) -> None:
+        delta = pair.delta
+        # Centring log p per row keeps the float32 round-off of log p + αΔ small on flat rows,
+        # where the root is most sensitive to it.
+        top = pair.logp_theta_s.amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(delta.dtype).min)
+        log2_weight = torch.where(delta == 0, float("-inf"), (pair.logp_theta_s - top).mul_(_LOG2E))
+        self.log2_weight = log2_weight.unsqueeze(1)  # [B, 1, V]
+        self.log2_delta = (delta * _LOG2E).unsqueeze(1)  # [B, 1, V]
+        delta_pos, delta_neg = delta.clamp_min(0.0), delta.clamp_max(0.0).neg_()
+        self.features = torch.stack([delta_pos, delta_neg, delta_pos.square(), delta_neg.square()], dim=1).unsqueeze(1)
+
+    def __call__(self, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`alpha`: `[B, K]` float64 → h, h' as `[B, K]` float64 each.
+
+        h = log S₊ − log S₋ is ±inf when one side is empty or underflows (its sign is still
+        right); h' = Σ w Δ₊²/S₊ + Σ w Δ₋²/S₋ counts an empty side as 0.
+        """
+        t = torch.addcmul(self.log2_weight, alpha.to(self.log2_delta.dtype).unsqueeze(-1), self.log2_delta)  # [B, K, V]
+        t -= t.amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(t.dtype).min)  # an all -inf row stays -inf, no NaN
+        sums = (t.exp2_().unsqueeze(2) * self.features).sum(dim=-1).double()  # [B, K, 4]: S₊, S₋, Σ w Δ₊², Σ w Δ₋²
+        first, second = sums[..., :2], sums[..., 2:]
+        log_first = first.log()
+        h = log_first[..., 0] - log_first[..., 1]
+        slope = (second / first).nan_to_num_(nan=0.0).sum(dim=-1)
+        return h, slope
 
 
-def _bracketed_newton_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi):
-    """Next iterate inside (lo, hi) from the tangents at both bracket ends.
+def _tangent_step(bracket: torch.Tensor) -> torch.Tensor:
+    """Next iterate inside the bracket from the tangents at both of its ends, `[B]`.
 
-    Where h is concave on the bracket both tangent roots undershoot the root and the larger
-    is the tighter; where convex both overshoot and the smaller is. So take the max (if the
-    slope decreases from lo to hi) or the min, else whichever tangent root lies inside,
-    else bisect. One end is the latest iterate, so near the root this is Newton's step;
-    far from it, the older end's tangent often cuts across a kink that plain Newton
-    would creep along. For h made of two linear pieces it lands on the root exactly.
+    `bracket`: `[B, 2, 3]`, (α, h, h') at the lower and the upper end. Where h is concave
+    on the bracket both tangent roots undershoot the root and the larger is the tighter;
+    where convex both overshoot and the smaller is. So take the larger (if the slope falls
+    from lo to hi) or the smaller of the roots that lie inside, else bisect. One end is the
+    latest iterate, so near the root this is Newton's step; far from it, the older end's
+    tangent often cuts across a kink that plain Newton would creep along. For h made of two
+    linear pieces it lands on the root exactly.
     """
-    from_lo = lo - h_lo / slope_lo
-    from_hi = hi - h_hi / slope_hi
-    inside_lo = torch.isfinite(from_lo) & (from_lo > lo) & (from_lo < hi)
-    inside_hi = torch.isfinite(from_hi) & (from_hi > lo) & (from_hi < hi)
-    preferred = torch.where(slope_lo >= slope_hi, torch.maximum(from_lo, from_hi), torch.minimum(from_lo, from_hi))
-    inside_preferred = torch.isfinite(preferred) & (preferred > lo) & (preferred < hi)
-    other = torch.where(inside_lo, from_lo, from_hi)
-    step = torch.where(inside_lo | inside_hi, other, 0.5 * (lo + hi))
-    return torch.where(inside_preferred, preferred, step)
+    ends, h, slope = bracket.unbind(-1)  # [B, 2] each
+    roots = ends - h / slope  # NaN / ±inf for a zero slope: never inside
+    inside = (roots > ends[:, :1]) & (roots < ends[:, 1:])
+    pick_larger = torch.where(slope[:, 0] >= slope[:, 1], 1.0, -1.0).to(roots.dtype).unsqueeze(-1)
+    best = torch.where(inside, roots * pick_larger, float("-inf")).amax(dim=-1) * pick_larger.squeeze(-1)
+    return torch.where(inside.any(dim=-1), best, ends.mean(dim=-1))
 
 
 def _iteration_done(active: torch.Tensor) -> bool:
@@ -310,56 +376,46 @@ def _iteration_done(active: torch.Tensor) -> bool:
     return not bool(active.any())
 
 
-def _kl_symmetry_alpha(lp_s, delta, tol, max_iter):
-    batch = lp_s.shape[0]
-    device = lp_s.device
-    support = has_mass(lp_s)
-    nonempty = support.any(dim=-1)
-    delta_max = delta.masked_fill(~support, float("-inf")).amax(dim=-1)
-    delta_min = delta.masked_fill(~support, float("inf")).amin(dim=-1)
+def _kl_symmetry_alpha(pair: CommonSupport, tol: float, max_iter: int):
+    delta = pair.delta
+    batch, device = delta.shape[0], delta.device
+    delta_max = torch.where(pair.off, float("-inf"), delta).amax(dim=-1)
+    delta_min = torch.where(pair.off, float("inf"), delta).amin(dim=-1)
     delta_scale = torch.maximum(delta_max.abs(), delta_min.abs())
+    nonempty = ~pair.empty
     degenerate = nonempty & (delta_max - delta_min <= _DEGENERATE_RTOL * delta_scale)
 
-    # Centring log p per row keeps the float32 round-off of log p + αΔ small on flat rows,
-    # where the root is most sensitive to it.
-    top_lp = lp_s.amax(dim=-1, keepdim=True)
-    log_weight = lp_s - torch.where(torch.isfinite(top_lp), top_lp, torch.zeros_like(top_lp))
-    log_weight = log_weight.masked_fill(delta == 0, float("-inf"))
-    delta_pos, delta_neg = delta.clamp_min(0.0), (-delta).clamp_min(0.0)
+    moments = LogRatioMoments(pair)
+    ends = torch.arange(2, dtype=torch.float64, device=device).expand(batch, 2)  # α = 0 and 1; no host copy
+    h_ends, slope_ends = moments(ends)  # both ends in one pass; signs of A'(0) = -KL(p‖r), A'(1) = KL(r‖p)
+    live = nonempty & ~degenerate
+    at_lower = live & (h_ends[:, 0] >= 0)  # A increasing on [0, 1]: minimum at 0
+    at_upper = live & ~at_lower & (h_ends[:, 1] <= 0)  # A decreasing on [0, 1]: minimum at 1
+    bracket = torch.stack([ends, h_ends, slope_ends], dim=-1)  # [B, 2, 3]: h(lo) < 0 < h(hi) on active rows
 
-    zeros = torch.zeros(batch, dtype=torch.float64, device=device)
-    lo, hi = zeros.clone(), zeros + 1.0  # bracket: h(lo) < 0 < h(hi)
-    h_lo, slope_lo = _log_ratio_moments(log_weight, delta, delta_pos, delta_neg, lo)  # sign of A'(0) = -KL(p‖r)
-    h_hi, slope_hi = _log_ratio_moments(log_weight, delta, delta_pos, delta_neg, hi)  # sign of A'(1) = KL(r‖p)
-    at_lower = nonempty & ~degenerate & (h_lo >= 0)  # A increasing on [0, 1]: minimum at 0
-    at_upper = nonempty & ~degenerate & ~at_lower & (h_hi <= 0)  # A decreasing on [0, 1]: minimum at 1
-
-    alpha = _bracketed_newton_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi)
-    alpha = torch.where(degenerate, zeros + 0.5, alpha)
-    alpha = torch.where(at_lower, zeros, alpha)
-    alpha = torch.where(at_upper, zeros + 1.0, alpha)
-
-    active = nonempty & ~(degenerate | at_lower | at_upper)
+    alpha = _tangent_step(bracket)
+    alpha = torch.where(degenerate, 0.5, alpha)
+    alpha = torch.where(at_lower, 0.0, alpha)
+    alpha = torch.where(at_upper, 1.0, alpha)
+    active = live & ~(at_lower | at_upper)
     iterations = torch.zeros(batch, dtype=torch.int32, device=device)
     for _ in range(max_iter):
         if _iteration_done(active):
             break
-        h, slope = _log_ratio_moments(log_weight, delta, delta_pos, delta_neg, alpha)
-        iterations += active.to(torch.int32)
-        below, above = active & (h < 0), active & (h > 0)
-        lo, h_lo = torch.where(below, alpha, lo), torch.where(below, h, h_lo)
-        hi, h_hi = torch.where(above, alpha, hi), torch.where(above, h, h_hi)
-        slope_lo, slope_hi = torch.where(below, slope, slope_lo), torch.where(above, slope, slope_hi)
-        newton_step = h / slope
+        h, slope = (x.squeeze(-1) for x in moments(alpha.unsqueeze(-1)))
+        iterations += active
+        # The new point replaces the bracket end on its side of the root (active rows only).
+        replace = torch.stack([active & (h < 0), active & (h > 0)], dim=-1).unsqueeze(-1)  # [B, 2, 1]
+        bracket = torch.where(replace, torch.stack([alpha, h, slope], dim=-1).unsqueeze(1), bracket)
+        lo, hi = bracket[:, 0, 0], bracket[:, 1, 0]
         # Freeze a row once Newton's step (≈ the distance to the root) or the bracket is
         # below tol: further steps would only chase round-off. The step is tested before the
         # bracket safeguard, which would reject a step below round-off of α as "outside".
-        close = torch.isfinite(newton_step) & (newton_step.abs() <= tol)
-        step = _bracketed_newton_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi)
-        step = torch.where(close, (alpha - newton_step).clamp(lo, hi), step)
-        done = (h == 0) | close | (hi - lo <= tol)
+        newton_step = h / slope
+        close = newton_step.abs() <= tol  # False for NaN / inf
+        step = torch.where(close, torch.clamp(alpha - newton_step, lo, hi), _tangent_step(bracket))
         alpha = torch.where(active & (h != 0), step, alpha)
-        active = active & ~done
+        active = active & ~((h == 0) | close | (hi - lo <= tol))
     converged = ~active
     return alpha, iterations, degenerate, converged
 

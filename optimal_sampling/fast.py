@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import StaticCache
 
-from .alpha import EMPTY_SUPPORT_FALLBACKS, solve_alpha, teacher_nucleus_mask
-from .mixture import NEG_INF, log_probs_from_logits, mixture_diagnostics, optimal_log_probs, truncate_log_probs
+from .alpha import EMPTY_SUPPORT_FALLBACKS, common_support, solve_alpha, solve_on_support
+from .mixture import NEG_INF, diagnostics_on_support, log_probs_from_logits, mixture_on_support, truncate_log_probs
 from .processor import RECORDED_DIAGNOSTICS, check_same_device
 from .teacher import position_ids_from_mask, repeat_teacher_prompts
 
@@ -174,11 +174,8 @@ def q_star_step(base_logits: torch.Tensor, teacher_logits: torch.Tensor, forced:
     """
     logp_theta = log_probs_from_logits(base_logits, options.temperature, options.vocab_size)  # [B, V] float32
     logp_t = log_probs_from_logits(teacher_logits, options.temperature, options.vocab_size)
-    lp, lr = logp_theta, logp_t
-    if options.teacher_top_p is not None and options.teacher_top_p < 1.0:
-        keep = teacher_nucleus_mask(lr, options.teacher_top_p)
-        lp, lr = lp.masked_fill(~keep, NEG_INF), lr.masked_fill(~keep, NEG_INF)
-    empty = ~(torch.isfinite(lp) & torch.isfinite(lr)).any(dim=-1)  # [B]
+    pair = common_support(logp_theta, logp_t, teacher_top_p=options.teacher_top_p)
+    empty = pair.empty
     fallback = 1.0 if options.empty_support == "teacher" else 0.0
     if options.alpha_method == "fixed":
         alpha = torch.full_like(empty, float(options.alpha), dtype=torch.float64)
@@ -187,9 +184,9 @@ def q_star_step(base_logits: torch.Tensor, teacher_logits: torch.Tensor, forced:
         iterations = torch.zeros_like(empty, dtype=torch.int32)
         converged = torch.ones_like(empty)
     else:
-        solution = solve_alpha(
-            lp, lr, options.alpha_method, tol=options.tol, max_iter=options.max_iter, alpha_min=options.alpha_min,
-            alpha_max=options.alpha_max, empty_support=options.empty_support, return_info=True, validate=False,
+        solution = solve_on_support(
+            pair, options.alpha_method, tol=options.tol, max_iter=options.max_iter, alpha_min=options.alpha_min,
+            alpha_max=options.alpha_max, empty_support=options.empty_support,
         )
         alpha, iterations, converged = solution.alpha, solution.iterations, solution.converged
     if options.force_teacher_first_tokens:
@@ -197,10 +194,10 @@ def q_star_step(base_logits: torch.Tensor, teacher_logits: torch.Tensor, forced:
         alpha = torch.where(forced, forced_alpha.clamp(options.alpha_min, options.alpha_max), alpha)
         iterations = torch.where(forced, torch.zeros_like(iterations), iterations)
         converged = converged | forced
-    logq_full = optimal_log_probs(lp, lr, alpha, empty_support=options.empty_support)
+    logq_full, log_partition = mixture_on_support(pair, alpha, options.empty_support)
     diagnostics = None
     if options.diagnostics:
-        diagnostics = mixture_diagnostics(lp, lr, alpha, logq=logq_full).as_dict()
+        diagnostics = diagnostics_on_support(pair, alpha, logq_full, log_partition, None, options.empty_support).as_dict()
     logq = truncate_log_probs(logq_full, top_k=options.top_k, top_p=options.top_p)
     return QStarStep(logq, logp_theta, logp_t, alpha, iterations, empty, converged, diagnostics)
 

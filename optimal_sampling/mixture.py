@@ -11,14 +11,15 @@ from dataclasses import dataclass, fields
 import torch
 
 from .alpha import (
+    EMPTY_SUPPORT_FALLBACKS,
     AlphaSolution,
+    CommonSupport,
     check_log_prob_pair,
+    check_solve_options,
+    common_support,
     compute_dtype,
-    ess_log_gap,
     has_mass,
-    row_sum64,
-    solve_alpha,
-    teacher_nucleus_mask,
+    solve_on_support,
 )
 
 NEG_INF = float("-inf")
@@ -44,17 +45,27 @@ def log_probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, vocab_
     return torch.log_softmax(logits, dim=-1)
 
 
-def _log_mixture(lp: torch.Tensor, lr: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unnormalised (1-α) log p + α log r on the common support (`-inf` elsewhere), and
-    the support mask. Masking before mixing avoids 0 · (−inf) = NaN at α ∈ {0, 1}."""
-    support = has_mass(lp) & has_mass(lr)
-    a = alpha.unsqueeze(-1)
-    mixed = (1 - a) * lp.masked_fill(~support, 0.0) + a * lr.masked_fill(~support, 0.0)
-    return mixed.masked_fill(~support, NEG_INF), support
-
-
 def _as_alpha(alpha: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(alpha, dtype=like.dtype, device=like.device).expand(like.shape[0])
+
+
+def _check_empty_support(empty_support: str) -> None:
+    if empty_support not in EMPTY_SUPPORT_FALLBACKS:
+        raise ValueError(f"`empty_support` must be 'teacher' or 'base', got {empty_support!r}.")
+
+
+def mixture_on_support(pair: CommonSupport, alpha: torch.Tensor, empty_support: str = "teacher") -> tuple[torch.Tensor, torch.Tensor]:
+    """log q_α `[B, V]` and the log-partition A(α) `[B]` of a prepared pair.
+
+    (1-α) log π_θ + α log π_t = log π_θ + αΔ, which is −inf exactly off the common support
+    (Δ is 0 there), so no masking is needed. A row without a common token gets the fallback
+    model's log-probs and A = −inf.
+    """
+    mixed = torch.addcmul(pair.logp_theta_s, alpha.to(pair.delta.dtype).unsqueeze(-1), pair.delta)  # [B, V]
+    log_partition = torch.logsumexp(mixed, dim=-1, keepdim=True)  # −inf on empty rows
+    fallback = pair.logp_t if empty_support == "teacher" else pair.logp_theta
+    logq = torch.where(pair.empty.unsqueeze(-1), fallback, mixed - log_partition)
+    return logq, log_partition.squeeze(-1)
 
 
 def optimal_log_probs(
@@ -83,15 +94,9 @@ def optimal_log_probs(
         >>> optimal_log_probs(lp, lr, torch.tensor([1.0])).exp()  # α = 1: the teacher on the common support
         tensor([[0.4000, 0.6000, 0.0000]])
     """
-    dtype = compute_dtype(logp_theta)
-    lp, lr = logp_theta.to(dtype), logp_t.to(dtype)
-    if empty_support not in ("teacher", "base"):
-        raise ValueError(f"`empty_support` must be 'teacher' or 'base', got {empty_support!r}.")
-    mixed, support = _log_mixture(lp, lr, _as_alpha(alpha, lp))
-    empty = ~support.any(dim=-1, keepdim=True)
-    fallback = lr if empty_support == "teacher" else lp
-    mixed = torch.where(empty, fallback, mixed)
-    return mixed - torch.logsumexp(mixed, dim=-1, keepdim=True)
+    _check_empty_support(empty_support)
+    pair = common_support(logp_theta, logp_t)
+    return mixture_on_support(pair, _as_alpha(alpha, pair.delta), empty_support)[0]
 
 
 @dataclass
@@ -124,43 +129,64 @@ def mixture_diagnostics(
     logp_t: torch.Tensor,
     alpha: torch.Tensor | float,
     *,
-    logq: torch.Tensor | None = None,
     log_multiplicity: torch.Tensor | None = None,
+    empty_support: str = "teacher",
 ) -> MixtureDiagnostics:
     """KLs, ESS ratio, entropy and Chernoff value of q_α, per row.
 
-    `logq` may be passed if already computed (`optimal_log_probs` of the same inputs).
     `log_multiplicity` (`[B, V]`, log of the number of tokens a column stands for) is used by
     the sparse path's rest bucket: KLs are exact per bucket, entropy and ESS need the count.
+    A row without a common token is described through its fallback q (`empty_support`).
     """
-    dtype = compute_dtype(logp_theta)
-    lp, lr = logp_theta.to(dtype), logp_t.to(dtype)
-    if logq is None:
-        logq = optimal_log_probs(lp, lr, alpha)
-    alpha = _as_alpha(alpha, lp)
-    on_q = has_mass(logq)
+    _check_empty_support(empty_support)
+    pair = common_support(logp_theta, logp_t)
+    alpha = _as_alpha(alpha, pair.delta)
+    logq, log_partition = mixture_on_support(pair, alpha, empty_support)
+    return diagnostics_on_support(pair, alpha, logq, log_partition, log_multiplicity, empty_support)
+
+
+def diagnostics_on_support(
+    pair: CommonSupport,
+    alpha: torch.Tensor,
+    logq: torch.Tensor,
+    log_partition: torch.Tensor,
+    log_multiplicity: torch.Tensor | None = None,
+    empty_support: str = "teacher",
+) -> MixtureDiagnostics:
+    """`mixture_diagnostics` from the pieces `mixture_on_support` already computed.
+
+    With log q = log π_θ + αΔ − A on the common support, every KL is a function of E_q[Δ]:
+
+        KL(q‖π_θ) = α E_q[Δ] − A,   KL(q‖π_t) = (α − 1) E_q[Δ] − A,   Chernoff = −A,
+
+    and ESS_θ / ESS_t = exp(A(2 − α) − A(−α)) since π²/q ∝ e^{log π_θ − αΔ} and
+    e^{log π_θ + (2−α)Δ} for the two models. So one weighted sum, the entropy and one
+    two-point log-partition cover all six.
+    """
+    a = alpha.to(torch.float64)
     q = logq.exp()
-
-    def q_weighted_sum(values: torch.Tensor) -> torch.Tensor:
-        return row_sum64(torch.where(on_q, q * values, torch.zeros_like(q)))
-
-    kl_theta = q_weighted_sum(logq - lp)  # inf where q has mass that π_θ lacks (fallback rows)
-    kl_t = q_weighted_sum(logq - lr)
-    per_token_logq = logq if log_multiplicity is None else logq - log_multiplicity
-    entropy_q = -q_weighted_sum(per_token_logq)
-
-    mixed, support = _log_mixture(lp, lr, alpha)
-    log_partition = torch.logsumexp(mixed, dim=-1)
-    lp_s, lr_s = lp.masked_fill(~support, NEG_INF), lr.masked_fill(~support, NEG_INF)
-    delta = (lr - lp).masked_fill(~support, 0.0)
-    ess_ratio = torch.exp(-ess_log_gap(lp_s, delta, lr_s, alpha))
+    mean_delta = (q * pair.delta).sum(dim=-1).double()  # E_q[Δ]; 0 on empty rows (Δ = 0 there)
+    entropy_terms = torch.special.entr(q)  # −q log q, 0 where q = 0
+    if log_multiplicity is not None:
+        entropy_terms = entropy_terms + torch.where(q > 0, q * log_multiplicity, 0.0)
+    entropy_q = entropy_terms.sum(dim=-1).double()
+    log_partition = log_partition.double()
+    kl_theta = a * mean_delta - log_partition  # +inf on empty rows (A = −inf) ...
+    kl_t = (a - 1) * mean_delta - log_partition
+    if empty_support == "teacher":  # ... except against the fallback model itself
+        kl_t = torch.where(pair.empty, 0.0, kl_t)
+    else:
+        kl_theta = torch.where(pair.empty, 0.0, kl_theta)
+    far = torch.stack([-alpha, 2 - alpha], dim=-1).to(pair.delta.dtype).unsqueeze(-1)  # [B, 2, 1]
+    log_partition_far = torch.logsumexp(torch.addcmul(pair.logp_theta_s.unsqueeze(1), far, pair.delta.unsqueeze(1)), dim=-1)
+    ess_ratio = torch.exp(log_partition_far[:, 1].double() - log_partition_far[:, 0].double())  # NaN on empty rows
     return MixtureDiagnostics(
         kl_theta=kl_theta,
         kl_t=kl_t,
         kl_diff=kl_theta - kl_t,
         ess_ratio=ess_ratio,
         entropy_q=entropy_q,
-        chernoff=-log_partition.to(torch.float64),
+        chernoff=-log_partition,
     )
 
 
@@ -243,30 +269,18 @@ def compute_mixture(
         >>> step.logq.shape, bool(step.diagnostics.kl_diff.abs().max() < 1e-5)
         (torch.Size([2, 10]), True)
     """
+    check_solve_options(alpha_method, alpha=alpha, tol=tol, max_iter=max_iter, alpha_min=alpha_min,
+                        alpha_max=alpha_max, empty_support=empty_support)
     if validate:
         check_log_prob_pair(logp_theta, logp_t)
-    solution = solve_alpha(
-        logp_theta,
-        logp_t,
-        alpha_method,
-        alpha=alpha,
-        tol=tol,
-        max_iter=max_iter,
-        alpha_min=alpha_min,
-        alpha_max=alpha_max,
-        teacher_top_p=teacher_top_p,
-        empty_support=empty_support,
-        log_multiplicity=log_multiplicity,
-        return_info=True,
-        validate=False,
+    pair = common_support(logp_theta, logp_t, teacher_top_p=teacher_top_p)
+    solution = solve_on_support(
+        pair, alpha_method, alpha=alpha, tol=tol, max_iter=max_iter, alpha_min=alpha_min, alpha_max=alpha_max,
+        empty_support=empty_support, log_multiplicity=log_multiplicity,
     )
-    lp, lr = logp_theta, logp_t
-    if teacher_top_p is not None and teacher_top_p < 1.0:
-        keep = teacher_nucleus_mask(lr, teacher_top_p)
-        lp, lr = lp.masked_fill(~keep, NEG_INF), lr.masked_fill(~keep, NEG_INF)
-    logq_full = optimal_log_probs(lp, lr, solution.alpha, empty_support=empty_support)
+    logq_full, log_partition = mixture_on_support(pair, solution.alpha, empty_support)
     diagnostics = None
     if return_diagnostics:
-        diagnostics = mixture_diagnostics(lp, lr, solution.alpha, logq=logq_full, log_multiplicity=log_multiplicity)
+        diagnostics = diagnostics_on_support(pair, solution.alpha, logq_full, log_partition, log_multiplicity, empty_support)
     logq = truncate_log_probs(logq_full, top_k=top_k, top_p=top_p)
     return Mixture(logq=logq, alpha=solution.alpha, solution=solution, diagnostics=diagnostics)
