@@ -347,23 +347,25 @@ class LogRatioMoments:
         return h, slope
 
 
-def _tangent_step(bracket: torch.Tensor) -> torch.Tensor:
-    """Next iterate inside the bracket from the tangents at both of its ends, `[B]`.
+def _tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi):
+    """Next iterate inside (lo, hi) from the tangents at both bracket ends (`[B, 1]` each).
 
-    `bracket`: `[B, 2, 3]`, (α, h, h') at the lower and the upper end. Where h is concave
-    on the bracket both tangent roots undershoot the root and the larger is the tighter;
-    where convex both overshoot and the smaller is. So take the larger (if the slope falls
-    from lo to hi) or the smaller of the roots that lie inside, else bisect. One end is the
-    latest iterate, so near the root this is Newton's step; far from it, the older end's
-    tangent often cuts across a kink that plain Newton would creep along. For h made of two
-    linear pieces it lands on the root exactly.
+    Where h is concave on the bracket both tangent roots undershoot the root and the larger
+    is the tighter; where convex both overshoot and the smaller is. So take the larger (if
+    the slope falls from lo to hi) or the smaller of the roots that lie inside, else bisect.
+    One end is the latest iterate, so near the root this is Newton's step; far from it, the
+    older end's tangent often cuts across a kink that plain Newton would creep along. For h
+    made of two linear pieces it lands on the root exactly.
     """
-    ends, h, slope = bracket.unbind(-1)  # [B, 2] each
-    roots = ends - h / slope  # NaN / ±inf for a zero slope: never inside
-    inside = (roots > ends[:, :1]) & (roots < ends[:, 1:])
-    pick_larger = torch.where(slope[:, 0] >= slope[:, 1], 1.0, -1.0).to(roots.dtype).unsqueeze(-1)
-    best = torch.where(inside, roots * pick_larger, float("-inf")).amax(dim=-1) * pick_larger.squeeze(-1)
-    return torch.where(inside.any(dim=-1), best, ends.mean(dim=-1))
+    ends = torch.cat([lo, hi], dim=-1)  # [B, 2]
+    roots = ends - torch.cat([h_lo, h_hi], dim=-1) / torch.cat([slope_lo, slope_hi], dim=-1)  # NaN / ±inf: never inside
+    inside = (roots > lo) & (roots < hi)
+    larger = slope_lo >= slope_hi  # [B, 1]
+    # max of the inside roots, or min (as −max of −roots); −inf when none is inside
+    signed = torch.where(larger, roots, -roots)
+    best = torch.where(inside, signed, float("-inf")).amax(dim=-1, keepdim=True)
+    best = torch.where(larger, best, -best)
+    return torch.where(best.isfinite(), best, ends.mean(dim=-1, keepdim=True))
 
 
 def _iteration_done(active: torch.Tensor) -> bool:
@@ -377,47 +379,48 @@ def _iteration_done(active: torch.Tensor) -> bool:
 
 
 def _kl_symmetry_alpha(pair: CommonSupport, tol: float, max_iter: int):
+    """Batched safeguarded Newton on h; every per-row quantity is a `[B, 1]` column so that
+    the ~30 small ops an iteration needs broadcast without reshaping."""
     delta = pair.delta
     batch, device = delta.shape[0], delta.device
-    delta_max = torch.where(pair.off, float("-inf"), delta).amax(dim=-1)
-    delta_min = torch.where(pair.off, float("inf"), delta).amin(dim=-1)
-    delta_scale = torch.maximum(delta_max.abs(), delta_min.abs())
-    nonempty = ~pair.empty
-    degenerate = nonempty & (delta_max - delta_min <= _DEGENERATE_RTOL * delta_scale)
+    delta_max = torch.where(pair.off, float("-inf"), delta).amax(dim=-1, keepdim=True)
+    delta_min = torch.where(pair.off, float("inf"), delta).amin(dim=-1, keepdim=True)
+    spread = delta_max - delta_min  # NaN on empty rows: neither degenerate nor live
+    degenerate = spread <= _DEGENERATE_RTOL * torch.maximum(delta_max.abs(), delta_min.abs())
 
     moments = LogRatioMoments(pair)
     ends = torch.arange(2, dtype=torch.float64, device=device).expand(batch, 2)  # α = 0 and 1; no host copy
     h_ends, slope_ends = moments(ends)  # both ends in one pass; signs of A'(0) = -KL(p‖r), A'(1) = KL(r‖p)
-    live = nonempty & ~degenerate
-    at_lower = live & (h_ends[:, 0] >= 0)  # A increasing on [0, 1]: minimum at 0
-    at_upper = live & ~at_lower & (h_ends[:, 1] <= 0)  # A decreasing on [0, 1]: minimum at 1
-    bracket = torch.stack([ends, h_ends, slope_ends], dim=-1)  # [B, 2, 3]: h(lo) < 0 < h(hi) on active rows
+    lo, hi = ends.split(1, dim=-1)
+    h_lo, h_hi = h_ends.split(1, dim=-1)
+    slope_lo, slope_hi = slope_ends.split(1, dim=-1)
+    live = spread > _DEGENERATE_RTOL * torch.maximum(delta_max.abs(), delta_min.abs())
+    at_lower = live & (h_lo >= 0)  # A increasing on [0, 1]: minimum at 0
+    at_upper = live & (h_hi <= 0) & ~at_lower  # A decreasing on [0, 1]: minimum at 1
+    active = live & ~(at_lower | at_upper)  # h(lo) < 0 < h(hi)
 
-    alpha = _tangent_step(bracket)
-    alpha = torch.where(degenerate, 0.5, alpha)
-    alpha = torch.where(at_lower, 0.0, alpha)
-    alpha = torch.where(at_upper, 1.0, alpha)
-    active = live & ~(at_lower | at_upper)
-    iterations = torch.zeros(batch, dtype=torch.int32, device=device)
+    alpha = _tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi)
+    alpha = torch.where(at_upper, hi, torch.where(at_lower, lo, alpha))
+    alpha = torch.where(degenerate, ends.mean(dim=-1, keepdim=True), alpha)
+    iterations = torch.zeros(batch, 1, dtype=torch.int32, device=device)
     for _ in range(max_iter):
         if _iteration_done(active):
             break
-        h, slope = (x.squeeze(-1) for x in moments(alpha.unsqueeze(-1)))
+        h, slope = moments(alpha)
         iterations += active
         # The new point replaces the bracket end on its side of the root (active rows only).
-        replace = torch.stack([active & (h < 0), active & (h > 0)], dim=-1).unsqueeze(-1)  # [B, 2, 1]
-        bracket = torch.where(replace, torch.stack([alpha, h, slope], dim=-1).unsqueeze(1), bracket)
-        lo, hi = bracket[:, 0, 0], bracket[:, 1, 0]
+        below, above = active & (h < 0), active & (h > 0)
+        lo, h_lo, slope_lo = torch.where(below, alpha, lo), torch.where(below, h, h_lo), torch.where(below, slope, slope_lo)
+        hi, h_hi, slope_hi = torch.where(above, alpha, hi), torch.where(above, h, h_hi), torch.where(above, slope, slope_hi)
         # Freeze a row once Newton's step (≈ the distance to the root) or the bracket is
         # below tol: further steps would only chase round-off. The step is tested before the
         # bracket safeguard, which would reject a step below round-off of α as "outside".
         newton_step = h / slope
         close = newton_step.abs() <= tol  # False for NaN / inf
-        step = torch.where(close, torch.clamp(alpha - newton_step, lo, hi), _tangent_step(bracket))
-        alpha = torch.where(active & (h != 0), step, alpha)
-        active = active & ~((h == 0) | close | (hi - lo <= tol))
-    converged = ~active
-    return alpha, iterations, degenerate, converged
+        step = torch.where(close, torch.clamp(alpha - newton_step, lo, hi), _tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi))
+        alpha = torch.where(below | above, step, alpha)
+        active = active & ~(close | (h == 0) | (hi - lo <= tol))  # a NaN h keeps its row unconverged
+    return alpha.squeeze(-1), iterations.squeeze(-1), degenerate.squeeze(-1), ~active.squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------
