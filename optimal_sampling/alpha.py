@@ -13,6 +13,7 @@ found by a safeguarded Newton iteration.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -192,12 +193,32 @@ def solve_alpha(
                         empty_support=empty_support)
     if validate:
         check_log_prob_pair(logp_theta, logp_t)
-    pair = common_support(logp_theta, logp_t, teacher_top_p=teacher_top_p)
-    solution = solve_on_support(
-        pair, method, alpha=alpha, tol=tol, max_iter=max_iter, alpha_min=alpha_min, alpha_max=alpha_max,
-        empty_support=empty_support, log_multiplicity=log_multiplicity,
-    )
+    if method == "kl_symmetry" and _kernel_applies(logp_theta):  # one Triton launch, no support tensors
+        lp, lr = restrict_to_nucleus(logp_theta, logp_t, teacher_top_p)
+        solution = _finish(*kl_symmetry_kernel(lp, lr, tol, max_iter), empty_support, alpha_min, alpha_max)
+    else:
+        pair = common_support(logp_theta, logp_t, teacher_top_p=teacher_top_p)
+        solution = solve_on_support(
+            pair, method, alpha=alpha, tol=tol, max_iter=max_iter, alpha_min=alpha_min, alpha_max=alpha_max,
+            empty_support=empty_support, log_multiplicity=log_multiplicity,
+        )
     return solution if return_info else solution.alpha
+
+
+def _kernel_applies(x: torch.Tensor) -> bool:
+    """Whether the Triton kernel solves `kl_symmetry` for these rows (CUDA with Triton
+    installed; see `optimal_sampling.kernels`). Cheap on CPU: Triton is not even imported."""
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    from .kernels import kernel_applies
+
+    return kernel_applies(x)
+
+
+def kl_symmetry_kernel(logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int):
+    from .kernels import kl_symmetry_kernel as kernel
+
+    return kernel(logp_theta, logp_t, tol, max_iter)
 
 
 def check_solve_options(method, *, alpha, tol, max_iter, alpha_min, alpha_max, empty_support) -> None:
@@ -238,13 +259,21 @@ class CommonSupport:
     empty: torch.Tensor
 
 
-def common_support(logp_theta: torch.Tensor, logp_t: torch.Tensor, *, teacher_top_p: float | None = None) -> CommonSupport:
-    """Prepare a validated pair for `solve_on_support` and the mixture (a few passes over `[B, V]`)."""
+def restrict_to_nucleus(
+    logp_theta: torch.Tensor, logp_t: torch.Tensor, teacher_top_p: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both log-probs in the compute dtype, `-inf` outside the teacher's top-p nucleus if set."""
     dtype = compute_dtype(logp_theta)
     lp, lr = logp_theta.to(dtype), logp_t.to(dtype)
     if teacher_top_p is not None and teacher_top_p < 1.0:
         outside = ~teacher_nucleus_mask(lr, teacher_top_p)
         lp, lr = lp.masked_fill(outside, float("-inf")), lr.masked_fill(outside, float("-inf"))
+    return lp, lr
+
+
+def common_support(logp_theta: torch.Tensor, logp_t: torch.Tensor, *, teacher_top_p: float | None = None) -> CommonSupport:
+    """Prepare a validated pair for `solve_on_support` and the mixture (a few passes over `[B, V]`)."""
+    lp, lr = restrict_to_nucleus(logp_theta, logp_t, teacher_top_p)
     # Log-probs are never +inf, so the sum is -inf exactly off S (one pass instead of two
     # comparisons). A NaN input stays NaN in Δ and log q, where callers that skip
     # `check_log_prob_pair` (the fast path) detect it.
@@ -280,14 +309,18 @@ def solve_on_support(
     elif method == "ess_balance":
         lr_s = pair.logp_t.masked_fill(pair.off, float("-inf"))
         result, iterations, converged = _ess_balance_alpha(pair.logp_theta_s, pair.delta, lr_s, tol, max_iter)
+    elif _kernel_applies(pair.logp_theta):
+        return _finish(*kl_symmetry_kernel(pair.logp_theta, pair.logp_t, tol, max_iter), empty_support, alpha_min, alpha_max)
     else:
         result, iterations, degenerate, converged = _kl_symmetry_alpha(pair, tol, max_iter)
+    return _finish(result, iterations, degenerate, pair.empty, converged, empty_support, alpha_min, alpha_max)
 
-    fallback = 1.0 if empty_support == "teacher" else 0.0
-    result = torch.where(pair.empty, fallback, result)
-    degenerate = degenerate & ~pair.empty
-    result = result.clamp(alpha_min, alpha_max).to(torch.float32)
-    return AlphaSolution(result, iterations, degenerate, pair.empty, converged | pair.empty)
+
+def _finish(alpha, iterations, degenerate, empty, converged, empty_support, alpha_min, alpha_max) -> AlphaSolution:
+    """The fallback on rows without a common token, then the clamp, as float32."""
+    alpha = torch.where(empty, 1.0 if empty_support == "teacher" else 0.0, alpha)
+    alpha = alpha.clamp(alpha_min, alpha_max).to(torch.float32)
+    return AlphaSolution(alpha, iterations, degenerate & ~empty, empty, converged | empty)
 
 
 # ---------------------------------------------------------------------------------------

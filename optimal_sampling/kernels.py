@@ -1,0 +1,208 @@
+"""The KL-symmetric α solve as one Triton kernel: one program per row, one launch per batch.
+
+`alpha.LogRatioMoments` + `alpha._kl_symmetry_alpha` express the solve as batched torch
+ops; on a GPU that is ~40 small kernel launches per Newton iteration and a host read-back
+to decide when to stop, so a [64, 151936] solve is launch-bound at milliseconds. Here each
+row's program runs the same algorithm on its own — the row statistics and both bracket
+ends in a first pass over the row, then one pass per Newton iteration — and stops when its
+row has converged. Nothing is read back, so it also runs inside a CUDA-graph capture.
+
+It is the same iteration as the torch path (theory/derivation.md §4.6), written for one
+row: h(α) = log S₊ − log S₋ with S± = Σ_{±Δ>0} p e^{αΔ} |Δ|, the bracket kept as (α, h, h')
+at both ends, the next iterate the larger / smaller tangent root inside the bracket (or the
+midpoint), and a row frozen once Newton's step or the bracket is below `tol`. The sums use
+an online row max (the running sums are rescaled when it grows), float32 within a block
+and float64 across blocks. `tests/test_kernels.py` runs the kernel through Triton's CPU
+interpreter against the same float64 references as the torch path.
+
+Used automatically by `solve_alpha` / `compute_mixture` for `kl_symmetry` on CUDA tensors
+when Triton is importable; `OPTIMAL_SAMPLING_TRITON=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_DEGENERATE_RTOL = 1e-5  # the same test as alpha._DEGENERATE_RTOL
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path solves
+    triton = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_applies(x: torch.Tensor) -> bool:
+    """Whether `kl_symmetry_kernel` should solve this tensor's rows.
+
+    CUDA tensors with Triton installed (CPU tensors too under `TRITON_INTERPRET=1`, which is
+    how the tests run it), not while torch.compile traces (the compiled torch path fuses
+    well there), and not when `OPTIMAL_SAMPLING_TRITON=0`.
+    """
+    if triton is None or os.environ.get("OPTIMAL_SAMPLING_TRITON", "1") == "0":
+        return False
+    if not (x.is_cuda or (_interpreting() and x.device.type == "cpu")):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+if triton is not None:
+    @triton.jit
+    def row_pass(lp_row, lr_row, width, top, alpha, centred: tl.constexpr, BLOCK: tl.constexpr):
+        """One pass over a row: (S₊, S₋, Σ w Δ₊², Σ w Δ₋²) at `alpha`, float64.
+
+        With `centred`, the exponent is (log p − top) + αΔ; without, α must be 0 or 1 and the
+        exponent is log p or log r as loaded (the first pass does not know `top` yet)."""
+        run_max = tl.full((), -float("inf"), tl.float32)
+        s_pos = tl.zeros((), dtype=tl.float64)
+        s_neg = tl.zeros((), dtype=tl.float64)
+        q_pos = tl.zeros((), dtype=tl.float64)
+        q_neg = tl.zeros((), dtype=tl.float64)
+        for start in range(0, width, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            inside = offsets < width
+            lp = tl.load(lp_row + offsets, mask=inside, other=-float("inf")).to(tl.float32)
+            lr = tl.load(lr_row + offsets, mask=inside, other=-float("inf")).to(tl.float32)
+            counts = (lp > -float("inf")) & (lr > -float("inf"))
+            delta = tl.where(counts, lr - lp, 0.0)
+            counts = counts & (delta != 0.0)
+            if centred:
+                t = tl.where(counts, (lp - top) + alpha * delta, -float("inf"))
+            else:
+                t = tl.where(counts, lp + alpha * delta, -float("inf"))
+            new_max = tl.maximum(run_max, tl.max(t, axis=0))
+            shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+            rescale = tl.exp(run_max - shift).to(tl.float64)  # 0 while nothing counted yet; scales all four alike
+            w = tl.exp(t - shift)
+            d_pos = tl.maximum(delta, 0.0)
+            d_neg = tl.maximum(-delta, 0.0)
+            s_pos = s_pos * rescale + tl.sum(w * d_pos, axis=0).to(tl.float64)
+            s_neg = s_neg * rescale + tl.sum(w * d_neg, axis=0).to(tl.float64)
+            q_pos = q_pos * rescale + tl.sum(w * d_pos * d_pos, axis=0).to(tl.float64)
+            q_neg = q_neg * rescale + tl.sum(w * d_neg * d_neg, axis=0).to(tl.float64)
+            run_max = new_max
+        return s_pos, s_neg, q_pos, q_neg
+
+    @triton.jit
+    def log_ratio(s_pos, s_neg, q_pos, q_neg):
+        """h = log S₊ − log S₋ (±inf with an empty side) and h' (an empty side counts 0)."""
+        h = tl.log(s_pos) - tl.log(s_neg)
+        slope = tl.where(s_pos > 0, q_pos / s_pos, 0.0) + tl.where(s_neg > 0, q_neg / s_neg, 0.0)
+        return h, slope
+
+    @triton.jit
+    def tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi):
+        """The larger (slope falling) or smaller tangent root inside (lo, hi), else the midpoint."""
+        root_lo = lo - h_lo / slope_lo
+        root_hi = hi - h_hi / slope_hi
+        in_lo = (root_lo > lo) & (root_lo < hi)
+        in_hi = (root_hi > lo) & (root_hi < hi)
+        preferred = tl.where(slope_lo >= slope_hi, tl.maximum(root_lo, root_hi), tl.minimum(root_lo, root_hi))
+        one = tl.where(in_lo, root_lo, tl.where(in_hi, root_hi, 0.5 * (lo + hi)))
+        return tl.where(in_lo & in_hi, preferred, one)
+
+    @triton.jit
+    def _kl_symmetry_kernel(
+        lp_ptr, lr_ptr, stride_lp, stride_lr, width, tol, max_iter, degenerate_rtol,
+        alpha_ptr, iterations_ptr, flags_ptr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        lp_row = lp_ptr + row.to(tl.int64) * stride_lp
+        lr_row = lr_ptr + row.to(tl.int64) * stride_lr
+
+        # Pass 1: row statistics (top log p, Δ range, any common token).
+        top = tl.full((), -float("inf"), tl.float32)
+        d_max = tl.full((), -float("inf"), tl.float32)
+        d_min = tl.full((), float("inf"), tl.float32)
+        for start in range(0, width, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            inside = offsets < width
+            lp = tl.load(lp_row + offsets, mask=inside, other=-float("inf")).to(tl.float32)
+            lr = tl.load(lr_row + offsets, mask=inside, other=-float("inf")).to(tl.float32)
+            common = (lp > -float("inf")) & (lr > -float("inf"))
+            delta = tl.where(common, lr - lp, 0.0)
+            top = tl.maximum(top, tl.max(tl.where(common, lp, -float("inf")), axis=0))
+            d_max = tl.maximum(d_max, tl.max(tl.where(common, delta, -float("inf")), axis=0))
+            d_min = tl.minimum(d_min, tl.min(tl.where(common, delta, float("inf")), axis=0))
+        nonempty = top > -float("inf")
+        d_scale = tl.maximum(tl.abs(d_max), tl.abs(d_min))
+        degenerate = nonempty & (d_max - d_min <= degenerate_rtol * d_scale)
+
+        # The bracket ends α = 0 and 1 (their signs decide boundary rows).
+        s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, 0.0, False, BLOCK)
+        h_lo, slope_lo = log_ratio(s_pos, s_neg, q_pos, q_neg)
+        s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, 1.0, False, BLOCK)
+        h_hi, slope_hi = log_ratio(s_pos, s_neg, q_pos, q_neg)
+        live = nonempty & ~degenerate
+        at_lower = live & (h_lo >= 0)
+        at_upper = live & ~at_lower & (h_hi <= 0)
+        lo = tl.zeros((), dtype=tl.float64)
+        hi = lo + 1.0
+        alpha = tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi)
+        alpha = tl.where(degenerate, 0.5, alpha)
+        alpha = tl.where(at_lower, 0.0, alpha)
+        alpha = tl.where(at_upper, 1.0, alpha)
+        active = live & ~at_lower & ~at_upper
+
+        iterations = tl.zeros((), dtype=tl.int32)
+        while active & (iterations < max_iter):
+            s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, alpha.to(tl.float32), True, BLOCK)
+            h, slope = log_ratio(s_pos, s_neg, q_pos, q_neg)
+            iterations += 1
+            below = h < 0
+            above = h > 0
+            lo = tl.where(below, alpha, lo)
+            h_lo = tl.where(below, h, h_lo)
+            slope_lo = tl.where(below, slope, slope_lo)
+            hi = tl.where(above, alpha, hi)
+            h_hi = tl.where(above, h, h_hi)
+            slope_hi = tl.where(above, slope, slope_hi)
+            newton_step = h / slope
+            close = tl.abs(newton_step) <= tol
+            polished = tl.minimum(tl.maximum(alpha - newton_step, lo), hi)
+            step = tl.where(close, polished, tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi))
+            alpha = tl.where(h != 0, step, alpha)
+            active = ~((h == 0) | close | (hi - lo <= tol))
+
+        tl.store(alpha_ptr + row, alpha)
+        tl.store(iterations_ptr + row, iterations)
+        # bit 0: degenerate, bit 1: empty support, bit 2: not converged
+        flags = degenerate.to(tl.int32) + 2 * (~nonempty).to(tl.int32) + 4 * active.to(tl.int32)
+        tl.store(flags_ptr + row, flags)
+
+
+
+def kl_symmetry_kernel(
+    logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, *, block: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Solve every row of a `[B, V]` pair: (α float64, iterations int32, degenerate,
+    empty support, converged) as `[B]` tensors — what `alpha._kl_symmetry_alpha` returns,
+    plus the empty-support flag the torch path takes from `CommonSupport`.
+
+    `block` (a power of two) is how many tokens a program loads at a time: 2048 on a GPU
+    by default; the tests vary it to cover rows of one and of many blocks."""
+    if logp_theta.stride(-1) != 1:
+        logp_theta = logp_theta.contiguous()
+    if logp_t.stride(-1) != 1:
+        logp_t = logp_t.contiguous()
+    batch, width = logp_theta.shape
+    device = logp_theta.device
+    alpha = torch.empty(batch, dtype=torch.float64, device=device)
+    iterations = torch.empty(batch, dtype=torch.int32, device=device)
+    flags = torch.empty(batch, dtype=torch.int32, device=device)
+    if batch:
+        block = block or (1024 if _interpreting() else 2048)
+        _kl_symmetry_kernel[(batch,)](
+            logp_theta, logp_t, logp_theta.stride(0), logp_t.stride(0), width, float(tol), int(max_iter),
+            _DEGENERATE_RTOL, alpha, iterations, flags, BLOCK=block, num_warps=8,
+        )
+    return alpha, iterations, (flags & 1) != 0, (flags & 2) != 0, (flags & 4) == 0
