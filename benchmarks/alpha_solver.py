@@ -3,17 +3,19 @@
 For each shape `[B, V]` the script draws related base / teacher log-prob pairs (teacher
 logits = base logits + noise, float32), then times
 
-  newton     `solve_alpha(lp, lr, "kl_symmetry", validate=False)`, tol 1e-6: two endpoint
-             evaluations, then Newton iterations until every row converged (one host read-back
-             per iteration to check that).
+  newton, Triton kernel  `solve_alpha(lp, lr, validate=False)` on CUDA with Triton installed:
+             the whole solve in one launch (`optimal_sampling/kernels.py`), tol 1e-6
+  newton, torch ops      the same call with `OPTIMAL_SAMPLING_TRITON=0` (the CPU path): two
+             endpoint evaluations, then batched Newton iterations until every row converged
+             (one host read-back per iteration to check that)
   bisection  a batched torch bisection on A'(α) = E_q[Δ] over [0, 1] to the same tolerance:
-             20 fixed iterations (2^-20 < 1e-6), each one evaluation of E_q[Δ] written in the
-             solver's moments style (float32 weights, float64 sums), no host read-back.
+             20 fixed iterations (2^-20 < 1e-6), float32 weights, float64 sums, no read-back
 
 and reports the median time per solve over `--repeats` (after `--warmup` untimed solves;
 `torch.cuda.synchronize()` around every timed solve on CUDA), Newton's iterations per row
-(median and worst row) and the largest |α_newton − α_bisection|. On CUDA it also says
-whether the target, ≤ 0.25 ms per [64, 151936] float32 solve, is met.
+(median and worst row) and each method's largest |α − α_float64|, against a bisection run
+in float64 throughout (50 iterations). On CUDA it also says whether the target, ≤ 0.25 ms
+per [64, 151936] float32 solve, is met.
 
 The table is printed and appended to benchmarks/RESULTS.md (and copied to $OUT when set).
 
@@ -36,6 +38,7 @@ from pathlib import Path
 import torch
 
 from optimal_sampling import solve_alpha
+from optimal_sampling.alpha import _kernel_applies
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 TARGET_SHAPE, TARGET_MS = (64, 151936), 0.25
@@ -66,7 +69,7 @@ def bisection_alpha(lp: torch.Tensor, lr: torch.Tensor, iterations: int = 20) ->
         mid = 0.5 * (lo + hi)
         negative = _mean_delta(lp, delta, mid) < 0
         lo, hi = torch.where(negative, mid, lo), torch.where(negative, hi, mid)
-    return (0.5 * (lo + hi)).float()
+    return 0.5 * (lo + hi)  # float64
 
 
 def time_ms(fn, device: str, warmup: int, repeats: int) -> float:
@@ -108,30 +111,37 @@ def main() -> None:
 
     header = (
         "| shape [B, V] | method | median ms / solve | iterations (median row) | iterations (worst row) "
-        "| max abs(α_newton − α_bisection) |\n|---|---|---|---|---|---|"
+        "| max abs(α − α_float64) |\n|---|---|---|---|---|---|"
     )
     lines, target_note = [header], ""
+    kernel_available = cuda and _kernel_applies(torch.empty(1, device=args.device))
     for spec in args.shapes.split(","):
         batch, vocab = (int(x) for x in spec.lower().split("x"))
         lp, lr = make_pair(batch, vocab, args.device)
-        info = solve_alpha(lp, lr, return_info=True, validate=False)
-        alpha_bisect = bisection_alpha(lp, lr)
-        gap = (info.alpha - alpha_bisect).abs().max().item()
-        newton_ms = time_ms(lambda: solve_alpha(lp, lr, validate=False), args.device, warmup, repeats)
-        bisect_ms = time_ms(lambda: bisection_alpha(lp, lr), args.device, warmup, repeats)
-        its = info.iterations.float()
+        reference = bisection_alpha(lp.double(), lr.double(), iterations=50)  # float64 throughout: |error| < 1e-15
         shape = f"[{batch}, {vocab}]"
-        lines.append(
-            f"| {shape} | newton (solve_alpha) | {newton_ms:.3f} | {its.median().item():.0f} + 2 endpoint evals "
-            f"| {its.max().item():.0f} + 2 | {gap:.1e} |"
-        )
-        lines.append(f"| {shape} | bisection (20 its) | {bisect_ms:.3f} | 20 | 20 | |")
-        if cuda and (batch, vocab) == TARGET_SHAPE:
-            met = "met" if newton_ms <= TARGET_MS else "NOT met"
-            target_note = (
-                f"\nTarget ≤ {TARGET_MS} ms per {list(TARGET_SHAPE)} float32 solve on H100: **{met}** "
-                f"(newton {newton_ms:.3f} ms on {torch.cuda.get_device_name()})."
+        paths = [("newton, Triton kernel (solve_alpha default)", "1")] if kernel_available else []
+        paths.append(("newton, torch ops" + ("" if kernel_available else " (solve_alpha default)"), "0"))
+        for label, flag in paths:
+            os.environ["OPTIMAL_SAMPLING_TRITON"] = flag
+            info = solve_alpha(lp, lr, return_info=True, validate=False)
+            gap = (info.alpha.double() - reference).abs().max().item()
+            newton_ms = time_ms(lambda: solve_alpha(lp, lr, validate=False), args.device, warmup, repeats)
+            its = info.iterations.float()
+            lines.append(
+                f"| {shape} | {label} | {newton_ms:.3f} | {its.median().item():.0f} + endpoints "
+                f"| {its.max().item():.0f} + endpoints | {gap:.1e} |"
             )
+            if cuda and (batch, vocab) == TARGET_SHAPE and flag == "1":
+                met = "met" if newton_ms <= TARGET_MS else "NOT met"
+                target_note = (
+                    f"\nTarget ≤ {TARGET_MS} ms per {list(TARGET_SHAPE)} float32 solve on H100: **{met}** "
+                    f"(Triton kernel {newton_ms:.3f} ms on {torch.cuda.get_device_name()})."
+                )
+        os.environ.pop("OPTIMAL_SAMPLING_TRITON", None)
+        bisect_ms = time_ms(lambda: bisection_alpha(lp, lr), args.device, warmup, repeats)
+        gap = (bisection_alpha(lp, lr).double() - reference).abs().max().item()
+        lines.append(f"| {shape} | bisection, torch ops (20 its) | {bisect_ms:.3f} | 20 | 20 | {gap:.1e} |")
 
     command = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     section = "\n".join(

@@ -56,41 +56,50 @@ def kernel_applies(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    @triton.jit
-    def row_pass(lp_row, lr_row, width, top, alpha, centred: tl.constexpr, BLOCK: tl.constexpr):
-        """One pass over a row: (S₊, S₋, Σ w Δ₊², Σ w Δ₋²) at `alpha`, float64.
 
-        With `centred`, the exponent is (log p − top) + αΔ; without, α must be 0 or 1 and the
-        exponent is log p or log r as loaded (the first pass does not know `top` yet)."""
-        run_max = tl.full((), -float("inf"), tl.float32)
-        s_pos = tl.zeros((), dtype=tl.float64)
-        s_neg = tl.zeros((), dtype=tl.float64)
-        q_pos = tl.zeros((), dtype=tl.float64)
-        q_neg = tl.zeros((), dtype=tl.float64)
+    @triton.jit
+    def load_block(lp_row, lr_row, start, width, BLOCK: tl.constexpr):
+        """One block of a row: log p, Δ (0 off the common support), whether each token is on
+        the common support and whether it counts in h (on it, with Δ ≠ 0)."""
+        offsets = start + tl.arange(0, BLOCK)
+        inside = offsets < width
+        lp = tl.load(lp_row + offsets, mask=inside, other=-float("inf")).to(tl.float32)
+        lr = tl.load(lr_row + offsets, mask=inside, other=-float("inf")).to(tl.float32)
+        common = (lp > -float("inf")) & (lr > -float("inf"))
+        delta = tl.where(common, lr - lp, 0.0)
+        return lp, delta, common, common & (delta != 0.0)
+
+    @triton.jit
+    def accumulate(state, t, delta):
+        """Add a block's terms e^t · (Δ₊, Δ₋, Δ₊², Δ₋²) to the running sums, keeping them
+        relative to the running max of t (rescaled when it grows; float32 within a block,
+        float64 across blocks)."""
+        run_max, s_pos, s_neg, q_pos, q_neg = state
+        new_max = tl.maximum(run_max, tl.max(t, axis=0))
+        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+        rescale = tl.exp(run_max - shift).to(tl.float64)  # 0 while nothing counted yet; scales all four alike
+        w = tl.exp(t - shift)
+        d_pos = tl.maximum(delta, 0.0)
+        d_neg = tl.maximum(-delta, 0.0)
+        s_pos = s_pos * rescale + tl.sum(w * d_pos, axis=0).to(tl.float64)
+        s_neg = s_neg * rescale + tl.sum(w * d_neg, axis=0).to(tl.float64)
+        q_pos = q_pos * rescale + tl.sum(w * d_pos * d_pos, axis=0).to(tl.float64)
+        q_neg = q_neg * rescale + tl.sum(w * d_neg * d_neg, axis=0).to(tl.float64)
+        return new_max, s_pos, s_neg, q_pos, q_neg
+
+    @triton.jit
+    def empty_state():
+        zero = tl.zeros((), dtype=tl.float64)
+        return tl.full((), -float("inf"), tl.float32), zero, zero, zero, zero
+
+    @triton.jit
+    def row_pass(lp_row, lr_row, width, top, alpha, BLOCK: tl.constexpr):
+        """One pass over a row: the four sums at `alpha`, exponent (log p − top) + αΔ."""
+        state = empty_state()
         for start in range(0, width, BLOCK):
-            offsets = start + tl.arange(0, BLOCK)
-            inside = offsets < width
-            lp = tl.load(lp_row + offsets, mask=inside, other=-float("inf")).to(tl.float32)
-            lr = tl.load(lr_row + offsets, mask=inside, other=-float("inf")).to(tl.float32)
-            counts = (lp > -float("inf")) & (lr > -float("inf"))
-            delta = tl.where(counts, lr - lp, 0.0)
-            counts = counts & (delta != 0.0)
-            if centred:
-                t = tl.where(counts, (lp - top) + alpha * delta, -float("inf"))
-            else:
-                t = tl.where(counts, lp + alpha * delta, -float("inf"))
-            new_max = tl.maximum(run_max, tl.max(t, axis=0))
-            shift = tl.where(new_max == -float("inf"), 0.0, new_max)
-            rescale = tl.exp(run_max - shift).to(tl.float64)  # 0 while nothing counted yet; scales all four alike
-            w = tl.exp(t - shift)
-            d_pos = tl.maximum(delta, 0.0)
-            d_neg = tl.maximum(-delta, 0.0)
-            s_pos = s_pos * rescale + tl.sum(w * d_pos, axis=0).to(tl.float64)
-            s_neg = s_neg * rescale + tl.sum(w * d_neg, axis=0).to(tl.float64)
-            q_pos = q_pos * rescale + tl.sum(w * d_pos * d_pos, axis=0).to(tl.float64)
-            q_neg = q_neg * rescale + tl.sum(w * d_neg * d_neg, axis=0).to(tl.float64)
-            run_max = new_max
-        return s_pos, s_neg, q_pos, q_neg
+            lp, delta, common, counts = load_block(lp_row, lr_row, start, width, BLOCK)
+            state = accumulate(state, tl.where(counts, (lp - top) + alpha * delta, -float("inf")), delta)
+        return state
 
     @triton.jit
     def log_ratio(s_pos, s_neg, q_pos, q_neg):
@@ -119,28 +128,26 @@ if triton is not None:
         lp_row = lp_ptr + row.to(tl.int64) * stride_lp
         lr_row = lr_ptr + row.to(tl.int64) * stride_lr
 
-        # Pass 1: row statistics (top log p, Δ range, any common token).
+        # Pass 1: row statistics (top log p, Δ range, any common token) and the sums at both
+        # bracket ends, α = 0 (exponent log p) and α = 1 (log r), whose signs decide boundary rows.
         top = tl.full((), -float("inf"), tl.float32)
         d_max = tl.full((), -float("inf"), tl.float32)
         d_min = tl.full((), float("inf"), tl.float32)
+        at_zero = empty_state()
+        at_one = empty_state()
         for start in range(0, width, BLOCK):
-            offsets = start + tl.arange(0, BLOCK)
-            inside = offsets < width
-            lp = tl.load(lp_row + offsets, mask=inside, other=-float("inf")).to(tl.float32)
-            lr = tl.load(lr_row + offsets, mask=inside, other=-float("inf")).to(tl.float32)
-            common = (lp > -float("inf")) & (lr > -float("inf"))
-            delta = tl.where(common, lr - lp, 0.0)
+            lp, delta, common, counts = load_block(lp_row, lr_row, start, width, BLOCK)
             top = tl.maximum(top, tl.max(tl.where(common, lp, -float("inf")), axis=0))
             d_max = tl.maximum(d_max, tl.max(tl.where(common, delta, -float("inf")), axis=0))
             d_min = tl.minimum(d_min, tl.min(tl.where(common, delta, float("inf")), axis=0))
+            at_zero = accumulate(at_zero, tl.where(counts, lp, -float("inf")), delta)
+            at_one = accumulate(at_one, tl.where(counts, lp + delta, -float("inf")), delta)
         nonempty = top > -float("inf")
         d_scale = tl.maximum(tl.abs(d_max), tl.abs(d_min))
         degenerate = nonempty & (d_max - d_min <= degenerate_rtol * d_scale)
-
-        # The bracket ends α = 0 and 1 (their signs decide boundary rows).
-        s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, 0.0, False, BLOCK)
+        _, s_pos, s_neg, q_pos, q_neg = at_zero
         h_lo, slope_lo = log_ratio(s_pos, s_neg, q_pos, q_neg)
-        s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, 1.0, False, BLOCK)
+        _, s_pos, s_neg, q_pos, q_neg = at_one
         h_hi, slope_hi = log_ratio(s_pos, s_neg, q_pos, q_neg)
         live = nonempty & ~degenerate
         at_lower = live & (h_lo >= 0)
@@ -155,7 +162,7 @@ if triton is not None:
 
         iterations = tl.zeros((), dtype=tl.int32)
         while active & (iterations < max_iter):
-            s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, alpha.to(tl.float32), True, BLOCK)
+            _, s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, alpha.to(tl.float32), BLOCK)
             h, slope = log_ratio(s_pos, s_neg, q_pos, q_neg)
             iterations += 1
             below = h < 0
