@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from optimal_sampling import solve_alpha
-from optimal_sampling.alpha import _kernel_applies
+from optimal_sampling.alpha import _kernel_applies, kl_symmetry_kernel
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 TARGET_SHAPE, TARGET_MS = (64, 151936), 0.25
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed solves per row (default 3 on CPU, 50 on CUDA)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed solves first (default 1 on CPU, 10 on CUDA)")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--sweep", action="store_true", help="also time the Triton kernel's block / num_warps options")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda, but torch.cuda.is_available() is False")
@@ -142,6 +143,20 @@ def main() -> None:
         bisect_ms = time_ms(lambda: bisection_alpha(lp, lr), args.device, warmup, repeats)
         gap = (bisection_alpha(lp, lr).double() - reference).abs().max().item()
         lines.append(f"| {shape} | bisection, torch ops (20 its) | {bisect_ms:.3f} | 20 | 20 | {gap:.1e} |")
+
+    if args.sweep and kernel_available:
+        lines.append("\nTriton kernel launch options, [64, 151936] (ms / solve):\n")
+        lines.append("| block | num_warps=4 | num_warps=8 | num_warps=16 |\n|---|---|---|---|")
+        lp, lr = make_pair(*TARGET_SHAPE, args.device)
+        for block in (1024, 2048, 4096, 8192):
+            cells = []
+            for warps in (4, 8, 16):
+                try:
+                    ms = time_ms(lambda: kl_symmetry_kernel(lp, lr, 1e-6, 20, block=block, num_warps=warps), args.device, warmup, repeats)
+                    cells.append(f"{ms:.3f}")
+                except Exception as error:  # e.g. out of registers / shared memory for this combination
+                    cells.append(type(error).__name__)
+            lines.append(f"| {block} | " + " | ".join(cells) + " |")
 
     command = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     section = "\n".join(

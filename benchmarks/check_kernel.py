@@ -2,7 +2,8 @@
 
 CI runs the kernel only through Triton's CPU interpreter (tests/test_kernels.py); this
 script runs the compiled kernel on the device and prints, per case, the largest
-|α_kernel − α_float64|, |α_kernel − α_torch|, whether the per-row flags agree, and the
+|α_kernel − α_float64|, |α_kernel − α_torch| (each within 1e-6 of the root, so within
+2e-6 of each other), whether the per-row flags agree, and the
 iteration counts. Cases: random pairs from flat to very peaked logits (scales 0.1–30), half
 of them with masked tokens on both sides, V ∈ {8, 1000, 151936}; the edge rows of
 tests/test_alpha.py; bfloat16 inputs; teacher_top_p with a clamp; and one solve captured
@@ -82,7 +83,7 @@ def main() -> int:
         its = kernel.iterations.float()
         print(f"| {name} | {lp.shape[0]} | {vs_ref:.1e} | {vs_torch:.1e} | {'yes' if flags else 'NO'} "
               f"| {its.median().item():.0f} / {its.max().item():.0f} |")
-        if not (vs_torch <= bound and flags and (reference is None or vs_ref <= bound) and its.max() <= 8):
+        if not (vs_torch <= 2 * bound and flags and (reference is None or vs_ref <= bound) and its.max() <= 8):
             failures.append(name)
 
     for vocab, rows in ((8, 150), (1000, 50), (151936, 2)):

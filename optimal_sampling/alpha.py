@@ -215,10 +215,11 @@ def _kernel_applies(x: torch.Tensor) -> bool:
     return kernel_applies(x)
 
 
-def kl_symmetry_kernel(logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int):
+def kl_symmetry_kernel(logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, **launch):
+    """`optimal_sampling.kernels.kl_symmetry_kernel`, imported on first use (it imports Triton)."""
     from .kernels import kl_symmetry_kernel as kernel
 
-    return kernel(logp_theta, logp_t, tol, max_iter)
+    return kernel(logp_theta, logp_t, tol, max_iter, **launch)
 
 
 def check_solve_options(method, *, alpha, tol, max_iter, alpha_min, alpha_max, empty_support) -> None:

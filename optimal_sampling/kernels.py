@@ -10,9 +10,10 @@ row has converged. Nothing is read back, so it also runs inside a CUDA-graph cap
 It is the same iteration as the torch path (theory/derivation.md §4.6), written for one
 row: h(α) = log S₊ − log S₋ with S± = Σ_{±Δ>0} p e^{αΔ} |Δ|, the bracket kept as (α, h, h')
 at both ends, the next iterate the larger / smaller tangent root inside the bracket (or the
-midpoint), and a row frozen once Newton's step or the bracket is below `tol`. The sums use
-an online row max (the running sums are rescaled when it grows), float32 within a block
-and float64 across blocks. `tests/test_kernels.py` runs the kernel through Triton's CPU
+midpoint), and a row frozen once Newton's step or the bracket is below `tol`. Within a pass
+each of the BLOCK lanes keeps its own running max and float64 sums (rescaled when its max
+grows), combined once at the end of the pass: no reduction across the block inside the
+loop, whose loads are pipelined. `tests/test_kernels.py` runs the kernel through Triton's CPU
 interpreter against the same float64 references as the torch path.
 
 Used automatically by `solve_alpha` / `compute_mixture` for `kl_symmetry` on CUDA tensors
@@ -71,35 +72,46 @@ if triton is not None:
 
     @triton.jit
     def accumulate(state, t, delta):
-        """Add a block's terms e^t · (Δ₊, Δ₋, Δ₊², Δ₋²) to the running sums, keeping them
-        relative to the running max of t (rescaled when it grows; float32 within a block,
-        float64 across blocks)."""
+        """Add a block's terms e^t · (Δ₊, Δ₋, Δ₊², Δ₋²) to per-lane running sums.
+
+        Each of the BLOCK lanes keeps its own running max of t and its sums relative to it
+        (rescaled when the max grows), in float64: no reduction across the block inside the
+        loop, so the loop is bound by loading the row. `finish` combines the lanes."""
         run_max, s_pos, s_neg, q_pos, q_neg = state
-        new_max = tl.maximum(run_max, tl.max(t, axis=0))
+        new_max = tl.maximum(run_max, t)
         shift = tl.where(new_max == -float("inf"), 0.0, new_max)
-        rescale = tl.exp(run_max - shift).to(tl.float64)  # 0 while nothing counted yet; scales all four alike
+        rescale = tl.exp(run_max - shift).to(tl.float64)  # 1 if the max held, 0 while the lane is empty
         w = tl.exp(t - shift)
         d_pos = tl.maximum(delta, 0.0)
         d_neg = tl.maximum(-delta, 0.0)
-        s_pos = s_pos * rescale + tl.sum(w * d_pos, axis=0).to(tl.float64)
-        s_neg = s_neg * rescale + tl.sum(w * d_neg, axis=0).to(tl.float64)
-        q_pos = q_pos * rescale + tl.sum(w * d_pos * d_pos, axis=0).to(tl.float64)
-        q_neg = q_neg * rescale + tl.sum(w * d_neg * d_neg, axis=0).to(tl.float64)
+        s_pos = s_pos * rescale + (w * d_pos).to(tl.float64)
+        s_neg = s_neg * rescale + (w * d_neg).to(tl.float64)
+        q_pos = q_pos * rescale + (w * d_pos * d_pos).to(tl.float64)
+        q_neg = q_neg * rescale + (w * d_neg * d_neg).to(tl.float64)
         return new_max, s_pos, s_neg, q_pos, q_neg
 
     @triton.jit
-    def empty_state():
-        zero = tl.zeros((), dtype=tl.float64)
-        return tl.full((), -float("inf"), tl.float32), zero, zero, zero, zero
+    def empty_state(BLOCK: tl.constexpr):
+        zero = tl.zeros((BLOCK,), dtype=tl.float64)
+        return tl.full((BLOCK,), -float("inf"), tl.float32), zero, zero, zero, zero
+
+    @triton.jit
+    def finish(state):
+        """The four row sums from the per-lane ones, relative to the row max (float64)."""
+        run_max, s_pos, s_neg, q_pos, q_neg = state
+        top = tl.max(run_max, axis=0)
+        factor = tl.exp(run_max - tl.where(top == -float("inf"), 0.0, top)).to(tl.float64)
+        return (tl.sum(s_pos * factor, axis=0), tl.sum(s_neg * factor, axis=0),
+                tl.sum(q_pos * factor, axis=0), tl.sum(q_neg * factor, axis=0))
 
     @triton.jit
     def row_pass(lp_row, lr_row, width, top, alpha, BLOCK: tl.constexpr):
         """One pass over a row: the four sums at `alpha`, exponent (log p − top) + αΔ."""
-        state = empty_state()
-        for start in range(0, width, BLOCK):
+        state = empty_state(BLOCK)
+        for start in tl.range(0, width, BLOCK, num_stages=3):
             lp, delta, common, counts = load_block(lp_row, lr_row, start, width, BLOCK)
             state = accumulate(state, tl.where(counts, (lp - top) + alpha * delta, -float("inf")), delta)
-        return state
+        return finish(state)
 
     @triton.jit
     def log_ratio(s_pos, s_neg, q_pos, q_neg):
@@ -130,24 +142,27 @@ if triton is not None:
 
         # Pass 1: row statistics (top log p, Δ range, any common token) and the sums at both
         # bracket ends, α = 0 (exponent log p) and α = 1 (log r), whose signs decide boundary rows.
-        top = tl.full((), -float("inf"), tl.float32)
-        d_max = tl.full((), -float("inf"), tl.float32)
-        d_min = tl.full((), float("inf"), tl.float32)
-        at_zero = empty_state()
-        at_one = empty_state()
-        for start in range(0, width, BLOCK):
+        top = tl.full((BLOCK,), -float("inf"), tl.float32)  # per lane, reduced after the loop
+        d_max = tl.full((BLOCK,), -float("inf"), tl.float32)
+        d_min = tl.full((BLOCK,), float("inf"), tl.float32)
+        at_zero = empty_state(BLOCK)
+        at_one = empty_state(BLOCK)
+        for start in tl.range(0, width, BLOCK, num_stages=3):
             lp, delta, common, counts = load_block(lp_row, lr_row, start, width, BLOCK)
-            top = tl.maximum(top, tl.max(tl.where(common, lp, -float("inf")), axis=0))
-            d_max = tl.maximum(d_max, tl.max(tl.where(common, delta, -float("inf")), axis=0))
-            d_min = tl.minimum(d_min, tl.min(tl.where(common, delta, float("inf")), axis=0))
+            top = tl.maximum(top, tl.where(common, lp, -float("inf")))
+            d_max = tl.maximum(d_max, tl.where(common, delta, -float("inf")))
+            d_min = tl.minimum(d_min, tl.where(common, delta, float("inf")))
             at_zero = accumulate(at_zero, tl.where(counts, lp, -float("inf")), delta)
             at_one = accumulate(at_one, tl.where(counts, lp + delta, -float("inf")), delta)
+        top = tl.max(top, axis=0)
+        d_max = tl.max(d_max, axis=0)
+        d_min = tl.min(d_min, axis=0)
         nonempty = top > -float("inf")
         d_scale = tl.maximum(tl.abs(d_max), tl.abs(d_min))
         degenerate = nonempty & (d_max - d_min <= degenerate_rtol * d_scale)
-        _, s_pos, s_neg, q_pos, q_neg = at_zero
+        s_pos, s_neg, q_pos, q_neg = finish(at_zero)
         h_lo, slope_lo = log_ratio(s_pos, s_neg, q_pos, q_neg)
-        _, s_pos, s_neg, q_pos, q_neg = at_one
+        s_pos, s_neg, q_pos, q_neg = finish(at_one)
         h_hi, slope_hi = log_ratio(s_pos, s_neg, q_pos, q_neg)
         live = nonempty & ~degenerate
         at_lower = live & (h_lo >= 0)
@@ -162,7 +177,7 @@ if triton is not None:
 
         iterations = tl.zeros((), dtype=tl.int32)
         while active & (iterations < max_iter):
-            _, s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, alpha.to(tl.float32), BLOCK)
+            s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, alpha.to(tl.float32), BLOCK)
             h, slope = log_ratio(s_pos, s_neg, q_pos, q_neg)
             iterations += 1
             below = h < 0
@@ -189,14 +204,16 @@ if triton is not None:
 
 
 def kl_symmetry_kernel(
-    logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, *, block: int | None = None
+    logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, *, block: int | None = None,
+    num_warps: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve every row of a `[B, V]` pair: (α float64, iterations int32, degenerate,
     empty support, converged) as `[B]` tensors — what `alpha._kl_symmetry_alpha` returns,
     plus the empty-support flag the torch path takes from `CommonSupport`.
 
     `block` (a power of two) is how many tokens a program loads at a time: 2048 on a GPU
-    by default; the tests vary it to cover rows of one and of many blocks."""
+    by default; the tests vary it to cover rows of one and of many blocks. `num_warps` is
+    Triton's launch option (`benchmarks/alpha_solver.py --sweep` times both)."""
     if logp_theta.stride(-1) != 1:
         logp_theta = logp_theta.contiguous()
     if logp_t.stride(-1) != 1:
@@ -210,6 +227,6 @@ def kl_symmetry_kernel(
         block = block or (1024 if _interpreting() else 2048)
         _kl_symmetry_kernel[(batch,)](
             logp_theta, logp_t, logp_theta.stride(0), logp_t.stride(0), width, float(tol), int(max_iter),
-            _DEGENERATE_RTOL, alpha, iterations, flags, BLOCK=block, num_warps=8,
+            _DEGENERATE_RTOL, alpha, iterations, flags, BLOCK=block, num_warps=num_warps,
         )
     return alpha, iterations, (flags & 1) != 0, (flags & 2) != 0, (flags & 4) == 0
