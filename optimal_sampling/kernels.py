@@ -11,9 +11,10 @@ It is the same iteration as the torch path (theory/derivation.md §4.6), written
 row: h(α) = log S₊ − log S₋ with S± = Σ_{±Δ>0} p e^{αΔ} |Δ|, the bracket kept as (α, h, h')
 at both ends, the next iterate the larger / smaller tangent root inside the bracket (or the
 midpoint), and a row frozen once Newton's step or the bracket is below `tol`. Within a pass
-each of the BLOCK lanes keeps its own running max and float64 sums (rescaled when its max
-grows), combined once at the end of the pass: no reduction across the block inside the
-loop, whose loads are pipelined. `tests/test_kernels.py` runs the kernel through Triton's CPU
+each of the BLOCK lanes keeps its own sums, combined once at the end of the pass: no
+reduction across the block inside the loop, whose loads are pipelined. The first pass keeps
+a running max per lane (rescaling its float64 sums when it grows); the Newton passes shift
+by a bound of the row max known in advance, so one exp per token suffices. `tests/test_kernels.py` runs the kernel through Triton's CPU
 interpreter against the same float64 references as the torch path.
 
 Used automatically by `solve_alpha` / `compute_mixture` for `kl_symmetry` on CUDA tensors
@@ -97,21 +98,40 @@ if triton is not None:
 
     @triton.jit
     def finish(state):
-        """The four row sums from the per-lane ones, relative to the row max (float64)."""
+        """The row max of t and the four row sums relative to it (float64), from the lanes."""
         run_max, s_pos, s_neg, q_pos, q_neg = state
         top = tl.max(run_max, axis=0)
         factor = tl.exp(run_max - tl.where(top == -float("inf"), 0.0, top)).to(tl.float64)
-        return (tl.sum(s_pos * factor, axis=0), tl.sum(s_neg * factor, axis=0),
+        return (top, tl.sum(s_pos * factor, axis=0), tl.sum(s_neg * factor, axis=0),
                 tl.sum(q_pos * factor, axis=0), tl.sum(q_neg * factor, axis=0))
 
     @triton.jit
-    def row_pass(lp_row, lr_row, width, top, alpha, BLOCK: tl.constexpr):
-        """One pass over a row: the four sums at `alpha`, exponent (log p − top) + αΔ."""
-        state = empty_state(BLOCK)
+    def row_pass(lp_row, lr_row, width, top, alpha, shift, BLOCK: tl.constexpr):
+        """One pass over a row at `alpha`: the four sums of e^(t − shift) · features with
+        t = (log p − top) + αΔ, and the row max of t.
+
+        With a shift known before the pass (an upper bound of the max, see the kernel) the
+        lanes need no running max and no rescaling: one exp per token. They sum in float32
+        (at most V / BLOCK terms each; their rounding errors are independent across lanes)
+        and are added across lanes in float64."""
+        lane_max = tl.full((BLOCK,), -float("inf"), tl.float32)
+        s_pos = tl.zeros((BLOCK,), dtype=tl.float32)
+        s_neg = tl.zeros((BLOCK,), dtype=tl.float32)
+        q_pos = tl.zeros((BLOCK,), dtype=tl.float32)
+        q_neg = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in tl.range(0, width, BLOCK, num_stages=3):
             lp, delta, common, counts = load_block(lp_row, lr_row, start, width, BLOCK)
-            state = accumulate(state, tl.where(counts, (lp - top) + alpha * delta, -float("inf")), delta)
-        return finish(state)
+            t = tl.where(counts, (lp - top) + alpha * delta, -float("inf"))
+            lane_max = tl.maximum(lane_max, t)
+            w = tl.exp(t - shift)
+            w_pos = w * tl.maximum(delta, 0.0)
+            w_neg = w * tl.maximum(-delta, 0.0)
+            s_pos += w_pos
+            s_neg += w_neg
+            q_pos += w_pos * delta
+            q_neg -= w_neg * delta
+        return (tl.max(lane_max, axis=0), tl.sum(s_pos.to(tl.float64), axis=0), tl.sum(s_neg.to(tl.float64), axis=0),
+                tl.sum(q_pos.to(tl.float64), axis=0), tl.sum(q_neg.to(tl.float64), axis=0))
 
     @triton.jit
     def log_ratio(s_pos, s_neg, q_pos, q_neg):
@@ -157,13 +177,17 @@ if triton is not None:
         top = tl.max(top, axis=0)
         d_max = tl.max(d_max, axis=0)
         d_min = tl.min(d_min, axis=0)
+        max_zero, s_pos, s_neg, q_pos, q_neg = finish(at_zero)
+        h_lo, slope_lo = log_ratio(s_pos, s_neg, q_pos, q_neg)
+        max_one, s_pos, s_neg, q_pos, q_neg = finish(at_one)
+        h_hi, slope_hi = log_ratio(s_pos, s_neg, q_pos, q_neg)
+        # t(α) = (1 − α)·(log p − top) + α·(log r − top) per token, so the chord through its row
+        # maxima at α = 0 and 1 bounds its row max at any α in [0, 1] from above.
+        max_zero = max_zero - top
+        max_one = max_one - top
         nonempty = top > -float("inf")
         d_scale = tl.maximum(tl.abs(d_max), tl.abs(d_min))
         degenerate = nonempty & (d_max - d_min <= degenerate_rtol * d_scale)
-        s_pos, s_neg, q_pos, q_neg = finish(at_zero)
-        h_lo, slope_lo = log_ratio(s_pos, s_neg, q_pos, q_neg)
-        s_pos, s_neg, q_pos, q_neg = finish(at_one)
-        h_hi, slope_hi = log_ratio(s_pos, s_neg, q_pos, q_neg)
         live = nonempty & ~degenerate
         at_lower = live & (h_lo >= 0)
         at_upper = live & ~at_lower & (h_hi <= 0)
@@ -177,7 +201,11 @@ if triton is not None:
 
         iterations = tl.zeros((), dtype=tl.int32)
         while active & (iterations < max_iter):
-            s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, alpha.to(tl.float32), BLOCK)
+            a = alpha.to(tl.float32)
+            shift = (1.0 - a) * max_zero + a * max_one
+            row_max, s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, a, shift, BLOCK)
+            if row_max < shift - 60.0:  # the bound was loose enough for terms to underflow: redo at the max
+                row_max, s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, a, row_max, BLOCK)
             h, slope = log_ratio(s_pos, s_neg, q_pos, q_neg)
             iterations += 1
             below = h < 0

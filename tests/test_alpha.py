@@ -231,6 +231,13 @@ def edge_batch():
         "one_common_token": (_row([0.5, 0.3, 0.2, 0, 0, 0]), _row([0, 0, 0.1, 0.6, 0.3, 0])),
         "empty_support": (_row([0.5, 0.5, 0, 0, 0, 0]), _row([0, 0, 0, 0.2, 0.3, 0.5])),
         "very_peaked": (peaked_p[0], peaked_r[0]),
+        # Each model all but excludes the other's top token: near the root the largest term of
+        # q_α is e^-139, far below the maxima at α = 0 and 1 (a shift taken from those would
+        # underflow float32 to 0).
+        "disagreeing_peaks": (
+            torch.tensor([0.0, -300.0, -350.0, -350.0, -350.0, -350.0]),
+            torch.tensor([-260.0, 0.0, -350.0, -350.0, -350.0, -350.0]),
+        ),
         "ordinary_1": (ordinary_p[1], ordinary_r[1]),
     }
     names = list(rows)
@@ -249,6 +256,9 @@ def test_edge_rows_are_flagged_and_get_their_conventional_alpha(edge_batch):
     assert empty == {"empty_support"}
     assert alpha["identical"] == alpha["one_hot_teacher"] == alpha["one_common_token"] == 0.5
     assert alpha["empty_support"] == 1.0  # default fallback: the teacher
+    # On the two tokens that count, h(α) = 560 α − 300 + log(300 / 260): linear, root below.
+    assert abs(alpha["disagreeing_peaks"] - (300 - math.log(300 / 260)) / 560) <= 1e-6
+    assert all(solution.converged.tolist())
 
 
 def test_ordinary_rows_in_a_batch_with_edge_rows_solve_as_if_alone(edge_batch):
