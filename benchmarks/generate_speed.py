@@ -7,6 +7,8 @@ Rows (same prompts, same lengths, random-weight models built from configs):
   q* processor            `generate(logits_processor=[OptimalSamplingLogitsProcessor(teacher)])`
   q* custom generate      `generate(custom_generate=optimal_generate, teacher_model=teacher)`
   plain two-model loop    an own loop, two DynamicCaches, fixed-α mix (no α solve, no records)
+  plain loop, q* step     the same loop with the processor's q* step (`compute_mixture`):
+                          the same maths as the processor without generate's machinery
   q* fast path            `FastDecoder` (optimal_sampling/fast.py), the default mode for the device
 
 Each row: one short warm-up call (excluded), then `--repeats` timed calls; the table shows
@@ -271,6 +273,31 @@ class Bench:
             positions = positions[:, -1:] + 1
         return new_tokens
 
+    @torch.no_grad()
+    def plain_q_star_loop(self, new_tokens=None) -> int:
+        """The plain loop with the processor's q* step (`compute_mixture`: kl_symmetry α,
+        diagnostics) instead of a fixed α: what the processor adds beyond the math is the
+        integration (generate's loop, the teacher cache's bookkeeping, the records)."""
+        from transformers import DynamicCache
+
+        from optimal_sampling import compute_mixture
+
+        new_tokens = new_tokens or self.preset["new_tokens"]
+        mask = self.mask
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        caches = [DynamicCache(config=m.config) for m in (self.base, self.teacher)]
+        tokens = self.ids
+        for _ in range(new_tokens):
+            lp, lr = (
+                torch.log_softmax(m(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=c,
+                                    use_cache=True, logits_to_keep=1).logits[:, -1, : self.vocab].float(), -1)
+                for m, c in zip((self.base, self.teacher), caches)
+            )
+            tokens = torch.multinomial(compute_mixture(lp, lr).logq.exp(), 1)
+            mask = torch.cat([mask, torch.ones_like(tokens)], 1)
+            positions = positions[:, -1:] + 1
+        return new_tokens
+
     def fast_decoder(self, mode: str, **config):
         from optimal_sampling.fast import FastDecoder, FastPathConfig
 
@@ -317,6 +344,8 @@ def run_generate_speed(bench: Bench, fast_mode: str | None = None) -> list[dict]
              warmup=lambda: bench.custom_generate(**short), estimate_s=est(70 if cuda else 25)),
         dict(name="plain two-model loop (DynamicCache, fixed α)", run=bench.plain_loop,
              warmup=lambda: bench.plain_loop(**short), estimate_s=est(45 if cuda else 15)),
+        dict(name="plain two-model loop, q* step (compute_mixture)", run=bench.plain_q_star_loop,
+             warmup=lambda: bench.plain_q_star_loop(**short), estimate_s=est(60 if cuda else 22)),
         dict(name=f"q* fast path, mode={mode}", run=lambda: bench.fast(holder["decoder"]),
              warmup=fast_warmup, estimate_s=est(15 if cuda else 20), note="warm-up = first call, incl. capture/compile"),
     ]
@@ -366,6 +395,13 @@ def generate_speed_table(bench: Bench, rows: list[dict], env: dict) -> str:
             ratio = r[key] / reference
             lines.append(f"- {r['name']}: {ratio:.2f}× base-only generate "
                          f"(target ≥ 0.45×; the original tool reached 0.31×): {'PASS' if ratio >= 0.45 else 'below target'}")
+    processor = bench.rows.get("q* processor (generate + OptimalSamplingLogitsProcessor)", {}).get(key)
+    for name in ("plain two-model loop (DynamicCache, fixed α)", "plain two-model loop, q* step (compute_mixture)"):
+        loop = bench.rows.get(name, {}).get(key)
+        if processor and loop:
+            ratio = processor / loop
+            lines.append(f"- q* processor vs {name}: {ratio:.2f}× (target: within 10%, ≥ 0.90×): "
+                         f"{'PASS' if ratio >= 0.9 else 'below target'}")
     return "\n".join(lines) + "\n"
 
 
