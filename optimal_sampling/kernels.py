@@ -11,10 +11,12 @@ It is the same iteration as the torch path (theory/derivation.md §4.6), written
 row: h(α) = log S₊ − log S₋ with S± = Σ_{±Δ>0} p e^{αΔ} |Δ|, the bracket kept as (α, h, h')
 at both ends, the next iterate the larger / smaller tangent root inside the bracket (or the
 midpoint), and a row frozen once Newton's step or the bracket is below `tol`. Within a pass
-each of the BLOCK lanes keeps its own sums, combined once at the end of the pass: no
-reduction across the block inside the loop, whose loads are pipelined. The first pass keeps
-a running max per lane (rescaling its float64 sums when it grows); the Newton passes shift
-by a bound of the row max known in advance, so one exp per token suffices. `tests/test_kernels.py` runs the kernel through Triton's CPU
+each of the BLOCK lanes keeps its own float32 sums, added across lanes in float64 once at the
+end of the pass: no reduction across the block inside the loop, whose loads are pipelined.
+The exponents are shifted by a bound of their row max known before the pass (0 at the
+bracket ends, where they are log-probs; the chord through the maxima at the ends for a
+Newton pass), so one exp per token suffices; a pass whose bound turns out more than 60
+above the true max (terms may have underflowed) is redone at the max. `tests/test_kernels.py` runs the kernel through Triton's CPU
 interpreter against the same float64 references as the torch path.
 
 Used automatically by `solve_alpha` / `compute_mixture` for `kl_symmetry` on CUDA tensors
@@ -72,66 +74,38 @@ if triton is not None:
         return lp, delta, common, common & (delta != 0.0)
 
     @triton.jit
-    def accumulate(state, t, delta):
-        """Add a block's terms e^t · (Δ₊, Δ₋, Δ₊², Δ₋²) to per-lane running sums.
-
-        Each of the BLOCK lanes keeps its own running max of t and its sums relative to it
-        (rescaled when the max grows), in float64: no reduction across the block inside the
-        loop, so the loop is bound by loading the row. `finish` combines the lanes."""
-        run_max, s_pos, s_neg, q_pos, q_neg = state
-        new_max = tl.maximum(run_max, t)
-        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
-        rescale = tl.exp(run_max - shift).to(tl.float64)  # 1 if the max held, 0 while the lane is empty
-        w = tl.exp(t - shift)
-        d_pos = tl.maximum(delta, 0.0)
-        d_neg = tl.maximum(-delta, 0.0)
-        s_pos = s_pos * rescale + (w * d_pos).to(tl.float64)
-        s_neg = s_neg * rescale + (w * d_neg).to(tl.float64)
-        q_pos = q_pos * rescale + (w * d_pos * d_pos).to(tl.float64)
-        q_neg = q_neg * rescale + (w * d_neg * d_neg).to(tl.float64)
-        return new_max, s_pos, s_neg, q_pos, q_neg
+    def add_terms(sums, w, delta):
+        """Add a block's terms w · (Δ₊, Δ₋, Δ₊², Δ₋²) to the per-lane float32 sums."""
+        s_pos, s_neg, q_pos, q_neg = sums
+        w_pos = w * tl.maximum(delta, 0.0)
+        w_neg = w * tl.maximum(-delta, 0.0)
+        return s_pos + w_pos, s_neg + w_neg, q_pos + w_pos * delta, q_neg - w_neg * delta
 
     @triton.jit
-    def empty_state(BLOCK: tl.constexpr):
-        zero = tl.zeros((BLOCK,), dtype=tl.float64)
-        return tl.full((BLOCK,), -float("inf"), tl.float32), zero, zero, zero, zero
-
-    @triton.jit
-    def finish(state):
-        """The row max of t and the four row sums relative to it (float64), from the lanes."""
-        run_max, s_pos, s_neg, q_pos, q_neg = state
-        top = tl.max(run_max, axis=0)
-        factor = tl.exp(run_max - tl.where(top == -float("inf"), 0.0, top)).to(tl.float64)
-        return (top, tl.sum(s_pos * factor, axis=0), tl.sum(s_neg * factor, axis=0),
-                tl.sum(q_pos * factor, axis=0), tl.sum(q_neg * factor, axis=0))
+    def row_sums(sums):
+        """The four row sums, adding the lanes in float64."""
+        s_pos, s_neg, q_pos, q_neg = sums
+        return (tl.sum(s_pos.to(tl.float64), axis=0), tl.sum(s_neg.to(tl.float64), axis=0),
+                tl.sum(q_pos.to(tl.float64), axis=0), tl.sum(q_neg.to(tl.float64), axis=0))
 
     @triton.jit
     def row_pass(lp_row, lr_row, width, top, alpha, shift, BLOCK: tl.constexpr):
         """One pass over a row at `alpha`: the four sums of e^(t − shift) · features with
         t = (log p − top) + αΔ, and the row max of t.
 
-        With a shift known before the pass (an upper bound of the max, see the kernel) the
-        lanes need no running max and no rescaling: one exp per token. They sum in float32
-        (at most V / BLOCK terms each; their rounding errors are independent across lanes)
-        and are added across lanes in float64."""
+        The shift is an upper bound of the max known before the pass, so the lanes need no
+        running max and no rescaling: one exp per token. They sum in float32 (V / BLOCK terms
+        each; their rounding errors are independent across lanes) and are added across lanes
+        in float64."""
         lane_max = tl.full((BLOCK,), -float("inf"), tl.float32)
-        s_pos = tl.zeros((BLOCK,), dtype=tl.float32)
-        s_neg = tl.zeros((BLOCK,), dtype=tl.float32)
-        q_pos = tl.zeros((BLOCK,), dtype=tl.float32)
-        q_neg = tl.zeros((BLOCK,), dtype=tl.float32)
+        sums = (tl.zeros((BLOCK,), dtype=tl.float32),) * 4
         for start in tl.range(0, width, BLOCK, num_stages=3):
             lp, delta, common, counts = load_block(lp_row, lr_row, start, width, BLOCK)
             t = tl.where(counts, (lp - top) + alpha * delta, -float("inf"))
             lane_max = tl.maximum(lane_max, t)
-            w = tl.exp(t - shift)
-            w_pos = w * tl.maximum(delta, 0.0)
-            w_neg = w * tl.maximum(-delta, 0.0)
-            s_pos += w_pos
-            s_neg += w_neg
-            q_pos += w_pos * delta
-            q_neg -= w_neg * delta
-        return (tl.max(lane_max, axis=0), tl.sum(s_pos.to(tl.float64), axis=0), tl.sum(s_neg.to(tl.float64), axis=0),
-                tl.sum(q_pos.to(tl.float64), axis=0), tl.sum(q_neg.to(tl.float64), axis=0))
+            sums = add_terms(sums, tl.exp(t - shift), delta)
+        s_pos, s_neg, q_pos, q_neg = row_sums(sums)
+        return tl.max(lane_max, axis=0), s_pos, s_neg, q_pos, q_neg
 
     @triton.jit
     def log_ratio(s_pos, s_neg, q_pos, q_neg):
@@ -165,26 +139,37 @@ if triton is not None:
         top = tl.full((BLOCK,), -float("inf"), tl.float32)  # per lane, reduced after the loop
         d_max = tl.full((BLOCK,), -float("inf"), tl.float32)
         d_min = tl.full((BLOCK,), float("inf"), tl.float32)
-        at_zero = empty_state(BLOCK)
-        at_one = empty_state(BLOCK)
+        max_zero = tl.full((BLOCK,), -float("inf"), tl.float32)
+        max_one = tl.full((BLOCK,), -float("inf"), tl.float32)
+        sums_zero = (tl.zeros((BLOCK,), dtype=tl.float32),) * 4
+        sums_one = (tl.zeros((BLOCK,), dtype=tl.float32),) * 4
         for start in tl.range(0, width, BLOCK, num_stages=3):
             lp, delta, common, counts = load_block(lp_row, lr_row, start, width, BLOCK)
             top = tl.maximum(top, tl.where(common, lp, -float("inf")))
             d_max = tl.maximum(d_max, tl.where(common, delta, -float("inf")))
             d_min = tl.minimum(d_min, tl.where(common, delta, float("inf")))
-            at_zero = accumulate(at_zero, tl.where(counts, lp, -float("inf")), delta)
-            at_one = accumulate(at_one, tl.where(counts, lp + delta, -float("inf")), delta)
+            # Log-probs are ≤ 0, so 0 bounds the exponent at both ends from above.
+            t_zero = tl.where(counts, lp, -float("inf"))
+            t_one = tl.where(counts, lp + delta, -float("inf"))
+            max_zero = tl.maximum(max_zero, t_zero)
+            max_one = tl.maximum(max_one, t_one)
+            sums_zero = add_terms(sums_zero, tl.exp(t_zero), delta)
+            sums_one = add_terms(sums_one, tl.exp(t_one), delta)
         top = tl.max(top, axis=0)
         d_max = tl.max(d_max, axis=0)
         d_min = tl.min(d_min, axis=0)
-        max_zero, s_pos, s_neg, q_pos, q_neg = finish(at_zero)
-        h_lo, slope_lo = log_ratio(s_pos, s_neg, q_pos, q_neg)
-        max_one, s_pos, s_neg, q_pos, q_neg = finish(at_one)
-        h_hi, slope_hi = log_ratio(s_pos, s_neg, q_pos, q_neg)
         # t(α) = (1 − α)·(log p − top) + α·(log r − top) per token, so the chord through its row
         # maxima at α = 0 and 1 bounds its row max at any α in [0, 1] from above.
-        max_zero = max_zero - top
-        max_one = max_one - top
+        max_zero = tl.max(max_zero, axis=0) - top
+        max_one = tl.max(max_one, axis=0) - top
+        s_pos, s_neg, q_pos, q_neg = row_sums(sums_zero)
+        if max_zero < -60.0:  # nearly all mass on tokens with Δ = 0: the terms may have underflowed
+            _, s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, 0.0, max_zero, BLOCK)
+        h_lo, slope_lo = log_ratio(s_pos, s_neg, q_pos, q_neg)
+        s_pos, s_neg, q_pos, q_neg = row_sums(sums_one)
+        if max_one < -60.0:
+            _, s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, 1.0, max_one, BLOCK)
+        h_hi, slope_hi = log_ratio(s_pos, s_neg, q_pos, q_neg)
         nonempty = top > -float("inf")
         d_scale = tl.maximum(tl.abs(d_max), tl.abs(d_min))
         degenerate = nonempty & (d_max - d_min <= degenerate_rtol * d_scale)
@@ -233,7 +218,7 @@ if triton is not None:
 
 def kl_symmetry_kernel(
     logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, *, block: int | None = None,
-    num_warps: int = 8,
+    num_warps: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve every row of a `[B, V]` pair: (α float64, iterations int32, degenerate,
     empty support, converged) as `[B]` tensors — what `alpha._kl_symmetry_alpha` returns,

@@ -234,6 +234,12 @@ def edge_batch():
         # Each model all but excludes the other's top token: near the root the largest term of
         # q_α is e^-139, far below the maxima at α = 0 and 1 (a shift taken from those would
         # underflow float32 to 0).
+        # Nearly all mass on a token both models agree on (Δ = 0): the tokens that decide α
+        # are e^-120 below it, and the teacher is above the base on each, so α* = 0.
+        "shared_top_token": (
+            torch.tensor([0.0, -120.0, -122.0, -150.0, -150.0, -150.0]),
+            torch.tensor([0.0, -119.0, -121.5, -150.0, -150.0, -150.0]),
+        ),
         "disagreeing_peaks": (
             torch.tensor([0.0, -300.0, -350.0, -350.0, -350.0, -350.0]),
             torch.tensor([-260.0, 0.0, -350.0, -350.0, -350.0, -350.0]),
@@ -259,6 +265,8 @@ def test_edge_rows_are_flagged_and_get_their_conventional_alpha(edge_batch):
     # On the two tokens that count, h(α) = 560 α − 300 + log(300 / 260): linear, root below.
     assert abs(alpha["disagreeing_peaks"] - (300 - math.log(300 / 260)) / 560) <= 1e-6
     assert all(solution.converged.tolist())
+    i = names.index("shared_top_token")
+    assert alpha["shared_top_token"] == 0.0 and solution.iterations[i].item() == 0
 
 
 def test_ordinary_rows_in_a_batch_with_edge_rows_solve_as_if_alone(edge_batch):

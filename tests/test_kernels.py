@@ -88,6 +88,8 @@ def test_kernel_flags_edge_rows_like_the_torch_path(interpreted, edge_batch):
     assert kernel["converged"].all()
     torch.testing.assert_close(kernel["alpha"], torch_path.alpha, rtol=0, atol=1e-6)
     assert dict(zip(names, kernel["alpha"].tolist()))["empty_support"] == 1.0
+    i = names.index("shared_top_token")
+    assert kernel["alpha"][i].item() == 0.0 and kernel["iterations"][i].item() == 0
     assert abs(dict(zip(names, kernel["alpha"].tolist()))["disagreeing_peaks"] - (300 - math.log(300 / 260)) / 560) <= 1e-6
     assert dict(zip(names, interpreted["edge-base-fallback"]["alpha"].tolist()))["empty_support"] == 0.0
 
