@@ -87,6 +87,21 @@ def time_ms(fn, device: str, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def sweep(pair, device: str, warmup: int, repeats: int) -> list[str]:
+    lp, lr = pair
+    rows = []
+    for block in (1024, 2048, 4096):
+        cells = []
+        for warps in (4, 8, 16):
+            try:
+                ms = time_ms(lambda: kl_symmetry_kernel(lp, lr, 1e-6, 20, block=block, num_warps=warps), device, warmup, repeats)
+                cells.append(f"{ms:.3f}")
+            except Exception as error:  # e.g. out of registers / shared memory for this combination
+                cells.append(type(error).__name__)
+        rows.append(f"| {block} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def machine(device: str) -> str:
     cpu = f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     cpu += f" (torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} at the end)"
@@ -145,18 +160,10 @@ def main() -> None:
         lines.append(f"| {shape} | bisection, torch ops (20 its) | {bisect_ms:.3f} | 20 | 20 | {gap:.1e} |")
 
     if args.sweep and kernel_available:
-        lines.append("\nTriton kernel launch options, [64, 151936] (ms / solve):\n")
-        lines.append("| block | num_warps=4 | num_warps=8 | num_warps=16 |\n|---|---|---|---|")
-        lp, lr = make_pair(*TARGET_SHAPE, args.device)
-        for block in (1024, 2048, 4096, 8192):
-            cells = []
-            for warps in (4, 8, 16):
-                try:
-                    ms = time_ms(lambda: kl_symmetry_kernel(lp, lr, 1e-6, 20, block=block, num_warps=warps), args.device, warmup, repeats)
-                    cells.append(f"{ms:.3f}")
-                except Exception as error:  # e.g. out of registers / shared memory for this combination
-                    cells.append(type(error).__name__)
-            lines.append(f"| {block} | " + " | ".join(cells) + " |")
+        for shape in (TARGET_SHAPE, (256, 32000)):
+            lines.append(f"\nTriton kernel launch options, {list(shape)} (ms / solve):\n")
+            lines.append("| block | num_warps=4 | num_warps=8 | num_warps=16 |\n|---|---|---|---|")
+            lines.extend(sweep(make_pair(*shape, args.device), args.device, warmup, repeats))
 
     command = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     section = "\n".join(

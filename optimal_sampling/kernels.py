@@ -25,6 +25,7 @@ when Triton is importable; `OPTIMAL_SAMPLING_TRITON=0` turns it off.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -216,9 +217,14 @@ if triton is not None:
 
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def kl_symmetry_kernel(
     logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, *, block: int | None = None,
-    num_warps: int = 16,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve every row of a `[B, V]` pair: (α float64, iterations int32, degenerate,
     empty support, converged) as `[B]` tensors — what `alpha._kl_symmetry_alpha` returns,
@@ -226,7 +232,9 @@ def kl_symmetry_kernel(
 
     `block` (a power of two) is how many tokens a program loads at a time: 2048 on a GPU
     by default; the tests vary it to cover rows of one and of many blocks. `num_warps` is
-    Triton's launch option (`benchmarks/alpha_solver.py --sweep` times both)."""
+    Triton's launch option: by default 16 while there are no more rows than multiprocessors
+    (each row's program has one to itself), else 8 — the faster on an H100 for [64, 151936]
+    and [256, 32000] (`benchmarks/alpha_solver.py --sweep` times the options)."""
     if logp_theta.stride(-1) != 1:
         logp_theta = logp_theta.contiguous()
     if logp_t.stride(-1) != 1:
@@ -238,6 +246,8 @@ def kl_symmetry_kernel(
     flags = torch.empty(batch, dtype=torch.int32, device=device)
     if batch:
         block = block or (1024 if _interpreting() else 2048)
+        if num_warps is None:
+            num_warps = 16 if not logp_theta.is_cuda or batch <= _multiprocessors(device) else 8
         _kl_symmetry_kernel[(batch,)](
             logp_theta, logp_t, logp_theta.stride(0), logp_t.stride(0), width, float(tol), int(max_iter),
             _DEGENERATE_RTOL, alpha, iterations, flags, BLOCK=block, num_warps=num_warps,
