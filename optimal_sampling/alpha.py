@@ -195,7 +195,7 @@ def solve_alpha(
         check_log_prob_pair(logp_theta, logp_t)
     if method == "kl_symmetry" and _kernel_applies(logp_theta):  # one Triton launch, no support tensors
         lp, lr = restrict_to_nucleus(logp_theta, logp_t, teacher_top_p)
-        solution = _finish(*kl_symmetry_kernel(lp, lr, tol, max_iter), empty_support, alpha_min, alpha_max)
+        solution = _kernel_solution(lp, lr, tol, max_iter, empty_support, alpha_min, alpha_max)
     else:
         pair = common_support(logp_theta, logp_t, teacher_top_p=teacher_top_p)
         solution = solve_on_support(
@@ -311,10 +311,16 @@ def solve_on_support(
         lr_s = pair.logp_t.masked_fill(pair.off, float("-inf"))
         result, iterations, converged = _ess_balance_alpha(pair.logp_theta_s, pair.delta, lr_s, tol, max_iter)
     elif _kernel_applies(pair.logp_theta):
-        return _finish(*kl_symmetry_kernel(pair.logp_theta, pair.logp_t, tol, max_iter), empty_support, alpha_min, alpha_max)
+        return _kernel_solution(pair.logp_theta, pair.logp_t, tol, max_iter, empty_support, alpha_min, alpha_max)
     else:
         result, iterations, degenerate, converged = _kl_symmetry_alpha(pair, tol, max_iter)
     return _finish(result, iterations, degenerate, pair.empty, converged, empty_support, alpha_min, alpha_max)
+
+
+def _kernel_solution(lp, lr, tol, max_iter, empty_support, alpha_min, alpha_max) -> AlphaSolution:
+    """The kernel applies the fallback and the clamp itself: one launch for the whole solve."""
+    fallback = 1.0 if empty_support == "teacher" else 0.0
+    return AlphaSolution(*kl_symmetry_kernel(lp, lr, tol, max_iter, fallback=fallback, alpha_min=alpha_min, alpha_max=alpha_max))
 
 
 def _finish(alpha, iterations, degenerate, empty, converged, empty_support, alpha_min, alpha_max) -> AlphaSolution:

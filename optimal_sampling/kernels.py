@@ -128,8 +128,8 @@ if triton is not None:
 
     @triton.jit
     def _kl_symmetry_kernel(
-        lp_ptr, lr_ptr, stride_lp, stride_lr, width, tol, max_iter, degenerate_rtol,
-        alpha_ptr, iterations_ptr, flags_ptr, BLOCK: tl.constexpr,
+        lp_ptr, lr_ptr, stride_lp, stride_lr, width, tol, max_iter, degenerate_rtol, fallback, alpha_min, alpha_max,
+        alpha_ptr, iterations_ptr, flags_ptr, batch, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
         lp_row = lp_ptr + row.to(tl.int64) * stride_lp
@@ -209,11 +209,15 @@ if triton is not None:
             alpha = tl.where(h != 0, step, alpha)
             active = ~((h == 0) | close | (hi - lo <= tol))
 
-        tl.store(alpha_ptr + row, alpha)
+        # What `alpha._finish` does on the torch path: the fallback on rows without a common
+        # token, then the clamp; the flags as three bool rows.
+        alpha = tl.where(nonempty, alpha, fallback)
+        alpha = tl.minimum(tl.maximum(alpha, alpha_min), alpha_max)
+        tl.store(alpha_ptr + row, alpha.to(tl.float32))
         tl.store(iterations_ptr + row, iterations)
-        # bit 0: degenerate, bit 1: empty support, bit 2: not converged
-        flags = degenerate.to(tl.int32) + 2 * (~nonempty).to(tl.int32) + 4 * active.to(tl.int32)
-        tl.store(flags_ptr + row, flags)
+        tl.store(flags_ptr + row, degenerate.to(tl.int8))
+        tl.store(flags_ptr + batch + row, (~nonempty).to(tl.int8))
+        tl.store(flags_ptr + 2 * batch + row, (~active).to(tl.int8))
 
 
 
@@ -223,12 +227,12 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def kl_symmetry_kernel(
-    logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, *, block: int | None = None,
-    num_warps: int | None = None,
+    logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, *, fallback: float = 1.0,
+    alpha_min: float = 0.0, alpha_max: float = 1.0, block: int | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Solve every row of a `[B, V]` pair: (α float64, iterations int32, degenerate,
-    empty support, converged) as `[B]` tensors — what `alpha._kl_symmetry_alpha` returns,
-    plus the empty-support flag the torch path takes from `CommonSupport`.
+    """Solve every row of a `[B, V]` pair: the fields of `alpha.AlphaSolution` — α (float32,
+    `fallback` on rows without a common token, clamped to [alpha_min, alpha_max]),
+    iterations (int32), degenerate, empty support, converged (bool) — as `[B]` tensors.
 
     `block` (a power of two) is how many tokens a program loads at a time: 2048 on a GPU
     by default; the tests vary it to cover rows of one and of many blocks. `num_warps` is
@@ -241,15 +245,17 @@ def kl_symmetry_kernel(
         logp_t = logp_t.contiguous()
     batch, width = logp_theta.shape
     device = logp_theta.device
-    alpha = torch.empty(batch, dtype=torch.float64, device=device)
+    alpha = torch.empty(batch, dtype=torch.float32, device=device)
     iterations = torch.empty(batch, dtype=torch.int32, device=device)
-    flags = torch.empty(batch, dtype=torch.int32, device=device)
+    flags = torch.empty(3, batch, dtype=torch.int8, device=device)  # degenerate, empty, converged
     if batch:
         block = block or (1024 if _interpreting() else 2048)
         if num_warps is None:
             num_warps = 16 if not logp_theta.is_cuda or batch <= _multiprocessors(device) else 8
         _kl_symmetry_kernel[(batch,)](
             logp_theta, logp_t, logp_theta.stride(0), logp_t.stride(0), width, float(tol), int(max_iter),
-            _DEGENERATE_RTOL, alpha, iterations, flags, BLOCK=block, num_warps=num_warps,
+            _DEGENERATE_RTOL, float(fallback), float(alpha_min), float(alpha_max), alpha, iterations, flags, batch,
+            BLOCK=block, num_warps=num_warps,
         )
-    return alpha, iterations, (flags & 1) != 0, (flags & 2) != 0, (flags & 4) == 0
+    degenerate, empty, converged = flags.view(torch.bool).unbind(0)
+    return alpha, iterations, degenerate, empty, converged
