@@ -347,17 +347,17 @@ _LOG2E = 1.4426950408889634
 
 
 class LogRatioMoments:
-    """Evaluates h(α) and h'(α) of one batch at any number of α per row.
+    """Evaluates h(α), h'(α) and h''(α) of one batch at any number of α per row.
 
     Built once per solve; each call is one pass over the `[B, V]` data: the weights
-    w = p e^{αΔ} shifted by their row max, then the four sums S₊, S₋, Σ w Δ₊², Σ w Δ₋² in one
-    fused multiply-and-sum against a stacked `[B, 4, V]` feature tensor. Tokens with Δ = 0
-    add nothing to any of them; leaving them out of the weights keeps the row max among the
-    tokens that count, so S± cannot underflow behind a shared top token. The weights are
-    float32 (`exp2` of pre-scaled exponents: the same values at a third of `exp`'s cost on
-    CPU), the sums float32 (tree / cascade summation), converted to float64 for the logs and
-    ratios. Few, large ops: on small batches the solve is bound by the number of ops, not
-    by the arithmetic.
+    w = p e^{αΔ} shifted by their row max, then the six sums Σ w Δ±ᵏ (k = 1, 2, 3; S± are
+    the k = 1 ones) in one fused multiply-and-sum against a stacked `[B, 6, V]` feature
+    tensor. Tokens with Δ = 0 add nothing to any of them; leaving them out of the weights
+    keeps the row max among the tokens that count, so S± cannot underflow behind a shared
+    top token. The weights are float32 (`exp2` of pre-scaled exponents: the same values at a
+    third of `exp`'s cost on CPU), the sums float32 (tree / cascade summation), converted to
+    float64 for the logs and ratios. Few, large ops: on small batches the solve is bound by
+    the number of ops, not by the arithmetic.
     """
 
     def __init__(self, pair: CommonSupport) -> None:
@@ -369,22 +369,27 @@ class LogRatioMoments:
         self.log2_weight = log2_weight.unsqueeze(1)  # [B, 1, V]
         self.log2_delta = (delta * _LOG2E).unsqueeze(1)  # [B, 1, V]
         delta_pos, delta_neg = delta.clamp_min(0.0), delta.clamp_max(0.0).neg_()
-        self.features = torch.stack([delta_pos, delta_neg, delta_pos.square(), delta_neg.square()], dim=1).unsqueeze(1)
+        first = torch.stack([delta_pos, delta_neg], dim=1)  # [B, 2, V]
+        squared = first * first
+        self.features = torch.cat([first, squared, squared * first], dim=1).unsqueeze(1)  # [B, 1, 6, V]
 
-    def __call__(self, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`alpha`: `[B, K]` float64 → h, h' as `[B, K]` float64 each.
+    def __call__(self, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`alpha`: `[B, K]` float64 → h, h', h'' as `[B, K]` float64 each.
 
         h = log S₊ − log S₋ is ±inf when one side is empty or underflows (its sign is still
-        right); h' = Σ w Δ₊²/S₊ + Σ w Δ₋²/S₋ counts an empty side as 0.
+        right). With E± the means under the weights w Δ± / S±, h' = E₊[Δ] − E₋[Δ] and
+        h'' = Var₊[Δ] − Var₋[Δ]; an empty side counts 0 in both.
         """
         t = torch.addcmul(self.log2_weight, alpha.to(self.log2_delta.dtype).unsqueeze(-1), self.log2_delta)  # [B, K, V]
         t -= t.amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(t.dtype).min)  # an all -inf row stays -inf, no NaN
-        sums = (t.exp2_().unsqueeze(2) * self.features).sum(dim=-1).double()  # [B, K, 4]: S₊, S₋, Σ w Δ₊², Σ w Δ₋²
-        first, second = sums[..., :2], sums[..., 2:]
+        sums = (t.exp2_().unsqueeze(2) * self.features).sum(dim=-1).double()  # [B, K, 6]: Σ w Δ±, Σ w Δ±², Σ w Δ±³
+        first = sums[..., :2]
         log_first = first.log()
         h = log_first[..., 0] - log_first[..., 1]
-        slope = (second / first).nan_to_num_(nan=0.0).sum(dim=-1)
-        return h, slope
+        moments = (sums[..., 2:] / first.repeat(1, 1, 2)).nan_to_num_(nan=0.0)  # [B, K, 4]: E±|Δ|, E±Δ²
+        mean, mean_square = moments[..., :2], moments[..., 2:]
+        variance = mean_square - mean * mean
+        return h, mean.sum(dim=-1), variance[..., 0] - variance[..., 1]
 
 
 def _tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi):
@@ -406,6 +411,22 @@ def _tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi):
     best = torch.where(inside, signed, float("-inf")).amax(dim=-1, keepdim=True)
     best = torch.where(larger, best, -best)
     return torch.where(best.isfinite(), best, ends.mean(dim=-1, keepdim=True))
+
+
+# Newton's step is accepted without a pass to confirm it only while it is this short: the
+# error estimate below uses h'' at the current iterate, and a kink of h within the step
+# would make it wrong.
+_QUADRATIC_STEP = 1e-4
+
+
+def _newton_step_lands(newton_step, slope, curvature, tol):
+    """Whether α − newton_step is within tol of the root: the step is below tol, or it is
+    short and Taylor's remainder |h''| s² / (2 h') — the error left after a Newton step of
+    length s — is below tol / 8. Typically the second Newton step qualifies (~1e-6 long), which
+    saves the pass that would only have confirmed it. False for NaN / inf."""
+    small = newton_step.abs() <= tol
+    remainder = curvature.abs() * newton_step.square() <= 0.25 * tol * slope
+    return small | ((newton_step.abs() <= _QUADRATIC_STEP) & remainder)
 
 
 def _iteration_done(active: torch.Tensor) -> bool:
@@ -430,7 +451,7 @@ def _kl_symmetry_alpha(pair: CommonSupport, tol: float, max_iter: int):
 
     moments = LogRatioMoments(pair)
     ends = torch.arange(2, dtype=torch.float64, device=device).expand(batch, 2)  # α = 0 and 1; no host copy
-    h_ends, slope_ends = moments(ends)  # both ends in one pass; signs of A'(0) = -KL(p‖r), A'(1) = KL(r‖p)
+    h_ends, slope_ends, _ = moments(ends)  # both ends in one pass; signs of A'(0) = -KL(p‖r), A'(1) = KL(r‖p)
     lo, hi = ends.split(1, dim=-1)
     h_lo, h_hi = h_ends.split(1, dim=-1)
     slope_lo, slope_hi = slope_ends.split(1, dim=-1)
@@ -446,17 +467,17 @@ def _kl_symmetry_alpha(pair: CommonSupport, tol: float, max_iter: int):
     for _ in range(max_iter):
         if _iteration_done(active):
             break
-        h, slope = moments(alpha)
+        h, slope, curvature = moments(alpha)
         iterations += active
         # The new point replaces the bracket end on its side of the root (active rows only).
         below, above = active & (h < 0), active & (h > 0)
         lo, h_lo, slope_lo = torch.where(below, alpha, lo), torch.where(below, h, h_lo), torch.where(below, slope, slope_lo)
         hi, h_hi, slope_hi = torch.where(above, alpha, hi), torch.where(above, h, h_hi), torch.where(above, slope, slope_hi)
-        # Freeze a row once Newton's step (≈ the distance to the root) or the bracket is
-        # below tol: further steps would only chase round-off. The step is tested before the
-        # bracket safeguard, which would reject a step below round-off of α as "outside".
+        # Freeze a row once Newton's step lands within tol of the root, or the bracket is
+        # below tol. The step is tested before the bracket safeguard, which would reject a
+        # step below round-off of α as "outside".
         newton_step = h / slope
-        close = newton_step.abs() <= tol  # False for NaN / inf
+        close = _newton_step_lands(newton_step, slope, curvature, tol)
         step = torch.where(close, torch.clamp(alpha - newton_step, lo, hi), _tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi))
         alpha = torch.where(below | above, step, alpha)
         active = active & ~(close | (h == 0) | (hi - lo <= tol))  # a NaN h keeps its row unconverged

@@ -10,7 +10,9 @@ row has converged. Nothing is read back, so it also runs inside a CUDA-graph cap
 It is the same iteration as the torch path (theory/derivation.md §4.6), written for one
 row: h(α) = log S₊ − log S₋ with S± = Σ_{±Δ>0} p e^{αΔ} |Δ|, the bracket kept as (α, h, h')
 at both ends, the next iterate the larger / smaller tangent root inside the bracket (or the
-midpoint), and a row frozen once Newton's step or the bracket is below `tol`. Within a pass
+midpoint), and a row frozen once Newton's step is sure to land within `tol` of the root (it is
+shorter than `tol`, or short and its Taylor remainder, from the third moments, is small) or
+the bracket is below `tol`. Within a pass
 each of the BLOCK lanes keeps its own float32 sums, added across lanes in float64 once at the
 end of the pass: no reduction across the block inside the loop, whose loads are pipelined.
 The exponents are shifted by a bound of their row max known before the pass (0 at the
@@ -30,7 +32,7 @@ import os
 
 import torch
 
-_DEGENERATE_RTOL = 1e-5  # the same test as alpha._DEGENERATE_RTOL
+from .alpha import _DEGENERATE_RTOL, _QUADRATIC_STEP  # the same tests as the torch path
 
 
 try:
@@ -76,18 +78,21 @@ if triton is not None:
 
     @triton.jit
     def add_terms(sums, w, delta):
-        """Add a block's terms w · (Δ₊, Δ₋, Δ₊², Δ₋²) to the per-lane float32 sums."""
-        s_pos, s_neg, q_pos, q_neg = sums
+        """Add a block's terms w · Δ±ᵏ (k = 1, 2, 3) to the per-lane float32 sums."""
+        s_pos, s_neg, q_pos, q_neg, c_pos, c_neg = sums
         w_pos = w * tl.maximum(delta, 0.0)
         w_neg = w * tl.maximum(-delta, 0.0)
-        return s_pos + w_pos, s_neg + w_neg, q_pos + w_pos * delta, q_neg - w_neg * delta
+        squared = delta * delta
+        return (s_pos + w_pos, s_neg + w_neg, q_pos + w_pos * delta, q_neg - w_neg * delta,
+                c_pos + w_pos * squared, c_neg + w_neg * squared)
 
     @triton.jit
     def row_sums(sums):
-        """The four row sums, adding the lanes in float64."""
-        s_pos, s_neg, q_pos, q_neg = sums
+        """The six row sums, adding the lanes in float64."""
+        s_pos, s_neg, q_pos, q_neg, c_pos, c_neg = sums
         return (tl.sum(s_pos.to(tl.float64), axis=0), tl.sum(s_neg.to(tl.float64), axis=0),
-                tl.sum(q_pos.to(tl.float64), axis=0), tl.sum(q_neg.to(tl.float64), axis=0))
+                tl.sum(q_pos.to(tl.float64), axis=0), tl.sum(q_neg.to(tl.float64), axis=0),
+                tl.sum(c_pos.to(tl.float64), axis=0), tl.sum(c_neg.to(tl.float64), axis=0))
 
     @triton.jit
     def row_pass(lp_row, lr_row, width, top, alpha, shift, BLOCK: tl.constexpr):
@@ -99,21 +104,32 @@ if triton is not None:
         each; their rounding errors are independent across lanes) and are added across lanes
         in float64."""
         lane_max = tl.full((BLOCK,), -float("inf"), tl.float32)
-        sums = (tl.zeros((BLOCK,), dtype=tl.float32),) * 4
+        sums = (tl.zeros((BLOCK,), dtype=tl.float32),) * 6
         for start in tl.range(0, width, BLOCK, num_stages=3):
             lp, delta, common, counts = load_block(lp_row, lr_row, start, width, BLOCK)
             t = tl.where(counts, (lp - top) + alpha * delta, -float("inf"))
             lane_max = tl.maximum(lane_max, t)
             sums = add_terms(sums, tl.exp(t - shift), delta)
-        s_pos, s_neg, q_pos, q_neg = row_sums(sums)
-        return tl.max(lane_max, axis=0), s_pos, s_neg, q_pos, q_neg
+        return (tl.max(lane_max, axis=0),) + row_sums(sums)
 
     @triton.jit
-    def log_ratio(s_pos, s_neg, q_pos, q_neg):
-        """h = log S₊ − log S₋ (±inf with an empty side) and h' (an empty side counts 0)."""
+    def log_ratio(sums):
+        """h = log S₊ − log S₋ (±inf with an empty side), h' = E₊[Δ] − E₋[Δ] and
+        h'' = Var₊[Δ] − Var₋[Δ] under the weights w Δ± / S± (an empty side counts 0)."""
+        s_pos, s_neg, q_pos, q_neg, c_pos, c_neg = sums
         h = tl.log(s_pos) - tl.log(s_neg)
-        slope = tl.where(s_pos > 0, q_pos / s_pos, 0.0) + tl.where(s_neg > 0, q_neg / s_neg, 0.0)
-        return h, slope
+        mean_pos = tl.where(s_pos > 0, q_pos / s_pos, 0.0)
+        mean_neg = tl.where(s_neg > 0, q_neg / s_neg, 0.0)
+        var_pos = tl.where(s_pos > 0, c_pos / s_pos, 0.0) - mean_pos * mean_pos
+        var_neg = tl.where(s_neg > 0, c_neg / s_neg, 0.0) - mean_neg * mean_neg
+        return h, mean_pos + mean_neg, var_pos - var_neg
+
+    @triton.jit
+    def newton_step_lands(newton_step, slope, curvature, tol, quadratic_step):
+        """`alpha._newton_step_lands` for one row."""
+        small = tl.abs(newton_step) <= tol
+        remainder = tl.abs(curvature) * newton_step * newton_step <= 0.25 * tol * slope
+        return small | ((tl.abs(newton_step) <= quadratic_step) & remainder)
 
     @triton.jit
     def tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi):
@@ -128,7 +144,7 @@ if triton is not None:
 
     @triton.jit
     def _kl_symmetry_kernel(
-        lp_ptr, lr_ptr, stride_lp, stride_lr, width, tol, max_iter, degenerate_rtol, fallback, alpha_min, alpha_max,
+        lp_ptr, lr_ptr, stride_lp, stride_lr, width, tol, quadratic_step, max_iter, degenerate_rtol, fallback, alpha_min, alpha_max,
         alpha_ptr, iterations_ptr, flags_ptr, batch, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
@@ -142,8 +158,8 @@ if triton is not None:
         d_min = tl.full((BLOCK,), float("inf"), tl.float32)
         max_zero = tl.full((BLOCK,), -float("inf"), tl.float32)
         max_one = tl.full((BLOCK,), -float("inf"), tl.float32)
-        sums_zero = (tl.zeros((BLOCK,), dtype=tl.float32),) * 4
-        sums_one = (tl.zeros((BLOCK,), dtype=tl.float32),) * 4
+        sums_zero = (tl.zeros((BLOCK,), dtype=tl.float32),) * 6
+        sums_one = (tl.zeros((BLOCK,), dtype=tl.float32),) * 6
         for start in tl.range(0, width, BLOCK, num_stages=3):
             lp, delta, common, counts = load_block(lp_row, lr_row, start, width, BLOCK)
             top = tl.maximum(top, tl.where(common, lp, -float("inf")))
@@ -163,14 +179,14 @@ if triton is not None:
         # maxima at α = 0 and 1 bounds its row max at any α in [0, 1] from above.
         max_zero = tl.max(max_zero, axis=0) - top
         max_one = tl.max(max_one, axis=0) - top
-        s_pos, s_neg, q_pos, q_neg = row_sums(sums_zero)
+        sums = row_sums(sums_zero)
         if max_zero < -60.0:  # nearly all mass on tokens with Δ = 0: the terms may have underflowed
-            _, s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, 0.0, max_zero, BLOCK)
-        h_lo, slope_lo = log_ratio(s_pos, s_neg, q_pos, q_neg)
-        s_pos, s_neg, q_pos, q_neg = row_sums(sums_one)
+            sums = row_pass(lp_row, lr_row, width, top, 0.0, max_zero, BLOCK)[1:]
+        h_lo, slope_lo, _ = log_ratio(sums)
+        sums = row_sums(sums_one)
         if max_one < -60.0:
-            _, s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, 1.0, max_one, BLOCK)
-        h_hi, slope_hi = log_ratio(s_pos, s_neg, q_pos, q_neg)
+            sums = row_pass(lp_row, lr_row, width, top, 1.0, max_one, BLOCK)[1:]
+        h_hi, slope_hi, _ = log_ratio(sums)
         nonempty = top > -float("inf")
         d_scale = tl.maximum(tl.abs(d_max), tl.abs(d_min))
         degenerate = nonempty & (d_max - d_min <= degenerate_rtol * d_scale)
@@ -189,10 +205,10 @@ if triton is not None:
         while active & (iterations < max_iter):
             a = alpha.to(tl.float32)
             shift = (1.0 - a) * max_zero + a * max_one
-            row_max, s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, a, shift, BLOCK)
-            if row_max < shift - 60.0:  # the bound was loose enough for terms to underflow: redo at the max
-                row_max, s_pos, s_neg, q_pos, q_neg = row_pass(lp_row, lr_row, width, top, a, row_max, BLOCK)
-            h, slope = log_ratio(s_pos, s_neg, q_pos, q_neg)
+            evaluated = row_pass(lp_row, lr_row, width, top, a, shift, BLOCK)
+            if evaluated[0] < shift - 60.0:  # the bound was loose enough for terms to underflow: redo at the max
+                evaluated = row_pass(lp_row, lr_row, width, top, a, evaluated[0], BLOCK)
+            h, slope, curvature = log_ratio(evaluated[1:])
             iterations += 1
             below = h < 0
             above = h > 0
@@ -203,7 +219,7 @@ if triton is not None:
             h_hi = tl.where(above, h, h_hi)
             slope_hi = tl.where(above, slope, slope_hi)
             newton_step = h / slope
-            close = tl.abs(newton_step) <= tol
+            close = newton_step_lands(newton_step, slope, curvature, tol, quadratic_step)
             polished = tl.minimum(tl.maximum(alpha - newton_step, lo), hi)
             step = tl.where(close, polished, tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi))
             alpha = tl.where(h != 0, step, alpha)
@@ -253,7 +269,7 @@ def kl_symmetry_kernel(
         if num_warps is None:
             num_warps = 16 if not logp_theta.is_cuda or batch <= _multiprocessors(device) else 8
         _kl_symmetry_kernel[(batch,)](
-            logp_theta, logp_t, logp_theta.stride(0), logp_t.stride(0), width, float(tol), int(max_iter),
+            logp_theta, logp_t, logp_theta.stride(0), logp_t.stride(0), width, float(tol), _QUADRATIC_STEP, int(max_iter),
             _DEGENERATE_RTOL, float(fallback), float(alpha_min), float(alpha_max), alpha, iterations, flags, batch,
             BLOCK=block, num_warps=num_warps,
         )
