@@ -27,6 +27,7 @@ when Triton is importable; `OPTIMAL_SAMPLING_TRITON=0` turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -268,10 +269,12 @@ def kl_symmetry_kernel(
         block = block or (1024 if _interpreting() else 2048)
         if num_warps is None:
             num_warps = 16 if not logp_theta.is_cuda or batch <= _multiprocessors(device) else 8
-        _kl_symmetry_kernel[(batch,)](
-            logp_theta, logp_t, logp_theta.stride(0), logp_t.stride(0), width, float(tol), _QUADRATIC_STEP, int(max_iter),
-            _DEGENERATE_RTOL, float(fallback), float(alpha_min), float(alpha_max), alpha, iterations, flags, batch,
-            BLOCK=block, num_warps=num_warps,
-        )
+        launch_on = torch.cuda.device(device) if logp_theta.is_cuda else contextlib.nullcontext()
+        with launch_on:  # Triton launches on the current device: make it the tensors' one
+            _kl_symmetry_kernel[(batch,)](
+                logp_theta, logp_t, logp_theta.stride(0), logp_t.stride(0), width, float(tol), _QUADRATIC_STEP, int(max_iter),
+                _DEGENERATE_RTOL, float(fallback), float(alpha_min), float(alpha_max), alpha, iterations, flags, batch,
+                BLOCK=block, num_warps=num_warps,
+            )
     degenerate, empty, converged = flags.view(torch.bool).unbind(0)
     return alpha, iterations, degenerate, empty, converged
