@@ -308,8 +308,7 @@ def solve_on_support(
     elif method == "entropy":
         result = _entropy_alpha(pair.logp_theta, pair.logp_t, log_multiplicity)
     elif method == "ess_balance":
-        lr_s = pair.logp_t.masked_fill(pair.off, float("-inf"))
-        result, iterations, converged = _ess_balance_alpha(pair.logp_theta_s, pair.delta, lr_s, tol, max_iter)
+        result, iterations, converged = _ess_balance_alpha(pair.logp_theta_s, pair.delta, tol, max_iter)
     elif _kernel_applies(pair.logp_theta):
         return _kernel_solution(pair.logp_theta, pair.logp_t, tol, max_iter, empty_support, alpha_min, alpha_max)
     else:
@@ -501,24 +500,24 @@ def _entropy_alpha(lp, lr, log_multiplicity):
     return torch.where(total > 0, h_theta / total.clamp_min(1e-300), torch.full_like(total, 0.5))
 
 
-def ess_log_gap(lp_s: torch.Tensor, delta: torch.Tensor, lr_s: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """log Σ_S p²/q_α − log Σ_S r²/q_α = log ESS_t(q_α) − log ESS_θ(q_α), `[B]`.
+def ess_log_gap(lp_s: torch.Tensor, delta: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """log Σ_S p²/q_α − log Σ_S r²/q_α = log ESS_t(q_α) − log ESS_θ(q_α), `[B]` float64.
 
     With ESS_π(q) = 1 / Σ π²/q, the partition A(α) cancels: p²/q_α ∝ exp(log p − αΔ) and
-    r²/q_α ∝ exp(log r + (1 − α)Δ). (Bucket multiplicities cancel between the two terms.)
+    r²/q_α ∝ exp(log p + (2 − α)Δ), so the gap is A(−α) − A(2 − α), one two-point
+    log-partition (NaN on a row without a common token). Bucket multiplicities cancel
+    between the two terms.
     """
-    a = alpha.to(lp_s.dtype).unsqueeze(-1)
-    return (
-        torch.logsumexp(lp_s - a * delta, dim=-1) - torch.logsumexp(lr_s + (1 - a) * delta, dim=-1)
-    ).to(torch.float64)
+    far = torch.stack([-alpha, 2 - alpha], dim=-1).to(lp_s.dtype).unsqueeze(-1)  # [B, 2, 1]
+    log_partition = torch.logsumexp(torch.addcmul(lp_s.unsqueeze(1), far, delta.unsqueeze(1)), dim=-1).double()
+    return log_partition[:, 0] - log_partition[:, 1]
 
 
-def _ess_balance_alpha(lp_s, delta, lr, tol, max_iter):
-    lr_s = lr.masked_fill(~has_mass(lp_s), float("-inf"))
+def _ess_balance_alpha(lp_s, delta, tol, max_iter):
     batch, device = lp_s.shape[0], lp_s.device
     lo = torch.zeros(batch, dtype=torch.float64, device=device)
     hi = lo + 1.0
-    gap_lo, gap_hi = ess_log_gap(lp_s, delta, lr_s, lo), ess_log_gap(lp_s, delta, lr_s, hi)
+    gap_lo, gap_hi = ess_log_gap(lp_s, delta, lo), ess_log_gap(lp_s, delta, hi)
     bracketed = (gap_lo <= 0) & (gap_hi >= 0)
     # Without a sign change the balance is not reachable on [0, 1]: take the endpoint
     # closer to balance.
@@ -529,7 +528,7 @@ def _ess_balance_alpha(lp_s, delta, lr, tol, max_iter):
         if _iteration_done(active):
             break
         mid = 0.5 * (lo + hi)
-        gap = ess_log_gap(lp_s, delta, lr_s, mid)
+        gap = ess_log_gap(lp_s, delta, mid)
         iterations += active.to(torch.int32)
         lo = torch.where(active & (gap <= 0), mid, lo)
         hi = torch.where(active & (gap > 0), mid, hi)

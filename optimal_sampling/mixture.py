@@ -18,6 +18,7 @@ from .alpha import (
     check_solve_options,
     common_support,
     compute_dtype,
+    ess_log_gap,
     has_mass,
     solve_on_support,
 )
@@ -159,9 +160,8 @@ def diagnostics_on_support(
 
         KL(q‖π_θ) = α E_q[Δ] − A,   KL(q‖π_t) = (α − 1) E_q[Δ] − A,   Chernoff = −A,
 
-    and ESS_θ / ESS_t = exp(A(2 − α) − A(−α)) since π²/q ∝ e^{log π_θ − αΔ} and
-    e^{log π_θ + (2−α)Δ} for the two models. So one weighted sum, the entropy and one
-    two-point log-partition cover all six.
+    and ESS_θ / ESS_t = exp(A(2 − α) − A(−α)) (`ess_log_gap`). So one weighted sum, the
+    entropy and one two-point log-partition cover all six.
     """
     a = alpha.to(torch.float64)
     q = logq.exp()
@@ -177,9 +177,7 @@ def diagnostics_on_support(
         kl_t = torch.where(pair.empty, 0.0, kl_t)
     else:
         kl_theta = torch.where(pair.empty, 0.0, kl_theta)
-    far = torch.stack([-alpha, 2 - alpha], dim=-1).to(pair.delta.dtype).unsqueeze(-1)  # [B, 2, 1]
-    log_partition_far = torch.logsumexp(torch.addcmul(pair.logp_theta_s.unsqueeze(1), far, pair.delta.unsqueeze(1)), dim=-1)
-    ess_ratio = torch.exp(log_partition_far[:, 1].double() - log_partition_far[:, 0].double())  # NaN on empty rows
+    ess_ratio = torch.exp(-ess_log_gap(pair.logp_theta_s, pair.delta, alpha))  # NaN on empty rows
     return MixtureDiagnostics(
         kl_theta=kl_theta,
         kl_t=kl_t,
