@@ -253,9 +253,12 @@ class Bench:
                                 vocab_size=self.vocab)
 
     @torch.no_grad()
-    def plain_loop(self, new_tokens=None, alpha: float = 0.5) -> int:
+    def plain_loop(self, new_tokens=None, mix=None) -> int:
+        """An own decode loop: both models with a DynamicCache each, then `mix(lp, lr)` → the
+        `[B, V]` log-probs to sample (default: a fixed-α mix with α = 0.5)."""
         from transformers import DynamicCache
 
+        mix = mix or (lambda lp, lr: torch.log_softmax(0.5 * lp + 0.5 * lr, -1))
         new_tokens = new_tokens or self.preset["new_tokens"]
         mask = self.mask
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -267,36 +270,18 @@ class Bench:
                                     use_cache=True, logits_to_keep=1).logits[:, -1, : self.vocab].float(), -1)
                 for m, c in zip((self.base, self.teacher), caches)
             )
-            mixed = torch.log_softmax((1 - alpha) * lp + alpha * lr, -1)
-            tokens = torch.multinomial(mixed.exp(), 1)
+            tokens = torch.multinomial(mix(lp, lr).exp(), 1)
             mask = torch.cat([mask, torch.ones_like(tokens)], 1)
             positions = positions[:, -1:] + 1
         return new_tokens
 
-    @torch.no_grad()
     def plain_q_star_loop(self, new_tokens=None) -> int:
         """The plain loop with the processor's q* step (`compute_mixture`: kl_symmetry α,
         diagnostics) instead of a fixed α: what the processor adds beyond the math is the
         integration (generate's loop, the teacher cache's bookkeeping, the records)."""
-        from transformers import DynamicCache
-
         from optimal_sampling import compute_mixture
 
-        new_tokens = new_tokens or self.preset["new_tokens"]
-        mask = self.mask
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        caches = [DynamicCache(config=m.config) for m in (self.base, self.teacher)]
-        tokens = self.ids
-        for _ in range(new_tokens):
-            lp, lr = (
-                torch.log_softmax(m(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=c,
-                                    use_cache=True, logits_to_keep=1).logits[:, -1, : self.vocab].float(), -1)
-                for m, c in zip((self.base, self.teacher), caches)
-            )
-            tokens = torch.multinomial(compute_mixture(lp, lr).logq.exp(), 1)
-            mask = torch.cat([mask, torch.ones_like(tokens)], 1)
-            positions = positions[:, -1:] + 1
-        return new_tokens
+        return self.plain_loop(new_tokens, mix=lambda lp, lr: compute_mixture(lp, lr).logq)
 
     def fast_decoder(self, mode: str, **config):
         from optimal_sampling.fast import FastDecoder, FastPathConfig
