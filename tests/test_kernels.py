@@ -24,7 +24,12 @@ from optimal_sampling import solve_alpha
 sys.path.insert(0, str(Path(__file__).parent))
 from test_alpha import edge_batch, ref_kl_symmetric_alpha, stacked_pairs  # noqa: E402,F401
 
-pytest.importorskip("triton", reason="the [test] extra installs triton; CI must not skip this")
+try:
+    import triton  # noqa: F401
+except ImportError:
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        raise  # CI installs the [test] extra, which has triton: fail rather than skip
+    pytest.skip("triton is not installed (`pip install -e '.[test]'`)", allow_module_level=True)
 
 CHILD = Path(__file__).with_name("kernel_child.py")
 
