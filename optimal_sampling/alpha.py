@@ -13,9 +13,11 @@ found by a safeguarded Newton iteration.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 ALPHA_METHODS = ("kl_symmetry", "fixed", "entropy", "ess_balance")
@@ -345,6 +347,21 @@ def _finish(alpha, iterations, degenerate, empty, converged, empty_support, alph
 _LOG2E = 1.4426950408889634
 
 
+def _columns_on_host(x: torch.Tensor) -> bool:
+    """Whether the solve keeps its per-row state (`[B, 1]` columns) in numpy: for CPU
+    tensors outside torch.compile. An iteration needs ~50 ops on these columns; on CPU a
+    torch op on a tiny tensor costs 3–8 µs of dispatch and a numpy op about 1 µs, so in torch
+    the bookkeeping cost more than the pass over the `[B, V]` data. On a GPU the columns stay
+    on the device (no host sync per op)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _quiet(xp):
+    """numpy warns on log(0), x/0 and inf − inf, which the iteration produces on purpose
+    (an empty side of h, a vanishing slope) and handles by comparison; torch does not."""
+    return np.errstate(all="ignore") if xp is np else contextlib.nullcontext()
+
+
 class LogRatioMoments:
     """Evaluates h(α), h'(α) and h''(α) of one batch at any number of α per row.
 
@@ -357,10 +374,14 @@ class LogRatioMoments:
     third of `exp`'s cost on CPU), the sums float32 (tree / cascade summation), converted to
     float64 for the logs and ratios. Few, large ops: on small batches the solve is bound by
     the number of ops, not by the arithmetic.
+
+    The per-row results are columns of `self.xp`: numpy arrays for CPU tensors (see
+    `_columns_on_host`), torch tensors on the data's device otherwise.
     """
 
     def __init__(self, pair: CommonSupport) -> None:
         delta = pair.delta
+        self.xp = np if _columns_on_host(delta) else torch
         # Centring log p per row keeps the float32 round-off of log p + αΔ small on flat rows,
         # where the root is most sensitive to it.
         top = pair.logp_theta_s.amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(delta.dtype).min)
@@ -371,28 +392,44 @@ class LogRatioMoments:
         first = torch.stack([delta_pos, delta_neg], dim=1)  # [B, 2, V]
         squared = first * first
         self.features = torch.cat([first, squared, squared * first], dim=1).unsqueeze(1)  # [B, 1, 6, V]
+        # Δ's range on the common support, for the degenerate-row test: [B, 2] = (max, min)
+        extremes = torch.stack([torch.where(pair.off, float("-inf"), delta).amax(dim=-1),
+                                torch.where(pair.off, float("inf"), delta).amin(dim=-1)], dim=-1)
+        self.delta_range = self._columns(extremes)
+        self._ends = torch.arange(2, dtype=torch.float64, device=delta.device).unsqueeze(0)  # α = 0, 1; no host copy
 
-    def __call__(self, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`alpha`: `[B, K]` float64 → h, h', h'' as `[B, K]` float64 each.
+    def _columns(self, x: torch.Tensor):
+        x = x.double()
+        return x.numpy() if self.xp is np else x
+
+    def at_ends(self):
+        """h, h', h'' at α = 0 and α = 1 (`[B, 2]` columns each), in one pass."""
+        return self._moments(self._ends)
+
+    def __call__(self, alpha):
+        """`alpha`: a `[B, K]` float64 column → h, h', h'' as `[B, K]` float64 columns.
 
         h = log S₊ − log S₋ is ±inf when one side is empty or underflows (its sign is still
         right). With E± the means under the weights w Δ± / S±, h' = E₊[Δ] − E₋[Δ] and
         h'' = Var₊[Δ] − Var₋[Δ]; an empty side counts 0 in both.
         """
+        return self._moments(torch.from_numpy(alpha) if self.xp is np else alpha)
+
+    def _moments(self, alpha: torch.Tensor):
         t = torch.addcmul(self.log2_weight, alpha.to(self.log2_delta.dtype).unsqueeze(-1), self.log2_delta)  # [B, K, V]
         t -= t.amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(t.dtype).min)  # an all -inf row stays -inf, no NaN
-        sums = (t.exp2_().unsqueeze(2) * self.features).sum(dim=-1).double()  # [B, K, 6]: Σ w Δ±, Σ w Δ±², Σ w Δ±³
-        first = sums[..., :2]
-        log_first = first.log()
-        h = log_first[..., 0] - log_first[..., 1]
-        moments = (sums[..., 2:] / first.repeat(1, 1, 2)).nan_to_num_(nan=0.0)  # [B, K, 4]: E±|Δ|, E±Δ²
-        mean, mean_square = moments[..., :2], moments[..., 2:]
-        variance = mean_square - mean * mean
-        return h, mean.sum(dim=-1), variance[..., 0] - variance[..., 1]
+        sums = self._columns((t.exp2_().unsqueeze(2) * self.features).sum(dim=-1))  # [B, K, 6]: Σ w Δ±, Σ w Δ±², Σ w Δ±³
+        xp = self.xp
+        first = sums[..., 0:2]
+        counted = first > 0  # an empty side has 0/0 moments; it counts 0
+        mean = xp.where(counted, sums[..., 2:4] / first, 0.0)  # E±|Δ|
+        variance = xp.where(counted, sums[..., 4:6] / first, 0.0) - mean * mean
+        h = xp.log(first[..., 0]) - xp.log(first[..., 1])
+        return h, mean[..., 0] + mean[..., 1], variance[..., 0] - variance[..., 1]
 
 
-def _tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi):
-    """Next iterate inside (lo, hi) from the tangents at both bracket ends (`[B, 1]` each).
+def _tangent_step(xp, lo, hi, h_lo, h_hi, slope_lo, slope_hi):
+    """Next iterate inside (lo, hi) from the tangents at both bracket ends (`[B, 1]` columns).
 
     Where h is concave on the bracket both tangent roots undershoot the root and the larger
     is the tighter; where convex both overshoot and the smaller is. So take the larger (if
@@ -401,15 +438,12 @@ def _tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi):
     older end's tangent often cuts across a kink that plain Newton would creep along. For h
     made of two linear pieces it lands on the root exactly.
     """
-    ends = torch.cat([lo, hi], dim=-1)  # [B, 2]
-    roots = ends - torch.cat([h_lo, h_hi], dim=-1) / torch.cat([slope_lo, slope_hi], dim=-1)  # NaN / ±inf: never inside
-    inside = (roots > lo) & (roots < hi)
-    larger = slope_lo >= slope_hi  # [B, 1]
-    # max of the inside roots, or min (as −max of −roots); −inf when none is inside
-    signed = torch.where(larger, roots, -roots)
-    best = torch.where(inside, signed, float("-inf")).amax(dim=-1, keepdim=True)
-    best = torch.where(larger, best, -best)
-    return torch.where(best.isfinite(), best, ends.mean(dim=-1, keepdim=True))
+    root_lo, root_hi = lo - h_lo / slope_lo, hi - h_hi / slope_hi  # NaN / ±inf: never inside
+    inside_lo = (root_lo > lo) & (root_lo < hi)
+    inside_hi = (root_hi > lo) & (root_hi < hi)
+    prefer_lo = xp.where(slope_lo >= slope_hi, root_lo >= root_hi, root_lo <= root_hi)
+    best = xp.where(inside_lo & (prefer_lo | ~inside_hi), root_lo, root_hi)
+    return xp.where(inside_lo | inside_hi, best, 0.5 * (lo + hi))
 
 
 # Newton's step is accepted without a pass to confirm it only while it is this short: the
@@ -423,14 +457,16 @@ def _newton_step_lands(newton_step, slope, curvature, tol):
     short and Taylor's remainder |h''| s² / (2 h') — the error left after a Newton step of
     length s — is below tol / 8. Typically the second Newton step qualifies (~1e-6 long), which
     saves the pass that would only have confirmed it. False for NaN / inf."""
-    small = newton_step.abs() <= tol
-    remainder = curvature.abs() * newton_step.square() <= 0.25 * tol * slope
-    return small | ((newton_step.abs() <= _QUADRATIC_STEP) & remainder)
+    length = abs(newton_step)
+    remainder = abs(curvature) * newton_step * newton_step <= 0.25 * tol * slope
+    return (length <= tol) | ((length <= _QUADRATIC_STEP) & remainder)
 
 
-def _iteration_done(active: torch.Tensor) -> bool:
+def _iteration_done(active) -> bool:
     """Whether every row has converged. Reading this back is the solve's only host sync;
     inside a CUDA-graph capture or torch.compile the loop runs its full length instead."""
+    if isinstance(active, np.ndarray):
+        return not active.any()
     if torch.compiler.is_compiling():
         return False
     if active.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -439,48 +475,54 @@ def _iteration_done(active: torch.Tensor) -> bool:
 
 
 def _kl_symmetry_alpha(pair: CommonSupport, tol: float, max_iter: int):
-    """Batched safeguarded Newton on h; every per-row quantity is a `[B, 1]` column so that
-    the ~30 small ops an iteration needs broadcast without reshaping."""
-    delta = pair.delta
-    batch, device = delta.shape[0], delta.device
-    delta_max = torch.where(pair.off, float("-inf"), delta).amax(dim=-1, keepdim=True)
-    delta_min = torch.where(pair.off, float("inf"), delta).amin(dim=-1, keepdim=True)
-    spread = delta_max - delta_min  # NaN on empty rows: neither degenerate nor live
-    degenerate = spread <= _DEGENERATE_RTOL * torch.maximum(delta_max.abs(), delta_min.abs())
-
+    """Batched safeguarded Newton on h; every per-row quantity is a `[B, 1]` column (numpy on
+    CPU, torch elsewhere: `LogRatioMoments.xp`), so that the ~50 small ops an iteration needs
+    broadcast without reshaping. Returns α, iterations, degenerate, converged as `[B]` tensors."""
     moments = LogRatioMoments(pair)
-    ends = torch.arange(2, dtype=torch.float64, device=device).expand(batch, 2)  # α = 0 and 1; no host copy
-    h_ends, slope_ends, _ = moments(ends)  # both ends in one pass; signs of A'(0) = -KL(p‖r), A'(1) = KL(r‖p)
-    lo, hi = ends.split(1, dim=-1)
-    h_lo, h_hi = h_ends.split(1, dim=-1)
-    slope_lo, slope_hi = slope_ends.split(1, dim=-1)
-    live = spread > _DEGENERATE_RTOL * torch.maximum(delta_max.abs(), delta_min.abs())
-    at_lower = live & (h_lo >= 0)  # A increasing on [0, 1]: minimum at 0
-    at_upper = live & (h_hi <= 0) & ~at_lower  # A decreasing on [0, 1]: minimum at 1
-    active = live & ~(at_lower | at_upper)  # h(lo) < 0 < h(hi)
+    xp = moments.xp
+    with _quiet(xp):
+        delta_max, delta_min = moments.delta_range[:, 0:1], moments.delta_range[:, 1:2]
+        spread = delta_max - delta_min  # NaN on empty rows: neither degenerate nor live
+        threshold = _DEGENERATE_RTOL * xp.maximum(abs(delta_max), abs(delta_min))
+        degenerate, live = spread <= threshold, spread > threshold
 
-    alpha = _tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi)
-    alpha = torch.where(at_upper, hi, torch.where(at_lower, lo, alpha))
-    alpha = torch.where(degenerate, ends.mean(dim=-1, keepdim=True), alpha)
-    iterations = torch.zeros(batch, 1, dtype=torch.int32, device=device)
-    for _ in range(max_iter):
-        if _iteration_done(active):
-            break
-        h, slope, curvature = moments(alpha)
-        iterations += active
-        # The new point replaces the bracket end on its side of the root (active rows only).
-        below, above = active & (h < 0), active & (h > 0)
-        lo, h_lo, slope_lo = torch.where(below, alpha, lo), torch.where(below, h, h_lo), torch.where(below, slope, slope_lo)
-        hi, h_hi, slope_hi = torch.where(above, alpha, hi), torch.where(above, h, h_hi), torch.where(above, slope, slope_hi)
-        # Freeze a row once Newton's step lands within tol of the root, or the bracket is
-        # below tol. The step is tested before the bracket safeguard, which would reject a
-        # step below round-off of α as "outside".
-        newton_step = h / slope
-        close = _newton_step_lands(newton_step, slope, curvature, tol)
-        step = torch.where(close, torch.clamp(alpha - newton_step, lo, hi), _tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi))
-        alpha = torch.where(below | above, step, alpha)
-        active = active & ~(close | (h == 0) | (hi - lo <= tol))  # a NaN h keeps its row unconverged
-    return alpha.squeeze(-1), iterations.squeeze(-1), degenerate.squeeze(-1), ~active.squeeze(-1)
+        h_ends, slope_ends, _ = moments.at_ends()  # signs of A'(0) = -KL(p‖r), A'(1) = KL(r‖p)
+        h_lo, h_hi = h_ends[:, 0:1], h_ends[:, 1:2]
+        slope_lo, slope_hi = slope_ends[:, 0:1], slope_ends[:, 1:2]
+        lo = xp.zeros_like(h_lo)
+        hi = lo + 1.0
+        at_lower = live & (h_lo >= 0)  # A increasing on [0, 1]: minimum at 0
+        at_upper = live & (h_hi <= 0) & ~at_lower  # A decreasing on [0, 1]: minimum at 1
+        active = live & ~(at_lower | at_upper)  # h(lo) < 0 < h(hi)
+
+        alpha = _tangent_step(xp, lo, hi, h_lo, h_hi, slope_lo, slope_hi)
+        alpha = xp.where(at_upper, hi, xp.where(at_lower, lo, alpha))
+        alpha = xp.where(degenerate, 0.5, alpha)
+        iterations = xp.zeros_like(lo)
+        for _ in range(max_iter):
+            if _iteration_done(active):
+                break
+            h, slope, curvature = moments(alpha)
+            iterations = iterations + active
+            # The new point replaces the bracket end on its side of the root (active rows only).
+            below, above = active & (h < 0), active & (h > 0)
+            lo, h_lo, slope_lo = xp.where(below, alpha, lo), xp.where(below, h, h_lo), xp.where(below, slope, slope_lo)
+            hi, h_hi, slope_hi = xp.where(above, alpha, hi), xp.where(above, h, h_hi), xp.where(above, slope, slope_hi)
+            # Freeze a row once Newton's step lands within tol of the root, or the bracket is
+            # below tol. The step is tested before the bracket safeguard, which would reject a
+            # step below round-off of α as "outside".
+            newton_step = h / slope
+            close = _newton_step_lands(newton_step, slope, curvature, tol)
+            landing = xp.minimum(xp.maximum(alpha - newton_step, lo), hi)
+            step = xp.where(close, landing, _tangent_step(xp, lo, hi, h_lo, h_hi, slope_lo, slope_hi))
+            alpha = xp.where(below | above, step, alpha)
+            active = active & ~(close | (h == 0) | (hi - lo <= tol))  # a NaN h keeps its row unconverged
+    device = pair.delta.device
+    alpha, iterations, degenerate, converged = (
+        (torch.from_numpy(column) if xp is np else column).to(device).squeeze(-1)
+        for column in (alpha, iterations, degenerate, ~active)
+    )
+    return alpha, iterations.to(torch.int32), degenerate, converged
 
 
 # ---------------------------------------------------------------------------------------

@@ -166,10 +166,12 @@ def diagnostics_on_support(
     a = alpha.to(torch.float64)
     q = logq.exp()
     mean_delta = (q * pair.delta).sum(dim=-1).double()  # E_q[Δ]; 0 on empty rows (Δ = 0 there)
-    entropy_terms = torch.special.entr(q)  # −q log q, 0 where q = 0
+    # −Σ q log q; clamping −inf to the lowest float makes 0 · log 0 = 0 (torch.special.entr does
+    # the same but is several times slower on CPU)
+    entropy_terms = q * logq.clamp_min(torch.finfo(logq.dtype).min)
     if log_multiplicity is not None:
-        entropy_terms = entropy_terms + torch.where(q > 0, q * log_multiplicity, 0.0)
-    entropy_q = entropy_terms.sum(dim=-1).double()
+        entropy_terms = entropy_terms - torch.where(q > 0, q * log_multiplicity, 0.0)
+    entropy_q = -entropy_terms.sum(dim=-1).double()
     log_partition = log_partition.double()
     kl_theta = a * mean_delta - log_partition  # +inf on empty rows (A = −inf) ...
     kl_t = (a - 1) * mean_delta - log_partition

@@ -217,14 +217,16 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._continues_last_call(input_ids):
             self._record_sampled(input_ids[:, -1])
+            # The cache holds the teacher's sequence up to the previous step: feed the new token.
+            teacher_logits = self.teacher_cache.extend(input_ids[:, -1:])
         else:
             check_same_device(input_ids.device, self.teacher)
             if self.pad_token_id is None and self.teacher_prompt[0] is None:
                 self.pad_token_id = getattr(self.teacher.config, "pad_token_id", None)
             self._reset_call(input_ids)
+            teacher_logits = self.teacher_cache.last_logits(*self._teacher_sequence(input_ids))
         self._last_ids = input_ids
 
-        teacher_logits = self.teacher_cache.last_logits(*self._teacher_sequence(input_ids))
         vocab = self.vocab_size or min(scores.shape[-1], teacher_logits.shape[-1])
         logp_theta = log_probs_from_logits(scores, self.temperature, vocab)
         logp_t = log_probs_from_logits(teacher_logits, self.temperature, vocab)
@@ -238,6 +240,8 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
             entry = {"alpha": step.alpha, "iterations": step.solution.iterations, "empty_support": step.solution.empty_support}
             entry.update({name: getattr(step.diagnostics, name) for name in RECORDED_DIAGNOSTICS})
             self._steps.append(entry)
+        if vocab == scores.shape[-1] and step.logq.dtype == scores.dtype:
+            return step.logq
         out = torch.full_like(scores, float("-inf"))
         out[:, :vocab] = step.logq.to(scores.dtype)
         return out

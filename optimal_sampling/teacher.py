@@ -65,12 +65,13 @@ class TeacherCache:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.reset()
+
+    def reset(self) -> None:
         self.cache: DynamicCache | None = None
         self.token_ids: torch.Tensor | None = None  # [B, L] what the cache holds
         self.attention_mask: torch.Tensor | None = None
-
-    def reset(self) -> None:
-        self.cache, self.token_ids, self.attention_mask = None, None, None
+        self.last_position: torch.Tensor | None = None  # [B, 1] position id of the last token
 
     @torch.no_grad()
     def last_logits(self, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -89,13 +90,34 @@ class TeacherCache:
         elif keep < self.cache.get_seq_length():
             self.cache.crop(keep - self.cache.get_seq_length())
         positions = position_ids_from_mask(attention_mask)
+        return self._forward(token_ids, attention_mask, positions, keep)
+
+    @torch.no_grad()
+    def extend(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """`last_logits` of the cached sequence followed by `new_ids` (`[B, n]`, attended).
+
+        The per-step call of a running generation: the caller knows the cache holds the
+        sequence so far, so there is no prefix search, and the new positions continue from
+        the last one (as `last_logits` would compute them).
+        """
+        if self.cache is None or new_ids.shape[0] != self.token_ids.shape[0]:
+            raise RuntimeError("TeacherCache.extend needs a cached sequence of the same batch size; call last_logits first.")
+        mask = torch.cat([self.attention_mask, torch.ones_like(new_ids, dtype=self.attention_mask.dtype)], dim=-1)
+        steps = torch.arange(1, new_ids.shape[1] + 1, device=new_ids.device)
+        positions = self.last_position + steps  # [B, n]
+        return self._forward(torch.cat([self.token_ids, new_ids], dim=-1), mask, positions, self.token_ids.shape[1])
+
+    def _forward(self, token_ids, attention_mask, positions, keep: int) -> torch.Tensor:
+        """Feed `token_ids[:, keep:]` on top of the `keep` cached tokens; `positions` covers
+        either the whole sequence or just the fed part."""
+        fed = token_ids.shape[1] - keep
         out = self.model(
             input_ids=token_ids[:, keep:],
             attention_mask=attention_mask,
-            position_ids=positions[:, keep:],
+            position_ids=positions[:, -fed:],
             cache=self.cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        self.token_ids, self.attention_mask = token_ids, attention_mask
+        self.token_ids, self.attention_mask, self.last_position = token_ids, attention_mask, positions[:, -1:]
         return out.logits[:, -1].float()

@@ -139,6 +139,24 @@ def test_kl_symmetric_alpha_newton_needs_at_most_8_iterations(random_batch):
     assert int(solution.iterations.max()) <= 8, torch.bincount(solution.iterations).tolist()
 
 
+def test_the_torch_bookkeeping_used_on_gpus_matches_the_numpy_one_used_on_cpu(random_batch, edge_batch, monkeypatch):
+    """On CPU the per-row Newton state lives in numpy; on a GPU (without the Triton kernel,
+    e.g. under torch.compile) the same code runs on torch columns. Both must solve alike."""
+    import optimal_sampling.alpha as alpha_module
+
+    lp, lr, on_host, reference = random_batch
+    names, edge_lp, edge_lr = edge_batch
+    edge_on_host = solve_alpha(edge_lp, edge_lr, return_info=True)
+    monkeypatch.setattr(alpha_module, "_columns_on_host", lambda x: False)
+    for (p, r), host in (((lp, lr), on_host), ((edge_lp, edge_lr), edge_on_host)):
+        on_device = solve_alpha(p, r, return_info=True)
+        assert (on_device.alpha - host.alpha).abs().max().item() <= 1e-7
+        for flag in ("iterations", "degenerate", "empty_support", "converged"):
+            assert torch.equal(getattr(on_device, flag), getattr(host, flag)), flag
+    on_device = solve_alpha(lp, lr)
+    assert np.abs(on_device.double().numpy() - reference).max() <= 1e-6
+
+
 def test_masked_supports_put_the_root_on_the_boundary_when_not_bracketed(random_batch):
     lp, lr, solution, reference = random_batch
     at_zero, at_one = reference == 0.0, reference == 1.0
