@@ -97,6 +97,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 _SUM_CHUNK = 1024
 
 
+def _on_host(x: torch.Tensor) -> bool:
+    """Whether `x` lives on the CPU outside torch.compile: there reading a value back costs
+    no device sync, so the q* step may branch on the data (skip the masking passes of a
+    full-support batch) and keep the solver's per-row state (`[B, 1]` columns) in numpy. An
+    iteration needs ~50 ops on those columns; a torch op on a tiny tensor costs 3–8 µs of
+    dispatch on CPU and a numpy op about 1 µs, so in torch the bookkeeping cost more than
+    the pass over the `[B, V]` data. On a GPU everything stays on the device, branch-free."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def has_mass(logp: torch.Tensor) -> torch.Tensor:
     """`logp > -inf`: where a log-prob tensor puts mass. Log-probs are never NaN or +inf
     here (`check_log_prob_pair`), so this is `isfinite` in one pass instead of three."""
@@ -250,7 +260,8 @@ class CommonSupport:
             top-p nucleus when one was asked for (`-inf` outside it).
         logp_theta_s: log π_θ on the common support S, `-inf` off it.
         delta: Δ = log π_t − log π_θ on S, 0 off it (so log q ∝ logp_theta_s + αΔ everywhere).
-        off: `[B, V]` bool, the token is outside S.
+        off: `[B, V]` bool, the token is outside S; None when every token is in S (known
+            only on CPU, where `common_support` checks it: the masking passes are then skipped).
         empty: `[B]` bool, the row has no common token.
     """
 
@@ -258,7 +269,7 @@ class CommonSupport:
     logp_t: torch.Tensor
     logp_theta_s: torch.Tensor
     delta: torch.Tensor
-    off: torch.Tensor
+    off: torch.Tensor | None
     empty: torch.Tensor
 
 
@@ -280,7 +291,10 @@ def common_support(logp_theta: torch.Tensor, logp_t: torch.Tensor, *, teacher_to
     # Log-probs are never +inf, so the sum is -inf exactly off S (one pass instead of two
     # comparisons). A NaN input stays NaN in Δ and log q, where callers that skip
     # `check_log_prob_pair` (the fast path) detect it.
-    off = torch.isneginf(lp + lr)
+    both = lp + lr
+    if _on_host(both) and bool(both.amin() > float("-inf")):  # full support (and no NaN): no masking needed
+        return CommonSupport(lp, lr, lp, lr - lp, None, torch.zeros(both.shape[0], dtype=torch.bool))
+    off = torch.isneginf(both)
     delta = torch.where(off, 0.0, lr - lp)
     lp_s = torch.where(off, float("-inf"), lp)
     return CommonSupport(lp, lr, lp_s, delta, off, off.all(dim=-1))
@@ -347,13 +361,6 @@ def _finish(alpha, iterations, degenerate, empty, converged, empty_support, alph
 _LOG2E = 1.4426950408889634
 
 
-def _columns_on_host(x: torch.Tensor) -> bool:
-    """Whether the solve keeps its per-row state (`[B, 1]` columns) in numpy: for CPU
-    tensors outside torch.compile. An iteration needs ~50 ops on these columns; on CPU a
-    torch op on a tiny tensor costs 3–8 µs of dispatch and a numpy op about 1 µs, so in torch
-    the bookkeeping cost more than the pass over the `[B, V]` data. On a GPU the columns stay
-    on the device (no host sync per op)."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _quiet(xp):
@@ -376,12 +383,12 @@ class LogRatioMoments:
     the number of ops, not by the arithmetic.
 
     The per-row results are columns of `self.xp`: numpy arrays for CPU tensors (see
-    `_columns_on_host`), torch tensors on the data's device otherwise.
+    `_on_host`), torch tensors on the data's device otherwise.
     """
 
     def __init__(self, pair: CommonSupport) -> None:
         delta = pair.delta
-        self.xp = np if _columns_on_host(delta) else torch
+        self.xp = np if _on_host(delta) else torch
         # Centring log p per row keeps the float32 round-off of log p + αΔ small on flat rows,
         # where the root is most sensitive to it.
         top = pair.logp_theta_s.amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(delta.dtype).min)
@@ -393,8 +400,11 @@ class LogRatioMoments:
         squared = first * first
         self.features = torch.cat([first, squared, squared * first], dim=1).unsqueeze(1)  # [B, 1, 6, V]
         # Δ's range on the common support, for the degenerate-row test: [B, 2] = (max, min)
-        extremes = torch.stack([torch.where(pair.off, float("-inf"), delta).amax(dim=-1),
-                                torch.where(pair.off, float("inf"), delta).amin(dim=-1)], dim=-1)
+        if pair.off is None:
+            extremes = torch.stack([delta.amax(dim=-1), delta.amin(dim=-1)], dim=-1)  # (aminmax is slower on CPU)
+        else:
+            extremes = torch.stack([torch.where(pair.off, float("-inf"), delta).amax(dim=-1),
+                                    torch.where(pair.off, float("inf"), delta).amin(dim=-1)], dim=-1)
         self.delta_range = self._columns(extremes)
         self._ends = torch.arange(2, dtype=torch.float64, device=delta.device).unsqueeze(0)  # α = 0, 1; no host copy
 

@@ -64,8 +64,10 @@ def mixture_on_support(pair: CommonSupport, alpha: torch.Tensor, empty_support: 
     """
     mixed = torch.addcmul(pair.logp_theta_s, alpha.to(pair.delta.dtype).unsqueeze(-1), pair.delta)  # [B, V]
     log_partition = torch.logsumexp(mixed, dim=-1, keepdim=True)  # −inf on empty rows
-    fallback = pair.logp_t if empty_support == "teacher" else pair.logp_theta
-    logq = torch.where(pair.empty.unsqueeze(-1), fallback, mixed - log_partition)
+    logq = mixed - log_partition
+    if pair.off is not None:  # (None: full support, no row is empty)
+        fallback = pair.logp_t if empty_support == "teacher" else pair.logp_theta
+        logq = torch.where(pair.empty.unsqueeze(-1), fallback, logq)
     return logq, log_partition.squeeze(-1)
 
 

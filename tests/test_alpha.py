@@ -147,7 +147,7 @@ def test_the_torch_bookkeeping_used_on_gpus_matches_the_numpy_one_used_on_cpu(ra
     lp, lr, on_host, reference = random_batch
     names, edge_lp, edge_lr = edge_batch
     edge_on_host = solve_alpha(edge_lp, edge_lr, return_info=True)
-    monkeypatch.setattr(alpha_module, "_columns_on_host", lambda x: False)
+    monkeypatch.setattr(alpha_module, "_on_host", lambda x: False)
     for (p, r), host in (((lp, lr), on_host), ((edge_lp, edge_lr), edge_on_host)):
         on_device = solve_alpha(p, r, return_info=True)
         assert (on_device.alpha - host.alpha).abs().max().item() <= 1e-7

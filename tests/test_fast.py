@@ -282,9 +282,10 @@ def test_the_eager_step_that_cuda_graph_mode_captures_never_reads_back_or_copies
     decoder.generate(ids, mask, max_new_tokens=2, pad_token_id=PAD, stop_token_ids=[EOS], **options)
     [slot] = decoder._slots.values()
     # Under a capture the solver skips its convergence check and runs every iteration, and
-    # keeps its per-row state on the device (on CPU it would use numpy columns).
+    # keeps everything on the device (on CPU it checks the support on the host and keeps its
+    # per-row state in numpy).
     monkeypatch.setattr(alpha_module, "_iteration_done", lambda active: False)
-    monkeypatch.setattr(alpha_module, "_columns_on_host", lambda x: False)
+    monkeypatch.setattr(alpha_module, "_on_host", lambda x: False)
     detector = HostTransferDetector()
     with torch.no_grad(), detector, DeviceScalarConstants():
         slot._eager_step()
