@@ -395,10 +395,13 @@ class LogRatioMoments:
         log2_weight = torch.where(delta == 0, float("-inf"), (pair.logp_theta_s - top).mul_(_LOG2E))
         self.log2_weight = log2_weight.unsqueeze(1)  # [B, 1, V]
         self.log2_delta = (delta * _LOG2E).unsqueeze(1)  # [B, 1, V]
-        delta_pos, delta_neg = delta.clamp_min(0.0), delta.clamp_max(0.0).neg_()
-        first = torch.stack([delta_pos, delta_neg], dim=1)  # [B, 2, V]
-        squared = first * first
-        self.features = torch.cat([first, squared, squared * first], dim=1).unsqueeze(1)  # [B, 1, 6, V]
+        # Written in place, feature-major (each [B, V] slice contiguous, as `out=` wants).
+        features = delta.new_empty(6, *delta.shape)  # Δ₊, Δ₋, Δ₊², Δ₋², Δ₊³, Δ₋³
+        torch.clamp_min(delta, 0.0, out=features[0])
+        torch.clamp_max(delta, 0.0, out=features[1]).neg_()
+        torch.mul(features[0:2], features[0:2], out=features[2:4])
+        torch.mul(features[2:4], features[0:2], out=features[4:6])
+        self.features = features.transpose(0, 1).unsqueeze(1)  # [B, 1, 6, V] (a view)
         # Δ's range on the common support, for the degenerate-row test: [B, 2] = (max, min)
         if pair.off is None:
             extremes = torch.stack([delta.amax(dim=-1), delta.amin(dim=-1)], dim=-1)  # (aminmax is slower on CPU)
