@@ -76,9 +76,12 @@ def check_log_prob_pair(logp_theta: torch.Tensor, logp_t: torch.Tensor) -> None:
         )
     if not (logp_theta.is_floating_point() and logp_t.is_floating_point()):
         raise TypeError("`logp_theta` and `logp_t` must be floating-point tensors.")
+    if logp_theta.numel() == 0:
+        return
+    # One pass each and one read-back for both: a max is NaN or +inf if any value is.
+    if bool(torch.maximum(logp_theta.amax().float(), logp_t.amax().float()) < float("inf")):
+        return
     for name, x in (("logp_theta", logp_theta), ("logp_t", logp_t)):
-        if x.numel() == 0 or bool(x.amax() < float("inf")):  # one pass: the max is NaN or +inf if any value is
-            continue
         if bool(torch.isnan(x).any()):
             raise ValueError(
                 f"`{name}` contains NaN. The model produced NaN logits (check the dtype: fp16 "
