@@ -11,12 +11,16 @@ Rows (same prompts, same lengths, random-weight models built from configs):
                           the same maths as the processor without generate's machinery
   q* fast path            `FastDecoder` (optimal_sampling/fast.py), the default mode for the device
 
-Each row: one short warm-up call (excluded), then `--repeats` timed calls; the table shows
+Each row: one warm-up call (excluded; 4 new tokens on CPU, the full length on CUDA, where the
+first call at each new sequence length pays a one-time per-shape setup that made the first
+timed run 2-3x slower), then `--repeats` timed calls; the table shows
 the median and each row's throughput over base-only generate (the q* target is ≥ 0.45×;
 two forwards per token put q* near 0.5× when both models have one shape, as in the CPU
 preset, unless the mixing itself is cheaper than generate's own per-step overhead). On CPU the runs go round-robin over the rows and throughput is taken from
 the process's CPU time (the development machines are shared; wall time is shown too);
-on CUDA it is wall time with `torch.cuda.synchronize()`.
+on CUDA it is wall time with `torch.cuda.synchronize()`. The timed runs go round-robin over
+the rows on both devices, so that the host's load changes (eager generate is host-bound on a
+GPU too) hit every row alike.
 
     python benchmarks/generate_speed.py --preset cpu-tiny            # CPU, seconds
     python benchmarks/generate_speed.py --device cuda --preset h100  # Qwen2.5-0.5B/1.5B shapes, bf16
@@ -294,7 +298,8 @@ class Bench:
         return out.logq.shape[1]
 
     def eager_estimate(self, per_step_ms: float) -> float:
-        return per_step_ms / 1000 * self.preset["new_tokens"] * (self.repeats + 0.2)
+        warmup = 1.0 if self.device == "cuda" else 0.2  # full-length warm-up on CUDA
+        return per_step_ms / 1000 * self.preset["new_tokens"] * (self.repeats + warmup)
 
 
 def _raise_timeout(signum, frame):
@@ -308,7 +313,7 @@ def default_fast_mode(device: str) -> str:
 def run_generate_speed(bench: Bench, fast_mode: str | None = None) -> list[dict]:
     """The rows of this benchmark (rows another script already measured are reused)."""
     cuda = bench.device == "cuda"
-    short = dict(new_tokens=4)
+    short = {} if cuda else dict(new_tokens=4)
     est = bench.eager_estimate
     mode = fast_mode or default_fast_mode(bench.device)
     holder = {}
@@ -334,8 +339,6 @@ def run_generate_speed(bench: Bench, fast_mode: str | None = None) -> list[dict]
         dict(name=f"q* fast path, mode={mode}", run=lambda: bench.fast(holder["decoder"]),
              warmup=fast_warmup, estimate_s=est(15 if cuda else 20), note="warm-up = first call, incl. capture/compile"),
     ]
-    if cuda:  # a dedicated GPU: one row after the other, each within the time budget
-        return [bench.measure_many([spec])[0] for spec in specs]
     return bench.measure_many(specs, interleave=True)
 
 
@@ -346,7 +349,7 @@ def generate_speed_table(bench: Bench, rows: list[dict], env: dict) -> str:
     reference = bench.rows.get("base-only generate (eager)", {}).get(key)
     basis = ("CPU time of this process (`time.process_time`, 1 thread; the machine is shared, so wall time is "
              "also shown)" if cpu else "wall time, with `torch.cuda.synchronize()` around each run")
-    order = "interleaved round-robin over the rows" if cpu else "one row after the other"
+    order = "interleaved round-robin over the rows" + ("" if cpu else "; full-length warm-up")
     lines = [
         f"### generate_speed — preset `{bench.preset_name}` ({env['date']})",
         "",
