@@ -188,6 +188,7 @@ class Bench:
         for _, row in live:
             if "error" not in row and row["times"]:
                 steps, batch = row["steps"][0], self.preset["batch"]
+                row["best_seconds"], row["cpu_best_seconds"] = min(row["times"]), min(row["cpu_times"])
                 row["seconds"] = statistics.median(row["times"])
                 row["cpu_seconds"] = statistics.median(row["cpu_times"])
                 row["tokens_per_s"] = batch * steps / row["seconds"]
@@ -376,20 +377,26 @@ def generate_speed_table(bench: Bench, rows: list[dict], env: dict) -> str:
         wall = f"{row['tokens_per_s']:,.0f} | " if cpu else ""
         lines.append(f"| {row['name']} | {row[key]:,.0f} | {ms:.2f} | {ratio} | {wall}"
                      f"{warm}runs (s): {runs}{'; ' + row['note'] if row['note'] else ''} |")
+    # Ratios of medians decide PASS; the ratio of the fastest runs is shown beside it (noise on
+    # a shared host only ever adds time, so the fastest run is the steadier estimate).
+    best = "cpu_best_seconds" if cpu else "best_seconds"
+    base_row = bench.rows.get("base-only generate (eager)", {})
     qstar = [r for r in rows if r["name"].startswith("q*") and "seconds" in r]
     if reference and qstar:
         lines.append("")
         for r in qstar:
             ratio = r[key] / reference
-            lines.append(f"- {r['name']}: {ratio:.2f}× base-only generate "
+            fastest = base_row[best] / r[best] * r["steps"][0] / base_row["steps"][0]
+            lines.append(f"- {r['name']}: {ratio:.2f}× base-only generate, fastest runs {fastest:.2f}× "
                          f"(target ≥ 0.45×; the original tool reached 0.31×): {'PASS' if ratio >= 0.45 else 'below target'}")
-    processor = bench.rows.get("q* processor (generate + OptimalSamplingLogitsProcessor)", {}).get(key)
+    processor = bench.rows.get("q* processor (generate + OptimalSamplingLogitsProcessor)", {})
     for name in ("plain two-model loop (DynamicCache, fixed α)", "plain two-model loop, q* step (compute_mixture)"):
-        loop = bench.rows.get(name, {}).get(key)
-        if processor and loop:
-            ratio = processor / loop
-            lines.append(f"- q* processor vs {name}: {ratio:.2f}× (target: within 10%, ≥ 0.90×): "
-                         f"{'PASS' if ratio >= 0.9 else 'below target'}")
+        loop = bench.rows.get(name, {})
+        if processor.get(key) and loop.get(key):
+            ratio = processor[key] / loop[key]
+            fastest = loop[best] / processor[best] * processor["steps"][0] / loop["steps"][0]
+            lines.append(f"- q* processor vs {name}: {ratio:.2f}×, fastest runs {fastest:.2f}× (target: within 10%, "
+                         f"≥ 0.90×): {'PASS' if ratio >= 0.9 else 'below target'}")
     return "\n".join(lines) + "\n"
 
 
