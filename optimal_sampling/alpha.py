@@ -364,8 +364,6 @@ def _finish(alpha, iterations, degenerate, empty, converged, empty_support, alph
 _LOG2E = 1.4426950408889634
 
 
-
-
 def _quiet(xp):
     """numpy warns on log(0), x/0 and inf − inf, which the iteration produces on purpose
     (an empty side of h, a vanishing slope) and handles by comparison; torch does not."""

@@ -267,6 +267,28 @@ def test_processor_resynchronises_when_generate_is_called_again():
     torch.testing.assert_close(rec.logq[rec.token_mask], logq[rec.token_mask], atol=1e-5, rtol=0)
 
 
+def test_later_processors_may_modify_the_scores_in_place():
+    """The processor runs under inference mode; what it hands back must still be an ordinary
+    tensor (an in-place update of an inference tensor outside inference mode raises)."""
+    from transformers import LogitsProcessor
+
+    banned = 11
+
+    class BanToken(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, banned] = float("-inf")
+            return scores
+
+    base, teacher = make_pair("llama")
+    ids, mask = left_pad(PROMPTS)
+    proc = OptimalSamplingLogitsProcessor(teacher, vocab_size=V)
+    torch.manual_seed(0)
+    out = base.generate(input_ids=ids, attention_mask=mask, logits_processor=[proc, BanToken()], do_sample=True,
+                        top_k=0, max_new_tokens=6, min_new_tokens=6, pad_token_id=PAD, eos_token_id=EOS)
+    assert not (out[:, ids.shape[1] :] == banned).any()
+    assert proc.records(out).logq.shape == (len(PROMPTS), 6)
+
+
 def test_temperature_and_top_k_apply_before_and_after_mixing():
     base, teacher = make_pair("llama")
     ids, mask = left_pad(PROMPTS[:1])
