@@ -100,8 +100,9 @@ class TeacherCache:
         sequence so far, so there is no prefix search, and the new positions continue from
         the last one (as `last_logits` would compute them).
         """
-        if self.cache is None or new_ids.shape[0] != self.token_ids.shape[0]:
-            raise RuntimeError("TeacherCache.extend needs a cached sequence of the same batch size; call last_logits first.")
+        if self.cache is None or new_ids.shape[0] != self.token_ids.shape[0] or new_ids.shape[1] == 0:
+            raise RuntimeError("TeacherCache.extend needs new tokens for a cached sequence of the same batch size; "
+                               "call last_logits first.")
         mask = torch.cat([self.attention_mask, torch.ones_like(new_ids, dtype=self.attention_mask.dtype)], dim=-1)
         steps = torch.arange(1, new_ids.shape[1] + 1, device=new_ids.device)
         positions = self.last_position + steps  # [B, n]

@@ -97,6 +97,22 @@ def test_mixture_diagnostics_match_float64_formulas():
         np.testing.assert_allclose(diagnostics[name].numpy(), value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_full_support_batches_skip_the_masking_passes_without_changing_the_mixture(monkeypatch):
+    """On CPU `common_support` checks on the host whether any token is masked and, if none is,
+    skips the masking passes; the device path always masks. Both must give the same step."""
+    import optimal_sampling.alpha as alpha_module
+
+    lp, lr = random_log_prob_pairs(5, rows=16, vocab=300, scale=2.0)  # full support
+    assert alpha_module.common_support(lp, lr).off is None  # the host shortcut is taken
+    lean = compute_mixture(lp, lr)
+    monkeypatch.setattr(alpha_module, "_on_host", lambda x: False)
+    masked = compute_mixture(lp, lr)
+    torch.testing.assert_close(lean.logq, masked.logq, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lean.alpha, masked.alpha, rtol=0, atol=1e-7)
+    for name, value in lean.diagnostics.as_dict().items():
+        torch.testing.assert_close(value, getattr(masked.diagnostics, name), rtol=1e-6, atol=1e-9, msg=name)
+
+
 def test_chernoff_information_equals_both_kls_at_the_kl_symmetric_alpha():
     lp, lr = random_log_prob_pairs(4, rows=32, vocab=100, scale=3.0)  # full support
     alpha = solve_alpha(lp, lr)
