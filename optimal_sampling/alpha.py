@@ -237,6 +237,12 @@ def kl_symmetry_kernel(logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: floa
     return kernel(logp_theta, logp_t, tol, max_iter, **launch)
 
 
+def check_empty_support(empty_support: str) -> None:
+    """Raise a clear error unless `empty_support` names a fallback model."""
+    if empty_support not in EMPTY_SUPPORT_FALLBACKS:
+        raise ValueError(f"`empty_support` must be 'teacher' or 'base', got {empty_support!r}.")
+
+
 def check_solve_options(method, *, alpha, tol, max_iter, alpha_min, alpha_max, empty_support) -> None:
     """Raise a clear error for an unknown method or inconsistent solver options."""
     if method not in ALPHA_METHODS:
@@ -246,8 +252,7 @@ def check_solve_options(method, *, alpha, tol, max_iter, alpha_min, alpha_max, e
             f"Need 0 <= alpha_min <= alpha_max <= 1, got alpha_min={alpha_min}, alpha_max={alpha_max}; "
             "swap them or use the defaults 0.0 and 1.0."
         )
-    if empty_support not in EMPTY_SUPPORT_FALLBACKS:
-        raise ValueError(f"`empty_support` must be 'teacher' or 'base', got {empty_support!r}.")
+    check_empty_support(empty_support)
     if tol <= 0 or max_iter < 1:
         raise ValueError(f"Need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}.")
     if method == "fixed" and alpha is None:
@@ -531,9 +536,8 @@ def _kl_symmetry_alpha(pair: CommonSupport, tol: float, max_iter: int):
             step = xp.where(close, landing, _tangent_step(xp, lo, hi, h_lo, h_hi, slope_lo, slope_hi))
             alpha = xp.where(below | above, step, alpha)
             active = active & ~(close | (h == 0) | (hi - lo <= tol))  # a NaN h keeps its row unconverged
-    device = pair.delta.device
-    alpha, iterations, degenerate, converged = (
-        (torch.from_numpy(column) if xp is np else column).to(device).squeeze(-1)
+    alpha, iterations, degenerate, converged = (  # numpy columns exist only for CPU data
+        (torch.from_numpy(column) if xp is np else column).squeeze(-1)
         for column in (alpha, iterations, degenerate, ~active)
     )
     return alpha, iterations.to(torch.int32), degenerate, converged

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import StaticCache
 
-from .alpha import EMPTY_SUPPORT_FALLBACKS, common_support, solve_alpha, solve_on_support
+from .alpha import check_empty_support, common_support, solve_alpha, solve_on_support
 from .mixture import NEG_INF, diagnostics_on_support, log_probs_from_logits, mixture_on_support, truncate_log_probs
 from .processor import RECORDED_DIAGNOSTICS, check_same_device
 from .teacher import position_ids_from_mask, repeat_teacher_prompts
@@ -126,8 +126,7 @@ class MixingOptions:
     def __post_init__(self):
         if self.temperature <= 0:
             raise ValueError(f"`temperature` (={self.temperature}) has to be a strictly positive float.")
-        if self.empty_support not in EMPTY_SUPPORT_FALLBACKS:
-            raise ValueError(f"`empty_support` must be 'teacher' or 'base', got {self.empty_support!r}.")
+        check_empty_support(self.empty_support)
         if self.alpha_method == "fixed":
             if self.alpha is None or isinstance(self.alpha, torch.Tensor) or not 0.0 <= float(self.alpha) <= 1.0:
                 raise ValueError(

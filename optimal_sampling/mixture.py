@@ -11,9 +11,9 @@ from dataclasses import dataclass, fields
 import torch
 
 from .alpha import (
-    EMPTY_SUPPORT_FALLBACKS,
     AlphaSolution,
     CommonSupport,
+    check_empty_support,
     check_log_prob_pair,
     check_solve_options,
     common_support,
@@ -48,11 +48,6 @@ def log_probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, vocab_
 
 def _as_alpha(alpha: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(alpha, dtype=like.dtype, device=like.device).expand(like.shape[0])
-
-
-def _check_empty_support(empty_support: str) -> None:
-    if empty_support not in EMPTY_SUPPORT_FALLBACKS:
-        raise ValueError(f"`empty_support` must be 'teacher' or 'base', got {empty_support!r}.")
 
 
 def mixture_on_support(pair: CommonSupport, alpha: torch.Tensor, empty_support: str = "teacher") -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +92,7 @@ def optimal_log_probs(
         >>> optimal_log_probs(lp, lr, torch.tensor([1.0])).exp()  # α = 1: the teacher on the common support
         tensor([[0.4000, 0.6000, 0.0000]])
     """
-    _check_empty_support(empty_support)
+    check_empty_support(empty_support)
     pair = common_support(logp_theta, logp_t)
     return mixture_on_support(pair, _as_alpha(alpha, pair.delta), empty_support)[0]
 
@@ -141,7 +136,7 @@ def mixture_diagnostics(
     the sparse path's rest bucket: KLs are exact per bucket, entropy and ESS need the count.
     A row without a common token is described through its fallback q (`empty_support`).
     """
-    _check_empty_support(empty_support)
+    check_empty_support(empty_support)
     pair = common_support(logp_theta, logp_t)
     alpha = _as_alpha(alpha, pair.delta)
     logq, log_partition = mixture_on_support(pair, alpha, empty_support)
