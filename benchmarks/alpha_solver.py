@@ -5,9 +5,11 @@ logits = base logits + noise, float32), then times
 
   newton, Triton kernel  `solve_alpha(lp, lr, validate=False)` on CUDA with Triton installed:
              the whole solve in one launch (`optimal_sampling/kernels.py`), tol 1e-6
-  newton, torch ops      the same call with `OPTIMAL_SAMPLING_TRITON=0` (the CPU path): two
-             endpoint evaluations, then batched Newton iterations until every row converged
-             (one host read-back per iteration to check that)
+  newton, C solve        the same call on CPU: the same algorithm in C, one row at a time
+             (`optimal_sampling/cpu_kernel.py`)
+  newton, torch ops      the same call with `OPTIMAL_SAMPLING_TRITON=0` on CUDA or
+             `OPTIMAL_SAMPLING_CPU_KERNEL=0` on CPU: two endpoint evaluations, then batched
+             Newton iterations until every row converged (one host read-back per iteration)
   bisection  a batched torch bisection on A'(α) = E_q[Δ] over [0, 1] to the same tolerance:
              20 fixed iterations (2^-20 < 1e-6), float32 weights, float64 sums, no read-back
 
@@ -130,16 +132,20 @@ def main() -> None:
         "| max abs(α − α_float64) |\n|---|---|---|---|---|---|"
     )
     lines, target_note = [header], ""
-    kernel_available = cuda and _kernel_applies(torch.empty(1, device=args.device))
+    kernel_available = _kernel_applies(torch.empty(1, device=args.device))
     for spec in args.shapes.split(","):
         batch, vocab = (int(x) for x in spec.lower().split("x"))
         lp, lr = make_pair(batch, vocab, args.device)
         reference = bisection_alpha(lp.double(), lr.double(), iterations=50)  # float64 throughout: |error| < 1e-15
         shape = f"[{batch}, {vocab}]"
-        paths = [("newton, Triton kernel (solve_alpha default)", "1")] if kernel_available else []
+        # (label, environment switch of the fused solve: OPTIMAL_SAMPLING_TRITON on CUDA,
+        # OPTIMAL_SAMPLING_CPU_KERNEL — the C solve — on CPU)
+        switch = "OPTIMAL_SAMPLING_TRITON" if cuda else "OPTIMAL_SAMPLING_CPU_KERNEL"
+        fused = "Triton kernel" if cuda else "C solve"
+        paths = [(f"newton, {fused} (solve_alpha default)", "1")] if kernel_available else []
         paths.append(("newton, torch ops" + ("" if kernel_available else " (solve_alpha default)"), "0"))
         for label, flag in paths:
-            os.environ["OPTIMAL_SAMPLING_TRITON"] = flag
+            os.environ[switch] = flag
             info = solve_alpha(lp, lr, return_info=True, validate=False)
             gap = (info.alpha.double() - reference).abs().max().item()
             newton_ms = time_ms(lambda: solve_alpha(lp, lr, validate=False), args.device, warmup, repeats)
@@ -154,12 +160,12 @@ def main() -> None:
                     f"\nTarget ≤ {TARGET_MS} ms per {list(TARGET_SHAPE)} float32 solve on H100: **{met}** "
                     f"(Triton kernel {newton_ms:.3f} ms on {torch.cuda.get_device_name()})."
                 )
-        os.environ.pop("OPTIMAL_SAMPLING_TRITON", None)
+        os.environ.pop(switch, None)
         bisect_ms = time_ms(lambda: bisection_alpha(lp, lr), args.device, warmup, repeats)
         gap = (bisection_alpha(lp, lr).double() - reference).abs().max().item()
         lines.append(f"| {shape} | bisection, torch ops (20 its) | {bisect_ms:.3f} | 20 | 20 | {gap:.1e} |")
 
-    if args.sweep and kernel_available:
+    if args.sweep and cuda and kernel_available:
         for shape in (TARGET_SHAPE, (256, 32000)):
             lines.append(f"\nTriton kernel launch options, {list(shape)} (ms / solve):\n")
             lines.append("| block | num_warps=4 | num_warps=8 | num_warps=16 |\n|---|---|---|---|")

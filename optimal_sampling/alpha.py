@@ -208,7 +208,7 @@ def solve_alpha(
                         empty_support=empty_support)
     if validate:
         check_log_prob_pair(logp_theta, logp_t)
-    if method == "kl_symmetry" and _kernel_applies(logp_theta):  # one Triton launch, no support tensors
+    if method == "kl_symmetry" and _kernel_applies(logp_theta):  # one kernel call, no support tensors
         lp, lr = restrict_to_nucleus(logp_theta, logp_t, teacher_top_p)
         solution = _kernel_solution(lp, lr, tol, max_iter, empty_support, alpha_min, alpha_max)
     else:
@@ -221,18 +221,27 @@ def solve_alpha(
 
 
 def _kernel_applies(x: torch.Tensor) -> bool:
-    """Whether the Triton kernel solves `kl_symmetry` for these rows (CUDA with Triton
-    installed; see `optimal_sampling.kernels`). Cheap on CPU: Triton is not even imported."""
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    from .kernels import kernel_applies
+    """Whether a fused kernel solves `kl_symmetry` for these rows: the Triton kernel on CUDA
+    (`optimal_sampling.kernels`; also CPU tensors under `TRITON_INTERPRET=1`, how the tests
+    run it), the C solve on float32 CPU tensors (`optimal_sampling.cpu_kernel`). Cheap on
+    CPU: Triton is not even imported."""
+    if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        from .kernels import kernel_applies
 
-    return kernel_applies(x)
+        return kernel_applies(x)
+    if x.device.type == "cpu":
+        from .cpu_kernel import cpu_kernel_applies
+
+        return cpu_kernel_applies(x)
+    return False
 
 
 def kl_symmetry_kernel(logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, **launch):
-    """`optimal_sampling.kernels.kl_symmetry_kernel`, imported on first use (it imports Triton)."""
-    from .kernels import kl_symmetry_kernel as kernel
+    """The kernel `_kernel_applies` chose, imported on first use (the Triton one imports Triton)."""
+    if logp_theta.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        from .cpu_kernel import kl_symmetry_cpu as kernel
+    else:
+        from .kernels import kl_symmetry_kernel as kernel
 
     return kernel(logp_theta, logp_t, tol, max_iter, **launch)
 

@@ -1,9 +1,16 @@
 """`solve_alpha`: the KL-symmetric α* and the other α rules, checked against independent
-float64 numpy implementations of their defining equations (never against the package)."""
+float64 numpy implementations of their defining equations (never against the package).
+
+The KL-symmetry tests run on both CPU solvers (the `solver` fixture): the C solve that
+float32 CPU tensors get by default (`optimal_sampling/cpu_kernel.py`) and the batched torch
+path (float64 inputs, no C compiler, `OPTIMAL_SAMPLING_CPU_KERNEL=0`; on torch columns, GPUs
+under torch.compile)."""
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +18,8 @@ import torch
 from scipy.optimize import brentq
 
 from optimal_sampling import solve_alpha
+from optimal_sampling.alpha import _kernel_applies
+from optimal_sampling.cpu_kernel import library
 from optimal_sampling.testing import random_log_prob_pairs
 
 NEG_INF = float("-inf")
@@ -101,13 +110,36 @@ def stacked_pairs(seed: int, rows_per_setting: int, vocab: int) -> tuple[torch.T
 VOCAB_CASES = [(8, 150), (1000, 50), (151936, 2)]
 
 
-@pytest.fixture(scope="module", params=VOCAB_CASES, ids=lambda case: f"V{case[0]}")
-def random_batch(request):
-    vocab, rows = request.param
+def require_c_solver() -> None:
+    """The C solve needs a C compiler: CI has one (it must not skip), elsewhere skip."""
+    if library() is None:
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail("the C α solve did not build (see the RuntimeWarning): CI must have a C compiler")
+        pytest.skip("no C compiler: the C α solve is not built")
+
+
+@pytest.fixture(scope="module", params=["c", "torch"])
+def solver(request):
+    """Run the test on the C solve or on the batched torch path (env switch, read per call)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "1" if request.param == "c" else "0")
+    if request.param == "c":
+        require_c_solver()
+    assert _kernel_applies(torch.zeros(1)) == (request.param == "c")
+    yield request.param
+    patch.undo()
+
+
+@functools.cache
+def random_inputs(vocab: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     lp, lr = stacked_pairs(seed=vocab, rows_per_setting=rows, vocab=vocab)
-    solution = solve_alpha(lp, lr, return_info=True)
-    reference = ref_kl_symmetric_alpha(lp.double().numpy(), lr.double().numpy())
-    return lp, lr, solution, reference
+    return lp, lr, ref_kl_symmetric_alpha(lp.double().numpy(), lr.double().numpy())
+
+
+@pytest.fixture(scope="module", params=VOCAB_CASES, ids=lambda case: f"V{case[0]}")
+def random_batch(request, solver):
+    lp, lr, reference = random_inputs(*request.param)
+    return lp, lr, solve_alpha(lp, lr, return_info=True), reference
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,16 +171,19 @@ def test_kl_symmetric_alpha_newton_needs_at_most_8_iterations(random_batch):
     assert int(solution.iterations.max()) <= 8, torch.bincount(solution.iterations).tolist()
 
 
-def test_the_torch_bookkeeping_used_on_gpus_matches_the_numpy_one_used_on_cpu(random_batch, edge_batch, monkeypatch):
-    """On CPU the per-row Newton state lives in numpy; on a GPU (without the Triton kernel,
-    e.g. under torch.compile) the same code runs on torch columns. Both must solve alike."""
+@pytest.mark.parametrize("case", VOCAB_CASES, ids=lambda case: f"V{case[0]}")
+def test_the_torch_bookkeeping_used_on_gpus_matches_the_numpy_one_used_on_cpu(case, edge_batch, monkeypatch):
+    """The torch path keeps its per-row Newton state in numpy for CPU tensors; on a GPU
+    (without the Triton kernel, e.g. under torch.compile) the same code runs on torch columns.
+    Both must solve alike."""
     import optimal_sampling.alpha as alpha_module
 
-    lp, lr, on_host, reference = random_batch
+    monkeypatch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "0")
+    lp, lr, reference = random_inputs(*case)
     names, edge_lp, edge_lr = edge_batch
-    edge_on_host = solve_alpha(edge_lp, edge_lr, return_info=True)
+    on_host = [solve_alpha(p, r, return_info=True) for p, r in ((lp, lr), (edge_lp, edge_lr))]
     monkeypatch.setattr(alpha_module, "_on_host", lambda x: False)
-    for (p, r), host in (((lp, lr), on_host), ((edge_lp, edge_lr), edge_on_host)):
+    for (p, r), host in zip(((lp, lr), (edge_lp, edge_lr)), on_host):
         on_device = solve_alpha(p, r, return_info=True)
         assert (on_device.alpha - host.alpha).abs().max().item() <= 1e-7
         for flag in ("iterations", "degenerate", "empty_support", "converged"):
@@ -164,7 +199,7 @@ def test_masked_supports_put_the_root_on_the_boundary_when_not_bracketed(random_
     assert solution.alpha[torch.from_numpy(at_one)].eq(1.0).all()
 
 
-def test_alpha_is_zero_when_the_slope_at_zero_is_nonnegative():
+def test_alpha_is_zero_when_the_slope_at_zero_is_nonnegative(solver):
     # The teacher masks token 2, where the base puts most of its mass; on the common support
     # {0, 1} the teacher is the heavier side everywhere that matters: A'(0) = E_p|S[Δ] > 0.
     lp = torch.log(torch.tensor([[0.10, 0.05, 0.85]]))
@@ -174,7 +209,7 @@ def test_alpha_is_zero_when_the_slope_at_zero_is_nonnegative():
     assert solve_alpha(lp, lr).item() == 0.0
 
 
-def test_alpha_is_one_when_the_slope_at_one_is_nonpositive():
+def test_alpha_is_one_when_the_slope_at_one_is_nonpositive(solver):
     lp = torch.log(torch.tensor([[0.09, 0.91, 0.0]]))
     lr = torch.log(torch.tensor([[0.10, 0.05, 0.85]]))
     slope_1 = ref_slope(lp.double().numpy(), lr.double().numpy(), np.ones(1))
@@ -195,7 +230,7 @@ def moderate_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs_solve_their_own_rounded_problem_exactly(moderate_batch, dtype):
+def test_low_precision_inputs_solve_their_own_rounded_problem_exactly(moderate_batch, dtype, solver):
     lp, lr = (x.to(dtype) for x in moderate_batch)
     reference = ref_kl_symmetric_alpha(lp.double().numpy(), lr.double().numpy())
     alpha = solve_alpha(lp, lr)
@@ -204,7 +239,7 @@ def test_low_precision_inputs_solve_their_own_rounded_problem_exactly(moderate_b
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs_stay_close_to_the_float32_root(moderate_batch, dtype):
+def test_low_precision_inputs_stay_close_to_the_float32_root(moderate_batch, dtype, solver):
     """Rounding the log-probs is a perturbation of the problem, not solver error: to first
     order α moves by E_q[δΔ + (Δ − E_q Δ)·δt] / Var_q[Δ], where δt = (1 − α)δp + αδr is the
     change of the mixture's log-weights. We assert the float64 first-order bound (doubled)
@@ -270,7 +305,7 @@ def edge_batch():
     return names, lp, lr
 
 
-def test_edge_rows_are_flagged_and_get_their_conventional_alpha(edge_batch):
+def test_edge_rows_are_flagged_and_get_their_conventional_alpha(edge_batch, solver):
     names, lp, lr = edge_batch
     solution = solve_alpha(lp, lr, return_info=True)
     alpha = dict(zip(names, solution.alpha.tolist()))
@@ -287,7 +322,7 @@ def test_edge_rows_are_flagged_and_get_their_conventional_alpha(edge_batch):
     assert alpha["shared_top_token"] == 0.0 and solution.iterations[i].item() == 0
 
 
-def test_ordinary_rows_in_a_batch_with_edge_rows_solve_as_if_alone(edge_batch):
+def test_ordinary_rows_in_a_batch_with_edge_rows_solve_as_if_alone(edge_batch, solver):
     names, lp, lr = edge_batch
     batched = solve_alpha(lp, lr, return_info=True)
     for name in ("ordinary_0", "very_peaked", "ordinary_1"):
@@ -300,7 +335,7 @@ def test_ordinary_rows_in_a_batch_with_edge_rows_solve_as_if_alone(edge_batch):
     assert np.abs(batched.alpha[ordinary].double().numpy() - reference).max() <= 1e-6
 
 
-def test_empty_support_falls_back_to_the_base_when_asked(edge_batch):
+def test_empty_support_falls_back_to_the_base_when_asked(edge_batch, solver):
     names, lp, lr = edge_batch
     solution = solve_alpha(lp, lr, empty_support="base", return_info=True)
     i = names.index("empty_support")
@@ -311,7 +346,7 @@ def test_empty_support_falls_back_to_the_base_when_asked(edge_batch):
 # Options and the other rules
 
 
-def test_alpha_is_clamped_to_alpha_min_and_alpha_max():
+def test_alpha_is_clamped_to_alpha_min_and_alpha_max(solver):
     lp, lr = stacked_pairs(seed=11, rows_per_setting=20, vocab=50)
     free = solve_alpha(lp, lr)
     clamped = solve_alpha(lp, lr, alpha_min=0.3, alpha_max=0.6)
@@ -319,7 +354,7 @@ def test_alpha_is_clamped_to_alpha_min_and_alpha_max():
     torch.testing.assert_close(clamped, free.clamp(0.3, 0.6), rtol=0, atol=0)
 
 
-def test_teacher_top_p_solves_on_the_teacher_nucleus_only():
+def test_teacher_top_p_solves_on_the_teacher_nucleus_only(solver):
     rng = np.random.default_rng(12)
     pairs = [random_log_prob_pairs(rng, 20, 200, scale) for scale in (0.3, 1.0, 3.0)]
     lp, lr = torch.cat([p for p, _ in pairs]), torch.cat([r for _, r in pairs])

@@ -1,0 +1,291 @@
+/* The KL-symmetric α solve for CPU tensors: the algorithm of the Triton kernel in
+ * optimal_sampling/kernels.py (theory/derivation.md §4.6), one row at a time.
+ *
+ * The batched torch path (alpha.LogRatioMoments) writes and re-reads [B, 6, V] temporaries
+ * in every pass and keeps its per-row state in dozens of small ops per Newton iteration;
+ * on small batches that costs as much as a tiny model's forward. Here a pass reads the
+ * row's two log-prob rows once and keeps its sums in registers: the first pass gathers the
+ * row statistics and the sums at both bracket ends, each Newton iteration is one more pass.
+ *
+ * Vectorised by hand with GCC / clang vector extensions (compilers do not vectorise these
+ * loops on their own: the selects and the polynomial exp defeat them). Each lane keeps its
+ * own float32 sums over a chunk of CHUNK tokens; the lanes are added in float64 after each
+ * chunk, as the torch path's row_sum64 does. exp is the polynomial `exp_below` on exponents
+ * shifted below an upper bound of their row max known before the pass: one exp per token.
+ *
+ * Built on first use by optimal_sampling/cpu_kernel.py with the system C compiler
+ * (-O3 -march=native -fno-trapping-math; no fast-math: ±inf and NaN keep their IEEE
+ * meaning) and called through ctypes.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define CHUNK 1024
+
+/* float32 lanes in GCC / clang vector extensions: eight in an AVX register where the
+ * target has AVX (-march=native), else four (SSE, NEON). */
+#if defined(__AVX__)
+#define W 8
+#else
+#define W 4
+#endif
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+
+#if W == 8
+static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x}; }
+#else
+static inline vf splat(float x) { return (vf){x, x, x, x}; }
+#endif
+static inline vf select(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+static inline vf vmax(vf a, vf b) { return select(a > b, a, b); }
+static inline vf vmin(vf a, vf b) { return select(a < b, a, b); }
+static inline float hmax(vf x) { float m = x[0]; for (int l = 1; l < W; l++) m = x[l] > m ? x[l] : m; return m; }
+static inline float hmin(vf x) { float m = x[0]; for (int l = 1; l < W; l++) m = x[l] < m ? x[l] : m; return m; }
+static inline double hsum(vf x) { double s = 0; for (int l = 0; l < W; l++) s += x[l]; return s; }
+
+/* e^x per lane for x ≤ ~0 (the exponents here are shifted below their max); −inf and
+ * anything below −87.7 give 0 (float32's normal range ends there). 2^t with t = x·log₂e split
+ * as n + f, n = round(t), |f| ≤ 1/2: 2^f by its Taylor polynomial of degree 7 (truncation
+ * error < 6e-9 relative), 2^n by building the float's exponent bits. */
+static inline vf exp_below(vf x) {
+    vf t = x * 1.44269504088896341f;
+    t = vmax(t, splat(-127.0f)); /* also −inf; 2^-127 is built as exponent bits 0, i.e. 0 */
+    t = vmin(t, splat(127.0f));
+    vf n = (t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 · 2^23 */
+    vf g = (t - n) * 0.693147180559945309f; /* 2^f = e^g, |g| ≤ 0.347 */
+    vf p = splat(1.0f / 5040.0f);
+    p = p * g + 1.0f / 720.0f;
+    p = p * g + 1.0f / 120.0f;
+    p = p * g + 1.0f / 24.0f;
+    p = p * g + 1.0f / 6.0f;
+    p = p * g + 0.5f;
+    p = p * g + 1.0f;
+    p = p * g + 1.0f;
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)bits;
+}
+
+/* W tokens from `start` (those past `width` read as −inf, i.e. off the support). */
+static inline void load(const float *lp, const float *lr, int64_t start, int64_t width, vf *p, vf *r) {
+    if (start + W <= width) {
+        memcpy(p, lp + start, sizeof(vf));
+        memcpy(r, lr + start, sizeof(vf));
+        return;
+    }
+    *p = *r = splat(-INFINITY);
+    for (int64_t l = 0; start + l < width; l++) {
+        (*p)[l] = lp[start + l];
+        (*r)[l] = lr[start + l];
+    }
+}
+
+/* Σ w Δ₊, Σ w Δ₋, Σ w Δ₊², Σ w Δ₋², Σ w Δ₊³, Σ w Δ₋³ (Δ₋ = max(−Δ, 0)) of one row. */
+typedef struct {
+    double s_pos, s_neg, q_pos, q_neg, c_pos, c_neg;
+} Sums;
+
+/* The same sums per lane, float32, over one chunk. */
+typedef struct {
+    vf s_pos, s_neg, q_pos, q_neg, c_pos, c_neg;
+} LaneSums;
+
+/* One block of tokens: Δ on the common support (0 off it), its two signed parts, and
+ * whether a token counts in h (on the support, Δ ≠ 0). A NaN log-prob is off the support
+ * here; callers validate their inputs first. */
+typedef struct {
+    vf p, delta, d_pos, d_neg;
+    vi common, counts;
+} Block;
+
+static inline Block block_at(const float *lp, const float *lr, int64_t start, int64_t width) {
+    Block b;
+    vf r;
+    load(lp, lr, start, width, &b.p, &r);
+    b.common = (b.p > -INFINITY) & (r > -INFINITY);
+    b.delta = select(b.common, r - b.p, splat(0.0f));
+    b.counts = b.common & (b.delta != 0.0f);
+    b.d_pos = vmax(b.delta, splat(0.0f));
+    b.d_neg = vmax(-b.delta, splat(0.0f));
+    return b;
+}
+
+static inline void add_terms(LaneSums *a, vf w, const Block *b) {
+    vf w_pos = w * b->d_pos, w_neg = w * b->d_neg;
+    a->s_pos += w_pos;
+    a->s_neg += w_neg;
+    w_pos *= b->d_pos;
+    w_neg *= b->d_neg;
+    a->q_pos += w_pos;
+    a->q_neg += w_neg;
+    a->c_pos += w_pos * b->d_pos;
+    a->c_neg += w_neg * b->d_neg;
+}
+
+static inline void add_lanes(Sums *s, const LaneSums *a) {
+    s->s_pos += hsum(a->s_pos);
+    s->s_neg += hsum(a->s_neg);
+    s->q_pos += hsum(a->q_pos);
+    s->q_neg += hsum(a->q_neg);
+    s->c_pos += hsum(a->c_pos);
+    s->c_neg += hsum(a->c_neg);
+}
+
+/* h = log S₊ − log S₋ (±inf with an empty side), h' = E₊[Δ] − E₋[Δ] and
+ * h'' = Var₊[Δ] − Var₋[Δ] under the weights w Δ± / S± (an empty side counts 0). */
+static void log_ratio(const Sums *s, double *h, double *slope, double *curvature) {
+    double mean_pos = s->s_pos > 0 ? s->q_pos / s->s_pos : 0.0;
+    double mean_neg = s->s_neg > 0 ? s->q_neg / s->s_neg : 0.0;
+    double var_pos = (s->s_pos > 0 ? s->c_pos / s->s_pos : 0.0) - mean_pos * mean_pos;
+    double var_neg = (s->s_neg > 0 ? s->c_neg / s->s_neg : 0.0) - mean_neg * mean_neg;
+    *h = log(s->s_pos) - log(s->s_neg);
+    *slope = mean_pos + mean_neg;
+    *curvature = var_pos - var_neg;
+}
+
+/* One pass at `alpha`: the six sums of e^(t − shift) with t = (log p − top) + αΔ, and the
+ * row max of t (returned). `shift` bounds that max from above, so one exp per token. */
+static float row_pass(const float *lp, const float *lr, int64_t width, float top, float alpha, float shift, Sums *out) {
+    Sums s = {0, 0, 0, 0, 0, 0};
+    vf row_max = splat(-INFINITY);
+    for (int64_t chunk = 0; chunk < width; chunk += CHUNK) {
+        int64_t end = chunk + CHUNK < width ? chunk + CHUNK : width;
+        LaneSums a = {{0}, {0}, {0}, {0}, {0}, {0}};
+        for (int64_t start = chunk; start < end; start += W) {
+            Block b = block_at(lp, lr, start, width);
+            vf t = select(b.counts, (b.p - top) + alpha * b.delta, splat(-INFINITY));
+            row_max = vmax(row_max, t);
+            add_terms(&a, exp_below(t - shift), &b);
+        }
+        add_lanes(&s, &a);
+    }
+    *out = s;
+    return hmax(row_max);
+}
+
+/* The first pass: the row's top log p on the common support, Δ's range there, and the
+ * sums at α = 0 (exponent log p) and α = 1 (log p + Δ), both ≤ 0 so unshifted. */
+typedef struct {
+    float top, d_max, d_min, max_zero, max_one;
+    Sums zero, one;
+} RowStart;
+
+static void first_pass(const float *lp, const float *lr, int64_t width, RowStart *out) {
+    Sums zero = {0, 0, 0, 0, 0, 0}, one = {0, 0, 0, 0, 0, 0};
+    vf top = splat(-INFINITY), d_max = splat(-INFINITY), d_min = splat(INFINITY);
+    vf max_zero = splat(-INFINITY), max_one = splat(-INFINITY);
+    for (int64_t chunk = 0; chunk < width; chunk += CHUNK) {
+        int64_t end = chunk + CHUNK < width ? chunk + CHUNK : width;
+        LaneSums a0 = {{0}, {0}, {0}, {0}, {0}, {0}}, a1 = {{0}, {0}, {0}, {0}, {0}, {0}};
+        for (int64_t start = chunk; start < end; start += W) {
+            Block b = block_at(lp, lr, start, width);
+            top = vmax(top, select(b.common, b.p, splat(-INFINITY)));
+            d_max = vmax(d_max, select(b.common, b.delta, splat(-INFINITY)));
+            d_min = vmin(d_min, select(b.common, b.delta, splat(INFINITY)));
+            vf t0 = select(b.counts, b.p, splat(-INFINITY));
+            vf t1 = select(b.counts, b.p + b.delta, splat(-INFINITY));
+            max_zero = vmax(max_zero, t0);
+            max_one = vmax(max_one, t1);
+            add_terms(&a0, exp_below(t0), &b);
+            add_terms(&a1, exp_below(t1), &b);
+        }
+        add_lanes(&zero, &a0);
+        add_lanes(&one, &a1);
+    }
+    RowStart st = {hmax(top), hmax(d_max), hmin(d_min), hmax(max_zero), hmax(max_one), zero, one};
+    *out = st;
+}
+
+/* alpha._tangent_step for one row: the larger (slope falling) or smaller tangent root
+ * inside (lo, hi), else the midpoint. NaN / ±inf roots are never inside. */
+static double tangent_step(double lo, double hi, double h_lo, double h_hi, double slope_lo, double slope_hi) {
+    double root_lo = lo - h_lo / slope_lo, root_hi = hi - h_hi / slope_hi;
+    int in_lo = (root_lo > lo) & (root_lo < hi), in_hi = (root_hi > lo) & (root_hi < hi);
+    if (in_lo && in_hi) {
+        if (slope_lo >= slope_hi) return root_lo > root_hi ? root_lo : root_hi;
+        return root_lo < root_hi ? root_lo : root_hi;
+    }
+    if (in_lo) return root_lo;
+    if (in_hi) return root_hi;
+    return 0.5 * (lo + hi);
+}
+
+/* alpha._newton_step_lands for one row (false for NaN / inf). */
+static int newton_step_lands(double newton_step, double slope, double curvature, double tol, double quadratic_step) {
+    double length = fabs(newton_step);
+    int remainder = fabs(curvature) * newton_step * newton_step <= 0.25 * tol * slope;
+    return (length <= tol) | ((length <= quadratic_step) & remainder);
+}
+
+/* Solve `batch` rows of `width` float32 log-probs (row strides in elements). Outputs per
+ * row: α (fallback on rows without a common token, then clamped), iterations, and the
+ * degenerate / empty-support / converged flags — the fields of alpha.AlphaSolution. */
+void kl_symmetry_rows(const float *lp_all, const float *lr_all, int64_t stride_lp, int64_t stride_lr, int64_t batch,
+                      int64_t width, double tol, double quadratic_step, int32_t max_iter, double degenerate_rtol,
+                      double fallback, double alpha_min, double alpha_max, float *alpha_out, int32_t *iterations_out,
+                      int8_t *degenerate_out, int8_t *empty_out, int8_t *converged_out) {
+    for (int64_t row = 0; row < batch; row++) {
+        const float *lp = lp_all + row * stride_lp, *lr = lr_all + row * stride_lr;
+        RowStart st;
+        first_pass(lp, lr, width, &st);
+        float top = st.top;
+        /* t(α) = (1 − α)(log p − top) + α(log r − top) per token, so the chord through the
+         * row maxima at α = 0 and 1 bounds the row max at any α in [0, 1]. */
+        float max_zero = st.max_zero - top, max_one = st.max_one - top;
+        double h_lo, slope_lo, h_hi, slope_hi, unused;
+        Sums sums = st.zero;
+        if (max_zero < -60.0f) /* nearly all mass on tokens with Δ = 0: the terms may have underflowed */
+            row_pass(lp, lr, width, top, 0.0f, max_zero, &sums);
+        log_ratio(&sums, &h_lo, &slope_lo, &unused);
+        sums = st.one;
+        if (max_one < -60.0f)
+            row_pass(lp, lr, width, top, 1.0f, max_one, &sums);
+        log_ratio(&sums, &h_hi, &slope_hi, &unused);
+
+        int nonempty = top > -INFINITY;
+        double d_max = st.d_max, d_min = st.d_min;
+        double d_scale = fabs(d_max) > fabs(d_min) ? fabs(d_max) : fabs(d_min);
+        int degenerate = nonempty && (d_max - d_min <= degenerate_rtol * d_scale);
+        int live = nonempty && !degenerate;
+        int at_lower = live && (h_lo >= 0);
+        int at_upper = live && !at_lower && (h_hi <= 0);
+        double lo = 0.0, hi = 1.0;
+        double alpha = tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi);
+        if (degenerate) alpha = 0.5;
+        if (at_lower) alpha = 0.0;
+        if (at_upper) alpha = 1.0;
+        int active = live && !at_lower && !at_upper;
+
+        int32_t iterations = 0;
+        while (active && iterations < max_iter) {
+            float a = (float)alpha;
+            float shift = (1.0f - a) * max_zero + a * max_one;
+            Sums evaluated;
+            float row_max = row_pass(lp, lr, width, top, a, shift, &evaluated);
+            if (row_max < shift - 60.0f) /* the bound was loose enough for terms to underflow: redo at the max */
+                row_pass(lp, lr, width, top, a, row_max, &evaluated);
+            double h, slope, curvature;
+            log_ratio(&evaluated, &h, &slope, &curvature);
+            iterations++;
+            if (h < 0) { lo = alpha; h_lo = h; slope_lo = slope; }
+            if (h > 0) { hi = alpha; h_hi = h; slope_hi = slope; }
+            double newton_step = h / slope;
+            int close = newton_step_lands(newton_step, slope, curvature, tol, quadratic_step);
+            double polished = alpha - newton_step;
+            polished = polished > lo ? polished : lo;
+            polished = polished < hi ? polished : hi;
+            double step = close ? polished : tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi);
+            if (h != 0) alpha = step; /* NaN h too: the Triton kernel does the same */
+            active = !((h == 0) || close || (hi - lo <= tol));
+        }
+        if (!nonempty) alpha = fallback;
+        alpha = alpha > alpha_min ? alpha : alpha_min;
+        alpha = alpha < alpha_max ? alpha : alpha_max;
+        alpha_out[row] = (float)alpha;
+        iterations_out[row] = iterations;
+        degenerate_out[row] = (int8_t)degenerate;
+        empty_out[row] = (int8_t)!nonempty;
+        converged_out[row] = (int8_t)!active;
+    }
+}

@@ -1,0 +1,114 @@
+"""The C α solve for CPU tensors (`optimal_sampling/cpu_kernel.py`, `csrc/kl_symmetry_cpu.c`).
+
+Its accuracy, flags and options are checked in `tests/test_alpha.py`, which runs every
+KL-symmetry test on both CPU solvers. Here: what is particular to the C code — rows whose
+width is not a multiple of its lanes or chunks, strided rows, which inputs it takes — and
+how it is built: into the cache directory, once, and with a clear warning and the torch
+path when no compiler can build it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from optimal_sampling import compute_mixture, solve_alpha
+from optimal_sampling import cpu_kernel
+from optimal_sampling.alpha import _kernel_applies
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_alpha import ref_kl_symmetric_alpha, require_c_solver, stacked_pairs  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def c_solver(monkeypatch):
+    monkeypatch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "1")
+    require_c_solver()
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty cache directory and no library loaded in this process; afterwards the
+    normal library is loaded again."""
+    monkeypatch.setenv("OPTIMAL_SAMPLING_CACHE", str(tmp_path / "cache"))
+    cpu_kernel.library.cache_clear()
+    yield tmp_path / "cache"
+    monkeypatch.undo()
+    cpu_kernel.library.cache_clear()
+
+
+# Widths around the C code's 8 lanes and 1,024-token chunks: shorter than one vector, one
+# chunk plus a partial vector, several chunks plus a partial chunk.
+@pytest.mark.parametrize("vocab", [3, 1003, 5001])
+def test_rows_of_any_width_solve_to_the_float64_root(vocab):
+    lp, lr = stacked_pairs(seed=vocab, rows_per_setting=3, vocab=vocab)
+    solution = solve_alpha(lp, lr, return_info=True)
+    reference = ref_kl_symmetric_alpha(lp.double().numpy(), lr.double().numpy())
+    assert np.abs(solution.alpha.double().numpy() - reference).max() <= 1e-6
+    assert bool(solution.converged.all()) and int(solution.iterations.max()) <= 8
+
+
+def test_strided_rows_give_the_same_solution_as_contiguous_ones():
+    """The processor slices both models' logits to the shared vocabulary: rows whose stride
+    is larger than their width."""
+    lp, lr = stacked_pairs(seed=2, rows_per_setting=2, vocab=1003)
+    wide_p = torch.full((lp.shape[0], 1100), float("-inf"))
+    wide_r = torch.zeros((lr.shape[0], 1100))  # garbage beyond the width must not be read
+    wide_p[:, :1003], wide_r[:, :1003] = lp, lr
+    strided = cpu_kernel.kl_symmetry_cpu(wide_p[:, :1003], wide_r[:, :1003], 1e-6, 20)
+    contiguous = cpu_kernel.kl_symmetry_cpu(lp, lr, 1e-6, 20)
+    for a, b in zip(strided, contiguous):
+        assert torch.equal(a, b)
+
+
+def test_float32_cpu_rows_take_the_c_solve_and_the_rest_the_torch_path(monkeypatch):
+    lp, lr = stacked_pairs(seed=4, rows_per_setting=1, vocab=100)
+    assert _kernel_applies(lp) and _kernel_applies(lp.bfloat16())
+    assert not _kernel_applies(lp.double())  # float64 rows are solved in float64
+    calls = []
+    real = cpu_kernel.kl_symmetry_cpu
+    monkeypatch.setattr(cpu_kernel, "kl_symmetry_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    compute_mixture(lp, lr)
+    solve_alpha(lp.double(), lr.double())
+    assert len(calls) == 1
+    monkeypatch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "0")
+    assert not _kernel_applies(lp)
+    compute_mixture(lp, lr)
+    assert len(calls) == 1
+
+
+def test_the_library_is_built_into_the_cache_directory_once(fresh_build):
+    lib = cpu_kernel.library()
+    assert lib is not None
+    built = list(fresh_build.glob("kl_symmetry_cpu-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    cpu_kernel.library.cache_clear()  # a new process: finds the library, does not rebuild it
+    assert cpu_kernel.library() is not None
+    assert built[0].stat().st_mtime_ns == stamp and list(fresh_build.glob("*")) == built
+    lp, lr = stacked_pairs(seed=6, rows_per_setting=1, vocab=50)
+    reference = ref_kl_symmetric_alpha(lp.double().numpy(), lr.double().numpy())
+    assert np.abs(solve_alpha(lp, lr).double().numpy() - reference).max() <= 1e-6
+
+
+def test_without_a_compiler_the_torch_path_solves_after_one_clear_warning(fresh_build, monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "find_compiler", lambda: None)
+    lp, lr = stacked_pairs(seed=8, rows_per_setting=1, vocab=50)
+    with pytest.warns(RuntimeWarning, match=r"no C compiler found.*Install a C compiler"):
+        assert not _kernel_applies(lp)
+    reference = ref_kl_symmetric_alpha(lp.double().numpy(), lr.double().numpy())
+    assert np.abs(solve_alpha(lp, lr).double().numpy() - reference).max() <= 1e-6
+
+
+def test_a_failing_compiler_is_reported_with_its_own_error(fresh_build, monkeypatch, tmp_path):
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'cc: error: this compiler is broken' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(cpu_kernel, "find_compiler", lambda: str(broken))
+    with pytest.warns(RuntimeWarning, match="this compiler is broken"):
+        assert cpu_kernel.library() is None
+    assert not list(fresh_build.glob("*.so"))  # no half-written library left behind
