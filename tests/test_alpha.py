@@ -121,10 +121,10 @@ def require_c_solver() -> None:
 @pytest.fixture(scope="module", params=["c", "torch"])
 def solver(request):
     """Run the test on the C solve or on the batched torch path (env switch, read per call)."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "1" if request.param == "c" else "0")
     if request.param == "c":
         require_c_solver()
+    patch = pytest.MonkeyPatch()
+    patch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "1" if request.param == "c" else "0")
     assert _kernel_applies(torch.zeros(1)) == (request.param == "c")
     yield request.param
     patch.undo()
