@@ -11,7 +11,9 @@ The source is compiled on first use with the system C compiler (`$CC`, else `cc`
 or `clang`) into a per-machine cache (`$OPTIMAL_SAMPLING_CACHE`, else
 `~/.cache/optimal_sampling`) and loaded with ctypes; later processes reuse the library.
 Without a compiler the torch path solves, after one warning. `OPTIMAL_SAMPLING_CPU_KERNEL=0`
-turns the C solve off. It runs on the calling thread (ctypes releases the GIL).
+turns the C solve off. Large batches are split by rows over up to `torch.get_num_threads()`
+threads; small ones (a decoding step of a few rows) run on the calling thread. ctypes
+releases the GIL during the call.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "kl_symmetry_cpu.c"
 # No fast-math: ±inf and NaN must keep their IEEE meaning.
-FLAGS = ("-O3", "-fPIC", "-shared", "-fno-trapping-math", "-fno-math-errno")
+FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-trapping-math", "-fno-math-errno")
+# Rows go to threads (up to torch.get_num_threads()) only with at least this many tokens per
+# thread: starting a thread costs ~20-50 µs, a pass over 64k tokens about as much.
+TOKENS_PER_THREAD = 1 << 16
 NATIVE = ("-march=native",)
 
 
@@ -125,18 +130,20 @@ def library() -> ctypes.CDLL | None:
         return None
     pointer, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     lib.kl_symmetry_rows.argtypes = [pointer, pointer, i64, i64, i64, i64, f64, f64, ctypes.c_int32, f64, f64, f64, f64,
-                                     pointer, pointer, pointer, pointer, pointer]
+                                     pointer, pointer, pointer, pointer, pointer, ctypes.c_int32]
     lib.kl_symmetry_rows.restype = None
     return lib
 
 
 def kl_symmetry_cpu(
     logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, *, fallback: float = 1.0,
-    alpha_min: float = 0.0, alpha_max: float = 1.0,
+    alpha_min: float = 0.0, alpha_max: float = 1.0, threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve every row of a float32 CPU `[B, V]` pair: the fields of `alpha.AlphaSolution`
     (α, iterations, degenerate, empty support, converged) as `[B]` tensors, exactly as
-    `kernels.kl_symmetry_kernel` returns them."""
+    `kernels.kl_symmetry_kernel` returns them. `threads` (default: `torch.get_num_threads()`,
+    fewer when there are fewer than TOKENS_PER_THREAD tokens for each) only changes the speed:
+    each row is solved the same way on any thread."""
     from .alpha import _DEGENERATE_RTOL, _QUADRATIC_STEP  # the same tests as the other paths
 
     lib = library()
@@ -152,11 +159,14 @@ def kl_symmetry_cpu(
     alpha = torch.empty(batch, dtype=torch.float32)
     iterations = torch.empty(batch, dtype=torch.int32)
     flags = torch.empty(3, batch, dtype=torch.int8)  # degenerate, empty, converged
+    if threads is None:
+        threads = min(torch.get_num_threads(), batch * width // TOKENS_PER_THREAD)
     if batch:
         lib.kl_symmetry_rows(
             logp_theta.data_ptr(), logp_t.data_ptr(), logp_theta.stride(0), logp_t.stride(0), batch, width, float(tol),
             _QUADRATIC_STEP, int(max_iter), _DEGENERATE_RTOL, float(fallback), float(alpha_min), float(alpha_max),
             alpha.data_ptr(), iterations.data_ptr(), flags[0].data_ptr(), flags[1].data_ptr(), flags[2].data_ptr(),
+            max(1, int(threads)),
         )
     degenerate, empty, converged = flags.view(torch.bool).unbind(0)
     return alpha, iterations, degenerate, empty, converged

@@ -65,6 +65,15 @@ def test_strided_rows_give_the_same_solution_as_contiguous_ones():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [2, 5, 64])
+def test_rows_split_over_threads_solve_exactly_as_on_one_thread(threads):
+    lp, lr = stacked_pairs(seed=9, rows_per_setting=2, vocab=1003)  # 24 rows: 64 threads get one row or none
+    one = cpu_kernel.kl_symmetry_cpu(lp, lr, 1e-6, 20, threads=1)
+    split = cpu_kernel.kl_symmetry_cpu(lp, lr, 1e-6, 20, threads=threads)
+    for a, b in zip(split, one):
+        assert torch.equal(a, b)
+
+
 def test_float32_cpu_rows_take_the_c_solve_and_the_rest_the_torch_path(monkeypatch):
     lp, lr = stacked_pairs(seed=4, rows_per_setting=1, vocab=100)
     assert _kernel_applies(lp) and _kernel_applies(lp.bfloat16())

@@ -18,6 +18,7 @@
  * meaning) and called through ctypes.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -218,74 +219,133 @@ static int newton_step_lands(double newton_step, double slope, double curvature,
     return (length <= tol) | ((length <= quadratic_step) & remainder);
 }
 
-/* Solve `batch` rows of `width` float32 log-probs (row strides in elements). Outputs per
+/* The arguments of one call, shared by its threads. */
+typedef struct {
+    const float *lp, *lr;
+    int64_t stride_lp, stride_lr, batch, width;
+    double tol, quadratic_step, degenerate_rtol, fallback, alpha_min, alpha_max;
+    int32_t max_iter;
+    float *alpha_out;
+    int32_t *iterations_out;
+    int8_t *degenerate_out, *empty_out, *converged_out;
+} Call;
+
+/* One row, start to finish: the first pass, the boundary tests, the Newton iteration, the
+ * fallback and the clamp. */
+static void solve_row(const Call *call, int64_t row) {
+    const float *lp = call->lp + row * call->stride_lp, *lr = call->lr + row * call->stride_lr;
+    int64_t width = call->width;
+    double tol = call->tol;
+    RowStart st;
+    first_pass(lp, lr, width, &st);
+    float top = st.top;
+    /* t(α) = (1 − α)(log p − top) + α(log r − top) per token, so the chord through the
+     * row maxima at α = 0 and 1 bounds the row max at any α in [0, 1]. */
+    float max_zero = st.max_zero - top, max_one = st.max_one - top;
+    double h_lo, slope_lo, h_hi, slope_hi, unused;
+    Sums sums = st.zero;
+    if (max_zero < -60.0f) /* nearly all mass on tokens with Δ = 0: the terms may have underflowed */
+        row_pass(lp, lr, width, top, 0.0f, max_zero, &sums);
+    log_ratio(&sums, &h_lo, &slope_lo, &unused);
+    sums = st.one;
+    if (max_one < -60.0f)
+        row_pass(lp, lr, width, top, 1.0f, max_one, &sums);
+    log_ratio(&sums, &h_hi, &slope_hi, &unused);
+
+    int nonempty = top > -INFINITY;
+    double d_max = st.d_max, d_min = st.d_min;
+    double d_scale = fabs(d_max) > fabs(d_min) ? fabs(d_max) : fabs(d_min);
+    int degenerate = nonempty && (d_max - d_min <= call->degenerate_rtol * d_scale);
+    int live = nonempty && !degenerate;
+    int at_lower = live && (h_lo >= 0);
+    int at_upper = live && !at_lower && (h_hi <= 0);
+    double lo = 0.0, hi = 1.0;
+    double alpha = tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi);
+    if (degenerate) alpha = 0.5;
+    if (at_lower) alpha = 0.0;
+    if (at_upper) alpha = 1.0;
+    int active = live && !at_lower && !at_upper;
+
+    int32_t iterations = 0;
+    while (active && iterations < call->max_iter) {
+        float a = (float)alpha;
+        float shift = (1.0f - a) * max_zero + a * max_one;
+        Sums evaluated;
+        float row_max = row_pass(lp, lr, width, top, a, shift, &evaluated);
+        if (row_max < shift - 60.0f) /* the bound was loose enough for terms to underflow: redo at the max */
+            row_pass(lp, lr, width, top, a, row_max, &evaluated);
+        double h, slope, curvature;
+        log_ratio(&evaluated, &h, &slope, &curvature);
+        iterations++;
+        if (h < 0) { lo = alpha; h_lo = h; slope_lo = slope; }
+        if (h > 0) { hi = alpha; h_hi = h; slope_hi = slope; }
+        double newton_step = h / slope;
+        int close = newton_step_lands(newton_step, slope, curvature, tol, call->quadratic_step);
+        double polished = alpha - newton_step;
+        polished = polished > lo ? polished : lo;
+        polished = polished < hi ? polished : hi;
+        double step = close ? polished : tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi);
+        if (h != 0) alpha = step; /* NaN h too: the Triton kernel does the same */
+        active = !((h == 0) || close || (hi - lo <= tol));
+    }
+    if (!nonempty) alpha = call->fallback;
+    alpha = alpha > call->alpha_min ? alpha : call->alpha_min;
+    alpha = alpha < call->alpha_max ? alpha : call->alpha_max;
+    call->alpha_out[row] = (float)alpha;
+    call->iterations_out[row] = iterations;
+    call->degenerate_out[row] = (int8_t)degenerate;
+    call->empty_out[row] = (int8_t)!nonempty;
+    call->converged_out[row] = (int8_t)!active;
+}
+
+/* Rows first, first + step, first + 2·step, ... of a call: interleaved, so that threads
+ * share out rows that need more iterations. */
+typedef struct {
+    const Call *call;
+    int64_t first, step;
+} Share;
+
+static void *solve_share(void *arg) {
+    const Share *share = (const Share *)arg;
+    for (int64_t row = share->first; row < share->call->batch; row += share->step)
+        solve_row(share->call, row);
+    return NULL;
+}
+
+#define MAX_THREADS 256
+
+/* Solve `batch` rows of `width` float32 log-probs (row strides in elements) on `threads`
+ * threads (the rows are independent; the caller decides when threads pay off). Outputs per
  * row: α (fallback on rows without a common token, then clamped), iterations, and the
  * degenerate / empty-support / converged flags — the fields of alpha.AlphaSolution. */
-void kl_symmetry_rows(const float *lp_all, const float *lr_all, int64_t stride_lp, int64_t stride_lr, int64_t batch,
+void kl_symmetry_rows(const float *lp, const float *lr, int64_t stride_lp, int64_t stride_lr, int64_t batch,
                       int64_t width, double tol, double quadratic_step, int32_t max_iter, double degenerate_rtol,
                       double fallback, double alpha_min, double alpha_max, float *alpha_out, int32_t *iterations_out,
-                      int8_t *degenerate_out, int8_t *empty_out, int8_t *converged_out) {
-    for (int64_t row = 0; row < batch; row++) {
-        const float *lp = lp_all + row * stride_lp, *lr = lr_all + row * stride_lr;
-        RowStart st;
-        first_pass(lp, lr, width, &st);
-        float top = st.top;
-        /* t(α) = (1 − α)(log p − top) + α(log r − top) per token, so the chord through the
-         * row maxima at α = 0 and 1 bounds the row max at any α in [0, 1]. */
-        float max_zero = st.max_zero - top, max_one = st.max_one - top;
-        double h_lo, slope_lo, h_hi, slope_hi, unused;
-        Sums sums = st.zero;
-        if (max_zero < -60.0f) /* nearly all mass on tokens with Δ = 0: the terms may have underflowed */
-            row_pass(lp, lr, width, top, 0.0f, max_zero, &sums);
-        log_ratio(&sums, &h_lo, &slope_lo, &unused);
-        sums = st.one;
-        if (max_one < -60.0f)
-            row_pass(lp, lr, width, top, 1.0f, max_one, &sums);
-        log_ratio(&sums, &h_hi, &slope_hi, &unused);
-
-        int nonempty = top > -INFINITY;
-        double d_max = st.d_max, d_min = st.d_min;
-        double d_scale = fabs(d_max) > fabs(d_min) ? fabs(d_max) : fabs(d_min);
-        int degenerate = nonempty && (d_max - d_min <= degenerate_rtol * d_scale);
-        int live = nonempty && !degenerate;
-        int at_lower = live && (h_lo >= 0);
-        int at_upper = live && !at_lower && (h_hi <= 0);
-        double lo = 0.0, hi = 1.0;
-        double alpha = tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi);
-        if (degenerate) alpha = 0.5;
-        if (at_lower) alpha = 0.0;
-        if (at_upper) alpha = 1.0;
-        int active = live && !at_lower && !at_upper;
-
-        int32_t iterations = 0;
-        while (active && iterations < max_iter) {
-            float a = (float)alpha;
-            float shift = (1.0f - a) * max_zero + a * max_one;
-            Sums evaluated;
-            float row_max = row_pass(lp, lr, width, top, a, shift, &evaluated);
-            if (row_max < shift - 60.0f) /* the bound was loose enough for terms to underflow: redo at the max */
-                row_pass(lp, lr, width, top, a, row_max, &evaluated);
-            double h, slope, curvature;
-            log_ratio(&evaluated, &h, &slope, &curvature);
-            iterations++;
-            if (h < 0) { lo = alpha; h_lo = h; slope_lo = slope; }
-            if (h > 0) { hi = alpha; h_hi = h; slope_hi = slope; }
-            double newton_step = h / slope;
-            int close = newton_step_lands(newton_step, slope, curvature, tol, quadratic_step);
-            double polished = alpha - newton_step;
-            polished = polished > lo ? polished : lo;
-            polished = polished < hi ? polished : hi;
-            double step = close ? polished : tangent_step(lo, hi, h_lo, h_hi, slope_lo, slope_hi);
-            if (h != 0) alpha = step; /* NaN h too: the Triton kernel does the same */
-            active = !((h == 0) || close || (hi - lo <= tol));
-        }
-        if (!nonempty) alpha = fallback;
-        alpha = alpha > alpha_min ? alpha : alpha_min;
-        alpha = alpha < alpha_max ? alpha : alpha_max;
-        alpha_out[row] = (float)alpha;
-        iterations_out[row] = iterations;
-        degenerate_out[row] = (int8_t)degenerate;
-        empty_out[row] = (int8_t)!nonempty;
-        converged_out[row] = (int8_t)!active;
+                      int8_t *degenerate_out, int8_t *empty_out, int8_t *converged_out, int32_t threads) {
+    Call call = {lp, lr, stride_lp, stride_lr, batch, width, tol, quadratic_step, degenerate_rtol, fallback,
+                 alpha_min, alpha_max, max_iter, alpha_out, iterations_out, degenerate_out, empty_out, converged_out};
+    int64_t n = threads < 1 ? 1 : threads;
+    n = n > batch ? batch : n;
+    n = n > MAX_THREADS ? MAX_THREADS : n;
+    if (n <= 1) {
+        Share all = {&call, 0, 1};
+        solve_share(&all);
+        return;
+    }
+    Share shares[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int64_t t = 0; t < n; t++) {
+        shares[t].call = &call;
+        shares[t].first = t;
+        shares[t].step = n;
+        started[t] = t > 0 && pthread_create(&ids[t], NULL, solve_share, &shares[t]) == 0;
+    }
+    solve_share(&shares[0]);
+    for (int64_t t = 1; t < n; t++) {
+        if (started[t])
+            pthread_join(ids[t], NULL);
+        else /* a thread that could not start: its rows run here */
+            solve_share(&shares[t]);
     }
 }
