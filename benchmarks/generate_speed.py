@@ -5,8 +5,8 @@ Rows (same prompts, same lengths, random-weight models built from configs):
   base-only generate      HF `generate`, eager, DynamicCache, the base model alone
   teacher-only generate   the same with the teacher
   q* processor            `generate(logits_processor=[OptimalSamplingLogitsProcessor(teacher)])`
-  q* processor, torch-ops α solve   (CPU only) the same with the C α solve switched off
-                          (`OPTIMAL_SAMPLING_CPU_KERNEL=0`): the batched torch solve
+  q* processor, torch ops (CPU only) the same with the C q* step switched off
+                          (`OPTIMAL_SAMPLING_CPU_KERNEL=0`): α solve, log q* and diagnostics in torch ops
   q* custom generate      `generate(custom_generate=optimal_generate, teacher_model=teacher)`
   plain two-model loop    an own loop, two DynamicCaches, fixed-α mix (no α solve, no records)
   plain loop, q* step     the same loop with the processor's q* step (`compute_mixture`):
@@ -342,8 +342,8 @@ def run_generate_speed(bench: Bench, fast_mode: str | None = None) -> list[dict]
         dict(name=f"q* fast path, mode={mode}", run=lambda: bench.fast(holder["decoder"]),
              warmup=fast_warmup, estimate_s=est(15 if cuda else 20), note="warm-up = first call, incl. capture/compile"),
     ]
-    if not cuda:  # the same processor with the C α solve switched off: the batched torch-ops solve
-        specs.insert(3, dict(name="q* processor, torch-ops α solve (OPTIMAL_SAMPLING_CPU_KERNEL=0)",
+    if not cuda:  # the same processor with the C q* step switched off: torch ops throughout
+        specs.insert(3, dict(name="q* processor, torch-ops q* step (OPTIMAL_SAMPLING_CPU_KERNEL=0)",
                              run=lambda: torch_ops_solve(bench.processor), warmup=lambda: torch_ops_solve(bench.processor, **short),
                              estimate_s=est(30)))
     return bench.measure_many(specs, interleave=True)

@@ -10,8 +10,8 @@ generator as `alpha_solver.py`: teacher logits = base logits + noise, float32) a
   q* step                `compute_mixture(lp, lr)`: the same plus the diagnostics the
                          processor records per token (KLs, ESS ratio, entropy, Chernoff)
   q* step, inference mode the same under `torch.inference_mode()`, as the processor runs it
-  q* step, torch-ops α solve  `compute_mixture` with the fused α solve switched off (the C
-                         solve on CPU, the Triton kernel on CUDA): the batched torch solve
+  q* step, torch ops      `compute_mixture` with the fused code switched off: on CPU the C q*
+                         step (α solve, log q*, diagnostics), on CUDA the Triton α solve
 
 Each row: `--warmup` untimed calls, then `--repeats` timed calls in blocks; the table shows
 the median call and the fastest block's mean (on a shared machine the fastest block is the
@@ -47,7 +47,7 @@ def rows(lp: torch.Tensor, lr: torch.Tensor) -> dict:
         with torch.inference_mode():
             return compute_mixture(lp, lr)
 
-    # The fused α solve (Triton on CUDA, C on CPU) switched off: the batched torch-ops solve.
+    # The fused code switched off (the C q* step on CPU, the Triton α solve on CUDA): torch ops.
     switch = "OPTIMAL_SAMPLING_TRITON" if lp.is_cuda else "OPTIMAL_SAMPLING_CPU_KERNEL"
 
     def torch_solve_step():
@@ -62,7 +62,7 @@ def rows(lp: torch.Tensor, lr: torch.Tensor) -> dict:
         "q* step, no diagnostics": lambda: compute_mixture(lp, lr, return_diagnostics=False),
         "q* step": lambda: compute_mixture(lp, lr),
         "q* step, inference mode": inference_mode_step,
-        f"q* step, torch-ops α solve ({switch}=0)": torch_solve_step,
+        f"q* step, torch ops ({switch}=0)": torch_solve_step,
     }
 
 

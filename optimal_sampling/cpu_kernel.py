@@ -1,11 +1,14 @@
-"""The KL-symmetric α solve for CPU tensors as one C function (`csrc/kl_symmetry_cpu.c`).
+"""The q* step for float32 CPU tensors as two C functions (`csrc/q_star_cpu.c`).
 
-The same algorithm as the Triton kernel (`optimal_sampling.kernels`), for CPU tensors:
-one pass over a row for its statistics and both bracket ends, then one pass per Newton
-iteration, the sums kept in registers. On the tiny pair `benchmarks/generate_speed.py`
-measures ([8, 4096] per token) the batched torch solve costs as much as a model's
-forward: its passes write and re-read `[B, 6, V]` temporaries and its per-row bookkeeping
-is dozens of small ops; `benchmarks/q_star_step.py` times the two.
+`kl_symmetry_cpu` is the KL-symmetric α solve: the algorithm of the Triton kernel
+(`optimal_sampling.kernels`), one row at a time — one pass over a row for its statistics
+and both bracket ends, then one pass per Newton iteration, the sums kept in registers.
+`mixture_cpu` is log q* at that α and the four per-row moments every diagnostic comes from
+(`mixture.diagnostics_from_moments`), in three passes. `compute_mixture` uses both for
+float32 CPU rows. On the tiny pair `benchmarks/generate_speed.py` measures ([8, 4096] per
+token) the batched torch ops cost as much as a model's forward: their passes write and
+re-read `[B, 6, V]` temporaries, and the per-row bookkeeping is dozens of small ops;
+`benchmarks/q_star_step.py` times the two.
 
 The source is compiled on first use with the system C compiler (`$CC`, else `cc`, `gcc`
 or `clang`) into a per-machine cache (`$OPTIMAL_SAMPLING_CACHE`, else
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "kl_symmetry_cpu.c"
+SOURCE = Path(__file__).with_name("csrc") / "q_star_cpu.c"
 # No fast-math: ±inf and NaN must keep their IEEE meaning.
 FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fno-trapping-math", "-fno-math-errno")
 # Rows go to threads (up to torch.get_num_threads()) only with at least this many tokens per
@@ -114,14 +117,14 @@ def library() -> ctypes.CDLL | None:
         key = hashlib.sha256("\0".join(
             [SOURCE.read_text(), " ".join(FLAGS + NATIVE), compiler, version, _cpu_identity(), sys.platform]
         ).encode()).hexdigest()[:16]
-        target = cache_dir() / f"kl_symmetry_cpu-{key}.so"
+        target = cache_dir() / f"q_star_cpu-{key}.so"
         if not target.exists():
             build(compiler, target)
         lib = ctypes.CDLL(str(target))
     except (CompilerError, OSError) as error:
         warnings.warn(
-            "optimal_sampling: the C α solve for CPU tensors could not be built, so the slower "
-            f"torch path solves instead ({error}). Install a C compiler (e.g. `apt install gcc`), "
+            "optimal_sampling: the C q* step for CPU tensors could not be built, so the slower "
+            f"torch ops run instead ({error}). Install a C compiler (e.g. `apt install gcc`), "
             "point OPTIMAL_SAMPLING_CACHE at a writable directory if the cache is not, or set "
             "OPTIMAL_SAMPLING_CPU_KERNEL=0 to silence this.",
             RuntimeWarning,
@@ -132,7 +135,30 @@ def library() -> ctypes.CDLL | None:
     lib.kl_symmetry_rows.argtypes = [pointer, pointer, i64, i64, i64, i64, f64, f64, ctypes.c_int32, f64, f64, f64, f64,
                                      pointer, pointer, pointer, pointer, pointer, ctypes.c_int32]
     lib.kl_symmetry_rows.restype = None
+    lib.mixture_rows.argtypes = [pointer, pointer, i64, i64, i64, i64, pointer, ctypes.c_int32, pointer, i64, pointer,
+                                 ctypes.c_int32]
+    lib.mixture_rows.restype = None
     return lib
+
+
+def _loaded() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise CompilerError("the C q* step is not available (see the warning above)")
+    return lib
+
+
+def _float32_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The inputs as float32 CPU rows with unit stride along the vocabulary."""
+    if any(x.dtype != torch.float32 or x.device.type != "cpu" for x in tensors):
+        raise TypeError("the C q* step takes float32 CPU tensors")
+    return [x if x.stride(-1) == 1 else x.contiguous() for x in tensors]
+
+
+def _threads(batch: int, width: int, threads: int | None) -> int:
+    if threads is None:
+        threads = min(torch.get_num_threads(), batch * width // TOKENS_PER_THREAD)
+    return max(1, int(threads))
 
 
 def kl_symmetry_cpu(
@@ -146,27 +172,41 @@ def kl_symmetry_cpu(
     each row is solved the same way on any thread."""
     from .alpha import _DEGENERATE_RTOL, _QUADRATIC_STEP  # the same tests as the other paths
 
-    lib = library()
-    if lib is None:
-        raise CompilerError("the C α solve is not available (see the warning above)")
-    if logp_theta.dtype != torch.float32 or logp_t.dtype != torch.float32 or logp_theta.device.type != "cpu":
-        raise TypeError("kl_symmetry_cpu takes float32 CPU tensors")
-    if logp_theta.stride(-1) != 1:
-        logp_theta = logp_theta.contiguous()
-    if logp_t.stride(-1) != 1:
-        logp_t = logp_t.contiguous()
+    lib = _loaded()
+    logp_theta, logp_t = _float32_rows(logp_theta, logp_t)
     batch, width = logp_theta.shape
     alpha = torch.empty(batch, dtype=torch.float32)
     iterations = torch.empty(batch, dtype=torch.int32)
     flags = torch.empty(3, batch, dtype=torch.int8)  # degenerate, empty, converged
-    if threads is None:
-        threads = min(torch.get_num_threads(), batch * width // TOKENS_PER_THREAD)
     if batch:
         lib.kl_symmetry_rows(
             logp_theta.data_ptr(), logp_t.data_ptr(), logp_theta.stride(0), logp_t.stride(0), batch, width, float(tol),
             _QUADRATIC_STEP, int(max_iter), _DEGENERATE_RTOL, float(fallback), float(alpha_min), float(alpha_max),
             alpha.data_ptr(), iterations.data_ptr(), flags[0].data_ptr(), flags[1].data_ptr(), flags[2].data_ptr(),
-            max(1, int(threads)),
+            _threads(batch, width, threads),
         )
     degenerate, empty, converged = flags.view(torch.bool).unbind(0)
     return alpha, iterations, degenerate, empty, converged
+
+
+def mixture_cpu(
+    logp_theta: torch.Tensor, logp_t: torch.Tensor, alpha: torch.Tensor, *, empty_support: str = "teacher",
+    threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q_α (`[B, V]` float32, −inf off the common support; the fallback model's row on a
+    row without a common token) and `[B, 4]` float64 moments per row: the log-partition
+    A(α), E_q[Δ], H(q) and A(−α) − A(2 − α) — what `mixture.mixture_on_support` and
+    `mixture.diagnostics_on_support` compute with torch ops."""
+    lib = _loaded()
+    logp_theta, logp_t = _float32_rows(logp_theta, logp_t)
+    batch, width = logp_theta.shape
+    alpha = alpha.to(torch.float32).contiguous()
+    logq = torch.empty(batch, width, dtype=torch.float32)
+    moments = torch.empty(batch, 4, dtype=torch.float64)
+    if batch:
+        lib.mixture_rows(
+            logp_theta.data_ptr(), logp_t.data_ptr(), logp_theta.stride(0), logp_t.stride(0), batch, width,
+            alpha.data_ptr(), int(empty_support == "teacher"), logq.data_ptr(), logq.stride(0), moments.data_ptr(),
+            _threads(batch, width, threads),
+        )
+    return logq, moments

@@ -6,6 +6,7 @@ front (logits processor, generate strategy, sampler, server coordinator, trainer
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from .alpha import (
     AlphaSolution,
     CommonSupport,
+    _kernel_solution,
     check_empty_support,
     check_log_prob_pair,
     check_solve_options,
@@ -20,8 +22,10 @@ from .alpha import (
     compute_dtype,
     ess_log_gap,
     has_mass,
+    restrict_to_nucleus,
     solve_on_support,
 )
+from .cpu_kernel import cpu_kernel_applies, mixture_cpu
 
 NEG_INF = float("-inf")
 
@@ -44,6 +48,12 @@ def log_probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, vocab_
     if temperature != 1.0:
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1)
+
+
+def _c_step_applies(x: torch.Tensor) -> bool:
+    """Whether `compute_mixture` takes the C q* step: CPU rows the C α solve takes (not under
+    `TRITON_INTERPRET=1`, where the tests run the Triton kernel on CPU tensors)."""
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and cpu_kernel_applies(x)
 
 
 def _as_alpha(alpha: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -160,7 +170,6 @@ def diagnostics_on_support(
     and ESS_θ / ESS_t = exp(A(2 − α) − A(−α)) (`ess_log_gap`). So one weighted sum, the
     entropy and one two-point log-partition cover all six.
     """
-    a = alpha.to(torch.float64)
     q = logq.exp()
     mean_delta = (q * pair.delta).sum(dim=-1).double()  # E_q[Δ]; 0 on empty rows (Δ = 0 there)
     # −Σ q log q; clamping −inf to the lowest float makes 0 · log 0 = 0 (torch.special.entr does
@@ -169,19 +178,34 @@ def diagnostics_on_support(
     if log_multiplicity is not None:
         entropy_terms = entropy_terms - torch.where(q > 0, q * log_multiplicity, 0.0)
     entropy_q = -entropy_terms.sum(dim=-1).double()
-    log_partition = log_partition.double()
+    gap = ess_log_gap(pair.logp_theta_s, pair.delta, alpha)  # NaN on empty rows
+    return diagnostics_from_moments(alpha, log_partition.double(), mean_delta, entropy_q, gap, pair.empty, empty_support)
+
+
+def diagnostics_from_moments(
+    alpha: torch.Tensor,
+    log_partition: torch.Tensor,
+    mean_delta: torch.Tensor,
+    entropy_q: torch.Tensor,
+    ess_gap: torch.Tensor,
+    empty: torch.Tensor,
+    empty_support: str = "teacher",
+) -> MixtureDiagnostics:
+    """The six diagnostics from A(α), E_q[Δ], H(q) and `ess_log_gap` (`[B]` float64 each),
+    by the identities in `diagnostics_on_support`. The C q* step for CPU tensors
+    (`optimal_sampling.cpu_kernel.mixture_cpu`) returns these four directly."""
+    a = alpha.to(torch.float64)
     kl_theta = a * mean_delta - log_partition  # +inf on empty rows (A = −inf) ...
     kl_t = (a - 1) * mean_delta - log_partition
     if empty_support == "teacher":  # ... except against the fallback model itself
-        kl_t = torch.where(pair.empty, 0.0, kl_t)
+        kl_t = torch.where(empty, 0.0, kl_t)
     else:
-        kl_theta = torch.where(pair.empty, 0.0, kl_theta)
-    ess_ratio = torch.exp(-ess_log_gap(pair.logp_theta_s, pair.delta, alpha))  # NaN on empty rows
+        kl_theta = torch.where(empty, 0.0, kl_theta)
     return MixtureDiagnostics(
         kl_theta=kl_theta,
         kl_t=kl_t,
         kl_diff=kl_theta - kl_t,
-        ess_ratio=ess_ratio,
+        ess_ratio=torch.exp(-ess_gap),  # NaN on empty rows
         entropy_q=entropy_q,
         chernoff=-log_partition,
     )
@@ -270,6 +294,16 @@ def compute_mixture(
                         alpha_max=alpha_max, empty_support=empty_support)
     if validate:
         check_log_prob_pair(logp_theta, logp_t)
+    if alpha_method == "kl_symmetry" and log_multiplicity is None and _c_step_applies(logp_theta):
+        # float32 CPU rows: the same step in C (optimal_sampling/cpu_kernel.py), two calls
+        lp, lr = restrict_to_nucleus(logp_theta, logp_t, teacher_top_p)
+        solution = _kernel_solution(lp, lr, tol, max_iter, empty_support, alpha_min, alpha_max)
+        logq_full, moments = mixture_cpu(lp, lr, solution.alpha, empty_support=empty_support)
+        diagnostics = None
+        if return_diagnostics:
+            diagnostics = diagnostics_from_moments(solution.alpha, *moments.unbind(-1), solution.empty_support, empty_support)
+        logq = truncate_log_probs(logq_full, top_k=top_k, top_p=top_p)
+        return Mixture(logq=logq, alpha=solution.alpha, solution=solution, diagnostics=diagnostics)
     pair = common_support(logp_theta, logp_t, teacher_top_p=teacher_top_p)
     solution = solve_on_support(
         pair, alpha_method, alpha=alpha, tol=tol, max_iter=max_iter, alpha_min=alpha_min, alpha_max=alpha_max,

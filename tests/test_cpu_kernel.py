@@ -1,4 +1,4 @@
-"""The C α solve for CPU tensors (`optimal_sampling/cpu_kernel.py`, `csrc/kl_symmetry_cpu.c`).
+"""The C q* step for CPU tensors (`optimal_sampling/cpu_kernel.py`, `csrc/q_star_cpu.c`).
 
 Its accuracy, flags and options are checked in `tests/test_alpha.py`, which runs every
 KL-symmetry test on both CPU solvers. Here: what is particular to the C code — rows whose
@@ -93,7 +93,7 @@ def test_float32_cpu_rows_take_the_c_solve_and_the_rest_the_torch_path(monkeypat
 def test_the_library_is_built_into_the_cache_directory_once(fresh_build):
     lib = cpu_kernel.library()
     assert lib is not None
-    built = list(fresh_build.glob("kl_symmetry_cpu-*.so"))
+    built = list(fresh_build.glob("q_star_cpu-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     cpu_kernel.library.cache_clear()  # a new process: finds the library, does not rebuild it

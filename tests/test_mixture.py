@@ -1,6 +1,12 @@
-"""q*, its diagnostics and its truncation, against independent float64 numpy formulas."""
+"""q*, its diagnostics and its truncation, against independent float64 numpy formulas.
+
+`compute_mixture` takes the C q* step for float32 CPU rows (`optimal_sampling/cpu_kernel.py`)
+and torch ops otherwise; its tests run on both (the `solver` fixture of test_alpha.py)."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +21,9 @@ from optimal_sampling import (
     truncate_log_probs,
 )
 from optimal_sampling.testing import random_log_prob_pairs
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_alpha import solver  # noqa: E402,F401  (a fixture: the C q* step or torch ops)
 
 
 def ref_logq(lp: np.ndarray, lr: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -102,6 +111,7 @@ def test_full_support_batches_skip_the_masking_passes_without_changing_the_mixtu
     skips the masking passes; the device path always masks. Both must give the same step."""
     import optimal_sampling.alpha as alpha_module
 
+    monkeypatch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "0")  # the C step has no masking passes to skip
     lp, lr = random_log_prob_pairs(5, rows=16, vocab=300, scale=2.0)  # full support
     assert alpha_module.common_support(lp, lr).off is None  # the host shortcut is taken
     lean = compute_mixture(lp, lr)
@@ -111,6 +121,41 @@ def test_full_support_batches_skip_the_masking_passes_without_changing_the_mixtu
     torch.testing.assert_close(lean.alpha, masked.alpha, rtol=0, atol=1e-7)
     for name, value in lean.diagnostics.as_dict().items():
         torch.testing.assert_close(value, getattr(masked.diagnostics, name), rtol=1e-6, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("empty_support", ["teacher", "base"])
+def test_compute_mixture_diagnostics_match_float64_formulas(solver, empty_support):
+    """log q* and every diagnostic at the α the step chose, masked rows and an empty row
+    included (the empty row: q is the fallback model, KL to it 0, to the other +inf, the
+    ESS ratio undefined)."""
+    lp, lr = random_log_prob_pairs(10, rows=24, vocab=1003, mask_fraction=0.3)
+    lp[0, :500], lr[0, 500:] = float("-inf"), float("-inf")  # row 0: no common token
+    step = compute_mixture(lp, lr, empty_support=empty_support)
+    lp64, lr64, alpha = lp.double().numpy(), lr.double().numpy(), step.alpha.double().numpy()
+    ordinary = slice(1, None)
+    logq = step.logq.double().numpy()
+    expected_logq = ref_logq(lp64[ordinary], lr64[ordinary], alpha[ordinary])
+    assert (np.isfinite(logq[ordinary]) == np.isfinite(expected_logq)).all()
+    np.testing.assert_allclose(finite(logq[ordinary]), finite(expected_logq), atol=2e-6)
+    expected = ref_diagnostics(lp64[ordinary], lr64[ordinary], alpha[ordinary])
+    diagnostics = step.diagnostics.as_dict()
+    for name, value in expected.items():
+        np.testing.assert_allclose(diagnostics[name].numpy()[ordinary], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+    fallback = (lr64 if empty_support == "teacher" else lp64)[0]
+    np.testing.assert_array_equal(logq[0], fallback.astype(np.float32))
+    assert diagnostics["entropy_q"][0].item() == pytest.approx(-(np.exp(fallback) * finite(fallback)).sum(), rel=1e-6)
+    kl_to_fallback, kl_to_other = ("kl_t", "kl_theta") if empty_support == "teacher" else ("kl_theta", "kl_t")
+    assert diagnostics[kl_to_fallback][0].item() == 0.0 and diagnostics[kl_to_other][0].item() == float("inf")
+    assert diagnostics["chernoff"][0].item() == float("inf") and np.isnan(diagnostics["ess_ratio"][0].item())
+
+
+def test_compute_mixture_without_validation_lets_nan_through_to_logq(solver):
+    """Callers that skip the input check (`validate=False`) find NaN inputs in log q."""
+    lp, lr = random_log_prob_pairs(11, rows=4, vocab=50)
+    lr[2, 7] = float("nan")
+    logq = compute_mixture(lp, lr, validate=False).logq
+    assert torch.isnan(logq[2]).any() and not torch.isnan(logq[[0, 1, 3]]).any()
 
 
 def test_chernoff_information_equals_both_kls_at_the_kl_symmetric_alpha():
@@ -165,7 +210,7 @@ def test_truncate_without_top_k_or_top_p_returns_q_unchanged():
 # compute_mixture
 
 
-def test_compute_mixture_samples_q_star_truncated_after_mixing():
+def test_compute_mixture_samples_q_star_truncated_after_mixing(solver):
     lp, lr = random_log_prob_pairs(7, rows=16, vocab=60)
     step = compute_mixture(lp, lr, top_k=10)
     q = ref_logq(lp.double().numpy(), lr.double().numpy(), step.alpha.double().numpy())
@@ -178,7 +223,7 @@ def test_compute_mixture_samples_q_star_truncated_after_mixing():
     np.testing.assert_allclose(out[kept], expected[kept], atol=2e-6)
 
 
-def test_compute_mixture_teacher_top_p_samples_only_the_nucleus_and_balances_kls_there():
+def test_compute_mixture_teacher_top_p_samples_only_the_nucleus_and_balances_kls_there(solver):
     # Teacher = base + noise, so the base also puts most of its mass on the teacher's nucleus
     # and most rows have an interior root on the restricted support.
     rng = np.random.default_rng(8)
@@ -210,7 +255,7 @@ def test_compute_mixture_teacher_top_p_samples_only_the_nucleus_and_balances_kls
     assert (kl_p[alpha == 0] >= kl_r[alpha == 0]).all() and (kl_p[alpha == 1] <= kl_r[alpha == 1]).all()
 
 
-def test_compute_mixture_empty_support_row_samples_the_fallback_model():
+def test_compute_mixture_empty_support_row_samples_the_fallback_model(solver):
     lp = torch.log(torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]]))
     lr = torch.log(torch.tensor([[0.0, 0.0, 0.4, 0.6], [0.1, 0.2, 0.3, 0.4]]))
     teacher = compute_mixture(lp, lr)

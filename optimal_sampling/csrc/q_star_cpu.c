@@ -299,23 +299,49 @@ static void solve_row(const Call *call, int64_t row) {
 }
 
 /* Rows first, first + step, first + 2·step, ... of a call: interleaved, so that threads
- * share out rows that need more iterations. */
+ * share out rows that need more work. */
+typedef void (*RowFn)(const void *call, int64_t row);
 typedef struct {
-    const Call *call;
-    int64_t first, step;
+    RowFn fn;
+    const void *call;
+    int64_t batch, first, step;
 } Share;
 
-static void *solve_share(void *arg) {
+static void *run_share(void *arg) {
     const Share *share = (const Share *)arg;
-    for (int64_t row = share->first; row < share->call->batch; row += share->step)
-        solve_row(share->call, row);
+    for (int64_t row = share->first; row < share->batch; row += share->step)
+        share->fn(share->call, row);
     return NULL;
 }
 
 #define MAX_THREADS 256
 
-/* Solve `batch` rows of `width` float32 log-probs (row strides in elements) on `threads`
- * threads (the rows are independent; the caller decides when threads pay off). Outputs per
+/* Every row of a call on up to `threads` threads (the rows are independent; the caller
+ * decides when threads pay off). A thread that cannot start has its rows run here. */
+static void run_rows(RowFn fn, const void *call, int64_t batch, int32_t threads) {
+    int64_t n = threads < 1 ? 1 : threads;
+    n = n > batch ? batch : n;
+    n = n > MAX_THREADS ? MAX_THREADS : n;
+    Share shares[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int64_t t = 0; t < n; t++) {
+        shares[t] = (Share){fn, call, batch, t, n};
+        started[t] = t > 0 && pthread_create(&ids[t], NULL, run_share, &shares[t]) == 0;
+    }
+    if (n >= 1)
+        run_share(&shares[0]);
+    for (int64_t t = 1; t < n; t++) {
+        if (started[t])
+            pthread_join(ids[t], NULL);
+        else
+            run_share(&shares[t]);
+    }
+}
+
+static void solve_row_fn(const void *call, int64_t row) { solve_row((const Call *)call, row); }
+
+/* Solve `batch` rows of `width` float32 log-probs (row strides in elements). Outputs per
  * row: α (fallback on rows without a common token, then clamped), iterations, and the
  * degenerate / empty-support / converged flags — the fields of alpha.AlphaSolution. */
 void kl_symmetry_rows(const float *lp, const float *lr, int64_t stride_lp, int64_t stride_lr, int64_t batch,
@@ -324,28 +350,107 @@ void kl_symmetry_rows(const float *lp, const float *lr, int64_t stride_lp, int64
                       int8_t *degenerate_out, int8_t *empty_out, int8_t *converged_out, int32_t threads) {
     Call call = {lp, lr, stride_lp, stride_lr, batch, width, tol, quadratic_step, degenerate_rtol, fallback,
                  alpha_min, alpha_max, max_iter, alpha_out, iterations_out, degenerate_out, empty_out, converged_out};
-    int64_t n = threads < 1 ? 1 : threads;
-    n = n > batch ? batch : n;
-    n = n > MAX_THREADS ? MAX_THREADS : n;
-    if (n <= 1) {
-        Share all = {&call, 0, 1};
-        solve_share(&all);
+    run_rows(solve_row_fn, &call, batch, threads);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The mixture at a given α: log q_α and the four per-row quantities its diagnostics come
+ * from (mixture.diagnostics_from_moments): with t = log p + αΔ on the common support S,
+ *
+ *   A(α) = log Σ_S e^t,   E_q[Δ],   H(q) = A − E_q[t],   A(−α) − A(2 − α)  (ess_log_gap).
+ *
+ * Three passes per row: the row maxima of the three exponents, the sums (three exps per
+ * token), then log q = t − A written out. A row without a common token gets the fallback
+ * row as its log q (its entropy, E_q[Δ] = 0, A = −inf, a NaN ESS gap), as
+ * mixture.mixture_on_support does. A NaN input gives NaN in log q. */
+typedef struct {
+    const float *lp, *lr, *alpha;
+    int64_t stride_lp, stride_lr, stride_out, width;
+    int32_t fallback_teacher;
+    float *logq;
+    double *moments; /* [B, 4]: A, E_q[Δ], H(q), A(−α) − A(2 − α) */
+} MixCall;
+
+static void mixture_row(const MixCall *call, int64_t row) {
+    const float *lp = call->lp + row * call->stride_lp, *lr = call->lr + row * call->stride_lr;
+    float *out = call->logq + row * call->stride_out;
+    double *moments = call->moments + 4 * row;
+    int64_t width = call->width;
+    float a = call->alpha[row], a_minus = -a, a_plus = 2.0f - a;
+
+    vf max_a = splat(-INFINITY), max_minus = splat(-INFINITY), max_plus = splat(-INFINITY);
+    for (int64_t start = 0; start < width; start += W) {
+        Block b = block_at(lp, lr, start, width);
+        vf off = splat(-INFINITY);
+        max_a = vmax(max_a, select(b.common, b.p + a * b.delta, off));
+        max_minus = vmax(max_minus, select(b.common, b.p + a_minus * b.delta, off));
+        max_plus = vmax(max_plus, select(b.common, b.p + a_plus * b.delta, off));
+    }
+    float top = hmax(max_a), top_minus = hmax(max_minus), top_plus = hmax(max_plus);
+
+    if (!(top > -INFINITY)) { /* no common token: the fallback row */
+        const float *fallback = call->fallback_teacher ? lr : lp;
+        double entropy = 0;
+        for (int64_t i = 0; i < width; i++) {
+            out[i] = fallback[i];
+            if (fallback[i] > -INFINITY)
+                entropy -= exp((double)fallback[i]) * fallback[i];
+        }
+        moments[0] = -INFINITY;
+        moments[1] = 0.0;
+        moments[2] = entropy;
+        moments[3] = NAN;
         return;
     }
-    Share shares[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
-    for (int64_t t = 0; t < n; t++) {
-        shares[t].call = &call;
-        shares[t].first = t;
-        shares[t].step = n;
-        started[t] = t > 0 && pthread_create(&ids[t], NULL, solve_share, &shares[t]) == 0;
+    double z = 0, z_delta = 0, z_t = 0, z_minus = 0, z_plus = 0;
+    for (int64_t chunk = 0; chunk < width; chunk += CHUNK) {
+        int64_t end = chunk + CHUNK < width ? chunk + CHUNK : width;
+        vf s = {0}, s_delta = {0}, s_t = {0}, s_minus = {0}, s_plus = {0};
+        for (int64_t start = chunk; start < end; start += W) {
+            Block b = block_at(lp, lr, start, width);
+            vf t = select(b.common, (b.p + a * b.delta) - top, splat(-INFINITY)); /* ≤ 0 */
+            vf w = exp_below(t);
+            s += w;
+            s_delta += w * b.delta;
+            s_t += select(b.common, w * t, splat(0.0f)); /* 0 · (−inf) off the support */
+            s_minus += exp_below(select(b.common, (b.p + a_minus * b.delta) - top_minus, splat(-INFINITY)));
+            s_plus += exp_below(select(b.common, (b.p + a_plus * b.delta) - top_plus, splat(-INFINITY)));
+        }
+        z += hsum(s);
+        z_delta += hsum(s_delta);
+        z_t += hsum(s_t);
+        z_minus += hsum(s_minus);
+        z_plus += hsum(s_plus);
     }
-    solve_share(&shares[0]);
-    for (int64_t t = 1; t < n; t++) {
-        if (started[t])
-            pthread_join(ids[t], NULL);
-        else /* a thread that could not start: its rows run here */
-            solve_share(&shares[t]);
+    double log_z = log(z);
+    float shift = (float)log_z;
+    for (int64_t start = 0; start < width; start += W) {
+        vf p, r;
+        load(lp, lr, start, width, &p, &r);
+        vi common = (p > -INFINITY) & (r > -INFINITY);
+        vi nan = (p != p) | (r != r);
+        vf logq = select(common, ((p + a * (r - p)) - top) - shift, splat(-INFINITY));
+        logq = select(nan, splat(NAN), logq);
+        if (start + W <= width) {
+            memcpy(out + start, &logq, sizeof(vf));
+        } else {
+            for (int64_t l = 0; start + l < width; l++)
+                out[start + l] = logq[l];
+        }
     }
+    moments[0] = top + log_z;
+    moments[1] = z_delta / z;
+    moments[2] = log_z - z_t / z;
+    moments[3] = (top_minus + log(z_minus)) - (top_plus + log(z_plus));
+}
+
+static void mixture_row_fn(const void *call, int64_t row) { mixture_row((const MixCall *)call, row); }
+
+/* log q_α `[B, V]` (rows `stride_out` apart) and the moments `[B, 4]` of `batch` rows at
+ * the given α per row. */
+void mixture_rows(const float *lp, const float *lr, int64_t stride_lp, int64_t stride_lr, int64_t batch, int64_t width,
+                  const float *alpha, int32_t fallback_teacher, float *logq, int64_t stride_out, double *moments,
+                  int32_t threads) {
+    MixCall call = {lp, lr, alpha, stride_lp, stride_lr, stride_out, width, fallback_teacher, logq, moments};
+    run_rows(mixture_row_fn, &call, batch, threads);
 }
