@@ -45,7 +45,7 @@ NATIVE = ("-march=native",)
 
 
 class CompilerError(RuntimeError):
-    """The C solve could not be built (no compiler, or it failed): the torch path solves."""
+    """The C q* step could not be built (no compiler, or it failed): torch ops run instead."""
 
 
 def enabled() -> bool:
@@ -53,10 +53,10 @@ def enabled() -> bool:
 
 
 def cpu_kernel_applies(x: torch.Tensor) -> bool:
-    """Whether the C solve takes these rows: CPU tensors of a dtype solved in float32 (float32,
-    and bf16 / fp16, which are upcast first) outside torch.compile, the C solve not switched
-    off, and its library built (the first call builds it). float64 rows keep the torch path,
-    which solves them in float64."""
+    """Whether the C q* step takes these rows: CPU tensors of a dtype computed in float32
+    (float32, and bf16 / fp16, which are upcast first) outside torch.compile, the C step not
+    switched off, and its library built (the first call builds it). float64 rows keep the
+    torch ops, which compute them in float64."""
     if not (enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16)):
         return False
     if torch.compiler.is_compiling():
@@ -108,7 +108,7 @@ def build(compiler: str, target: Path) -> None:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded C solve, built on first use; None (after one warning) when it cannot be."""
+    """The loaded C library, built on first use; None (after one warning) when it cannot be."""
     compiler = find_compiler()
     try:
         if compiler is None:
