@@ -1,10 +1,14 @@
-/* The KL-symmetric α solve for CPU tensors: the algorithm of the Triton kernel in
- * optimal_sampling/kernels.py (theory/derivation.md §4.6), one row at a time.
+/* The q* step for float32 CPU rows, called through ctypes by optimal_sampling/cpu_kernel.py:
  *
- * The batched torch path (alpha.LogRatioMoments) writes and re-reads [B, 6, V] temporaries
- * in every pass and keeps its per-row state in dozens of small ops per Newton iteration;
- * on small batches that costs as much as a tiny model's forward. Here a pass reads the
- * row's two log-prob rows once and keeps its sums in registers: the first pass gathers the
+ *   kl_symmetry_rows  the KL-symmetric α solve, the algorithm of the Triton kernel in
+ *                     optimal_sampling/kernels.py (theory/derivation.md §4.6), one row at a time;
+ *   mixture_rows      log q* at the solved α and the four moments its diagnostics come from.
+ *
+ * The batched torch ops (alpha.LogRatioMoments, mixture.mixture_on_support and
+ * diagnostics_on_support) write and re-read [B, V]-sized temporaries — [B, 6, V] in every
+ * Newton pass — and keep the solve's per-row state in dozens of small ops per iteration; on
+ * small batches that costs as much as a tiny model's forward. Here a pass reads the row's
+ * two log-prob rows once and keeps its sums in registers: the solve's first pass gathers the
  * row statistics and the sums at both bracket ends, each Newton iteration is one more pass.
  *
  * Vectorised by hand with GCC / clang vector extensions (compilers do not vectorise these
@@ -12,10 +16,11 @@
  * own float32 sums over a chunk of CHUNK tokens; the lanes are added in float64 after each
  * chunk, as the torch path's row_sum64 does. exp is the polynomial `exp_below` on exponents
  * shifted below an upper bound of their row max known before the pass: one exp per token.
+ * Rows are independent; large batches are shared out over threads (`run_rows`).
  *
  * Built on first use by optimal_sampling/cpu_kernel.py with the system C compiler
- * (-O3 -march=native -fno-trapping-math; no fast-math: ±inf and NaN keep their IEEE
- * meaning) and called through ctypes.
+ * (-O3 -march=native -pthread -fno-trapping-math; no fast-math: ±inf and NaN keep their
+ * IEEE meaning).
  */
 #include <math.h>
 #include <pthread.h>
