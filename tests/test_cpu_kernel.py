@@ -52,7 +52,7 @@ def test_rows_of_any_width_solve_to_the_float64_root(vocab):
     assert bool(solution.converged.all()) and int(solution.iterations.max()) <= 8
 
 
-def test_strided_rows_give_the_same_solution_as_contiguous_ones():
+def test_strided_rows_give_the_same_step_as_contiguous_ones():
     """The processor slices both models' logits to the shared vocabulary: rows whose stride
     is larger than their width."""
     lp, lr = stacked_pairs(seed=2, rows_per_setting=2, vocab=1003)
@@ -63,13 +63,22 @@ def test_strided_rows_give_the_same_solution_as_contiguous_ones():
     contiguous = cpu_kernel.kl_symmetry_cpu(lp, lr, 1e-6, 20)
     for a, b in zip(strided, contiguous):
         assert torch.equal(a, b)
+    alpha = contiguous[0]
+    strided = cpu_kernel.mixture_cpu(wide_p[:, :1003], wide_r[:, :1003], alpha)
+    contiguous = cpu_kernel.mixture_cpu(lp, lr, alpha)
+    for a, b in zip(strided, contiguous):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("threads", [2, 5, 64])
-def test_rows_split_over_threads_solve_exactly_as_on_one_thread(threads):
+def test_rows_split_over_threads_give_exactly_the_step_of_one_thread(threads):
     lp, lr = stacked_pairs(seed=9, rows_per_setting=2, vocab=1003)  # 24 rows: 64 threads get one row or none
     one = cpu_kernel.kl_symmetry_cpu(lp, lr, 1e-6, 20, threads=1)
     split = cpu_kernel.kl_symmetry_cpu(lp, lr, 1e-6, 20, threads=threads)
+    for a, b in zip(split, one):
+        assert torch.equal(a, b)
+    one = cpu_kernel.mixture_cpu(lp, lr, one[0], threads=1)
+    split = cpu_kernel.mixture_cpu(lp, lr, split[0], threads=threads)
     for a, b in zip(split, one):
         assert torch.equal(a, b)
 
