@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -148,7 +146,7 @@ def fast_path_table(bench: gs.Bench, rows: list[dict], env: dict, checks: list[s
         + (f", CUDA {env['cuda']}" if "cuda" in env else "") + f", Python {env['python']}",
         f"- models: random {p['dtype']} Qwen2, base {gs._shape(p['base'])}, teacher {gs._shape(p['teacher'])}; "
         f"batch {p['batch']}, prompt {p['prompt']}, {p['new_tokens']} new tokens, top_k=0",
-        f"- timing: median of the timed runs listed (after the warm-up call) by "
+        "- timing: median of the timed runs listed (after the warm-up call) by "
         + ("wall time with cuda.synchronize" if cuda else "process CPU time (shared machine; compile rows need CUDA)"),
         "",
         "| path | tokens/s | ms/step | warm-up s | × teacher eager | × harmonic(compiled) | notes |",

@@ -11,7 +11,7 @@ from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaL
 from transformers.generation.stopping_criteria import EosTokenCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .processor import OptimalSamplingLogitsProcessor, OptimalSamplingRecord, model_eos_ids
+from .processor import OptimalSamplingLogitsProcessor, model_eos_ids
 
 # Warpers whose effect on q* we reproduce inside the mixture (temperature before mixing,
 # top-k / top-p after); any other warper would change what is sampled without being in logq.
