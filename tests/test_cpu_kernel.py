@@ -83,20 +83,25 @@ def test_rows_split_over_threads_give_exactly_the_step_of_one_thread(threads):
         assert torch.equal(a, b)
 
 
-def test_float32_cpu_rows_take_the_c_solve_and_the_rest_the_torch_path(monkeypatch):
+def test_float32_cpu_rows_take_the_c_step_and_the_rest_the_torch_ops(monkeypatch):
+    import optimal_sampling.mixture as mixture_module
+
     lp, lr = stacked_pairs(seed=4, rows_per_setting=1, vocab=100)
     assert _kernel_applies(lp) and _kernel_applies(lp.bfloat16())
     assert not _kernel_applies(lp.double())  # float64 rows are solved in float64
     calls = []
-    real = cpu_kernel.kl_symmetry_cpu
-    monkeypatch.setattr(cpu_kernel, "kl_symmetry_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for module, name in ((cpu_kernel, "kl_symmetry_cpu"), (mixture_module, "mixture_cpu")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     compute_mixture(lp, lr)
-    solve_alpha(lp.double(), lr.double())
-    assert len(calls) == 1
+    assert calls == ["kl_symmetry_cpu", "mixture_cpu"]
+    compute_mixture(lp.double(), lr.double())
+    compute_mixture(lp, lr, alpha_method="fixed", alpha=0.3)
+    assert len(calls) == 2
     monkeypatch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "0")
     assert not _kernel_applies(lp)
     compute_mixture(lp, lr)
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_the_library_is_built_into_the_cache_directory_once(fresh_build):
@@ -120,6 +125,7 @@ def test_without_a_compiler_the_torch_path_solves_after_one_clear_warning(fresh_
         assert not _kernel_applies(lp)
     reference = ref_kl_symmetric_alpha(lp.double().numpy(), lr.double().numpy())
     assert np.abs(solve_alpha(lp, lr).double().numpy() - reference).max() <= 1e-6
+    assert np.abs(compute_mixture(lp, lr).alpha.double().numpy() - reference).max() <= 1e-6
 
 
 def test_a_failing_compiler_is_reported_with_its_own_error(fresh_build, monkeypatch, tmp_path):
