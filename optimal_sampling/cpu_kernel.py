@@ -13,8 +13,8 @@ re-read `[B, 6, V]` temporaries, and the per-row bookkeeping is dozens of small 
 The source is compiled on first use with the system C compiler (`$CC`, else `cc`, `gcc`
 or `clang`) into a per-machine cache (`$OPTIMAL_SAMPLING_CACHE`, else
 `~/.cache/optimal_sampling`) and loaded with ctypes; later processes reuse the library.
-Without a compiler the torch path solves, after one warning. `OPTIMAL_SAMPLING_CPU_KERNEL=0`
-turns the C solve off. Large batches are split by rows over up to `torch.get_num_threads()`
+Without a compiler the torch ops run, after one warning. `OPTIMAL_SAMPLING_CPU_KERNEL=0`
+turns the C step off. Large batches are split by rows over up to `torch.get_num_threads()`
 threads; small ones (a decoding step of a few rows) run on the calling thread. ctypes
 releases the GIL during the call.
 """
