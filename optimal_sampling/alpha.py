@@ -220,25 +220,30 @@ def solve_alpha(
     return solution if return_info else solution.alpha
 
 
+def _c_kernel_device(x: torch.Tensor) -> bool:
+    """Whether `x`'s rows belong to the C kernels (`optimal_sampling.cpu_kernel`): CPU tensors,
+    except under `TRITON_INTERPRET=1`, where the tests run the Triton kernel on them."""
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def _kernel_applies(x: torch.Tensor) -> bool:
-    """Whether a fused kernel solves `kl_symmetry` for these rows: the Triton kernel on CUDA
-    (`optimal_sampling.kernels`; also CPU tensors under `TRITON_INTERPRET=1`, how the tests
-    run it), the C solve on float32 CPU tensors (`optimal_sampling.cpu_kernel`). Cheap on
-    CPU: Triton is not even imported."""
+    """Whether a fused kernel solves `kl_symmetry` for these rows: the C solve on float32 CPU
+    tensors (`optimal_sampling.cpu_kernel`), the Triton kernel on CUDA (`optimal_sampling.kernels`;
+    also CPU tensors under `TRITON_INTERPRET=1`). Cheap on CPU: Triton is not even imported."""
+    if _c_kernel_device(x):
+        from .cpu_kernel import cpu_kernel_applies
+
+        return cpu_kernel_applies(x)
     if x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         from .kernels import kernel_applies
 
         return kernel_applies(x)
-    if x.device.type == "cpu":
-        from .cpu_kernel import cpu_kernel_applies
-
-        return cpu_kernel_applies(x)
     return False
 
 
 def kl_symmetry_kernel(logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, **launch):
     """The kernel `_kernel_applies` chose, imported on first use (the Triton one imports Triton)."""
-    if logp_theta.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if _c_kernel_device(logp_theta):
         from .cpu_kernel import kl_symmetry_cpu as kernel
     else:
         from .kernels import kl_symmetry_kernel as kernel

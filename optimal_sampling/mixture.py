@@ -6,7 +6,6 @@ front (logits processor, generate strategy, sampler, server coordinator, trainer
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -14,6 +13,7 @@ import torch
 from .alpha import (
     AlphaSolution,
     CommonSupport,
+    _c_kernel_device,
     _kernel_solution,
     check_empty_support,
     check_log_prob_pair,
@@ -51,9 +51,8 @@ def log_probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, vocab_
 
 
 def _c_step_applies(x: torch.Tensor) -> bool:
-    """Whether `compute_mixture` takes the C q* step: CPU rows the C α solve takes (not under
-    `TRITON_INTERPRET=1`, where the tests run the Triton kernel on CPU tensors)."""
-    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and cpu_kernel_applies(x)
+    """Whether `compute_mixture` takes the C q* step: the rows the C α solve takes."""
+    return _c_kernel_device(x) and cpu_kernel_applies(x)
 
 
 def _as_alpha(alpha: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
