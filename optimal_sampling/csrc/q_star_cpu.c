@@ -97,20 +97,19 @@ typedef struct {
     vf s_pos, s_neg, q_pos, q_neg, c_pos, c_neg;
 } LaneSums;
 
-/* One block of tokens: Δ on the common support (0 off it), its two signed parts, and
- * whether a token counts in h (on the support, Δ ≠ 0). A NaN log-prob is off the support
- * here; callers validate their inputs first. */
+/* One block of tokens: both log-probs, Δ on the common support (0 off it), its two signed
+ * parts, and whether a token counts in h (on the support, Δ ≠ 0). A NaN log-prob is off the
+ * support here (mixture_row writes NaN back into log q for it). */
 typedef struct {
-    vf p, delta, d_pos, d_neg;
+    vf p, r, delta, d_pos, d_neg;
     vi common, counts;
 } Block;
 
 static inline Block block_at(const float *lp, const float *lr, int64_t start, int64_t width) {
     Block b;
-    vf r;
-    load(lp, lr, start, width, &b.p, &r);
-    b.common = (b.p > -INFINITY) & (r > -INFINITY);
-    b.delta = select(b.common, r - b.p, splat(0.0f));
+    load(lp, lr, start, width, &b.p, &b.r);
+    b.common = (b.p > -INFINITY) & (b.r > -INFINITY);
+    b.delta = select(b.common, b.r - b.p, splat(0.0f));
     b.counts = b.common & (b.delta != 0.0f);
     b.d_pos = vmax(b.delta, splat(0.0f));
     b.d_neg = vmax(-b.delta, splat(0.0f));
@@ -430,11 +429,9 @@ static void mixture_row(const MixCall *call, int64_t row) {
     double log_z = log(z);
     float shift = (float)log_z;
     for (int64_t start = 0; start < width; start += W) {
-        vf p, r;
-        load(lp, lr, start, width, &p, &r);
-        vi common = (p > -INFINITY) & (r > -INFINITY);
-        vi nan = (p != p) | (r != r);
-        vf logq = select(common, ((p + a * (r - p)) - top) - shift, splat(-INFINITY));
+        Block b = block_at(lp, lr, start, width);
+        vi nan = (b.p != b.p) | (b.r != b.r);
+        vf logq = select(b.common, ((b.p + a * b.delta) - top) - shift, splat(-INFINITY));
         logq = select(nan, splat(NAN), logq);
         if (start + W <= width) {
             memcpy(out + start, &logq, sizeof(vf));
