@@ -344,17 +344,20 @@ def run_generate_speed(bench: Bench, fast_mode: str | None = None) -> list[dict]
     ]
     if not cuda:  # the same processor with the C q* step switched off: torch ops throughout
         specs.insert(3, dict(name="q* processor, torch-ops q* step (OPTIMAL_SAMPLING_CPU_KERNEL=0)",
-                             run=lambda: torch_ops_solve(bench.processor), warmup=lambda: torch_ops_solve(bench.processor, **short),
+                             run=lambda: switched_off("OPTIMAL_SAMPLING_CPU_KERNEL", bench.processor),
+                             warmup=lambda: switched_off("OPTIMAL_SAMPLING_CPU_KERNEL", bench.processor, **short),
                              estimate_s=est(30)))
     return bench.measure_many(specs, interleave=True)
 
 
-def torch_ops_solve(fn, **kwargs):
-    os.environ["OPTIMAL_SAMPLING_CPU_KERNEL"] = "0"
+def switched_off(switch: str, fn, **kwargs):
+    """`fn(**kwargs)` with the environment switch `switch` (OPTIMAL_SAMPLING_CPU_KERNEL,
+    OPTIMAL_SAMPLING_TRITON) set to 0: the fused code off, torch ops instead."""
+    os.environ[switch] = "0"
     try:
         return fn(**kwargs)
     finally:
-        del os.environ["OPTIMAL_SAMPLING_CPU_KERNEL"]
+        del os.environ[switch]
 
 
 def generate_speed_table(bench: Bench, rows: list[dict], env: dict) -> str:

@@ -26,7 +26,6 @@ printed and appended to benchmarks/RESULTS.md (and copied to $OUT when set).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alpha_solver import make_pair  # noqa: E402
-from generate_speed import environment, save  # noqa: E402
+from generate_speed import environment, save, switched_off  # noqa: E402
 
 from optimal_sampling import compute_mixture  # noqa: E402
 
@@ -50,19 +49,12 @@ def rows(lp: torch.Tensor, lr: torch.Tensor) -> dict:
     # The fused code switched off (the C q* step on CPU, the Triton α solve on CUDA): torch ops.
     switch = "OPTIMAL_SAMPLING_TRITON" if lp.is_cuda else "OPTIMAL_SAMPLING_CPU_KERNEL"
 
-    def torch_solve_step():
-        os.environ[switch] = "0"
-        try:
-            return compute_mixture(lp, lr)
-        finally:
-            del os.environ[switch]
-
     return {
         "fixed-α mix": lambda: torch.log_softmax(0.5 * lp + 0.5 * lr, dim=-1),
         "q* step, no diagnostics": lambda: compute_mixture(lp, lr, return_diagnostics=False),
         "q* step": lambda: compute_mixture(lp, lr),
         "q* step, inference mode": inference_mode_step,
-        f"q* step, torch ops ({switch}=0)": torch_solve_step,
+        f"q* step, torch ops ({switch}=0)": lambda: switched_off(switch, compute_mixture, logp_theta=lp, logp_t=lr),
     }
 
 
