@@ -283,9 +283,11 @@ def test_the_eager_step_that_cuda_graph_mode_captures_never_reads_back_or_copies
     [slot] = decoder._slots.values()
     # Under a capture the solver skips its convergence check and runs every iteration, and
     # keeps everything on the device (on CPU it checks the support on the host and keeps its
-    # per-row state in numpy).
+    # per-row state in numpy). The C solve is CPU-only (and reads memory the detector cannot
+    # see): the torch ops are what a GPU without Triton captures.
     monkeypatch.setattr(alpha_module, "_iteration_done", lambda active: False)
     monkeypatch.setattr(alpha_module, "_on_host", lambda x: False)
+    monkeypatch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "0")
     detector = HostTransferDetector()
     with torch.no_grad(), detector, DeviceScalarConstants():
         slot._eager_step()
