@@ -226,7 +226,7 @@ static int newton_step_lands(double newton_step, double slope, double curvature,
 /* The arguments of one call, shared by its threads. */
 typedef struct {
     const float *lp, *lr;
-    int64_t stride_lp, stride_lr, batch, width;
+    int64_t stride_lp, stride_lr, width;
     double tol, quadratic_step, degenerate_rtol, fallback, alpha_min, alpha_max;
     int32_t max_iter;
     float *alpha_out;
@@ -352,7 +352,7 @@ void kl_symmetry_rows(const float *lp, const float *lr, int64_t stride_lp, int64
                       int64_t width, double tol, double quadratic_step, int32_t max_iter, double degenerate_rtol,
                       double fallback, double alpha_min, double alpha_max, float *alpha_out, int32_t *iterations_out,
                       int8_t *degenerate_out, int8_t *empty_out, int8_t *converged_out, int32_t threads) {
-    Call call = {lp, lr, stride_lp, stride_lr, batch, width, tol, quadratic_step, degenerate_rtol, fallback,
+    Call call = {lp, lr, stride_lp, stride_lr, width, tol, quadratic_step, degenerate_rtol, fallback,
                  alpha_min, alpha_max, max_iter, alpha_out, iterations_out, degenerate_out, empty_out, converged_out};
     run_rows(solve_row_fn, &call, batch, threads);
 }
