@@ -17,6 +17,8 @@ import httpx
 import numpy as np
 import torch
 
+from ..topk_decoding import canonical_top_k
+
 logger = logging.getLogger("optimal_sampling.servers")
 
 START_HINT = (
@@ -174,36 +176,31 @@ class ServerClient:
             choices = body["choices"]
             if len(choices) != n_prompts:
                 raise ValueError(f"{len(choices)} choices for {n_prompts} prompts")
-            ids = np.full((n_prompts, k), -1, dtype=np.int64)
-            logp = np.full((n_prompts, k), -math.inf, dtype=np.float64)
+            # The sampled token comes first and may be an extra (k + 1)-th entry; a dict holds
+            # each id once, so the list needs no de-duplication (flat log-prob lists would).
+            listed = np.full((n_prompts, k + 1), -1, dtype=np.int64)
+            listed_logp = np.full((n_prompts, k + 1), -math.inf, dtype=np.float64)
             for position, choice in enumerate(choices):
                 row = choice.get("index", position)
                 if not 0 <= row < n_prompts:
                     raise ValueError(f"choice index {row} out of range")
                 top = choice["logprobs"]["top_logprobs"][0]
-                # The sampled token comes first and may be an extra (k + 1)-th entry: keep the k largest.
                 items = [(int(key[9:]), float(value)) for key, value in top.items() if key.startswith("token_id:")]
                 if len(items) != len(top):
                     raise ValueError("top_logprobs keys are not 'token_id:N' (is return_tokens_as_token_ids supported?)")
-                if len(items) > k:
-                    items.sort(key=lambda item: (-item[1], item[0]))
-                    del items[k:]
-                # Id order: the server's key order varies between calls (the sampled token comes
-                # first), and sampling by inversion must see the same columns for the same input.
-                kept = sorted((i, v) for i, v in items if i < vocab_size)
-                if len(kept) < len(items):
-                    self.counters.dropped_entries += len(items) - len(kept)
-                if kept:
-                    row_ids, row_logp = zip(*kept)
-                    ids[row, : len(kept)] = row_ids
-                    logp[row, : len(kept)] = row_logp
+                if len(items) > k + 1:
+                    raise ValueError(f"{len(items)} top_logprobs entries for logprobs={k}")
+                if items:
+                    listed[row, : len(items)], listed_logp[row, : len(items)] = zip(*items)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
             self.counters.failed_requests += 1
             raise MalformedResponseError(
                 f"{self} sent a completion without usable top-k log-probs ({type(error).__name__}: {error}): "
                 f"{json.dumps(body)[:300] if not isinstance(body, str) else body[:300]}"
             ) from None
-        if np.isnan(logp).any() or (logp > 1e-4).any() or (ids < -1).any():
+        if np.isnan(listed_logp).any() or (listed_logp > 1e-4).any() or (listed < -1).any():
             self.counters.failed_requests += 1
             raise MalformedResponseError(f"{self} sent NaN, positive log-probs or negative token ids.")
-        return torch.from_numpy(ids), torch.from_numpy(logp)
+        ids, logp, dropped = canonical_top_k(torch.from_numpy(listed), torch.from_numpy(listed_logp), k, vocab_size)
+        self.counters.dropped_entries += dropped
+        return ids, logp

@@ -11,21 +11,24 @@ caches keep each step incremental.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from ..generation import GenerationOutput, check_same_vocabulary, prompt_token_ids, summarize_tokens
-from ..mixture import Mixture, compute_mixture
-from ..sparse import SparseCandidates, sample_candidates, sparse_candidates
+from ..generation import GenerationOutput, check_same_vocabulary, prompt_token_ids
+from ..topk_decoding import (
+    StepDistribution,
+    TopKSequence,
+    TopKStepper,
+    counter_uniforms,
+    declared_eos_ids,
+    sample_step,
+    sequence_output,
+)
 from .client import (
     MalformedResponseError,
     RequestCounters,
@@ -36,116 +39,6 @@ from .client import (
     logger,
 )
 from .config import CoordinatorConfig
-
-# Per-token values kept for the diagnostics (the transformers front records the same names).
-_DIAGNOSTICS = ("kl_theta", "kl_t", "kl_diff", "ess_ratio", "entropy_q", "chernoff")
-_PER_TOKEN = ("alpha", "logq", "logp_theta", "logp_t", *_DIAGNOSTICS, "iterations", "empty_support",
-              "covered_theta", "covered_t")
-
-
-@dataclass
-class StepDistribution:
-    """q* for one decoding step of B sequences, built from the two servers' top-k lists.
-
-    Attributes:
-        candidates: the merged candidate columns (`[B, M + 1]`, last column = rest bucket).
-        mixture: α (`[B]`), log q over the columns (`[B, M + 1]`) and diagnostics.
-    """
-
-    candidates: SparseCandidates
-    mixture: Mixture
-
-    def token_log_probs(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`logq`, `logp_theta`, `logp_t` (per token, after temperature) of `token_ids` `[B]`."""
-        column = self.columns_of(token_ids)
-        per_token = lambda cols: (cols.gather(-1, column[:, None]) - self.candidates.log_multiplicity.gather(-1, column[:, None]))[:, 0]  # noqa: E731
-        return {
-            "logq": per_token(self.mixture.logq),
-            "logp_theta": per_token(self.candidates.logp_theta),
-            "logp_t": per_token(self.candidates.logp_t),
-        }
-
-    def columns_of(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """The candidate column of each token (the rest bucket's for unlisted ids), `[B]`."""
-        match = self.candidates.token_ids == token_ids[:, None]
-        return torch.where(match.any(-1), match.int().argmax(-1), self.candidates.rest_column)
-
-
-# -- counter-based sampling --------------------------------------------------------------
-# A draw depends only on (seed, sequence index, step), so a sample does not change with the
-# concurrency, the pipeline grouping or which requests had to be retried.
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def counter_uniforms(seed: int, index: Sequence[int], step: Sequence[int], stream: int = 0) -> np.ndarray:
-    """Uniforms in [0, 1), one per (index, step) pair, from a splitmix64 hash of the counters."""
-    with np.errstate(over="ignore"):
-        x = _splitmix64(np.full(len(index), seed & _MASK64, dtype=np.uint64))
-        x = _splitmix64(x ^ np.asarray(index, dtype=np.uint64))
-        x = _splitmix64(x ^ ((np.asarray(step, dtype=np.uint64) << np.uint64(4)) | np.uint64(stream)))
-    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def sample_step(step: StepDistribution, u_column: np.ndarray, u_rest: np.ndarray) -> torch.Tensor:
-    """Token ids `[B]` drawn from the step's q with the given uniforms (`sample_candidates`)."""
-    uniforms = torch.from_numpy(np.stack([u_column, u_rest], axis=-1))
-    ids, _ = sample_candidates(step.mixture.logq, step.candidates, uniforms=uniforms)
-    return ids
-
-
-@contextlib.contextmanager
-def _one_torch_thread():
-    """Run the step's maths on one thread: the tensors are tiny (`[B, ~2k]`), and on a busy
-    machine intra-op threads that wait for each other made a logsumexp 30x slower (7 ms)."""
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
-
-
-# -- the coordinator ---------------------------------------------------------------------
-
-
-@dataclass
-class _Sequence:
-    index: int
-    prompt: Any
-    teacher_prompt: Any
-    base_ids: list[int]
-    teacher_ids: list[int]
-    tokens: list[int] = field(default_factory=list)
-    records: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in _PER_TOKEN})
-    error: str | None = None
-    done: bool = False
-
-
-def _declared_eos_ids(model_dir: str | None) -> set[int]:
-    """EOS ids a local model directory declares (generation_config.json, config.json)."""
-    ids: set[int] = set()
-    if not model_dir:
-        return ids
-    for name in ("generation_config.json", "config.json"):
-        path = Path(model_dir) / name
-        if path.is_file():
-            try:
-                eos = json.loads(path.read_text()).get("eos_token_id")
-            except (OSError, ValueError):
-                continue
-            ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
-    return ids
-
 
 class DualVLLMCoordinator:
     """Sample from q* ∝ π_θ^(1-α*) · π_t^α* with a base and a teacher vLLM server.
@@ -182,6 +75,7 @@ class DualVLLMCoordinator:
         self.top_k = config.top_k
         self.stop_token_ids: set[int] = set()
         self.max_model_len: dict[str, int | None] = {}
+        self.stepper = TopKStepper(config, 0)
         self._reset_statistics()
 
     # -- life cycle ---------------------------------------------------------------------
@@ -209,8 +103,8 @@ class DualVLLMCoordinator:
             await asyncio.to_thread(self._load_tokenizers, *roots)
             await asyncio.gather(self._check_tokenizer(self._theta, self.theta_tokenizer),
                                  self._check_tokenizer(self._t, self.t_tokenizer))
-            self.vocab_size = len(self.theta_tokenizer)
-            self.stop_token_ids = set(cfg.stop_token_ids) | _declared_eos_ids(roots[0]) | _declared_eos_ids(roots[1])
+            self.vocab_size = self.stepper.vocab_size = len(self.theta_tokenizer)
+            self.stop_token_ids = set(cfg.stop_token_ids) | declared_eos_ids(roots[0]) | declared_eos_ids(roots[1])
             for tokenizer in (self.theta_tokenizer, self.t_tokenizer):
                 if tokenizer.eos_token_id is not None:
                     self.stop_token_ids.add(int(tokenizer.eos_token_id))
@@ -305,23 +199,8 @@ class DualVLLMCoordinator:
     def mix(self, ids_theta, logp_theta, ids_t, logp_t, *, temperature: float = 1.0,
             return_diagnostics: bool = True) -> StepDistribution:
         """q* over the candidate columns of two top-k lists (`[B, k]` each): the core's sparse path."""
-        cfg = self.config
-        candidates = sparse_candidates(ids_theta, logp_theta, ids_t, logp_t, self.vocab_size,
-                                       temperature=temperature, validate=False)
-        mixture = compute_mixture(
-            candidates.logp_theta,
-            candidates.logp_t,
-            alpha_method=cfg.alpha_method,
-            alpha=cfg.alpha,
-            alpha_min=cfg.alpha_min,
-            alpha_max=cfg.alpha_max,
-            tol=cfg.alpha_tol,
-            max_iter=cfg.alpha_max_iter,
-            log_multiplicity=candidates.log_multiplicity,
-            return_diagnostics=return_diagnostics,
-            validate=False,
-        )
-        return StepDistribution(candidates, mixture)
+        return self.stepper.mix(ids_theta, logp_theta, ids_t, logp_t, temperature=temperature,
+                                return_diagnostics=return_diagnostics)
 
     async def next_token_distribution(
         self,
@@ -346,7 +225,7 @@ class DualVLLMCoordinator:
         )
         return self.mix(ids_theta, lp_theta, ids_t, lp_t, temperature=temperature, return_diagnostics=return_diagnostics)
 
-    async def _fetch(self, rows: list[_Sequence]) -> tuple[dict[int, tuple], dict[int, str]]:
+    async def _fetch(self, rows: list[TopKSequence]) -> tuple[dict[int, tuple], dict[int, str]]:
         """Both servers' top-k for every row: one batched request per server, and per-row
         requests for a side whose batched request failed (so a bad row marks only itself).
 
@@ -397,8 +276,8 @@ class DualVLLMCoordinator:
             self._unavailable = error  # the remaining sequences fail at once instead of retrying one by one
             raise error
 
-    async def _advance(self, rows: list[_Sequence], *, seed: int, temperature: float, max_tokens: int,
-                       return_diagnostics: bool) -> None:
+    async def _advance(self, rows: list[TopKSequence], *, seed: int, temperature: float, max_tokens: int,
+                       return_diagnostics: bool, stop_token_ids: set[int]) -> None:
         """One step for `rows`: append a token to each, or set its error."""
         started = time.perf_counter()
         try:
@@ -408,64 +287,15 @@ class DualVLLMCoordinator:
         fetched_at = time.perf_counter()
         self._stats["server_seconds"] += fetched_at - started
         for position, message in errors.items():
-            rows[position].error = f"at generated token {len(rows[position].tokens)}: {message}"
-            rows[position].done = True
+            rows[position].fail(message)
         if not fetched:
             return
         positions = sorted(fetched)
         ids_theta, lp_theta, ids_t, lp_t = (torch.cat([fetched[p][j] for p in positions]) for j in range(4))
         ok = [rows[p] for p in positions]
-        with _one_torch_thread():
-            self._mix_and_sample(ok, ids_theta, lp_theta, ids_t, lp_t, seed=seed, temperature=temperature,
-                                 max_tokens=max_tokens, return_diagnostics=return_diagnostics)
+        self.stepper.advance(ok, ids_theta, lp_theta, ids_t, lp_t, seed=seed, temperature=temperature,
+                             max_tokens=max_tokens, stop_token_ids=stop_token_ids, return_diagnostics=return_diagnostics)
         self._stats["compute_seconds"] += time.perf_counter() - fetched_at
-
-    def _mix_and_sample(self, ok, ids_theta, lp_theta, ids_t, lp_t, *, seed, temperature, max_tokens,
-                        return_diagnostics) -> None:
-        try:
-            step = self.mix(ids_theta, lp_theta, ids_t, lp_t, temperature=temperature,
-                            return_diagnostics=return_diagnostics)
-            self._sample_and_record(ok, step, seed=seed, max_tokens=max_tokens)
-        except Exception as error:  # isolate the row that broke the batched maths
-            if len(ok) == 1:
-                ok[0].error = f"at generated token {len(ok[0].tokens)}: {type(error).__name__}: {error}"
-                ok[0].done = True
-                return
-            for j, row in enumerate(ok):
-                try:
-                    step = self.mix(ids_theta[j : j + 1], lp_theta[j : j + 1], ids_t[j : j + 1], lp_t[j : j + 1],
-                                    temperature=temperature, return_diagnostics=return_diagnostics)
-                    self._sample_and_record([row], step, seed=seed, max_tokens=max_tokens)
-                except Exception as row_error:
-                    row.error = f"at generated token {len(row.tokens)}: {type(row_error).__name__}: {row_error}"
-                    row.done = True
-
-    def _sample_and_record(self, rows: list[_Sequence], step: StepDistribution, *, seed: int, max_tokens: int) -> None:
-        index = [s.index for s in rows]
-        position = [len(s.tokens) for s in rows]
-        tokens = sample_step(step, counter_uniforms(seed, index, position, 0), counter_uniforms(seed, index, position, 1))
-        values = {"alpha": step.mixture.alpha, **step.token_log_probs(tokens),
-                  "covered_theta": step.candidates.covered_theta, "covered_t": step.candidates.covered_t}
-        if step.mixture.diagnostics is not None:
-            values.update({name: getattr(step.mixture.diagnostics, name) for name in _DIAGNOSTICS})
-            values["iterations"] = step.mixture.solution.iterations
-            values["empty_support"] = step.mixture.solution.empty_support
-        names = list(values)
-        table = torch.stack([values[n].to(torch.float64) for n in names]).tolist()  # one conversion per step
-        if any(math.isnan(v) for v in table[names.index("logq")]):
-            raise FloatingPointError("NaN log q in this step's q*; the servers' log-probs are not usable.")
-        for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
-            row.tokens.append(token)
-            row.base_ids.append(token)
-            row.teacher_ids.append(token)
-            for n, column in zip(names, table):
-                row.records[n].append(column[j])
-            if token in self.stop_token_ids or len(row.tokens) >= max_tokens:
-                row.done = True
-        self._stats["tokens"] += len(rows)
-        self._stats["covered_theta_sum"] += sum(table[names.index("covered_theta")])
-        self._stats["covered_t_sum"] += sum(table[names.index("covered_t")])
-        self._stats["steps"] += 1
 
     # -- many sequences -----------------------------------------------------------------
 
@@ -479,34 +309,40 @@ class DualVLLMCoordinator:
         return_diagnostics: bool = True,
         show_progress: bool = False,
         seed: int | None = None,
+        on_policy: Sequence[bool] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
     ) -> list[GenerationOutput]:
         """Sample one q* completion per prompt; outputs come back in the prompts' order.
 
         Prompts are strings, chat message lists (each tokenizer's chat template) or token-id
         lists. `teacher_prompts` give the teacher its own view of each prompt. Up to
         `config.max_concurrency` sequences are in flight; a sequence ends at a stop token of
-        either model or after `max_tokens`. A sequence whose requests fail (after retries)
-        gets `error` set and empty fields; the others are unaffected.
+        either model (or of `stop_token_ids`) or after `max_tokens`. `on_policy` (one bool
+        per prompt) samples a row from the base alone (α = 0). A sequence whose requests
+        fail (after retries) gets `error` set and empty fields; the others are unaffected.
         """
         self._require_started()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
             raise TypeError("`prompts` must be a list of prompts; wrap a single prompt in a list.")
-        if teacher_prompts is not None and len(teacher_prompts) != len(prompts):
-            raise ValueError(f"Got {len(prompts)} prompts but {len(teacher_prompts)} teacher prompts; give one per prompt.")
+        for name, values in (("teacher prompts", teacher_prompts), ("on_policy flags", on_policy)):
+            if values is not None and len(values) != len(prompts):
+                raise ValueError(f"Got {len(prompts)} prompts but {len(values)} {name}; give one per prompt.")
         if max_tokens < 1:
             raise ValueError(f"`max_tokens` (={max_tokens}) must be >= 1.")
         if not temperature > 0:
             raise ValueError(f"`temperature` (={temperature}) has to be a strictly positive float.")
         teacher_prompts = list(prompts) if teacher_prompts is None else list(teacher_prompts)
+        on_policy = [False] * len(prompts) if on_policy is None else [bool(flag) for flag in on_policy]
         sequences = [
-            _Sequence(
+            TopKSequence(
                 index=i,
                 prompt=prompt,
                 teacher_prompt=teacher_prompt,
                 base_ids=prompt_token_ids(prompt, self.theta_tokenizer, f"prompts[{i}]"),
                 teacher_ids=prompt_token_ids(teacher_prompt, self.t_tokenizer, f"teacher_prompts[{i}]"),
+                on_policy=flag,
             )
-            for i, (prompt, teacher_prompt) in enumerate(zip(prompts, teacher_prompts))
+            for i, (prompt, teacher_prompt, flag) in enumerate(zip(prompts, teacher_prompts, on_policy))
         ]
         seed = self.config.seed if seed is None else seed
         self._unavailable = None
@@ -518,7 +354,8 @@ class DualVLLMCoordinator:
         queue = deque(sequences)
         groups = min(self.config.pipeline_groups, self.config.max_concurrency)
         capacity = math.ceil(self.config.max_concurrency / groups)
-        options = dict(seed=seed, temperature=temperature, max_tokens=max_tokens, return_diagnostics=return_diagnostics)
+        options = dict(seed=seed, temperature=temperature, max_tokens=max_tokens, return_diagnostics=return_diagnostics,
+                       stop_token_ids=self.stop_token_ids | {int(i) for i in stop_token_ids or ()})
         started = time.perf_counter()
         try:
             await asyncio.gather(*(self._run_group(queue, capacity, progress, options) for _ in range(groups)))
@@ -528,10 +365,10 @@ class DualVLLMCoordinator:
                 progress.close()
         self._stats["samples"] += len(sequences)
         self._stats["failed_samples"] += sum(s.error is not None for s in sequences)
-        return [self._output(s, return_diagnostics) for s in sequences]
+        return [sequence_output(s, self.theta_tokenizer, return_diagnostics) for s in sequences]
 
     async def _run_group(self, queue: deque, capacity: int, progress, options: dict) -> None:
-        active: list[_Sequence] = []
+        active: list[TopKSequence] = []
         while True:
             while queue and len(active) < capacity:
                 active.append(queue.popleft())
@@ -539,8 +376,7 @@ class DualVLLMCoordinator:
                 return
             if self._unavailable is not None:
                 for row in active:
-                    row.error = f"at generated token {len(row.tokens)}: ServerUnavailableError: {self._unavailable}"
-                    row.done = True
+                    row.fail(f"ServerUnavailableError: {self._unavailable}")
             else:
                 await self._advance(active, **options)
             finished = [s for s in active if s.done]
@@ -548,30 +384,10 @@ class DualVLLMCoordinator:
             if progress is not None and finished:
                 progress.update(len(finished))
 
-    def _output(self, s: _Sequence, return_diagnostics: bool) -> GenerationOutput:
-        if s.error is not None:
-            return GenerationOutput(prompt=s.prompt, teacher_prompt=s.teacher_prompt, error=s.error)
-        r = s.records
-        diagnostics = None
-        if return_diagnostics:
-            diagnostics = summarize_tokens(r["alpha"], {n: r[n] for n in _PER_TOKEN[4:] if len(r[n]) == len(s.tokens)})
-        return GenerationOutput(
-            prompt=s.prompt,
-            teacher_prompt=s.teacher_prompt,
-            generated_text=self.theta_tokenizer.decode(s.tokens, skip_special_tokens=True),
-            generated_tokens=list(s.tokens),
-            alpha_history=r["alpha"],
-            logq=r["logq"],
-            logp_theta=r["logp_theta"],
-            logp_t=r["logp_t"],
-            diagnostics=diagnostics,
-        )
-
     # -- statistics ---------------------------------------------------------------------
 
     def _reset_statistics(self) -> None:
-        self._stats = dict(tokens=0, steps=0, samples=0, failed_samples=0, seconds=0.0, server_seconds=0.0,
-                           compute_seconds=0.0, covered_theta_sum=0.0, covered_t_sum=0.0)
+        self._stats = dict(samples=0, failed_samples=0, seconds=0.0, server_seconds=0.0, compute_seconds=0.0)
 
     def get_statistics(self) -> dict[str, float]:
         """Totals since the coordinator was created.
@@ -585,7 +401,7 @@ class DualVLLMCoordinator:
         included) and compute_seconds (q* and sampling); with several pipeline groups
         these overlap.
         """
-        s, c = self._stats, self.counters
+        s, c = {**self._stats, **self.stepper.stats}, self.counters
         tokens = s["tokens"]
         return {
             "total_tokens": tokens,

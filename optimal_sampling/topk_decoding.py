@@ -1,0 +1,346 @@
+"""Token-by-token q* decoding from two top-k lists: the step both vLLM backends share.
+
+The two-server coordinator (`servers/`) and the in-process engines (`engines/`) differ only
+in how they obtain each step's top-k log-probs (HTTP requests, or a logits processor inside
+each engine). From there on they run the same code, so that they draw the same tokens under
+the same seed:
+
+    canonical_top_k   each side's list: the k largest entries, ids beyond the tokenizer dropped,
+                      sorted by id (sampling by inversion must see the same columns)
+    mix_top_k         sparse_candidates + compute_mixture (α = 0 for on-policy rows)
+    TopKStepper       draw with counter-based uniforms, append, record, stop
+    sequence_output   the `GenerationOutput` of a finished sequence
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .generation import GenerationOutput, summarize_tokens
+from .mixture import Mixture, compute_mixture
+from .processor import RECORDED_DIAGNOSTICS
+from .sparse import SparseCandidates, sample_candidates, sparse_candidates
+
+# Per-token values kept for the diagnostics (the transformers front records the same names).
+PER_TOKEN = ("alpha", "logq", "logp_theta", "logp_t", *RECORDED_DIAGNOSTICS, "iterations", "empty_support",
+             "covered_theta", "covered_t")
+
+
+# -- the top-k lists ---------------------------------------------------------------------
+
+
+def canonical_top_k(ids: torch.Tensor, logp: torch.Tensor, k: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One side's top-k list in the form the step uses: `(ids [B, k] int64, logp [B, k] float64, dropped)`.
+
+    `ids` / `logp` (`[B, m]`, id -1 for padding, ids unique per row) may hold more than k
+    entries (a server lists the sampled token too): the k largest are kept, ties broken by
+    the smaller id. Ids beyond the tokenizer (`>= vocab_size`, a padded output layer) are
+    dropped and counted in `dropped`. The kept entries come first, sorted by id, then padding
+    (-1 / -inf): sampling by inversion must see the same columns for the same input, whatever
+    order the entries arrived in.
+
+    Example:
+        >>> import torch
+        >>> ids, logp, dropped = canonical_top_k(torch.tensor([[7, 2, 9, 4]]), torch.tensor([[-3.0, -0.5, -1.0, -0.5]]),
+        ...                                      k=3, vocab_size=9)
+        >>> ids.tolist(), logp.tolist(), dropped   # keeps 2, 4, 9 (the largest); 9 is beyond V
+        ([[2, 4, -1]], [[-0.5, -0.5, -inf]], 1)
+    """
+    ids, logp = ids.long(), logp.double()
+    unlisted = torch.iinfo(torch.int64).max
+    listed = ids >= 0
+    # The k largest by (-logp, id): sort by id, then stably by value.
+    by_id = torch.sort(torch.where(listed, ids, unlisted), dim=-1, stable=True).indices
+    ids, logp, listed = ids.gather(-1, by_id), logp.gather(-1, by_id), listed.gather(-1, by_id)
+    by_value = torch.sort(torch.where(listed, -logp, math.inf), dim=-1, stable=True).indices[:, :k]
+    ids, logp, listed = ids.gather(-1, by_value), logp.gather(-1, by_value), listed.gather(-1, by_value)
+    beyond = listed & (ids >= vocab_size)
+    keep = listed & ~beyond
+    by_id = torch.sort(torch.where(keep, ids, unlisted), dim=-1, stable=True).indices
+    ids = torch.where(keep, ids, -1).gather(-1, by_id)
+    logp = torch.where(keep, logp, -math.inf).gather(-1, by_id)
+    if ids.shape[1] < k:
+        pad = k - ids.shape[1]
+        ids = torch.nn.functional.pad(ids, (0, pad), value=-1)
+        logp = torch.nn.functional.pad(logp, (0, pad), value=-math.inf)
+    return ids, logp, int(beyond.sum())
+
+
+# -- one step ----------------------------------------------------------------------------
+
+
+@dataclass
+class StepDistribution:
+    """q* for one decoding step of B sequences, built from the two models' top-k lists.
+
+    Attributes:
+        candidates: the merged candidate columns (`[B, M + 1]`, last column = rest bucket).
+        mixture: α (`[B]`), log q over the columns (`[B, M + 1]`) and diagnostics.
+    """
+
+    candidates: SparseCandidates
+    mixture: Mixture
+
+    def token_log_probs(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`logq`, `logp_theta`, `logp_t` (per token, after temperature) of `token_ids` `[B]`."""
+        column = self.columns_of(token_ids)
+        per_token = lambda cols: (cols.gather(-1, column[:, None]) - self.candidates.log_multiplicity.gather(-1, column[:, None]))[:, 0]  # noqa: E731
+        return {
+            "logq": per_token(self.mixture.logq),
+            "logp_theta": per_token(self.candidates.logp_theta),
+            "logp_t": per_token(self.candidates.logp_t),
+        }
+
+    def columns_of(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The candidate column of each token (the rest bucket's for unlisted ids), `[B]`."""
+        match = self.candidates.token_ids == token_ids[:, None]
+        return torch.where(match.any(-1), match.int().argmax(-1), self.candidates.rest_column)
+
+
+def _solve(candidates: SparseCandidates, options, rows: torch.Tensor | None, return_diagnostics: bool, **method) -> Mixture:
+    pick = (lambda x: x) if rows is None else (lambda x: x[rows])  # noqa: E731
+    return compute_mixture(
+        pick(candidates.logp_theta),
+        pick(candidates.logp_t),
+        alpha_min=options.alpha_min,
+        alpha_max=options.alpha_max,
+        tol=options.alpha_tol,
+        max_iter=options.alpha_max_iter,
+        log_multiplicity=pick(candidates.log_multiplicity),
+        return_diagnostics=return_diagnostics,
+        validate=False,
+        **method,
+    )
+
+
+def _merge_rows(mask: torch.Tensor, where_true, where_false):
+    """Rows of `where_true` at `mask`, of `where_false` elsewhere (tensors or dataclasses of them)."""
+    if where_true is None or where_false is None:
+        return None
+    if is_dataclass(where_true):
+        return replace(where_true, **{f.name: _merge_rows(mask, getattr(where_true, f.name), getattr(where_false, f.name))
+                                      for f in fields(where_true)})
+    out = where_false.new_empty((mask.shape[0], *where_false.shape[1:]))
+    out[mask], out[~mask] = where_true, where_false
+    return out
+
+
+def mix_top_k(
+    ids_theta: torch.Tensor,
+    logp_theta: torch.Tensor,
+    ids_t: torch.Tensor,
+    logp_t: torch.Tensor,
+    *,
+    vocab_size: int,
+    options,
+    temperature: float = 1.0,
+    return_diagnostics: bool = True,
+    on_policy: torch.Tensor | None = None,
+) -> StepDistribution:
+    """q* over the candidate columns of two top-k lists (`[B, k]` each): the core's sparse path.
+
+    `options` carries the α settings (`alpha_method`, `alpha`, `alpha_min`, `alpha_max`,
+    `alpha_tol`, `alpha_max_iter`), as `CoordinatorConfig` and `DrivenDecodeConfig` do.
+    Rows where `on_policy` (`[B]` bool) is set get α = 0: q is the base's own distribution.
+    """
+    candidates = sparse_candidates(ids_theta, logp_theta, ids_t, logp_t, vocab_size,
+                                   temperature=temperature, validate=False)
+    method = dict(alpha_method=options.alpha_method, alpha=options.alpha)
+    if on_policy is None or not bool(on_policy.any()):
+        return StepDistribution(candidates, _solve(candidates, options, None, return_diagnostics, **method))
+    base_only = dict(alpha_method="fixed", alpha=0.0)
+    if bool(on_policy.all()):
+        return StepDistribution(candidates, _solve(candidates, options, None, return_diagnostics, **base_only))
+    mixture = _merge_rows(on_policy, _solve(candidates, options, on_policy, return_diagnostics, **base_only),
+                          _solve(candidates, options, ~on_policy, return_diagnostics, **method))
+    return StepDistribution(candidates, mixture)
+
+
+# -- counter-based sampling --------------------------------------------------------------
+# A draw depends only on (seed, sequence index, step), so a sample does not change with the
+# concurrency, the pipeline grouping, which requests had to be retried, or the backend.
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_uniforms(seed: int, index: Sequence[int], step: Sequence[int], stream: int = 0) -> np.ndarray:
+    """Uniforms in [0, 1), one per (index, step) pair, from a splitmix64 hash of the counters."""
+    with np.errstate(over="ignore"):
+        x = _splitmix64(np.full(len(index), seed & _MASK64, dtype=np.uint64))
+        x = _splitmix64(x ^ np.asarray(index, dtype=np.uint64))
+        x = _splitmix64(x ^ ((np.asarray(step, dtype=np.uint64) << np.uint64(4)) | np.uint64(stream)))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def sample_step(step: StepDistribution, u_column: np.ndarray, u_rest: np.ndarray) -> torch.Tensor:
+    """Token ids `[B]` drawn from the step's q with the given uniforms (`sample_candidates`)."""
+    uniforms = torch.from_numpy(np.stack([u_column, u_rest], axis=-1))
+    ids, _ = sample_candidates(step.mixture.logq, step.candidates, uniforms=uniforms)
+    return ids
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run the step's maths on one thread: the tensors are tiny (`[B, ~2k]`), and on a busy
+    machine intra-op threads that wait for each other made a logsumexp 30x slower (7 ms)."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+# -- sequences ---------------------------------------------------------------------------
+
+
+@dataclass
+class TopKSequence:
+    """One sequence being decoded: its prompts as token ids, the tokens drawn so far and their records.
+
+    `index` is the prompt's position in the call (the counter of its draws); `on_policy`
+    makes every α of the sequence 0 (q = π_θ).
+    """
+
+    index: int
+    prompt: Any
+    teacher_prompt: Any
+    base_ids: list[int]
+    teacher_ids: list[int]
+    on_policy: bool = False
+    tokens: list[int] = field(default_factory=list)
+    records: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in PER_TOKEN})
+    error: str | None = None
+    done: bool = False
+
+    def fail(self, message: str) -> None:
+        self.error = f"at generated token {len(self.tokens)}: {message}"
+        self.done = True
+
+
+def declared_eos_ids(model_dir: str | None) -> set[int]:
+    """EOS ids a local model directory declares (generation_config.json, config.json)."""
+    ids: set[int] = set()
+    if not model_dir:
+        return ids
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            try:
+                eos = json.loads(path.read_text()).get("eos_token_id")
+            except (OSError, ValueError):
+                continue
+            ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+    return ids
+
+
+class TopKStepper:
+    """Mix, draw, append and record one step for a list of sequences; count what was done.
+
+    Args:
+        options: the α settings (see `mix_top_k`).
+        vocab_size: the shared tokenizer's vocabulary size.
+    """
+
+    def __init__(self, options, vocab_size: int):
+        self.options, self.vocab_size = options, vocab_size
+        self.stats = dict(tokens=0, steps=0, covered_theta_sum=0.0, covered_t_sum=0.0)
+
+    def mix(self, ids_theta, logp_theta, ids_t, logp_t, *, temperature: float = 1.0, return_diagnostics: bool = True,
+            on_policy: torch.Tensor | None = None) -> StepDistribution:
+        return mix_top_k(ids_theta, logp_theta, ids_t, logp_t, vocab_size=self.vocab_size, options=self.options,
+                         temperature=temperature, return_diagnostics=return_diagnostics, on_policy=on_policy)
+
+    def advance(self, rows: list[TopKSequence], ids_theta, lp_theta, ids_t, lp_t, *, seed: int, temperature: float,
+                max_tokens: int, stop_token_ids: set[int], return_diagnostics: bool) -> None:
+        """Append one token to each row (`[B, k]` lists, row order), or set the row's error.
+
+        If the batched maths fails, each row is retried alone, so a bad row marks only itself.
+        """
+        options = dict(seed=seed, max_tokens=max_tokens, stop_token_ids=stop_token_ids)
+        with one_torch_thread():
+            try:
+                self._mix_and_record(rows, ids_theta, lp_theta, ids_t, lp_t, temperature, return_diagnostics, **options)
+            except Exception as error:
+                if len(rows) == 1:
+                    rows[0].fail(f"{type(error).__name__}: {error}")
+                    return
+                for j, row in enumerate(rows):
+                    one = slice(j, j + 1)
+                    try:
+                        self._mix_and_record([row], ids_theta[one], lp_theta[one], ids_t[one], lp_t[one], temperature,
+                                             return_diagnostics, **options)
+                    except Exception as row_error:
+                        row.fail(f"{type(row_error).__name__}: {row_error}")
+
+    def _mix_and_record(self, rows, ids_theta, lp_theta, ids_t, lp_t, temperature, return_diagnostics, **options):
+        on_policy = torch.tensor([s.on_policy for s in rows]) if any(s.on_policy for s in rows) else None
+        step = self.mix(ids_theta, lp_theta, ids_t, lp_t, temperature=temperature,
+                        return_diagnostics=return_diagnostics, on_policy=on_policy)
+        self.record(rows, step, **options)
+
+    def record(self, rows: list[TopKSequence], step: StepDistribution, *, seed: int, max_tokens: int,
+               stop_token_ids: set[int]) -> None:
+        index = [s.index for s in rows]
+        position = [len(s.tokens) for s in rows]
+        tokens = sample_step(step, counter_uniforms(seed, index, position, 0), counter_uniforms(seed, index, position, 1))
+        values = {"alpha": step.mixture.alpha, **step.token_log_probs(tokens),
+                  "covered_theta": step.candidates.covered_theta, "covered_t": step.candidates.covered_t}
+        if step.mixture.diagnostics is not None:
+            values.update({name: getattr(step.mixture.diagnostics, name) for name in RECORDED_DIAGNOSTICS})
+            values["iterations"] = step.mixture.solution.iterations
+            values["empty_support"] = step.mixture.solution.empty_support
+        names = list(values)
+        table = torch.stack([values[n].to(torch.float64) for n in names]).tolist()  # one conversion per step
+        if any(math.isnan(v) for v in table[names.index("logq")]):
+            raise FloatingPointError("NaN log q in this step's q*; the models' log-probs are not usable.")
+        for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            row.tokens.append(token)
+            row.base_ids.append(token)
+            row.teacher_ids.append(token)
+            for n, column in zip(names, table):
+                row.records[n].append(column[j])
+            if token in stop_token_ids or len(row.tokens) >= max_tokens:
+                row.done = True
+        self.stats["tokens"] += len(rows)
+        self.stats["covered_theta_sum"] += sum(table[names.index("covered_theta")])
+        self.stats["covered_t_sum"] += sum(table[names.index("covered_t")])
+        self.stats["steps"] += 1
+
+
+def sequence_output(s: TopKSequence, tokenizer, return_diagnostics: bool) -> GenerationOutput:
+    """The `GenerationOutput` of a finished sequence (empty fields and `error` if it failed)."""
+    if s.error is not None:
+        return GenerationOutput(prompt=s.prompt, teacher_prompt=s.teacher_prompt, error=s.error)
+    r = s.records
+    diagnostics = None
+    if return_diagnostics:
+        diagnostics = summarize_tokens(r["alpha"], {n: r[n] for n in PER_TOKEN[4:] if len(r[n]) == len(s.tokens)})
+    return GenerationOutput(
+        prompt=s.prompt,
+        teacher_prompt=s.teacher_prompt,
+        generated_text=tokenizer.decode(s.tokens, skip_special_tokens=True),
+        generated_tokens=list(s.tokens),
+        alpha_history=r["alpha"],
+        logq=r["logq"],
+        logp_theta=r["logp_theta"],
+        logp_t=r["logp_t"],
+        diagnostics=diagnostics,
+    )
