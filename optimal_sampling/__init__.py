@@ -2,19 +2,10 @@
 
 The core is a handful of pure tensor functions (`solve_alpha`, `optimal_log_probs`,
 `compute_mixture`, `sparse_candidates`); the fronts (transformers generation, the
-two-server coordinator, the TRL trainers in the separate `trainers` package) call them.
+two-server coordinator, the in-process vLLM engines, the TRL trainers in the separate
+`trainers` package) call them. The package imports with the transformers vLLM pins
+(>=5.16.1); the transformers front checks for the one it needs (`compat.py`).
 """
-
-import transformers as _transformers
-from packaging.version import Version as _Version
-
-if _Version(_transformers.__version__) < _Version("5.24"):
-    # Older models take `past_key_values=` and silently ignore `cache=`: the teacher cache
-    # and the fast path would then run without their KV caches and record wrong log q.
-    raise ImportError(
-        f"optimal-sampling needs transformers>=5.24,<5.25 (found {_transformers.__version__}); "
-        "install it with `pip install 'transformers>=5.24,<5.25'`."
-    )
 
 from .alpha import ALPHA_METHODS, AlphaSolution, solve_alpha, teacher_nucleus_mask
 from .mixture import (

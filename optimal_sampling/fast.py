@@ -40,6 +40,7 @@ from transformers import StaticCache
 
 from .alpha import check_empty_support, common_support, solve_alpha, solve_on_support
 from .mixture import NEG_INF, diagnostics_on_support, log_probs_from_logits, mixture_on_support, truncate_log_probs
+from .compat import check_transformers_front
 from .processor import RECORDED_DIAGNOSTICS, check_same_device
 from .teacher import position_ids_from_mask, repeat_teacher_prompts
 
@@ -474,6 +475,7 @@ class FastDecoder:
         for name, model in (("base_model", base_model), ("teacher_model", teacher_model)):
             if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
                 raise TypeError(f"`{name}` must be a transformers causal LM, got {type(model).__name__}.")
+        check_transformers_front(base_model, teacher_model)
         self.device = next(base_model.parameters()).device
         check_same_device(self.device, teacher_model)
         self.base, self.teacher = base_model.eval(), teacher_model.eval()

@@ -11,6 +11,7 @@ from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaL
 from transformers.generation.stopping_criteria import EosTokenCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .compat import check_transformers_front
 from .processor import OptimalSamplingLogitsProcessor, model_eos_ids
 
 # Warpers whose effect on q* we reproduce inside the mixture (temperature before mixing,
@@ -110,6 +111,7 @@ def optimal_generate(
     """
     if teacher_model is None:
         raise ValueError("optimal_generate needs `teacher_model=` (the teacher causal LM).")
+    check_transformers_front(model, teacher_model)
     if (generation_config.num_beams or 1) > 1:
         raise ValueError(
             f"optimal_generate samples token by token from q*; beam search (num_beams={generation_config.num_beams}) "
@@ -365,6 +367,7 @@ class OptimalSampler:
         stop_token_ids: Sequence[int] | None = None,
         fast=False,
     ):
+        check_transformers_front(base_model, teacher_model)
         self.fast = fast  # the fast path (optimal_sampling/fast.py) when truthy
         self.base = base_model.eval()
         self.teacher = teacher_model.eval()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
+from .compat import check_transformers_front
 from .mixture import compute_mixture, log_probs_from_logits
 from .teacher import TeacherCache, left_padding_mask, repeat_teacher_prompts
 
@@ -133,6 +134,7 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
                 f"`teacher_model` must be a transformers causal LM (e.g. AutoModelForCausalLM.from_pretrained(...)), "
                 f"got {type(teacher_model).__name__}."
             )
+        check_transformers_front(teacher_model)
         if temperature <= 0:
             raise ValueError(
                 f"`temperature` (={temperature}) has to be a strictly positive float; for greedy decoding "
