@@ -1,4 +1,4 @@
-"""`VLLMSampler`: the coordinator behind a synchronous `generate` (what the CLI calls)."""
+"""Synchronous fronts for the async coordinators: `SyncSampler`, and `VLLMSampler` (two servers)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,88 @@ from .config import CoordinatorConfig
 from .coordinator import DualVLLMCoordinator
 
 
-class VLLMSampler:
-    """A synchronous front for `DualVLLMCoordinator`, with `OptimalSampler.generate`'s signature.
+class SyncSampler:
+    """A synchronous front for an async coordinator, with `OptimalSampler.generate`'s signature.
 
-    It owns a private event loop, so the server checks and the HTTP connections are done
-    once and reused by every `generate` call. Do not use it inside a running event loop;
-    use the coordinator there. Call `close()` (or use `with`) when done.
+    It owns a private event loop, so the coordinator is started once (server checks and
+    HTTP connections, or engines) and reused by every `generate` call. Do not use it inside
+    a running event loop; use the coordinator there. Call `close()` (or use `with`) when done.
+    """
+
+    def __init__(self, coordinator, *, temperature: float = 1.0):
+        if not temperature > 0:
+            raise ValueError(f"`temperature` (={temperature}) has to be a strictly positive float.")
+        self.temperature = temperature
+        self.coordinator = coordinator
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._loop.run_until_complete(self.coordinator.start())
+        except BaseException:
+            self._loop.close()
+            raise
+
+    def _run(self, coroutine):
+        if self._loop.is_closed():
+            coroutine.close()
+            raise RuntimeError(f"This {type(self).__name__} was closed.")
+        return self._loop.run_until_complete(coroutine)
+
+    def generate(
+        self,
+        prompts: Sequence[Any],
+        *,
+        teacher_prompts: Sequence[Any] | None = None,
+        max_new_tokens: int = 128,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        return_diagnostics: bool = True,
+        show_progress: bool = False,
+        temperature: float | None = None,
+        **options,
+    ) -> list[GenerationOutput]:
+        """One q* completion per prompt (see the coordinator's `generate_batch`).
+
+        `batch_size` is accepted for `OptimalSampler` compatibility; the number of
+        sequences in flight is the config's `max_concurrency`. `temperature` overrides the
+        sampler's for this call; other keyword arguments (`on_policy`, `stop_token_ids`)
+        go to `generate_batch`.
+        """
+        return self._run(
+            self.coordinator.generate_batch(
+                prompts,
+                teacher_prompts=teacher_prompts,
+                max_tokens=max_new_tokens,
+                temperature=self.temperature if temperature is None else temperature,
+                return_diagnostics=return_diagnostics,
+                show_progress=show_progress,
+                seed=seed,
+                **options,
+            )
+        )
+
+    def get_statistics(self) -> dict[str, float]:
+        return self.coordinator.get_statistics()
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self.coordinator.close())
+            self._loop.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class VLLMSampler(SyncSampler):
+    """The two-server coordinator behind a synchronous `generate` (what the CLI calls).
 
     Example (needs two running servers):
 
@@ -24,16 +100,7 @@ class VLLMSampler:
     """
 
     def __init__(self, config: CoordinatorConfig, *, temperature: float = 1.0):
-        if not temperature > 0:
-            raise ValueError(f"`temperature` (={temperature}) has to be a strictly positive float.")
-        self.temperature = temperature
-        self.coordinator = DualVLLMCoordinator(config)
-        self._loop = asyncio.new_event_loop()
-        try:
-            self._loop.run_until_complete(self.coordinator.start())
-        except BaseException:
-            self._loop.close()
-            raise
+        super().__init__(DualVLLMCoordinator(config), temperature=temperature)
 
     @classmethod
     def from_cli_args(cls, args) -> "VLLMSampler":
@@ -59,53 +126,3 @@ class VLLMSampler:
             return cls(config, temperature=args.temperature)
         except (ValueError, RuntimeError, OSError) as error:  # server down, tokenizer mismatch, k too large
             raise UsageError(str(error)) from None
-
-    def generate(
-        self,
-        prompts: Sequence[Any],
-        *,
-        teacher_prompts: Sequence[Any] | None = None,
-        max_new_tokens: int = 128,
-        batch_size: int | None = None,
-        seed: int | None = None,
-        return_diagnostics: bool = True,
-        show_progress: bool = False,
-    ) -> list[GenerationOutput]:
-        """One q* completion per prompt (see `DualVLLMCoordinator.generate_batch`).
-
-        `batch_size` is accepted for `OptimalSampler` compatibility; the number of
-        sequences in flight is the config's `max_concurrency`.
-        """
-        if self._loop.is_closed():
-            raise RuntimeError("This VLLMSampler was closed.")
-        return self._loop.run_until_complete(
-            self.coordinator.generate_batch(
-                prompts,
-                teacher_prompts=teacher_prompts,
-                max_tokens=max_new_tokens,
-                temperature=self.temperature,
-                return_diagnostics=return_diagnostics,
-                show_progress=show_progress,
-                seed=seed,
-            )
-        )
-
-    def get_statistics(self) -> dict[str, float]:
-        return self.coordinator.get_statistics()
-
-    def close(self) -> None:
-        if not self._loop.is_closed():
-            self._loop.run_until_complete(self.coordinator.close())
-            self._loop.close()
-
-    def __enter__(self) -> "VLLMSampler":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
