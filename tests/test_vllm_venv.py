@@ -1,0 +1,62 @@
+"""The in-process engine tests (`tests/test_engines*.py`), run in the vLLM environment.
+
+vLLM 0.32 pins transformers<5.20 while the transformers front needs 5.24, so these tests run
+in the vLLM venv (`.ci/install_vllm.sh`, with optimal-sampling installed beside vLLM by
+`pip install -e .`), which `tests/vllm_servers.py start` records in the servers' env file as
+OPTIMAL_SAMPLING_VLLM_VENV (or set that variable). This test runs them there and fails with
+their failures; under CI a skipped engine test fails it too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import vllm_servers  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE_TESTS = ["tests/test_engines.py", "tests/test_engines_pipeline.py"]
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def vllm_venv() -> Path | None:
+    venv = os.environ.get("OPTIMAL_SAMPLING_VLLM_VENV") or (vllm_servers.servers_from_env() or {}).get(
+        "OPTIMAL_SAMPLING_VLLM_VENV")
+    return Path(venv) if venv else None
+
+
+def test_in_process_engine_tests_pass_in_the_vllm_venv(tmp_path):
+    venv = vllm_venv()
+    if venv is None:
+        hint = ("no vLLM venv for the in-process engine tests: start the servers with tests/vllm_servers.py "
+                "(it records the venv) or set OPTIMAL_SAMPLING_VLLM_VENV, after `VENV/bin/pip install -e .`")
+        if IN_CI:
+            pytest.fail(f"CI must run the engine tests, but {hint}")
+        pytest.skip(hint)
+    python = venv / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import vllm, optimal_sampling; print(optimal_sampling.__file__)"],
+                           capture_output=True, text=True, cwd=ROOT)
+    if probe.returncode != 0 or not probe.stdout.strip().startswith(str(ROOT)):
+        pytest.fail(f"{python} cannot import vllm and this checkout's optimal_sampling ({probe.stdout.strip()} "
+                    f"{probe.stderr.strip()[-400:]}); run `{venv}/bin/pip install -e {ROOT}`.")
+    report = tmp_path / "engines.xml"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    run = subprocess.run([str(python), "-m", "pytest", *ENGINE_TESTS, "-p", "no:cacheprovider", "-q", "-rfEs",
+                          f"--junitxml={report}"], capture_output=True, text=True, cwd=ROOT, env=env)
+    print(run.stdout[-6000:])  # shown with -rA / on failure
+    suite = ElementTree.parse(report).getroot() if report.exists() else None
+    if suite is None:
+        pytest.fail(f"the engine tests did not run (exit code {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    cases = suite.findall("testcase")
+    failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
+    skipped = [c.get("name") for c in cases if c.find("skipped") is not None]
+    assert cases and not failed and run.returncode == 0, f"engine tests failed: {failed}\n{run.stdout[-4000:]}"
+    if IN_CI:
+        assert not skipped, f"engine tests skipped under CI: {skipped}"
