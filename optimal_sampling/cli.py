@@ -34,11 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     models = gen.add_argument_group("models")
     models.add_argument("--base", help="base model π_θ: a local path or hub id (default: the shipped toy base)")
     models.add_argument("--teacher", help="teacher model π_t: a local path or hub id (default: the shipped toy teacher)")
-    models.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
-                        help="in-process transformers (exact) or two vLLM servers (top-k approximation)")
+    models.add_argument("--backend", choices=("transformers", "vllm", "vllm-inprocess"), default="transformers",
+                        help="in-process transformers (exact), two vLLM servers, or two vLLM engines in this "
+                             "process (both vLLM backends: top-k approximation, the same samples)")
     models.add_argument("--theta-url", help="with --backend vllm: the base model's server, e.g. http://127.0.0.1:8000")
     models.add_argument("--t-url", help="with --backend vllm: the teacher's server")
-    models.add_argument("--top-k-candidates", type=int, default=100, help="with --backend vllm: log-probs per side")
+    models.add_argument("--top-k-candidates", type=int, default=100,
+                        help="with --backend vllm / vllm-inprocess: log-probs per side")
+    models.add_argument("--vllm-engine-arg", action="append", metavar="KEY=VALUE",
+                        help="with --backend vllm-inprocess: an engine argument of both engines (`base.KEY=VALUE` or "
+                             "`teacher.KEY=VALUE` for one), e.g. dtype=bfloat16 or base.gpu_memory_utilization=0.4; "
+                             "repeat it for more")
     models.add_argument("--device", default="auto", help="torch device for --backend transformers (auto: cuda if available)")
 
     data = gen.add_argument_group("prompts")
@@ -201,11 +207,16 @@ def run_generate(args) -> int:
         "alpha": args.alpha,
         "batch_size": args.batch_size,
         "seed": args.seed,
+        **({"vllm_engine_args": args.vllm_engine_arg} if args.vllm_engine_arg else {}),
     }
     writer = ResumableWriter(args.output, settings, batch_size=args.batch_size, total=len(rows), overwrite=args.overwrite)
     done = writer.start()
     if args.backend == "vllm":
         sampler = _load_vllm_sampler(args)
+    elif args.backend == "vllm-inprocess":
+        from .engines import InProcessVLLMSampler
+
+        sampler = InProcessVLLMSampler.from_cli_args(args)
     else:
         sampler = _load_transformers_sampler(args)
 
@@ -227,12 +238,13 @@ def run_generate(args) -> int:
         progress.close()
     all_rows = done + new_rows
     writer.finish(all_rows)
+    getattr(sampler, "close", lambda: None)()  # the vLLM backends hold connections or engines
 
     answers = [row.get(args.answer_column) for row in rows]
     comparisons = {}
     if args.compare:
         for name, alpha in (("base only (α=0)", 0.0), ("teacher only (α=1)", 1.0)):
-            if args.backend == "vllm":
+            if args.backend != "transformers":
                 print("--compare is only available with --backend transformers", file=sys.stderr)
                 break
             solo = _load_transformers_sampler(args, alpha_method="fixed", alpha=alpha)

@@ -40,9 +40,10 @@ PER_TOKEN = ("alpha", "logq", "logp_theta", "logp_t", *RECORDED_DIAGNOSTICS, "it
 def canonical_top_k(ids: torch.Tensor, logp: torch.Tensor, k: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One side's top-k list in the form the step uses: `(ids [B, k] int64, logp [B, k] float64, dropped)`.
 
-    `ids` / `logp` (`[B, m]`, id -1 for padding, ids unique per row) may hold more than k
-    entries (a server lists the sampled token too): the k largest are kept, ties broken by
-    the smaller id. Ids beyond the tokenizer (`>= vocab_size`, a padded output layer) are
+    `ids` / `logp` (`[B, m]`, id -1 for padding) may hold more than k entries (a server
+    lists the sampled token too) and an id twice (vLLM's flat log-prob lists repeat the
+    sampled token): each id counts once, the k largest are kept, ties broken by the
+    smaller id. Ids beyond the tokenizer (`>= vocab_size`, a padded output layer) are
     dropped and counted in `dropped`. The kept entries come first, sorted by id, then padding
     (-1 / -inf): sampling by inversion must see the same columns for the same input, whatever
     order the entries arrived in.
@@ -53,6 +54,8 @@ def canonical_top_k(ids: torch.Tensor, logp: torch.Tensor, k: int, vocab_size: i
         ...                                      k=3, vocab_size=9)
         >>> ids.tolist(), logp.tolist(), dropped   # keeps 2, 4, 9 (the largest); 9 is beyond V
         ([[2, 4, -1]], [[-0.5, -0.5, -inf]], 1)
+        >>> canonical_top_k(torch.tensor([[5, 3, 5]]), torch.tensor([[-0.1, -2.0, -0.1]]), k=2, vocab_size=9)[0].tolist()
+        [[3, 5]]
     """
     ids, logp = ids.long(), logp.double()
     unlisted = torch.iinfo(torch.int64).max
@@ -60,6 +63,7 @@ def canonical_top_k(ids: torch.Tensor, logp: torch.Tensor, k: int, vocab_size: i
     # The k largest by (-logp, id): sort by id, then stably by value.
     by_id = torch.sort(torch.where(listed, ids, unlisted), dim=-1, stable=True).indices
     ids, logp, listed = ids.gather(-1, by_id), logp.gather(-1, by_id), listed.gather(-1, by_id)
+    listed[:, 1:] &= ids[:, 1:] != ids[:, :-1]  # a repeated id counts once
     by_value = torch.sort(torch.where(listed, -logp, math.inf), dim=-1, stable=True).indices[:, :k]
     ids, logp, listed = ids.gather(-1, by_value), logp.gather(-1, by_value), listed.gather(-1, by_value)
     beyond = listed & (ids >= vocab_size)

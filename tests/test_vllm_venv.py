@@ -1,10 +1,12 @@
-"""The in-process engine tests (`tests/test_engines*.py`), run in the vLLM environment.
+"""The tests that must hold beside vLLM, run in the vLLM environment.
 
-vLLM 0.32 pins transformers<5.20 while the transformers front needs 5.24, so these tests run
-in the vLLM venv (`.ci/install_vllm.sh`, with optimal-sampling installed beside vLLM by
-`pip install -e .`), which `tests/vllm_servers.py start` records in the servers' env file as
+vLLM 0.32 pins transformers<5.20 while the transformers front needs 5.24, so the in-process
+engine tests (`tests/test_engines*.py`) run in the vLLM venv (`.ci/install_vllm.sh`, with
+optimal-sampling installed beside vLLM by `pip install -e .`), and so do the core's and the
+server coordinator's tests, which this venv's suite also runs under transformers 5.24.
+`tests/vllm_servers.py start` records the venv in the servers' env file as
 OPTIMAL_SAMPLING_VLLM_VENV (or set that variable). This test runs them there and fails with
-their failures; under CI a skipped engine test fails it too.
+their failures; under CI a skipped test fails it too.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vllm_servers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINE_TESTS = ["tests/test_engines.py", "tests/test_engines_pipeline.py"]
+VLLM_VENV_TESTS = [
+    "tests/test_engines.py", "tests/test_engines_cli.py", "tests/test_engines_pipeline.py",  # only there
+    "tests/test_servers.py", "tests/test_topk_decoding.py", "tests/test_sparse.py", "tests/test_mixture.py",
+    "tests/test_alpha.py", "optimal_sampling/alpha.py", "optimal_sampling/mixture.py", "optimal_sampling/sparse.py",
+    "optimal_sampling/topk_decoding.py", "optimal_sampling/compat.py", "optimal_sampling/servers",
+    "optimal_sampling/engines",
+]
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 
 
@@ -31,13 +39,13 @@ def vllm_venv() -> Path | None:
     return Path(venv) if venv else None
 
 
-def test_in_process_engine_tests_pass_in_the_vllm_venv(tmp_path):
+def test_core_server_and_engine_tests_pass_beside_vllm(tmp_path):
     venv = vllm_venv()
     if venv is None:
-        hint = ("no vLLM venv for the in-process engine tests: start the servers with tests/vllm_servers.py "
+        hint = ("no vLLM venv for the tests that run beside vLLM: start the servers with tests/vllm_servers.py "
                 "(it records the venv) or set OPTIMAL_SAMPLING_VLLM_VENV, after `VENV/bin/pip install -e .`")
         if IN_CI:
-            pytest.fail(f"CI must run the engine tests, but {hint}")
+            pytest.fail(f"CI must run the tests beside vLLM, but {hint}")
         pytest.skip(hint)
     python = venv / "bin" / "python"
     probe = subprocess.run([str(python), "-c", "import vllm, optimal_sampling; print(optimal_sampling.__file__)"],
@@ -45,18 +53,19 @@ def test_in_process_engine_tests_pass_in_the_vllm_venv(tmp_path):
     if probe.returncode != 0 or not probe.stdout.strip().startswith(str(ROOT)):
         pytest.fail(f"{python} cannot import vllm and this checkout's optimal_sampling ({probe.stdout.strip()} "
                     f"{probe.stderr.strip()[-400:]}); run `{venv}/bin/pip install -e {ROOT}`.")
-    report = tmp_path / "engines.xml"
+    report = tmp_path / "vllm-venv.xml"
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    run = subprocess.run([str(python), "-m", "pytest", *ENGINE_TESTS, "-p", "no:cacheprovider", "-q", "-rfEs",
+    run = subprocess.run([str(python), "-m", "pytest", *VLLM_VENV_TESTS, "-p", "no:cacheprovider", "-q", "-rfEs",
                           f"--junitxml={report}"], capture_output=True, text=True, cwd=ROOT, env=env)
     print(run.stdout[-6000:])  # shown with -rA / on failure
     suite = ElementTree.parse(report).getroot() if report.exists() else None
     if suite is None:
-        pytest.fail(f"the engine tests did not run (exit code {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        pytest.fail(f"the tests beside vLLM did not run (exit code {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     cases = suite.findall("testcase")
     failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
     skipped = [c.get("name") for c in cases if c.find("skipped") is not None]
-    assert cases and not failed and run.returncode == 0, f"engine tests failed: {failed}\n{run.stdout[-4000:]}"
+    assert cases and not failed and run.returncode == 0, f"tests beside vLLM failed: {failed}\n{run.stdout[-4000:]}"
+    assert any(c.get("classname", "").endswith("test_engines") for c in cases), "the engine tests were not collected"
     if IN_CI:
-        assert not skipped, f"engine tests skipped under CI: {skipped}"
+        assert not skipped, f"tests beside vLLM skipped under CI: {skipped}"
