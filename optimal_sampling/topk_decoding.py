@@ -60,17 +60,21 @@ def canonical_top_k(ids: torch.Tensor, logp: torch.Tensor, k: int, vocab_size: i
     ids, logp = ids.long(), logp.double()
     unlisted = torch.iinfo(torch.int64).max
     listed = ids >= 0
-    # The k largest by (-logp, id): sort by id, then stably by value.
     by_id = torch.sort(torch.where(listed, ids, unlisted), dim=-1, stable=True).indices
     ids, logp, listed = ids.gather(-1, by_id), logp.gather(-1, by_id), listed.gather(-1, by_id)
     listed[:, 1:] &= ids[:, 1:] != ids[:, :-1]  # a repeated id counts once
-    by_value = torch.sort(torch.where(listed, -logp, math.inf), dim=-1, stable=True).indices[:, :k]
-    ids, logp, listed = ids.gather(-1, by_value), logp.gather(-1, by_value), listed.gather(-1, by_value)
+    selected = ids.shape[1] > k
+    if selected:
+        # The k largest by (-logp, id): the entries are in id order, so a stable sort by value.
+        by_value = torch.sort(torch.where(listed, -logp, math.inf), dim=-1, stable=True).indices[:, :k]
+        ids, logp, listed = ids.gather(-1, by_value), logp.gather(-1, by_value), listed.gather(-1, by_value)
     beyond = listed & (ids >= vocab_size)
     keep = listed & ~beyond
-    by_id = torch.sort(torch.where(keep, ids, unlisted), dim=-1, stable=True).indices
-    ids = torch.where(keep, ids, -1).gather(-1, by_id)
-    logp = torch.where(keep, logp, -math.inf).gather(-1, by_id)
+    if selected or bool((keep != listed).any()) or bool((listed[:, 1:] & ~listed[:, :-1]).any()):
+        by_id = torch.sort(torch.where(keep, ids, unlisted), dim=-1, stable=True).indices  # kept first, in id order
+        ids, logp, keep = ids.gather(-1, by_id), logp.gather(-1, by_id), keep.gather(-1, by_id)
+    ids = ids.masked_fill(~keep, -1)
+    logp = logp.masked_fill(~keep, -math.inf)
     if ids.shape[1] < k:
         pad = k - ids.shape[1]
         ids = torch.nn.functional.pad(ids, (0, pad), value=-1)

@@ -103,13 +103,28 @@ def _checkpoint_of(named_tensors):
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def _gather(entries: list[tuple[StepMessage, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k rows `(message, row)` as `(ids [n, k] int64, logp [n, k] float64)` (-1 / -inf padding)."""
+    first = entries[0][0]
+    if all(message is first for message, _ in entries):  # lockstep: one engine step holds every row
+        rows = np.fromiter((j for _, j in entries), dtype=np.int64, count=len(entries))
+        ids, logp = first.ids[rows], first.logp[rows]
+    else:
+        k = max(message.ids.shape[1] for message, _ in entries)
+        ids = np.full((len(entries), k), -1, dtype=np.int32)
+        logp = np.full((len(entries), k), -np.inf, dtype=np.float32)
+        for i, (message, j) in enumerate(entries):
+            ids[i, : message.ids.shape[1]], logp[i, : message.ids.shape[1]] = message.ids[j], message.logp[j]
+    return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(logp.astype(np.float64))
+
+
 # -- the state of the decoding ---------------------------------------------------------------
 
 
 @dataclass
 class _DrivenSequence(TopKSequence):
     slot: int = -1
-    topk: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # role → next position's top-k
+    topk: dict[str, tuple[StepMessage, int]] = field(default_factory=dict)  # role → (message, row) of the next position
     request_ids: dict[str, str] = field(default_factory=dict)
     open_requests: int = 0
 
@@ -321,6 +336,15 @@ class InProcessVLLMCoordinator:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
         self._started = False
+
+    def engine(self, role: str, group: int = 0):
+        """The `vllm.v1.engine.async_llm.AsyncLLM` of `role` ("base" or "teacher") in a pipeline group.
+
+        Requests without driven-decode arguments sample as usual on it (e.g. native
+        generation from the policy), between or alongside `generate_batch` calls.
+        """
+        self._require_started()
+        return self.pairs[group].sides[role].engine
 
     def engine_process_ids(self) -> dict[str, list[int]]:
         """Role → the process ids of that engine's `EngineCore` processes (one per pipeline group)."""
@@ -551,7 +575,7 @@ class InProcessVLLMCoordinator:
             if seq is None or seq.done:
                 continue
             if position == len(seq.tokens):
-                seq.topk[connection.side.role] = (message.ids[j], message.logp[j])
+                seq.topk[connection.side.role] = (message, j)
             elif position > len(seq.tokens):
                 seq.fail(f"the {connection.side.role} engine reached position {position} before the coordinator drew "
                          f"token {len(seq.tokens)} (a driven-decode bug; please report it)")
@@ -591,16 +615,9 @@ class InProcessVLLMCoordinator:
         if not ready:
             return
         started = time.perf_counter()
-        k = max(len(s.topk[role][0]) for s in ready for role in ROLES)
         lists = {}
         for role in ROLES:
-            ids = torch.full((len(ready), k), -1, dtype=torch.int64)
-            logp = torch.full((len(ready), k), -math.inf, dtype=torch.float64)
-            for j, s in enumerate(ready):
-                row_ids, row_logp = s.topk[role]
-                ids[j, : len(row_ids)] = torch.from_numpy(row_ids.astype(np.int64))
-                logp[j, : len(row_logp)] = torch.from_numpy(row_logp.astype(np.float64))
-            ids, logp, dropped = canonical_top_k(ids, logp, call.top_k, self.vocab_size)
+            ids, logp, dropped = canonical_top_k(*_gather([s.topk[role] for s in ready]), call.top_k, self.vocab_size)
             self._stats["dropped_entries"] += dropped
             lists[role] = (ids, logp)
         if call.captured is not None:
