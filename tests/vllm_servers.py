@@ -149,7 +149,7 @@ def vllm_python(venv: str | None) -> str:
 
 def server_command(python: str, model_dir: str, name: str, port: int, *, max_logprobs: int = -1,
                    max_model_len: int = 512, kv_cache: str = "64M", host: str = "127.0.0.1",
-                   extra_args=()) -> list[str]:
+                   block_size: int | None = 32, extra_args=()) -> list[str]:
     return [
         python, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir),
@@ -163,6 +163,10 @@ def server_command(python: str, model_dir: str, name: str, port: int, *, max_log
         "--kv-cache-memory-bytes", kv_cache,  # required on these machines; "M" = 2^20
         "--generation-config", "vllm",     # ignore the model's generation_config.json defaults
         "--seed", "0",
+        # The CPU default block size is 128, and only whole blocks are cached, so a re-sent prefix
+        # shorter than 128 tokens (every coordinator step re-sends one) is prefilled again each
+        # time. 32 is the smallest block the CPU attention backend accepts.
+        *(["--block-size", str(block_size)] if block_size else []),
         *extra_args,
     ]
 
@@ -236,10 +240,12 @@ def read_env_file(path) -> dict:
 def start_servers(base_dir, teacher_dir, *, venv=None, base_port=8100, teacher_port=8101,
                   base_name="base", teacher_name="teacher", env_file=None, log_dir=None,
                   max_logprobs=-1, max_model_len=512, kv_cache="64M", timeout=300.0,
-                  cpus=None, extra_args=(), verbose=True) -> dict:
+                  cpus=None, extra_args=(), verbose=True, base_extra_args=(), teacher_extra_args=(),
+                  block_size=32) -> dict:
     """Start both servers, wait until each answered a real logprob request, return the config.
 
-    On any failure both servers are stopped and the error carries the log tail.
+    `extra_args` go to both servers, `base_extra_args` / `teacher_extra_args` to one. On any
+    failure both servers are stopped and the error carries the log tail.
     """
     python = vllm_python(venv)
     for d in (base_dir, teacher_dir):
@@ -254,18 +260,18 @@ def start_servers(base_dir, teacher_dir, *, venv=None, base_port=8100, teacher_p
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="vllm-servers-"))
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    specs = [("THETA", base_dir, base_name, base_port, cpus[0]),
-             ("T", teacher_dir, teacher_name, teacher_port, cpus[1])]
+    specs = [("THETA", base_dir, base_name, base_port, cpus[0], base_extra_args),
+             ("T", teacher_dir, teacher_name, teacher_port, cpus[1], teacher_extra_args)]
     procs, cfg = {}, {}
     t_start = time.monotonic()
     try:
-        for role, model_dir, name, port, cpu in specs:
+        for role, model_dir, name, port, cpu, own_args in specs:
             tmpdir = log_dir / f"tmp-{name}"
             tmpdir.mkdir(exist_ok=True)
             log = log_dir / f"{name}.log"
             cmd = server_command(python, model_dir, name, port, max_logprobs=max_logprobs,
-                                 max_model_len=max_model_len, kv_cache=kv_cache,
-                                 extra_args=extra_args)
+                                 max_model_len=max_model_len, kv_cache=kv_cache, block_size=block_size,
+                                 extra_args=(*extra_args, *own_args))
             with open(log, "w") as logf:
                 logf.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
                 logf.flush()
@@ -293,7 +299,7 @@ def start_servers(base_dir, teacher_dir, *, venv=None, base_port=8100, teacher_p
             # Written before waiting, so `stop` finds the PIDs even if the wait is interrupted.
             write_env_file(env_file, cfg)
         deadline = time.monotonic() + timeout
-        for role, _, name, _, _ in specs:
+        for role, _, name, _, _, _ in specs:
             _wait_ready(cfg[f"{PREFIX}{role}_URL"], name, procs[role],
                         cfg[f"{PREFIX}{role}_LOG"], deadline)
             if verbose:
@@ -405,6 +411,8 @@ def main(argv=None) -> int:
     st.add_argument("--max-logprobs", type=int, default=-1, help="-1 = whole vocabulary")
     st.add_argument("--max-model-len", type=int, default=512)
     st.add_argument("--kv-cache", default="64M")
+    st.add_argument("--block-size", type=int, default=32,
+                    help="KV block size; CPU default 128 never caches a prefix under 128 tokens (0: vLLM's default)")
     st.add_argument("--timeout", type=float, default=300.0)
     st.add_argument("--cpus", default=None, help="two OMP bind specs, e.g. '0,1' (default: first two cores)")
     st.add_argument("extra", nargs="*", help="extra server args after --")
@@ -422,7 +430,8 @@ def main(argv=None) -> int:
                                 teacher_name=args.teacher_name, env_file=args.env_file,
                                 log_dir=args.log_dir, max_logprobs=args.max_logprobs,
                                 max_model_len=args.max_model_len, kv_cache=args.kv_cache,
-                                timeout=args.timeout, cpus=cpus, extra_args=args.extra)
+                                timeout=args.timeout, cpus=cpus, extra_args=args.extra,
+                                block_size=args.block_size)
         except (RuntimeError, TimeoutError) as e:
             print(f"[vllm_servers] FAILED: {e}", file=sys.stderr)
             return 1

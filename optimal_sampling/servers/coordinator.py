@@ -4,8 +4,11 @@ Per step, every in-flight sequence's current token ids go to both servers in ONE
 1-token completion request per server (`prompt` = a list of token-id lists, `logprobs=k`).
 The coordinator merges the two top-k lists with the core's `sparse_candidates`, solves α and
 q* for the whole step with `compute_mixture`, and samples the next token itself. The token
-ids travel back in the next request, so nothing is ever re-tokenised; the servers' prefix
-caches keep each step incremental.
+ids travel back in the next request, so nothing is ever re-tokenised. A server's prefix cache
+holds whole KV blocks only, so each step prefills again the part of a prefix past its last
+full block, and all of a prefix shorter than one block (vLLM's CPU default block size is 128:
+start CPU servers with `--block-size 32`). Every request carries neutral sampling parameters
+and never a `seed` (see `client.NEUTRAL_SAMPLING`).
 """
 
 from __future__ import annotations
@@ -181,13 +184,16 @@ class DualVLLMCoordinator:
         tokenizer = self.theta_tokenizer
         token = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), 0)
         try:
-            await client.top_logprobs([[int(token)]], self.top_k, self.vocab_size)
+            ids, logp = await client.top_logprobs([[int(token)]], self.top_k, self.vocab_size)
         except ServerRequestError as error:
             fix = ""
             if "logprobs" in error.message:
                 fix = (f" Lower `top_k` (={self.top_k}) or restart the server with `--max-logprobs {self.top_k}` "
                        "(-1 allows the whole vocabulary).")
             raise ValueError(f"{client} rejected a probe request with top_k={self.top_k}: {error.message}.{fix}") from None
+        except MalformedResponseError as error:
+            raise ValueError(f"A probe request found the server unusable: {error}") from None
+        client.check_log_prob_values(ids, logp)
 
     def _require_started(self) -> None:
         if not self._started:
