@@ -15,9 +15,11 @@ x `--tokens` tokens (end-of-sequence ignored everywhere, so every row makes the 
   * driven x2:   two pairs (`pipeline_groups=2`), c/2 sequences each, so q* for one group runs
                  while the other pair's engines work.
 
-Measurements alternate within each phase (native, HTTP, driven, native, ...) and the median of
-`--repeats` is reported, so that they share the machine's load; the two-pair phase measures
-its own native reference. Prints a Markdown table and appends it to benchmarks/RESULTS.md
+At each concurrency the HTTP runs come first (the servers share the engines' cores, and a run
+leaves them busy for a moment), then after a pause native and driven runs alternate; the
+median of `--repeats` is reported. The two-pair phase measures its own native reference.
+"ms/step" splits a driven step into waiting for the engines and the q* step (two pairs: per
+pair-step, and the pairs' waits overlap). Prints a Markdown table and appends it to benchmarks/RESULTS.md
 (unless --no-append).
 """
 
@@ -42,6 +44,9 @@ from vllm_coordinator import prompt_ids  # noqa: E402
 from optimal_sampling.engines import InProcessVLLMCoordinator, VLLMEngineSpec  # noqa: E402
 from optimal_sampling.servers import CoordinatorConfig, DualVLLMCoordinator  # noqa: E402
 from optimal_sampling.toy import TOY_PAIR_DIR  # noqa: E402
+
+
+SETTLE = 2.0  # seconds between the HTTP runs and the in-process ones
 
 
 def engine_spec(role: str) -> VLLMEngineSpec:
@@ -111,10 +116,11 @@ async def phase(args, groups: int, http: DualVLLMCoordinator | None) -> dict[int
             if http is not None:
                 await qstar_run(http, prompts, 2, seed=0)
             runs = {"native": [], "http": [], "driven": []}
+            if http is not None:
+                runs["http"] = [await qstar_run(http, prompts, args.tokens, seed=repeat) for repeat in range(args.repeats)]
+                await asyncio.sleep(SETTLE)
             for repeat in range(args.repeats):
                 runs["native"].append({"tps": await native_tps(base, prompts, args.tokens)})
-                if http is not None:
-                    runs["http"].append(await qstar_run(http, prompts, args.tokens, seed=repeat))
                 runs["driven"].append(await qstar_run(driven, prompts, args.tokens, seed=repeat))
             results[c] = {name: {key: median(r, key) for key in r[0]} for name, r in runs.items() if r}
             line = ", ".join(f"{name} {v['tps']:.0f} tok/s" for name, v in results[c].items())
@@ -172,7 +178,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 128])
     parser.add_argument("--top-k", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
     if not (args.theta_url and args.t_url):
