@@ -50,10 +50,13 @@ def test_driven_decode_draws_the_http_coordinators_tokens(servers, engines):
     assert len({len(r.generated_tokens) for r in reference}) > 1, "the sequences should stop at different steps"
     for concurrency in (128, 40):  # one wave, then refills as sequences finish
         engines.coordinator.config.max_concurrency = concurrency
+        skewed = engines.get_statistics()["skewed_answers"]
         try:
             outputs = engines.generate(prompts, teacher_prompts=teacher_prompts, max_new_tokens=4, seed=5)
         finally:
             engines.coordinator.config.max_concurrency = 128
+        if concurrency == 128:  # one wave: both engines held the same rows at every step
+            assert engines.get_statistics()["skewed_answers"] == skewed
         assert [o.error for o in outputs] == [None] * 128
         assert [o.generated_tokens for o in outputs] == [r.generated_tokens for r in reference]
         for out, ref in zip(outputs, reference):
