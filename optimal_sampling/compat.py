@@ -4,7 +4,7 @@ The core (`alpha`, `mixture`, `sparse`, `topk_decoding`) and both vLLM backends 
 `engines`) need only public transformers API (tokenizers, `AutoModelForCausalLM` in tests),
 so they work with the transformers that vLLM pins (vLLM 0.32: `>=5.16.1,<5.20`). The
 transformers front (`OptimalSamplingLogitsProcessor`, `optimal_generate`, `OptimalSampler`,
-the fast path, and the TRL trainers built on them) runs transformers' private
+the fast path, `TeacherCache`, and the TRL trainers built on them) runs transformers' private
 `GenerationMixin._sample` loop and passes KV caches to the models as `cache=`, which
 transformers 5.24 introduced: older models take `past_key_values=` and silently ignore
 `cache=`, so the teacher would be decoded without its cache and record wrong log q. That
@@ -58,7 +58,7 @@ def check_transformers_front(*models) -> None:
     if problems:
         raise IncompatibleTransformersError(
             "The transformers front of optimal-sampling (OptimalSamplingLogitsProcessor, optimal_generate, "
-            f"OptimalSampler, the fast path and the trainers built on them) needs transformers{TRANSFORMERS_FRONT}: "
+            f"OptimalSampler, the fast path, TeacherCache and the trainers built on them) needs transformers{TRANSFORMERS_FRONT}: "
             f"{'; '.join(problems)}. It runs the private GenerationMixin._sample and passes KV caches as `cache=`, "
             "which older releases silently ignore. Install it with `pip install 'transformers>=5.24,<5.25'` in an "
             "environment without vLLM 0.32 (which pins transformers<5.20); beside vLLM, use the vLLM backends "

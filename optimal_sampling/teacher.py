@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from .compat import check_transformers_front
+
 
 def left_padding_mask(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
     """`[B, L]` attention mask for a left-padded batch: 0 on the leading pad tokens only.
@@ -64,6 +66,7 @@ class TeacherCache:
     """
 
     def __init__(self, model: torch.nn.Module):
+        check_transformers_front(model)  # older models ignore `cache=` and would decode without it
         self.model = model
         self.reset()
 
