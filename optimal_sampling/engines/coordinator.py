@@ -10,9 +10,11 @@ its rows' tokens, and each processor forces its row's token. So the engines do t
 work, batched and cached as vLLM does it, and no token travels through HTTP.
 
 Rows are matched by (sequence slot, position), so the two engines need not hold the same
-rows in a step; when they do (all sequences admitted at once, enough KV cache), neither
-waits for the other. All requests of a wave are added while both engines are paused, so
-both start with the same batch.
+rows in a step: a late admission or a preemption in one engine only makes the other wait, and
+only if each engine waits for a row the other does not run do the waiting sequences fail.
+When both hold the same rows (a wave admitted at once, enough KV cache), neither waits. A wave
+is added while both engines are paused, so that both start with the same batch; refills are
+added while both engines sit inside a step, so that both admit them at the next one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import os
 import shutil
 import tempfile
@@ -214,7 +215,8 @@ class InProcessVLLMCoordinator:
 
     Example (needs vLLM; CPU engines need `kv_cache_memory_bytes`):
 
-        base = VLLMEngineSpec(TOY_PAIR_DIR / "base", dtype="float32", kv_cache_memory_bytes=64 << 20)
+        base, teacher = (VLLMEngineSpec(str(TOY_PAIR_DIR / role), dtype="float32", kv_cache_memory_bytes=64 << 20)
+                         for role in ("base", "teacher"))
         async with InProcessVLLMCoordinator(base, teacher, top_k=20) as coordinator:
             outputs = await coordinator.generate_batch(["12+34="], max_tokens=8)
             await coordinator.load_base_weights("checkpoint-dir")   # a trainer, after an optimizer step
