@@ -355,6 +355,36 @@ def test_rloo_refuses_token_level_weights_and_the_biased_combination():
         training_args(OptimalSamplingRLOOConfig, importance_weighting="sequence_truncate")
 
 
+def test_generation_kwargs_the_sampler_honours_reach_it_and_others_are_refused_by_name():
+    trainer = make_trainer(max_steps=1, max_completion_length=6,
+                           generation_kwargs={"max_new_tokens": 3, "do_sample": True, "top_k": 0, "use_cache": True})
+    batches = capture_batches(trainer)
+    trainer.train()
+    assert batches[0]["completion_mask"].sum(-1).max() <= 3
+    for kwargs, message in (
+        ({"num_beams": 4}, r"generation_kwargs\['num_beams'\]=4 would change the sampled distribution"),
+        ({"min_new_tokens": 2}, r"generation_kwargs\['min_new_tokens'\] is not supported"),
+        ({"temperature": 0.5}, "differs from the trainer's temperature"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make_trainer(generation_kwargs=kwargs)
+
+
+def test_mask_truncated_completions_masks_rows_that_hit_the_length_cap():
+    from optimal_sampling.testing import bias_output_layer
+
+    eos = TOKENIZER.eos_token_id
+    teacher = bias_output_layer(tiny_causal_lm(VOCAB, seed=1), eos, bias=4.0)  # q* rows often stop early
+    trainer = make_trainer(teacher=teacher, max_steps=1, alpha_method="fixed", alpha=1.0, mask_truncated_completions=True)
+    batches = capture_batches(trainer)
+    trainer.train()
+    ids, mask = batches[0]["completion_ids"], batches[0]["completion_mask"]
+    ended = torch.tensor([bool((row == eos).any()) for row in ids])
+    assert ended.any() and (~ended).any()
+    assert mask[~ended].eq(0).all()  # truncated rows carry no loss
+    assert mask[ended].sum(-1).gt(0).all()
+
+
 # --- the decode loop ----------------------------------------------------------------------
 
 

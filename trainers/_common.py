@@ -49,8 +49,29 @@ def check_teacher_given(teacher_model, args: OptimalSamplingArguments) -> None:
         )
 
 
-def check_generation_options(args) -> None:
-    """Options that would change what is sampled without being in log q, or that use another generator."""
+#: `generation_kwargs` keys the q* sampler honours, and the values it takes for each: anything
+#: else would change what is sampled without being recorded in log q, or has no meaning for it.
+NEUTRAL_GENERATION_VALUES = {
+    "do_sample": (True,),
+    "top_k": (0, None),
+    "top_p": (1.0, None),
+    "min_p": (None, 0.0),
+    "repetition_penalty": (1.0, None),
+    "num_beams": (1, None),
+}
+#: Keys that do not change the sampled distribution (caching, special ids already known).
+PASSIVE_GENERATION_KWARGS = ("pad_token_id", "bos_token_id", "cache_implementation", "use_cache")
+
+
+def check_generation_options(args) -> dict:
+    """Refuse options that would change what is sampled without being in log q, or another generator.
+
+    Returns the `generation_kwargs` the sampler honours: `max_new_tokens` (the completion cap; as in
+    TRL's own transformers path it overrides `max_completion_length`) and `eos_token_id` (extra stop
+    ids, an int or a list). `temperature` must equal the trainer's; `do_sample`, `top_k`, `top_p`,
+    `min_p`, `repetition_penalty`, `num_beams` are accepted only at values that change nothing;
+    `pad_token_id`, `bos_token_id`, `cache_implementation`, `use_cache` do not change the samples.
+    """
     if args.use_vllm:
         raise ValueError(
             "`use_vllm=True` makes TRL sample from its own vLLM engine, not from q*. Leave it False; for servers "
@@ -68,11 +89,37 @@ def check_generation_options(args) -> None:
             "`min_p` and `repetition_penalty` would change the sampled distribution without being in log q; "
             "unset them."
         )
-    if args.generation_kwargs:
-        raise ValueError(
-            f"`generation_kwargs` ({sorted(args.generation_kwargs)}) are for `model.generate`; the q* sampler does "
-            "not use them. Unset them."
-        )
+    honoured: dict = {}
+    for key, value in (args.generation_kwargs or {}).items():
+        if key == "max_new_tokens":
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"generation_kwargs['max_new_tokens'] must be an int >= 1, got {value!r}.")
+            honoured[key] = value
+        elif key == "eos_token_id":
+            ids = [value] if isinstance(value, int) else list(value or [])
+            if not all(isinstance(i, int) for i in ids):
+                raise ValueError(f"generation_kwargs['eos_token_id'] must be an int or a list of ints, got {value!r}.")
+            honoured[key] = ids
+        elif key == "temperature":
+            if value != args.temperature:
+                raise ValueError(
+                    f"generation_kwargs['temperature']={value} differs from the trainer's temperature="
+                    f"{args.temperature}: the trainer scores π_θ at its own temperature, so the sampler must use it "
+                    "too. Set `temperature` instead."
+                )
+        elif key in NEUTRAL_GENERATION_VALUES:
+            if value not in NEUTRAL_GENERATION_VALUES[key]:
+                raise ValueError(
+                    f"generation_kwargs[{key!r}]={value!r} would change the sampled distribution without being "
+                    f"recorded in log q; the q* sampler accepts only {NEUTRAL_GENERATION_VALUES[key]} there."
+                )
+        elif key not in PASSIVE_GENERATION_KWARGS:
+            raise ValueError(
+                f"generation_kwargs[{key!r}] is not supported by the q* sampler (it honours max_new_tokens, "
+                "eos_token_id, a temperature equal to the trainer's, and neutral values of do_sample, top_k, top_p, "
+                "min_p, repetition_penalty and num_beams). Remove it."
+            )
+    return honoured
 
 
 def resolve_callable(spec: Callable | str) -> Callable:
@@ -161,6 +208,7 @@ class OptimalSamplingMixin:
             alpha_max=args.alpha_max,
             teacher_top_p=args.teacher_top_p,
         )
+        self._generation_overrides = check_generation_options(args)  # already checked before TRL's init
         self._rollout_rows: list[dict] | None = None
         self._pending_rollouts: list[Rollouts] = []
         self._rollout_rewards: torch.Tensor | None = None
@@ -346,14 +394,15 @@ class OptimalSamplingMixin:
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
+            overrides = self._generation_overrides
             rollouts = sample_rollouts(
                 unwrapped_model,
                 unwrapped_model if self._teacher_is_policy else self.teacher_model,
                 prompt_ids,
                 teacher_prompt_ids=teacher_prompt_ids,
-                max_new_tokens=self.max_completion_length,
+                max_new_tokens=overrides.get("max_new_tokens", self.max_completion_length),
                 pad_token_id=self._tokenizer.pad_token_id,
-                stop_token_ids=self.eos_token_ids,
+                stop_token_ids=sorted(set(self.eos_token_ids) | set(overrides.get("eos_token_id", []))),
                 vocab_size=self._vocab_size,
                 device=self.accelerator.device,
                 temperature=self.temperature,
