@@ -463,33 +463,55 @@ def _mean_sd(values: list[float]) -> str:
     return f"{mean:.3f} ± {sd:.3f}"
 
 
+MAIN_ARMS = ("vanilla", "old_default", "qstar_none", "mixed_qstar", "mixed_teacher", "luffy_teacher")
+
+
 def _plot(runs, path: str) -> None:
+    """Top: accuracy curves of the main arms (mean ± sd over seeds). Bottom: every arm's paired
+    difference to vanilla (mean over seeds with a 95% t band), old_default left out of scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from scipy import stats
 
-    regimes = [r for r in REGIMES if (r, "vanilla") in runs]
-    fig, axes = plt.subplots(1, len(regimes), figsize=(7 * len(regimes), 5.5), squeeze=False)
-    for ax, regime in zip(axes[0], regimes):
+    regimes = [r for r in ("hard", "ordinary") if (r, "vanilla") in runs]
+    fig, axes = plt.subplots(2, len(regimes), figsize=(7.5 * len(regimes), 10), squeeze=False)
+    colours = dict(zip(ARMS, plt.get_cmap("tab20").colors))
+    for column, regime in enumerate(regimes):
+        top, bottom = axes[0][column], axes[1][column]
+        vanilla = runs[(regime, "vanilla")]
         for arm in ARMS:
             if (regime, arm) not in runs:
                 continue
-            curves = [curve_of(r, regime) for r in runs[(regime, arm)].values()]
-            steps = curves[0][0]
-            acc = torch.tensor([c[1] for c in curves])
-            mean = acc.mean(0)
-            sd = acc.std(0) if acc.shape[0] > 1 else torch.zeros_like(mean)
-            width = 2.5 if arm in ("vanilla", "mixed_qstar") else 1.2
-            line, = ax.plot(steps, mean, label=ARM_LABELS[arm], linewidth=width)
-            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.12, color=line.get_color())
-        ax.set(xlabel="optimizer step", ylabel="exact accuracy mean_x π_θ(answer | x)",
-               title=f"{regime} regime: held-out {regime} problems (mean ± sd over seeds)")
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+            seeds = sorted(runs[(regime, arm)])
+            steps = curve_of(runs[(regime, arm)][seeds[0]], regime)[0]
+            acc = torch.tensor([curve_of(runs[(regime, arm)][s], regime)[1] for s in seeds])
+            if arm in MAIN_ARMS:
+                mean, sd = acc.mean(0), acc.std(0) if len(seeds) > 1 else torch.zeros(acc.shape[1])
+                top.plot(steps, mean, label=ARM_LABELS[arm], color=colours[arm], linewidth=2.5 if arm == "vanilla" else 1.5)
+                top.fill_between(steps, mean - sd, mean + sd, alpha=0.12, color=colours[arm])
+            if arm in ("vanilla", "old_default"):
+                continue
+            paired = [s for s in seeds if s in vanilla]
+            diff = acc[[seeds.index(s) for s in paired]] - torch.tensor([curve_of(vanilla[s], regime)[1] for s in paired])
+            mean = diff.mean(0)
+            half = stats.t.ppf(0.975, len(paired) - 1) * diff.std(0) / len(paired) ** 0.5
+            style = "-" if arm.startswith("mixed") else "--"
+            bottom.plot(steps, mean, style, label=ARM_LABELS[arm], color=colours[arm])
+            bottom.fill_between(steps, mean - half, mean + half, alpha=0.08, color=colours[arm])
+        bottom.axhline(0.0, color="black", linewidth=1)
+        top.set(xlabel="optimizer step", ylabel="exact accuracy mean_x π_θ(answer | x)",
+                title=f"{regime} regime: held-out {regime} problems (mean ± sd, {len(vanilla)} seeds)")
+        bottom.set(xlabel="optimizer step", ylabel="accuracy − vanilla's (same seed)",
+                   title=f"{regime} regime: paired difference to vanilla (mean, 95% band)")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[1][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.13, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=100)
 
 
 # --- command line -----------------------------------------------------------------------------------

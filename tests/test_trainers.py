@@ -128,7 +128,9 @@ def test_pinned_trl_range_matches_the_tested_range():
 
 def test_config_defaults_mix_on_policy_rows_and_refuse_trls_own_correction_fields():
     args = training_args(max_steps=1)
+    # the configuration the pre-registered toy experiment chose (recipes/PREREGISTRATION.md)
     assert args.num_on_policy_generations == args.num_generations // 2
+    assert (args.alpha_method, args.alpha) == ("fixed", 1.0)
     assert (args.importance_weighting, args.advantage_baseline) == ("none", "group")
     assert "teacher_prompt_template" in {f for f in inspect.signature(OptimalSamplingGRPOConfig).parameters}
     with pytest.raises(ValueError, match="set `importance_weighting` instead"):
@@ -253,7 +255,7 @@ def test_q_star_weights_reach_the_loss():
 
 def test_alpha_kl_and_importance_metrics_reach_log_history():
     trainer = make_trainer(teacher_prompt_template="{teacher_prompt}", importance_weighting="token_truncate",
-                           advantage_baseline="on_policy")
+                           advantage_baseline="on_policy", alpha_method="kl_symmetry")
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2
@@ -451,7 +453,7 @@ def test_teacher_path_that_does_not_load_is_a_clear_error(tmp_path):
         (dict(top_k=50), ValueError, "top_k=50"),
         (dict(repetition_penalty=1.2), ValueError, "repetition_penalty"),
         (dict(sampler_backend="vllm", sampler_theta_url="http://a", sampler_t_url="http://b"), NotImplementedError, "sampler_backend='vllm'"),
-        (dict(alpha_method="fixed"), ValueError, "needs `alpha`"),
+        (dict(alpha_method="fixed", alpha=None), ValueError, "needs `alpha`"),
         (dict(alpha_method="kl_budget"), ValueError, "needs `kl_budget`"),
         (dict(importance_weighting="token_truncate"), ValueError, "biased"),
         (dict(num_on_policy_generations=0, advantage_baseline="on_policy"), ValueError, "num_on_policy_generations` is 0"),

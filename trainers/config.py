@@ -32,9 +32,10 @@ class OptimalSamplingArguments:
             With neither field the teacher sees exactly the base's prompt tokens.
 
     α (see `optimal_sampling.solve_alpha`):
-        alpha_method: `"kl_symmetry"` (the KL-symmetric α*, default), `"fixed"`, `"entropy"`,
-            `"ess_balance"` or `"kl_budget"` (the largest α with KL(q‖π_θ) ≤ `kl_budget`).
-        alpha: the constant for `alpha_method="fixed"` (0 = vanilla GRPO, 1 = teacher samples).
+        alpha_method: `"fixed"` (default, with `alpha=1.0`: teacher samples), `"kl_symmetry"` (the
+            KL-symmetric α*), `"entropy"`, `"ess_balance"` or `"kl_budget"` (the largest α with
+            KL(q‖π_θ) ≤ `kl_budget`).
+        alpha: the constant for `alpha_method="fixed"` (0 = vanilla GRPO, 1 = teacher samples; default 1).
         kl_budget: ε of `alpha_method="kl_budget"`, in nats per token.
         alpha_min, alpha_max: clamp α.
         teacher_top_p: restrict both models to the teacher's top-p nucleus before solving.
@@ -85,12 +86,17 @@ class OptimalSamplingArguments:
             "import path 'package.module:function'. Exclusive with `teacher_prompt_template`."
         },
     )
+    # The defaults (alpha_method="fixed", alpha=1.0, half the group on-policy, no weights, the group
+    # baseline) are the configuration the pre-registered experiment of recipes/PREREGISTRATION.md chose;
+    # recipes/RESULTS.md has the numbers, and how close the KL-symmetric blend came.
     alpha_method: str = field(
-        default="kl_symmetry",
-        metadata={"help": f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}."},
+        default="fixed",
+        metadata={"help": f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}. Default 'fixed' with "
+                  "alpha=1.0: the off-policy rows are teacher samples (the configuration the toy experiment in "
+                  "recipes/RESULTS.md chose); 'kl_symmetry' samples the KL-symmetric blend q*."},
     )
     alpha: float | None = field(
-        default=None,
+        default=1.0,
         metadata={"help": "The constant α for `alpha_method='fixed'` (0: sample π_θ, i.e. vanilla GRPO; 1: the teacher)."},
     )
     alpha_min: float = field(default=0.0, metadata={"help": "Lower clamp on α."})
@@ -232,11 +238,14 @@ class OptimalSamplingGRPOConfig(OptimalSamplingArguments, GRPOConfig):
 
     Example:
         >>> from trainers import OptimalSamplingGRPOConfig
-        >>> args = OptimalSamplingGRPOConfig(output_dir="/tmp/os-grpo", num_generations=8, alpha_method="fixed",
-        ...                                  alpha=0.5, teacher_prompt_template="{teacher_prompt}", report_to="none",
+        >>> args = OptimalSamplingGRPOConfig(output_dir="/tmp/os-grpo", num_generations=8,
+        ...                                  teacher_prompt_template="{teacher_prompt}", report_to="none",
         ...                                  use_cpu=True, bf16=False)
-        >>> args.num_on_policy_generations, args.importance_weighting, args.advantage_baseline
-        (4, 'none', 'group')
+        >>> args.num_on_policy_generations, args.alpha_method, args.alpha, args.importance_weighting
+        (4, 'fixed', 1.0, 'none')
+        >>> OptimalSamplingGRPOConfig(output_dir="/tmp/os-grpo", alpha_method="kl_symmetry", num_generations=8,
+        ...                           report_to="none", use_cpu=True, bf16=False).alpha_method  # the blend q*
+        'kl_symmetry'
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
