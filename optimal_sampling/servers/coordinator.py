@@ -27,6 +27,7 @@ from ..generation import GenerationOutput, check_same_vocabulary, prompt_token_i
 from ..mixture import Mixture, compute_mixture
 from ..sparse import SparseCandidates, sample_candidates, sparse_candidates
 from .client import (
+    CoordinatorLog,
     MalformedResponseError,
     RequestCounters,
     ServerClient,
@@ -35,7 +36,7 @@ from .client import (
     ServerUnavailableError,
     logger,
 )
-from .config import CoordinatorConfig
+from .config import CoordinatorConfig, logging_level
 
 # Per-token values kept for the diagnostics (the transformers front records the same names).
 _DIAGNOSTICS = ("kl_theta", "kl_t", "kl_diff", "ess_ratio", "entropy_q", "chernoff")
@@ -172,6 +173,9 @@ class DualVLLMCoordinator:
         elif fields:
             raise TypeError("Pass either a CoordinatorConfig or its fields as keyword arguments, not both.")
         self.config = config
+        if config.log_level is not None:
+            logger.setLevel(logging_level(config.log_level))
+        self.log = CoordinatorLog(config.enable_logging)
         self.theta_tokenizer, self.t_tokenizer = theta_tokenizer, t_tokenizer
         self.counters = RequestCounters()
         self._theta: ServerClient | None = None
@@ -199,7 +203,7 @@ class DualVLLMCoordinator:
             return
         cfg = self.config
         common = dict(timeout=cfg.request_timeout, pool_size=cfg.connection_pool_size, max_retries=cfg.max_retries,
-                      retry_delay=cfg.retry_delay, counters=self.counters)
+                      retry_delay=cfg.retry_delay, counters=self.counters, log=self.log)
         self._theta = ServerClient("base", cfg.theta_url, api_key=cfg.theta_api_key, **common)
         self._t = ServerClient("teacher", cfg.t_url, api_key=cfg.t_api_key, **common)
         try:
@@ -259,8 +263,10 @@ class DualVLLMCoordinator:
             source = path or root
             if source is None:
                 client = self._theta if attr == "theta_tokenizer" else self._t
+                flag = "--base" if attr == "theta_tokenizer" else "--teacher"
                 raise ValueError(f"{client} serves {client.model!r} from a directory that is not on this machine, so "
-                                 f"its tokenizer cannot be found; pass `{option}=` (a local path or hub id).")
+                                 f"its tokenizer cannot be found; pass `{option}=` (a local path or hub id), or "
+                                 f"`{flag}` on the command line.")
             setattr(self, attr, AutoTokenizer.from_pretrained(source))
         try:
             check_same_vocabulary(self.theta_tokenizer, self.t_tokenizer)
@@ -275,7 +281,7 @@ class DualVLLMCoordinator:
                                                               "add_special_tokens": False}, retries=0)
             served = body["tokens"]
         except (ServerRequestError, MalformedResponseError, KeyError, TypeError):
-            logger.info("%s has no usable /tokenize endpoint; skipping the tokenizer check", client)
+            self.log.info("%s has no usable /tokenize endpoint; skipping the tokenizer check", client)
             return
         local = tokenizer(text, add_special_tokens=False)["input_ids"]
         if list(served) != list(local):
@@ -372,7 +378,7 @@ class DualVLLMCoordinator:
             if len(rows) == 1:
                 per_side.append([result])
                 continue
-            logger.warning("%s: batched step failed (%s); retrying its %d rows one by one", client, result, len(rows))
+            self.log.warning("%s: batched step failed (%s); retrying its %d rows one by one", client, result, len(rows))
             singles = await asyncio.gather(
                 *(client.top_logprobs([p], self.top_k, self.vocab_size) for p in prefixes), return_exceptions=True
             )
