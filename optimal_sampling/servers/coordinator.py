@@ -186,6 +186,8 @@ class DualVLLMCoordinator:
         self.top_k = config.top_k
         self.stop_token_ids: set[int] = set()
         self.max_model_len: dict[str, int | None] = {}
+        # role ("base", "teacher") -> url, served model name, and its directory if on this machine
+        self.served: dict[str, dict[str, str | None]] = {}
         self._reset_statistics()
 
     # -- life cycle ---------------------------------------------------------------------
@@ -248,7 +250,9 @@ class DualVLLMCoordinator:
         client.model = model
         self.max_model_len[client.role] = entries[model].get("max_model_len")
         root = entries[model].get("root")
-        return root if root and Path(root).is_dir() else None
+        local_root = root if root and Path(root).is_dir() else None
+        self.served[client.role] = {"url": client.url, "model": model, "root": local_root}
+        return local_root
 
     def _load_tokenizers(self, theta_root: str | None, t_root: str | None) -> None:
         from transformers import AutoTokenizer
