@@ -431,3 +431,18 @@ def test_cli_backend_vllm_writes_a_jsonl_dataset(servers, tmp_path, capsys):
         assert 1 <= n <= 3 and len(row["logq"]) == len(row["alpha_history"]) == len(row["logp_t"]) == n
         assert all(math.isfinite(v) and v <= 0 for v in row["logq"])
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_cli_backend_vllm_runs_from_any_directory_and_compares(servers, tmp_path, monkeypatch, capsys):
+    """The servers report absolute model directories, so no tokenizer flag is needed outside the repo."""
+    from optimal_sampling.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["generate", "--backend", "vllm", "--theta-url", servers["OPTIMAL_SAMPLING_THETA_URL"],
+                 "--t-url", servers["OPTIMAL_SAMPLING_T_URL"], "--top-k-candidates", "16", "--limit", "3",
+                 "--max-new-tokens", "4", "--no-progress", "--compare", "--output", "samples.jsonl"])
+    assert code == 0, capsys.readouterr().err
+    summary = capsys.readouterr().out
+    assert "exact-match accuracy, base only (α=0)" in summary and "exact-match accuracy, teacher only (α=1)" in summary
+    settings = json.loads((tmp_path / "samples.jsonl.settings.json").read_text())["settings"]
+    assert settings["base_fingerprint"].startswith("sha256:") and settings["teacher_fingerprint"].startswith("sha256:")
