@@ -46,4 +46,5 @@ _LEFT_OUT = pytest.StashKey[int]()
 def pytest_terminal_summary(terminalreporter, config):
     left_out = config.stash.get(_LEFT_OUT, 0)
     if left_out:
-        terminalreporter.write_line(f"{left_out} tests not run: {vllm_servers.SKIP_HINT}", yellow=True)
+        tests = "1 test" if left_out == 1 else f"{left_out} tests"
+        terminalreporter.write_line(f"{tests} not run: {vllm_servers.SKIP_HINT}", yellow=True)
