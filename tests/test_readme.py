@@ -151,3 +151,13 @@ def test_readme_block_runs_as_written(block, reader):
 def test_readme_server_block_runs_against_the_servers(block, reader, servers):
     reader.servers = servers
     reader.run_through(block)
+
+
+def test_the_quick_start_says_how_to_get_the_cpu_build_of_torch():
+    """A plain `pip install torch` (or installing the package first) brings the ~3 GB CUDA build;
+    PyTorch documents its CPU wheel index for machines without a GPU. CI keeps its local wheel."""
+    text = (REPO / "README.md").read_text()
+    quick_start = text[text.index("## Quick start") : text.index("### The shipped toy pair")]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in quick_start
+    assert quick_start.index("index-url") < quick_start.index("pip install -e .")  # torch first
+    assert "pip install --quiet torch==2.13.0" in (REPO / ".ci" / "run").read_text()
