@@ -444,3 +444,22 @@ def test_the_summary_names_the_ess_ratio_and_uses_a_robust_average():
     assert "ESS_θ/ESS_t, geometric mean over tokens | 4.109 |" in summary  # 285 ** 0.25; the plain mean is 72
     assert "ESS_θ/ESS_t, median over samples | 1.000 |" in summary
     assert "1 = balanced" in summary
+
+
+def test_a_prompt_the_sampler_refuses_marks_only_its_own_row(tmp_path):
+    """Checks before sampling cannot know every model's limits: here a chat prompt for a tokenizer
+    without a chat template, which the sampler refuses when it tokenizes the batch."""
+    from optimal_sampling.testing import tiny_causal_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = None
+    model = tiny_causal_lm(len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    write_jsonl(prompts, [{"prompt": "the cat"}, {"prompt": [{"role": "user", "content": "the dog"}]}, {"prompt": "a dog"}])
+    assert main(["generate", "--base", str(tmp_path / "tiny"), "--teacher", str(tmp_path / "tiny"), "--prompts",
+                 str(prompts), "--max-new-tokens", "3", "--no-progress", "--output", str(out)]) == 0
+    rows = read_jsonl(out)
+    assert "no chat template" in rows[1]["error"] and rows[1]["generated_tokens"] == []
+    assert rows[0]["error"] is None and rows[2]["error"] is None and rows[0]["generated_tokens"]
