@@ -30,6 +30,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def interrupt_after_rows(argv: list[str], out: Path, rows: int, sig: int) -> subprocess.Popen:
+    """Start `optimal-sampling ARGV` in its own process; send it `sig` once `out` holds `rows` rows."""
+    proc = subprocess.Popen([sys.executable, "-m", "optimal_sampling.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and len(out.read_text().splitlines()) >= rows:
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    return proc
+
+
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
@@ -81,15 +94,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(tmp_path):
     assert run_cli(*args, "--output", str(uninterrupted)).returncode == 0
 
     out = tmp_path / "resumed.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "optimal_sampling.cli", *args, "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and len(out.read_text().splitlines()) >= 8:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    interrupt_after_rows([*args, "--output", str(out)], out, 8, signal.SIGKILL).communicate(timeout=120)
     partial = out.read_text().splitlines()
     assert 0 < len(partial) < 24, "the run should have been killed part-way"
     with out.open("a") as f:  # a torn write, as a crash in the middle of a batch leaves
@@ -409,15 +414,7 @@ def test_compare_loads_each_model_once(tmp_path, monkeypatch, capsys):
 def test_ctrl_c_prints_one_line_with_the_safe_rows_and_the_resume_command(tmp_path):
     args = ["generate", "--limit", "24", "--batch-size", "4", "--max-new-tokens", "6", "--no-progress", "--seed", "5"]
     out = tmp_path / "run.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "optimal_sampling.cli", *args, "--output", str(out), "--overwrite"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and len(out.read_text().splitlines()) >= 8:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc = interrupt_after_rows([*args, "--output", str(out), "--overwrite"], out, 8, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
