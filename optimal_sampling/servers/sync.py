@@ -36,8 +36,9 @@ class VLLMSampler:
             raise
 
     @classmethod
-    def from_cli_args(cls, args) -> "VLLMSampler":
-        """Build from `optimal-sampling generate --backend vllm ...` arguments.
+    def from_cli_args(cls, args, **overrides) -> "VLLMSampler":
+        """Build from `optimal-sampling generate --backend vllm ...` arguments (`overrides`:
+        config fields to change, e.g. `alpha_method="fixed", alpha=0.0`).
 
         `--base` / `--teacher`, when given, are the tokenizers to use; otherwise the
         servers' model directories are.
@@ -45,7 +46,7 @@ class VLLMSampler:
         from ..io import UsageError
 
         try:
-            config = CoordinatorConfig(
+            fields = dict(
                 theta_url=args.theta_url,
                 t_url=args.t_url,
                 top_k=args.top_k_candidates,
@@ -56,6 +57,7 @@ class VLLMSampler:
                 max_concurrency=max(args.batch_size, 1),
                 seed=args.seed,
             )
+            config = CoordinatorConfig(**{**fields, **overrides})
             return cls(config, temperature=args.temperature)
         except (ValueError, RuntimeError, OSError) as error:  # server down, tokenizer mismatch, k too large
             raise UsageError(str(error)) from None
@@ -92,6 +94,11 @@ class VLLMSampler:
 
     def get_statistics(self) -> dict[str, float]:
         return self.coordinator.get_statistics()
+
+    def served_models(self) -> dict[str, dict[str, str | None]]:
+        """Per role ("base", "teacher"): the server's url, the served model's name, and its
+        directory when that is on this machine (else None)."""
+        return self.coordinator.served
 
     def close(self) -> None:
         if not self._loop.is_closed():
