@@ -22,6 +22,7 @@ Prints Markdown tables (kept in recipes/RESULTS.md).
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grpo_toy import answer_log_probs, problem_sets  # noqa: E402
+from grpo_toy import problem_sets  # noqa: E402
 
 from optimal_sampling.mixture import compute_mixture, log_probs_from_logits  # noqa: E402
 from optimal_sampling.toy import exact_match_reward, load_toy_pair  # noqa: E402
@@ -164,10 +165,12 @@ def truncation_mass(model, teacher, tokenizer, problems, seed) -> dict[str, floa
     chosen = torch.cat([torch.tensor(c) for c in rollouts.completion_ids])
     log_w = (lp - logq).gather(-1, chosen[:, None]).squeeze(-1)
     lost = (lp.exp() - CAP * logq.exp()).clamp_min(0).sum(-1)
+    on_truncated = torch.where(lp - logq > math.log(CAP), lp.exp(), 0.0).sum(-1)  # π on tokens with π > Cq
     seq_log_w = torch.zeros(mask.shape[0]).index_add_(0, mask.nonzero()[:, 0], log_w.double().float())
     return {
         "token_truncated_frac": float((log_w.exp() > CAP).float().mean()),
         "token_policy_mass": float(lost.mean()),
+        "token_policy_mass_on_truncated": float(on_truncated.mean()),
         "seq_truncated_frac": float((seq_log_w.exp() > CAP).float().mean()),
         "seq_policy_mass": float((seq_log_w.exp() - CAP).clamp_min(0).mean()),
     }
@@ -178,6 +181,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=8, help="independent batches per estimator")
     parser.add_argument("--prompts", type=int, default=32, help="prompts per batch (× 8 completions)")
     parser.add_argument("--regime", nargs="+", default=["hard", "ordinary"], choices=["hard", "ordinary"])
+    parser.add_argument("--truncation_only", action="store_true", help="only the truncated-mass measurement")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     base, teacher, tokenizer = load_toy_pair()
@@ -186,29 +190,36 @@ def main(argv=None):
         pool = sets["train_hard"] if regime == "hard" else sets["train_all"]
         rng = random.Random(f"gradient-check-{regime}")
         batches = [rng.sample(pool, args.prompts) for _ in range(args.batches)]
-        truth = [exact_gradient(base, tokenizer, b) for b in batches]
-        with torch.no_grad():
-            success = [float(_answer_log_probs(base, tokenizer, b).exp().mean()) for b in batches]
-        print(f"\n### {regime} prompts: policy success J = {sum(success) / len(success):.3f} (base model, "
-              f"{args.batches} batches of {args.prompts} prompts × {G})\n")
-        print("| estimator | cosine with ∇J: mean ± sd (min, max) | q* rows' reward | on-policy rows' reward |")
-        print("|---|---|---|---|")
-        for name, spec in ESTIMATORS.items():
-            cosines, rq, ro = [], [], []
-            for i, (b, g_true) in enumerate(zip(batches, truth)):
-                g, stats = estimator_gradient(base, teacher, tokenizer, b, spec, seed=1000 + i)
-                cosines.append(float(torch.nn.functional.cosine_similarity(g, g_true, dim=0)))
-                rq.append(stats["reward_q"])
-                ro.append(stats["reward_on"])
-            c = torch.tensor(cosines)
-            fmt = lambda xs: "–" if all(x != x for x in xs) else f"{sum(xs) / len(xs):.2f}"  # noqa: E731
-            print(f"| {name} | {c.mean():.2f} ± {c.std():.2f} ({c.min():.2f}, {c.max():.2f}) | {fmt(rq)} | {fmt(ro)} |")
+        if not args.truncation_only:
+            gradient_table(base, teacher, tokenizer, regime, batches, args)
         masses = [truncation_mass(base, teacher, tokenizer, b, seed=2000 + i) for i, b in enumerate(batches)]
         mean = {key: sum(m[key] for m in masses) / len(masses) for key in masses[0]}
         print(f"\nTruncation at C = {CAP} of all-q* rollouts ({regime}): {mean['token_truncated_frac']:.1%} of tokens "
-              f"truncated, carrying an exact policy mass Σ_y(π−Cq*)₊ of {mean['token_policy_mass']:.1%} per position; "
-              f"{mean['seq_truncated_frac']:.1%} of sequences truncated, E_q[(W−C)₊] = {mean['seq_policy_mass']:.1%} "
-              "of the policy's sequence mass.")
+              f"truncated; the exact policy mass that truncation drops, Σ_y(π−Cq*)₊, is {mean['token_policy_mass']:.1%} "
+              f"per position (the policy's mass on the tokens with π > Cq*, Σ_y π·1[π > Cq*], is "
+              f"{mean['token_policy_mass_on_truncated']:.1%}); {mean['seq_truncated_frac']:.1%} of sequences truncated, "
+              f"E_q[(W−C)₊] = {mean['seq_policy_mass']:.1%} of the policy's sequence mass.")
+
+
+def gradient_table(base, teacher, tokenizer, regime, batches, args) -> None:
+    """The cosine table of every estimator for one regime's batches."""
+    truth = [exact_gradient(base, tokenizer, b) for b in batches]
+    with torch.no_grad():
+        success = [float(_answer_log_probs(base, tokenizer, b).exp().mean()) for b in batches]
+    print(f"\n### {regime} prompts: policy success J = {sum(success) / len(success):.3f} (base model, "
+          f"{args.batches} batches of {args.prompts} prompts × {G})\n")
+    print("| estimator | cosine with ∇J: mean ± sd (min, max) | q* rows' reward | on-policy rows' reward |")
+    print("|---|---|---|---|")
+    for name, spec in ESTIMATORS.items():
+        cosines, rq, ro = [], [], []
+        for i, (b, g_true) in enumerate(zip(batches, truth)):
+            g, stats = estimator_gradient(base, teacher, tokenizer, b, spec, seed=1000 + i)
+            cosines.append(float(torch.nn.functional.cosine_similarity(g, g_true, dim=0)))
+            rq.append(stats["reward_q"])
+            ro.append(stats["reward_on"])
+        c = torch.tensor(cosines)
+        fmt = lambda xs: "–" if all(x != x for x in xs) else f"{sum(xs) / len(xs):.2f}"  # noqa: E731
+        print(f"| {name} | {c.mean():.2f} ± {c.std():.2f} ({c.min():.2f}, {c.max():.2f}) | {fmt(rq)} | {fmt(ro)} |")
 
 
 if __name__ == "__main__":

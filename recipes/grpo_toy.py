@@ -402,16 +402,32 @@ def analyze(args) -> str:
                     target = curve_of(vanilla[seed], metric)[1][-1]
                     reach.append(steps_to_reach(*curve_of(r, metric), target))
             finite = [x for x in reach if math.isfinite(x)]
-            reach_text = f"{sorted(reach)[len(reach) // 2]:.0f} ({len(finite)}/{len(reach)} reach)" if reach else "–"
+            median = sorted(reach)[len(reach) // 2] if reach else math.nan
+            reach_text = "–" if not reach else (f"{median:.0f}" if math.isfinite(median) else "never") + \
+                f" ({len(finite)}/{len(reach)} reach)"
             history = [h for r in rs.values() for h in r["log_history"]]
             start = sum(curve_of(r, metric)[1][0] for r in rs.values()) / len(rs)
             lines.append(
                 f"| {ARM_LABELS[arm]} | {len(rs)} | {start:.3f} | {_mean_sd([e['final'] for e in ends])} | "
-                f"{_mean_sd([e['auc'] for e in ends])} | {reach_text} | {mean_of(history, 'reward'):.3f} | "
-                f"{mean_of(history, 'optimal_sampling/reward_on_policy'):.3f} | "
-                f"{mean_of(history, 'frac_reward_zero_std'):.2f} | {mean_of(history, 'optimal_sampling/alpha_mean'):.2f} | "
+                f"{_mean_sd([e['auc'] for e in ends])} | {reach_text} | {_number(mean_of(history, 'reward'), 3)} | "
+                f"{_number(mean_of(history, 'optimal_sampling/reward_on_policy'), 3)} | "
+                f"{_number(mean_of(history, 'frac_reward_zero_std'), 2)} | "
+                f"{_number(mean_of(history, 'optimal_sampling/alpha_mean'), 2)} | "
                 f"{sum(r['seconds'] for r in rs.values()) / len(rs):.0f} |"
             )
+        lines.append("")
+        diagnostics = ("reward_qstar", "reward_on_policy", "reward_policy_is", "zero_std_frac_qstar",
+                       "zero_std_frac_on_policy", "policy_mass_truncated_token", "policy_mass_truncated_seq",
+                       "kl_theta", "applied_weight_mean")
+        lines += [f"What the q* rows did ({regime} regime; means over every step and seed of the trainer's "
+                  "`optimal_sampling/*` metrics):", "",
+                  "| arm | " + " | ".join(diagnostics) + " |", "|---" * (len(diagnostics) + 1) + "|"]
+        for arm in arms:
+            if arm == "vanilla":
+                continue
+            history = [h for r in runs[(regime, arm)].values() for h in r["log_history"]]
+            lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(
+                _number(mean_of(history, "optimal_sampling/" + d), 3) for d in diagnostics) + " |")
         lines.append("")
         for endpoint in ("auc", "final"):
             comparisons = {}
@@ -454,6 +470,10 @@ def analyze(args) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def _number(value: float, digits: int) -> str:
+    return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _mean_sd(values: list[float]) -> str:

@@ -9,7 +9,7 @@ from trl import GRPOConfig, RLOOConfig
 
 from optimal_sampling.alpha import ALPHA_METHODS
 
-from .estimators import ADVANTAGE_BASELINES, IMPORTANCE_WEIGHTINGS, check_consistent
+from .estimators import check_consistent
 
 SAMPLER_BACKENDS = ("transformers", "vllm")
 RLOO_WEIGHTINGS = ("none", "sequence_truncate", "sequence_mask", "mis")  # RLOO's loss is sequence level
