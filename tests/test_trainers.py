@@ -156,8 +156,11 @@ def run_vanilla(max_steps=3):
     return vanilla, completions
 
 
-@pytest.mark.parametrize("overrides", [dict(num_on_policy_generations=4), dict(alpha_method="fixed", alpha=0.0)],
-                         ids=["k=G", "alpha=0"])
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(num_on_policy_generations=4), dict(alpha_method="fixed", alpha=0.0), dict(alpha_method="kl_symmetry", alpha_max=0.0)],
+    ids=["k=G", "alpha=0", "alpha_max=0"],
+)
 def test_all_rows_on_policy_reproduce_vanilla_grpo_exactly(overrides):
     vanilla, vanilla_completions = run_vanilla()
     trainer = make_trainer(max_steps=3, **overrides)

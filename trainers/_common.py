@@ -295,10 +295,9 @@ class OptimalSamplingMixin:
     def _on_policy_per_group(self) -> int:
         """k for the current mode (eval groups of another size keep the fraction k/G)."""
         k, groups = self.args.num_on_policy_generations, self.num_generations
-        if self.args.alpha_method == "fixed" and self.args.alpha == 0.0:
-            k = groups  # α = 0 everywhere: every row is π_θ's, exactly
-        if self._teacher_pull() == 0.0:
-            k = groups  # the schedule has switched the teacher off
+        no_teacher = self.args.alpha_max * self._teacher_pull() == 0.0  # clamped (or decayed) to α = 0
+        if no_teacher or (self.args.alpha_method == "fixed" and self.args.alpha == 0.0):
+            k = groups  # every row would be π_θ's anyway: sample them as on-policy rows, exactly
         size = self._group_size()
         return size if k == groups else min(size, round(k * size / groups))
 
