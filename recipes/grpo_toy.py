@@ -418,7 +418,7 @@ def analyze(args) -> str:
         lines.append("")
         diagnostics = ("reward_qstar", "reward_on_policy", "reward_policy_is", "zero_std_frac_qstar",
                        "zero_std_frac_on_policy", "policy_mass_truncated_token", "policy_mass_truncated_seq",
-                       "kl_theta", "applied_weight_mean")
+                       "kl_theta", "sampling/importance_sampling_ratio/mean")
         lines += [f"What the q* rows did ({regime} regime; means over every step and seed of the trainer's "
                   "`optimal_sampling/*` metrics):", "",
                   "| arm | " + " | ".join(diagnostics) + " |", "|---" * (len(diagnostics) + 1) + "|"]
@@ -427,7 +427,7 @@ def analyze(args) -> str:
                 continue
             history = [h for r in runs[(regime, arm)].values() for h in r["log_history"]]
             lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(
-                _number(mean_of(history, "optimal_sampling/" + d), 3) for d in diagnostics) + " |")
+                _number(mean_of(history, d if "/" in d else "optimal_sampling/" + d), 3) for d in diagnostics) + " |")
         lines.append("")
         for endpoint in ("auc", "final"):
             comparisons = {}

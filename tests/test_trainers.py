@@ -266,7 +266,7 @@ def test_alpha_kl_and_importance_metrics_reach_log_history():
         for key in (
             "alpha_mean", "alpha_std", "alpha_min", "alpha_max", "kl_theta", "kl_t",
             "is_weight_mean", "is_weight_min", "is_weight_max", "is_weight_ess", "is_clipped_frac",
-            "policy_mass_truncated_token", "policy_mass_truncated_seq", "applied_weight_mean", "on_policy_frac",
+            "policy_mass_truncated_token", "policy_mass_truncated_seq", "on_policy_frac",
             "reward_on_policy", "reward_qstar", "reward_policy_is", "zero_std_frac_on_policy", "zero_std_frac_qstar",
         ):
             assert f"optimal_sampling/{key}" in entry, key

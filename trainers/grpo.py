@@ -8,7 +8,6 @@ import torch
 from trl import GRPOTrainer
 
 from ._common import (
-    METRIC_PREFIX,
     OptimalSamplingMixin,
     check_generation_options,
     check_sampler_backend,
@@ -228,4 +227,3 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
                 series[-1] = value
             else:
                 series.append(value)
-        self._metrics[mode][METRIC_PREFIX + "applied_weight_mean"].append(summary["mean"])
