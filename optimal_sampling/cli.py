@@ -338,7 +338,7 @@ def run_generate(args) -> int:
     except KeyboardInterrupt:
         if progress is not None:
             progress.close()
-        raise Interrupted(f"interrupted: {writer.saved} of {total} rows are saved in {writer.journal}") from None
+        raise Interrupted(f"interrupted: {writer.rows_on_disk()} of {total} rows are saved in {writer.journal}") from None
     answers = [row.get(args.answer_column) for row in prompts.rows]
     print(format_summary(all_rows, new_rows, elapsed, answers, comparisons, args.output))
     return 0

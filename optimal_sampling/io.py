@@ -362,7 +362,6 @@ class ResumableWriter:
         self.kind = output_kind(self.output)
         self.journal = Path(self.output if self.kind == "jsonl" else self.output + ".partial.jsonl")
         self.meta = Path(self.output + ".settings.json")
-        self.saved = 0  # rows on disk: kept by start(), then every append()
         check_output_dependencies(self.output)
         self._check_writable()
 
@@ -401,11 +400,8 @@ class ResumableWriter:
             self._remove_outputs()
         self.meta.write_text(json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=2, default=str))
         if self.kind != "jsonl" and Path(self.output).exists() and not self.journal.exists():
-            rows = self._read_final()
-        else:
-            rows = self._recover_journal()
-        self.saved = len(rows)
-        return rows
+            return self._read_final()
+        return self._recover_journal()
 
     def _remove_outputs(self) -> None:
         for path in (self.journal, Path(self.output), self.meta):
@@ -452,7 +448,13 @@ class ResumableWriter:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        self.saved += len(rows)
+
+    def rows_on_disk(self) -> int:
+        """Complete rows in the journal now. After Ctrl-C this, not `saved`, is the truth: the
+        interrupt can land between a write reaching the file and the counter's update."""
+        if not self.journal.exists():
+            return 0
+        return self.journal.read_bytes().count(b"\n")
 
     def finish(self, rows: list[dict[str, Any]]) -> None:
         """Write the final format once every row is in (JSONL needs nothing more)."""
