@@ -354,12 +354,13 @@ class OptimalSamplingMixin:
                 "(a TRL seam change, or multi-turn tool calling, which the q* weights do not support)."
             )
 
-    def _gather_group_inputs(self, on_policy, seq_log_ratio, log_ratio_star, mode_groups: int):
-        """Every rank's `[B]` row quantities gathered into the global `[N]` order of TRL's rewards."""
+    def _gather_group_inputs(self, on_policy, seq_log_ratio, log_ratio_star):
+        """Every rank's `[B]` row quantities gathered into the global `[N]` order of TRL's rewards,
+        with the mixture log-weight of each row (λ = k/G of the current mode)."""
         local = torch.stack([on_policy.float(), seq_log_ratio.float(), log_ratio_star.float()], dim=-1)
         gathered = self.accelerator.gather(local)
         on_policy_all = gathered[:, 0] > 0.5
-        fraction = self._on_policy_per_group() / mode_groups
+        fraction = self._on_policy_per_group() / self._group_size()
         return on_policy_all, gathered[:, 1], mixture_log_weights(gathered[:, 2], fraction)
 
     def _log_group_statistics(self, rewards, on_policy_all, seq_log_ratio_all, log_mixture_weight) -> None:

@@ -197,7 +197,7 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
         else:
             seq_log_ratio = log_ratio_star = torch.zeros(mask.shape[0], device=device)
         on_policy_all, seq_log_ratio_all, log_mixture_weight = self._gather_group_inputs(
-            on_policy, seq_log_ratio, log_ratio_star, self._group_size()
+            on_policy, seq_log_ratio, log_ratio_star
         )
         rewards = self._rollout_rewards.to(device)
         if args.advantage_baseline != "group":

@@ -95,7 +95,7 @@ class OptimalSamplingRLOOTrainer(OptimalSamplingMixin, RLOOTrainer):
         seq_log_ratio = torch.where(on_policy, 0.0, output["old_logps"] - logq)  # log π_old(y)/q(y)
         log_ratio_star = output["old_logps"] - logq_star
         on_policy_all, seq_log_ratio_all, log_mixture_weight = self._gather_group_inputs(
-            on_policy, seq_log_ratio, log_ratio_star, self._group_size()
+            on_policy, seq_log_ratio, log_ratio_star
         )
         rewards = self._rollout_rewards.to(device)
         n, rank = completion_mask.shape[0], self.accelerator.process_index
