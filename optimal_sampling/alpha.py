@@ -8,7 +8,9 @@ A(α) = log Σ_S p^(1-α) r^α,
     KL(q_α‖p) − KL(q_α‖r) = A'(α) = E_q[Δ],      A''(α) = Var_q[Δ] ≥ 0,
 
 so the KL-symmetric α* is the minimiser of the convex A on [0, 1] (the Chernoff point),
-found by a safeguarded Newton iteration.
+found by a safeguarded Newton iteration. The `kl_budget` rule instead takes the largest α
+whose KL(q_α‖π_θ) = αA'(α) − A(α) stays within a budget ε: that KL has slope αA''(α) ≥ 0, so
+it is monotone in α and one bracketed root-find per row gives α.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-ALPHA_METHODS = ("kl_symmetry", "fixed", "entropy", "ess_balance")
+ALPHA_METHODS = ("kl_symmetry", "fixed", "entropy", "ess_balance", "kl_budget")
 EMPTY_SUPPORT_FALLBACKS = ("teacher", "base")
 
 # Δ-spreads below this (relative to |Δ|) are float round-off of a constant Δ: such a row
@@ -156,6 +158,7 @@ def solve_alpha(
     method: str = "kl_symmetry",
     *,
     alpha: float | torch.Tensor | None = None,
+    kl_budget: float | torch.Tensor | None = None,
     tol: float = 1e-6,
     max_iter: int = 20,
     alpha_min: float = 0.0,
@@ -173,9 +176,12 @@ def solve_alpha(
             `-inf` marks masked tokens. Any float dtype; the maths runs in float32 at least.
         logp_t: `[B, V]` log-probabilities of the teacher π_t over the same vocabulary.
         method: `"kl_symmetry"` (KL(q‖π_θ) = KL(q‖π_t), safeguarded Newton; the default),
-            `"fixed"` (the constant `alpha`), `"entropy"` (α = H(π_θ) / (H(π_θ) + H(π_t))) or
-            `"ess_balance"` (equal importance-sampling effective sample sizes, bisection).
+            `"fixed"` (the constant `alpha`), `"entropy"` (α = H(π_θ) / (H(π_θ) + H(π_t))),
+            `"ess_balance"` (equal importance-sampling effective sample sizes, bisection) or
+            `"kl_budget"` (the largest α with KL(q_α‖π_θ) ≤ `kl_budget`, safeguarded Newton).
         alpha: the constant for `method="fixed"` (a float or a `[B]` tensor).
+        kl_budget: the budget ε ≥ 0 (nats per token, a float or a `[B]` tensor) for
+            `method="kl_budget"`: how far from π_θ the sampled q may move.
         tol: tolerance on α for the iterative methods.
         max_iter: iteration cap for the iterative methods.
         alpha_min, alpha_max: α is clamped to this interval (for `kl_symmetry` the clamped
@@ -204,8 +210,8 @@ def solve_alpha(
         >>> solve_alpha(logp_theta, logp_theta)  # identical rows: α = 0.5 by convention
         tensor([0.5000])
     """
-    check_solve_options(method, alpha=alpha, tol=tol, max_iter=max_iter, alpha_min=alpha_min, alpha_max=alpha_max,
-                        empty_support=empty_support)
+    check_solve_options(method, alpha=alpha, kl_budget=kl_budget, tol=tol, max_iter=max_iter, alpha_min=alpha_min,
+                        alpha_max=alpha_max, empty_support=empty_support)
     if validate:
         check_log_prob_pair(logp_theta, logp_t)
     if method == "kl_symmetry" and _kernel_applies(logp_theta):  # one kernel call, no support tensors
@@ -214,8 +220,8 @@ def solve_alpha(
     else:
         pair = common_support(logp_theta, logp_t, teacher_top_p=teacher_top_p)
         solution = solve_on_support(
-            pair, method, alpha=alpha, tol=tol, max_iter=max_iter, alpha_min=alpha_min, alpha_max=alpha_max,
-            empty_support=empty_support, log_multiplicity=log_multiplicity,
+            pair, method, alpha=alpha, kl_budget=kl_budget, tol=tol, max_iter=max_iter, alpha_min=alpha_min,
+            alpha_max=alpha_max, empty_support=empty_support, log_multiplicity=log_multiplicity,
         )
     return solution if return_info else solution.alpha
 
@@ -257,7 +263,7 @@ def check_empty_support(empty_support: str) -> None:
         raise ValueError(f"`empty_support` must be 'teacher' or 'base', got {empty_support!r}.")
 
 
-def check_solve_options(method, *, alpha, tol, max_iter, alpha_min, alpha_max, empty_support) -> None:
+def check_solve_options(method, *, alpha, tol, max_iter, alpha_min, alpha_max, empty_support, kl_budget=None) -> None:
     """Raise a clear error for an unknown method or inconsistent solver options."""
     if method not in ALPHA_METHODS:
         raise ValueError(f"Unknown alpha method {method!r}; choose one of {', '.join(ALPHA_METHODS)}.")
@@ -271,6 +277,14 @@ def check_solve_options(method, *, alpha, tol, max_iter, alpha_min, alpha_max, e
         raise ValueError(f"Need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}.")
     if method == "fixed" and alpha is None:
         raise ValueError("method='fixed' needs `alpha=` (a float in [0, 1] or a [B] tensor).")
+    if method == "kl_budget":
+        if kl_budget is None:
+            raise ValueError(
+                "method='kl_budget' needs `kl_budget=`: the largest KL(q‖π_θ) per token, in nats, that the sampled q "
+                "may have (e.g. 0.1)."
+            )
+        if not isinstance(kl_budget, torch.Tensor) and not (0.0 <= float(kl_budget) < float("inf")):
+            raise ValueError(f"`kl_budget` must be a finite number >= 0 (nats per token), got {kl_budget}.")
 
 
 @dataclass
@@ -327,6 +341,7 @@ def solve_on_support(
     method: str = "kl_symmetry",
     *,
     alpha: float | torch.Tensor | None = None,
+    kl_budget: float | torch.Tensor | None = None,
     tol: float = 1e-6,
     max_iter: int = 20,
     alpha_min: float = 0.0,
@@ -347,6 +362,8 @@ def solve_on_support(
         result = _entropy_alpha(pair.logp_theta, pair.logp_t, log_multiplicity)
     elif method == "ess_balance":
         result, iterations, converged = _ess_balance_alpha(pair.logp_theta_s, pair.delta, tol, max_iter)
+    elif method == "kl_budget":
+        result, iterations, converged = _kl_budget_alpha(pair, kl_budget, tol, max_iter)
     elif _kernel_applies(pair.logp_theta):
         return _kernel_solution(pair.logp_theta, pair.logp_t, tol, max_iter, empty_support, alpha_min, alpha_max)
     else:
@@ -608,4 +625,73 @@ def _ess_balance_alpha(lp_s, delta, tol, max_iter):
         hi = torch.where(active & (gap > 0), mid, hi)
         active = active & (hi - lo > tol)
     alpha = torch.where(bracketed, 0.5 * (lo + hi), best_end)
+    return alpha, iterations, ~active
+
+
+# ---------------------------------------------------------------------------------------
+# KL budget: the largest α with KL(q_α‖π_θ) ≤ ε
+#
+# KL(q_α‖π_θ) = αA'(α) − A(α) (theory/derivation.md §5.4) has slope αA''(α) = α Var_q[Δ] ≥ 0,
+# so it is non-decreasing in α, and the answer is where it crosses ε, if it does in [0, 1].
+# At α = 0 the KL is −log π_θ(S) (0 on full support) and at α = 1 it is KL(r‖p) on S: a row
+# within budget at α = 1 takes α = 1, one already over budget at α = 0 takes 0. Near α = 0 the
+# KL grows like α² Var/2, so Newton on the KL itself creeps; on h(α) = √KL − √ε, which is
+# nearly linear there, the secant start is already close and Newton takes 2-4 steps.
+
+
+def kl_to_base(pair: CommonSupport, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(q_α‖π_θ) and its slope α·Var_{q_α}[Δ] at a `[B]` α, `[B]` float64 each (NaN on empty rows)."""
+    mixed = torch.addcmul(pair.logp_theta_s, alpha.to(pair.delta.dtype).unsqueeze(-1), pair.delta)  # [B, V]
+    log_partition = torch.logsumexp(mixed, dim=-1, keepdim=True)
+    q = (mixed - log_partition).exp()
+    mean = row_sum64(q * pair.delta)  # A'(α) = E_q[Δ]
+    centred = pair.delta - mean.to(pair.delta.dtype).unsqueeze(-1)
+    variance = row_sum64(q * centred * centred)  # A''(α)
+    a = alpha.double()
+    return (a * mean - log_partition.squeeze(-1).double()).clamp_min(0.0), a * variance
+
+
+def _kl_budget_alpha(pair: CommonSupport, kl_budget, tol: float, max_iter: int):
+    """Batched safeguarded Newton on h(α) = √KL(q_α‖π_θ) − √ε over the bracket [0, 1].
+
+    Runs in float64: a budget of 1e-4 nats is a difference of two O(1) terms (αA' and A), which
+    float32 sums resolve only to about 1e-6, i.e. a percent of the budget.
+    """
+    pair = CommonSupport(*(x.double() if torch.is_tensor(x) and x.is_floating_point() else x for x in
+                           (pair.logp_theta, pair.logp_t, pair.logp_theta_s, pair.delta, pair.off, pair.empty)))
+    batch, device = pair.delta.shape[0], pair.delta.device
+    budget = torch.as_tensor(kl_budget, dtype=torch.float64, device=device).expand(batch)
+    if bool((budget < 0).any()) or not bool(torch.isfinite(budget).all()):
+        raise ValueError("`kl_budget` must be finite and >= 0 (nats per token) in every row.")
+    root_budget = budget.sqrt()
+    lo = torch.zeros(batch, dtype=torch.float64, device=device)
+    hi = lo + 1.0
+    h_lo = kl_to_base(pair, lo)[0].sqrt() - root_budget
+    h_hi = kl_to_base(pair, hi)[0].sqrt() - root_budget
+    at_upper = h_hi <= 0  # the teacher itself is within budget
+    at_lower = (h_lo >= 0) & ~at_upper  # already over budget at α = 0 (a restricted support), or ε = 0
+    active = ~(at_upper | at_lower | pair.empty)
+    alpha = torch.where(at_upper, hi, lo)
+    alpha = torch.where(active, (-h_lo / (h_hi - h_lo)).clamp(0.0, 1.0), alpha)  # secant start
+    iterations = torch.zeros(batch, dtype=torch.int32, device=device)
+    for _ in range(max_iter):
+        if _iteration_done(active):
+            break
+        kl, slope = kl_to_base(pair, alpha)
+        root_kl = kl.sqrt()
+        h = root_kl - root_budget
+        iterations += active.to(torch.int32)
+        lo = torch.where(active & (h < 0), alpha, lo)
+        hi = torch.where(active & (h > 0), alpha, hi)
+        # h' = slope / (2√KL). Where round-off made the KL 0 (or the slope vanishes) there is no
+        # Newton step: NaN, never inside the bracket, never "close".
+        has_step = (root_kl > 0) & (slope > 0)
+        newton = torch.where(has_step, alpha - h * 2 * root_kl / slope, float("nan"))
+        inside = (newton > lo) & (newton < hi)
+        done = active & ((h == 0) | ((alpha - newton).abs() <= tol) | (hi - lo <= tol))
+        # A finished row takes Newton's landing point when it is inside the bracket, else the
+        # end that is within budget.
+        finished = torch.where(inside, newton, torch.where(h <= 0, alpha, lo))
+        alpha = torch.where(done, finished, torch.where(active & inside, newton, torch.where(active, 0.5 * (lo + hi), alpha)))
+        active = active & ~done
     return alpha, iterations, ~active

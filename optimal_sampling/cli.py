@@ -1,17 +1,31 @@
-"""The `optimal-sampling` command line: `optimal-sampling generate` writes q* samples as a dataset."""
+"""The `optimal-sampling` command line: `optimal-sampling generate` writes q* samples as a dataset.
+
+Only the standard library is imported until sampling starts, so `--help` and argument
+errors answer at once; torch and transformers load with the models.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
+import shlex
 import sys
 import time
 from typing import Any
 
-from .io import UsageError, ResumableWriter, load_rows, output_kind, teacher_prompts_from_template
+from .io import PromptSet, ResumableWriter, UsageError, load_rows, output_kind, template_fields
 
 DEFAULT_TOY_PROMPTS = 200
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default once, after its help, and only when there is one to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.required or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="optimal-sampling",
         description="Sample completions from q* ∝ π_θ^(1-α*) · π_t^α* and write them as a dataset.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("version", help="print the package version")
 
     gen = commands.add_parser(
@@ -27,45 +41,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample q* completions for a set of prompts and write a dataset",
         description=(
             "Sample one q* completion per prompt. With no model or prompt arguments it runs on the small "
-            "model pair and the 2-digit addition task shipped with the package (offline)."
+            "model pair and the 2-digit addition task shipped with the package (offline). Rerunning the same "
+            "command resumes an interrupted run."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     models = gen.add_argument_group("models")
-    models.add_argument("--base", help="base model π_θ: a local path or hub id (default: the shipped toy base)")
-    models.add_argument("--teacher", help="teacher model π_t: a local path or hub id (default: the shipped toy teacher)")
+    models.add_argument("--base", help="base model π_θ: a local directory or Hub id (default: the shipped toy base); "
+                                       "with --backend vllm, where its tokenizer is, if not in the server's model directory; "
+                                       "with --backend vllm-inprocess, the base engine's model")
+    models.add_argument("--teacher", help="teacher model π_t: a local directory or Hub id (default: the shipped toy "
+                                          "teacher); with --backend vllm, where its tokenizer is")
     models.add_argument("--backend", choices=("transformers", "vllm", "vllm-inprocess"), default="transformers",
                         help="in-process transformers (exact), two vLLM servers, or two vLLM engines in this "
                              "process (both vLLM backends: top-k approximation, the same samples)")
     models.add_argument("--theta-url", help="with --backend vllm: the base model's server, e.g. http://127.0.0.1:8000")
-    models.add_argument("--t-url", help="with --backend vllm: the teacher's server")
+    models.add_argument("--t-url", help="with --backend vllm: the teacher's server, e.g. http://127.0.0.1:8001")
     models.add_argument("--top-k-candidates", type=int, default=100,
-                        help="with --backend vllm / vllm-inprocess: log-probs per side")
+                        help="with --backend vllm / vllm-inprocess: log-probs each model contributes per token")
     models.add_argument("--vllm-engine-arg", action="append", metavar="KEY=VALUE",
                         help="with --backend vllm-inprocess: an engine argument of both engines (`base.KEY=VALUE` or "
                              "`teacher.KEY=VALUE` for one), e.g. dtype=bfloat16 or base.gpu_memory_utilization=0.4; "
-                             "repeat it for more")
-    models.add_argument("--device", default="auto", help="torch device for --backend transformers (auto: cuda if available)")
+                             "repeat it for more (without GPU, the toy pair's CPU settings are the defaults)")
+    models.add_argument("--device", default="auto", help="torch device for --backend transformers; auto: cuda if available, else cpu")
 
     data = gen.add_argument_group("prompts")
-    data.add_argument("--prompts", help="a .jsonl file, a text file (one prompt per line) or a saved `datasets` dir "
-                                        "(default: held-out problems of the toy task)")
+    data.add_argument("--prompts", help="a .jsonl, .json, .csv or .parquet file (one row per prompt, columns as "
+                                        "`datasets` reads them), a .txt file (one prompt per line) or a directory "
+                                        "saved with `save_to_disk` (default: held-out problems of the toy task)")
     data.add_argument("--prompt-column", default="prompt", help="the column holding the prompt")
     data.add_argument("--answer-column", default="answer",
-                      help="if present, exact-match accuracy of the samples against it is reported")
+                      help="if every row has it, exact-match accuracy of the samples against it is reported")
     data.add_argument("--teacher-prompt-template",
                       help="str.format template over the row's columns giving the teacher's prompt, e.g. "
-                           "'{prompt} (the answer is {answer})'; default: the row's `teacher_prompt` column if any, "
-                           "else the base prompt")
-    data.add_argument("--limit", type=int, help=f"use the first N prompts (toy default: {DEFAULT_TOY_PROMPTS})")
+                           "'{prompt} (the answer is {answer})'; without it, the rows' `teacher_prompt` column if "
+                           "they have one, else the base prompt")
+    data.add_argument("--limit", type=int, help=f"use the first N prompts (default: all; {DEFAULT_TOY_PROMPTS} for the toy task)")
 
     sampling = gen.add_argument_group("sampling")
-    sampling.add_argument("--max-new-tokens", type=int, default=16)
-    sampling.add_argument("--temperature", type=float, default=1.0)
-    sampling.add_argument("--alpha-method", default="kl_symmetry", choices=("kl_symmetry", "fixed", "entropy", "ess_balance"))
-    sampling.add_argument("--alpha", type=float, help="the constant α for --alpha-method fixed")
-    sampling.add_argument("--batch-size", type=int, default=16)
-    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--max-new-tokens", type=int, default=16, help="most tokens generated per prompt")
+    sampling.add_argument("--temperature", type=float, default=1.0, help="applied to both models before mixing")
+    sampling.add_argument("--alpha-method", default="kl_symmetry", choices=("kl_symmetry", "fixed", "entropy", "ess_balance"),
+                          help="how α is chosen per token: KL(q‖π_θ) = KL(q‖π_t), a constant (--alpha), "
+                               "the entropy ratio, or equal effective sample sizes")
+    sampling.add_argument("--alpha", type=float, help="the constant α in [0, 1] for --alpha-method fixed")
+    sampling.add_argument("--batch-size", type=int, default=16,
+                          help="prompts sampled together; also the unit of resuming")
+    sampling.add_argument("--seed", type=int, default=0,
+                          help="sampling seed: each batch is seeded from it and the batch's index")
 
     out = gen.add_argument_group("output")
     out.add_argument("--output", required=True, help="a .jsonl or .parquet file, or a directory (datasets save_to_disk)")
@@ -76,22 +99,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message says how many rows are safe."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "version":
         from . import __version__
 
         print(__version__)
-        return 0
-    if args.command != "generate":
-        parser.print_help()
         return 0
     try:
         return run_generate(args)
     except UsageError as error:
         print(f"optimal-sampling generate: error: {error}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as stop:
+        done = str(stop) if isinstance(stop, Interrupted) else "interrupted before any row was written"
+        print(f"optimal-sampling generate: {done}; rerun to resume: {resume_command(argv)}", file=sys.stderr)
+        return 130
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues an interrupted run (without --overwrite, which would start over).
+
+    >>> resume_command(["generate", "--output", "my samples.jsonl", "--overwrite"])
+    "optimal-sampling generate --output 'my samples.jsonl'"
+    """
+    return shlex.join(["optimal-sampling", *(a for a in argv if a != "--overwrite")])
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,48 +145,74 @@ def _check_args(args) -> None:
         raise UsageError("--alpha-method fixed needs --alpha (a number in [0, 1]).")
     if args.backend == "vllm" and not (args.theta_url and args.t_url):
         raise UsageError("--backend vllm needs --theta-url and --t-url (the two servers' base URLs).")
+    if args.vllm_engine_arg and args.backend != "vllm-inprocess":
+        raise UsageError("--vllm-engine-arg sets the engines of --backend vllm-inprocess; add that option or drop it.")
+    if args.teacher_prompt_template is not None:
+        template_fields(args.teacher_prompt_template)
     output_kind(args.output)
 
 
-def _load_prompts(args) -> tuple[list[dict[str, Any]], str]:
+def _load_prompts(args) -> tuple[PromptSet, str]:
     if args.prompts is None:
         from .toy import make_problems
 
         rows = make_problems(args.limit or DEFAULT_TOY_PROMPTS, seed=args.seed, split="test")
-        return rows, "toy:addition/test"
-    rows = load_rows(args.prompts, prompt_column=args.prompt_column)
-    return (rows[: args.limit] if args.limit else rows), os.path.abspath(args.prompts)
+        source = "toy:addition/test"
+    else:
+        rows = load_rows(args.prompts, prompt_column=args.prompt_column)
+        rows, source = (rows[: args.limit] if args.limit else rows), args.prompts
+    prompts = PromptSet.from_rows(rows, args.prompt_column, args.teacher_prompt_template)
+    if not prompts.sample_rows():
+        first = min(prompts.problems)
+        raise UsageError(f"no row of {source!r} can be sampled (row {first}: {prompts.problems[first]}); "
+                         "check --prompt-column and --teacher-prompt-template.")
+    if prompts.problems:
+        shown = "; ".join(f"row {i}: {why}" for i, why in sorted(prompts.problems.items())[:3])
+        more = f"; and {len(prompts.problems) - 3} more" if len(prompts.problems) > 3 else ""
+        print(f"optimal-sampling generate: {len(prompts.problems)} of {len(rows)} rows cannot be sampled and are "
+              f"written with `error` set ({shown}{more})", file=sys.stderr)
+    return prompts, source
 
 
-def _teacher_prompts(args, rows) -> list[Any] | None:
-    if args.teacher_prompt_template:
-        return teacher_prompts_from_template(rows, args.teacher_prompt_template)
-    if all("teacher_prompt" in row for row in rows):
-        return [row["teacher_prompt"] for row in rows]
-    return None
+# -- the models ---------------------------------------------------------------------------
 
 
-def _load_transformers_sampler(args, **overrides):
+def _resolve_models(args) -> dict:
+    """Both models' sources, checked before anything is loaded (see `model_source`)."""
+    from .model_source import resolve_model
+    from .toy import BASE_DIR, TEACHER_DIR
+
+    if args.backend == "vllm":  # --base / --teacher are only where the tokenizers are, and optional
+        return {role: resolve_model(name, f"--{role}") for role, name in (("base", args.base), ("teacher", args.teacher))
+                if name is not None}
+    return {"base": resolve_model(args.base or str(BASE_DIR), "--base"),
+            "teacher": resolve_model(args.teacher or str(TEACHER_DIR), "--teacher")}
+
+
+def _load_transformers_models(args, sources) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .generation import OptimalSampler
-    from .toy import TOY_PAIR_DIR
-
-    base_path = args.base or str(TOY_PAIR_DIR / "base")
-    teacher_path = args.teacher or str(TOY_PAIR_DIR / "teacher")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = {}
-    for role, path in (("base", base_path), ("teacher", teacher_path)):
+    for role, source in sources.items():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if device == "cpu" else "auto")
+            tokenizer = AutoTokenizer.from_pretrained(source.location, revision=source.revision)
+            model = AutoModelForCausalLM.from_pretrained(source.location, revision=source.revision,
+                                                         dtype=torch.float32 if device == "cpu" else "auto")
         except (OSError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UsageError(f"--{role} {path!r} could not be loaded as a causal LM with its tokenizer: {first_line}") from None
+            raise UsageError(f"--{role} {source.location!r} could not be loaded as a causal LM with its tokenizer: "
+                             f"{first_line}") from None
         loaded[role] = (model.to(device), tokenizer)
+    return loaded
+
+
+def _transformers_sampler(args, loaded, **overrides):
+    from .generation import OptimalSampler
+
     options = dict(alpha_method=args.alpha_method, alpha=args.alpha, temperature=args.temperature)
     options.update(overrides)
     try:
@@ -159,28 +222,77 @@ def _load_transformers_sampler(args, **overrides):
         raise UsageError(str(error)) from None
 
 
+def _vllm_sampler(args, **overrides):
+    from .servers import VLLMSampler
+
+    return VLLMSampler.from_cli_args(args, **overrides)
+
+
+def _inprocess_sampler(args, sources):
+    from .engines import InProcessVLLMSampler
+
+    return InProcessVLLMSampler.from_cli_args(args, {role: (s.location, s.revision) for role, s in sources.items()})
+
+
+def _model_fingerprints(args, sources, sampler) -> dict[str, str]:
+    """What identifies each model's weights: its files, or for a server whose model directory is
+    not on this machine, the served model's name and URL."""
+    if args.backend != "vllm":
+        return {f"{role}_fingerprint": source.fingerprint for role, source in sources.items()}
+    from .model_source import directory_fingerprint
+
+    fingerprints = {}
+    for role, served in sampler.served_models().items():
+        root = served["root"]
+        fingerprints[f"{role}_fingerprint"] = directory_fingerprint(root) if root else f"{served['url']} {served['model']}"
+    return fingerprints
+
+
+# -- sampling -----------------------------------------------------------------------------
+
+
 def _batch_seed(seed: int, batch_index: int) -> int:
     return (seed * 1_000_003 + batch_index) % (2**63)
 
 
-def _sample_rows(sampler, rows, teacher_prompts, args, indices, progress=None):
-    """Run the sampler over `indices` batch by batch; yields (batch rows as dicts)."""
+def _generate(sampler, prompts: PromptSet, rows: list[int], args, seed: int) -> dict[int, Any]:
+    """Samples for `rows` (indices of sampleable rows), in one call; if that call raises, each
+    row alone, so a prompt the sampler refuses marks only its own row."""
+    from .generation import GenerationOutput
+
+    def call(indices, call_seed):
+        return sampler.generate(
+            [prompts.prompts[i] for i in indices],
+            teacher_prompts=None if prompts.teacher_prompts is None else [prompts.teacher_prompts[i] for i in indices],
+            max_new_tokens=args.max_new_tokens,
+            batch_size=len(indices),
+            seed=call_seed,
+        )
+
+    try:
+        return dict(zip(rows, call(rows, seed)))
+    except (ValueError, TypeError):
+        outputs = {}
+        for i in rows:
+            try:
+                [outputs[i]] = call([i], _batch_seed(seed, i))
+            except (ValueError, TypeError) as error:
+                outputs[i] = GenerationOutput(prompt=prompts.prompts[i], error=f"{type(error).__name__}: {error}")
+        return outputs
+
+
+def _sample_rows(sampler, prompts: PromptSet, args, indices, progress=None):
+    """Run the sampler over `indices` batch by batch; yields each batch's output rows."""
+    from .generation import GenerationOutput
+
     for start in range(0, len(indices), args.batch_size):
         batch = indices[start : start + args.batch_size]
-        batch_index = batch[0] // args.batch_size
-        outputs = sampler.generate(
-            [rows[i][args.prompt_column] for i in batch],
-            teacher_prompts=None if teacher_prompts is None else [teacher_prompts[i] for i in batch],
-            max_new_tokens=args.max_new_tokens,
-            batch_size=len(batch),
-            seed=_batch_seed(args.seed, batch_index),
-        )
+        sampled = [i for i in batch if i not in prompts.problems]
+        outputs = _generate(sampler, prompts, sampled, args, _batch_seed(args.seed, batch[0] // args.batch_size)) if sampled else {}
         records = []
-        for i, out in zip(batch, outputs):
-            record = {"index": i, **out.to_dict()}
-            if record["teacher_prompt"] is None:
-                record["teacher_prompt"] = record["prompt"]
-            records.append(record)
+        for i in batch:
+            output = outputs.get(i) or GenerationOutput(prompt=prompts.prompts[i], error=prompts.problems[i])
+            records.append(prompts.record(i, output.to_dict()))
         if progress is not None:
             progress.update(len(batch))
         yield records
@@ -188,19 +300,17 @@ def _sample_rows(sampler, rows, teacher_prompts, args, indices, progress=None):
 
 def run_generate(args) -> int:
     _check_args(args)
-    rows, prompt_source = _load_prompts(args)
-    teacher_prompts = _teacher_prompts(args, rows)
+    prompts, prompt_source = _load_prompts(args)
+    writer = ResumableWriter(args.output, batch_size=args.batch_size, total=len(prompts.rows), overwrite=args.overwrite)
+    sources = _resolve_models(args)
+    sampler = _vllm_sampler(args) if args.backend == "vllm" else None
     settings = {
         "backend": args.backend,
-        "base": args.base or "toy:base",
-        "teacher": args.teacher or "toy:teacher",
-        "theta_url": args.theta_url,
-        "t_url": args.t_url,
-        "prompts": prompt_source,
+        **_model_fingerprints(args, sources, sampler),
+        "prompts_sha256": prompts.digest(),
         "prompt_column": args.prompt_column,
         "teacher_prompt_template": args.teacher_prompt_template,
-        "limit": args.limit,
-        "num_prompts": len(rows),
+        "num_prompts": len(prompts.rows),
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "alpha_method": args.alpha_method,
@@ -209,57 +319,52 @@ def run_generate(args) -> int:
         "seed": args.seed,
         **({"vllm_engine_args": args.vllm_engine_arg} if args.vllm_engine_arg else {}),
     }
-    writer = ResumableWriter(args.output, settings, batch_size=args.batch_size, total=len(rows), overwrite=args.overwrite)
-    done = writer.start()
-    if args.backend == "vllm":
-        sampler = _load_vllm_sampler(args)
-    elif args.backend == "vllm-inprocess":
-        from .engines import InProcessVLLMSampler
-
-        sampler = InProcessVLLMSampler.from_cli_args(args)
-    else:
-        sampler = _load_transformers_sampler(args)
-
-    todo = list(range(len(done), len(rows)))
-    if done:
-        print(f"resuming {args.output}: {len(done)} of {len(rows)} rows already written", file=sys.stderr)
+    done = writer.start(settings)
+    total = len(prompts.rows)
     progress = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
+    try:
+        if sampler is None and args.backend == "vllm-inprocess":
+            sampler = _inprocess_sampler(args, sources)
+        elif sampler is None:
+            loaded = _load_transformers_models(args, sources)
+            sampler = _transformers_sampler(args, loaded)
+        todo = list(range(len(done), total))
+        if done:
+            print(f"resuming {args.output}: {len(done)} of {total} rows already written", file=sys.stderr)
+        if not args.no_progress:
+            from tqdm.auto import tqdm
 
-        progress = tqdm(total=len(rows), initial=len(done), desc="q* sampling", unit="sample")
-    started = time.perf_counter()
-    new_rows: list[dict[str, Any]] = []
-    for records in _sample_rows(sampler, rows, teacher_prompts, args, todo, progress):
-        writer.append(records)
-        new_rows.extend(records)
-    elapsed = time.perf_counter() - started
-    if progress is not None:
-        progress.close()
-    all_rows = done + new_rows
-    writer.finish(all_rows)
-    getattr(sampler, "close", lambda: None)()  # the vLLM backends hold connections or engines
+            progress = tqdm(total=total, initial=len(done), desc="q* sampling", unit="sample")
+        started = time.perf_counter()
+        new_rows: list[dict[str, Any]] = []
+        for records in _sample_rows(sampler, prompts, args, todo, progress):
+            writer.append(records)
+            new_rows.extend(records)
+        elapsed = time.perf_counter() - started
+        if progress is not None:
+            progress.close()
+        all_rows = done + new_rows
+        writer.finish(all_rows)
 
-    answers = [row.get(args.answer_column) for row in rows]
-    comparisons = {}
-    if args.compare:
-        for name, alpha in (("base only (α=0)", 0.0), ("teacher only (α=1)", 1.0)):
-            if args.backend != "transformers":
-                print("--compare is only available with --backend transformers", file=sys.stderr)
-                break
-            solo = _load_transformers_sampler(args, alpha_method="fixed", alpha=alpha)
-            solo_rows = [r for batch in _sample_rows(solo, rows, teacher_prompts, args, list(range(len(rows)))) for r in batch]
-            comparisons[name] = solo_rows
+        comparisons = {}
+        if args.compare:
+            for name, alpha in (("base only (α=0)", 0.0), ("teacher only (α=1)", 1.0)):
+                if args.backend == "vllm-inprocess":  # the same engines, another α rule
+                    solo = sampler.with_config(alpha_method="fixed", alpha=alpha)
+                elif args.backend == "vllm":
+                    solo = _vllm_sampler(args, alpha_method="fixed", alpha=alpha)
+                else:
+                    solo = _transformers_sampler(args, loaded, alpha_method="fixed", alpha=alpha)
+                comparisons[name] = [r for batch in _sample_rows(solo, prompts, args, list(range(total))) for r in batch]
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.close()
+        raise Interrupted(f"interrupted: {writer.rows_on_disk()} of {total} rows are saved in {writer.journal}") from None
+    finally:
+        getattr(sampler, "close", lambda: None)()  # the vLLM backends hold connections or engines
+    answers = [row.get(args.answer_column) for row in prompts.rows]
     print(format_summary(all_rows, new_rows, elapsed, answers, comparisons, args.output))
     return 0
-
-
-def _load_vllm_sampler(args):
-    try:
-        from .servers import VLLMSampler
-    except ImportError:
-        raise UsageError("--backend vllm is not available in this install (optimal_sampling.servers is missing).") from None
-    return VLLMSampler.from_cli_args(args)
 
 
 # -- the summary table --------------------------------------------------------------------
@@ -276,9 +381,39 @@ def _accuracy(rows, answers) -> float | None:
     return sum(rewards) / len(rewards)
 
 
+def _finite(values) -> list[float]:
+    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
 def _mean(values) -> float:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    values = _finite(values)
     return sum(values) / len(values) if values else float("nan")
+
+
+def _median(values) -> float:
+    values = sorted(_finite(values))
+    if not values:
+        return float("nan")
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def ess_ratio_summary(rows) -> tuple[float, float]:
+    """ESS_θ/ESS_t over the samples: (geometric mean over all tokens, median of the samples'
+    own geometric means). The per-token ratio is heavy-tailed (one token can reach 100s), so
+    its arithmetic mean says little; its log is the natural scale (0 = balanced).
+
+    >>> overall, median = ess_ratio_summary([{"diagnostics": {"ess_ratio_log_mean": 0.0, "num_tokens": 3}},
+    ...                                      {"diagnostics": {"ess_ratio_log_mean": math.log(4), "num_tokens": 1}}])
+    >>> round(overall, 6), round(median, 6)  # 4 ** (1/4) over the 4 tokens; the median of 1 and 4
+    (1.414214, 2.0)
+    """
+    stats = [r["diagnostics"] for r in rows if r.get("diagnostics")]
+    pairs = [(d.get("ess_ratio_log_mean"), d.get("num_tokens", 0)) for d in stats]
+    pairs = [(log_mean, n) for log_mean, n in pairs if _finite([log_mean]) and n]
+    tokens = sum(n for _, n in pairs)
+    overall = math.exp(sum(log_mean * n for log_mean, n in pairs) / tokens) if tokens else float("nan")
+    return overall, math.exp(_median([log_mean for log_mean, _ in pairs])) if pairs else float("nan")
 
 
 def format_summary(all_rows, new_rows, elapsed, answers, comparisons, output) -> str:
@@ -288,6 +423,7 @@ def format_summary(all_rows, new_rows, elapsed, answers, comparisons, output) ->
     alphas = [a for r in ok for a in r["alpha_history"]]
     mean_alpha = _mean(alphas)
     std_alpha = math.sqrt(_mean([(a - mean_alpha) ** 2 for a in alphas])) if alphas else float("nan")
+    ess_overall, ess_median = ess_ratio_summary(ok)
 
     def diag(key):
         return _mean([r["diagnostics"].get(key) for r in ok if r.get("diagnostics")])
@@ -302,8 +438,9 @@ def format_summary(all_rows, new_rows, elapsed, answers, comparisons, output) ->
         f"| α mean ± std | {mean_alpha:.3f} ± {std_alpha:.3f} |",
         f"| KL(q‖π_θ) mean | {diag('kl_theta_mean'):.4f} |",
         f"| KL(q‖π_t) mean | {diag('kl_t_mean'):.4f} |",
-        f"| KL difference mean | {diag('kl_diff_mean'):.2e} |",
-        f"| ESS ratio mean | {diag('ess_ratio_mean'):.3f} |",
+        f"| KL difference mean (≈ 0 under KL symmetry) | {diag('kl_diff_mean'):.2e} |",
+        f"| ESS_θ/ESS_t, geometric mean over tokens | {ess_overall:.3f} |",
+        f"| ESS_θ/ESS_t, median over samples | {ess_median:.3f} |",
         f"| entropy of q mean | {diag('entropy_q_mean'):.3f} |",
     ]
     accuracy = _accuracy(all_rows, answers)
@@ -311,6 +448,8 @@ def format_summary(all_rows, new_rows, elapsed, answers, comparisons, output) ->
         lines.append(f"| exact-match accuracy, q* | {accuracy:.3f} |")
         for name, rows in comparisons.items():
             lines.append(f"| exact-match accuracy, {name} | {_accuracy(rows, answers):.3f} |")
+    lines.append("\nESS_θ/ESS_t: how well q* serves as a proposal for π_θ relative to π_t (effective sample "
+                 "sizes); 1 = balanced, > 1: q* sits nearer π_θ, < 1: nearer π_t.")
     return "\n".join(lines)
 
 

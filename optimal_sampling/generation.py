@@ -227,8 +227,9 @@ class GenerationOutput:
         logp_theta: log π_θ(y_t) (after temperature), per token.
         logp_t: log π_t(y_t) (after temperature), per token.
         diagnostics: means over the generated tokens (alpha_mean/std/min/max, kl_theta_mean,
-            kl_t_mean, kl_diff_mean, ess_ratio_mean, entropy_q_mean, chernoff_mean,
-            iterations_mean, empty_support_tokens, num_tokens), or None.
+            kl_t_mean, kl_diff_mean, ess_ratio_mean (ESS_θ(q)/ESS_t(q), 1 when balanced),
+            ess_ratio_log_mean (the mean of its log, robust to its heavy tail), entropy_q_mean,
+            chernoff_mean, iterations_mean, empty_support_tokens, num_tokens), or None.
         error: None, or what went wrong for this sample (its other fields are then empty).
     """
 
@@ -266,6 +267,8 @@ def summarize_tokens(alpha: Sequence[float], per_token: dict[str, Sequence[float
             summary["empty_support_tokens"] = float(values_t.sum())
         else:
             summary[f"{name}_mean"] = float(values_t.mean())
+        if name == "ess_ratio":  # heavy-tailed (single tokens reach 100s): its log averages well
+            summary["ess_ratio_log_mean"] = float(values_t.log().mean())
     return summary
 
 

@@ -259,6 +259,7 @@ def compute_mixture(
     *,
     alpha_method: str = "kl_symmetry",
     alpha: float | torch.Tensor | None = None,
+    kl_budget: float | torch.Tensor | None = None,
     alpha_min: float = 0.0,
     alpha_max: float = 1.0,
     teacher_top_p: float | None = None,
@@ -274,7 +275,7 @@ def compute_mixture(
     """α, log q* and diagnostics for one step: the whole q* computation in one place.
 
     `logp_theta` / `logp_t` are the two models' `[B, V]` log-probs after temperature.
-    α is solved with `solve_alpha` (the options are passed through), q* formed with
+    α is solved with `solve_alpha` (the options, `kl_budget` among them, are passed through), q* formed with
     `optimal_log_probs`, and `top_k` / `top_p` applied after mixing give the distribution
     actually sampled, whose log-probs are `logq`.
 
@@ -289,8 +290,8 @@ def compute_mixture(
         >>> step.logq.shape, bool(step.diagnostics.kl_diff.abs().max() < 1e-5)
         (torch.Size([2, 10]), True)
     """
-    check_solve_options(alpha_method, alpha=alpha, tol=tol, max_iter=max_iter, alpha_min=alpha_min,
-                        alpha_max=alpha_max, empty_support=empty_support)
+    check_solve_options(alpha_method, alpha=alpha, kl_budget=kl_budget, tol=tol, max_iter=max_iter,
+                        alpha_min=alpha_min, alpha_max=alpha_max, empty_support=empty_support)
     if validate:
         check_log_prob_pair(logp_theta, logp_t)
     if alpha_method == "kl_symmetry" and log_multiplicity is None and _c_step_applies(logp_theta):
@@ -305,8 +306,8 @@ def compute_mixture(
         return Mixture(logq=logq, alpha=solution.alpha, solution=solution, diagnostics=diagnostics)
     pair = common_support(logp_theta, logp_t, teacher_top_p=teacher_top_p)
     solution = solve_on_support(
-        pair, alpha_method, alpha=alpha, tol=tol, max_iter=max_iter, alpha_min=alpha_min, alpha_max=alpha_max,
-        empty_support=empty_support, log_multiplicity=log_multiplicity,
+        pair, alpha_method, alpha=alpha, kl_budget=kl_budget, tol=tol, max_iter=max_iter, alpha_min=alpha_min,
+        alpha_max=alpha_max, empty_support=empty_support, log_multiplicity=log_multiplicity,
     )
     logq_full, log_partition = mixture_on_support(pair, solution.alpha, empty_support)
     diagnostics = None

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """GRPO with q* rollouts for any Hugging Face model pair, dataset and reward.
 
-Rollouts are sampled from q* ∝ π_θ^(1-α) · π_t^α (α per token, KL-symmetric by default) and
-the loss is corrected by per-token importance weights π_θ/q (truncated at
-`--vllm_importance_sampling_clip_max`). Every `OptimalSamplingGRPOConfig` / `GRPOConfig`
-field is a command-line flag (or a key of a `--config` YAML file).
+Of each prompt's `--num_generations` rollouts, `--num_on_policy_generations` come from the policy
+and the rest from q* ∝ π_θ^(1-α) · π_t^α (by default teacher samples, α = 1; `--alpha_method
+kl_symmetry` for the KL-symmetric blend), weighted by `--importance_weighting` with the baseline
+`--advantage_baseline` (README, "Training with TRL"). Every `OptimalSamplingGRPOConfig` /
+`GRPOConfig` field is a command-line flag (or a key of a `--config` YAML file).
 
 One GPU::
 

@@ -1,34 +1,33 @@
 #!/usr/bin/env python
-"""The toy experiment: does sampling from q* help GRPO, and does the importance correction matter?
+"""The toy experiment: where do teacher-guided rollouts help GRPO, and how should they be weighted?
 
-Runs on CPU in minutes with the model pair that ships with the package (a weak base and a
-strong teacher on two-digit addition, see `optimal_sampling.toy`). Three arms, same seeds,
-same budget (steps × prompts × generations):
+Runs on CPU with the model pair that ships with the package (a weak base and a strong teacher
+on two-digit addition, `optimal_sampling.toy`). The protocol (regimes, arms, seeds, endpoints,
+tests) is pre-registered in `recipes/PREREGISTRATION.md`; the results are in
+`recipes/RESULTS.md`.
 
-- `vanilla`: TRL's `GRPOTrainer`, rollouts from π_θ.
-- `qstar`: `OptimalSamplingGRPOTrainer`, rollouts from q* (KL-symmetric α per token, the
-  teacher sees its own chat prompt), per-token importance weights min(π_θ/q, 3).
-- `teacher`: `OptimalSamplingGRPOTrainer` with α = 1 (teacher samples) and no importance
-  correction: training on teacher samples as if they were on-policy.
+The metric is the policy's *exact* expected accuracy on held-out problems,
+mean_x π_θ(answer + EOS | x) at temperature 1: one forward pass, no sampling noise. (Every
+digit is its own token in the shipped tokenizer, so the canonical answer is the only short
+way to write it; other accepted spellings, with leading spaces or zeros, have negligible
+probability.)
 
-Ablations of the q* arm: `qstar_nocap` (token weights not truncated: run it with
-`--clip_max 1e4`), `qstar_seq` (sequence-level truncated weights, `sequence_truncate`) and
-`qstar_nocorr` (q* samples, no correction).
+Regimes:
+- `ordinary`: training prompts from the whole training split; evaluation on 256 held-out problems.
+- `hard`: training and evaluation only on problems whose exact base success is below 0.05
+  (the teacher solves them); the ordinary held-out accuracy is tracked as the guard.
 
-Every `--eval_every` steps the policy π_θ itself is evaluated on held-out problems
-(exact match, sampled at temperature 1 and greedy), so the curves compare the trained
-policies, not the rollouts (whose reward depends on the sampler). One run::
+Commands::
 
-    python recipes/grpo_toy.py --arm qstar --seed 0 --output_dir outputs/toy
+    # one run
+    python recipes/grpo_toy.py run --regime hard --arm mixed_qstar --seed 0 --output_dir outputs/toy
+    # the whole grid (resumable: finished runs are skipped), N runs at a time
+    python recipes/grpo_toy.py grid --regime hard ordinary --seeds 0-7 --workers 2 --output_dir outputs/toy
+    # tables, paired tests and plots
+    python recipes/grpo_toy.py analyze --output_dir outputs/toy --plot recipes/grpo_toy.png
 
-The full experiment (3 arms × 3 seeds), then the table and plot::
-
-    for seed in 0 1 2; do for arm in vanilla qstar teacher; do
-        python recipes/grpo_toy.py --arm $arm --seed $seed --output_dir outputs/toy; done; done
-    python recipes/grpo_toy.py --summarize outputs/toy --plot recipes/grpo_toy.png
-
-Each run writes `<output_dir>/<arm>-seed<seed>.json` (arguments, evaluation curve and the
-trainer's log history).
+Each run writes `<output_dir>/<regime>/<arm>-seed<seed>.json` (its settings, the accuracy
+curves and the trainer's full `log_history`, every `optimal_sampling/*` metric included).
 """
 
 from __future__ import annotations
@@ -36,9 +35,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,114 +50,154 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-ARMS = ("vanilla", "qstar", "teacher", "qstar_nocap", "qstar_seq", "qstar_nocorr")
+REGIMES = ("ordinary", "hard")
+HARD_THRESHOLD = 0.05  # exact base success below this makes a problem "hard"
+G = 8  # completions per prompt
+
+# Every arm: the trainer ("vanilla" = TRL's GRPOTrainer) and the OptimalSamplingGRPOConfig fields.
+# Pre-registered in recipes/PREREGISTRATION.md; do not edit an arm after its runs exist.
+ARMS: dict[str, dict] = {
+    "vanilla": {},
+    "old_default": dict(  # the package default before issue 13: every row q*, token truncation at 3, group mean
+        num_on_policy_generations=0, importance_weighting="token_truncate", advantage_baseline="group",
+        allow_inconsistent_baseline=True,
+    ),
+    "qstar_none": dict(num_on_policy_generations=0, importance_weighting="none"),
+    "mixed_qstar": dict(num_on_policy_generations=G // 2, importance_weighting="none"),
+    "mixed_teacher": dict(num_on_policy_generations=G // 2, importance_weighting="none", alpha_method="fixed", alpha=1.0),
+    "luffy_teacher": dict(num_on_policy_generations=G - 1, importance_weighting="shaping", alpha_method="fixed",
+                          alpha=1.0),
+    "luffy_qstar": dict(num_on_policy_generations=G - 1, importance_weighting="shaping"),
+    "anneal": dict(num_on_policy_generations=0, importance_weighting="none", teacher_decay_ratio=0.5),
+    "kl_budget": dict(num_on_policy_generations=G // 2, importance_weighting="none", alpha_method="kl_budget",
+                      kl_budget=0.1),
+    "mixed_qstar_is": dict(num_on_policy_generations=G // 2, importance_weighting="token_truncate",
+                           advantage_baseline="is"),
+    "mixed_qstar_shaping": dict(num_on_policy_generations=G // 2, importance_weighting="shaping"),
+    "mixed_anneal": dict(num_on_policy_generations=G // 2, importance_weighting="none", teacher_decay_ratio=0.5),
+    "mixed_mis": dict(num_on_policy_generations=G // 2, importance_weighting="mis"),
+}
 ARM_LABELS = {
-    "vanilla": "vanilla GRPO (π_θ samples)",
-    "qstar": "q*-GRPO + IS correction",
-    "teacher": "teacher samples, no correction",
-    # Ablations (not part of the three-arm comparison):
-    "qstar_nocap": "q*-GRPO + untruncated token IS (ablation)",
-    "qstar_seq": "q*-GRPO + sequence-level IS (ablation)",
-    "qstar_nocorr": "q*-GRPO, no correction (ablation)",
+    "vanilla": "vanilla GRPO (TRL)",
+    "old_default": "old default: all q*, token-truncated IS, group mean",
+    "qstar_none": "all q*, no weights",
+    "mixed_qstar": "4 on-policy + 4 q*, no weights",
+    "mixed_teacher": "4 on-policy + 4 teacher, no weights",
+    "luffy_teacher": "7 on-policy + 1 teacher, shaping",
+    "luffy_qstar": "7 on-policy + 1 q*, shaping",
+    "anneal": "all q*, α_max 1→0 over half the run",
+    "kl_budget": "4 on-policy + 4 q* with KL(q‖π_θ) ≤ 0.1",
+    "mixed_qstar_is": "4 on-policy + 4 q*, truncated IS, IS baseline",
+    "mixed_qstar_shaping": "4 on-policy + 4 q*, shaping",
+    "mixed_anneal": "4 on-policy + 4 q*, α_max 1→0 over half the run",
+    "mixed_mis": "4 on-policy + 4 q*, multiple importance sampling",
 }
-SAMPLING = {  # OptimalSamplingGRPOConfig fields of each q* arm
-    "qstar": dict(alpha_method="kl_symmetry"),
-    "teacher": dict(alpha_method="fixed", alpha=1.0, vllm_importance_sampling_correction=False),
-    "qstar_nocap": dict(alpha_method="kl_symmetry"),  # run with --clip_max 1e4
-    "qstar_seq": dict(alpha_method="kl_symmetry", vllm_importance_sampling_mode="sequence_truncate"),
-    "qstar_nocorr": dict(alpha_method="kl_symmetry", vllm_importance_sampling_correction=False),
-}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arm", choices=ARMS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default="outputs/toy")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps (one generation batch each)")
-    p.add_argument("--prompts_per_step", type=int, default=8)
-    p.add_argument("--num_generations", type=int, default=8)
-    p.add_argument("--learning_rate", type=float, default=3e-4)
-    p.add_argument("--clip_max", type=float, default=3.0, help="IS truncation cap of the qstar arm")
-    p.add_argument("--eval_every", type=int, default=10)
-    p.add_argument("--eval_problems", type=int, default=256)
-    p.add_argument("--summarize", metavar="DIR", nargs="+", help="aggregate the runs in DIR(s) into a Markdown table")
-    p.add_argument("--plot", metavar="PNG", help="with --summarize: write the curves to this PNG")
-    return p.parse_args(argv)
+# --- problems and the exact metric --------------------------------------------------------------
 
 
-# --- evaluation -------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate_policy(model, tokenizer, problems, *, do_sample: bool, seed: int = 1234) -> float:
-    """Exact-match accuracy of the policy on its plain prompts (T = 1 sampling or greedy)."""
-    from optimal_sampling.toy import exact_match_reward
-
+def answer_log_probs(model, tokenizer, problems: list[dict], batch_size: int = 512) -> torch.Tensor:
+    """`[N]` log π(answer + EOS | prompt) at temperature 1, float64."""
+    eos = tokenizer.eos_token_id
+    rows = [
+        (tokenizer(p["prompt"], add_special_tokens=False)["input_ids"],
+         tokenizer(p["answer"], add_special_tokens=False)["input_ids"] + [eos])
+        for p in problems
+    ]
+    out = []
     was_training = model.training
     model.eval()
-    enc = tokenizer([p["prompt"] for p in problems], return_tensors="pt", padding=True, add_special_tokens=False)
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    # A private RNG stream: evaluating must not change the training run's samples.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        out = model.generate(
-            **enc, do_sample=do_sample, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=5,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            width = max(len(p) + len(a) for p, a in chunk)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            target = torch.zeros_like(ids, dtype=torch.bool)
+            for i, (p, a) in enumerate(chunk):  # right padding: every prompt starts at 0
+                ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+                attention[i, : len(p) + len(a)] = 1
+                target[i, len(p) : len(p) + len(a)] = True
+            ids, attention, target = ids.to(model.device), attention.to(model.device), target.to(model.device)
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            out.append((logp * target[:, 1:]).sum(-1).double().cpu())
     model.train(was_training)
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False)
-    texts = [t.replace(tokenizer.pad_token, "") for t in texts]
-    rewards = exact_match_reward(texts, [p["answer"] for p in problems])
-    return sum(rewards) / len(rewards)
+    return torch.cat(out)
 
 
-def make_eval_callback(tokenizer, problems, every: int, curve: list):
-    from transformers import TrainerCallback
-
-    class HeldOutAccuracy(TrainerCallback):
-        def _record(self, state, model):
-            curve.append(
-                {
-                    "step": state.global_step,
-                    "sampled_accuracy": evaluate_policy(model, tokenizer, problems, do_sample=True),
-                    "greedy_accuracy": evaluate_policy(model, tokenizer, problems, do_sample=False),
-                }
-            )
-            print(f"[eval] step {curve[-1]['step']}: sampled {curve[-1]['sampled_accuracy']:.3f} "
-                  f"greedy {curve[-1]['greedy_accuracy']:.3f}", flush=True)
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self._record(state, model)
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step % every == 0:
-                self._record(state, model)
-
-    return HeldOutAccuracy()
+def exact_accuracy(model, tokenizer, problems: list[dict]) -> float:
+    """mean_x π(answer + EOS | x): the policy's expected exact-match accuracy at T = 1."""
+    return float(answer_log_probs(model, tokenizer, problems).exp().mean())
 
 
-# --- one run ------------------------------------------------------------------------------
+def problem_sets(base, tokenizer) -> dict[str, list[dict]]:
+    """Every training and held-out problem, split by the base's exact success."""
+    from optimal_sampling.toy import all_pairs, format_prompt, format_teacher_prompt
+
+    sets = {}
+    for split in ("train", "test"):
+        rows = [
+            {"prompt": format_prompt(a, b), "teacher_prompt": format_teacher_prompt(format_prompt(a, b)),
+             "answer": str(a + b)}
+            for a, b in all_pairs(split)
+        ]
+        success = answer_log_probs(base, tokenizer, rows).exp()
+        sets[f"{split}_all"] = rows
+        sets[f"{split}_hard"] = [r for r, s in zip(rows, success.tolist()) if s < HARD_THRESHOLD]
+    return sets
+
+
+def training_rows(sets, regime: str, count: int, seed: int) -> list[dict]:
+    """The seed's prompt order (the same for every arm of a seed)."""
+    import random
+
+    pool = sets["train_hard"] if regime == "hard" else sets["train_all"]
+    rng = random.Random(f"grpo-toy-{regime}-{seed}")
+    rows: list[dict] = []
+    while len(rows) < count:
+        order = pool[:]
+        rng.shuffle(order)
+        rows.extend(order[: count - len(rows)])
+    return rows
+
+
+def eval_sets(sets) -> dict[str, list[dict]]:
+    import random
+
+    ordinary = sets["test_all"][:]
+    random.Random("grpo-toy-eval").shuffle(ordinary)
+    return {"hard": sets["test_hard"], "ordinary": ordinary[:256]}
+
+
+# --- one run ------------------------------------------------------------------------------------
+
+
+def run_path(output_dir, regime: str, arm: str, seed: int) -> Path:
+    return Path(output_dir) / regime / f"{arm}-seed{seed}.json"
 
 
 def run(args) -> Path:
     torch.set_num_threads(1)
     from datasets import Dataset
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from optimal_sampling.toy import TEACHER_PROMPT_TEMPLATE, exact_match_reward, load_toy_pair, make_problems
+    from optimal_sampling.toy import TEACHER_PROMPT_TEMPLATE, exact_match_reward, load_toy_pair
     from trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
 
+    path = run_path(args.output_dir, args.regime, args.arm, args.seed)
     base, teacher, tokenizer = load_toy_pair()
-    train_rows = make_problems(args.steps * args.prompts_per_step, seed=args.seed, split="train")
-    eval_rows = make_problems(args.eval_problems, seed=10_000, split="test")  # the same for every run
-    dataset = Dataset.from_list(train_rows)
+    sets = problem_sets(base, tokenizer)
+    evals = eval_sets(sets)
+    dataset = Dataset.from_list(training_rows(sets, args.regime, args.steps * args.prompts_per_step, args.seed))
     common = dict(
-        output_dir=str(Path(args.output_dir) / f"{args.arm}-seed{args.seed}-trainer"),
+        output_dir=str(path.with_suffix("")) + "-trainer",
         seed=args.seed,
         max_steps=args.steps,
-        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
-        num_generations=args.num_generations,
+        per_device_train_batch_size=args.prompts_per_step * G,
+        num_generations=G,
         max_completion_length=5,
         temperature=1.0,
         learning_rate=args.learning_rate,
@@ -171,118 +213,364 @@ def run(args) -> Path:
         log_completions=False,
     )
     curve: list[dict] = []
-    callbacks = [make_eval_callback(tokenizer, eval_rows, args.eval_every, curve)]
+
+    class ExactAccuracy(TrainerCallback):
+        def _record(self, state, model):
+            point = {"step": state.global_step}
+            point.update({name: exact_accuracy(model, tokenizer, rows) for name, rows in evals.items()})
+            curve.append(point)
+            print(f"[eval] {args.regime}/{args.arm} seed {args.seed} step {point['step']}: "
+                  f"hard {point['hard']:.3f} ordinary {point['ordinary']:.3f}", file=sys.stderr, flush=True)
+
+        def on_train_begin(self, args_, state, control, model=None, **kwargs):
+            self._record(state, model)
+
+        def on_step_end(self, args_, state, control, model=None, **kwargs):
+            if state.global_step % args.eval_every == 0:
+                self._record(state, model)
+
     if args.arm == "vanilla":
-        trainer = GRPOTrainer(
-            base, reward_funcs=exact_match_reward, args=GRPOConfig(**common), train_dataset=dataset,
-            processing_class=tokenizer, callbacks=callbacks,
-        )
+        trainer = GRPOTrainer(base, reward_funcs=exact_match_reward, args=GRPOConfig(**common), train_dataset=dataset,
+                              processing_class=tokenizer, callbacks=[ExactAccuracy()])
     else:
-        sampling = dict(SAMPLING[args.arm], vllm_importance_sampling_clip_max=args.clip_max)
-        trainer = OptimalSamplingGRPOTrainer(
-            base,
-            reward_funcs=exact_match_reward,
-            args=OptimalSamplingGRPOConfig(**common, **sampling, teacher_prompt_template=TEACHER_PROMPT_TEMPLATE),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=callbacks,
-            teacher_model=teacher,
-        )
+        config = OptimalSamplingGRPOConfig(**common, **ARMS[args.arm], teacher_prompt_template=TEACHER_PROMPT_TEMPLATE)
+        trainer = OptimalSamplingGRPOTrainer(base, reward_funcs=exact_match_reward, args=config, train_dataset=dataset,
+                                             processing_class=tokenizer, callbacks=[ExactAccuracy()],
+                                             teacher_model=teacher)
     started = time.time()
-    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints every log dict; keep stdout for [eval]
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints every log dict
         trainer.train()
     result = {
+        "regime": args.regime,
         "arm": args.arm,
         "seed": args.seed,
-        "args": vars(args),
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "config": ARMS[args.arm],
+        "hard_train_problems": len(sets["train_hard"]),
+        "hard_eval_problems": len(evals["hard"]),
         "seconds": round(time.time() - started, 1),
         "eval": curve,
         "log_history": trainer.state.log_history,
+        "versions": _versions(),
     }
-    path = Path(args.output_dir) / f"{args.arm}-seed{args.seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    partial = path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(result))
+    partial.replace(path)  # a run's file exists only once the run is complete
     print(f"wrote {path} ({result['seconds']} s)")
     return path
 
 
-# --- summary --------------------------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    import platform
+
+    import transformers
+    import trl
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "machine": platform.machine(), "node": platform.node()}
 
 
-def _mean_std(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std(unbiased=True)) if len(values) > 1 else 0.0
+# --- the grid -------------------------------------------------------------------------------------
 
 
-def _last_mean(values, n):
-    tail = values[-n:]
-    return sum(tail) / len(tail)
+def parse_seeds(text: str) -> list[int]:
+    seeds: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        seeds.extend(range(int(low), int(high or low) + 1))
+    return seeds
 
 
-def summarize(directories: list[str], plot: str | None = None) -> str:
-    runs = [json.loads(p.read_text()) for d in directories for p in sorted(Path(d).glob("*-seed*.json"))]
-    by_arm = {arm: [r for r in runs if r["arm"] == arm] for arm in ARMS}
-    lines = [
-        "| arm | seeds | held-out accuracy at start (T=1) | at end (T=1) | last 5 evals (T=1) | at end (greedy) "
-        "| mean rollout reward, last 20 steps | seconds / run |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for arm, arm_runs in by_arm.items():
-        if not arm_runs:
+def grid(args) -> None:
+    """Every (regime, arm, seed) run that has no result file yet, `--workers` at a time."""
+    arms = list(ARMS) if args.arms == ["all"] else args.arms
+    jobs = [(regime, arm, seed) for regime in args.regime for seed in parse_seeds(args.seeds) for arm in arms]
+    todo = [job for job in jobs if not run_path(args.output_dir, *job).exists()]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)} with {args.workers} workers",
+          flush=True)
+    log_dir = Path(args.output_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    def one(job):
+        regime, arm, seed = job
+        command = [sys.executable, __file__, "run", "--regime", regime, "--arm", arm, "--seed", str(seed),
+                   "--output_dir", args.output_dir, "--steps", str(args.steps), "--eval_every", str(args.eval_every)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        with open(log_dir / f"{regime}-{arm}-seed{seed}.log", "w") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        return job, code
+
+    done = failed = 0
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        for future in as_completed([pool.submit(one, job) for job in todo]):
+            (regime, arm, seed), code = future.result()
+            done += 1
+            failed += code != 0
+            summary = ""
+            if code == 0:
+                curve = json.loads(run_path(args.output_dir, regime, arm, seed).read_text())["eval"]
+                summary = f"final {regime} accuracy {curve[-1][regime]:.3f}"
+            else:
+                summary = f"FAILED (exit {code}), see {log_dir}/{regime}-{arm}-seed{seed}.log"
+            print(f"[{done}/{len(todo)} {time.time() - started:.0f}s] {regime}/{arm} seed {seed}: {summary}", flush=True)
+    if failed:
+        sys.exit(f"{failed} runs failed")
+
+
+# --- analysis -------------------------------------------------------------------------------------
+
+
+def load_runs(output_dir) -> dict[tuple[str, str], dict[int, dict]]:
+    runs: dict[tuple[str, str], dict[int, dict]] = {}
+    for path in sorted(Path(output_dir).glob("*/*-seed*.json")):
+        r = json.loads(path.read_text())
+        runs.setdefault((r["regime"], r["arm"]), {})[r["seed"]] = r
+    return runs
+
+
+def curve_of(run_result: dict, metric: str) -> tuple[list[int], list[float]]:
+    return [e["step"] for e in run_result["eval"]], [e[metric] for e in run_result["eval"]]
+
+
+def area_under_curve(steps: list[int], values: list[float]) -> float:
+    """Trapezoid area divided by the span: the mean accuracy over training."""
+    area = sum((s1 - s0) * (v0 + v1) / 2 for s0, s1, v0, v1 in zip(steps, steps[1:], values, values[1:]))
+    return area / (steps[-1] - steps[0])
+
+
+def steps_to_reach(steps: list[int], values: list[float], target: float) -> float:
+    """First evaluated step whose accuracy reaches `target` (inf if never)."""
+    return next((s for s, v in zip(steps, values) if v >= target), math.inf)
+
+
+def endpoints(run_result: dict, metric: str) -> dict[str, float]:
+    steps, values = curve_of(run_result, metric)
+    return {"auc": area_under_curve(steps, values), "final": values[-1]}
+
+
+def mean_of(history: list[dict], key: str) -> float:
+    values = [h[key] for h in history if key in h]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def paired_tests(differences: list[float]) -> dict[str, float]:
+    """Paired t-test and Wilcoxon signed-rank test of mean difference 0, with a 95% t interval."""
+    from scipy import stats
+
+    n = len(differences)
+    mean = sum(differences) / n
+    sd = (sum((d - mean) ** 2 for d in differences) / (n - 1)) ** 0.5 if n > 1 else float("nan")
+    half = stats.t.ppf(0.975, n - 1) * sd / n**0.5 if n > 1 else float("nan")
+    t_p = float(stats.ttest_1samp(differences, 0.0).pvalue) if n > 1 and sd > 0 else float("nan")
+    try:
+        w_p = float(stats.wilcoxon(differences).pvalue)
+    except ValueError:
+        w_p = float("nan")
+    return {"n": n, "mean": mean, "low": mean - half, "high": mean + half, "t_p": t_p, "wilcoxon_p": w_p}
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone)."""
+    order = sorted(p_values, key=lambda k: p_values[k])
+    m, running, adjusted = len(order), 0.0, {}
+    for i, key in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p_values[key]))
+        adjusted[key] = running
+    return adjusted
+
+
+def analyze(args) -> str:
+    runs = load_runs(args.output_dir)
+    lines: list[str] = []
+    for regime, metric in (("hard", "hard"), ("ordinary", "ordinary")):
+        arms = [a for a in ARMS if (regime, a) in runs]
+        if "vanilla" not in arms:
             continue
-        start = _mean_std([r["eval"][0]["sampled_accuracy"] for r in arm_runs])
-        end = _mean_std([r["eval"][-1]["sampled_accuracy"] for r in arm_runs])
-        last5 = _mean_std([_last_mean([e["sampled_accuracy"] for e in r["eval"]], 5) for r in arm_runs])
-        greedy = _mean_std([r["eval"][-1]["greedy_accuracy"] for r in arm_runs])
-        rollout = _mean_std([_last_mean([h["reward"] for h in r["log_history"] if "reward" in h], 20) for r in arm_runs])
-        seconds = _mean_std([r["seconds"] for r in arm_runs])[0]
-        lines.append(
-            f"| {ARM_LABELS[arm]} | {', '.join(str(r['seed']) for r in arm_runs)} | {start[0]:.3f} ± {start[1]:.3f} | "
-            f"{end[0]:.3f} ± {end[1]:.3f} | {last5[0]:.3f} ± {last5[1]:.3f} | {greedy[0]:.3f} ± {greedy[1]:.3f} | {rollout[0]:.3f} ± {rollout[1]:.3f} | "
-            f"{seconds:.0f} |"
-        )
-    table = "\n".join(lines)
-    if plot:
-        _plot(by_arm, plot)
-    return table
+        vanilla = runs[(regime, "vanilla")]
+        lines += [f"### Regime `{regime}`: exact held-out accuracy on the {metric} set", "",
+                  "| arm | seeds | start | final | AUC (mean over training) | steps to vanilla's final | "
+                  "rollout reward | policy reward (on-policy rows) | zero-variance groups | α mean | s/run |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for arm in arms:
+            rs = runs[(regime, arm)]
+            ends = [endpoints(r, metric) for r in rs.values()]
+            reach = []
+            for seed, r in rs.items():
+                if seed in vanilla:
+                    target = curve_of(vanilla[seed], metric)[1][-1]
+                    reach.append(steps_to_reach(*curve_of(r, metric), target))
+            finite = [x for x in reach if math.isfinite(x)]
+            median = sorted(reach)[len(reach) // 2] if reach else math.nan
+            reach_text = "–" if not reach else (f"{median:.0f}" if math.isfinite(median) else "never") + \
+                f" ({len(finite)}/{len(reach)} reach)"
+            history = [h for r in rs.values() for h in r["log_history"]]
+            start = sum(curve_of(r, metric)[1][0] for r in rs.values()) / len(rs)
+            lines.append(
+                f"| {ARM_LABELS[arm]} | {len(rs)} | {start:.3f} | {_mean_sd([e['final'] for e in ends])} | "
+                f"{_mean_sd([e['auc'] for e in ends])} | {reach_text} | {_number(mean_of(history, 'reward'), 3)} | "
+                f"{_number(mean_of(history, 'optimal_sampling/reward_on_policy'), 3)} | "
+                f"{_number(mean_of(history, 'frac_reward_zero_std'), 2)} | "
+                f"{_number(mean_of(history, 'optimal_sampling/alpha_mean'), 2)} | "
+                f"{sum(r['seconds'] for r in rs.values()) / len(rs):.0f} |"
+            )
+        lines.append("")
+        diagnostics = ("reward_qstar", "reward_on_policy", "reward_policy_is", "zero_std_frac_qstar",
+                       "zero_std_frac_on_policy", "policy_mass_truncated_token", "policy_mass_truncated_seq",
+                       "kl_theta", "sampling/importance_sampling_ratio/mean")
+        lines += [f"What the q* rows did ({regime} regime; means over every step and seed of the trainer's "
+                  "`optimal_sampling/*` metrics):", "",
+                  "| arm | " + " | ".join(diagnostics) + " |", "|---" * (len(diagnostics) + 1) + "|"]
+        for arm in arms:
+            if arm == "vanilla":
+                continue
+            history = [h for r in runs[(regime, arm)].values() for h in r["log_history"]]
+            lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(
+                _number(mean_of(history, d if "/" in d else "optimal_sampling/" + d), 3) for d in diagnostics) + " |")
+        lines.append("")
+        for endpoint in ("auc", "final"):
+            comparisons = {}
+            for arm in arms:
+                if arm == "vanilla":
+                    continue
+                seeds = sorted(set(runs[(regime, arm)]) & set(vanilla))
+                comparisons[f"{arm} − vanilla"] = [
+                    endpoints(runs[(regime, arm)][s], metric)[endpoint] - endpoints(vanilla[s], metric)[endpoint]
+                    for s in seeds
+                ]
+            if ("mixed_qstar" in arms) and ("mixed_teacher" in arms):
+                seeds = sorted(set(runs[(regime, "mixed_qstar")]) & set(runs[(regime, "mixed_teacher")]))
+                comparisons["mixed_qstar − mixed_teacher"] = [
+                    endpoints(runs[(regime, "mixed_qstar")][s], metric)[endpoint]
+                    - endpoints(runs[(regime, "mixed_teacher")][s], metric)[endpoint] for s in seeds
+                ]
+            tests = {name: paired_tests(d) for name, d in comparisons.items() if len(d) >= 2}
+            adjusted = holm({name: t["t_p"] for name, t in tests.items() if not math.isnan(t["t_p"])})
+            lines += [f"Paired differences of the {endpoint.upper()} ({regime} regime; t-test p Holm-adjusted over "
+                      f"{len(adjusted)} comparisons; Wilcoxon p unadjusted):", "",
+                      "| comparison | seeds | mean difference [95% CI] | t-test p | Holm p | Wilcoxon p |",
+                      "|---|---|---|---|---|---|"]
+            for name, t in tests.items():
+                lines.append(f"| {name} | {t['n']} | {t['mean']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] | "
+                             f"{t['t_p']:.3g} | {adjusted.get(name, float('nan')):.3g} | {t['wilcoxon_p']:.3g} |")
+            lines.append("")
+        if regime == "hard":  # the guard: ordinary held-out accuracy tracked during hard-regime training
+            lines += ["Guard, ordinary held-out accuracy at the end of hard-regime training (difference to vanilla):", "",
+                      "| arm | final ordinary accuracy | difference [95% CI] |", "|---|---|---|"]
+            for arm in arms:
+                finals = {s: curve_of(r, "ordinary")[1][-1] for s, r in runs[(regime, arm)].items()}
+                seeds = sorted(set(finals) & set(vanilla))
+                d = paired_tests([finals[s] - curve_of(vanilla[s], "ordinary")[1][-1] for s in seeds])
+                lines.append(f"| {ARM_LABELS[arm]} | {_mean_sd(list(finals.values()))} | "
+                             f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] |")
+            lines.append("")
+    if args.plot:
+        _plot(runs, args.plot)
+    text = "\n".join(lines)
+    print(text)
+    return text
 
 
-def _plot(by_arm, path: str) -> None:
+def _number(value: float, digits: int) -> str:
+    return "–" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _mean_sd(values: list[float]) -> str:
+    n = len(values)
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+MAIN_ARMS = ("vanilla", "old_default", "qstar_none", "mixed_qstar", "mixed_teacher", "luffy_teacher")
+
+
+def _plot(runs, path: str) -> None:
+    """Top: accuracy curves of the main arms (mean ± sd over seeds). Bottom: every arm's paired
+    difference to vanilla (mean over seeds with a 95% t band), old_default left out of scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from scipy import stats
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    for arm, arm_runs in by_arm.items():
-        if not arm_runs:
-            continue
-        steps = [e["step"] for e in arm_runs[0]["eval"]]
-        acc = torch.tensor([[e["sampled_accuracy"] for e in r["eval"]] for r in arm_runs])
-        mean, std = acc.mean(0), acc.std(0) if len(arm_runs) > 1 else torch.zeros(acc.shape[1])
-        style = "--" if arm.startswith("qstar_") else "-"  # ablations dashed
-        line, = axes[0].plot(steps, mean, style, label=ARM_LABELS[arm])
-        axes[0].fill_between(steps, mean - std, mean + std, alpha=0.2, color=line.get_color())
-        rewards = torch.tensor([[h["reward"] for h in r["log_history"] if "reward" in h] for r in arm_runs])
-        kernel = 5
-        smooth = torch.nn.functional.avg_pool1d(rewards[:, None], kernel, stride=1).squeeze(1)
-        x = list(range(kernel, rewards.shape[1] + 1))
-        axes[1].plot(x, smooth.mean(0), style, label=ARM_LABELS[arm], color=line.get_color())
-    axes[0].set(xlabel="optimizer step", ylabel="exact match (T = 1)", title="policy π_θ on held-out problems")
-    axes[1].set(xlabel="optimizer step", ylabel="mean reward of the rollouts", title="rollout reward (5-step mean)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
+    regimes = [r for r in ("hard", "ordinary") if (r, "vanilla") in runs]
+    fig, axes = plt.subplots(2, len(regimes), figsize=(7.5 * len(regimes), 10), squeeze=False)
+    colours = dict(zip(ARMS, plt.get_cmap("tab20").colors))
+    for column, regime in enumerate(regimes):
+        top, bottom = axes[0][column], axes[1][column]
+        vanilla = runs[(regime, "vanilla")]
+        for arm in ARMS:
+            if (regime, arm) not in runs:
+                continue
+            seeds = sorted(runs[(regime, arm)])
+            steps = curve_of(runs[(regime, arm)][seeds[0]], regime)[0]
+            acc = torch.tensor([curve_of(runs[(regime, arm)][s], regime)[1] for s in seeds])
+            if arm in MAIN_ARMS:
+                mean, sd = acc.mean(0), acc.std(0) if len(seeds) > 1 else torch.zeros(acc.shape[1])
+                top.plot(steps, mean, label=ARM_LABELS[arm], color=colours[arm], linewidth=2.5 if arm == "vanilla" else 1.5)
+                top.fill_between(steps, mean - sd, mean + sd, alpha=0.12, color=colours[arm])
+            if arm in ("vanilla", "old_default"):
+                continue
+            paired = [s for s in seeds if s in vanilla]
+            diff = acc[[seeds.index(s) for s in paired]] - torch.tensor([curve_of(vanilla[s], regime)[1] for s in paired])
+            mean = diff.mean(0)
+            half = stats.t.ppf(0.975, len(paired) - 1) * diff.std(0) / len(paired) ** 0.5
+            style = "-" if arm.startswith("mixed") else "--"
+            bottom.plot(steps, mean, style, label=ARM_LABELS[arm], color=colours[arm])
+            bottom.fill_between(steps, mean - half, mean + half, alpha=0.08, color=colours[arm])
+        bottom.axhline(0.0, color="black", linewidth=1)
+        top.set(xlabel="optimizer step", ylabel="exact accuracy mean_x π_θ(answer | x)",
+                title=f"{regime} regime: held-out {regime} problems (mean ± sd, {len(vanilla)} seeds)")
+        bottom.set(xlabel="optimizer step", ylabel="accuracy − vanilla's (same seed)",
+                   title=f"{regime} regime: paired difference to vanilla (mean, 95% band)")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[1][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=120)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=100)
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--output_dir", default="outputs/toy", help="where runs are written (default: %(default)s)")
+        p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default: %(default)s)")
+        p.add_argument("--eval_every", type=int, default=10, help="steps between evaluations (default: %(default)s)")
+
+    one = commands.add_parser("run", help="one training run")
+    common(one)
+    one.add_argument("--regime", choices=REGIMES, required=True)
+    one.add_argument("--arm", choices=list(ARMS), required=True)
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--prompts_per_step", type=int, default=8)
+    one.add_argument("--learning_rate", type=float, default=3e-4)
+    one.set_defaults(func=run)
+
+    many = commands.add_parser("grid", help="every missing run of a grid, in parallel")
+    common(many)
+    many.add_argument("--regime", choices=REGIMES, nargs="+", default=list(REGIMES))
+    many.add_argument("--arms", nargs="+", default=["all"], help="arm names, or 'all' (default)")
+    many.add_argument("--seeds", default="0-7", help="e.g. 0-7 or 0,2,5 (default: %(default)s)")
+    many.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="runs at a time (default: the CPUs)")
+    many.set_defaults(func=grid)
+
+    report = commands.add_parser("analyze", help="tables, paired tests and plots of the finished runs")
+    report.add_argument("--output_dir", default="outputs/toy")
+    report.add_argument("--plot", help="write the accuracy curves to this PNG")
+    report.set_defaults(func=analyze)
+
+    args = parser.parse_args(argv)
+    args.func(args)
 
 
 if __name__ == "__main__":
-    cli = parse_args()
-    if cli.summarize:
-        print(summarize(cli.summarize, cli.plot))
-    elif cli.arm is None:
-        sys.exit("pass --arm (one run) or --summarize DIR")
-    else:
-        run(cli)
+    main()

@@ -416,6 +416,81 @@ def test_fixed_alpha_returns_the_constant_per_row():
 
 
 # ---------------------------------------------------------------------------------------
+# KL budget: the largest α with KL(q_α‖π_θ) ≤ ε
+
+
+def ref_kl_budget_alpha(lp: np.ndarray, lr: np.ndarray, budget: float) -> np.ndarray:
+    """Per row: the largest α in [0, 1] with KL(q_α‖p) ≤ ε, by scipy's brentq on the KL itself
+    (Σ q log(q/p) in float64, not the package's αA' − A identity)."""
+    alphas = []
+    for lp_row, lr_row in zip(np.asarray(lp, np.float64), np.asarray(lr, np.float64)):
+        def excess(alpha, lp_row=lp_row, lr_row=lr_row):
+            return ref_kls(lp_row[None], lr_row[None], np.array([alpha]))[0][0] - budget
+
+        if excess(1.0) <= 0:
+            alphas.append(1.0)
+        elif excess(0.0) >= 0:
+            alphas.append(0.0)
+        else:
+            alphas.append(brentq(excess, 0.0, 1.0, xtol=1e-14, rtol=4 * np.finfo(float).eps))
+    return np.array(alphas)
+
+
+@pytest.mark.parametrize("budget", [1e-4, 0.01, 0.1, 0.5])
+@pytest.mark.parametrize("vocab, rows", [(8, 40), (1000, 10)], ids=["V8", "V1000"])
+def test_kl_budget_alpha_matches_float64_root(budget, vocab, rows):
+    lp, lr = stacked_pairs(seed=vocab + 17, rows_per_setting=rows, vocab=vocab)
+    solution = solve_alpha(lp, lr, "kl_budget", kl_budget=budget, return_info=True)
+    reference = ref_kl_budget_alpha(lp.double().numpy(), lr.double().numpy(), budget)
+    np.testing.assert_allclose(solution.alpha.double().numpy(), reference, rtol=0, atol=1e-5)
+    assert bool(solution.converged.all())
+    interior = (reference > 0) & (reference < 1)
+    assert interior.sum() > 0.3 * len(reference)  # the budget is binding on many rows
+    # Newton on √KL takes 3-5 steps on typical rows; rows whose KL jumps (q switching from one
+    # dominant token to another) fall back to bisection but still converge within max_iter.
+    iterated = solution.iterations[solution.iterations > 0].float()
+    assert float(iterated.mean()) <= 6
+
+
+def test_kl_budget_alpha_spends_exactly_the_budget_where_it_binds():
+    lp, lr = stacked_pairs(seed=18, rows_per_setting=20, vocab=200)
+    alpha = solve_alpha(lp.double(), lr.double(), "kl_budget", kl_budget=0.05).double().numpy()
+    kl_p = ref_kls(lp.double().numpy(), lr.double().numpy(), alpha)[0]
+    interior = (alpha > 0) & (alpha < 1)
+    np.testing.assert_allclose(kl_p[interior], 0.05, rtol=1e-4)
+    assert (kl_p[alpha == 1] <= 0.05 + 1e-9).all()
+
+
+def test_kl_budget_zero_keeps_the_base_and_a_large_budget_takes_the_teacher():
+    lp, lr = stacked_pairs(seed=19, rows_per_setting=5, vocab=50)
+    full = torch.isfinite(lp).all(-1) & torch.isfinite(lr).all(-1)
+    assert solve_alpha(lp, lr, "kl_budget", kl_budget=0.0)[full].eq(0).all()
+    assert solve_alpha(lp, lr, "kl_budget", kl_budget=1e6).eq(1).all()
+
+
+def test_kl_budget_alpha_grows_with_the_budget():
+    lp, lr = stacked_pairs(seed=20, rows_per_setting=5, vocab=50)
+    alphas = torch.stack([solve_alpha(lp, lr, "kl_budget", kl_budget=b) for b in (0.01, 0.03, 0.1, 0.3, 1.0)])
+    assert bool((alphas[1:] >= alphas[:-1] - 1e-6).all())
+
+
+def test_kl_budget_alpha_is_clamped_and_rows_without_a_common_token_fall_back():
+    lp = torch.log(torch.tensor([[0.7, 0.3, 0.0], [0.5, 0.5, 0.0]]))
+    lr = torch.log(torch.tensor([[0.1, 0.9, 0.0], [0.0, 0.0, 1.0]]))
+    solution = solve_alpha(lp, lr, "kl_budget", kl_budget=10.0, alpha_max=0.4, return_info=True)
+    assert solution.alpha.tolist() == pytest.approx([0.4, 0.4])  # the empty row's fallback α = 1 is clamped too
+    assert solution.empty_support.tolist() == [False, True]
+    assert solve_alpha(lp, lr, "kl_budget", kl_budget=10.0, empty_support="base")[1].item() == 0.0
+
+
+def test_kl_budget_is_required_and_must_be_nonnegative():
+    with pytest.raises(ValueError, match="method='kl_budget' needs `kl_budget=`"):
+        solve_alpha(*_pair(), "kl_budget")
+    with pytest.raises(ValueError, match="`kl_budget` must be a finite number >= 0"):
+        solve_alpha(*_pair(), "kl_budget", kl_budget=-0.1)
+
+
+# ---------------------------------------------------------------------------------------
 # Clear errors
 
 

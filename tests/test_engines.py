@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_fixtures import TOY, engine_spec, http_reference, toy_prompts  # noqa: E402
-from test_servers import exact_log_probs, id_prompts, servers  # noqa: E402,F401
+from test_servers import exact_log_probs, id_prompts  # noqa: E402
 
 from optimal_sampling.engines import InProcessVLLMSampler  # noqa: E402
 from optimal_sampling.mixture import compute_mixture  # noqa: E402

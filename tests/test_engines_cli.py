@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_servers import servers  # noqa: E402,F401
-
-from optimal_sampling.cli import main  # noqa: E402
+from optimal_sampling.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def test_cli_backend_vllm_inprocess_writes_the_dataset_the_server_backend_writes(servers, tmp_path):  # noqa: F811
+def test_cli_backend_vllm_inprocess_writes_the_dataset_the_server_backend_writes(servers, tmp_path):
     common = ["generate", "--limit", "12", "--batch-size", "8", "--max-new-tokens", "4", "--top-k-candidates", "16",
               "--seed", "3", "--no-progress"]
     inprocess, http = tmp_path / "inprocess.jsonl", tmp_path / "http.jsonl"

@@ -17,7 +17,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_fixtures import engine_spec, http_reference, toy_prompts  # noqa: E402
-from test_servers import servers  # noqa: E402,F401
 
 from optimal_sampling.engines import EngineFailedError, InProcessVLLMSampler  # noqa: E402
 
@@ -33,7 +32,7 @@ def pipelined():
 
 
 @pytest.fixture(scope="module")
-def reference(servers):  # noqa: F811
+def reference(servers):
     prompts, teacher_prompts = toy_prompts(64, seed=4)
     outputs = http_reference(servers, prompts, teacher_prompts, max_tokens=4, seed=9, top_k=16)
     assert all(o.error is None for o in outputs)

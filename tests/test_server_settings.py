@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vllm_servers  # noqa: E402
-from test_servers import FaultProxy, config, id_prompts, servers  # noqa: E402,F401
+from test_servers import FaultProxy, config, id_prompts  # noqa: E402
 
 from optimal_sampling.servers import DualVLLMCoordinator  # noqa: E402
 from optimal_sampling.servers.client import NEUTRAL_SAMPLING  # noqa: E402
@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def odd_servers(servers):  # noqa: F811
+def odd_servers(servers):
     venv = servers.get("OPTIMAL_SAMPLING_VLLM_VENV") or os.environ.get("VLLM_VENV")
     if not venv:
         pytest.fail("the servers' env file names no vLLM venv (OPTIMAL_SAMPLING_VLLM_VENV); restart them with "
@@ -50,13 +50,13 @@ def odd_servers(servers):  # noqa: F811
         yield {"processed": cfg["OPTIMAL_SAMPLING_THETA_URL"], "logits": cfg["OPTIMAL_SAMPLING_T_URL"]}
 
 
-async def _generate(servers, prompts, teacher_prompts, **fields):  # noqa: F811
+async def _generate(servers, prompts, teacher_prompts, **fields):
     async with DualVLLMCoordinator(config(servers, **fields)) as coordinator:
         outputs = await coordinator.generate_batch(prompts, teacher_prompts=teacher_prompts, max_tokens=5, seed=4)
         return outputs, coordinator.get_statistics()
 
 
-def test_a_processed_log_prob_server_with_truncating_defaults_gives_the_raw_servers_samples(servers, odd_servers):  # noqa: F811
+def test_a_processed_log_prob_server_with_truncating_defaults_gives_the_raw_servers_samples(servers, odd_servers):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(servers["OPTIMAL_SAMPLING_THETA_MODEL_DIR"])
@@ -74,14 +74,14 @@ def test_a_processed_log_prob_server_with_truncating_defaults_gives_the_raw_serv
     assert raw_stats["covered_mass_theta_mean"] < 1 - 1e-4
 
 
-def test_a_server_that_returns_logits_fails_at_start_naming_the_flag(servers, odd_servers):  # noqa: F811
+def test_a_server_that_returns_logits_fails_at_start_naming_the_flag(servers, odd_servers):
     with pytest.raises(ValueError, match="--logprobs-mode raw_logprobs") as error:
         asyncio.run(DualVLLMCoordinator(config(servers, theta_url=odd_servers["logits"])).start())
     assert odd_servers["logits"] in str(error.value) and "not log-probabilities" in str(error.value)
     assert "raw_logits" in str(error.value)
 
 
-def test_every_request_carries_neutral_sampling_parameters_and_never_a_seed(servers):  # noqa: F811
+def test_every_request_carries_neutral_sampling_parameters_and_never_a_seed(servers):
     bodies = []
 
     async def run():

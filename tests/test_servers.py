@@ -1,7 +1,8 @@
 """The two-server backend against two real vLLM servers (base + teacher).
 
 The servers come from `tests/vllm_servers.py` (CI starts them in `.ci/run`); the tests read
-their URLs and model directories from the environment (`servers_from_env()`). Faults
+their URLs and model directories from the environment or `.ci/vllm_servers.env`
+(`servers_from_env()`, through the `servers` fixture of conftest.py). Faults
 (5xx, dropped connections, stalls, malformed JSON, a server that dies) come from a small
 HTTP proxy in this file, placed in front of the real base server.
 """
@@ -11,46 +12,23 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import socket
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import vllm_servers  # noqa: E402
-
-from optimal_sampling.mixture import compute_mixture, log_probs_from_logits  # noqa: E402
-from optimal_sampling.servers import (  # noqa: E402
+from optimal_sampling.mixture import compute_mixture, log_probs_from_logits
+from optimal_sampling.servers import (
     CoordinatorConfig,
     DualVLLMCoordinator,
     generate_with_optimal_sampling,
 )
 
-START_HINT = (
-    "no vLLM servers configured. Start them with: python3 tests/vllm_servers.py start "
-    "--base optimal_sampling/toy/assets/base --teacher optimal_sampling/toy/assets/teacher "
-    "--venv /work/vllm-venv --env-file .ci/vllm_servers.env; then `set -a; source .ci/vllm_servers.env; set +a` "
-    "(any model pair works, e.g. one built with tests/make_tiny_models.py)"
-)
-
 TEXT_PROMPTS = ["12+34=", "56+7=", "81+19="]  # every tokenizer here encodes digits and "+="
 
 
-# -- fixtures ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def servers() -> dict:
-    cfg = vllm_servers.servers_from_env()
-    if cfg is None:
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-            pytest.fail(f"CI must run the vLLM server tests, but {START_HINT}")
-        pytest.skip(START_HINT)
-    return cfg
+# -- fixtures (`servers` is in conftest.py) ----------------------------------------------------
 
 
 def config(servers, **fields) -> CoordinatorConfig:
@@ -431,3 +409,18 @@ def test_cli_backend_vllm_writes_a_jsonl_dataset(servers, tmp_path, capsys):
         assert 1 <= n <= 3 and len(row["logq"]) == len(row["alpha_history"]) == len(row["logp_t"]) == n
         assert all(math.isfinite(v) and v <= 0 for v in row["logq"])
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_cli_backend_vllm_runs_from_any_directory_and_compares(servers, tmp_path, monkeypatch, capsys):
+    """The servers report absolute model directories, so no tokenizer flag is needed outside the repo."""
+    from optimal_sampling.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["generate", "--backend", "vllm", "--theta-url", servers["OPTIMAL_SAMPLING_THETA_URL"],
+                 "--t-url", servers["OPTIMAL_SAMPLING_T_URL"], "--top-k-candidates", "16", "--limit", "3",
+                 "--max-new-tokens", "4", "--no-progress", "--compare", "--output", "samples.jsonl"])
+    assert code == 0, capsys.readouterr().err
+    summary = capsys.readouterr().out
+    assert "exact-match accuracy, base only (α=0)" in summary and "exact-match accuracy, teacher only (α=1)" in summary
+    settings = json.loads((tmp_path / "samples.jsonl.settings.json").read_text())["settings"]
+    assert settings["base_fingerprint"].startswith("sha256:") and settings["teacher_fingerprint"].startswith("sha256:")

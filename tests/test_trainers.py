@@ -126,44 +126,116 @@ def test_pinned_trl_range_matches_the_tested_range():
     assert f'"trl>={low.major}.{low.minor},<{high.major}.{high.minor}"' in pyproject
 
 
-def test_config_defaults_to_token_truncation_with_a_cap():
+def test_config_defaults_mix_on_policy_rows_and_refuse_trls_own_correction_fields():
     args = training_args(max_steps=1)
-    assert args.vllm_importance_sampling_correction is True
-    assert args.vllm_importance_sampling_mode == "token_truncate"
-    assert args.vllm_importance_sampling_clip_max == 3.0
+    # the configuration the pre-registered toy experiment chose (recipes/PREREGISTRATION.md)
+    assert args.num_on_policy_generations == args.num_generations // 2
+    assert (args.alpha_method, args.alpha) == ("fixed", 1.0)
+    assert (args.importance_weighting, args.advantage_baseline) == ("none", "group")
     assert "teacher_prompt_template" in {f for f in inspect.signature(OptimalSamplingGRPOConfig).parameters}
+    with pytest.raises(ValueError, match="set `importance_weighting` instead"):
+        training_args(vllm_importance_sampling_mode="token_truncate")
+    with pytest.raises(ValueError, match="set `importance_weight_cap` instead"):
+        training_args(vllm_importance_sampling_clip_max=5.0)
 
 
 # --- behaviour ---------------------------------------------------------------------------
 
 
-def test_alpha_zero_reproduces_vanilla_grpo():
-    vanilla_args = training_args(GRPOConfig, max_steps=3)
+def run_vanilla(max_steps=3):
     vanilla = GRPOTrainer(
         tiny_causal_lm(VOCAB, seed=0),
         reward_funcs=length_reward,
-        args=vanilla_args,
+        args=training_args(GRPOConfig, max_steps=max_steps),
         train_dataset=toy_dataset(),
         processing_class=TOKENIZER,
     )
-    vanilla_completions, q_completions = [], []
-    record_completions(vanilla, vanilla_completions)
+    completions = []
+    record_completions(vanilla, completions)
     vanilla.train()
+    return vanilla, completions
 
-    trainer = make_trainer(alpha_method="fixed", alpha=0.0, max_steps=3)
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(num_on_policy_generations=4), dict(alpha_method="fixed", alpha=0.0), dict(alpha_method="kl_symmetry", alpha_max=0.0)],
+    ids=["k=G", "alpha=0", "alpha_max=0"],
+)
+def test_all_rows_on_policy_reproduce_vanilla_grpo_exactly(overrides):
+    vanilla, vanilla_completions = run_vanilla()
+    trainer = make_trainer(max_steps=3, **overrides)
+    q_completions = []
     record_completions(trainer, q_completions)
     trainer.train()
-
-    # Same tokens under the same seed, and the same losses: the only difference is the IS
-    # ratio exp(log π_θ − log q), which is 1 up to float32 round-off of two forward paths.
+    # Same tokens under the same seed, and bit-identical losses: every row is π_θ's, so the
+    # trainer takes TRL's on-policy path (no recomputed log-probs, no ratio in the loss).
     assert q_completions == vanilla_completions
-    assert losses(trainer) == pytest.approx(losses(vanilla), rel=1e-5, abs=1e-6)
-    ratio_max = [h["sampling/importance_sampling_ratio/max"] for h in trainer.state.log_history if "loss" in h]
-    assert all(abs(r - 1.0) < 1e-5 for r in ratio_max)
+    assert losses(trainer) == losses(vanilla)
+    assert all("sampling/importance_sampling_ratio/mean" not in h for h in trainer.state.log_history)
+    assert all(h["optimal_sampling/on_policy_frac"] == 1.0 for h in trainer.state.log_history if "loss" in h)
 
 
-def test_positive_alpha_importance_ratios_differ_from_one_and_reach_the_loss():
-    trainer = make_trainer(alpha_method="fixed", alpha=0.6, max_steps=1)
+def capture_batches(trainer) -> list[dict]:
+    """The trainer's scored batches in sampling order (TRL shuffles rows before the loss)."""
+    seen = []
+    generate_and_score = trainer._generate_and_score_completions
+
+    def spy(inputs):
+        out = generate_and_score(inputs)
+        seen.append(out)
+        return out
+
+    trainer._generate_and_score_completions = spy
+    return seen
+
+
+def test_mixed_groups_sample_the_first_k_rows_of_each_group_from_the_policy(monkeypatch):
+    import trainers._common as common
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        out = sample_rollouts(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(common, "sample_rollouts", spy)
+    trainer = make_trainer(max_steps=1, num_on_policy_generations=1, alpha_method="fixed", alpha=0.7,
+                           importance_weighting="token_truncate", advantage_baseline="on_policy")
+    inputs = capture_batches(trainer)
+    trainer.train()
+    rollouts, batch = seen[0], inputs[0]
+    assert rollouts.on_policy.tolist() == [True, False, False, False] * 2  # 8 rows, groups of 4
+    mask = batch["completion_mask"].bool()
+    on = rollouts.on_policy
+    # on-policy rows: α = 0, log q = log π_θ (TRL's recomputation agrees to round-off), weight exactly 1
+    assert rollouts.alpha[on].eq(0).all() and rollouts.alpha[~on][rollouts.token_mask[~on]].eq(0.7).all()
+    sampled = batch["sampling_per_token_logps"][on][mask[on]]
+    torch.testing.assert_close(sampled, batch["old_per_token_logps"][on][mask[on]], atol=1e-5, rtol=0)
+    weights = batch["importance_sampling_ratio"]
+    assert weights[on].eq(1.0).all()
+    expected = torch.exp(batch["old_per_token_logps"] - batch["sampling_per_token_logps"]).clamp(max=3.0)
+    torch.testing.assert_close(weights[~on][mask[~on]], expected[~on][mask[~on]])
+    assert (weights[~on][mask[~on]] - 1).abs().max() > 0.05
+    # each q* token also knows its q* log-prob, which on q* rows is the sampled log q
+    assert all(a == b for a, b, o in zip(rollouts.logq, rollouts.logq_star, on.tolist()) if not o)
+
+
+def test_on_policy_baseline_advantages_are_reward_minus_the_on_policy_mean_over_trls_scale():
+    trainer = make_trainer(max_steps=1, num_on_policy_generations=2, alpha_method="fixed", alpha=0.7,
+                           advantage_baseline="on_policy")
+    inputs = capture_batches(trainer)
+    trainer.train()
+    rewards = trainer._rollout_rewards.view(2, 4)  # what TRL's reward functions returned for this batch
+    assert float(rewards.mean()) == pytest.approx(trainer.state.log_history[0]["rewards/length_reward/mean"])
+    assert float(rewards.std(-1).min()) > 0
+    expected = (rewards - rewards[:, :2].mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-4)
+    torch.testing.assert_close(inputs[0]["advantages"], expected.flatten(), rtol=1e-5, atol=1e-5)
+
+
+def test_q_star_weights_reach_the_loss():
+    trainer = make_trainer(alpha_method="fixed", alpha=0.6, max_steps=1, num_on_policy_generations=0,
+                           importance_weighting="shaping", advantage_baseline="is")
     seen = {}
     compute_loss = trainer._compute_loss
 
@@ -179,15 +251,14 @@ def test_positive_alpha_importance_ratios_differ_from_one_and_reach_the_loss():
     trainer.train()
     inputs = seen["inputs"]
     mask = inputs["completion_mask"].bool()
-    ratio = inputs["importance_sampling_ratio"]
-    expected = torch.exp(inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"]).clamp(max=3.0)
-    assert torch.allclose(ratio[mask], expected[mask])
-    assert (ratio[mask] - 1).abs().max() > 0.05
+    r = torch.exp(inputs["old_per_token_logps"] - inputs["sampling_per_token_logps"])
+    torch.testing.assert_close(inputs["importance_sampling_ratio"][mask], (0.1 * r / (r + 0.1) ** 2)[mask])
     assert not torch.isclose(seen["loss"], seen["without_ratio"])
 
 
 def test_alpha_kl_and_importance_metrics_reach_log_history():
-    trainer = make_trainer(teacher_prompt_template="{teacher_prompt}")
+    trainer = make_trainer(teacher_prompt_template="{teacher_prompt}", importance_weighting="token_truncate",
+                           advantage_baseline="on_policy", alpha_method="kl_symmetry")
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2
@@ -195,6 +266,8 @@ def test_alpha_kl_and_importance_metrics_reach_log_history():
         for key in (
             "alpha_mean", "alpha_std", "alpha_min", "alpha_max", "kl_theta", "kl_t",
             "is_weight_mean", "is_weight_min", "is_weight_max", "is_weight_ess", "is_clipped_frac",
+            "policy_mass_truncated_token", "policy_mass_truncated_seq", "on_policy_frac",
+            "reward_on_policy", "reward_qstar", "reward_policy_is", "zero_std_frac_on_policy", "zero_std_frac_qstar",
         ):
             assert f"optimal_sampling/{key}" in entry, key
         assert "sampling/importance_sampling_ratio/mean" in entry
@@ -231,15 +304,25 @@ def test_teacher_stays_frozen_in_eval_mode():
     assert all(torch.equal(p, before[name]) for name, p in trainer.teacher_model.named_parameters())
 
 
-def test_teacher_samples_without_correction_skip_the_ratio():
-    trainer = make_trainer(alpha_method="fixed", alpha=1.0, vllm_importance_sampling_correction=False, max_steps=1)
+def test_teacher_decay_shrinks_alpha_and_then_samples_every_row_on_policy():
+    trainer = make_trainer(alpha_method="fixed", alpha=1.0, max_steps=4, teacher_decay_ratio=0.5)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    pulls = [h["optimal_sampling/teacher_pull"] for h in logged]
+    assert pulls == pytest.approx([1.0, 0.5, 0.0, 0.0])  # generated at steps 0, 1, 2, 3 of 4; zero from step 2
+    assert [h["optimal_sampling/alpha_max"] for h in logged[:2]] == pytest.approx([1.0, 0.5])
+    assert [h["optimal_sampling/on_policy_frac"] for h in logged] == [0.5, 0.5, 1.0, 1.0]
+
+
+def test_kl_budget_keeps_every_q_star_token_within_the_budget():
+    trainer = make_trainer(alpha_method="kl_budget", kl_budget=0.05, max_steps=1)
     trainer.train()
     entry = trainer.state.log_history[0]
-    assert entry["optimal_sampling/alpha_mean"] == 1.0
-    assert "sampling/importance_sampling_ratio/mean" not in entry
+    assert 0.0 < entry["optimal_sampling/alpha_mean"] < 1.0
+    assert entry["optimal_sampling/kl_theta"] <= 0.05 + 1e-4
 
 
-def test_rloo_advantages_carry_truncated_sequence_weights(monkeypatch):
+def test_rloo_advantages_are_recentred_and_carry_truncated_sequence_weights(monkeypatch):
     captured = {}
     original = RLOOTrainer._generate_and_score_completions
 
@@ -250,18 +333,61 @@ def test_rloo_advantages_carry_truncated_sequence_weights(monkeypatch):
 
     trainer = make_trainer(
         trainer_cls=OptimalSamplingRLOOTrainer, config_cls=OptimalSamplingRLOOConfig, beta=0.0, max_steps=1,
-        alpha_method="fixed", alpha=0.6,
+        alpha_method="fixed", alpha=0.6, importance_weighting="sequence_truncate", advantage_baseline="on_policy",
     )
     monkeypatch.setattr(RLOOTrainer, "_generate_and_score_completions", spy)  # after the init-time seam check
+    import trainers._common as common
+
+    rollouts = []
+    monkeypatch.setattr(common, "sample_rollouts", lambda *a, **k: rollouts.append(sample_rollouts(*a, **k)) or rollouts[-1])
     trainer.model.train()
     batch = next(iter(trainer.get_train_dataloader()))
     trainer._pending_rollouts = []
     out = trainer._generate_and_score_completions(batch)
-    raw = captured["raw_advantages"]
-    weights = out["advantages"] / raw
-    assert torch.all(weights <= 3.0 + 1e-5) and torch.all(weights > 0)
-    assert (weights - 1).abs().max() > 0.05
+    loo = captured["raw_advantages"].view(2, 4)
+    recentred = 0.75 * (loo - loo[:, :2].mean(-1, keepdim=True))  # (n−1)/n (A − mean of the on-policy rows' A)
+    on_policy = torch.tensor([True, True, False, False] * 2)
+    logq = torch.tensor([sum(row) for row in rollouts[0].logq])
+    weights = torch.where(on_policy, 1.0, torch.exp(out["old_logps"] - logq).clamp(max=3.0))
+    torch.testing.assert_close(out["advantages"], recentred.flatten() * weights, rtol=1e-5, atol=1e-6)
     assert "optimal_sampling/is_weight_mean" in trainer._metrics["train"]
+
+
+def test_rloo_refuses_token_level_weights_and_the_biased_combination():
+    with pytest.raises(ValueError, match="RLOO's loss is sequence level"):
+        training_args(OptimalSamplingRLOOConfig, importance_weighting="token_truncate")
+    with pytest.raises(ValueError, match="biased"):
+        training_args(OptimalSamplingRLOOConfig, importance_weighting="sequence_truncate")
+
+
+def test_generation_kwargs_the_sampler_honours_reach_it_and_others_are_refused_by_name():
+    trainer = make_trainer(max_steps=1, max_completion_length=6,
+                           generation_kwargs={"max_new_tokens": 3, "do_sample": True, "top_k": 0, "use_cache": True})
+    batches = capture_batches(trainer)
+    trainer.train()
+    assert batches[0]["completion_mask"].sum(-1).max() <= 3
+    for kwargs, message in (
+        ({"num_beams": 4}, r"generation_kwargs\['num_beams'\]=4 would change the sampled distribution"),
+        ({"min_new_tokens": 2}, r"generation_kwargs\['min_new_tokens'\] is not supported"),
+        ({"temperature": 0.5}, "differs from the trainer's temperature"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make_trainer(generation_kwargs=kwargs)
+
+
+def test_mask_truncated_completions_masks_rows_that_hit_the_length_cap():
+    from optimal_sampling.testing import bias_output_layer
+
+    eos = TOKENIZER.eos_token_id
+    teacher = bias_output_layer(tiny_causal_lm(VOCAB, seed=1), eos, bias=4.0)  # q* rows often stop early
+    trainer = make_trainer(teacher=teacher, max_steps=1, alpha_method="fixed", alpha=1.0, mask_truncated_completions=True)
+    batches = capture_batches(trainer)
+    trainer.train()
+    ids, mask = batches[0]["completion_ids"], batches[0]["completion_mask"]
+    ended = torch.tensor([bool((row == eos).any()) for row in ids])
+    assert ended.any() and (~ended).any()
+    assert mask[~ended].eq(0).all()  # truncated rows carry no loss
+    assert mask[ended].sum(-1).gt(0).all()
 
 
 # --- the decode loop ----------------------------------------------------------------------
@@ -330,7 +456,11 @@ def test_teacher_path_that_does_not_load_is_a_clear_error(tmp_path):
         (dict(top_k=50), ValueError, "top_k=50"),
         (dict(repetition_penalty=1.2), ValueError, "repetition_penalty"),
         (dict(sampler_backend="vllm", sampler_theta_url="http://a", sampler_t_url="http://b"), NotImplementedError, "sampler_backend='vllm'"),
-        (dict(alpha_method="fixed"), ValueError, "needs `alpha`"),
+        (dict(alpha_method="fixed", alpha=None), ValueError, "needs `alpha`"),
+        (dict(alpha_method="kl_budget"), ValueError, "needs `kl_budget`"),
+        (dict(importance_weighting="token_truncate"), ValueError, "biased"),
+        (dict(num_on_policy_generations=0, advantage_baseline="on_policy"), ValueError, "num_on_policy_generations` is 0"),
+        (dict(teacher_decay_ratio=1.5), ValueError, "teacher_decay_ratio"),
     ],
 )
 def test_unsupported_options_are_clear_errors(overrides, error, message):
@@ -364,7 +494,7 @@ def test_two_process_accelerate_run_completes(tmp_path):
         "--dataset_name", str(tmp_path / "data.jsonl"),
         "--reward_funcs", "optimal_sampling.toy.task:exact_match_reward",
         "--output_dir", str(tmp_path / "out"),
-        "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "8",
+        "--per_device_train_batch_size", "2", "--num_generations", "4", "--max_completion_length", "8",
         "--max_steps", "2", "--logging_steps", "1", "--use_cpu", "--bf16", "false",
         "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
     ]
@@ -376,3 +506,6 @@ def test_two_process_accelerate_run_completes(tmp_path):
     logged = [h for h in history if "loss" in h]
     assert len(logged) == 2
     assert all("optimal_sampling/alpha_mean" in h and "optimal_sampling/is_weight_mean" in h for h in logged)
+    # One group of 4 spans both ranks (2 rows each): rank 1's rows are the group's q* rows only if
+    # each rank counts positions from its global offset, so exactly half the rows are on-policy.
+    assert all(h["optimal_sampling/on_policy_frac"] == 0.5 for h in logged)

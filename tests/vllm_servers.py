@@ -3,11 +3,14 @@
 Standard library only, so it runs from any Python (the test venv, the CI shell);
 the servers themselves run from a separate vLLM venv (see .ci/install_vllm.sh).
 
-Shell:
+Shell, from the repository root:
 
+    python tests/vllm_servers.py up      # install vLLM into .venv-vllm if needed, start both servers
+                                         # on the shipped toy pair (ports 8000 / 8001), write
+                                         # .ci/vllm_servers.env (the tests read it)
     python tests/vllm_servers.py start --base DIR --teacher DIR \\
-        --venv /work/vllm-venv --env-file .ci/vllm_servers.env [--base-port 8100 --teacher-port 8101]
-    source .ci/vllm_servers.env          # OPTIMAL_SAMPLING_THETA_URL=... etc.
+        --venv .venv-vllm --env-file .ci/vllm_servers.env [--base-port 8100 --teacher-port 8101]
+    set -a; source .ci/vllm_servers.env; set +a   # OPTIMAL_SAMPLING_THETA_URL=... etc.
     python tests/vllm_servers.py check --env-file .ci/vllm_servers.env
     python tests/vllm_servers.py stop  --env-file .ci/vllm_servers.env
 
@@ -23,7 +26,7 @@ OPTIMAL_SAMPLING_THETA_MODEL / _T_MODEL (served model names),
 OPTIMAL_SAMPLING_THETA_MODEL_DIR / _T_MODEL_DIR, OPTIMAL_SAMPLING_THETA_PID / _T_PID,
 OPTIMAL_SAMPLING_THETA_LOG / _T_LOG, OPTIMAL_SAMPLING_MAX_LOGPROBS.
 
-Facts behind the flags: shared/notes/vllm-on-cpu.md and tests/VLLM_SERVERS.md.
+Why each flag is there: tests/VLLM_SERVERS.md.
 """
 
 from __future__ import annotations
@@ -46,7 +49,19 @@ from pathlib import Path
 
 ROLES = ("THETA", "T")  # base (policy) and teacher, as in CoordinatorConfig.theta_url / t_url
 PREFIX = "OPTIMAL_SAMPLING_"
-DEFAULT_ENV_FILE = Path(__file__).resolve().parent.parent / ".ci" / "vllm_servers.env"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ENV_FILE = REPO / ".ci" / "vllm_servers.env"
+DEFAULT_VENV = REPO / ".venv-vllm"
+TOY_ASSETS = REPO / "optimal_sampling" / "toy" / "assets"
+
+# What a test run without servers says, once (tests/conftest.py).
+SKIP_HINT = ("no vLLM servers: start two with `python tests/vllm_servers.py up` "
+             "(installs vLLM into .venv-vllm the first time; tests/VLLM_SERVERS.md)")
+
+
+def in_ci() -> bool:
+    """Under CI the server tests must run: without servers they fail instead of being left out."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -140,11 +155,18 @@ def _cpus() -> list[int]:
 def vllm_python(venv: str | None) -> str:
     venv = venv or os.environ.get("VLLM_VENV")
     if not venv:
-        raise SystemExit("no vLLM venv: pass --venv DIR or set VLLM_VENV (see .ci/install_vllm.sh)")
+        raise SystemExit("no vLLM venv: pass --venv DIR or set VLLM_VENV, or run `python tests/vllm_servers.py up`, "
+                         "which installs one into .venv-vllm")
     py = Path(venv) / "bin" / "python"
     if not py.exists():
-        raise SystemExit(f"{py} does not exist; run .ci/install_vllm.sh {venv} first")
+        raise SystemExit(f"{py} does not exist; run `.ci/install_vllm.sh {venv}` first "
+                         "(or `python tests/vllm_servers.py up`, which does both)")
     return str(py)
+
+
+def install_vllm(venv) -> None:
+    """Run .ci/install_vllm.sh (it returns at once when vLLM is already importable there)."""
+    subprocess.run(["bash", str(REPO / ".ci" / "install_vllm.sh"), str(venv)], check=True)
 
 
 def server_command(python: str, model_dir: str, name: str, port: int, *, max_logprobs: int = -1,
@@ -248,8 +270,11 @@ def start_servers(base_dir, teacher_dir, *, venv=None, base_port=8100, teacher_p
     failure both servers are stopped and the error carries the log tail.
     """
     python = vllm_python(venv)
+    # Absolute paths: /v1/models reports the path the server was given as the model's `root`,
+    # and clients look for the tokenizer there, from whatever directory they run in.
+    base_dir, teacher_dir = (Path(d).resolve() for d in (base_dir, teacher_dir))
     for d in (base_dir, teacher_dir):
-        if not (Path(d) / "config.json").exists():
+        if not (d / "config.json").exists():
             raise SystemExit(f"model dir {d} has no config.json")
     for port in (base_port, teacher_port):
         if not _port_free(port):
@@ -416,12 +441,40 @@ def main(argv=None) -> int:
     st.add_argument("--timeout", type=float, default=300.0)
     st.add_argument("--cpus", default=None, help="two OMP bind specs, e.g. '0,1' (default: first two cores)")
     st.add_argument("extra", nargs="*", help="extra server args after --")
+    up = sub.add_parser("up", help="install vLLM if needed, then start base + teacher (default: the toy pair)")
+    up.add_argument("--base", default=str(TOY_ASSETS / "base"), help="base (policy) model dir")
+    up.add_argument("--teacher", default=str(TOY_ASSETS / "teacher"), help="teacher model dir")
+    up.add_argument("--venv", default=os.environ.get("VLLM_VENV") or str(DEFAULT_VENV),
+                    help="where vLLM is (or is installed)")
+    # VLLM_BASE_PORT / VLLM_TEACHER_PORT: a second set of servers on one machine (e.g. a CI run
+    # beside a developer's servers)
+    up.add_argument("--base-port", type=int, default=int(os.environ.get("VLLM_BASE_PORT", 8000)))
+    up.add_argument("--teacher-port", type=int, default=int(os.environ.get("VLLM_TEACHER_PORT", 8001)))
+    up.add_argument("--env-file", default=str(DEFAULT_ENV_FILE))
+    up.add_argument("--timeout", type=float, default=300.0)
     sp = sub.add_parser("stop", help="SIGTERM both servers by PID, then delete the env file")
     sp.add_argument("--env-file", default=str(DEFAULT_ENV_FILE))
     ck = sub.add_parser("check", help="send one logprob request to each server")
     ck.add_argument("--env-file", default=str(DEFAULT_ENV_FILE))
     args = ap.parse_args(argv)
 
+    if args.cmd == "up":
+        try:
+            install_vllm(args.venv)
+        except subprocess.CalledProcessError as e:
+            print(f"[vllm_servers] FAILED: installing vLLM into {args.venv} exited with {e.returncode}", file=sys.stderr)
+            return 1
+        try:
+            cfg = start_servers(args.base, args.teacher, venv=args.venv, base_port=args.base_port,
+                                teacher_port=args.teacher_port, env_file=args.env_file, timeout=args.timeout)
+        except (RuntimeError, TimeoutError) as e:
+            print(f"[vllm_servers] FAILED: {e}", file=sys.stderr)
+            return 1
+        stop = "python tests/vllm_servers.py stop" + (
+            "" if Path(args.env_file) == DEFAULT_ENV_FILE else f" --env-file {shlex.quote(args.env_file)}")
+        print(f"[vllm_servers] base {cfg[PREFIX + 'THETA_URL']} and teacher {cfg[PREFIX + 'T_URL']} are up; "
+              f"the tests read {args.env_file}; stop them with: {stop}")
+        return 0
     if args.cmd == "start":
         cpus = args.cpus.split(",") if args.cpus else None
         try:

@@ -2,10 +2,11 @@
 
 This is the only package that imports `trl`. Public names:
 
-- `OptimalSamplingGRPOConfig`, `OptimalSamplingGRPOTrainer`: GRPO with q* rollouts and
-  TRL's per-token importance-sampling correction (every GRPO `loss_type`).
-- `OptimalSamplingRLOOConfig`, `OptimalSamplingRLOOTrainer`: RLOO with q* rollouts and a
-  truncated sequence-level importance weight on the advantage.
+- `OptimalSamplingGRPOConfig`, `OptimalSamplingGRPOTrainer`: GRPO whose groups mix on-policy
+  rows with q* (or teacher) rows, weighted and baselined consistently (every GRPO `loss_type`).
+- `OptimalSamplingRLOOConfig`, `OptimalSamplingRLOOTrainer`: the same for RLOO, with
+  sequence-level weights on the advantage.
+- `trainers.estimators`: the weights, baselines and diagnostics themselves (pure functions).
 - `TESTED_TRL_RANGE`, `check_trl_seam`: the TRL versions tested, and the check (run at
   trainer init) that the TRL internals the trainers use are still there.
 """

@@ -12,6 +12,7 @@ from optimal_sampling.generation import check_same_vocabulary
 from optimal_sampling.processor import model_eos_ids
 
 from .config import OptimalSamplingArguments
+from .estimators import group_statistics, mixture_log_weights
 from .rollout import Rollouts, sample_rollouts
 
 METRIC_PREFIX = "optimal_sampling/"
@@ -48,8 +49,29 @@ def check_teacher_given(teacher_model, args: OptimalSamplingArguments) -> None:
         )
 
 
-def check_generation_options(args) -> None:
-    """Options that would change what is sampled without being in log q, or that use another generator."""
+#: `generation_kwargs` keys the q* sampler honours, and the values it takes for each: anything
+#: else would change what is sampled without being recorded in log q, or has no meaning for it.
+NEUTRAL_GENERATION_VALUES = {
+    "do_sample": (True,),
+    "top_k": (0, None),
+    "top_p": (1.0, None),
+    "min_p": (None, 0.0),
+    "repetition_penalty": (1.0, None),
+    "num_beams": (1, None),
+}
+#: Keys that do not change the sampled distribution (caching, special ids already known).
+PASSIVE_GENERATION_KWARGS = ("pad_token_id", "bos_token_id", "cache_implementation", "use_cache")
+
+
+def check_generation_options(args) -> dict:
+    """Refuse options that would change what is sampled without being in log q, or another generator.
+
+    Returns the `generation_kwargs` the sampler honours: `max_new_tokens` (the completion cap; as in
+    TRL's own transformers path it overrides `max_completion_length`) and `eos_token_id` (extra stop
+    ids, an int or a list). `temperature` must equal the trainer's; `do_sample`, `top_k`, `top_p`,
+    `min_p`, `repetition_penalty`, `num_beams` are accepted only at values that change nothing;
+    `pad_token_id`, `bos_token_id`, `cache_implementation`, `use_cache` do not change the samples.
+    """
     if args.use_vllm:
         raise ValueError(
             "`use_vllm=True` makes TRL sample from its own vLLM engine, not from q*. Leave it False; for servers "
@@ -67,11 +89,37 @@ def check_generation_options(args) -> None:
             "`min_p` and `repetition_penalty` would change the sampled distribution without being in log q; "
             "unset them."
         )
-    if args.generation_kwargs:
-        raise ValueError(
-            f"`generation_kwargs` ({sorted(args.generation_kwargs)}) are for `model.generate`; the q* sampler does "
-            "not use them. Unset them."
-        )
+    honoured: dict = {}
+    for key, value in (args.generation_kwargs or {}).items():
+        if key == "max_new_tokens":
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"generation_kwargs['max_new_tokens'] must be an int >= 1, got {value!r}.")
+            honoured[key] = value
+        elif key == "eos_token_id":
+            ids = [value] if isinstance(value, int) else list(value or [])
+            if not all(isinstance(i, int) for i in ids):
+                raise ValueError(f"generation_kwargs['eos_token_id'] must be an int or a list of ints, got {value!r}.")
+            honoured[key] = ids
+        elif key == "temperature":
+            if value != args.temperature:
+                raise ValueError(
+                    f"generation_kwargs['temperature']={value} differs from the trainer's temperature="
+                    f"{args.temperature}: the trainer scores π_θ at its own temperature, so the sampler must use it "
+                    "too. Set `temperature` instead."
+                )
+        elif key in NEUTRAL_GENERATION_VALUES:
+            if value not in NEUTRAL_GENERATION_VALUES[key]:
+                raise ValueError(
+                    f"generation_kwargs[{key!r}]={value!r} would change the sampled distribution without being "
+                    f"recorded in log q; the q* sampler accepts only {NEUTRAL_GENERATION_VALUES[key]} there."
+                )
+        elif key not in PASSIVE_GENERATION_KWARGS:
+            raise ValueError(
+                f"generation_kwargs[{key!r}] is not supported by the q* sampler (it honours max_new_tokens, "
+                "eos_token_id, a temperature equal to the trainer's, and neutral values of do_sample, top_k, top_p, "
+                "min_p, repetition_penalty and num_beams). Remove it."
+            )
+    return honoured
 
 
 def resolve_callable(spec: Callable | str) -> Callable:
@@ -155,12 +203,15 @@ class OptimalSamplingMixin:
         self._mixing = dict(
             alpha_method=args.alpha_method,
             alpha=args.alpha,
+            kl_budget=args.kl_budget,
             alpha_min=args.alpha_min,
             alpha_max=args.alpha_max,
             teacher_top_p=args.teacher_top_p,
         )
+        self._generation_overrides = check_generation_options(args)  # already checked before TRL's init
         self._rollout_rows: list[dict] | None = None
         self._pending_rollouts: list[Rollouts] = []
+        self._rollout_rewards: torch.Tensor | None = None
 
     def _load_teacher(self, path: str) -> PreTrainedModel:
         kwargs = dict(self.args.teacher_model_init_kwargs or {})
@@ -236,6 +287,93 @@ class OptimalSamplingMixin:
 
     # -- rollouts ----------------------------------------------------------------------
 
+    # -- mixed groups ----------------------------------------------------------------------
+
+    def _group_size(self) -> int:
+        return self.num_generations if self.model.training else self.num_generations_eval
+
+    def _on_policy_per_group(self) -> int:
+        """k for the current mode (eval groups of another size keep the fraction k/G)."""
+        k, groups = self.args.num_on_policy_generations, self.num_generations
+        no_teacher = self.args.alpha_max * self._teacher_pull() == 0.0  # clamped (or decayed) to α = 0
+        if no_teacher or (self.args.alpha_method == "fixed" and self.args.alpha == 0.0):
+            k = groups  # every row would be π_θ's anyway: sample them as on-policy rows, exactly
+        size = self._group_size()
+        return size if k == groups else min(size, round(k * size / groups))
+
+    def _on_policy_rows(self, num_rows: int) -> torch.Tensor:
+        """`[num_rows]` bool: which of this rank's rows are sampled from π_θ.
+
+        TRL lays each prompt's G completions out consecutively over the global batch, and
+        rank r holds global rows r·n ... r·n + n − 1 (the slice TRL gives its advantages), so
+        a row's position in its group is its global index modulo G; the first k are on-policy.
+        """
+        start = self.accelerator.process_index * num_rows
+        positions = (torch.arange(num_rows) + start) % self._group_size()
+        return positions < self._on_policy_per_group()
+
+    def _teacher_pull(self) -> float:
+        """1, or the linear decay factor of `teacher_decay_ratio` at this optimizer step."""
+        ratio = self.args.teacher_decay_ratio
+        if not ratio or not self.model.training:
+            return 1.0
+        horizon = ratio * max(self.state.max_steps, 1)
+        return max(0.0, 1.0 - self.state.global_step / horizon)
+
+    def _scheduled_mixing(self) -> dict:
+        pull = self._teacher_pull()
+        mixing = dict(self._mixing, alpha_min=self._mixing["alpha_min"] * pull, alpha_max=self._mixing["alpha_max"] * pull)
+        if mixing["kl_budget"] is not None:
+            mixing["kl_budget"] = mixing["kl_budget"] * pull
+        return mixing
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # TRL gathers every rank's rewards here (`[N, F]`); the q* baselines and metrics need
+        # them per row: the reward-weighted sum, NaN where every function returned None.
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+        self._rollout_rewards = rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan"))
+        return rewards_per_func
+
+    def _pending_on_policy(self, device) -> torch.Tensor:
+        return torch.cat([r.on_policy for r in self._pending_rollouts]).to(device)
+
+    def _pending_padded(self, name: str, width: int, device) -> torch.Tensor:
+        """`[B, width]` float32 of a per-token list field of this batch's rollouts, 0-padded."""
+        rows = [row for r in self._pending_rollouts for row in getattr(r, name)]
+        padded = torch.zeros(len(rows), width, dtype=torch.float32)
+        for i, row in enumerate(rows):
+            padded[i, : min(len(row), width)] = torch.tensor(row[:width], dtype=torch.float32)
+        return padded.to(device)
+
+    def _check_rollout_rows(self, batch: int) -> None:
+        rows = sum(len(r.completion_ids) for r in self._pending_rollouts)
+        if rows != batch:
+            raise RuntimeError(
+                f"{rows} sampled completions for {batch} rows: TRL called the sampler more than once per batch "
+                "(a TRL seam change, or multi-turn tool calling, which the q* weights do not support)."
+            )
+
+    def _gather_group_inputs(self, on_policy, seq_log_ratio, log_ratio_star):
+        """Every rank's `[B]` row quantities gathered into the global `[N]` order of TRL's rewards,
+        with the mixture log-weight of each row (λ = k/G of the current mode)."""
+        local = torch.stack([on_policy.float(), seq_log_ratio.float(), log_ratio_star.float()], dim=-1)
+        gathered = self.accelerator.gather(local)
+        on_policy_all = gathered[:, 0] > 0.5
+        fraction = self._on_policy_per_group() / self._group_size()
+        return on_policy_all, gathered[:, 1], mixture_log_weights(gathered[:, 2], fraction)
+
+    def _log_group_statistics(self, rewards, on_policy_all, seq_log_ratio_all, log_mixture_weight) -> None:
+        """Group-level numbers (the same on every rank: computed from gathered tensors)."""
+        mode = "train" if self.model.training else "eval"
+        stats = group_statistics(
+            rewards, on_policy_all, seq_log_ratio_all, log_mixture_weight, self._group_size(),
+            self.args.importance_weight_cap,
+        )
+        stats["teacher_pull"] = self._teacher_pull()
+        for name, value in stats.items():
+            self._metrics[mode][METRIC_PREFIX + name].append(value)
+
     def _any_rank_running(self, local_running: bool) -> bool:
         flag = torch.tensor([1.0 if local_running else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
@@ -245,6 +383,7 @@ class OptimalSamplingMixin:
         from trl.models import unwrap_model_for_generation
 
         teacher_prompt_ids = self._teacher_prompt_ids(len(prompt_ids))
+        on_policy = self._on_policy_rows(len(prompt_ids))
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -255,19 +394,21 @@ class OptimalSamplingMixin:
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
+            overrides = self._generation_overrides
             rollouts = sample_rollouts(
                 unwrapped_model,
                 unwrapped_model if self._teacher_is_policy else self.teacher_model,
                 prompt_ids,
                 teacher_prompt_ids=teacher_prompt_ids,
-                max_new_tokens=self.max_completion_length,
+                max_new_tokens=overrides.get("max_new_tokens", self.max_completion_length),
                 pad_token_id=self._tokenizer.pad_token_id,
-                stop_token_ids=self.eos_token_ids,
+                stop_token_ids=sorted(set(self.eos_token_ids) | set(overrides.get("eos_token_id", []))),
                 vocab_size=self._vocab_size,
                 device=self.accelerator.device,
                 temperature=self.temperature,
-                mixing=self._mixing,
+                mixing=self._scheduled_mixing(),
                 force_teacher_first_tokens=self.args.force_teacher_first_tokens,
+                on_policy=on_policy,
                 # Under FSDP / ZeRO-3 each forward is a collective: every rank decodes until all are done.
                 sync_stop=self._any_rank_running if self.accelerator.num_processes > 1 else None,
             )
@@ -277,7 +418,7 @@ class OptimalSamplingMixin:
     # -- metrics -------------------------------------------------------------------------
 
     def _log_rollout_metrics(self, extra: dict[str, torch.Tensor] | None = None) -> None:
-        """Log α, KL and (via `extra`) importance-weight statistics of this batch's rollouts.
+        """Log α, KL (over q* rows) and, via `extra`, per-token or per-row weight statistics.
 
         Every rank gathers one fixed-size tensor of sufficient statistics (sum, sum of squares,
         count, min, max per quantity), so the statistics are exact over all processes.
@@ -286,8 +427,8 @@ class OptimalSamplingMixin:
         device = self.accelerator.device
         rollouts, self._pending_rollouts = self._pending_rollouts, []
         per_token = {"alpha": [], "kl_theta": [], "kl_t": [], "kl_diff": [], "chernoff": [], "entropy_q": [], "empty_support": []}
-        for r in rollouts:
-            mask = r.token_mask
+        for r in rollouts:  # α and KL describe the q* rows (on-policy rows have α = 0, q = π_θ)
+            mask = r.token_mask & ~r.on_policy.to(r.token_mask.device).unsqueeze(-1)
             per_token["alpha"].append(r.alpha[mask])
             for name in per_token:
                 if name != "alpha":

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import GRPOConfig, RLOOConfig
 
 from optimal_sampling.alpha import ALPHA_METHODS
 
+from .estimators import check_consistent
+
 SAMPLER_BACKENDS = ("transformers", "vllm")
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+RLOO_WEIGHTINGS = ("none", "sequence_truncate", "sequence_mask", "mis")  # RLOO's loss is sequence level
+RLOO_BASELINES = ("group", "on_policy", "is")
 
 
 @dataclass
@@ -29,12 +32,27 @@ class OptimalSamplingArguments:
             With neither field the teacher sees exactly the base's prompt tokens.
 
     α (see `optimal_sampling.solve_alpha`):
-        alpha_method: `"kl_symmetry"` (the KL-symmetric α*, default), `"fixed"`, `"entropy"`
-            or `"ess_balance"`.
-        alpha: the constant for `alpha_method="fixed"` (0 = vanilla GRPO, 1 = teacher samples).
+        alpha_method: `"fixed"` (default, with `alpha=1.0`: teacher samples), `"kl_symmetry"` (the
+            KL-symmetric α*), `"entropy"`, `"ess_balance"` or `"kl_budget"` (the largest α with
+            KL(q‖π_θ) ≤ `kl_budget`).
+        alpha: the constant for `alpha_method="fixed"` (0 = vanilla GRPO, 1 = teacher samples; default 1).
+        kl_budget: ε of `alpha_method="kl_budget"`, in nats per token.
         alpha_min, alpha_max: clamp α.
         teacher_top_p: restrict both models to the teacher's top-p nucleus before solving.
-        force_teacher_first_tokens: α = 1 for the first n tokens of every completion.
+        force_teacher_first_tokens: α = 1 for the first n tokens of every q* completion.
+        teacher_decay_ratio: the teacher's pull (the α clamp, and `kl_budget`) decays linearly
+            to 0 over this fraction of `max_steps`; from then on every row is on-policy.
+
+    How q* rows enter the update (see `trainers.estimators`):
+        num_on_policy_generations: k of each prompt's `num_generations` completions are sampled
+            from π_θ itself (α = 0, weight 1) in the same batch, the rest from q*.
+        importance_weighting: the weight of q* rows: `"none"`, `"shaping"`, `"token_truncate"`,
+            `"token_mask"`, `"sequence_truncate"`, `"sequence_mask"` or `"mis"`.
+        importance_weight_cap: C of the truncating and masking modes.
+        shaping_gamma: γ of `"shaping"`.
+        advantage_baseline: `"group"` (the trainer's own), `"on_policy"`, `"is"` or `"none"`.
+        allow_inconsistent_baseline: permit a truncated weighting with the group baseline (biased;
+            for ablations).
 
     Sampler backend:
         sampler_backend: `"transformers"` (in-process decode loop, exact) or `"vllm"` (the
@@ -68,12 +86,17 @@ class OptimalSamplingArguments:
             "import path 'package.module:function'. Exclusive with `teacher_prompt_template`."
         },
     )
+    # The defaults (alpha_method="fixed", alpha=1.0, half the group on-policy, no weights, the group
+    # baseline) are the configuration the pre-registered experiment of recipes/PREREGISTRATION.md chose;
+    # recipes/RESULTS.md has the numbers, and how close the KL-symmetric blend came.
     alpha_method: str = field(
-        default="kl_symmetry",
-        metadata={"help": f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}."},
+        default="fixed",
+        metadata={"help": f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}. Default 'fixed' with "
+                  "alpha=1.0: the off-policy rows are teacher samples (the configuration the toy experiment in "
+                  "recipes/RESULTS.md chose); 'kl_symmetry' samples the KL-symmetric blend q*."},
     )
     alpha: float | None = field(
-        default=None,
+        default=1.0,
         metadata={"help": "The constant α for `alpha_method='fixed'` (0: sample π_θ, i.e. vanilla GRPO; 1: the teacher)."},
     )
     alpha_min: float = field(default=0.0, metadata={"help": "Lower clamp on α."})
@@ -84,6 +107,51 @@ class OptimalSamplingArguments:
     )
     force_teacher_first_tokens: int = field(
         default=0, metadata={"help": "Use α = 1 for the first n tokens of every completion."}
+    )
+    kl_budget: float | None = field(
+        default=None,
+        metadata={"help": "For `alpha_method='kl_budget'`: the largest KL(q‖π_θ) per token, in nats, that a sampled "
+                  "token's q may have (α is the largest value within it)."},
+    )
+    teacher_decay_ratio: float | None = field(
+        default=None,
+        metadata={"help": "If set, the teacher's pull decays linearly to 0 over this fraction of `max_steps`: "
+                  "`alpha_min`/`alpha_max` (and `kl_budget`) are multiplied by max(0, 1 - step / (ratio * max_steps)); "
+                  "once it reaches 0 every row is sampled on-policy."},
+    )
+    num_on_policy_generations: int | None = field(
+        default=None,
+        metadata={"help": "k of the `num_generations` completions of each prompt are sampled from the policy itself "
+                  "(α = 0, importance weight exactly 1) in the same batch; the other G - k from q*. k = G is vanilla "
+                  "GRPO, k = 0 samples every row from q*. Default (None): half the group, G // 2."},
+    )
+    importance_weighting: str = field(
+        default="none",
+        metadata={"help": "The weight of the q* rows in the policy gradient (on-policy rows: 1). 'none': as if "
+                  "on-policy (a deliberate pull toward the teacher). 'shaping': LUFFY's policy shaping of the "
+                  "per-token ratio r = π_θ/q, weight γr/(r+γ)². 'token_truncate' / 'token_mask' / "
+                  "'sequence_truncate' / 'sequence_mask': TRL's truncated or masked ratios at "
+                  "`importance_weight_cap` (need advantage_baseline 'on_policy', 'is' or 'none'). 'mis': "
+                  "multiple importance sampling, every row weighted π_θ/(λπ_θ + (1-λ)q*) with λ = k/G (unbiased, "
+                  "bounded by G/k)."},
+    )
+    importance_weight_cap: float = field(
+        default=3.0, metadata={"help": "C of the truncating and masking weightings: min(π_θ/q, C), or 0 above C."}
+    )
+    shaping_gamma: float = field(
+        default=0.1, metadata={"help": "γ of `importance_weighting='shaping'`, f(r) = r / (r + γ)."}
+    )
+    advantage_baseline: str = field(
+        default="group",
+        metadata={"help": "The baseline subtracted from each reward. 'group': the trainer's own (GRPO: group mean; "
+                  "RLOO: leave-one-out). 'on_policy': the mean reward of the group's on-policy rows. 'is': the "
+                  "self-normalised importance-sampling estimate of the policy's success over the group. 'none': 0 "
+                  "(GRPO only). The reward scale (`scale_rewards`) stays the trainer's."},
+    )
+    allow_inconsistent_baseline: bool = field(
+        default=False,
+        metadata={"help": "Permit a truncated or masked importance weighting with `advantage_baseline='group'`, "
+                  "which biases the update toward the policy's own mistakes. For ablations only."},
     )
     sampler_backend: str = field(
         default="transformers",
@@ -111,6 +179,24 @@ class OptimalSamplingArguments:
             raise ValueError(f"Need 0 <= alpha_min <= alpha_max <= 1, got {self.alpha_min} and {self.alpha_max}.")
         if self.force_teacher_first_tokens < 0:
             raise ValueError(f"`force_teacher_first_tokens` must be >= 0, got {self.force_teacher_first_tokens}.")
+        if self.alpha_method == "kl_budget" and (self.kl_budget is None or not 0.0 <= self.kl_budget < float("inf")):
+            raise ValueError(
+                f"`alpha_method='kl_budget'` needs `kl_budget` >= 0 (nats per token, e.g. 0.1), got {self.kl_budget}."
+            )
+        if self.teacher_decay_ratio is not None and not 0.0 < self.teacher_decay_ratio <= 1.0:
+            raise ValueError(
+                f"`teacher_decay_ratio` is a fraction of `max_steps` in (0, 1], got {self.teacher_decay_ratio}."
+            )
+        if self.importance_weight_cap <= 0 or self.shaping_gamma <= 0:
+            raise ValueError(
+                f"`importance_weight_cap` (={self.importance_weight_cap}) and `shaping_gamma` (={self.shaping_gamma}) "
+                "must be > 0."
+            )
+        groups = self.num_generations
+        if self.num_on_policy_generations is None:
+            self.num_on_policy_generations = groups // 2
+        check_consistent(self.importance_weighting, self.advantage_baseline, self.num_on_policy_generations, groups,
+                         allow_inconsistent=self.allow_inconsistent_baseline)
         if self.teacher_prompt_template is not None and self.teacher_prompt_fn is not None:
             raise ValueError("Set `teacher_prompt_template` or `teacher_prompt_fn`, not both.")
         if self.sampler_backend not in SAMPLER_BACKENDS:
@@ -127,80 +213,91 @@ class OptimalSamplingArguments:
         return d
 
 
-_IS_HELP = (
-    "How the importance weights π_θ/q of the q* rollouts are applied (TRL's `vllm_importance_sampling_mode`). "
-    "'token_truncate' (default here): per-token ratio truncated at `vllm_importance_sampling_clip_max`; "
-    "'token_mask', 'sequence_truncate', 'sequence_mask' as in TRL. Sequence modes multiply ratios over a whole "
-    "completion and zero nearly every off-policy sequence; prefer token modes."
-)
+#: TRL's own correction fields (`use_vllm` runs): the q* trainers weight rows with
+#: `importance_weighting` instead, so a changed value here would silently do nothing.
+_TRL_IS_FIELDS = {
+    "vllm_importance_sampling_correction": ("importance_weighting", "'none' to switch weights off"),
+    "vllm_importance_sampling_mode": ("importance_weighting", "e.g. 'token_truncate'"),
+    "vllm_importance_sampling_clip_max": ("importance_weight_cap", "C"),
+    "vllm_importance_sampling_clip_min": ("importance_weighting", "a truncating mode"),
+}
 
 
 @dataclass
 class OptimalSamplingGRPOConfig(OptimalSamplingArguments, GRPOConfig):
-    """`GRPOConfig` for `OptimalSamplingGRPOTrainer`: rollouts from q*, corrected by importance weights.
+    """`GRPOConfig` for `OptimalSamplingGRPOTrainer`: rollouts from q*, mixed with on-policy rows.
 
-    Adds the fields of `OptimalSamplingArguments` (teacher, teacher prompt, α rule, sampler
-    backend). The importance-sampling correction reuses TRL's fields, with token-level
-    truncation as the default here:
-
-    - `vllm_importance_sampling_correction` (True): weight the loss by π_θ/q per token. False
-      trains on the q* samples as if they were on-policy (the biased baseline).
-    - `vllm_importance_sampling_mode` (`"token_truncate"`): see TRL; sequence modes zero
-      nearly all off-policy sequences.
-    - `vllm_importance_sampling_clip_max` (3.0): the truncation cap C of min(π_θ/q, C).
+    Adds the fields of `OptimalSamplingArguments`: the teacher and its prompt, the α rule and
+    its schedule, and how q* rows enter the update (`num_on_policy_generations`,
+    `importance_weighting`, `advantage_baseline`; see `trainers.estimators` for what each
+    value computes and which combinations are refused). TRL's `vllm_importance_sampling_*`
+    fields are not used (a changed value raises and names the field to set instead).
 
     `temperature` applies to both models before mixing; `top_k` / `top_p` must stay 0 / 1.0
     (the trainer scores untruncated π_θ).
 
     Example:
         >>> from trainers import OptimalSamplingGRPOConfig
-        >>> args = OptimalSamplingGRPOConfig(output_dir="/tmp/os-grpo", alpha_method="fixed", alpha=0.5,
+        >>> args = OptimalSamplingGRPOConfig(output_dir="/tmp/os-grpo", num_generations=8,
         ...                                  teacher_prompt_template="{teacher_prompt}", report_to="none",
         ...                                  use_cpu=True, bf16=False)
-        >>> args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_max
-        ('token_truncate', 3.0)
+        >>> args.num_on_policy_generations, args.alpha_method, args.alpha, args.importance_weighting
+        (4, 'fixed', 1.0, 'none')
+        >>> OptimalSamplingGRPOConfig(output_dir="/tmp/os-grpo", alpha_method="kl_symmetry", num_generations=8,
+        ...                           report_to="none", use_cpu=True, bf16=False).alpha_method  # the blend q*
+        'kl_symmetry'
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
 
-    vllm_importance_sampling_mode: str = field(default="token_truncate", metadata={"help": _IS_HELP})
-
     def __post_init__(self):
         super().__post_init__()
+        for name, (replacement, hint) in _TRL_IS_FIELDS.items():
+            if getattr(self, name) != _GRPO_DEFAULTS[name]:
+                raise ValueError(
+                    f"`{name}` is TRL's correction for vLLM rollouts, which OptimalSamplingGRPOConfig does not use: "
+                    f"set `{replacement}` instead ({hint}). See `trainers.estimators` for the choices."
+                )
         self._check_optimal_sampling_fields()
-        if self.vllm_importance_sampling_mode not in IS_MODES:
+        if self.advantage_baseline != "group" and self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError(
-                f"`vllm_importance_sampling_mode` must be one of {IS_MODES}, got {self.vllm_importance_sampling_mode!r}."
+                f"`advantage_baseline={self.advantage_baseline!r}` recomputes advantages from the summed rewards, "
+                "which needs `multi_objective_aggregation='sum_then_normalize'` (TRL's default)."
             )
+
+
+_GRPO_DEFAULTS = {f.name: f.default for f in fields(GRPOConfig) if f.name in _TRL_IS_FIELDS}
 
 
 @dataclass
 class OptimalSamplingRLOOConfig(OptimalSamplingArguments, RLOOConfig):
-    """`RLOOConfig` for `OptimalSamplingRLOOTrainer`: rollouts from q*, sequence-level importance weights.
+    """`RLOOConfig` for `OptimalSamplingRLOOTrainer`: rollouts from q*, mixed with on-policy rows.
 
-    RLOO's loss is sequence level, so the correction is too: each completion's advantage is
-    multiplied by the truncated sequence weight min(π_θ(y)/q(y), `importance_sampling_clip_max`)
-    (stop-gradient), which gives the importance-weighted clipped RLOO objective.
+    RLOO's loss is sequence level, so are its weights: `importance_weighting` is `"none"`,
+    `"sequence_truncate"`, `"sequence_mask"` or `"mis"`, and multiplies each completion's
+    advantage (stop-gradient). `advantage_baseline` is `"group"` (leave-one-out),
+    `"on_policy"` or `"is"`; a truncating weighting with the leave-one-out baseline over q*
+    rewards is refused (`trainers.estimators.check_consistent`).
 
     Example:
         >>> from trainers import OptimalSamplingRLOOConfig
-        >>> OptimalSamplingRLOOConfig(output_dir="/tmp/os-rloo", use_cpu=True, bf16=False).importance_sampling_clip_max
-        3.0
+        >>> args = OptimalSamplingRLOOConfig(output_dir="/tmp/os-rloo", num_generations=4, use_cpu=True, bf16=False,
+        ...                                  importance_weighting="sequence_truncate", advantage_baseline="is")
+        >>> args.num_on_policy_generations, args.importance_weight_cap
+        (2, 3.0)
     """
 
     _VALID_DICT_FIELDS = RLOOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
 
-    importance_sampling_correction: bool = field(
-        default=True,
-        metadata={"help": "Multiply each advantage by min(π_θ(y)/q(y), importance_sampling_clip_max). False trains "
-                  "on q* samples as if on-policy."},
-    )
-    importance_sampling_clip_max: float = field(
-        default=3.0, metadata={"help": "Truncation cap C of the sequence-level weight min(π_θ(y)/q(y), C)."}
-    )
-
     def __post_init__(self):
         super().__post_init__()
+        if self.importance_weighting not in RLOO_WEIGHTINGS:
+            raise ValueError(
+                f"RLOO's loss is sequence level: `importance_weighting` must be one of {RLOO_WEIGHTINGS}, got "
+                f"{self.importance_weighting!r}."
+            )
+        if self.advantage_baseline not in RLOO_BASELINES:
+            raise ValueError(
+                f"`advantage_baseline` must be one of {RLOO_BASELINES} for RLOO, got {self.advantage_baseline!r}."
+            )
         self._check_optimal_sampling_fields()
-        if self.importance_sampling_clip_max <= 0:
-            raise ValueError(f"`importance_sampling_clip_max` must be > 0, got {self.importance_sampling_clip_max}.")

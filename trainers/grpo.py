@@ -14,6 +14,7 @@ from ._common import (
     check_teacher_given,
 )
 from .config import OptimalSamplingArguments, OptimalSamplingGRPOConfig
+from .estimators import TRUNCATING, grpo_advantages, importance_weights
 from .seam import check_trl_seam
 
 
@@ -32,13 +33,17 @@ class _NoVLLMEngine:
 class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
     """`GRPOTrainer` whose rollouts are sampled from q* ∝ π_θ^(1-α) · π_t^α, token by token.
 
-    A drop-in for `GRPOTrainer`: rewards, advantages and the loss (every `loss_type`) stay
-    TRL's. Only the sampler changes, at TRL's narrowest seam (`_generate_single_turn`), which
-    returns log q of every sampled token. TRL's importance-sampling correction (the one it
-    runs for vLLM rollouts) then weights the per-token loss by π_θ/q — truncated at
-    `vllm_importance_sampling_clip_max` with the default `token_truncate` mode — so training
-    stays on-policy in expectation. α, KL(q‖π_θ), KL(q‖π_t) and importance-weight statistics go
-    to `trainer.state.log_history` and every `report_to` integration under `optimal_sampling/`.
+    A drop-in for `GRPOTrainer`: rewards, the reward scale and the loss (every `loss_type`)
+    stay TRL's. The sampler changes at TRL's narrowest seam (`_generate_single_turn`): of each
+    prompt's G completions, `num_on_policy_generations` are sampled from π_θ itself (α = 0) and
+    the rest from q*, in one batch. Then two things are set per row from the recorded log q:
+    the stop-gradient weight that multiplies each token's loss (`importance_weighting`: 1 on
+    on-policy rows) and the baseline of the advantage (`advantage_baseline`); combinations
+    known to bias the update toward the policy's own mistakes are refused
+    (`trainers.estimators`). α, KL(q‖π_θ), KL(q‖π_t), the weights, the policy mass truncation
+    drops, zero-variance groups by row kind and the policy's own (importance-weighted) success
+    go to `trainer.state.log_history` and every `report_to` integration under
+    `optimal_sampling/`.
 
     The teacher is placed like TRL's reference model (ZeRO-3 / FSDP sharded, else on the
     device), kept in eval mode and never given gradients.
@@ -102,10 +107,11 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
             raise ValueError("`rollout_func` replaces TRL's sampler, and so q*; it cannot be combined with this trainer.")
         if kwargs.get("environment_factory") is not None:
             raise NotImplementedError("`environment_factory` is not supported by OptimalSamplingGRPOTrainer yet.")
-        if kwargs.get("tools") and (args.teacher_prompt_template or args.teacher_prompt_fn or teacher_prompt_fn):
+        if kwargs.get("tools"):
             raise NotImplementedError(
-                "Tool calling with a separate teacher prompt is not supported: tool-result turns would need the "
-                "teacher's view of the conversation. Drop the teacher prompt, or the tools."
+                "Tool calling is not supported with q* rollouts: a tool-result turn samples a row a second time, and "
+                "each row's importance weight and on-policy flag come from one sampling call. Use TRL's "
+                "GRPOTrainer for tool use."
             )
 
         super().__init__(
@@ -121,13 +127,17 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
             raise NotImplementedError("Vision-language policies are not supported by the q* sampler yet.")
         self._setup_teacher(teacher_model, teacher_processing_class, teacher_prompt_fn)
 
-        # TRL computes, applies and logs its importance-sampling correction only when `use_vllm` is
-        # set (`check_trl_seam` verifies that). `args.use_vllm` stayed False, so no engine was built;
+        # TRL computes and applies an importance-sampling ratio only when `use_vllm` is set
+        # (`check_trl_seam` verifies that). `args.use_vllm` stayed False, so no engine was built;
         # our `_generate_single_turn` never calls one, and the stand-in raises if anything else does.
+        # TRL's ratio is then replaced by the q* weights (`_reweight`).
         self.use_vllm = True
         self.vllm_mode = "server"  # never "colocate": the tool loop would query an engine's max length
         self.vllm_generation = _NoVLLMEngine()
         self._last_loaded_step = -1
+        self.vllm_importance_sampling_mode = "token_truncate"
+        self.vllm_importance_sampling_clip_max = float("inf")
+        self.vllm_importance_sampling_clip_min = None
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if images is not None or multimodal_fields or has_tool_images:
@@ -136,23 +146,84 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
         return rollouts.completion_ids, rollouts.logq
 
     def _generate_and_score_completions(self, inputs):
-        output = self._with_rollout_rows(inputs, lambda: super(OptimalSamplingGRPOTrainer, self)._generate_and_score_completions(inputs))
-        self._log_rollout_metrics(self._importance_weight_stats(output))
+        # A batch whose rows are all π_θ's (k = G, α = 0, or the teacher schedule at 0) takes TRL's
+        # on-policy path: no recomputed log-probs, no ratio (weight exactly 1, as vanilla GRPO).
+        self.vllm_importance_sampling_correction = self._on_policy_per_group() < self._group_size()
+        output = self._with_rollout_rows(
+            inputs, lambda: super(OptimalSamplingGRPOTrainer, self)._generate_and_score_completions(inputs)
+        )
+        self._log_rollout_metrics(self._reweight(output))
         return output
 
-    def _importance_weight_stats(self, output: dict) -> dict[str, torch.Tensor]:
-        """Raw per-token weights π_θ/q and the fraction TRL truncated or masked."""
-        if not (self.vllm_importance_sampling_correction and "old_per_token_logps" in output):
-            return {}
+    def _compute_loss(self, model, inputs):
+        # Batches are buffered (`steps_per_generation`) and eval batches interleave: TRL's flag
+        # must describe the batch at hand, which carries weights exactly when it has q* rows.
+        self.vllm_importance_sampling_correction = "importance_sampling_ratio" in inputs
+        return super()._compute_loss(model, inputs)
+
+    def _reweight(self, output: dict) -> dict[str, torch.Tensor]:
+        """Put the q* weights and baseline into TRL's batch; return per-token metric values."""
+        args = self.args
+        device = output["completion_mask"].device
         mask = output["completion_mask"].bool()
         if "tool_mask" in output:
             mask = mask & output["tool_mask"].bool()
-        log_w = torch.nan_to_num(output["old_per_token_logps"] - output["sampling_per_token_logps"], nan=0.0)
-        weights = log_w.exp()[mask]
-        applied = output["importance_sampling_ratio"]
-        if applied.shape[1] == 1:  # sequence modes: one ratio per completion
-            raw = (log_w * mask).sum(-1).exp()
-            changed = applied.squeeze(1) != raw
+        self._check_rollout_rows(mask.shape[0])
+        on_policy = self._pending_on_policy(device)
+        extra: dict[str, torch.Tensor] = {}
+        if self.vllm_importance_sampling_correction:
+            old = output["old_per_token_logps"]
+            log_ratio = torch.nan_to_num((old - output["sampling_per_token_logps"]) * mask, nan=0.0)  # log π_θ/q
+            logq_star = self._pending_padded("logq_star", mask.shape[1], device)
+            log_ratio_star = torch.nan_to_num((old - logq_star) * mask, nan=0.0).sum(-1)  # log π_θ(y)/q*(y)
+            weights = importance_weights(
+                log_ratio, mask, on_policy, weighting=args.importance_weighting, cap=args.importance_weight_cap,
+                gamma=args.shaping_gamma, log_ratio_star=log_ratio_star,
+                on_policy_fraction=self._on_policy_per_group() / self._group_size(),
+            )
+            output["importance_sampling_ratio"] = weights
+            self._report_applied_weights(weights, mask)
+            q_tokens = mask & ~on_policy.unsqueeze(-1)
+            raw = log_ratio.exp()
+            extra["is_weight"] = raw[q_tokens]
+            # (w − C)₊ averaged over q* tokens estimates Σ_y (π_θ(y) − C q(y))₊: the policy mass
+            # that truncation at C drops at a position (it bounds token truncation's bias).
+            extra["policy_mass_truncated_token"] = (raw[q_tokens] - args.importance_weight_cap).clamp_min(0)
+            if args.importance_weighting in TRUNCATING:
+                changed = weights != (raw if weights.shape[1] > 1 else log_ratio.sum(-1, keepdim=True).exp())
+                rows = q_tokens if weights.shape[1] > 1 else ~on_policy.unsqueeze(-1)
+                extra["is_clipped_frac"] = changed[rows].float()
+            seq_log_ratio = log_ratio.sum(-1)
         else:
-            changed = (applied != log_w.exp())[mask]
-        return {"is_weight": weights, "is_clipped_frac": changed.float()}
+            seq_log_ratio = log_ratio_star = torch.zeros(mask.shape[0], device=device)
+        on_policy_all, seq_log_ratio_all, log_mixture_weight = self._gather_group_inputs(
+            on_policy, seq_log_ratio, log_ratio_star
+        )
+        rewards = self._rollout_rewards.to(device)
+        if args.advantage_baseline != "group":
+            advantages = grpo_advantages(
+                rewards, on_policy_all, log_mixture_weight, num_generations=self._group_size(),
+                baseline=args.advantage_baseline, scale_rewards=self.scale_rewards,
+            )
+            n = mask.shape[0]
+            rank = self.accelerator.process_index
+            output["advantages"] = advantages[rank * n : (rank + 1) * n].to(output["advantages"].dtype)
+        self._log_group_statistics(rewards, on_policy_all, seq_log_ratio_all, log_mixture_weight)
+        return extra
+
+    def _report_applied_weights(self, weights: torch.Tensor, mask: torch.Tensor) -> None:
+        """TRL logged `sampling/importance_sampling_ratio/*` for its own ratio; report the applied one."""
+        mode = "train" if self.model.training else "eval"
+        values = weights[mask] if weights.shape[1] > 1 else weights.flatten()
+        local = torch.stack([values.sum(), values.new_tensor(float(values.numel())),
+                             values.min() if values.numel() else values.new_tensor(float("inf")),
+                             values.max() if values.numel() else values.new_tensor(float("-inf"))])
+        total = self.accelerator.gather(local.float().unsqueeze(0)).view(-1, 4)
+        summary = {"mean": float(total[:, 0].sum() / total[:, 1].sum().clamp_min(1)),
+                   "min": float(total[:, 2].min()), "max": float(total[:, 3].max())}
+        for key, value in summary.items():
+            series = self._metrics[mode][f"sampling/importance_sampling_ratio/{key}"]
+            if series:
+                series[-1] = value
+            else:
+                series.append(value)

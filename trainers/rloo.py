@@ -1,4 +1,4 @@
-"""`OptimalSamplingRLOOTrainer`: RLOO whose rollouts come from q*, with sequence-level importance weights."""
+"""`OptimalSamplingRLOOTrainer`: RLOO whose rollouts come from q* and π_θ, with sequence-level weights."""
 
 from __future__ import annotations
 
@@ -9,25 +9,29 @@ from trl import RLOOTrainer
 
 from ._common import OptimalSamplingMixin, check_generation_options, check_sampler_backend, check_teacher_given
 from .config import OptimalSamplingArguments, OptimalSamplingRLOOConfig
+from .estimators import TRUNCATING, importance_weights, recentre_advantages
 from .seam import check_trl_seam
 
 
 class OptimalSamplingRLOOTrainer(OptimalSamplingMixin, RLOOTrainer):
-    """`RLOOTrainer` whose rollouts are sampled from q* ∝ π_θ^(1-α) · π_t^α.
+    """`RLOOTrainer` whose rollouts are sampled from q* ∝ π_θ^(1-α) · π_t^α, mixed with on-policy rows.
 
     RLOO's loss is sequence level: −min(r·A, clip(r)·A) with r = π_θ(y)/π_old(y), where
-    π_old is the policy that *would* have sampled. The samples come from q instead, so each
-    completion's advantage is multiplied by the stop-gradient weight
-    w = min(π_old(y)/q(y), C) (C = `importance_sampling_clip_max`). Since w > 0,
-    −min(r·wA, clip(r)·wA) = −w·min(r·A, clip(r)·A): the truncated importance-weighted RLOO
-    objective, without touching TRL's loss. π_old(y) is TRL's own `old_logps`; q(y) is the
-    recorded Σ log q. Sequence weights have high variance on long completions; prefer
-    `OptimalSamplingGRPOTrainer` (per-token weights) unless you need RLOO's baseline.
+    π_old is the policy that *would* have sampled. Of each prompt's G completions,
+    `num_on_policy_generations` come from π_θ, the rest from q*. Each q* completion's
+    advantage is multiplied by a stop-gradient weight c (`importance_weighting`: 1,
+    min(π_old(y)/q(y), C), the masked ratio, or the multiple-importance-sampling weight). Since
+    c > 0, −min(r·cA, clip(r)·cA) = −c·min(r·A, clip(r)·A): the weighted RLOO objective,
+    without touching TRL's loss. `advantage_baseline` replaces RLOO's leave-one-out baseline
+    by the on-policy rows' mean or the importance-weighted estimate of π_θ's success, changing
+    only the centre of TRL's advantages (`trainers.estimators.recentre_advantages`), so RLOO's
+    KL-in-reward and clipping stay as they are. π_old(y) is TRL's own `old_logps`; q(y) is the
+    recorded Σ log q.
 
     Arguments are those of `RLOOTrainer` plus `teacher_model`, `teacher_processing_class`
     and `teacher_prompt_fn` (see `OptimalSamplingGRPOTrainer`); `args` must be an
     `OptimalSamplingRLOOConfig`. Metrics: as the GRPO trainer's, with `is_weight_*` over
-    sequence weights.
+    the q* rows' sequence weights.
     """
 
     def __init__(
@@ -72,25 +76,42 @@ class OptimalSamplingRLOOTrainer(OptimalSamplingMixin, RLOOTrainer):
         return self._sample_optimal(prompt_ids).completion_ids
 
     def _generate_and_score_completions(self, inputs):
-        output = self._with_rollout_rows(inputs, lambda: super(OptimalSamplingRLOOTrainer, self)._generate_and_score_completions(inputs))
-        extra = {}
-        if self.args.importance_sampling_correction:
-            log_w = output["old_logps"] - self._sequence_logq(output["completion_mask"])  # [B]
-            weights = log_w.exp()
-            truncated = weights.clamp(max=self.args.importance_sampling_clip_max)
-            output["advantages"] = output["advantages"] * truncated.to(output["advantages"].dtype)
-            extra = {"is_weight": weights, "is_clipped_frac": (weights > truncated).float()}
-        self._log_rollout_metrics(extra)
+        output = self._with_rollout_rows(
+            inputs, lambda: super(OptimalSamplingRLOOTrainer, self)._generate_and_score_completions(inputs)
+        )
+        self._log_rollout_metrics(self._reweight(output))
         return output
 
-    def _sequence_logq(self, completion_mask: torch.Tensor) -> torch.Tensor:
-        """Σ_t log q(y_t) over the tokens TRL scores (`completion_mask`), `[B]`."""
-        logq = [lq for r in self._pending_rollouts for lq in r.logq]
-        if len(logq) != completion_mask.shape[0]:
-            raise RuntimeError(
-                f"{len(logq)} recorded completions for {completion_mask.shape[0]} rows: a TRL seam change."
-            )
-        padded = torch.zeros(completion_mask.shape, dtype=torch.float32, device=completion_mask.device)
-        for i, row in enumerate(logq):
-            padded[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-        return (padded * completion_mask).sum(-1)
+    def _reweight(self, output: dict) -> dict[str, torch.Tensor]:
+        """Re-centre and weight TRL's RLOO advantages for the q* rows; return metric values."""
+        args = self.args
+        device = output["advantages"].device
+        completion_mask = output["completion_mask"]
+        self._check_rollout_rows(completion_mask.shape[0])
+        on_policy = self._pending_on_policy(device)
+        width = completion_mask.shape[1]
+        logq = (self._pending_padded("logq", width, device) * completion_mask).sum(-1)
+        logq_star = (self._pending_padded("logq_star", width, device) * completion_mask).sum(-1)
+        seq_log_ratio = torch.where(on_policy, 0.0, output["old_logps"] - logq)  # log π_old(y)/q(y)
+        log_ratio_star = output["old_logps"] - logq_star
+        on_policy_all, seq_log_ratio_all, log_mixture_weight = self._gather_group_inputs(
+            on_policy, seq_log_ratio, log_ratio_star
+        )
+        rewards = self._rollout_rewards.to(device)
+        n, rank = completion_mask.shape[0], self.accelerator.process_index
+        advantages = recentre_advantages(
+            self.accelerator.gather(output["advantages"]), rewards, on_policy_all, log_mixture_weight,
+            num_generations=self._group_size(), baseline=args.advantage_baseline,
+        )[rank * n : (rank + 1) * n]
+        weights = importance_weights(
+            seq_log_ratio.unsqueeze(-1), torch.ones_like(seq_log_ratio).unsqueeze(-1), on_policy,
+            weighting=args.importance_weighting, cap=args.importance_weight_cap, gamma=args.shaping_gamma,
+            log_ratio_star=log_ratio_star, on_policy_fraction=self._on_policy_per_group() / self._group_size(),
+        ).squeeze(-1)
+        output["advantages"] = advantages * weights.to(advantages.dtype)
+        self._log_group_statistics(rewards, on_policy_all, seq_log_ratio_all, log_mixture_weight)
+        raw = seq_log_ratio[~on_policy].exp()
+        extra = {"is_weight": raw}
+        if args.importance_weighting in TRUNCATING:
+            extra["is_clipped_frac"] = (weights[~on_policy] != raw).float()
+        return extra

@@ -8,6 +8,9 @@ processor: the ranks would deadlock. This loop runs both forwards on every rank 
 rank is done (`sync_stop`), and otherwise does what transformers' `_sample` does (one
 `torch.multinomial` per step over the softmax of the sampled log-probs, finished rows padded),
 so with α = 0 it draws the same tokens as vanilla GRPO's `generate` under the same seed.
+Rows flagged `on_policy` are sampled from π_θ itself in the same batch (α = 0 for that row,
+log q = log π_θ); the teacher still runs on them, so each of their tokens also carries its
+log-probability under q* (which multiple-importance-sampling weights need).
 
 The per-token maths is the package core: `log_probs_from_logits` and `compute_mixture`.
 """
@@ -30,8 +33,12 @@ class Rollouts:
 
     Attributes:
         completion_ids: per row, the sampled ids up to and including the first stop token.
-        logq: per row, log q(y_t) of each sampled token under the distribution sampled.
-        alpha: `[B, T]` α at each step (T = steps this rank sampled).
+        logq: per row, log q(y_t) of each sampled token under the distribution sampled
+            (log π_θ(y_t) on on-policy rows).
+        logq_star: per row, log q*(y_t) of each sampled token under the q* mixture, also on
+            on-policy rows (equal to `logq` on q* rows).
+        on_policy: `[B]` bool, the row was sampled from π_θ (α = 0).
+        alpha: `[B, T]` α at each step (T = steps this rank sampled); 0 on on-policy rows.
         token_mask: `[B, T]` True where the row really generated the token.
         diagnostics: name → `[B, T]` (kl_theta, kl_t, kl_diff, ess_ratio, entropy_q, chernoff,
             empty_support).
@@ -39,6 +46,8 @@ class Rollouts:
 
     completion_ids: list[list[int]]
     logq: list[list[float]]
+    logq_star: list[list[float]]
+    on_policy: torch.Tensor
     alpha: torch.Tensor
     token_mask: torch.Tensor
     diagnostics: dict[str, torch.Tensor]
@@ -72,6 +81,7 @@ def sample_rollouts(
     temperature: float = 1.0,
     mixing: dict | None = None,
     force_teacher_first_tokens: int = 0,
+    on_policy: Sequence[bool] | torch.Tensor | None = None,
     sync_stop: Callable[[bool], bool] | None = None,
 ) -> Rollouts:
     """Sample one completion per prompt from q* ∝ π_θ^(1-α) · π_t^α, token by token.
@@ -87,7 +97,9 @@ def sample_rollouts(
         temperature: applied to both models before mixing (must equal the trainer's).
         mixing: `compute_mixture` options (alpha_method, alpha, alpha_min, alpha_max,
             teacher_top_p, top_k, top_p).
-        force_teacher_first_tokens: α = 1 for the first n tokens.
+        force_teacher_first_tokens: α = 1 for the first n tokens (q* rows only).
+        on_policy: `[B]` bool, rows to sample from π_θ itself (α = 0, log q = log π_θ); None:
+            every row samples q*.
         sync_stop: maps "this rank still has running rows" to "some rank still has", e.g. an
             all-reduce; None for a single process. Ranks keep running forwards (with pad
             tokens) until every rank is done.
@@ -111,6 +123,11 @@ def sample_rollouts(
     base_cache, teacher_cache = TeacherCache(base), TeacherCache(teacher)
     stops = torch.tensor(sorted(set(int(s) for s in stop_token_ids)), device=ids.device)
     batch = ids.shape[0]
+    if on_policy is None:
+        on_policy = torch.zeros(batch, dtype=torch.bool)
+    on_policy = torch.as_tensor(on_policy, dtype=torch.bool).to(ids.device)
+    if on_policy.shape != (batch,):
+        raise ValueError(f"`on_policy` must hold one flag per prompt ({batch}), got shape {tuple(on_policy.shape)}.")
     generated = ids.new_empty((batch, 0))
     running = torch.ones(batch, dtype=torch.bool, device=ids.device)
     steps: list[dict[str, torch.Tensor]] = []
@@ -131,13 +148,16 @@ def sample_rollouts(
         logp_t = log_probs_from_logits(teacher_logits, temperature, vocab_size)  # [B, V]
         options = mixing if step >= force_teacher_first_tokens else {**mixing, "alpha_method": "fixed", "alpha": 1.0}
         mix = compute_mixture(logp_theta, logp_t, **options)
+        logq = torch.where(on_policy.unsqueeze(-1), logp_theta, mix.logq)  # [B, V]: what each row samples
         # As transformers' `_sample`: one multinomial draw over softmax(scores) per step.
-        next_tokens = torch.multinomial(torch.softmax(mix.logq, dim=-1), num_samples=1).squeeze(1)
+        next_tokens = torch.multinomial(torch.softmax(logq, dim=-1), num_samples=1).squeeze(1)
         next_tokens = torch.where(running, next_tokens, torch.full_like(next_tokens, pad_token_id))
+        chosen = next_tokens.unsqueeze(-1)
         entry = {
             "mask": running.clone(),
-            "alpha": mix.alpha.float(),
-            "logq": mix.logq.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1),
+            "alpha": torch.where(on_policy, 0.0, mix.alpha.float()),
+            "logq": logq.gather(-1, chosen).squeeze(-1),
+            "logq_star": mix.logq.gather(-1, chosen).squeeze(-1),
             "empty_support": mix.solution.empty_support.float(),
         }
         entry.update({name: getattr(mix.diagnostics, name).float() for name in RECORDED_DIAGNOSTICS})
@@ -151,10 +171,12 @@ def sample_rollouts(
     token_mask = stacked.pop("mask")
     lengths = token_mask.sum(-1).tolist()
     sampled = generated[:, : token_mask.shape[1]]
-    logq = stacked.pop("logq")
+    logq, logq_star = stacked.pop("logq"), stacked.pop("logq_star")
     return Rollouts(
         completion_ids=[sampled[i, :n].tolist() for i, n in enumerate(lengths)],
         logq=[logq[i, :n].tolist() for i, n in enumerate(lengths)],
+        logq_star=[logq_star[i, :n].tolist() for i, n in enumerate(lengths)],
+        on_policy=on_policy,
         alpha=stacked.pop("alpha"),
         token_mask=token_mask,
         diagnostics=stacked,

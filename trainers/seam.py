@@ -55,6 +55,9 @@ GRPO_SEAM = (
             "= self._generate(prompts)",
             "self.use_vllm and self.vllm_importance_sampling_correction",
             "torch.exp(logps_diff)",
+            "rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids_list)",
+            "rewards.view(-1, num_generations)",
+            "self.accelerator.process_index * len(prompts)",
             'output["old_per_token_logps"] = old_per_token_logps',
             'output["sampling_per_token_logps"] = sampling_per_token_logps',
             '"sampling/importance_sampling_ratio/mean"',
@@ -66,8 +69,18 @@ GRPO_SEAM = (
         "GRPOTrainer",
         "_compute_loss",
         ("self", "model", "inputs"),
-        ('per_token_loss * inputs["importance_sampling_ratio"]',),
-        "multiplies the per-token loss by the IS ratio",
+        (
+            "if self.use_vllm and self.vllm_importance_sampling_correction",
+            'per_token_loss * inputs["importance_sampling_ratio"]',
+        ),
+        "wrapped to set the correction flag per batch; multiplies the per-token loss by the q* weights",
+    ),
+    SeamPoint(
+        "GRPOTrainer",
+        "_calculate_rewards",
+        ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+        ("rewards_per_func = torch.zeros(len(prompts), len(self.reward_funcs)",),
+        "wrapped to keep the gathered per-row rewards, which the q* baselines and metrics need",
     ),
     SeamPoint(
         "GRPOTrainer",
@@ -105,10 +118,21 @@ RLOO_SEAM = (
         (
             "prompts = [x[\"prompt\"] for x in inputs]",
             "old_logps = (old_per_token_logps * completion_mask).sum(1)",
+            "rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids_list)",
+            "baselines = (grouped_sum - grouped_rewards) / (scorable_counts - 1)",
+            "self.accelerator.process_index * len(prompts)",
             '"old_logps": old_logps',
             '"advantages": advantages',
         ),
-        "wrapped: advantages are multiplied by the truncated sequence weight exp(old_logps - log q)",
+        "wrapped: the leave-one-out advantages are re-centred on the chosen baseline and multiplied by the "
+        "sequence weight of the q* rows",
+    ),
+    SeamPoint(
+        "RLOOTrainer",
+        "_calculate_rewards",
+        ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+        ("rewards_per_func = torch.zeros(len(prompts), len(self.reward_funcs)",),
+        "wrapped to keep the gathered per-row rewards (which rows are scorable; metrics)",
     ),
     SeamPoint(
         "RLOOTrainer",

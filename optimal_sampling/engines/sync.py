@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from ..servers.sync import SyncSampler
 from .config import DrivenDecodeConfig, VLLMEngineSpec
@@ -49,11 +50,37 @@ class InProcessVLLMSampler(SyncSampler):
     def weight_version(self) -> int:
         return self.coordinator.weight_version
 
+    def with_config(self, **fields) -> "InProcessVLLMSampler":
+        """A sampler on the same engines whose calls use a `DrivenDecodeConfig` with `fields`
+        changed (e.g. `alpha_method="fixed", alpha=1.0` for teacher-only samples); closing it
+        leaves the engines running."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._config = replace(self.coordinator.config, **fields)
+        return view
+
+    def _run(self, coroutine):
+        config = getattr(self, "_config", None)
+        if config is None:
+            return super()._run(coroutine)
+        coordinator = self.coordinator
+        saved = coordinator.config
+        coordinator.config = coordinator.stepper.options = config
+        try:
+            return super()._run(coroutine)
+        finally:
+            coordinator.config = coordinator.stepper.options = saved
+
+    def close(self) -> None:
+        if getattr(self, "_config", None) is None:  # views share the engines of the sampler they came from
+            super().close()
+
     @classmethod
-    def from_cli_args(cls, args) -> "InProcessVLLMSampler":
+    def from_cli_args(cls, args, models: dict[str, tuple[str, str | None]] | None = None) -> "InProcessVLLMSampler":
         """Build from `optimal-sampling generate --backend vllm-inprocess ...` arguments.
 
-        `--base` / `--teacher` (default: the shipped toy pair) are the engines' models;
+        `models` maps "base" / "teacher" to (location, Hub revision) as the command line
+        resolved them; by default `--base` / `--teacher`, else the shipped toy pair.
         `--vllm-engine-arg KEY=VALUE` sets an engine argument of both engines, and
         `base.KEY=VALUE` / `teacher.KEY=VALUE` one engine's (values are JSON when they parse).
         """
@@ -62,10 +89,13 @@ class InProcessVLLMSampler(SyncSampler):
 
         try:
             specs = {}
-            for role, path in (("base", args.base), ("teacher", args.teacher)):
-                model = path or str(TOY_PAIR_DIR / role)
-                specs[role] = VLLMEngineSpec(model, **engine_arguments(getattr(args, "vllm_engine_arg", None) or [],
-                                                                       role, default_cpu=path is None))
+            for role in ("base", "teacher"):
+                given = getattr(args, role)
+                location, revision = (models or {}).get(role) or (given or str(TOY_PAIR_DIR / role), None)
+                fields = engine_arguments(getattr(args, "vllm_engine_arg", None) or [], role, default_cpu=given is None)
+                if revision is not None:
+                    fields.setdefault("engine_kwargs", {})["revision"] = revision
+                specs[role] = VLLMEngineSpec(location, **fields)
             config = DrivenDecodeConfig(top_k=args.top_k_candidates, alpha_method=args.alpha_method, alpha=args.alpha,
                                         max_concurrency=max(args.batch_size, 1), seed=args.seed)
             return cls(specs["base"], specs["teacher"], config, temperature=args.temperature)

@@ -21,6 +21,18 @@ from ..topk_decoding import canonical_top_k
 
 logger = logging.getLogger("optimal_sampling.servers")
 
+
+class CoordinatorLog(logging.LoggerAdapter):
+    """The servers' logger as one coordinator uses it: silent when `enabled` is False
+    (`CoordinatorConfig.enable_logging`), so one quiet coordinator leaves the others alone."""
+
+    def __init__(self, enabled: bool = True):
+        super().__init__(logger, {})
+        self.enabled = enabled
+
+    def isEnabledFor(self, level: int) -> bool:
+        return self.enabled and self.logger.isEnabledFor(level)
+
 START_HINT = (
     "Start one with `python -m vllm.entrypoints.openai.api_server --model MODEL_DIR --port PORT "
     "--max-logprobs -1 --dtype float32` (tests/VLLM_SERVERS.md has the flags that work on CPU), "
@@ -82,15 +94,21 @@ def _server_message(response: httpx.Response) -> str:
 
 
 class ServerClient:
-    """HTTP access to one vLLM server (`role` is "base" or "teacher", used in messages)."""
+    """HTTP access to one vLLM server (`role` is "base" or "teacher", used in messages).
+
+    Text that comes from the server (error bodies, malformed answers) reaches messages and
+    logs with the API key blanked out, in case a proxy echoes the request's headers.
+    """
 
     def __init__(self, role: str, url: str, *, api_key: str | None, timeout: float, pool_size: int,
-                 max_retries: int, retry_delay: float, counters: RequestCounters):
+                 max_retries: int, retry_delay: float, counters: RequestCounters, log: logging.LoggerAdapter | None = None):
         self.role, self.url = role, url
         self.model: str | None = None
         self.max_retries, self.retry_delay = max_retries, retry_delay
         self.timeout = timeout
         self.counters = counters
+        self.log = log if log is not None else CoordinatorLog()
+        self._api_key = api_key
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(
             base_url=url,
@@ -104,6 +122,9 @@ class ServerClient:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
 
     # -- requests with retries ----------------------------------------------------------
 
@@ -120,7 +141,7 @@ class ServerClient:
             if attempt:
                 self.counters.retries += 1
                 delay = self.retry_delay * 2 ** (attempt - 1)
-                logger.warning("%s: %s; retry %d/%d in %.2f s", self, last, attempt, retries, delay)
+                self.log.warning("%s: %s; retry %d/%d in %.2f s", self, last, attempt, retries, delay)
                 await asyncio.sleep(delay)
             self.counters.requests += 1
             try:
@@ -142,12 +163,12 @@ class ServerClient:
                 unreachable = False
                 continue
             if response.status_code >= 500 or response.status_code == 429:
-                last = f"HTTP {response.status_code}: {_server_message(response)}"
+                last = f"HTTP {response.status_code}: {self._redact(_server_message(response))}"
                 unreachable = False
                 continue
             if response.status_code >= 400:
                 self.counters.failed_requests += 1
-                message = _server_message(response)
+                message = self._redact(_server_message(response))
                 raise ServerRequestError(
                     f"{self} rejected {method} {path} with HTTP {response.status_code}: {message}",
                     response.status_code,
@@ -158,7 +179,7 @@ class ServerClient:
             except ValueError:
                 self.counters.failed_requests += 1
                 raise MalformedResponseError(
-                    f"{self} answered {method} {path} with a body that is not JSON: {response.text[:200]!r}"
+                    f"{self} answered {method} {path} with a body that is not JSON: {self._redact(response.text[:200])!r}"
                 ) from None
         self.counters.failed_requests += 1
         text = f"{self}: {method} {path} failed after {retries + 1} attempt(s): {last}"
@@ -233,9 +254,10 @@ class ServerClient:
                     listed[row, : len(items)], listed_logp[row, : len(items)] = zip(*items)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
             self.counters.failed_requests += 1
+            snippet = json.dumps(body)[:300] if not isinstance(body, str) else body[:300]
             raise MalformedResponseError(
                 f"{self} sent a completion without usable top-k log-probs ({type(error).__name__}: {error}): "
-                f"{json.dumps(body)[:300] if not isinstance(body, str) else body[:300]}"
+                f"{self._redact(snippet)}"
             ) from None
         if (listed_logp > 1e-4).any():
             self.counters.failed_requests += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, fields
 
 from ..alpha import ALPHA_METHODS
@@ -11,7 +12,8 @@ from ..alpha import ALPHA_METHODS
 class CoordinatorConfig:
     """Settings of a `DualVLLMCoordinator` (the original tool's names, plus a few).
 
-    Every field carries its help text in `metadata["help"]`.
+    Every field carries its help text in `metadata["help"]`. The API keys never appear in
+    the config's `repr` (a logged config must not leak them), nor in error messages.
 
     Example:
         >>> from optimal_sampling.servers import CoordinatorConfig
@@ -22,6 +24,8 @@ class CoordinatorConfig:
         Traceback (most recent call last):
         ...
         ValueError: `top_k` (=0) must be >= 1: it is how many log-probs each server returns per step (e.g. 20-100).
+        >>> "sk-" in repr(CoordinatorConfig(theta_api_key="sk-123", t_api_key="sk-456"))
+        False
     """
 
     theta_url: str = field(default="http://localhost:8000", metadata={"help": "Base model (π_θ) server, without /v1."})
@@ -43,8 +47,12 @@ class CoordinatorConfig:
     request_timeout: float = field(default=60.0, metadata={"help": "Seconds before one HTTP request times out."})
     connection_pool_size: int = field(default=100, metadata={"help": "HTTP connections kept per server."})
 
-    theta_api_key: str | None = field(default=None, metadata={"help": "Bearer token for the base server (--api-key)."})
-    t_api_key: str | None = field(default=None, metadata={"help": "Bearer token for the teacher server."})
+    theta_api_key: str | None = field(
+        default=None, repr=False, metadata={"help": "Bearer token for the base server (its --api-key); never shown."}
+    )
+    t_api_key: str | None = field(
+        default=None, repr=False, metadata={"help": "Bearer token for the teacher server; never shown."}
+    )
     theta_model: str | None = field(
         default=None, metadata={"help": "Served model name on the base server; default: the one /v1/models lists."}
     )
@@ -84,6 +92,19 @@ class CoordinatorConfig:
                           "or timing; generate_batch(seed=...) overrides it per call."},
     )
 
+    enable_logging: bool = field(
+        default=True,
+        metadata={"help": "False silences this coordinator's log records (retries, rows retried one by one); "
+                          "other coordinators and libraries are unaffected."},
+    )
+    log_level: str | int | None = field(
+        default=None,
+        metadata={"help": "If set (e.g. 'INFO', 'DEBUG' or logging.INFO), the level of the "
+                          "'optimal_sampling.servers' logger. As for any library, the records reach you through "
+                          "the handlers your application configures (e.g. logging.basicConfig()); "
+                          "None leaves the logging configuration alone."},
+    )
+
     def __post_init__(self):
         if self.top_k < 1:
             raise ValueError(
@@ -110,8 +131,28 @@ class CoordinatorConfig:
             url = url.rstrip("/")
             setattr(self, name, url[:-3] if url.endswith("/v1") else url)
         self.stop_token_ids = [int(i) for i in self.stop_token_ids]
+        if self.log_level is not None:
+            logging_level(self.log_level)  # a bad name fails here, not when the coordinator starts
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
         """Field name → help text."""
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def logging_level(level: str | int) -> int:
+    """The `logging` level of a name ('info', 'WARNING') or number, with a clear error otherwise.
+
+    >>> logging_level("info"), logging_level(30)
+    (20, 30)
+    """
+    if isinstance(level, bool) or not isinstance(level, (str, int)):
+        raise ValueError(f"`log_level` ({level!r}) must be a logging level name such as 'INFO' or a number.")
+    if isinstance(level, int):
+        return level
+    number = logging.getLevelName(level.strip().upper())
+    if not isinstance(number, int):
+        raise ValueError(
+            f"`log_level` ({level!r}) is not a logging level; use one of DEBUG, INFO, WARNING, ERROR, CRITICAL."
+        )
+    return number

@@ -33,6 +33,7 @@ from ..topk_decoding import (
     sequence_output,
 )
 from .client import (
+    CoordinatorLog,
     MalformedResponseError,
     RequestCounters,
     ServerClient,
@@ -41,7 +42,7 @@ from .client import (
     ServerUnavailableError,
     logger,
 )
-from .config import CoordinatorConfig
+from .config import CoordinatorConfig, logging_level
 
 class DualVLLMCoordinator:
     """Sample from q* ∝ π_θ^(1-α*) · π_t^α* with a base and a teacher vLLM server.
@@ -68,6 +69,9 @@ class DualVLLMCoordinator:
         elif fields:
             raise TypeError("Pass either a CoordinatorConfig or its fields as keyword arguments, not both.")
         self.config = config
+        if config.log_level is not None:
+            logger.setLevel(logging_level(config.log_level))
+        self.log = CoordinatorLog(config.enable_logging)
         self.theta_tokenizer, self.t_tokenizer = theta_tokenizer, t_tokenizer
         self.counters = RequestCounters()
         self._theta: ServerClient | None = None
@@ -79,6 +83,8 @@ class DualVLLMCoordinator:
         self.stop_token_ids: set[int] = set()
         self.max_model_len: dict[str, int | None] = {}
         self.stepper = TopKStepper(config, 0)
+        # role ("base", "teacher") -> url, served model name, and its directory if on this machine
+        self.served: dict[str, dict[str, str | None]] = {}
         self._reset_statistics()
 
     # -- life cycle ---------------------------------------------------------------------
@@ -96,7 +102,7 @@ class DualVLLMCoordinator:
             return
         cfg = self.config
         common = dict(timeout=cfg.request_timeout, pool_size=cfg.connection_pool_size, max_retries=cfg.max_retries,
-                      retry_delay=cfg.retry_delay, counters=self.counters)
+                      retry_delay=cfg.retry_delay, counters=self.counters, log=self.log)
         self._theta = ServerClient("base", cfg.theta_url, api_key=cfg.theta_api_key, **common)
         self._t = ServerClient("teacher", cfg.t_url, api_key=cfg.t_api_key, **common)
         try:
@@ -141,7 +147,9 @@ class DualVLLMCoordinator:
         client.model = model
         self.max_model_len[client.role] = entries[model].get("max_model_len")
         root = entries[model].get("root")
-        return root if root and Path(root).is_dir() else None
+        local_root = root if root and Path(root).is_dir() else None
+        self.served[client.role] = {"url": client.url, "model": model, "root": local_root}
+        return local_root
 
     def _load_tokenizers(self, theta_root: str | None, t_root: str | None) -> None:
         from transformers import AutoTokenizer
@@ -156,8 +164,10 @@ class DualVLLMCoordinator:
             source = path or root
             if source is None:
                 client = self._theta if attr == "theta_tokenizer" else self._t
+                flag = "--base" if attr == "theta_tokenizer" else "--teacher"
                 raise ValueError(f"{client} serves {client.model!r} from a directory that is not on this machine, so "
-                                 f"its tokenizer cannot be found; pass `{option}=` (a local path or hub id).")
+                                 f"its tokenizer cannot be found; pass `{option}=` (a local path or hub id), or "
+                                 f"`{flag}` on the command line.")
             setattr(self, attr, AutoTokenizer.from_pretrained(source))
         try:
             check_same_vocabulary(self.theta_tokenizer, self.t_tokenizer)
@@ -172,7 +182,7 @@ class DualVLLMCoordinator:
                                                               "add_special_tokens": False}, retries=0)
             served = body["tokens"]
         except (ServerRequestError, MalformedResponseError, KeyError, TypeError):
-            logger.info("%s has no usable /tokenize endpoint; skipping the tokenizer check", client)
+            self.log.info("%s has no usable /tokenize endpoint; skipping the tokenizer check", client)
             return
         local = tokenizer(text, add_special_tokens=False)["input_ids"]
         if list(served) != list(local):
@@ -257,7 +267,7 @@ class DualVLLMCoordinator:
             if len(rows) == 1:
                 per_side.append([result])
                 continue
-            logger.warning("%s: batched step failed (%s); retrying its %d rows one by one", client, result, len(rows))
+            self.log.warning("%s: batched step failed (%s); retrying its %d rows one by one", client, result, len(rows))
             singles = await asyncio.gather(
                 *(client.top_logprobs([p], self.top_k, self.vocab_size) for p in prefixes), return_exceptions=True
             )

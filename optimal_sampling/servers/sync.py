@@ -103,8 +103,9 @@ class VLLMSampler(SyncSampler):
         super().__init__(DualVLLMCoordinator(config), temperature=temperature)
 
     @classmethod
-    def from_cli_args(cls, args) -> "VLLMSampler":
-        """Build from `optimal-sampling generate --backend vllm ...` arguments.
+    def from_cli_args(cls, args, **overrides) -> "VLLMSampler":
+        """Build from `optimal-sampling generate --backend vllm ...` arguments (`overrides`:
+        config fields to change, e.g. `alpha_method="fixed", alpha=0.0`).
 
         `--base` / `--teacher`, when given, are the tokenizers to use; otherwise the
         servers' model directories are.
@@ -112,7 +113,7 @@ class VLLMSampler(SyncSampler):
         from ..io import UsageError
 
         try:
-            config = CoordinatorConfig(
+            fields = dict(
                 theta_url=args.theta_url,
                 t_url=args.t_url,
                 top_k=args.top_k_candidates,
@@ -123,6 +124,12 @@ class VLLMSampler(SyncSampler):
                 max_concurrency=max(args.batch_size, 1),
                 seed=args.seed,
             )
+            config = CoordinatorConfig(**{**fields, **overrides})
             return cls(config, temperature=args.temperature)
         except (ValueError, RuntimeError, OSError) as error:  # server down, tokenizer mismatch, k too large
             raise UsageError(str(error)) from None
+
+    def served_models(self) -> dict[str, dict[str, str | None]]:
+        """Per role ("base", "teacher"): the server's url, the served model's name, and its
+        directory when that is on this machine (else None)."""
+        return self.coordinator.served
