@@ -1,7 +1,7 @@
 """Two engine pairs (pipeline groups) on the toy pair, and what happens when an engine dies.
 
-Runs where `vllm` imports (see `tests/test_engines.py`). The last test kills an engine, so
-the module-scoped pair is not usable after it.
+Runs where `vllm` imports (see `tests/test_engines.py`). The last test kills engines, so
+the module-scoped pairs are not usable after it.
 """
 
 from __future__ import annotations
@@ -47,9 +47,11 @@ def test_two_pipeline_groups_draw_the_http_coordinators_tokens(pipelined, refere
     assert pipelined.get_statistics()["mean_batch_size"] <= 32  # each pair stepped its own half
 
 
-def test_an_engine_killed_mid_batch_keeps_completed_samples_and_fails_the_rest(pipelined, reference):
+def test_engines_killed_mid_batch_keep_completed_samples_and_fail_the_rest(pipelined, reference):
+    """Both teachers die when about a third of the tokens are drawn (each pair then holds two
+    sequences and the queue still holds many, which no pair can take over)."""
     prompts, teacher_prompts, expected = reference
-    victim = pipelined.coordinator.engine_process_ids()["teacher"][1]  # pipeline group 1's teacher
+    victims = pipelined.coordinator.engine_process_ids()["teacher"]
     stepper = pipelined.coordinator.stepper
     pipelined.coordinator.config.max_concurrency = 4  # two sequences per pair: many small steps
     start = stepper.stats["tokens"]
@@ -58,7 +60,8 @@ def test_an_engine_killed_mid_batch_keeps_completed_samples_and_fails_the_rest(p
         deadline = time.monotonic() + 120
         while stepper.stats["tokens"] - start < 70 and time.monotonic() < deadline:
             time.sleep(0.001)
-        os.kill(victim, signal.SIGKILL)
+        for victim in victims:
+            os.kill(victim, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_when_a_third_is_done)
     killer.start()
@@ -68,11 +71,11 @@ def test_an_engine_killed_mid_batch_keeps_completed_samples_and_fails_the_rest(p
         killer.join()
     completed = [i for i, o in enumerate(outputs) if o.error is None]
     failed = [i for i, o in enumerate(outputs) if o.error is not None]
-    assert len(completed) >= 20 and failed, (len(completed), len(failed))
+    assert len(completed) >= 12 and len(failed) >= 16, (len(completed), len(failed))
     for i in completed:  # nothing lost or altered
         assert outputs[i].generated_tokens == expected[i].generated_tokens
     for i in failed:
-        assert "EngineFailedError" in outputs[i].error and "teacher engine of pipeline group 1" in outputs[i].error
+        assert "EngineFailedError" in outputs[i].error and "teacher engine of pipeline group" in outputs[i].error
         assert outputs[i].generated_tokens == []
     assert pipelined.get_statistics()["failed_samples"] == len(failed)
     with pytest.raises(EngineFailedError, match="create a new InProcessVLLMCoordinator"):

