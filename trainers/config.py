@@ -11,7 +11,8 @@ from optimal_sampling.alpha import ALPHA_METHODS
 
 from .estimators import check_consistent
 
-SAMPLER_BACKENDS = ("transformers", "vllm")
+SAMPLER_BACKENDS = ("transformers", "vllm", "vllm-inprocess")
+VLLM_BACKENDS = ("vllm", "vllm-inprocess")
 RLOO_WEIGHTINGS = ("none", "sequence_truncate", "sequence_mask", "mis")  # RLOO's loss is sequence level
 RLOO_BASELINES = ("group", "on_policy", "is")
 
@@ -55,10 +56,16 @@ class OptimalSamplingArguments:
             for ablations).
 
     Sampler backend:
-        sampler_backend: `"transformers"` (in-process decode loop, exact) or `"vllm"` (the
-            two-server coordinator, top-k approximation).
-        sampler_theta_url, sampler_t_url, sampler_top_k: the coordinator's base and teacher
-            server URLs and its top-k (only for `sampler_backend="vllm"`).
+        sampler_backend: `"transformers"` (in-process decode loop, exact, full vocabulary),
+            `"vllm"` (two vLLM servers and `DualVLLMCoordinator`, top-k; the base server gets the
+            policy's weights before every rollout after an optimizer step, like TRL's server
+            mode) or `"vllm-inprocess"` (two vLLM engines in the trainer's process, driven token
+            by token, top-k; the policy engine reloads the weights, like TRL's colocate mode).
+        sampler_theta_url, sampler_t_url: the base and teacher server URLs (`"vllm"`).
+        sampler_top_k: log-probs each vLLM model contributes per token (both vLLM backends).
+        sampler_engine_args: `KEY=VALUE` / `base.KEY=VALUE` / `teacher.KEY=VALUE` engine
+            arguments (`optimal_sampling.engines.VLLMEngineSpec` fields or any
+            `vllm.AsyncEngineArgs` field) for `"vllm-inprocess"`.
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -156,8 +163,11 @@ class OptimalSamplingArguments:
     sampler_backend: str = field(
         default="transformers",
         metadata={
-            "help": "'transformers': the in-process q* decode loop (exact, full vocabulary). 'vllm': the two-server "
-            "coordinator (`optimal_sampling.DualVLLMCoordinator`, top-k approximation)."
+            "help": "'transformers': the in-process q* decode loop (exact, full vocabulary). 'vllm': two vLLM servers "
+            "(`optimal_sampling.DualVLLMCoordinator`, top-k; the base server receives the policy's weights after "
+            "every optimizer step and must run with VLLM_SERVER_DEV_MODE=1). 'vllm-inprocess': two vLLM engines in "
+            "this process driven token by token (`optimal_sampling.engines`, top-k; the policy engine reloads the "
+            "weights, like TRL's colocate mode)."
         },
     )
     sampler_theta_url: str | None = field(
@@ -167,7 +177,13 @@ class OptimalSamplingArguments:
         default=None, metadata={"help": "Teacher (π_t) vLLM server URL for `sampler_backend='vllm'`."}
     )
     sampler_top_k: int = field(
-        default=20, metadata={"help": "Top-k log-probs each server returns, for `sampler_backend='vllm'`."}
+        default=20, metadata={"help": "Log-probs each vLLM model contributes per token (both vLLM backends)."}
+    )
+    sampler_engine_args: list[str] | None = field(
+        default=None,
+        metadata={"help": "Engine arguments for `sampler_backend='vllm-inprocess'`: 'KEY=VALUE' for both engines, "
+                  "'base.KEY=VALUE' / 'teacher.KEY=VALUE' for one (VLLMEngineSpec fields such as dtype, "
+                  "max_model_len, gpu_memory_utilization, kv_cache_memory_bytes, or any vllm.AsyncEngineArgs field)."},
     )
 
     def _check_optimal_sampling_fields(self) -> None:
@@ -203,6 +219,26 @@ class OptimalSamplingArguments:
             raise ValueError(f"`sampler_backend` must be one of {SAMPLER_BACKENDS}, got {self.sampler_backend!r}.")
         if self.sampler_backend == "vllm" and not (self.sampler_theta_url and self.sampler_t_url):
             raise ValueError("`sampler_backend='vllm'` needs `sampler_theta_url` and `sampler_t_url`.")
+        if self.sampler_engine_args and self.sampler_backend != "vllm-inprocess":
+            raise ValueError("`sampler_engine_args` configures the engines of `sampler_backend='vllm-inprocess'`; "
+                             "set that backend or drop them.")
+        if self.sampler_backend in VLLM_BACKENDS:
+            needs_star = [name for name, value in (("importance_weighting", self.importance_weighting),
+                                                   ("advantage_baseline", self.advantage_baseline)) if value in ("mis", "is")]
+            if needs_star:
+                raise ValueError(
+                    f"{needs_star[0]}={getattr(self, needs_star[0])!r} needs log q*(y) of the on-policy rows, which the "
+                    "vLLM backends do not record (they sample those rows from the base alone); use "
+                    "sampler_backend='transformers', or another weighting / baseline."
+                )
+            unsupported = [name for name, used in (("force_teacher_first_tokens", self.force_teacher_first_tokens),
+                                                   ("kl_budget", self.kl_budget is not None or self.alpha_method == "kl_budget"),
+                                                   ("teacher_top_p", self.teacher_top_p is not None)) if used]
+            if unsupported:
+                raise ValueError(
+                    f"{', '.join(unsupported)}: options of the transformers sampler only; the vLLM backends do not "
+                    "take them yet. Drop them, or use sampler_backend='transformers'."
+                )
 
     def to_dict(self) -> dict[str, Any]:
         # A callable `teacher_prompt_fn` is logged (wandb, TensorBoard hparams) by its name.

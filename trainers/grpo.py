@@ -175,7 +175,8 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
             old = output["old_per_token_logps"]
             log_ratio = torch.nan_to_num((old - output["sampling_per_token_logps"]) * mask, nan=0.0)  # log π_θ/q
             logq_star = self._pending_padded("logq_star", mask.shape[1], device)
-            log_ratio_star = torch.nan_to_num((old - logq_star) * mask, nan=0.0).sum(-1)  # log π_θ(y)/q*(y)
+            # log π_θ(y)/q*(y); NaN on on-policy rows whose q* the sampler did not record (vLLM backends)
+            log_ratio_star = torch.where(mask, old - logq_star, 0.0).sum(-1)
             weights = importance_weights(
                 log_ratio, mask, on_policy, weighting=args.importance_weighting, cap=args.importance_weight_cap,
                 gamma=args.shaping_gamma, log_ratio_star=log_ratio_star,

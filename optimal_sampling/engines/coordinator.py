@@ -35,6 +35,7 @@ import torch
 
 from ..generation import GenerationOutput, check_same_vocabulary, prompt_token_ids
 from ..topk_decoding import TopKSequence, TopKStepper, canonical_top_k, declared_eos_ids, sequence_output
+from ..weights import checkpoint_of
 from .config import DrivenDecodeConfig, VLLMEngineSpec
 from .protocol import (
     EXTRA_ARGS_KEY,
@@ -85,26 +86,6 @@ def _environment(env: dict[str, str]):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-@contextlib.contextmanager
-def _checkpoint_of(named_tensors):
-    """A temporary directory holding `named_tensors` as one safetensors file (in /dev/shm if there is one)."""
-    from safetensors.torch import save_file
-
-    tensors, seen = {}, set()
-    for name, tensor in named_tensors:
-        tensor = tensor.detach().cpu().contiguous()
-        if tensor.data_ptr() in seen:  # tied weights share storage, which safetensors refuses
-            tensor = tensor.clone()
-        seen.add(tensor.data_ptr())
-        tensors[name] = tensor
-    directory = tempfile.mkdtemp(prefix="optimal-sampling-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    try:
-        save_file(tensors, os.path.join(directory, "model.safetensors"))
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _gather(entries: list[tuple[StepMessage, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,7 +397,7 @@ class InProcessVLLMCoordinator:
                                  "`save_pretrained` wrote (config.json and *.safetensors).")
             await self._reload_base(str(weights_path))
         else:
-            with _checkpoint_of(named_tensors) as directory:
+            with checkpoint_of(named_tensors) as directory:
                 await self._reload_base(directory)
         self.weight_version = self.weight_version + 1 if version is None else int(version)
         self._stats["weight_loads"] += 1

@@ -35,20 +35,11 @@ class InProcessVLLMSampler(SyncSampler):
                  *, temperature: float = 1.0, **fields):
         super().__init__(InProcessVLLMCoordinator(base, teacher, config, **fields), temperature=temperature)
 
-    def load_base_weights(self, weights_path: str | os.PathLike | None = None, *, named_tensors=None,
-                          version: int | None = None) -> int:
-        """See `InProcessVLLMCoordinator.load_base_weights`; returns the new weight version."""
-        return self._run(self.coordinator.load_base_weights(weights_path, named_tensors=named_tensors, version=version))
-
     def next_token_distribution(self, base_prefixes, teacher_prefixes=None, *, temperature: float = 1.0,
                                 top_k: int | None = None, return_diagnostics: bool = True):
         """See `InProcessVLLMCoordinator.next_token_distribution` (one step, no sampling)."""
         return self._run(self.coordinator.next_token_distribution(
             base_prefixes, teacher_prefixes, temperature=temperature, top_k=top_k, return_diagnostics=return_diagnostics))
-
-    @property
-    def weight_version(self) -> int:
-        return self.coordinator.weight_version
 
     def with_config(self, **fields) -> "InProcessVLLMSampler":
         """A sampler on the same engines whose calls use a `DrivenDecodeConfig` with `fields`

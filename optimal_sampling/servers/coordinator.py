@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..topk_decoding import (
     sample_step,
     sequence_output,
 )
+from ..weights import checkpoint_of
 from .client import (
     CoordinatorLog,
     MalformedResponseError,
@@ -85,6 +87,8 @@ class DualVLLMCoordinator:
         self.stepper = TopKStepper(config, 0)
         # role ("base", "teacher") -> url, served model name, and its directory if on this machine
         self.served: dict[str, dict[str, str | None]] = {}
+        self.weight_version = 0
+        self._weight_loads = 0
         self._reset_statistics()
 
     # -- life cycle ---------------------------------------------------------------------
@@ -209,6 +213,52 @@ class DualVLLMCoordinator:
         if not self._started:
             raise RuntimeError("Use the coordinator inside `async with DualVLLMCoordinator(config) as coordinator:` "
                                "(or await coordinator.start() first).")
+
+    # -- weights ------------------------------------------------------------------------
+
+    async def load_base_weights(self, weights_path: str | os.PathLike | None = None, *, named_tensors=None,
+                                version: int | None = None, shared_dir: str | os.PathLike | None = None) -> int:
+        """Load new policy weights into the base server and return the new weight version.
+
+        Give either `weights_path` (a directory of `*.safetensors` in the model's checkpoint
+        naming that the server can read) or `named_tensors` (`(name, tensor)` pairs, e.g.
+        `model.state_dict().items()`, written to a temporary checkpoint under `shared_dir`, by
+        default /dev/shm: the server must run on this machine or see that directory). The
+        server must run with `VLLM_SERVER_DEV_MODE=1`: the load is `/pause?mode=wait`,
+        `/collective_rpc` `reload_weights`, `/reset_prefix_cache`, `/resume` (vLLM's own
+        endpoints, no NCCL, so it works on CPU servers). The version counts loads unless
+        `version` sets it (a trainer's global step). Call it between `generate_batch` calls.
+        """
+        self._require_started()
+        if (weights_path is None) == (named_tensors is None):
+            raise ValueError("Pass exactly one of `weights_path` and `named_tensors`.")
+        if weights_path is not None:
+            await self._reload_base(str(weights_path))
+        else:
+            with checkpoint_of(named_tensors, shared_dir) as directory:
+                await self._reload_base(directory)
+        self.weight_version = self.weight_version + 1 if version is None else int(version)
+        self._weight_loads += 1
+        return self.weight_version
+
+    async def _reload_base(self, directory: str) -> None:
+        client = self._theta
+        try:
+            await client.request("POST", "/pause?mode=wait", retries=0)
+        except ServerRequestError as error:
+            if error.status == 404:
+                raise RuntimeError(
+                    f"{client} has no weight-update endpoints (POST /pause answered 404): restart it with "
+                    "VLLM_SERVER_DEV_MODE=1 in its environment (tests/vllm_servers.py does) so that the trainer can "
+                    "load the policy's weights into it."
+                ) from None
+            raise
+        try:
+            await client.request("POST", "/collective_rpc", {"method": "reload_weights",
+                                                             "kwargs": {"weights_path": directory}}, retries=0)
+            await client.request("POST", "/reset_prefix_cache", retries=0)  # cached blocks hold old-weight KV
+        finally:
+            await client.request("POST", "/resume")
 
     # -- one step -----------------------------------------------------------------------
 
@@ -415,7 +465,7 @@ class DualVLLMCoordinator:
         tokens), elapsed (seconds inside generate_batch), tokens_per_second, and where
         the time went: server_seconds (waiting for both servers' answers, parsing
         included) and compute_seconds (q* and sampling); with several pipeline groups
-        these overlap.
+        these overlap; weight_version and weight_loads (`load_base_weights`).
         """
         s, c = {**self._stats, **self.stepper.stats}, self.counters
         tokens = s["tokens"]
@@ -435,6 +485,8 @@ class DualVLLMCoordinator:
             "tokens_per_second": tokens / s["seconds"] if s["seconds"] > 0 else 0.0,
             "server_seconds": s["server_seconds"],
             "compute_seconds": s["compute_seconds"],
+            "weight_version": self.weight_version,
+            "weight_loads": self._weight_loads,
         }
 
 

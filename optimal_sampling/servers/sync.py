@@ -69,6 +69,18 @@ class SyncSampler:
             )
         )
 
+    def load_base_weights(self, weights_path=None, *, named_tensors=None, version: int | None = None, **options) -> int:
+        """Load new policy weights into the base engine or server and return the new weight
+        version (the coordinator's `load_base_weights`: a checkpoint directory, or
+        `named_tensors=model.state_dict().items()`; `version=` a trainer's global step)."""
+        return self._run(self.coordinator.load_base_weights(weights_path, named_tensors=named_tensors, version=version,
+                                                            **options))
+
+    @property
+    def weight_version(self) -> int:
+        """Which policy weights the next samples come from (counts `load_base_weights`, or its `version`)."""
+        return self.coordinator.weight_version
+
     def get_statistics(self) -> dict[str, float]:
         return self.coordinator.get_statistics()
 

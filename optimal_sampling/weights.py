@@ -1,0 +1,41 @@
+"""New policy weights for a vLLM engine or server: a temporary checkpoint that vLLM can reload.
+
+Both vLLM backends update the policy's weights the same way, through vLLM's
+`reload_weights(weights_path=DIR)` worker method: the in-process engines through
+`collective_rpc`, a server through its `/collective_rpc` endpoint (dev mode). Tensors passed to
+engine processes as call arguments do not arrive as tensors, so the weights travel as a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+
+@contextlib.contextmanager
+def checkpoint_of(named_tensors, directory: str | os.PathLike | None = None):
+    """A temporary directory holding `named_tensors` (`(name, tensor)` pairs in the model's
+    checkpoint naming, e.g. `model.state_dict().items()`) as one safetensors file.
+
+    It is made under `directory` if given (a server on another mount must be able to read it),
+    else in /dev/shm where there is one, and removed on exit.
+    """
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.data_ptr() in seen:  # tied weights share storage, which safetensors refuses
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor
+    if directory is None and os.path.isdir("/dev/shm"):
+        directory = "/dev/shm"
+    path = tempfile.mkdtemp(prefix="optimal-sampling-weights-", dir=directory)
+    try:
+        save_file(tensors, os.path.join(path, "model.safetensors"))
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

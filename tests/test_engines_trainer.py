@@ -1,0 +1,38 @@
+"""The GRPO trainer with q* rollouts from two in-process vLLM engines (`sampler_backend="vllm-inprocess"`).
+
+Runs where `vllm` imports (see `tests/test_engines.py`): the same two-step run and checks as
+`tests/test_trainers_vllm.py` does on two servers. The engines start from the policy as it is
+when the first rollout begins; the policy engine reloads the weights after each optimizer step.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_trainers_vllm import PREFIXES, check_log_history, served_matches, train_two_steps  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_two_step_grpo_through_in_process_engines_loads_each_steps_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")  # the engines' processes inherit it: no compile on CPU
+    monkeypatch.setenv("VLLM_HOST_IP", "127.0.0.1")
+    trainer, _, after_step = train_two_steps(tmp_path, sampler_backend="vllm-inprocess", sampler_top_k=16,
+                                             sampler_engine_args=["max_model_len=256"])
+    try:
+        check_log_history(trainer)
+        sampler = trainer._vllm_sampler
+        assert sampler.get_statistics()["weight_loads"] == 1  # the engines started with step 0's weights
+
+        def distribution(prefixes, vocab):
+            return sampler.next_token_distribution(prefixes, top_k=vocab)
+
+        assert served_matches(distribution, after_step[1], PREFIXES) < 1e-4
+        assert served_matches(distribution, after_step[2], PREFIXES) > 1e-3
+    finally:
+        trainer.close_sampler()
+    assert trainer._vllm_sampler is None
