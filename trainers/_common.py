@@ -472,6 +472,11 @@ class OptimalSamplingMixin:
 
     def _start_vllm_sampler(self):
         args = self.args
+        if hasattr(self.accelerator.unwrap_model(self.model), "peft_config"):
+            raise NotImplementedError(
+                f"sampler_backend={args.sampler_backend!r} with a PEFT (LoRA) policy: the vLLM model would need the "
+                "merged weights after every step, which is not built yet. Use sampler_backend='transformers'."
+            )
         alpha = dict(alpha_method=args.alpha_method, alpha=args.alpha, alpha_min=args.alpha_min,
                      alpha_max=args.alpha_max, top_k=args.sampler_top_k, seed=args.seed)
         if args.sampler_backend == "vllm":
