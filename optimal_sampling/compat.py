@@ -5,7 +5,8 @@ The core (`alpha`, `mixture`, `sparse`, `topk_decoding`) and both vLLM backends 
 so they work with the transformers that vLLM pins (vLLM 0.32: `>=5.16.1,<5.20`). The
 transformers front (`OptimalSamplingLogitsProcessor`, `optimal_generate`, `OptimalSampler`,
 the fast path, `TeacherCache`, and the TRL trainers built on them) runs transformers' private
-`GenerationMixin._sample` loop and passes KV caches to the models as `cache=`, which
+`GenerationMixin._sample` loop (and sets `GenerationConfig._pad_token_tensor`), and passes KV
+caches to the models as `cache=`, which
 transformers 5.24 introduced: older models take `past_key_values=` and silently ignore
 `cache=`, so the teacher would be decoded without its cache and record wrong log q. That
 front calls `check_transformers_front` before it does anything.
@@ -29,12 +30,15 @@ class IncompatibleTransformersError(ImportError):
 def transformers_front_problems(*models) -> list[str]:
     """What in this environment breaks the transformers front's seam (empty when nothing does)."""
     import transformers
-    from transformers import GenerationMixin
+    from transformers import GenerationConfig, GenerationMixin
 
     problems = []
     version = Version(transformers.__version__)
     if version not in TRANSFORMERS_FRONT:
         problems.append(f"transformers {version} is installed, not {TRANSFORMERS_FRONT}")
+    if "_pad_token_tensor" not in getattr(GenerationConfig, "__annotations__", {}):
+        # generate() stores the pad id there; optimal_generate sets it when it adds stop ids
+        problems.append("GenerationConfig no longer declares `_pad_token_tensor`")
     sample = getattr(GenerationMixin, "_sample", None)
     missing = [] if sample is None else [p for p in _SAMPLE_PARAMETERS if p not in inspect.signature(sample).parameters]
     if sample is None or missing:

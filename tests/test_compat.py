@@ -42,3 +42,25 @@ def test_the_front_runs_exactly_on_the_transformers_it_supports():
     else:  # e.g. beside vLLM 0.32: the teacher cache would silently run without its cache
         with pytest.raises(IncompatibleTransformersError, match="optimal_sampling.engines"):
             TeacherCache(model)
+
+
+def test_each_private_transformers_name_the_front_uses_is_checked(monkeypatch):
+    """`GenerationMixin._sample` (and its parameters) and `GenerationConfig._pad_token_tensor`."""
+    from transformers import GenerationConfig, GenerationMixin
+
+    model = tiny_causal_lm(vocab_size=32)
+    annotations = {k: v for k, v in GenerationConfig.__annotations__.items() if k != "_pad_token_tensor"}
+    monkeypatch.setattr(GenerationConfig, "__annotations__", annotations)
+    assert "GenerationConfig no longer declares `_pad_token_tensor`" in transformers_front_problems(model)
+    monkeypatch.undo()
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
+        pass
+
+    monkeypatch.setattr(GenerationMixin, "_sample", _sample)
+    problems = transformers_front_problems(model)
+    assert "GenerationMixin._sample lacks ['synced_gpus', 'streamer']" in problems
+    assert not any("_pad_token_tensor" in problem for problem in problems)
+    monkeypatch.delattr(GenerationMixin, "_sample")
+    with pytest.raises(IncompatibleTransformersError, match="GenerationMixin._sample is gone"):
+        check_transformers_front(model)
