@@ -45,7 +45,6 @@ from optimal_sampling.engines import InProcessVLLMCoordinator, VLLMEngineSpec  #
 from optimal_sampling.servers import CoordinatorConfig, DualVLLMCoordinator  # noqa: E402
 from optimal_sampling.toy import TOY_PAIR_DIR  # noqa: E402
 
-
 SETTLE = 2.0  # seconds between the HTTP runs and the in-process ones
 
 

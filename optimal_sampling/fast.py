@@ -39,8 +39,8 @@ from torch.overrides import TorchFunctionMode
 from transformers import StaticCache
 
 from .alpha import check_empty_support, common_support, solve_alpha, solve_on_support
-from .mixture import NEG_INF, diagnostics_on_support, log_probs_from_logits, mixture_on_support, truncate_log_probs
 from .compat import check_transformers_front
+from .mixture import NEG_INF, diagnostics_on_support, log_probs_from_logits, mixture_on_support, truncate_log_probs
 from .processor import RECORDED_DIAGNOSTICS, check_same_device
 from .teacher import position_ids_from_mask, repeat_teacher_prompts
 

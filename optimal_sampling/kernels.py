@@ -35,7 +35,6 @@ import torch
 
 from .alpha import _DEGENERATE_RTOL, _QUADRATIC_STEP  # the same tests as the torch path
 
-
 try:
     import triton
     import triton.language as tl

@@ -18,7 +18,7 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = ()):
         >>> tok.decode(tok("the cat sat")["input_ids"], skip_special_tokens=True)
         'the cat sat'
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>"]

@@ -16,8 +16,8 @@ from optimal_sampling.compat import (
     check_transformers_front,
     transformers_front_problems,
 )
-from optimal_sampling.testing import tiny_causal_lm
 from optimal_sampling.teacher import TeacherCache
+from optimal_sampling.testing import tiny_causal_lm
 
 
 class PastKeyValuesModel(torch.nn.Module):

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from optimal_sampling import compute_mixture, solve_alpha
-from optimal_sampling import cpu_kernel
+from optimal_sampling import compute_mixture, cpu_kernel, solve_alpha
 from optimal_sampling.alpha import _kernel_applies
 
 sys.path.insert(0, str(Path(__file__).parent))

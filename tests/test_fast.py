@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-
 from torch.overrides import TorchFunctionMode
 
 import optimal_sampling.alpha as alpha_module

@@ -24,8 +24,8 @@ from optimal_sampling import (
     log_probs_from_logits,
     optimal_generate,
 )
-from optimal_sampling.testing import bias_output_layer, reference_q_star, tiny_causal_lm, tiny_tokenizer
 from optimal_sampling.teacher import position_ids_from_mask
+from optimal_sampling.testing import bias_output_layer, reference_q_star, tiny_causal_lm, tiny_tokenizer
 
 TOKENIZER = tiny_tokenizer()
 V = len(TOKENIZER)

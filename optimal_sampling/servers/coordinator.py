@@ -46,6 +46,7 @@ from .client import (
 )
 from .config import CoordinatorConfig, logging_level
 
+
 class DualVLLMCoordinator:
     """Sample from q* ∝ π_θ^(1-α*) · π_t^α* with a base and a teacher vLLM server.
 
