@@ -226,6 +226,7 @@ class _Buffers:
     base_mask: torch.Tensor  # [B, L_base]: the prompt's padding mask, then ones
     teacher_mask: torch.Tensor  # [B, L_teacher]
     finished: torch.Tensor  # [B] bool
+    on_policy: torch.Tensor  # [B] bool: rows sampled from the base alone (α = 0, q = π_θ)
     step: torch.Tensor  # [] long, index of the token being generated
     noise: torch.Tensor  # [B, W] float32, Exp(1) draws for this step
     pad: torch.Tensor  # [] long
@@ -234,18 +235,25 @@ class _Buffers:
 
 
 def decode_tail(base_logits: torch.Tensor, teacher_logits: torch.Tensor, buffers: _Buffers, options: MixingOptions) -> None:
-    """Mix, sample, record and advance one step, writing only into `buffers`."""
+    """Mix, sample, record and advance one step, writing only into `buffers`.
+
+    Rows flagged `on_policy` sample π_θ itself (α = 0, log q = log π_θ); `logq_star` records the
+    sampled token's log-probability under the q* mixture on every row.
+    """
     forced = buffers.step < options.force_teacher_first_tokens
     step = q_star_step(base_logits, teacher_logits, forced, options)
     unfinished = ~buffers.finished
-    token = sample_exponential_race(step.logq, buffers.noise)
+    on_policy = buffers.on_policy
+    sampled = torch.where(on_policy.unsqueeze(-1), step.logp_theta, step.logq)  # [B, V]: what each row samples
+    token = sample_exponential_race(sampled, buffers.noise)
     token = torch.where(unfinished, token, buffers.pad)  # finished rows emit padding, as in generate
     index = token.clamp(max=step.logq.shape[-1] - 1).unsqueeze(-1)  # [B, 1]
     values = {
         "tokens": token,
         "token_mask": unfinished,
-        "alpha": step.alpha,
-        "logq": step.logq.gather(-1, index).squeeze(-1),
+        "alpha": torch.where(on_policy, torch.zeros_like(step.alpha), step.alpha),
+        "logq": sampled.gather(-1, index).squeeze(-1),
+        "logq_star": step.logq.gather(-1, index).squeeze(-1),
         "logp_theta": step.logp_theta.gather(-1, index).squeeze(-1),
         "logp_t": step.logp_t.gather(-1, index).squeeze(-1),
         "iterations": step.iterations,
@@ -324,6 +332,7 @@ class _DecodeSlot:
             base_mask=torch.ones(batch, base_len, **long),
             teacher_mask=torch.ones(batch, teacher_len, **long),
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
+            on_policy=torch.zeros(batch, dtype=torch.bool, device=device),
             step=torch.zeros((), **long),
             noise=torch.ones(batch, width, dtype=torch.float32, device=device),
             pad=torch.tensor(pad, **long),
@@ -331,6 +340,7 @@ class _DecodeSlot:
         )
         record_dtypes = {
             "tokens": torch.long, "token_mask": torch.bool, "alpha": torch.float32, "logq": torch.float32,
+            "logq_star": torch.float32,
             "logp_theta": torch.float32, "logp_t": torch.float32, "iterations": torch.int32,
             "empty_support": torch.bool, "converged": torch.bool,
         }
@@ -408,7 +418,7 @@ class _DecodeSlot:
     # -- one call --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def load(self, ids, mask, teacher_ids, teacher_mask, dummy_rows: torch.Tensor) -> None:
+    def load(self, ids, mask, teacher_ids, teacher_mask, dummy_rows: torch.Tensor, on_policy: torch.Tensor) -> None:
         """Reset the caches, prefill both prompts but their last token, and set up step 0."""
         b = self.buffers
         for cache in (self.base_cache, self.teacher_cache):
@@ -426,6 +436,7 @@ class _DecodeSlot:
             inputs.copy_(prompt[:, -1:])
             positions.copy_(prompt_positions[:, -1:])
         b.finished.copy_(dummy_rows)
+        b.on_policy.copy_(on_policy)
         b.step.zero_()
         b.records["token_mask"].zero_()
 
@@ -547,6 +558,7 @@ class FastDecoder:
         vocab_size: int | None = None,
         pad_token_id: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
+        on_policy: Sequence[bool] | torch.Tensor | None = None,
     ):
         """Sample up to `max_new_tokens` tokens per row from q*; returns an `OptimalGenerateOutput`.
 
@@ -554,6 +566,9 @@ class FastDecoder:
         `teacher_input_ids` / `teacher_attention_mask` the teacher's (default: the same).
         A row ends at its first token in `stop_token_ids` (pass both models' EOS ids) and is
         padded with `pad_token_id` afterwards. The mixing options are those of `compute_mixture`.
+        `on_policy` (`[B]` bool) samples those rows from the base alone (α = 0, log q = log π_θ),
+        in the same batch, e.g. a mixed GRPO group's on-policy members; with it, the output's
+        `diagnostics["logq_star"]` holds each token's log q* on every row.
         """
         from .generation import OptimalGenerateOutput  # generation.py imports this module lazily
 
@@ -600,13 +615,19 @@ class FastDecoder:
         teacher_len = _round_up(teacher_ids.shape[1] - 1 + max(max_new_tokens, _WARMUP_STEPS), multiple)
         dummy = torch.zeros(batch, dtype=torch.bool, device=device)
         dummy[rows:] = True  # dummy rows copy row 0 and start finished
+        flags = torch.zeros(batch, dtype=torch.bool, device=device)
+        if on_policy is not None:
+            given = torch.as_tensor(on_policy, dtype=torch.bool).flatten()
+            if given.shape[0] != rows:
+                raise ValueError(f"`on_policy` must hold one flag per prompt ({rows}), got {given.shape[0]}.")
+            flags[:rows] = given.to(device)
         if batch > rows:
             fill = lambda x: torch.cat([x, x[:1].expand(batch - rows, -1)], 0)  # noqa: E731
             ids, mask, teacher_ids, teacher_mask = fill(ids), fill(mask), fill(teacher_ids), fill(teacher_mask)
 
         self.stats["calls"] += 1
         slot = self._slot(batch, base_len, teacher_len, base_width, steps_cap, options, pad_token_id, stop_ids)
-        load_args = (ids, mask, teacher_ids, teacher_mask, dummy)
+        load_args = (ids, mask, teacher_ids, teacher_mask, dummy, flags)
         if not slot.built:
             if mode != "eager":
                 self._build(slot, load_args)
@@ -626,6 +647,9 @@ class FastDecoder:
                 "cause; try bfloat16 or float32)."
             )
         tokens = records.pop("tokens")
+        logq_star = records.pop("logq_star")
+        if on_policy is not None:
+            records["logq_star"] = logq_star
         sequences = torch.cat([input_ids.to(device), tokens], dim=1)
         return OptimalGenerateOutput(
             sequences=sequences,

@@ -175,6 +175,43 @@ def test_all_rows_on_policy_reproduce_vanilla_grpo_exactly(overrides):
     assert all(h["optimal_sampling/on_policy_frac"] == 1.0 for h in trainer.state.log_history if "loss" in h)
 
 
+def test_the_fast_samplers_step_draws_the_eager_loops_rollouts_across_optimizer_steps():
+    """sampler_fast='eager' (FastDecoder: static caches, the step the GPU captures) against the
+    trainer's own loop ('off'), mixed groups and teacher prompts included: the same tokens, and
+    log q, log q*, α and the diagnostics within float tolerance, at every step. The second
+    step's rollouts come after an in-place optimizer update, which the decoder must see."""
+    runs = {}
+    for mode in ("off", "eager"):
+        trainer = make_trainer(sampler_fast=mode, alpha_method="kl_symmetry", teacher_prompt_template="{teacher_prompt}",
+                               max_steps=2)
+        rollouts = []
+        original = trainer._sample_optimal
+
+        def spy(prompt_ids, original=original, rollouts=rollouts):
+            rollouts.append(original(prompt_ids))
+            return rollouts[-1]
+
+        trainer._sample_optimal = spy
+        trainer.train()
+        runs[mode] = (rollouts, losses(trainer))
+        if mode == "eager":
+            assert trainer._fast_decoder.stats["calls"] == 2
+    (loop, loop_losses), (fast, fast_losses) = runs["off"], runs["eager"]
+    assert len(loop) == len(fast) == 2
+    for a, b in zip(loop, fast):
+        assert a.completion_ids == b.completion_ids
+        assert torch.equal(a.on_policy, b.on_policy) and bool(a.on_policy.any()) and not bool(a.on_policy.all())
+        for name in ("logq", "logq_star"):
+            for row_a, row_b in zip(getattr(a, name), getattr(b, name)):
+                assert row_b == pytest.approx(row_a, abs=1e-5)
+        torch.testing.assert_close(b.alpha, a.alpha, atol=1e-5, rtol=0)
+        assert torch.equal(b.token_mask, a.token_mask)
+        for name in ("kl_theta", "kl_t", "entropy_q"):
+            torch.testing.assert_close(b.diagnostics[name][a.token_mask], a.diagnostics[name][a.token_mask].float(),
+                                       atol=1e-4, rtol=1e-4)
+    assert fast_losses == pytest.approx(loop_losses, abs=1e-5)
+
+
 def capture_batches(trainer) -> list[dict]:
     """The trainer's scored batches in sampling order (TRL shuffles rows before the loss)."""
     seen = []

@@ -18,7 +18,7 @@ from optimal_sampling.processor import RECORDED_DIAGNOSTICS, model_eos_ids
 
 from .config import VLLM_BACKENDS, OptimalSamplingArguments
 from .estimators import group_statistics, mixture_log_weights
-from .rollout import Rollouts, sample_rollouts
+from .rollout import Rollouts, left_pad, sample_rollouts
 
 METRIC_PREFIX = "optimal_sampling/"
 
@@ -415,6 +415,11 @@ class OptimalSamplingMixin:
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
             overrides = self._generation_overrides
+            fast_mode = self._fast_mode(unwrapped_model)
+            if fast_mode is not None:
+                rollouts = self._sample_fast(unwrapped_model, prompt_ids, teacher_prompt_ids, on_policy, fast_mode)
+                self._pending_rollouts.append(rollouts)
+                return rollouts
             rollouts = sample_rollouts(
                 unwrapped_model,
                 unwrapped_model if self._teacher_is_policy else self.teacher_model,
@@ -434,6 +439,76 @@ class OptimalSamplingMixin:
             )
         self._pending_rollouts.append(rollouts)
         return rollouts
+
+    # -- the fast path (static caches, a captured decode step) ------------------------------
+
+    def _fast_mode(self, policy) -> str | None:
+        """The fast-path mode rollouts use now, or None for the eager loop (`sampler_fast`)."""
+        choice = self.args.sampler_fast
+        if choice == "off":
+            return None
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        on_cuda = next(policy.parameters()).device.type == "cuda"
+        if choice == "auto":
+            usable = on_cuda and not sharded and not self._teacher_is_policy and self.args.alpha_method != "kl_budget"
+            return "cuda_graph" if usable else None
+        if sharded:
+            raise ValueError(f"sampler_fast={choice!r} needs an unsharded policy: under FSDP / ZeRO-3 every forward is "
+                             "a collective, which the fast path does not keep in step. Use sampler_fast='auto'.")
+        if self._teacher_is_policy:
+            raise ValueError(f"sampler_fast={choice!r} with the policy as its own teacher is not supported; use 'auto'.")
+        return choice
+
+    def _sample_fast(self, policy, prompt_ids, teacher_prompt_ids, on_policy: torch.Tensor, mode: str) -> Rollouts:
+        """The rollouts of `sample_rollouts`, drawn by `optimal_sampling.fast.FastDecoder`.
+
+        The decoder (its static caches and captured graphs) is kept across steps: the optimizer
+        updates the parameters in place, so a captured step reads the new weights.
+        """
+        from optimal_sampling.fast import FastDecoder, FastPathConfig
+
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        was_training = policy.training  # the decoder puts its models in eval mode; the policy goes back after
+        decoder = getattr(self, "_fast_decoder", None)
+        if decoder is None or decoder.base is not policy or decoder.teacher is not teacher or decoder.config.mode != mode:
+            # Eager: look at the finished mask every step, so that the random stream is used exactly as the
+            # eager loop uses it (a graph mode checks every 8 steps, to keep the host out of the GPU's way).
+            config = FastPathConfig(mode=mode, diagnostics=True, **({"check_every": 1} if mode == "eager" else {}))
+            decoder = self._fast_decoder = FastDecoder(policy, teacher, config)
+        device = self.accelerator.device
+        pad = self._tokenizer.pad_token_id
+        ids, mask = left_pad(prompt_ids, pad, device)
+        teacher_ids = teacher_mask = None
+        if teacher_prompt_ids is not None:
+            teacher_ids, teacher_mask = left_pad(teacher_prompt_ids, pad, device)
+        overrides = self._generation_overrides
+        mixing = {k: v for k, v in self._scheduled_mixing().items() if k != "kl_budget"}
+        policy.eval()  # no dropout while sampling, as in generate
+        try:
+            out = decoder.generate(
+                ids, mask, teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask,
+                max_new_tokens=overrides.get("max_new_tokens", self.max_completion_length),
+                temperature=self.temperature, vocab_size=self._vocab_size, pad_token_id=pad,
+                stop_token_ids=sorted(set(self.eos_token_ids) | set(overrides.get("eos_token_id", []))),
+                force_teacher_first_tokens=self.args.force_teacher_first_tokens, on_policy=on_policy, **mixing,
+            )
+        finally:
+            policy.train(was_training)
+        token_mask = out.token_mask.cpu()
+        lengths = token_mask.sum(-1).tolist()
+        tokens = out.sequences[:, ids.shape[1]:].cpu()
+        logq, logq_star = out.logq.cpu(), out.diagnostics["logq_star"].cpu()
+        diagnostics = {name: out.diagnostics[name].float().cpu() for name in RECORDED_DIAGNOSTICS}
+        diagnostics["empty_support"] = out.diagnostics["empty_support"].float().cpu()
+        return Rollouts(
+            completion_ids=[tokens[i, :n].tolist() for i, n in enumerate(lengths)],
+            logq=[logq[i, :n].tolist() for i, n in enumerate(lengths)],
+            logq_star=[logq_star[i, :n].tolist() for i, n in enumerate(lengths)],
+            on_policy=on_policy.clone(),
+            alpha=out.alpha.float().cpu(),
+            token_mask=token_mask,
+            diagnostics=diagnostics,
+        )
 
     # -- vLLM backends ---------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from .estimators import check_consistent
 
 SAMPLER_BACKENDS = ("transformers", "vllm", "vllm-inprocess")
 VLLM_BACKENDS = ("vllm", "vllm-inprocess")
+SAMPLER_FAST = ("auto", "off", "eager", "cuda_graph", "compile_mixture", "compile")
 RLOO_WEIGHTINGS = ("none", "sequence_truncate", "sequence_mask", "mis")  # RLOO's loss is sequence level
 RLOO_BASELINES = ("group", "on_policy", "is")
 
@@ -61,6 +62,9 @@ class OptimalSamplingArguments:
             policy's weights before every rollout after an optimizer step, like TRL's server
             mode) or `"vllm-inprocess"` (two vLLM engines in the trainer's process, driven token
             by token, top-k; the policy engine reloads the weights, like TRL's colocate mode).
+        sampler_fast: how the transformers backend decodes: `"auto"` (a CUDA-graph-captured step
+            with static caches when the policy is on one CUDA device and unsharded, else the eager
+            loop), `"off"` (the eager loop) or a `FastPathConfig` mode.
         sampler_theta_url, sampler_t_url: the base and teacher server URLs (`"vllm"`).
         sampler_top_k: log-probs each vLLM model contributes per token (both vLLM backends).
         sampler_engine_args: `KEY=VALUE` / `base.KEY=VALUE` / `teacher.KEY=VALUE` engine
@@ -170,6 +174,15 @@ class OptimalSamplingArguments:
             "weights, like TRL's colocate mode)."
         },
     )
+    sampler_fast: str = field(
+        default="auto",
+        metadata={
+            "help": "How `sampler_backend='transformers'` decodes. 'auto': through the package's fast path with the "
+            "decode step captured in a CUDA graph ('cuda_graph') when the policy is on a CUDA device and not sharded "
+            "(one process or DDP), else the eager loop. 'off': always the eager loop. 'eager', 'cuda_graph', "
+            "'compile_mixture', 'compile': that fast-path mode (`optimal_sampling.fast.FastPathConfig`)."
+        },
+    )
     sampler_theta_url: str | None = field(
         default=None, metadata={"help": "Base (π_θ) vLLM server URL for `sampler_backend='vllm'`."}
     )
@@ -219,6 +232,10 @@ class OptimalSamplingArguments:
             raise ValueError(f"`sampler_backend` must be one of {SAMPLER_BACKENDS}, got {self.sampler_backend!r}.")
         if self.sampler_backend == "vllm" and not (self.sampler_theta_url and self.sampler_t_url):
             raise ValueError("`sampler_backend='vllm'` needs `sampler_theta_url` and `sampler_t_url`.")
+        if self.sampler_fast not in SAMPLER_FAST:
+            raise ValueError(f"`sampler_fast` must be one of {SAMPLER_FAST}, got {self.sampler_fast!r}.")
+        if self.sampler_fast not in ("auto", "off") and self.alpha_method == "kl_budget":
+            raise ValueError("`alpha_method='kl_budget'` runs in the eager loop only; set sampler_fast='auto' or 'off'.")
         if self.sampler_engine_args and self.sampler_backend != "vllm-inprocess":
             raise ValueError("`sampler_engine_args` configures the engines of `sampler_backend='vllm-inprocess'`; "
                              "set that backend or drop them.")
