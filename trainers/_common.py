@@ -449,8 +449,10 @@ class OptimalSamplingMixin:
             return None
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         on_cuda = next(policy.parameters()).device.type == "cuda"
+        peft = hasattr(policy, "peft_config")  # not verified on the fast path yet
         if choice == "auto":
-            usable = on_cuda and not sharded and not self._teacher_is_policy and self.args.alpha_method != "kl_budget"
+            usable = (on_cuda and not sharded and not peft and not self._teacher_is_policy
+                      and self.args.alpha_method != "kl_budget")
             return "cuda_graph" if usable else None
         if sharded:
             raise ValueError(f"sampler_fast={choice!r} needs an unsharded policy: under FSDP / ZeRO-3 every forward is "
