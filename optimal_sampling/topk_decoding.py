@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .generation import GenerationOutput, summarize_tokens
+from .generation import GenerationOutput, prompt_token_ids, summarize_tokens
 from .mixture import Mixture, compute_mixture
 from .processor import RECORDED_DIAGNOSTICS
 from .sparse import SparseCandidates, sample_candidates, sparse_candidates
@@ -331,6 +331,37 @@ class TopKStepper:
         self.stats["covered_theta_sum"] += sum(table[names.index("covered_theta")])
         self.stats["covered_t_sum"] += sum(table[names.index("covered_t")])
         self.stats["steps"] += 1
+
+
+def check_generate_arguments(prompts, teacher_prompts, on_policy, *, max_tokens: int, temperature: float) -> None:
+    """The checks both vLLM coordinators' `generate_batch` make before tokenizing anything."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+        raise TypeError("`prompts` must be a list of prompts; wrap a single prompt in a list.")
+    for name, values in (("teacher prompts", teacher_prompts), ("on_policy flags", on_policy)):
+        if values is not None and len(values) != len(prompts):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(values)} {name}; give one per prompt.")
+    if max_tokens < 1:
+        raise ValueError(f"`max_tokens` (={max_tokens}) must be >= 1.")
+    if not temperature > 0:
+        raise ValueError(f"`temperature` (={temperature}) has to be a strictly positive float.")
+
+
+def make_sequences(prompts, teacher_prompts, on_policy, base_tokenizer, teacher_tokenizer,
+                   sequence_type: type[TopKSequence] = TopKSequence) -> list[TopKSequence]:
+    """One sequence per prompt, its prompts tokenized (teacher prompts default to the base's)."""
+    teacher_prompts = list(prompts) if teacher_prompts is None else list(teacher_prompts)
+    on_policy = [False] * len(prompts) if on_policy is None else [bool(flag) for flag in on_policy]
+    return [
+        sequence_type(
+            index=i,
+            prompt=prompt,
+            teacher_prompt=teacher_prompt,
+            base_ids=prompt_token_ids(prompt, base_tokenizer, f"prompts[{i}]"),
+            teacher_ids=prompt_token_ids(teacher_prompt, teacher_tokenizer, f"teacher_prompts[{i}]"),
+            on_policy=flag,
+        )
+        for i, (prompt, teacher_prompt, flag) in enumerate(zip(prompts, teacher_prompts, on_policy))
+    ]
 
 
 def sequence_output(s: TopKSequence, tokenizer, return_diagnostics: bool) -> GenerationOutput:

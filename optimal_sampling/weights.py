@@ -39,3 +39,17 @@ def checkpoint_of(named_tensors, directory: str | os.PathLike | None = None):
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def weights_directory(weights_path=None, named_tensors=None, shared_dir: str | os.PathLike | None = None):
+    """The directory a `load_base_weights` call reloads from: `weights_path` as given, or a
+    temporary checkpoint of `named_tensors` under `shared_dir` (`checkpoint_of`). Exactly one of
+    the two must be given."""
+    if (weights_path is None) == (named_tensors is None):
+        raise ValueError("Pass exactly one of `weights_path` and `named_tensors`.")
+    if weights_path is not None:
+        yield str(weights_path)
+    else:
+        with checkpoint_of(named_tensors, shared_dir) as directory:
+            yield directory

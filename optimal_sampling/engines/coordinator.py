@@ -33,9 +33,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..generation import GenerationOutput, check_same_vocabulary, prompt_token_ids
-from ..topk_decoding import TopKSequence, TopKStepper, canonical_top_k, declared_eos_ids, sequence_output
-from ..weights import checkpoint_of
+from ..generation import GenerationOutput, check_same_vocabulary
+from ..topk_decoding import (
+    TopKSequence,
+    TopKStepper,
+    canonical_top_k,
+    check_generate_arguments,
+    declared_eos_ids,
+    make_sequences,
+    sequence_output,
+)
+from ..weights import weights_directory
 from .config import DrivenDecodeConfig, VLLMEngineSpec
 from .protocol import (
     EXTRA_ARGS_KEY,
@@ -389,16 +397,11 @@ class InProcessVLLMCoordinator:
         self._require_started()
         if self._busy:
             raise RuntimeError("load_base_weights was called while generate_batch runs; load weights between batches.")
-        if (weights_path is None) == (named_tensors is None):
-            raise ValueError("Pass exactly one of `weights_path` and `named_tensors`.")
-        if weights_path is not None:
-            if not os.path.isdir(weights_path):
-                raise ValueError(f"`weights_path` {str(weights_path)!r} is not a directory; give the directory that "
-                                 "`save_pretrained` wrote (config.json and *.safetensors).")
-            await self._reload_base(str(weights_path))
-        else:
-            with checkpoint_of(named_tensors) as directory:
-                await self._reload_base(directory)
+        if weights_path is not None and named_tensors is None and not os.path.isdir(weights_path):  # a local path
+            raise ValueError(f"`weights_path` {str(weights_path)!r} is not a directory; give the directory that "
+                             "`save_pretrained` wrote (config.json and *.safetensors).")
+        with weights_directory(weights_path, named_tensors) as directory:
+            await self._reload_base(directory)
         self.weight_version = self.weight_version + 1 if version is None else int(version)
         self._stats["weight_loads"] += 1
         return self.weight_version
@@ -472,32 +475,13 @@ class InProcessVLLMCoordinator:
     async def _generate(self, prompts, teacher_prompts, *, max_tokens, temperature, return_diagnostics, seed, top_k,
                         show_progress=False, on_policy=None, stop_token_ids=None, captured=None):
         self._require_started()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
-            raise TypeError("`prompts` must be a list of prompts; wrap a single prompt in a list.")
-        for name, values in (("teacher prompts", teacher_prompts), ("on_policy flags", on_policy)):
-            if values is not None and len(values) != len(prompts):
-                raise ValueError(f"Got {len(prompts)} prompts but {len(values)} {name}; give one per prompt.")
-        if max_tokens < 1:
-            raise ValueError(f"`max_tokens` (={max_tokens}) must be >= 1.")
-        if not temperature > 0:
-            raise ValueError(f"`temperature` (={temperature}) has to be a strictly positive float.")
+        check_generate_arguments(prompts, teacher_prompts, on_policy, max_tokens=max_tokens, temperature=temperature)
         if not 1 <= top_k <= self.model_vocab_size:
             raise ValueError(f"`top_k` (={top_k}) must be in [1, {self.model_vocab_size}] (the models' vocabulary).")
         if self._busy:
             raise RuntimeError("generate_batch is already running on this coordinator; await it first.")
-        teacher_prompts = list(prompts) if teacher_prompts is None else list(teacher_prompts)
-        on_policy = [False] * len(prompts) if on_policy is None else [bool(flag) for flag in on_policy]
-        sequences = [
-            _DrivenSequence(
-                index=i,
-                prompt=prompt,
-                teacher_prompt=teacher_prompt,
-                base_ids=prompt_token_ids(prompt, self.tokenizers["base"], f"prompts[{i}]"),
-                teacher_ids=prompt_token_ids(teacher_prompt, self.tokenizers["teacher"], f"teacher_prompts[{i}]"),
-                on_policy=flag,
-            )
-            for i, (prompt, teacher_prompt, flag) in enumerate(zip(prompts, teacher_prompts, on_policy))
-        ]
+        sequences = make_sequences(prompts, teacher_prompts, on_policy, self.tokenizers["base"], self.tokenizers["teacher"],
+                                   _DrivenSequence)
         call = _Call(seed=self.config.seed if seed is None else seed, temperature=temperature, max_tokens=max_tokens,
                      return_diagnostics=return_diagnostics, top_k=top_k, captured=captured,
                      stop_token_ids=self.stop_token_ids | {int(i) for i in stop_token_ids or ()})
@@ -768,10 +752,10 @@ class InProcessVLLMCoordinator:
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
                 except Exception as error:
-                    if pair.dead is not None or not self._check_alive(pair, active):
-                        pass  # `seq` failed with the pair
-                    else:  # e.g. a prompt longer than the engine's max_model_len
-                        seq.fail(f"{type(error).__name__}: {error}")  # its added request is aborted by _abort_failed
+                    # A dead engine has failed `seq` with its pair; otherwise only `seq` is at fault (e.g. a prompt
+                    # longer than the engine's max_model_len), and its added request is aborted by _abort_failed.
+                    if self._check_alive(pair, active):
+                        seq.fail(f"{type(error).__name__}: {error}")
         finally:
             if pause and pair.dead is None:
                 try:

@@ -23,17 +23,19 @@ from typing import Any, Sequence
 
 import torch
 
-from ..generation import GenerationOutput, check_same_vocabulary, prompt_token_ids
+from ..generation import GenerationOutput, check_same_vocabulary
 from ..topk_decoding import (
     StepDistribution,
     TopKSequence,
     TopKStepper,
+    check_generate_arguments,
     counter_uniforms,
     declared_eos_ids,
+    make_sequences,
     sample_step,
     sequence_output,
 )
-from ..weights import checkpoint_of
+from ..weights import weights_directory
 from .client import (
     CoordinatorLog,
     MalformedResponseError,
@@ -231,13 +233,8 @@ class DualVLLMCoordinator:
         `version` sets it (a trainer's global step). Call it between `generate_batch` calls.
         """
         self._require_started()
-        if (weights_path is None) == (named_tensors is None):
-            raise ValueError("Pass exactly one of `weights_path` and `named_tensors`.")
-        if weights_path is not None:
-            await self._reload_base(str(weights_path))
-        else:
-            with checkpoint_of(named_tensors, shared_dir) as directory:
-                await self._reload_base(directory)
+        with weights_directory(weights_path, named_tensors, shared_dir) as directory:
+            await self._reload_base(directory)
         self.weight_version = self.weight_version + 1 if version is None else int(version)
         self._weight_loads += 1
         return self.weight_version
@@ -389,28 +386,8 @@ class DualVLLMCoordinator:
         fail (after retries) gets `error` set and empty fields; the others are unaffected.
         """
         self._require_started()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
-            raise TypeError("`prompts` must be a list of prompts; wrap a single prompt in a list.")
-        for name, values in (("teacher prompts", teacher_prompts), ("on_policy flags", on_policy)):
-            if values is not None and len(values) != len(prompts):
-                raise ValueError(f"Got {len(prompts)} prompts but {len(values)} {name}; give one per prompt.")
-        if max_tokens < 1:
-            raise ValueError(f"`max_tokens` (={max_tokens}) must be >= 1.")
-        if not temperature > 0:
-            raise ValueError(f"`temperature` (={temperature}) has to be a strictly positive float.")
-        teacher_prompts = list(prompts) if teacher_prompts is None else list(teacher_prompts)
-        on_policy = [False] * len(prompts) if on_policy is None else [bool(flag) for flag in on_policy]
-        sequences = [
-            TopKSequence(
-                index=i,
-                prompt=prompt,
-                teacher_prompt=teacher_prompt,
-                base_ids=prompt_token_ids(prompt, self.theta_tokenizer, f"prompts[{i}]"),
-                teacher_ids=prompt_token_ids(teacher_prompt, self.t_tokenizer, f"teacher_prompts[{i}]"),
-                on_policy=flag,
-            )
-            for i, (prompt, teacher_prompt, flag) in enumerate(zip(prompts, teacher_prompts, on_policy))
-        ]
+        check_generate_arguments(prompts, teacher_prompts, on_policy, max_tokens=max_tokens, temperature=temperature)
+        sequences = make_sequences(prompts, teacher_prompts, on_policy, self.theta_tokenizer, self.t_tokenizer)
         seed = self.config.seed if seed is None else seed
         self._unavailable = None
         progress = None
