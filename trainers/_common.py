@@ -7,7 +7,6 @@ import importlib
 import os
 import shutil
 import tempfile
-from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -396,14 +395,25 @@ class OptimalSamplingMixin:
 
     def _sample_optimal(self, prompt_ids: list[list[int]]) -> Rollouts:
         """q* completions for already tokenized (repeated) prompts; kept for the metrics."""
-        from trl.models import unwrap_model_for_generation
-
         teacher_prompt_ids = self._teacher_prompt_ids(len(prompt_ids))
         on_policy = self._on_policy_rows(len(prompt_ids))
         if self.args.sampler_backend in VLLM_BACKENDS:
             rollouts = self._sample_vllm(prompt_ids, teacher_prompt_ids, on_policy)
-            self._pending_rollouts.append(rollouts)
-            return rollouts
+        else:
+            rollouts = self._sample_transformers(prompt_ids, teacher_prompt_ids, on_policy)
+        self._pending_rollouts.append(rollouts)
+        return rollouts
+
+    def _completion_limits(self) -> tuple[int, list[int]]:
+        """`max_new_tokens` and the stop ids of every sampler (both models' EOS, `generation_kwargs`)."""
+        overrides = self._generation_overrides
+        return (overrides.get("max_new_tokens", self.max_completion_length),
+                sorted(set(self.eos_token_ids) | set(overrides.get("eos_token_id", []))))
+
+    def _sample_transformers(self, prompt_ids, teacher_prompt_ids, on_policy: torch.Tensor) -> Rollouts:
+        from trl.models import unwrap_model_for_generation
+
+        max_new_tokens, stop_ids = self._completion_limits()
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -414,20 +424,17 @@ class OptimalSamplingMixin:
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
-            overrides = self._generation_overrides
             fast_mode = self._fast_mode(unwrapped_model)
             if fast_mode is not None:
-                rollouts = self._sample_fast(unwrapped_model, prompt_ids, teacher_prompt_ids, on_policy, fast_mode)
-                self._pending_rollouts.append(rollouts)
-                return rollouts
-            rollouts = sample_rollouts(
+                return self._sample_fast(unwrapped_model, prompt_ids, teacher_prompt_ids, on_policy, fast_mode)
+            return sample_rollouts(
                 unwrapped_model,
                 unwrapped_model if self._teacher_is_policy else self.teacher_model,
                 prompt_ids,
                 teacher_prompt_ids=teacher_prompt_ids,
-                max_new_tokens=overrides.get("max_new_tokens", self.max_completion_length),
+                max_new_tokens=max_new_tokens,
                 pad_token_id=self._tokenizer.pad_token_id,
-                stop_token_ids=sorted(set(self.eos_token_ids) | set(overrides.get("eos_token_id", []))),
+                stop_token_ids=stop_ids,
                 vocab_size=self._vocab_size,
                 device=self.accelerator.device,
                 temperature=self.temperature,
@@ -437,8 +444,6 @@ class OptimalSamplingMixin:
                 # Under FSDP / ZeRO-3 each forward is a collective: every rank decodes until all are done.
                 sync_stop=self._any_rank_running if self.accelerator.num_processes > 1 else None,
             )
-        self._pending_rollouts.append(rollouts)
-        return rollouts
 
     # -- the fast path (static caches, a captured decode step) ------------------------------
 
@@ -483,32 +488,22 @@ class OptimalSamplingMixin:
         teacher_ids = teacher_mask = None
         if teacher_prompt_ids is not None:
             teacher_ids, teacher_mask = left_pad(teacher_prompt_ids, pad, device)
-        overrides = self._generation_overrides
+        max_new_tokens, stop_ids = self._completion_limits()
         mixing = {k: v for k, v in self._scheduled_mixing().items() if k != "kl_budget"}
         policy.eval()  # no dropout while sampling, as in generate
         try:
             out = decoder.generate(
                 ids, mask, teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask,
-                max_new_tokens=overrides.get("max_new_tokens", self.max_completion_length),
-                temperature=self.temperature, vocab_size=self._vocab_size, pad_token_id=pad,
-                stop_token_ids=sorted(set(self.eos_token_ids) | set(overrides.get("eos_token_id", []))),
+                max_new_tokens=max_new_tokens, temperature=self.temperature, vocab_size=self._vocab_size,
+                pad_token_id=pad, stop_token_ids=stop_ids,
                 force_teacher_first_tokens=self.args.force_teacher_first_tokens, on_policy=on_policy, **mixing,
             )
         finally:
             policy.train(was_training)
-        token_mask = out.token_mask.cpu()
-        lengths = token_mask.sum(-1).tolist()
-        tokens = out.sequences[:, ids.shape[1]:].cpu()
-        logq, logq_star = out.logq.cpu(), out.diagnostics["logq_star"].cpu()
-        diagnostics = {name: out.diagnostics[name].float().cpu() for name in RECORDED_DIAGNOSTICS}
-        diagnostics["empty_support"] = out.diagnostics["empty_support"].float().cpu()
-        return Rollouts(
-            completion_ids=[tokens[i, :n].tolist() for i, n in enumerate(lengths)],
-            logq=[logq[i, :n].tolist() for i, n in enumerate(lengths)],
-            logq_star=[logq_star[i, :n].tolist() for i, n in enumerate(lengths)],
-            on_policy=on_policy.clone(),
-            alpha=out.alpha.float().cpu(),
-            token_mask=token_mask,
+        diagnostics = {name: out.diagnostics[name].float().cpu() for name in (*RECORDED_DIAGNOSTICS, "empty_support")}
+        return Rollouts.from_padded(
+            out.sequences[:, ids.shape[1]:].cpu(), out.token_mask.cpu(), out.logq.cpu(),
+            out.diagnostics["logq_star"].cpu(), on_policy=on_policy.clone(), alpha=out.alpha.float().cpu(),
             diagnostics=diagnostics,
         )
 
@@ -524,25 +519,19 @@ class OptimalSamplingMixin:
         if sampler.weight_version != step:
             raise RuntimeError(f"The vLLM sampler holds the policy weights of step {sampler.weight_version}, not of "
                                f"step {step}: its rollouts would be stale.")
-        overrides = self._generation_overrides
+        max_new_tokens, stop_ids = self._completion_limits()
         mixing = self._scheduled_mixing()
-        coordinator = sampler.coordinator
-        saved = coordinator.stepper.options
-        coordinator.stepper.options = replace(saved, alpha_min=mixing["alpha_min"], alpha_max=mixing["alpha_max"])
         self._vllm_calls += 1
-        try:
-            outputs = sampler.generate(
-                prompt_ids,
-                teacher_prompts=teacher_prompt_ids,
-                max_new_tokens=overrides.get("max_new_tokens", self.max_completion_length),
-                temperature=self.temperature,
-                seed=(self.args.seed * 1_000_003 + self._vllm_calls) % 2**63,  # fresh draws for every batch
-                on_policy=on_policy.tolist(),
-                stop_token_ids=sorted(set(self.eos_token_ids) | set(overrides.get("eos_token_id", []))),
-                return_diagnostics=True,
-            )
-        finally:
-            coordinator.stepper.options = saved
+        outputs = sampler.with_config(alpha_min=mixing["alpha_min"], alpha_max=mixing["alpha_max"]).generate(
+            prompt_ids,
+            teacher_prompts=teacher_prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            seed=(self.args.seed * 1_000_003 + self._vllm_calls) % 2**63,  # fresh draws for every batch
+            on_policy=on_policy.tolist(),
+            stop_token_ids=stop_ids,
+            return_diagnostics=True,
+        )
         mode = "train" if self.model.training else "eval"
         self._metrics[mode][METRIC_PREFIX + "weight_version"].append(float(sampler.weight_version))
         return rollouts_from_outputs(outputs, on_policy)
@@ -554,8 +543,8 @@ class OptimalSamplingMixin:
                 f"sampler_backend={args.sampler_backend!r} with a PEFT (LoRA) policy: the vLLM model would need the "
                 "merged weights after every step, which is not built yet. Use sampler_backend='transformers'."
             )
-        alpha = dict(alpha_method=args.alpha_method, alpha=args.alpha, alpha_min=args.alpha_min,
-                     alpha_max=args.alpha_max, top_k=args.sampler_top_k, seed=args.seed)
+        alpha = {name: self._mixing[name] for name in ("alpha_method", "alpha", "alpha_min", "alpha_max")}
+        alpha.update(top_k=args.sampler_top_k, seed=args.seed)
         if args.sampler_backend == "vllm":
             from optimal_sampling.servers import CoordinatorConfig, VLLMSampler
 

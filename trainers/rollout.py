@@ -52,6 +52,14 @@ class Rollouts:
     token_mask: torch.Tensor
     diagnostics: dict[str, torch.Tensor]
 
+    @classmethod
+    def from_padded(cls, tokens, token_mask, logq, logq_star, *, on_policy, alpha, diagnostics) -> "Rollouts":
+        """From `[B, T]` step records (`token_mask` True where the row generated the token)."""
+        lengths = token_mask.sum(-1).tolist()
+        rows = lambda x: [x[i, :n].tolist() for i, n in enumerate(lengths)]  # noqa: E731
+        return cls(completion_ids=rows(tokens), logq=rows(logq), logq_star=rows(logq_star), on_policy=on_policy,
+                   alpha=alpha, token_mask=token_mask, diagnostics=diagnostics)
+
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """`[B, L]` left-padded ids and attention mask from ragged id lists."""
@@ -169,15 +177,7 @@ def sample_rollouts(
         raise RuntimeError("max_new_tokens must be >= 1 to sample a completion.")
     stacked = {name: torch.stack([s[name] for s in steps], dim=1) for name in steps[0]}  # [B, T] each
     token_mask = stacked.pop("mask")
-    lengths = token_mask.sum(-1).tolist()
-    sampled = generated[:, : token_mask.shape[1]]
-    logq, logq_star = stacked.pop("logq"), stacked.pop("logq_star")
-    return Rollouts(
-        completion_ids=[sampled[i, :n].tolist() for i, n in enumerate(lengths)],
-        logq=[logq[i, :n].tolist() for i, n in enumerate(lengths)],
-        logq_star=[logq_star[i, :n].tolist() for i, n in enumerate(lengths)],
-        on_policy=on_policy,
-        alpha=stacked.pop("alpha"),
-        token_mask=token_mask,
-        diagnostics=stacked,
+    return Rollouts.from_padded(
+        generated[:, : token_mask.shape[1]], token_mask, stacked.pop("logq"), stacked.pop("logq_star"),
+        on_policy=on_policy, alpha=stacked.pop("alpha"), diagnostics=stacked,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 from ..servers.sync import SyncSampler
 from .config import DrivenDecodeConfig, VLLMEngineSpec
@@ -40,31 +39,6 @@ class InProcessVLLMSampler(SyncSampler):
         """See `InProcessVLLMCoordinator.next_token_distribution` (one step, no sampling)."""
         return self._run(self.coordinator.next_token_distribution(
             base_prefixes, teacher_prefixes, temperature=temperature, top_k=top_k, return_diagnostics=return_diagnostics))
-
-    def with_config(self, **fields) -> "InProcessVLLMSampler":
-        """A sampler on the same engines whose calls use a `DrivenDecodeConfig` with `fields`
-        changed (e.g. `alpha_method="fixed", alpha=1.0` for teacher-only samples); closing it
-        leaves the engines running."""
-        view = object.__new__(type(self))
-        view.__dict__.update(self.__dict__)
-        view._config = replace(self.coordinator.config, **fields)
-        return view
-
-    def _run(self, coroutine):
-        config = getattr(self, "_config", None)
-        if config is None:
-            return super()._run(coroutine)
-        coordinator = self.coordinator
-        saved = coordinator.config
-        coordinator.config = coordinator.stepper.options = config
-        try:
-            return super()._run(coroutine)
-        finally:
-            coordinator.config = coordinator.stepper.options = saved
-
-    def close(self) -> None:
-        if getattr(self, "_config", None) is None:  # views share the engines of the sampler they came from
-            super().close()
 
     @classmethod
     def from_cli_args(cls, args, models: dict[str, tuple[str, str | None]] | None = None) -> "InProcessVLLMSampler":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any, Sequence
 
 from ..generation import GenerationOutput
@@ -34,7 +35,25 @@ class SyncSampler:
         if self._loop.is_closed():
             coroutine.close()
             raise RuntimeError(f"This {type(self).__name__} was closed.")
-        return self._loop.run_until_complete(coroutine)
+        config = getattr(self, "_config", None)  # a `with_config` view
+        if config is None:
+            return self._loop.run_until_complete(coroutine)
+        coordinator = self.coordinator
+        saved = coordinator.config
+        coordinator.config = coordinator.stepper.options = config
+        try:
+            return self._loop.run_until_complete(coroutine)
+        finally:
+            coordinator.config = coordinator.stepper.options = saved
+
+    def with_config(self, **fields):
+        """A sampler on the same coordinator (engines or server connections) whose calls use its
+        config with `fields` changed, e.g. `alpha_method="fixed", alpha=1.0` for teacher-only
+        samples, or a trainer's scheduled `alpha_max`; closing it leaves the coordinator running."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._config = replace(self.coordinator.config, **fields)
+        return view
 
     def generate(
         self,
@@ -85,6 +104,8 @@ class SyncSampler:
         return self.coordinator.get_statistics()
 
     def close(self) -> None:
+        if getattr(self, "_config", None) is not None:  # a view shares the coordinator it came from
+            return
         if not self._loop.is_closed():
             self._loop.run_until_complete(self.coordinator.close())
             self._loop.close()
