@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from optimal_sampling import solve_alpha  # noqa: E402
-from optimal_sampling.alpha import _kernel_applies  # noqa: E402
+from optimal_sampling.alpha import solver_backend  # noqa: E402
 from optimal_sampling.testing import random_log_prob_pairs  # noqa: E402
 
 SCALES = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -65,7 +65,7 @@ def solve(lp, lr, kernel: bool, **options):
 
 
 def main() -> int:
-    assert torch.cuda.is_available() and _kernel_applies(torch.empty(1, device="cuda")), "needs CUDA and triton"
+    assert torch.cuda.is_available() and (solver_backend(torch.empty(1, device="cuda")) != "torch"), "needs CUDA and triton"
     import triton
 
     print(f"# check_kernel: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}\n")

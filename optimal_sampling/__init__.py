@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "ALPHA_METHODS": "alpha",
+    "ALPHA_METHODS": "options",
+    "QStarOptions": "options",
     "AlphaSolution": "alpha",
     "solve_alpha": "alpha",
     "teacher_nucleus_mask": "alpha",

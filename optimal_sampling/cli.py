@@ -11,9 +11,13 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import asdict, fields
 from typing import Any
 
 from .io import PromptSet, ResumableWriter, UsageError, load_rows, output_kind, template_fields
+from .options import QStarOptions
+
+FAST_MODES = ("off", "auto", "eager", "cuda_graph", "compile_mixture", "compile")
 
 DEFAULT_TOY_PROMPTS = 200
 
@@ -80,15 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sampling = gen.add_argument_group("sampling")
     sampling.add_argument("--max-new-tokens", type=int, default=16, help="most tokens generated per prompt")
-    sampling.add_argument("--temperature", type=float, default=1.0, help="applied to both models before mixing")
-    sampling.add_argument("--alpha-method", default="kl_symmetry", choices=("kl_symmetry", "fixed", "entropy", "ess_balance"),
-                          help="how α is chosen per token: KL(q‖π_θ) = KL(q‖π_t), a constant (--alpha), "
-                               "the entropy ratio, or equal effective sample sizes")
-    sampling.add_argument("--alpha", type=float, help="the constant α in [0, 1] for --alpha-method fixed")
+    sampling.add_argument("--fast", choices=FAST_MODES, default="off",
+                          help="with --backend transformers: decode with the fast path (static caches; 'auto': the "
+                               "step captured in a CUDA graph on a GPU, eager elsewhere) instead of transformers' "
+                               "sampling loop")
     sampling.add_argument("--batch-size", type=int, default=16,
                           help="prompts sampled together; also the unit of resuming")
     sampling.add_argument("--seed", type=int, default=0,
                           help="sampling seed: each batch is seeded from it and the batch's index")
+
+    add_q_star_arguments(gen.add_argument_group("q* options (QStarOptions)"))
 
     out = gen.add_argument_group("output")
     out.add_argument("--output", required=True, help="a .jsonl or .parquet file, or a directory (datasets save_to_disk)")
@@ -97,6 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also sample base-only (α=0) and teacher-only (α=1) on the same prompts and report accuracies")
     out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
+
+
+_ARGUMENT_TYPES = {"str": str, "float": float, "int": int}
+
+
+def add_q_star_arguments(group) -> None:
+    """One `--option-name` per `QStarOptions` field, with its default, choices and help text:
+    an option added to `QStarOptions` is on the command line with nothing else to edit."""
+    for option in fields(QStarOptions):
+        kind = _ARGUMENT_TYPES[str(option.type).split(" | ")[0]]
+        group.add_argument(f"--{option.name.replace('_', '-')}", dest=option.name, type=kind, default=option.default,
+                           choices=option.metadata.get("choices"), help=option.metadata["help"])
+
+
+def q_star_from_args(args, **changes) -> QStarOptions:
+    """The `QStarOptions` of the command line (with `changes`), or a usage error naming the problem."""
+    try:
+        return QStarOptions(**{f.name: getattr(args, f.name) for f in fields(QStarOptions)}).replace(**changes)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 class Interrupted(Exception):
@@ -139,10 +164,9 @@ def _check_args(args) -> None:
         raise UsageError(f"--limit must be >= 1, got {args.limit}.")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UsageError("--batch-size and --max-new-tokens must be >= 1.")
-    if not args.temperature > 0:
-        raise UsageError(f"--temperature must be > 0, got {args.temperature}.")
-    if args.alpha_method == "fixed" and args.alpha is None:
-        raise UsageError("--alpha-method fixed needs --alpha (a number in [0, 1]).")
+    q_star_from_args(args)
+    if args.fast != "off" and args.backend != "transformers":
+        raise UsageError(f"--fast is the transformers backend's decoder; drop it for --backend {args.backend}.")
     if args.backend == "vllm" and not (args.theta_url and args.t_url):
         raise UsageError("--backend vllm needs --theta-url and --t-url (the two servers' base URLs).")
     if args.vllm_engine_arg and args.backend != "vllm-inprocess":
@@ -213,25 +237,52 @@ def _load_transformers_models(args, sources) -> dict:
 def _transformers_sampler(args, loaded, **overrides):
     from .generation import OptimalSampler
 
-    options = dict(alpha_method=args.alpha_method, alpha=args.alpha, temperature=args.temperature)
-    options.update(overrides)
     try:
-        return OptimalSampler(loaded["base"][0], loaded["teacher"][0], loaded["base"][1],
-                              teacher_tokenizer=loaded["teacher"][1], **options)
+        return OptimalSampler(loaded["base"][0], loaded["teacher"][0], loaded["base"][1], q_star_from_args(args, **overrides),
+                              teacher_tokenizer=loaded["teacher"][1], fast=False if args.fast == "off" else args.fast)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
 
-def _vllm_sampler(args, **overrides):
-    from .servers import VLLMSampler
+def _vllm_fields(args, **overrides) -> dict:
+    """The `CoordinatorConfig` / `DrivenDecodeConfig` fields the command line sets."""
+    from .topk_decoding import topk_config_fields
 
-    return VLLMSampler.from_cli_args(args, **overrides)
+    return dict(top_k=args.top_k_candidates, max_concurrency=max(args.batch_size, 1), seed=args.seed,
+                **topk_config_fields(q_star_from_args(args, **overrides)))
+
+
+def _vllm_sampler(args, **overrides):
+    """The two-server sampler; `--base` / `--teacher`, when given, are where the tokenizers are
+    (by default the servers' model directories)."""
+    from .servers import CoordinatorConfig, VLLMSampler
+
+    try:
+        config = CoordinatorConfig(theta_url=args.theta_url, t_url=args.t_url, theta_tokenizer=args.base,
+                                   t_tokenizer=args.teacher, **_vllm_fields(args, **overrides))
+        return VLLMSampler(config, temperature=args.temperature)
+    except (ValueError, RuntimeError, OSError) as error:  # server down, tokenizer mismatch, k too large
+        raise UsageError(str(error)) from None
 
 
 def _inprocess_sampler(args, sources):
-    from .engines import InProcessVLLMSampler
+    """The in-process engines: `--vllm-engine-arg KEY=VALUE` sets an engine argument of both
+    engines, `base.KEY=VALUE` / `teacher.KEY=VALUE` one engine's (values are JSON when they parse)."""
+    from .engines import DrivenDecodeConfig, InProcessVLLMSampler, VLLMEngineSpec
+    from .engines.sync import engine_arguments
 
-    return InProcessVLLMSampler.from_cli_args(args, {role: (s.location, s.revision) for role, s in sources.items()})
+    try:
+        specs = {}
+        for role, source in sources.items():
+            given = getattr(args, role)
+            spec_fields = engine_arguments(args.vllm_engine_arg or [], role, default_cpu=given is None)
+            if source.revision is not None:
+                spec_fields.setdefault("engine_kwargs", {})["revision"] = source.revision
+            specs[role] = VLLMEngineSpec(source.location, **spec_fields)
+        return InProcessVLLMSampler(specs["base"], specs["teacher"], DrivenDecodeConfig(**_vllm_fields(args)),
+                                    temperature=args.temperature)
+    except (ValueError, TypeError, RuntimeError, OSError, ImportError) as error:
+        raise UsageError(str(error)) from None
 
 
 def _model_fingerprints(args, sources, sampler) -> dict[str, str]:
@@ -258,7 +309,7 @@ def _batch_seed(seed: int, batch_index: int) -> int:
 def _generate(sampler, prompts: PromptSet, rows: list[int], args, seed: int) -> dict[int, Any]:
     """Samples for `rows` (indices of sampleable rows), in one call; if that call raises, each
     row alone, so a prompt the sampler refuses marks only its own row."""
-    from .generation import GenerationOutput
+    from .records import GenerationOutput
 
     def call(indices, call_seed):
         return sampler.generate(
@@ -283,7 +334,7 @@ def _generate(sampler, prompts: PromptSet, rows: list[int], args, seed: int) -> 
 
 def _sample_rows(sampler, prompts: PromptSet, args, indices, progress=None):
     """Run the sampler over `indices` batch by batch; yields each batch's output rows."""
-    from .generation import GenerationOutput
+    from .records import GenerationOutput
 
     for start in range(0, len(indices), args.batch_size):
         batch = indices[start : start + args.batch_size]
@@ -312,9 +363,7 @@ def run_generate(args) -> int:
         "teacher_prompt_template": args.teacher_prompt_template,
         "num_prompts": len(prompts.rows),
         "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "alpha_method": args.alpha_method,
-        "alpha": args.alpha,
+        **asdict(q_star_from_args(args)),
         "batch_size": args.batch_size,
         "seed": args.seed,
         **({"vllm_engine_args": args.vllm_engine_arg} if args.vllm_engine_arg else {}),
@@ -349,12 +398,13 @@ def run_generate(args) -> int:
         comparisons = {}
         if args.compare:
             for name, alpha in (("base only (α=0)", 0.0), ("teacher only (α=1)", 1.0)):
+                solo_alpha = dict(alpha_method="fixed", alpha=alpha, kl_budget=None)
                 if args.backend == "vllm-inprocess":  # the same engines, another α rule
-                    solo = sampler.with_config(alpha_method="fixed", alpha=alpha)
+                    solo = sampler.with_config(**solo_alpha)
                 elif args.backend == "vllm":
-                    solo = _vllm_sampler(args, alpha_method="fixed", alpha=alpha)
+                    solo = _vllm_sampler(args, **solo_alpha)
                 else:
-                    solo = _transformers_sampler(args, loaded, alpha_method="fixed", alpha=alpha)
+                    solo = _transformers_sampler(args, loaded, **solo_alpha)
                 comparisons[name] = [r for batch in _sample_rows(solo, prompts, args, list(range(total))) for r in batch]
     except KeyboardInterrupt:
         if progress is not None:

@@ -170,7 +170,7 @@ def kl_symmetry_cpu(
     `kernels.kl_symmetry_kernel` returns them. `threads` (default: `torch.get_num_threads()`,
     fewer when there are fewer than TOKENS_PER_THREAD tokens for each) only changes the speed:
     each row is solved the same way on any thread."""
-    from .alpha import _DEGENERATE_RTOL, _QUADRATIC_STEP  # the same tests as the other paths
+    from .options import DEGENERATE_RTOL, QUADRATIC_STEP  # the same tests as the other paths
 
     lib = _loaded()
     logp_theta, logp_t = _float32_rows(logp_theta, logp_t)
@@ -181,7 +181,7 @@ def kl_symmetry_cpu(
     if batch:
         lib.kl_symmetry_rows(
             logp_theta.data_ptr(), logp_t.data_ptr(), logp_theta.stride(0), logp_t.stride(0), batch, width, float(tol),
-            _QUADRATIC_STEP, int(max_iter), _DEGENERATE_RTOL, float(fallback), float(alpha_min), float(alpha_max),
+            QUADRATIC_STEP, int(max_iter), DEGENERATE_RTOL, float(fallback), float(alpha_min), float(alpha_max),
             alpha.data_ptr(), iterations.data_ptr(), flags[0].data_ptr(), flags[1].data_ptr(), flags[2].data_ptr(),
             _threads(batch, width, threads),
         )

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import StaticCache
 
-from .alpha import check_empty_support, common_support, solve_alpha, solve_on_support
 from .compat import check_transformers_front
-from .mixture import NEG_INF, diagnostics_on_support, log_probs_from_logits, mixture_on_support, truncate_log_probs
-from .processor import RECORDED_DIAGNOSTICS, check_same_device
+from .mixture import NEG_INF, compute_mixture, log_probs_from_logits
+from .options import QStarOptions
+from .records import RECORDED_DIAGNOSTICS, OptimalGenerateOutput, check_same_device
 from .teacher import position_ids_from_mask, repeat_teacher_prompts
 
 FAST_MODES = ("auto", "eager", "cuda_graph", "compile_mixture", "compile")
@@ -107,38 +107,11 @@ class FastPathConfig:
 
 @dataclass(frozen=True)
 class MixingOptions:
-    """Everything that fixes the per-step q* computation (hashable: part of a graph's key)."""
+    """Everything that fixes a decode step's q* computation (hashable: part of a graph's key)."""
 
     vocab_size: int
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    alpha_method: str = "kl_symmetry"
-    alpha: float | None = None
-    alpha_min: float = 0.0
-    alpha_max: float = 1.0
-    teacher_top_p: float | None = None
-    force_teacher_first_tokens: int = 0
-    empty_support: str = "teacher"
-    tol: float = 1e-6
-    max_iter: int = 8
+    q_star: QStarOptions = QStarOptions()
     diagnostics: bool = False
-
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"`temperature` (={self.temperature}) has to be a strictly positive float.")
-        check_empty_support(self.empty_support)
-        if self.alpha_method == "fixed":
-            if self.alpha is None or isinstance(self.alpha, torch.Tensor) or not 0.0 <= float(self.alpha) <= 1.0:
-                raise ValueError(
-                    f"The fast path needs `alpha=` as a float in [0, 1] for alpha_method='fixed', got {self.alpha!r}."
-                )
-        if self.force_teacher_first_tokens < 0:
-            raise ValueError(f"`force_teacher_first_tokens` (={self.force_teacher_first_tokens}) must be >= 0.")
-        # Let the core validate the rest (method names, alpha_min/max, top_k / top_p) now, not mid-graph.
-        solve_alpha(torch.zeros(1, 2), torch.zeros(1, 2), self.alpha_method, alpha=self.alpha, alpha_min=self.alpha_min,
-                    alpha_max=self.alpha_max, teacher_top_p=self.teacher_top_p, empty_support=self.empty_support)
-        truncate_log_probs(torch.zeros(1, 2), top_k=self.top_k, top_p=self.top_p)
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,7 +133,7 @@ class QStarStep:
 
 
 def q_star_step(base_logits: torch.Tensor, teacher_logits: torch.Tensor, forced: torch.Tensor, options: MixingOptions) -> QStarStep:
-    """`compute_mixture` for the fast path: the same core calls, without host synchronisation.
+    """The core's `compute_mixture` on raw logits, without host synchronisation.
 
     Args:
         base_logits: `[B, V_base]` raw last-position logits of the base (any float dtype).
@@ -168,38 +141,20 @@ def q_star_step(base_logits: torch.Tensor, teacher_logits: torch.Tensor, forced:
         forced: `[]` bool tensor, True while `force_teacher_first_tokens` applies (α = 1).
         options: the mixing options.
 
-    It differs from `compute_mixture` only where that function would read a tensor back to
-    the host: `alpha_method="fixed"` takes a host-validated float, and the forced-teacher
-    steps are selected on the device instead of by a Python branch.
+    `compute_mixture` with `validate=False` reads nothing back on a device: the fixed α was
+    checked on the host with the options, and the forced-teacher rows are selected on the device.
     """
-    logp_theta = log_probs_from_logits(base_logits, options.temperature, options.vocab_size)  # [B, V] float32
-    logp_t = log_probs_from_logits(teacher_logits, options.temperature, options.vocab_size)
-    pair = common_support(logp_theta, logp_t, teacher_top_p=options.teacher_top_p)
-    empty = pair.empty
-    fallback = 1.0 if options.empty_support == "teacher" else 0.0
-    if options.alpha_method == "fixed":
-        alpha = torch.full_like(empty, float(options.alpha), dtype=torch.float64)
-        alpha = torch.where(empty, torch.full_like(alpha, fallback), alpha)
-        alpha = alpha.clamp(options.alpha_min, options.alpha_max).to(torch.float32)
-        iterations = torch.zeros_like(empty, dtype=torch.int32)
-        converged = torch.ones_like(empty)
-    else:
-        solution = solve_on_support(
-            pair, options.alpha_method, tol=options.tol, max_iter=options.max_iter, alpha_min=options.alpha_min,
-            alpha_max=options.alpha_max, empty_support=options.empty_support,
-        )
-        alpha, iterations, converged = solution.alpha, solution.iterations, solution.converged
-    if options.force_teacher_first_tokens:
-        forced_alpha = torch.where(empty, torch.full_like(alpha, fallback), torch.ones_like(alpha))
-        alpha = torch.where(forced, forced_alpha.clamp(options.alpha_min, options.alpha_max), alpha)
-        iterations = torch.where(forced, torch.zeros_like(iterations), iterations)
-        converged = converged | forced
-    logq_full, log_partition = mixture_on_support(pair, alpha, options.empty_support)
-    diagnostics = None
-    if options.diagnostics:
-        diagnostics = diagnostics_on_support(pair, alpha, logq_full, log_partition, None, options.empty_support).as_dict()
-    logq = truncate_log_probs(logq_full, top_k=options.top_k, top_p=options.top_p)
-    return QStarStep(logq, logp_theta, logp_t, alpha, iterations, empty, converged, diagnostics)
+    q_star = options.q_star
+    logp_theta = log_probs_from_logits(base_logits, q_star.temperature, options.vocab_size)  # [B, V] float32
+    logp_t = log_probs_from_logits(teacher_logits, q_star.temperature, options.vocab_size)
+    mixture = compute_mixture(
+        logp_theta, logp_t, q_star, forced=forced if q_star.force_teacher_first_tokens else None,
+        return_diagnostics=options.diagnostics, validate=False,
+    )
+    solution = mixture.solution
+    diagnostics = None if mixture.diagnostics is None else mixture.diagnostics.as_dict()
+    return QStarStep(mixture.logq, logp_theta, logp_t, mixture.alpha, solution.iterations, solution.empty_support,
+                     solution.converged, diagnostics)
 
 
 def sample_exponential_race(logq: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -240,7 +195,7 @@ def decode_tail(base_logits: torch.Tensor, teacher_logits: torch.Tensor, buffers
     Rows flagged `on_policy` sample π_θ itself (α = 0, log q = log π_θ); `logq_star` records the
     sampled token's log-probability under the q* mixture on every row.
     """
-    forced = buffers.step < options.force_teacher_first_tokens
+    forced = buffers.step < options.q_star.force_teacher_first_tokens
     step = q_star_step(base_logits, teacher_logits, forced, options)
     unfinished = ~buffers.finished
     on_policy = buffers.on_policy
@@ -545,33 +500,25 @@ class FastDecoder:
         max_new_tokens: int,
         teacher_input_ids: torch.Tensor | None = None,
         teacher_attention_mask: torch.Tensor | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        alpha_method: str = "kl_symmetry",
-        alpha: float | None = None,
-        alpha_min: float = 0.0,
-        alpha_max: float = 1.0,
-        teacher_top_p: float | None = None,
-        force_teacher_first_tokens: int = 0,
-        empty_support: str = "teacher",
+        q_star: QStarOptions | None = None,
         vocab_size: int | None = None,
         pad_token_id: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
         on_policy: Sequence[bool] | torch.Tensor | None = None,
+        **options,
     ):
         """Sample up to `max_new_tokens` tokens per row from q*; returns an `OptimalGenerateOutput`.
 
         `input_ids` / `attention_mask` are the base's left-padded prompts (`[B, P]`);
         `teacher_input_ids` / `teacher_attention_mask` the teacher's (default: the same).
         A row ends at its first token in `stop_token_ids` (pass both models' EOS ids) and is
-        padded with `pad_token_id` afterwards. The mixing options are those of `compute_mixture`.
+        padded with `pad_token_id` afterwards. `q_star` (a `QStarOptions`, changed by keyword
+        `options` such as `alpha_max=0.5`) says how q* is computed; the solver's `tol` and
+        `max_iter` are the `FastPathConfig`'s.
         `on_policy` (`[B]` bool) samples those rows from the base alone (α = 0, log q = log π_θ),
         in the same batch, e.g. a mixed GRPO group's on-policy members; with it, the output's
         `diagnostics["logq_star"]` holds each token's log q* on every row.
         """
-        from .generation import OptimalGenerateOutput  # generation.py imports this module lazily
-
         if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
             raise ValueError(f"`input_ids` must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}.")
         if max_new_tokens < 1:
@@ -598,12 +545,9 @@ class FastDecoder:
 
         base_width = self.base.get_output_embeddings().weight.shape[0]
         teacher_width = self.teacher.get_output_embeddings().weight.shape[0]
-        options = MixingOptions(
-            vocab_size=vocab_size or min(base_width, teacher_width), temperature=temperature, top_k=top_k, top_p=top_p,
-            alpha_method=alpha_method, alpha=alpha, alpha_min=alpha_min, alpha_max=alpha_max, teacher_top_p=teacher_top_p,
-            force_teacher_first_tokens=force_teacher_first_tokens, empty_support=empty_support, tol=self.config.tol,
-            max_iter=self.config.max_iter, diagnostics=self.config.diagnostics,
-        )
+        q_star = QStarOptions.build(q_star, **options).replace(tol=self.config.tol, max_iter=self.config.max_iter)
+        mixing = MixingOptions(vocab_size=vocab_size or min(base_width, teacher_width), q_star=q_star,
+                               diagnostics=self.config.diagnostics)
 
         mode = self._resolve_mode()
         bucket = self.config.bucket_batch if self.config.bucket_batch is not None else mode != "eager"
@@ -626,7 +570,7 @@ class FastDecoder:
             ids, mask, teacher_ids, teacher_mask = fill(ids), fill(mask), fill(teacher_ids), fill(teacher_mask)
 
         self.stats["calls"] += 1
-        slot = self._slot(batch, base_len, teacher_len, base_width, steps_cap, options, pad_token_id, stop_ids)
+        slot = self._slot(batch, base_len, teacher_len, base_width, steps_cap, mixing, pad_token_id, stop_ids)
         load_args = (ids, mask, teacher_ids, teacher_mask, dummy, flags)
         if not slot.built:
             if mode != "eager":
@@ -697,7 +641,8 @@ _SUPPORTED_STOPPING = {"MaxLengthCriteria", "EosTokenCriteria"}
 
 
 def fast_optimal_generate(model, teacher_model, input_ids, generation_config, logits_processor, stopping_criteria, *,
-                          fast, model_kwargs, stop_ids, temperature, top_k, top_p, **mixing):
+                          fast, model_kwargs, stop_ids, q_star: QStarOptions, vocab_size: int | None,
+                          teacher_input_ids=None, teacher_attention_mask=None):
     """The `optimal_generate(..., fast=...)` branch: same inputs, same output type, fast decoder."""
     unsupported = [type(p).__name__ for p in logits_processor]
     if unsupported:
@@ -718,7 +663,8 @@ def fast_optimal_generate(model, teacher_model, input_ids, generation_config, lo
     pad_id = int(pad.flatten()[0]) if pad is not None else (stop_ids[0] if stop_ids else None)
     decoder = fast_decoder_for(model, teacher_model, FastPathConfig.from_flag(fast))
     output = decoder.generate(
-        input_ids, model_kwargs.get("attention_mask"), max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, pad_token_id=pad_id, stop_token_ids=stop_ids, **mixing,
+        input_ids, model_kwargs.get("attention_mask"), max_new_tokens=max_new_tokens, q_star=q_star,
+        vocab_size=vocab_size, pad_token_id=pad_id, stop_token_ids=stop_ids, teacher_input_ids=teacher_input_ids,
+        teacher_attention_mask=teacher_attention_mask,
     )
     return output if generation_config.return_dict_in_generate else output.sequences

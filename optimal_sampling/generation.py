@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
 from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.stopping_criteria import EosTokenCriteria
-from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .compat import check_transformers_front
-from .processor import OptimalSamplingLogitsProcessor, model_eos_ids
+from .options import OPTION_NAMES, QStarOptions
+from .processor import OptimalSamplingLogitsProcessor
+from .records import (
+    GenerationOutput,
+    OptimalGenerateOutput,
+    as_id_list,
+    check_same_device,
+    check_same_vocabulary,
+    first_or_none,
+    model_eos_ids,
+    prompt_token_ids,
+    summarize_tokens,
+)
+
+# `generate` keeps these in its GenerationConfig (do_sample=True applies them): they reach q*
+# from there, not as options of this strategy.
+_GENERATE_SAMPLING = ("temperature", "top_k", "top_p")
 
 # Warpers whose effect on q* we reproduce inside the mixture (temperature before mixing,
 # top-k / top-p after); any other warper would change what is sampled without being in logq.
@@ -27,30 +42,8 @@ _REJECTED_WARPERS = {
 }
 
 
-@dataclass
-class OptimalGenerateOutput(GenerateDecoderOnlyOutput):
-    """`generate`'s usual output plus the per-token q* records (`[B, T]` tensors).
-
-    `alpha`, `logq`, `logp_theta`, `logp_t` and `token_mask` are as in
-    `OptimalSamplingRecord`; `diagnostics` maps names to `[B, T]` tensors.
-    """
-
-    alpha: torch.Tensor | None = None
-    logq: torch.Tensor | None = None
-    logp_theta: torch.Tensor | None = None
-    logp_t: torch.Tensor | None = None
-    token_mask: torch.Tensor | None = None
-    diagnostics: dict[str, torch.Tensor] | None = None
 
 
-def _as_id_list(ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:
-    if ids is None:
-        return []
-    if isinstance(ids, torch.Tensor):
-        return [int(i) for i in ids.flatten().tolist()]
-    if isinstance(ids, int):
-        return [ids]
-    return [int(i) for i in ids]
 
 
 def optimal_generate(
@@ -62,12 +55,7 @@ def optimal_generate(
     teacher_model: torch.nn.Module | None = None,
     teacher_input_ids: torch.Tensor | None = None,
     teacher_attention_mask: torch.Tensor | None = None,
-    alpha_method: str = "kl_symmetry",
-    alpha: float | None = None,
-    alpha_min: float = 0.0,
-    alpha_max: float = 1.0,
-    teacher_top_p: float | None = None,
-    force_teacher_first_tokens: int = 0,
+    q_star: QStarOptions | None = None,
     vocab_size: int | None = None,
     stop_token_ids: Sequence[int] | None = None,
     optimal_streamer=None,
@@ -83,6 +71,10 @@ def optimal_generate(
     the q* processor, adds the teacher's EOS (and `stop_token_ids`) to the stopping
     criteria, and runs transformers' own sampling loop. Note that `generate`'s default
     `top_k=50` applies to q* too: pass `top_k=0` for untruncated q*.
+
+    The q* settings come as `q_star=QStarOptions(...)` or as its field names directly
+    (`alpha_method="fixed", alpha=0.5, empty_support="base"`); temperature, top-k and top-p
+    are `generate`'s own arguments.
 
     With `return_dict_in_generate=True` the result is an `OptimalGenerateOutput`: the
     usual fields plus `alpha`, `logq`, `logp_theta`, `logp_t`, `token_mask` and
@@ -112,6 +104,12 @@ def optimal_generate(
     if teacher_model is None:
         raise ValueError("optimal_generate needs `teacher_model=` (the teacher causal LM).")
     check_transformers_front(model, teacher_model)
+    options = {name: model_kwargs.pop(name) for name in OPTION_NAMES if name in model_kwargs}
+    q_star = QStarOptions.build(q_star, **options)
+    for name in _GENERATE_SAMPLING:
+        if getattr(q_star, name) != getattr(QStarOptions(), name):
+            raise ValueError(f"Pass `{name}` to generate itself (generate(..., {name}=...)), not in `q_star`: "
+                             "generate applies its own sampling settings.")
     if (generation_config.num_beams or 1) > 1:
         raise ValueError(
             f"optimal_generate samples token by token from q*; beam search (num_beams={generation_config.num_beams}) "
@@ -134,11 +132,12 @@ def optimal_generate(
     temperature = generation_config.temperature if do_sample and generation_config.temperature else 1.0
     top_k = (generation_config.top_k or 0) if do_sample else 0
     top_p = (generation_config.top_p if generation_config.top_p is not None else 1.0) if do_sample else 1.0
+    q_star = q_star.replace(temperature=temperature, top_k=top_k, top_p=top_p)
 
     stop_ids = sorted(
-        set(_as_id_list(generation_config.eos_token_id)) | set(model_eos_ids(teacher_model)) | set(_as_id_list(stop_token_ids))
+        set(as_id_list(generation_config.eos_token_id)) | set(model_eos_ids(teacher_model)) | set(as_id_list(stop_token_ids))
     )
-    extra_stops = sorted(set(stop_ids) - set(_as_id_list(generation_config.eos_token_id)))
+    extra_stops = sorted(set(stop_ids) - set(as_id_list(generation_config.eos_token_id)))
     if extra_stops:
         stopping_criteria = StoppingCriteriaList([*stopping_criteria, EosTokenCriteria(eos_token_id=extra_stops)])
         if generation_config._pad_token_tensor is None:
@@ -152,29 +151,18 @@ def optimal_generate(
             raise ValueError("The fast path does not stream; drop `optimal_streamer` or use fast=False.")
         return fast_optimal_generate(
             model, teacher_model, input_ids, generation_config, kept, stopping_criteria, fast=fast,
-            model_kwargs=model_kwargs, stop_ids=stop_ids, temperature=temperature, top_k=top_k, top_p=top_p,
+            model_kwargs=model_kwargs, stop_ids=stop_ids, q_star=q_star, vocab_size=vocab_size,
             teacher_input_ids=teacher_input_ids, teacher_attention_mask=teacher_attention_mask,
-            alpha_method=alpha_method, alpha=alpha, alpha_min=alpha_min, alpha_max=alpha_max,
-            teacher_top_p=teacher_top_p, force_teacher_first_tokens=force_teacher_first_tokens,
-            vocab_size=vocab_size,
         )
     # --- end of fast path ----------------------------------------------------------------------
 
     processor = OptimalSamplingLogitsProcessor(
         teacher_model,
-        alpha_method=alpha_method,
-        alpha=alpha,
+        q_star,
         teacher_input_ids=teacher_input_ids,
         teacher_attention_mask=teacher_attention_mask,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        alpha_min=alpha_min,
-        alpha_max=alpha_max,
-        teacher_top_p=teacher_top_p,
-        force_teacher_first_tokens=force_teacher_first_tokens,
         vocab_size=vocab_size,
-        pad_token_id=_first_or_none(generation_config.pad_token_id),
+        pad_token_id=first_or_none(generation_config.pad_token_id),
         eos_token_id=stop_ids,
     )
     kept.append(processor)
@@ -204,115 +192,34 @@ def optimal_generate(
     )
 
 
-def _first_or_none(ids) -> int | None:
-    ids = _as_id_list(ids)
-    return ids[0] if ids else None
+def _with_option_parameters(function):
+    """Declare every q* option (but generate's own temperature / top-k / top-p) as a keyword of
+    `function`'s signature. `generate` routes the keywords a custom strategy declares to it and
+    rejects any other unknown keyword as an unused model argument, so an option added to
+    `QStarOptions` reaches `generate(..., custom_generate=optimal_generate)` with no list to keep."""
+    signature = inspect.signature(function)
+    *named, rest = signature.parameters.values()
+    options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+               for name in OPTION_NAMES if name not in _GENERATE_SAMPLING]
+    function.__signature__ = signature.replace(parameters=[*named, *options, rest])
+    return function
+
+
+optimal_generate = _with_option_parameters(optimal_generate)
+
+
 
 
 # ---------------------------------------------------------------------------------------
 # The high-level sampler
 
 
-@dataclass
-class GenerationOutput:
-    """One sample of q* with everything training code needs.
-
-    Attributes:
-        prompt: the base prompt (a string, or the chat messages as given).
-        teacher_prompt: the prompt the teacher saw.
-        generated_text: the decoded completion (special tokens skipped).
-        generated_tokens: the completion's token ids, including the stop token if one was sampled.
-        alpha_history: α at each generated token.
-        logq: log q(y_t) under the distribution actually sampled, per token.
-        logp_theta: log π_θ(y_t) (after temperature), per token.
-        logp_t: log π_t(y_t) (after temperature), per token.
-        diagnostics: means over the generated tokens (alpha_mean/std/min/max, kl_theta_mean,
-            kl_t_mean, kl_diff_mean, ess_ratio_mean (ESS_θ(q)/ESS_t(q), 1 when balanced),
-            ess_ratio_log_mean (the mean of its log, robust to its heavy tail), entropy_q_mean,
-            chernoff_mean, iterations_mean, empty_support_tokens, num_tokens), or None.
-        error: None, or what went wrong for this sample (its other fields are then empty).
-    """
-
-    prompt: Any
-    generated_text: str = ""
-    generated_tokens: list[int] = field(default_factory=list)
-    alpha_history: list[float] = field(default_factory=list)
-    logq: list[float] = field(default_factory=list)
-    logp_theta: list[float] = field(default_factory=list)
-    logp_t: list[float] = field(default_factory=list)
-    diagnostics: dict[str, float] | None = None
-    error: str | None = None
-    teacher_prompt: Any = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
-def summarize_tokens(alpha: Sequence[float], per_token: dict[str, Sequence[float]]) -> dict[str, float]:
-    """Per-sample diagnostics from per-token values (only tokens actually generated)."""
-    alpha_t = torch.tensor(list(alpha), dtype=torch.float64)
-    n = alpha_t.numel()
-    summary = {"num_tokens": float(n)}
-    if n == 0:
-        return summary
-    summary.update(
-        alpha_mean=float(alpha_t.mean()),
-        alpha_std=float(alpha_t.std(unbiased=False)),
-        alpha_min=float(alpha_t.min()),
-        alpha_max=float(alpha_t.max()),
-    )
-    for name, values in per_token.items():
-        values_t = torch.tensor(list(values), dtype=torch.float64)
-        if name == "empty_support":
-            summary["empty_support_tokens"] = float(values_t.sum())
-        else:
-            summary[f"{name}_mean"] = float(values_t.mean())
-        if name == "ess_ratio":  # heavy-tailed (single tokens reach 100s): its log averages well
-            summary["ess_ratio_log_mean"] = float(values_t.log().mean())
-    return summary
 
 
-def check_same_vocabulary(tokenizer, teacher_tokenizer) -> None:
-    """Raise unless the two tokenizers map every token to the same id."""
-    if teacher_tokenizer is tokenizer:
-        return
-    vocab, teacher_vocab = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if vocab != teacher_vocab:
-        only_base = len(set(vocab.items()) - set(teacher_vocab.items()))
-        only_teacher = len(set(teacher_vocab.items()) - set(vocab.items()))
-        raise ValueError(
-            f"The base and teacher tokenizers have different vocabularies ({len(vocab)} vs {len(teacher_vocab)} "
-            f"tokens; {only_base} (token, id) pairs only in the base's, {only_teacher} only in the teacher's). "
-            "q* mixes the two models token by token, so they must share one tokenizer: pick a teacher from "
-            "the same model family."
-        )
 
 
-def prompt_token_ids(prompt, tokenizer, where: str = "prompt") -> list[int]:
-    """Token ids of a prompt: a string is tokenized as is, a chat message list through the
-    tokenizer's chat template (with the generation prompt), and a list of ints is taken as
-    token ids already. `where` names the prompt in errors."""
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-        return list(prompt)
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ValueError(f"{where} is an empty string; every prompt needs at least one token.")
-        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
-        if not prompt:
-            raise ValueError(f"{where} is an empty message list.")
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(f"{where} is a chat message list but the tokenizer has no chat template.")
-        ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-    else:
-        raise TypeError(
-            f"{where} must be a string, a list of chat messages ({{'role': ..., 'content': ...}}) or a list of token ids."
-        )
-    if len(ids) == 0:
-        raise ValueError(f"{where} tokenizes to no tokens.")
-    return list(ids)
 
 
 class OptimalSampler:
@@ -325,10 +232,10 @@ class OptimalSampler:
         tokenizer: the base's tokenizer (its chat template formats chat prompts for the base).
         teacher_tokenizer: the teacher's tokenizer, if it has its own chat template; its
             vocabulary must equal the base's.
-        alpha_method, alpha_min, alpha_max, teacher_top_p: how α is chosen (see `solve_alpha`).
-        temperature: applied to both models before mixing.
-        top_p, top_k: applied to q* after mixing; `logq` is under the truncated distribution.
-        force_teacher_first_tokens: α = 1 for the first n tokens of every completion.
+        q_star: a `QStarOptions`: the α rule and clamp, temperature (before mixing), top-k /
+            top-p (after mixing; `logq` is under the truncated distribution), forced teacher
+            tokens, the empty-support fallback. Keyword `options` (its field names, e.g.
+            `alpha_method="fixed", alpha=0.5`) change single ones.
         stop_token_ids: extra ids that end a completion (the base's and the teacher's EOS
             always do).
         fast: `True`, a mode name or a `FastPathConfig`: decode with the fast path (static
@@ -356,19 +263,12 @@ class OptimalSampler:
         base_model: torch.nn.Module,
         teacher_model: torch.nn.Module,
         tokenizer,
+        q_star: QStarOptions | None = None,
         *,
         teacher_tokenizer=None,
-        alpha_method: str = "kl_symmetry",
-        alpha: float | None = None,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        alpha_min: float = 0.0,
-        alpha_max: float = 1.0,
-        force_teacher_first_tokens: int = 0,
-        teacher_top_p: float | None = None,
         stop_token_ids: Sequence[int] | None = None,
         fast=False,
+        **options,
     ):
         check_transformers_front(base_model, teacher_model)
         self.fast = fast  # the fast path (optimal_sampling/fast.py) when truthy
@@ -385,29 +285,16 @@ class OptimalSampler:
                     f"The {name} model's output layer has {width} rows but the tokenizer has {self.vocab_size} tokens; "
                     "this tokenizer does not belong to that model."
                 )
-        from .processor import check_same_device
-
         check_same_device(next(base_model.parameters()).device, teacher_model)
         self.device = next(base_model.parameters()).device
-        self.options = dict(
-            alpha_method=alpha_method,
-            alpha=alpha,
-            alpha_min=alpha_min,
-            alpha_max=alpha_max,
-            teacher_top_p=teacher_top_p,
-            force_teacher_first_tokens=force_teacher_first_tokens,
-        )
-        OptimalSamplingLogitsProcessor(teacher_model, temperature=temperature, top_k=top_k, top_p=top_p, **{
-            k: v for k, v in self.options.items()
-        })  # validates every option now
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.q_star = QStarOptions.build(q_star, **options)
         self.pad_token_id = self._pad_id()
         self.stop_token_ids = sorted(
-            set(_as_id_list(stop_token_ids))
+            set(as_id_list(stop_token_ids))
             | set(model_eos_ids(base_model))
             | set(model_eos_ids(teacher_model))
-            | set(_as_id_list(tokenizer.eos_token_id))
-            | set(_as_id_list(self.teacher_tokenizer.eos_token_id))
+            | set(as_id_list(tokenizer.eos_token_id))
+            | set(as_id_list(self.teacher_tokenizer.eos_token_id))
         )
         if not self.stop_token_ids:
             raise ValueError("No stop token: neither model nor tokenizer defines an EOS id; pass `stop_token_ids=`.")
@@ -515,15 +402,15 @@ class OptimalSampler:
             vocab_size=self.vocab_size,
             stop_token_ids=self.stop_token_ids,
             do_sample=True,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
+            temperature=self.q_star.temperature,
+            top_k=self.q_star.top_k,
+            top_p=self.q_star.top_p,
             max_new_tokens=max_new_tokens,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.stop_token_ids,
             return_dict_in_generate=True,
             fast=self.fast,
-            **self.options,
+            q_star=self.q_star.replace(temperature=1.0, top_k=0, top_p=1.0),  # generate's own, above
         )
 
     def _generate_batch(self, batch, prompts, teacher_prompts, base_ids, teacher_ids, max_new_tokens, return_diagnostics):

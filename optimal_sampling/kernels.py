@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from .alpha import _DEGENERATE_RTOL, _QUADRATIC_STEP  # the same tests as the torch path
+from .options import DEGENERATE_RTOL, QUADRATIC_STEP  # the same tests as the torch path
 
 try:
     import triton
@@ -271,8 +271,8 @@ def kl_symmetry_kernel(
         launch_on = torch.cuda.device(device) if logp_theta.is_cuda else contextlib.nullcontext()
         with launch_on:  # Triton launches on the current device: make it the tensors' one
             _kl_symmetry_kernel[(batch,)](
-                logp_theta, logp_t, logp_theta.stride(0), logp_t.stride(0), width, float(tol), _QUADRATIC_STEP, int(max_iter),
-                _DEGENERATE_RTOL, float(fallback), float(alpha_min), float(alpha_max), alpha, iterations, flags, batch,
+                logp_theta, logp_t, logp_theta.stride(0), logp_t.stride(0), width, float(tol), QUADRATIC_STEP, int(max_iter),
+                DEGENERATE_RTOL, float(fallback), float(alpha_min), float(alpha_max), alpha, iterations, flags, batch,
                 BLOCK=block, num_warps=num_warps,
             )
     degenerate, empty, converged = flags.view(torch.bool).unbind(0)

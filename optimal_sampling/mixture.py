@@ -10,22 +10,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .alpha import (
-    AlphaSolution,
-    CommonSupport,
-    _c_kernel_device,
-    _kernel_solution,
-    check_empty_support,
-    check_log_prob_pair,
-    check_solve_options,
-    common_support,
-    compute_dtype,
-    ess_log_gap,
-    has_mass,
-    restrict_to_nucleus,
-    solve_on_support,
-)
-from .cpu_kernel import cpu_kernel_applies, mixture_cpu
+from .alpha import AlphaSolution, _kernel_solution, solve_on_support, solver_backend
+from .cpu_kernel import mixture_cpu
+from .options import EMPTY_SUPPORT_FALLBACKS, QStarOptions
+from .solvers import ess_log_gap
+from .support import CommonSupport, check_log_prob_pair, common_support, compute_dtype, has_mass, restrict_to_nucleus
 
 NEG_INF = float("-inf")
 
@@ -50,9 +39,9 @@ def log_probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, vocab_
     return torch.log_softmax(logits, dim=-1)
 
 
-def _c_step_applies(x: torch.Tensor) -> bool:
-    """Whether `compute_mixture` takes the C q* step: the rows the C α solve takes."""
-    return _c_kernel_device(x) and cpu_kernel_applies(x)
+def check_empty_support(empty_support: str) -> None:
+    if empty_support not in EMPTY_SUPPORT_FALLBACKS:
+        raise ValueError(f"`empty_support` must be 'teacher' or 'base', got {empty_support!r}.")
 
 
 def _as_alpha(alpha: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -256,31 +245,34 @@ class Mixture:
 def compute_mixture(
     logp_theta: torch.Tensor,
     logp_t: torch.Tensor,
+    q_star: QStarOptions | None = None,
     *,
-    alpha_method: str = "kl_symmetry",
-    alpha: float | torch.Tensor | None = None,
-    kl_budget: float | torch.Tensor | None = None,
-    alpha_min: float = 0.0,
-    alpha_max: float = 1.0,
-    teacher_top_p: float | None = None,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    tol: float = 1e-6,
-    max_iter: int = 20,
-    empty_support: str = "teacher",
+    forced: torch.Tensor | None = None,
     log_multiplicity: torch.Tensor | None = None,
     return_diagnostics: bool = True,
     validate: bool = True,
+    **options,
 ) -> Mixture:
     """α, log q* and diagnostics for one step: the whole q* computation in one place.
 
-    `logp_theta` / `logp_t` are the two models' `[B, V]` log-probs after temperature.
-    α is solved with `solve_alpha` (the options, `kl_budget` among them, are passed through), q* formed with
-    `optimal_log_probs`, and `top_k` / `top_p` applied after mixing give the distribution
-    actually sampled, whose log-probs are `logq`.
+    Args:
+        logp_theta, logp_t: the two models' `[B, V]` log-probs after temperature
+            (`log_probs_from_logits(logits, q_star.temperature, vocab_size)`).
+        q_star: the `QStarOptions`; keyword `options` (its field names) change single ones.
+        forced: `[B]` (or `[]`) bool, rows at a `force_teacher_first_tokens` position: α = 1
+            there (the empty-support fallback on a row without a common token), clamped to
+            [alpha_min, alpha_max], selected on the device. None: no row is forced.
+        log_multiplicity: `[B, V]` for the sparse path's rest bucket (see `solve_alpha`).
+        return_diagnostics: also compute `MixtureDiagnostics` (several passes over `[B, V]`).
+        validate: check the pair first (one host synchronisation).
+
+    α is solved by `solve_on_support` with the backend `solver_backend` picks once for the
+    step, q* formed by `mixture_on_support`, and `top_k` / `top_p` applied after mixing give
+    the distribution actually sampled, whose log-probs are `logq`.
 
     Example:
         >>> import torch
+        >>> from optimal_sampling import QStarOptions
         >>> from optimal_sampling.mixture import compute_mixture
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
@@ -289,29 +281,51 @@ def compute_mixture(
         >>> step = compute_mixture(lp, lr)
         >>> step.logq.shape, bool(step.diagnostics.kl_diff.abs().max() < 1e-5)
         (torch.Size([2, 10]), True)
+        >>> compute_mixture(lp, lr, QStarOptions(alpha_max=0.2), forced=torch.tensor([True, False])).alpha <= 0.2
+        tensor([True, True])
     """
-    check_solve_options(alpha_method, alpha=alpha, kl_budget=kl_budget, tol=tol, max_iter=max_iter,
-                        alpha_min=alpha_min, alpha_max=alpha_max, empty_support=empty_support)
+    q_star = QStarOptions.build(q_star, **options)
     if validate:
         check_log_prob_pair(logp_theta, logp_t)
-    if alpha_method == "kl_symmetry" and log_multiplicity is None and _c_step_applies(logp_theta):
-        # float32 CPU rows: the same step in C (optimal_sampling/cpu_kernel.py), two calls
-        lp, lr = restrict_to_nucleus(logp_theta, logp_t, teacher_top_p)
-        solution = _kernel_solution(lp, lr, tol, max_iter, empty_support, alpha_min, alpha_max)
-        logq_full, moments = mixture_cpu(lp, lr, solution.alpha, empty_support=empty_support)
+    kl_symmetry = q_star.alpha_method == "kl_symmetry" and log_multiplicity is None
+    backend = solver_backend(logp_theta) if kl_symmetry else "torch"
+    if backend == "c":  # float32 CPU rows: the whole step in C (optimal_sampling/cpu_kernel.py), two calls
+        lp, lr = restrict_to_nucleus(logp_theta, logp_t, q_star.teacher_top_p)
+        solution = _kernel_solution(backend, lp, lr, q_star.tol, q_star.max_iter, q_star.empty_support,
+                                    q_star.alpha_min, q_star.alpha_max)
+        solution = force_teacher(solution, forced, q_star)
+        logq_full, moments = mixture_cpu(lp, lr, solution.alpha, empty_support=q_star.empty_support)
         diagnostics = None
         if return_diagnostics:
-            diagnostics = diagnostics_from_moments(solution.alpha, *moments.unbind(-1), solution.empty_support, empty_support)
-        logq = truncate_log_probs(logq_full, top_k=top_k, top_p=top_p)
-        return Mixture(logq=logq, alpha=solution.alpha, solution=solution, diagnostics=diagnostics)
-    pair = common_support(logp_theta, logp_t, teacher_top_p=teacher_top_p)
-    solution = solve_on_support(
-        pair, alpha_method, alpha=alpha, kl_budget=kl_budget, tol=tol, max_iter=max_iter, alpha_min=alpha_min,
-        alpha_max=alpha_max, empty_support=empty_support, log_multiplicity=log_multiplicity,
-    )
-    logq_full, log_partition = mixture_on_support(pair, solution.alpha, empty_support)
-    diagnostics = None
-    if return_diagnostics:
-        diagnostics = diagnostics_on_support(pair, solution.alpha, logq_full, log_partition, log_multiplicity, empty_support)
-    logq = truncate_log_probs(logq_full, top_k=top_k, top_p=top_p)
+            diagnostics = diagnostics_from_moments(solution.alpha, *moments.unbind(-1), solution.empty_support,
+                                                   q_star.empty_support)
+    else:
+        pair = common_support(logp_theta, logp_t, teacher_top_p=q_star.teacher_top_p)
+        solution = solve_on_support(
+            pair, q_star.alpha_method, alpha=q_star.alpha, kl_budget=q_star.kl_budget, tol=q_star.tol,
+            max_iter=q_star.max_iter, alpha_min=q_star.alpha_min, alpha_max=q_star.alpha_max,
+            empty_support=q_star.empty_support, log_multiplicity=log_multiplicity, backend=backend,
+        )
+        solution = force_teacher(solution, forced, q_star)
+        logq_full, log_partition = mixture_on_support(pair, solution.alpha, q_star.empty_support)
+        diagnostics = None
+        if return_diagnostics:
+            diagnostics = diagnostics_on_support(pair, solution.alpha, logq_full, log_partition, log_multiplicity,
+                                                 q_star.empty_support)
+    logq = truncate_log_probs(logq_full, top_k=q_star.top_k, top_p=q_star.top_p)
     return Mixture(logq=logq, alpha=solution.alpha, solution=solution, diagnostics=diagnostics)
+
+
+def force_teacher(solution: AlphaSolution, forced: torch.Tensor | None, q_star: QStarOptions) -> AlphaSolution:
+    """`solution` with α = 1 on the `forced` rows (the fallback's α on an empty row), clamped; no host sync."""
+    if forced is None:
+        return solution
+    fallback = 1.0 if q_star.empty_support == "teacher" else 0.0
+    teacher_alpha = torch.where(solution.empty_support, fallback, 1.0).clamp(q_star.alpha_min, q_star.alpha_max)
+    return AlphaSolution(
+        alpha=torch.where(forced, teacher_alpha.to(solution.alpha.dtype), solution.alpha),
+        iterations=torch.where(forced, torch.zeros_like(solution.iterations), solution.iterations),
+        degenerate=solution.degenerate & ~forced,
+        empty_support=solution.empty_support,
+        converged=solution.converged | forced,
+    )

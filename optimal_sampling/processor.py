@@ -2,59 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import LogitsProcessor
 
 from .compat import check_transformers_front
 from .mixture import compute_mixture, log_probs_from_logits
+from .options import QStarOptions
+from .records import RECORDED_DIAGNOSTICS, OptimalSamplingRecord, check_same_device, generated_token_mask, model_eos_ids
 from .teacher import TeacherCache, left_padding_mask, repeat_teacher_prompts
-
-RECORDED_DIAGNOSTICS = ("kl_theta", "kl_t", "kl_diff", "ess_ratio", "entropy_q", "chernoff")
-
-
-def model_eos_ids(model: torch.nn.Module) -> list[int]:
-    """The EOS ids a model's generation config (or config) declares, as a list."""
-    config = getattr(model, "generation_config", None) or model.config
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
-def check_same_device(base_device: torch.device, teacher: torch.nn.Module) -> None:
-    teacher_device = next(teacher.parameters()).device
-    if torch.device(base_device) != teacher_device:
-        raise ValueError(
-            f"The base model's inputs are on {base_device} but the teacher is on {teacher_device}. "
-            f"Put both models on one device, e.g. `teacher.to({str(base_device)!r})`."
-        )
-
-
-@dataclass
-class OptimalSamplingRecord:
-    """Per-token records of a q* generation, `[B, T]` tensors over the T generated positions.
-
-    Attributes:
-        alpha: α used at each position.
-        logq: log q(y_t) of the sampled token under the distribution actually sampled.
-        logp_theta: log π_θ(y_t) (after temperature, full vocabulary).
-        logp_t: log π_t(y_t).
-        token_mask: True for the tokens a row really generated (up to and including its
-            first stop token); False for the padding `generate` adds after a row stopped.
-        diagnostics: name → `[B, T]` (kl_theta, kl_t, kl_diff, ess_ratio, entropy_q,
-            chernoff, iterations, empty_support).
-    """
-
-    alpha: torch.Tensor
-    logq: torch.Tensor
-    logp_theta: torch.Tensor
-    logp_t: torch.Tensor
-    token_mask: torch.Tensor
-    diagnostics: dict[str, torch.Tensor]
 
 
 class OptimalSamplingLogitsProcessor(LogitsProcessor):
@@ -73,16 +28,12 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
     Args:
         teacher_model: the teacher `PreTrainedModel`; must share the base's tokenizer and be
             on the same device. May be the base model object itself (separate cache).
-        alpha_method: `"kl_symmetry"` (default), `"fixed"`, `"entropy"` or `"ess_balance"`.
-        alpha: the constant for `alpha_method="fixed"`.
+        q_star: a `QStarOptions` (α rule, clamp, temperature before mixing, top-k / top-p
+            after mixing, empty-support fallback, ...); keyword `options` with its field
+            names (`alpha_method="fixed", alpha=0.5`) change single ones.
         teacher_input_ids, teacher_attention_mask: the teacher's own (left-padded) prompt,
             one row per base prompt (rows are repeated for `num_return_sequences`). Default:
             the teacher sees the base's prompt.
-        temperature: applied to both models' logits before mixing.
-        top_k, top_p: applied to q* after mixing (0 / 1.0 disable them).
-        alpha_min, alpha_max: clamp α.
-        teacher_top_p: restrict both models to the teacher's top-p nucleus before solving.
-        force_teacher_first_tokens: α = 1 for the first n generated tokens.
         vocab_size: the shared vocabulary size (`len(tokenizer)`); ids at or above it get
             probability 0. Default: the smaller of the two models' logit widths.
         pad_token_id: the id used for left padding (default: the base's pad id), to rebuild
@@ -111,23 +62,15 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
     def __init__(
         self,
         teacher_model: torch.nn.Module,
+        q_star: QStarOptions | None = None,
         *,
-        alpha_method: str = "kl_symmetry",
-        alpha: float | None = None,
         teacher_input_ids: torch.Tensor | None = None,
         teacher_attention_mask: torch.Tensor | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        alpha_min: float = 0.0,
-        alpha_max: float = 1.0,
-        teacher_top_p: float | None = None,
-        force_teacher_first_tokens: int = 0,
         vocab_size: int | None = None,
         pad_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
-        empty_support: str = "teacher",
         record: bool = True,
+        **options,
     ):
         if not isinstance(teacher_model, torch.nn.Module) or not hasattr(teacher_model, "config"):
             raise TypeError(
@@ -135,13 +78,7 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
                 f"got {type(teacher_model).__name__}."
             )
         check_transformers_front(teacher_model)
-        if temperature <= 0:
-            raise ValueError(
-                f"`temperature` (={temperature}) has to be a strictly positive float; for greedy decoding "
-                "use `do_sample=False` in generate."
-            )
-        if force_teacher_first_tokens < 0:
-            raise ValueError(f"`force_teacher_first_tokens` (={force_teacher_first_tokens}) must be >= 0.")
+        self.q_star = QStarOptions.build(q_star, **options)
         if teacher_attention_mask is not None and teacher_input_ids is None:
             raise ValueError("`teacher_attention_mask` was given without `teacher_input_ids`.")
         if teacher_input_ids is not None and teacher_attention_mask is None:
@@ -155,20 +92,6 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
             raise ValueError("`teacher_input_ids` is empty; the teacher needs at least one prompt token per row.")
         self.teacher = teacher_model
         self.teacher_cache = TeacherCache(teacher_model)
-        self.mixing = dict(
-            alpha_method=alpha_method,
-            alpha=alpha,
-            alpha_min=alpha_min,
-            alpha_max=alpha_max,
-            teacher_top_p=teacher_top_p,
-            top_k=top_k,
-            top_p=top_p,
-            empty_support=empty_support,
-        )
-        # Validate the mixing options now rather than at the first generated token.
-        compute_mixture(torch.zeros(1, 2), torch.zeros(1, 2), **self.mixing, return_diagnostics=False)
-        self.temperature = temperature
-        self.force_teacher_first_tokens = force_teacher_first_tokens
         self.vocab_size = vocab_size
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
@@ -238,12 +161,12 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
         self._last_ids = input_ids
 
         vocab = self.vocab_size or min(scores.shape[-1], teacher_logits.shape[-1])
-        logp_theta = log_probs_from_logits(scores, self.temperature, vocab)
-        logp_t = log_probs_from_logits(teacher_logits, self.temperature, vocab)
-        options = dict(self.mixing)
-        if input_ids.shape[1] - self._prompt_length < self.force_teacher_first_tokens:
-            options.update(alpha_method="fixed", alpha=1.0)
-        step = compute_mixture(logp_theta, logp_t, **options, return_diagnostics=self.record)
+        logp_theta = log_probs_from_logits(scores, self.q_star.temperature, vocab)
+        logp_t = log_probs_from_logits(teacher_logits, self.q_star.temperature, vocab)
+        forced = None
+        if input_ids.shape[1] - self._prompt_length < self.q_star.force_teacher_first_tokens:
+            forced = torch.ones(input_ids.shape[0], dtype=torch.bool, device=scores.device)
+        step = compute_mixture(logp_theta, logp_t, self.q_star, forced=forced, return_diagnostics=self.record)
 
         if self.record:
             self._pending = (step.logq, logp_theta, logp_t)
@@ -300,10 +223,3 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
         return model_eos_ids(self.teacher)
 
 
-def generated_token_mask(generated: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
-    """`[B, T]` True up to and including each row's first stop token."""
-    if not stop_ids:
-        return torch.ones_like(generated, dtype=torch.bool)
-    is_stop = torch.isin(generated, torch.tensor(stop_ids, device=generated.device))
-    stops_before = is_stop.long().cumsum(dim=-1) - is_stop.long()
-    return stops_before == 0

@@ -24,10 +24,20 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .generation import GenerationOutput, prompt_token_ids, summarize_tokens
 from .mixture import Mixture, compute_mixture
-from .processor import RECORDED_DIAGNOSTICS
+from .options import QStarOptions, refuse_unsupported
+from .records import RECORDED_DIAGNOSTICS, GenerationOutput, prompt_token_ids, summarize_tokens
 from .sparse import SparseCandidates, sample_candidates, sparse_candidates
+
+#: The q* options the top-k step cannot honour, and why: both vLLM configs refuse them by name.
+UNSUPPORTED_OPTIONS = {
+    "teacher_top_p": "the teacher's nucleus is not known from a top-k list (its rest bucket stands for many "
+                     "tokens); drop it, or use the transformers backend.",
+    "top_k": "q* is truncated over candidate columns whose rest bucket stands for many tokens; drop it, or use "
+             "the transformers backend.",
+    "top_p": "q* is truncated over candidate columns whose rest bucket stands for many tokens; drop it, or use "
+             "the transformers backend.",
+}
 
 # Per-token values kept for the diagnostics (the transformers front records the same names).
 PER_TOKEN = ("alpha", "logq", "logp_theta", "logp_t", *RECORDED_DIAGNOSTICS, "iterations", "empty_support",
@@ -113,19 +123,27 @@ class StepDistribution:
         return torch.where(match.any(-1), match.int().argmax(-1), self.candidates.rest_column)
 
 
-def _solve(candidates: SparseCandidates, options, rows: torch.Tensor | None, return_diagnostics: bool, **method) -> Mixture:
+def topk_config_fields(q_star: QStarOptions) -> dict[str, Any]:
+    """The `CoordinatorConfig` / `DrivenDecodeConfig` fields of `q_star`, refusing by name what the
+    top-k step cannot honour; the temperature stays with each call (`generate_batch(temperature=)`)."""
+    refuse_unsupported(q_star, UNSUPPORTED_OPTIONS, "the vLLM backends")
+    return dict(alpha_method=q_star.alpha_method, alpha=q_star.alpha, kl_budget=q_star.kl_budget,
+                alpha_min=q_star.alpha_min, alpha_max=q_star.alpha_max,
+                force_teacher_first_tokens=q_star.force_teacher_first_tokens, empty_support=q_star.empty_support,
+                alpha_tol=q_star.tol, alpha_max_iter=q_star.max_iter)
+
+
+def _solve(candidates: SparseCandidates, q_star: QStarOptions, rows: torch.Tensor | None, return_diagnostics: bool,
+           forced: torch.Tensor | None = None) -> Mixture:
     pick = (lambda x: x) if rows is None else (lambda x: x[rows])  # noqa: E731
     return compute_mixture(
         pick(candidates.logp_theta),
         pick(candidates.logp_t),
-        alpha_min=options.alpha_min,
-        alpha_max=options.alpha_max,
-        tol=options.alpha_tol,
-        max_iter=options.alpha_max_iter,
+        q_star,
+        forced=None if forced is None else pick(forced),
         log_multiplicity=pick(candidates.log_multiplicity),
         return_diagnostics=return_diagnostics,
         validate=False,
-        **method,
     )
 
 
@@ -148,27 +166,29 @@ def mix_top_k(
     logp_t: torch.Tensor,
     *,
     vocab_size: int,
-    options,
-    temperature: float = 1.0,
+    q_star: QStarOptions,
+    temperature: float | None = None,
     return_diagnostics: bool = True,
     on_policy: torch.Tensor | None = None,
+    forced: torch.Tensor | None = None,
 ) -> StepDistribution:
     """q* over the candidate columns of two top-k lists (`[B, k]` each): the core's sparse path.
 
-    `options` carries the α settings (`alpha_method`, `alpha`, `alpha_min`, `alpha_max`,
-    `alpha_tol`, `alpha_max_iter`), as `CoordinatorConfig` and `DrivenDecodeConfig` do.
-    Rows where `on_policy` (`[B]` bool) is set get α = 0: q is the base's own distribution.
+    `q_star` carries the α settings (the options in `UNSUPPORTED_OPTIONS` stay at their defaults);
+    `temperature`, when given, overrides its temperature for this step. Rows where `on_policy`
+    (`[B]` bool) is set get α = 0: q is the base's own distribution. Rows where `forced` (`[B]`
+    bool) is set are at a `force_teacher_first_tokens` position (α = 1).
     """
+    temperature = q_star.temperature if temperature is None else temperature
     candidates = sparse_candidates(ids_theta, logp_theta, ids_t, logp_t, vocab_size,
                                    temperature=temperature, validate=False)
-    method = dict(alpha_method=options.alpha_method, alpha=options.alpha)
     if on_policy is None or not bool(on_policy.any()):
-        return StepDistribution(candidates, _solve(candidates, options, None, return_diagnostics, **method))
-    base_only = dict(alpha_method="fixed", alpha=0.0)
+        return StepDistribution(candidates, _solve(candidates, q_star, None, return_diagnostics, forced))
+    base_only = q_star.replace(alpha_method="fixed", alpha=0.0, kl_budget=None)
     if bool(on_policy.all()):
-        return StepDistribution(candidates, _solve(candidates, options, None, return_diagnostics, **base_only))
-    mixture = _merge_rows(on_policy, _solve(candidates, options, on_policy, return_diagnostics, **base_only),
-                          _solve(candidates, options, ~on_policy, return_diagnostics, **method))
+        return StepDistribution(candidates, _solve(candidates, base_only, None, return_diagnostics))
+    mixture = _merge_rows(on_policy, _solve(candidates, base_only, on_policy, return_diagnostics),
+                          _solve(candidates, q_star, ~on_policy, return_diagnostics, forced))
     return StepDistribution(candidates, mixture)
 
 
@@ -263,18 +283,19 @@ class TopKStepper:
     """Mix, draw, append and record one step for a list of sequences; count what was done.
 
     Args:
-        options: the α settings (see `mix_top_k`).
+        q_star: the q* settings (see `mix_top_k`); a coordinator's `with_config` view swaps them.
         vocab_size: the shared tokenizer's vocabulary size.
     """
 
-    def __init__(self, options, vocab_size: int):
-        self.options, self.vocab_size = options, vocab_size
+    def __init__(self, q_star: QStarOptions, vocab_size: int):
+        self.q_star, self.vocab_size = q_star, vocab_size
         self.stats = dict(tokens=0, steps=0, covered_theta_sum=0.0, covered_t_sum=0.0)
 
     def mix(self, ids_theta, logp_theta, ids_t, logp_t, *, temperature: float = 1.0, return_diagnostics: bool = True,
-            on_policy: torch.Tensor | None = None) -> StepDistribution:
-        return mix_top_k(ids_theta, logp_theta, ids_t, logp_t, vocab_size=self.vocab_size, options=self.options,
-                         temperature=temperature, return_diagnostics=return_diagnostics, on_policy=on_policy)
+            on_policy: torch.Tensor | None = None, forced: torch.Tensor | None = None) -> StepDistribution:
+        return mix_top_k(ids_theta, logp_theta, ids_t, logp_t, vocab_size=self.vocab_size, q_star=self.q_star,
+                         temperature=temperature, return_diagnostics=return_diagnostics, on_policy=on_policy,
+                         forced=forced)
 
     def advance(self, rows: list[TopKSequence], ids_theta, lp_theta, ids_t, lp_t, *, seed: int, temperature: float,
                 max_tokens: int, stop_token_ids: set[int], return_diagnostics: bool) -> None:
@@ -300,8 +321,10 @@ class TopKStepper:
 
     def _mix_and_record(self, rows, ids_theta, lp_theta, ids_t, lp_t, temperature, return_diagnostics, **options):
         on_policy = torch.tensor([s.on_policy for s in rows]) if any(s.on_policy for s in rows) else None
+        first = self.q_star.force_teacher_first_tokens
+        forced = torch.tensor([len(s.tokens) < first for s in rows]) if first else None
         step = self.mix(ids_theta, lp_theta, ids_t, lp_t, temperature=temperature,
-                        return_diagnostics=return_diagnostics, on_policy=on_policy)
+                        return_diagnostics=return_diagnostics, on_policy=on_policy, forced=forced)
         self.record(rows, step, **options)
 
     def record(self, rows: list[TopKSequence], step: StepDistribution, *, seed: int, max_tokens: int,

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo_toy import problem_sets  # noqa: E402
 
 from optimal_sampling.mixture import compute_mixture, log_probs_from_logits  # noqa: E402
+from optimal_sampling.options import QStarOptions  # noqa: E402
 from optimal_sampling.toy import exact_match_reward, load_toy_pair  # noqa: E402
 from trainers.estimators import grpo_advantages, importance_weights, mixture_log_weights  # noqa: E402
 from trainers.rollout import left_pad, sample_rollouts  # noqa: E402
@@ -115,7 +116,7 @@ def estimator_gradient(model, teacher, tokenizer, problems, spec, seed) -> tuple
     rollouts = sample_rollouts(
         model, teacher, prompts, teacher_prompt_ids=teacher_prompts, max_new_tokens=5,
         pad_token_id=tokenizer.pad_token_id, stop_token_ids=[tokenizer.eos_token_id], vocab_size=len(tokenizer),
-        device="cpu", mixing=dict(mixing), on_policy=on_policy,
+        device="cpu", q_star=QStarOptions(**mixing), on_policy=on_policy,
     )
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=False)
     rewards = torch.tensor(exact_match_reward(texts, [p["answer"] for p in problems for _ in range(G)]))

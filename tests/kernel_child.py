@@ -18,12 +18,12 @@ def main(jobs_path: str, results_path: str) -> None:
     import torch
 
     from optimal_sampling import compute_mixture, solve_alpha
-    from optimal_sampling.alpha import _kernel_applies
+    from optimal_sampling.alpha import solver_backend
     from optimal_sampling.kernels import kl_symmetry_kernel
 
     results = {}
     for name, (lp, lr, call, kwargs) in torch.load(jobs_path).items():
-        if not _kernel_applies(lp):
+        if solver_backend(lp) == "torch":
             raise SystemExit("the kernel does not apply under TRITON_INTERPRET=1: is triton installed?")
         if call == "kernel":
             alpha, iterations, degenerate, empty, converged = kl_symmetry_kernel(lp, lr, 1e-6, 20, **kwargs)

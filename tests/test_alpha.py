@@ -18,7 +18,7 @@ import torch
 from scipy.optimize import brentq
 
 from optimal_sampling import solve_alpha
-from optimal_sampling.alpha import _kernel_applies
+from optimal_sampling.alpha import solver_backend
 from optimal_sampling.cpu_kernel import library
 from optimal_sampling.testing import random_log_prob_pairs
 
@@ -125,7 +125,7 @@ def solver(request):
         require_c_solver()
     patch = pytest.MonkeyPatch()
     patch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "1" if request.param == "c" else "0")
-    assert _kernel_applies(torch.zeros(1)) == (request.param == "c")
+    assert (solver_backend(torch.zeros(1)) == "c") == (request.param == "c")
     yield request.param
     patch.undo()
 
@@ -176,13 +176,13 @@ def test_the_torch_bookkeeping_used_on_gpus_matches_the_numpy_one_used_on_cpu(ca
     """The torch path keeps its per-row Newton state in numpy for CPU tensors; on a GPU
     (without the Triton kernel, e.g. under torch.compile) the same code runs on torch columns.
     Both must solve alike."""
-    import optimal_sampling.alpha as alpha_module
+    import optimal_sampling.support as support_module
 
     monkeypatch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "0")
     lp, lr, reference = random_inputs(*case)
     names, edge_lp, edge_lr = edge_batch
     on_host = [solve_alpha(p, r, return_info=True) for p, r in ((lp, lr), (edge_lp, edge_lr))]
-    monkeypatch.setattr(alpha_module, "_on_host", lambda x: False)
+    monkeypatch.setattr(support_module, "on_host", lambda x: False)
     for (p, r), host in zip(((lp, lr), (edge_lp, edge_lr)), on_host):
         on_device = solve_alpha(p, r, return_info=True)
         assert (on_device.alpha - host.alpha).abs().max().item() <= 1e-7

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from optimal_sampling import compute_mixture, cpu_kernel, solve_alpha
-from optimal_sampling.alpha import _kernel_applies
+from optimal_sampling.alpha import solver_backend
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_alpha import ref_kl_symmetric_alpha, require_c_solver, stacked_pairs  # noqa: E402
@@ -86,8 +86,8 @@ def test_float32_cpu_rows_take_the_c_step_and_the_rest_the_torch_ops(monkeypatch
     import optimal_sampling.mixture as mixture_module
 
     lp, lr = stacked_pairs(seed=4, rows_per_setting=1, vocab=100)
-    assert _kernel_applies(lp) and _kernel_applies(lp.bfloat16())
-    assert not _kernel_applies(lp.double())  # float64 rows are solved in float64
+    assert solver_backend(lp) == solver_backend(lp.bfloat16()) == "c"
+    assert solver_backend(lp.double()) == "torch"  # float64 rows are solved in float64
     calls = []
     for module, name in ((cpu_kernel, "kl_symmetry_cpu"), (mixture_module, "mixture_cpu")):
         real = getattr(module, name)
@@ -98,7 +98,7 @@ def test_float32_cpu_rows_take_the_c_step_and_the_rest_the_torch_ops(monkeypatch
     compute_mixture(lp, lr, alpha_method="fixed", alpha=0.3)
     assert len(calls) == 2
     monkeypatch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "0")
-    assert not _kernel_applies(lp)
+    assert solver_backend(lp) == "torch"
     compute_mixture(lp, lr)
     assert len(calls) == 2
 
@@ -121,7 +121,7 @@ def test_without_a_compiler_the_torch_path_solves_after_one_clear_warning(fresh_
     monkeypatch.setattr(cpu_kernel, "find_compiler", lambda: None)
     lp, lr = stacked_pairs(seed=8, rows_per_setting=1, vocab=50)
     with pytest.warns(RuntimeWarning, match=r"no C compiler found.*Install a C compiler"):
-        assert not _kernel_applies(lp)
+        assert solver_backend(lp) == "torch"
     reference = ref_kl_symmetric_alpha(lp.double().numpy(), lr.double().numpy())
     assert np.abs(solve_alpha(lp, lr).double().numpy() - reference).max() <= 1e-6
     assert np.abs(compute_mixture(lp, lr).alpha.double().numpy() - reference).max() <= 1e-6

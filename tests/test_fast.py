@@ -17,7 +17,8 @@ import torch
 from scipy import stats
 from torch.overrides import TorchFunctionMode
 
-import optimal_sampling.alpha as alpha_module
+import optimal_sampling.solvers as solvers_module
+import optimal_sampling.support as support_module
 from optimal_sampling import OptimalSampler, compute_mixture, log_probs_from_logits, optimal_generate
 from optimal_sampling.fast import (
     DeviceScalarConstants,
@@ -284,8 +285,8 @@ def test_the_eager_step_that_cuda_graph_mode_captures_never_reads_back_or_copies
     # keeps everything on the device (on CPU it checks the support on the host and keeps its
     # per-row state in numpy). The C solve is CPU-only (and reads memory the detector cannot
     # see): the torch ops are what a GPU without Triton captures.
-    monkeypatch.setattr(alpha_module, "_iteration_done", lambda active: False)
-    monkeypatch.setattr(alpha_module, "_on_host", lambda x: False)
+    monkeypatch.setattr(solvers_module, "_iteration_done", lambda active: False)
+    monkeypatch.setattr(support_module, "on_host", lambda x: False)
     monkeypatch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "0")
     detector = HostTransferDetector()
     with torch.no_grad(), detector, DeviceScalarConstants():

@@ -109,13 +109,13 @@ def test_mixture_diagnostics_match_float64_formulas():
 def test_full_support_batches_skip_the_masking_passes_without_changing_the_mixture(monkeypatch):
     """On CPU `common_support` checks on the host whether any token is masked and, if none is,
     skips the masking passes; the device path always masks. Both must give the same step."""
-    import optimal_sampling.alpha as alpha_module
+    import optimal_sampling.support as support_module
 
     monkeypatch.setenv("OPTIMAL_SAMPLING_CPU_KERNEL", "0")  # the C step has no masking passes to skip
     lp, lr = random_log_prob_pairs(5, rows=16, vocab=300, scale=2.0)  # full support
-    assert alpha_module.common_support(lp, lr).off is None  # the host shortcut is taken
+    assert support_module.common_support(lp, lr).off is None  # the host shortcut is taken
     lean = compute_mixture(lp, lr)
-    monkeypatch.setattr(alpha_module, "_on_host", lambda x: False)
+    monkeypatch.setattr(support_module, "on_host", lambda x: False)
     masked = compute_mixture(lp, lr)
     torch.testing.assert_close(lean.logq, masked.logq, rtol=0, atol=1e-6)
     torch.testing.assert_close(lean.alpha, masked.alpha, rtol=0, atol=1e-7)

@@ -58,10 +58,10 @@ def _top_k_lists(generator, B=6, V=50, k=8):
 
 def test_on_policy_rows_get_alpha_zero_and_the_others_are_unchanged():
     ids_theta, lp_theta, ids_t, lp_t, V = _top_k_lists(torch.Generator().manual_seed(1))
-    options = DrivenDecodeConfig()
+    settings = DrivenDecodeConfig().q_star
     on_policy = torch.tensor([True, False, False, True, False, True])
-    mixed = mix_top_k(ids_theta, lp_theta, ids_t, lp_t, vocab_size=V, options=options, on_policy=on_policy)
-    plain = mix_top_k(ids_theta, lp_theta, ids_t, lp_t, vocab_size=V, options=options)
+    mixed = mix_top_k(ids_theta, lp_theta, ids_t, lp_t, vocab_size=V, q_star=settings, on_policy=on_policy)
+    plain = mix_top_k(ids_theta, lp_theta, ids_t, lp_t, vocab_size=V, q_star=settings)
     c = mixed.candidates
     assert mixed.mixture.alpha[on_policy].eq(0).all() and plain.mixture.alpha[on_policy].gt(0).all()
     torch.testing.assert_close(mixed.mixture.logq[on_policy], c.logp_theta[on_policy], atol=1e-12, rtol=0)

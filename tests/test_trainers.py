@@ -18,6 +18,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, RLOOTrainer  # noqa: E402
 
 import trainers  # noqa: E402
+from optimal_sampling.options import QStarOptions  # noqa: E402
 from optimal_sampling.testing import tiny_causal_lm, tiny_tokenizer  # noqa: E402
 from trainers import (  # noqa: E402
     OptimalSamplingGRPOConfig,
@@ -442,7 +443,7 @@ def test_synced_stop_keeps_forwarding_without_changing_the_samples():
     base.forward = counting_forward
     options = dict(
         teacher_prompt_ids=None, max_new_tokens=20, pad_token_id=TOKENIZER.pad_token_id, stop_token_ids=list(range(2, 40)),
-        vocab_size=VOCAB, device="cpu", mixing=dict(alpha_method="kl_symmetry"),
+        vocab_size=VOCAB, device="cpu", q_star=QStarOptions(alpha_method="kl_symmetry"),
     )
     prompts = [TOKENIZER(p)["input_ids"] for p in PROMPTS]
     torch.manual_seed(0)
@@ -496,8 +497,8 @@ def test_teacher_path_that_does_not_load_is_a_clear_error(tmp_path):
          ValueError, "needs log q.* of the on-policy rows"),
         (dict(sampler_backend="vllm", sampler_theta_url="http://a", sampler_t_url="http://b", teacher_top_p=0.9),
          ValueError, "teacher_top_p"),
-        (dict(alpha_method="fixed", alpha=None), ValueError, "needs `alpha`"),
-        (dict(alpha_method="kl_budget"), ValueError, "needs `kl_budget`"),
+        (dict(alpha_method="fixed", alpha=None), ValueError, "needs `alpha=`"),
+        (dict(alpha_method="kl_budget"), ValueError, "needs `kl_budget=`"),
         (dict(importance_weighting="token_truncate"), ValueError, "biased"),
         (dict(num_on_policy_generations=0, advantage_baseline="on_policy"), ValueError, "num_on_policy_generations` is 0"),
         (dict(teacher_decay_ratio=1.5), ValueError, "teacher_decay_ratio"),

@@ -146,7 +146,12 @@ def test_vllm_backends_refuse_what_they_cannot_record(tmp_path):
         OptimalSamplingGRPOConfig(**common, importance_weighting="mis")
     with pytest.raises(ValueError, match="advantage_baseline='is' needs"):
         OptimalSamplingGRPOConfig(**common, advantage_baseline="is")
-    with pytest.raises(ValueError, match="kl_budget"):
-        OptimalSamplingGRPOConfig(**common, alpha_method="kl_budget", kl_budget=0.1)
+    with pytest.raises(ValueError, match="`teacher_top_p` .* is not supported by sampler_backend='vllm'"):
+        OptimalSamplingGRPOConfig(**common, teacher_top_p=0.9)
+    # The top-k step takes the α rules and the forced teacher tokens (issue 17: every option reaches every front).
+    config = OptimalSamplingGRPOConfig(**common, alpha_method="kl_budget", kl_budget=0.1, force_teacher_first_tokens=2,
+                                       empty_support="base")
+    assert (config.q_star.kl_budget, config.q_star.force_teacher_first_tokens, config.q_star.empty_support) == (
+        0.1, 2, "base")
     with pytest.raises(ValueError, match="sampler_engine_args"):
         OptimalSamplingGRPOConfig(**{**common, "sampler_backend": "transformers"}, sampler_engine_args=["dtype=float32"])

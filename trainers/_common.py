@@ -12,8 +12,9 @@ from typing import Any, Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from optimal_sampling.generation import check_same_vocabulary
-from optimal_sampling.processor import RECORDED_DIAGNOSTICS, model_eos_ids
+from optimal_sampling.options import QStarOptions
+from optimal_sampling.records import RECORDED_DIAGNOSTICS, check_same_vocabulary, model_eos_ids
+from optimal_sampling.topk_decoding import topk_config_fields
 
 from .config import VLLM_BACKENDS, OptimalSamplingArguments
 from .estimators import group_statistics, mixture_log_weights
@@ -207,14 +208,7 @@ class OptimalSamplingMixin:
             self._teacher_prompt_source = resolve_callable(teacher_prompt_fn or args.teacher_prompt_fn)
         else:
             self._teacher_prompt_source = None
-        self._mixing = dict(
-            alpha_method=args.alpha_method,
-            alpha=args.alpha,
-            kl_budget=args.kl_budget,
-            alpha_min=args.alpha_min,
-            alpha_max=args.alpha_max,
-            teacher_top_p=args.teacher_top_p,
-        )
+        self._q_star = args.q_star
         self._generation_overrides = check_generation_options(args)  # already checked before TRL's init
         self._rollout_rows: list[dict] | None = None
         self._pending_rollouts: list[Rollouts] = []
@@ -335,12 +329,11 @@ class OptimalSamplingMixin:
         horizon = ratio * max(self.state.max_steps, 1)
         return max(0.0, 1.0 - self.state.global_step / horizon)
 
-    def _scheduled_mixing(self) -> dict:
-        pull = self._teacher_pull()
-        mixing = dict(self._mixing, alpha_min=self._mixing["alpha_min"] * pull, alpha_max=self._mixing["alpha_max"] * pull)
-        if mixing["kl_budget"] is not None:
-            mixing["kl_budget"] = mixing["kl_budget"] * pull
-        return mixing
+    def _scheduled_q_star(self) -> QStarOptions:
+        """The q* options of this step: the α clamp (and `kl_budget`) scaled by `_teacher_pull`."""
+        pull, q_star = self._teacher_pull(), self._q_star
+        kl_budget = None if q_star.kl_budget is None else q_star.kl_budget * pull
+        return q_star.replace(alpha_min=q_star.alpha_min * pull, alpha_max=q_star.alpha_max * pull, kl_budget=kl_budget)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL gathers every rank's rewards here (`[N, F]`); the q* baselines and metrics need
@@ -437,9 +430,7 @@ class OptimalSamplingMixin:
                 stop_token_ids=stop_ids,
                 vocab_size=self._vocab_size,
                 device=self.accelerator.device,
-                temperature=self.temperature,
-                mixing=self._scheduled_mixing(),
-                force_teacher_first_tokens=self.args.force_teacher_first_tokens,
+                q_star=self._scheduled_q_star(),
                 on_policy=on_policy,
                 # Under FSDP / ZeRO-3 each forward is a collective: every rank decodes until all are done.
                 sync_stop=self._any_rank_running if self.accelerator.num_processes > 1 else None,
@@ -489,14 +480,12 @@ class OptimalSamplingMixin:
         if teacher_prompt_ids is not None:
             teacher_ids, teacher_mask = left_pad(teacher_prompt_ids, pad, device)
         max_new_tokens, stop_ids = self._completion_limits()
-        mixing = {k: v for k, v in self._scheduled_mixing().items() if k != "kl_budget"}
         policy.eval()  # no dropout while sampling, as in generate
         try:
             out = decoder.generate(
                 ids, mask, teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask,
-                max_new_tokens=max_new_tokens, temperature=self.temperature, vocab_size=self._vocab_size,
-                pad_token_id=pad, stop_token_ids=stop_ids,
-                force_teacher_first_tokens=self.args.force_teacher_first_tokens, on_policy=on_policy, **mixing,
+                max_new_tokens=max_new_tokens, q_star=self._scheduled_q_star(), vocab_size=self._vocab_size,
+                pad_token_id=pad, stop_token_ids=stop_ids, on_policy=on_policy,
             )
         finally:
             policy.train(was_training)
@@ -520,9 +509,10 @@ class OptimalSamplingMixin:
             raise RuntimeError(f"The vLLM sampler holds the policy weights of step {sampler.weight_version}, not of "
                                f"step {step}: its rollouts would be stale.")
         max_new_tokens, stop_ids = self._completion_limits()
-        mixing = self._scheduled_mixing()
+        q_star = self._scheduled_q_star()
         self._vllm_calls += 1
-        outputs = sampler.with_config(alpha_min=mixing["alpha_min"], alpha_max=mixing["alpha_max"]).generate(
+        scheduled = dict(alpha_min=q_star.alpha_min, alpha_max=q_star.alpha_max, kl_budget=q_star.kl_budget)
+        outputs = sampler.with_config(**scheduled).generate(
             prompt_ids,
             teacher_prompts=teacher_prompt_ids,
             max_new_tokens=max_new_tokens,
@@ -543,8 +533,7 @@ class OptimalSamplingMixin:
                 f"sampler_backend={args.sampler_backend!r} with a PEFT (LoRA) policy: the vLLM model would need the "
                 "merged weights after every step, which is not built yet. Use sampler_backend='transformers'."
             )
-        alpha = {name: self._mixing[name] for name in ("alpha_method", "alpha", "alpha_min", "alpha_max")}
-        alpha.update(top_k=args.sampler_top_k, seed=args.seed)
+        alpha = dict(topk_config_fields(self._q_star), top_k=args.sampler_top_k, seed=args.seed)
         if args.sampler_backend == "vllm":
             from optimal_sampling.servers import CoordinatorConfig, VLLMSampler
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from trl import GRPOConfig, RLOOConfig
 
-from optimal_sampling.alpha import ALPHA_METHODS
+from optimal_sampling.options import ALPHA_METHODS, QStarOptions, q_star_field, q_star_from, refuse_unsupported
+from optimal_sampling.topk_decoding import UNSUPPORTED_OPTIONS
 
 from .estimators import check_consistent
 
@@ -100,30 +101,26 @@ class OptimalSamplingArguments:
     # The defaults (alpha_method="fixed", alpha=1.0, half the group on-policy, no weights, the group
     # baseline) are the configuration the pre-registered experiment of recipes/PREREGISTRATION.md chose;
     # recipes/RESULTS.md has the numbers, and how close the KL-symmetric blend came.
-    alpha_method: str = field(
-        default="fixed",
-        metadata={"help": f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}. Default 'fixed' with "
-                  "alpha=1.0: the off-policy rows are teacher samples (the configuration the toy experiment in "
-                  "recipes/RESULTS.md chose); 'kl_symmetry' samples the KL-symmetric blend q*."},
+    # The q* options (`optimal_sampling.QStarOptions`): the same names, defaults and help texts, except
+    # the α rule's default; `temperature` is TRL's own field, and top-k / top-p after mixing stay off.
+    alpha_method: str = q_star_field(
+        "alpha_method", default="fixed",
+        help=f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}. Default 'fixed' with alpha=1.0: the "
+             "off-policy rows are teacher samples (the configuration the toy experiment in recipes/RESULTS.md "
+             "chose); 'kl_symmetry' samples the KL-symmetric blend q*.",
     )
-    alpha: float | None = field(
-        default=1.0,
-        metadata={"help": "The constant α for `alpha_method='fixed'` (0: sample π_θ, i.e. vanilla GRPO; 1: the teacher)."},
+    alpha: float | None = q_star_field(
+        "alpha", default=1.0,
+        help="The constant α for `alpha_method='fixed'` (0: sample π_θ, i.e. vanilla GRPO; 1: the teacher).",
     )
-    alpha_min: float = field(default=0.0, metadata={"help": "Lower clamp on α."})
-    alpha_max: float = field(default=1.0, metadata={"help": "Upper clamp on α."})
-    teacher_top_p: float | None = field(
-        default=None,
-        metadata={"help": "Restrict both models to the teacher's top-p nucleus before solving for α."},
-    )
-    force_teacher_first_tokens: int = field(
-        default=0, metadata={"help": "Use α = 1 for the first n tokens of every completion."}
-    )
-    kl_budget: float | None = field(
-        default=None,
-        metadata={"help": "For `alpha_method='kl_budget'`: the largest KL(q‖π_θ) per token, in nats, that a sampled "
-                  "token's q may have (α is the largest value within it)."},
-    )
+    alpha_min: float = q_star_field("alpha_min")
+    alpha_max: float = q_star_field("alpha_max")
+    teacher_top_p: float | None = q_star_field("teacher_top_p")
+    force_teacher_first_tokens: int = q_star_field("force_teacher_first_tokens")
+    kl_budget: float | None = q_star_field("kl_budget")
+    empty_support: str = q_star_field("empty_support")
+    alpha_tol: float = q_star_field("tol")
+    alpha_max_iter: int = q_star_field("max_iter")
     teacher_decay_ratio: float | None = field(
         default=None,
         metadata={"help": "If set, the teacher's pull decays linearly to 0 over this fraction of `max_steps`: "
@@ -199,19 +196,14 @@ class OptimalSamplingArguments:
                   "max_model_len, gpu_memory_utilization, kv_cache_memory_bytes, or any vllm.AsyncEngineArgs field)."},
     )
 
+    @property
+    def q_star(self) -> QStarOptions:
+        """The q* options of the rollouts: these fields and TRL's `temperature` (both models, before mixing);
+        TRL's `top_k` / `top_p` must stay off (`check_generation_options`)."""
+        return q_star_from(self, exclude=("top_k", "top_p"), tol="alpha_tol", max_iter="alpha_max_iter")
+
     def _check_optimal_sampling_fields(self) -> None:
-        if self.alpha_method not in ALPHA_METHODS:
-            raise ValueError(f"`alpha_method` must be one of {', '.join(ALPHA_METHODS)}, got {self.alpha_method!r}.")
-        if self.alpha_method == "fixed" and (self.alpha is None or not 0.0 <= self.alpha <= 1.0):
-            raise ValueError(f"`alpha_method='fixed'` needs `alpha` in [0, 1], got alpha={self.alpha}.")
-        if not 0.0 <= self.alpha_min <= self.alpha_max <= 1.0:
-            raise ValueError(f"Need 0 <= alpha_min <= alpha_max <= 1, got {self.alpha_min} and {self.alpha_max}.")
-        if self.force_teacher_first_tokens < 0:
-            raise ValueError(f"`force_teacher_first_tokens` must be >= 0, got {self.force_teacher_first_tokens}.")
-        if self.alpha_method == "kl_budget" and (self.kl_budget is None or not 0.0 <= self.kl_budget < float("inf")):
-            raise ValueError(
-                f"`alpha_method='kl_budget'` needs `kl_budget` >= 0 (nats per token, e.g. 0.1), got {self.kl_budget}."
-            )
+        q_star = self.q_star  # QStarOptions validates the q* fields, as for every front
         if self.teacher_decay_ratio is not None and not 0.0 < self.teacher_decay_ratio <= 1.0:
             raise ValueError(
                 f"`teacher_decay_ratio` is a fraction of `max_steps` in (0, 1], got {self.teacher_decay_ratio}."
@@ -248,14 +240,7 @@ class OptimalSamplingArguments:
                     "vLLM backends do not record (they sample those rows from the base alone); use "
                     "sampler_backend='transformers', or another weighting / baseline."
                 )
-            unsupported = [name for name, used in (("force_teacher_first_tokens", self.force_teacher_first_tokens),
-                                                   ("kl_budget", self.kl_budget is not None or self.alpha_method == "kl_budget"),
-                                                   ("teacher_top_p", self.teacher_top_p is not None)) if used]
-            if unsupported:
-                raise ValueError(
-                    f"{', '.join(unsupported)}: options of the transformers sampler only; the vLLM backends do not "
-                    "take them yet. Drop them, or use sampler_backend='transformers'."
-                )
+            refuse_unsupported(q_star, UNSUPPORTED_OPTIONS, f"sampler_backend={self.sampler_backend!r}")
 
     def to_dict(self) -> dict[str, Any]:
         # A callable `teacher_prompt_fn` is logged (wandb, TensorBoard hparams) by its name.

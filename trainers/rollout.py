@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 import torch
 
 from optimal_sampling.mixture import compute_mixture, log_probs_from_logits
-from optimal_sampling.processor import RECORDED_DIAGNOSTICS
+from optimal_sampling.options import QStarOptions
+from optimal_sampling.records import RECORDED_DIAGNOSTICS
 from optimal_sampling.teacher import TeacherCache
 
 
@@ -86,9 +87,7 @@ def sample_rollouts(
     stop_token_ids: Sequence[int],
     vocab_size: int,
     device: torch.device | str,
-    temperature: float = 1.0,
-    mixing: dict | None = None,
-    force_teacher_first_tokens: int = 0,
+    q_star: QStarOptions | None = None,
     on_policy: Sequence[bool] | torch.Tensor | None = None,
     sync_stop: Callable[[bool], bool] | None = None,
 ) -> Rollouts:
@@ -102,10 +101,8 @@ def sample_rollouts(
         pad_token_id: left padding, and the filler after a row stopped.
         stop_token_ids: ids that end a row (both models' EOS).
         vocab_size: the shared vocabulary (`len(tokenizer)`); logit columns beyond it are dropped.
-        temperature: applied to both models before mixing (must equal the trainer's).
-        mixing: `compute_mixture` options (alpha_method, alpha, alpha_min, alpha_max,
-            teacher_top_p, top_k, top_p).
-        force_teacher_first_tokens: α = 1 for the first n tokens (q* rows only).
+        q_star: the `QStarOptions` (its temperature must equal the trainer's); default: the
+            defaults. `force_teacher_first_tokens` applies to the q* rows.
         on_policy: `[B]` bool, rows to sample from π_θ itself (α = 0, log q = log π_θ); None:
             every row samples q*.
         sync_stop: maps "this rank still has running rows" to "some rank still has", e.g. an
@@ -120,7 +117,7 @@ def sample_rollouts(
         >>> [len(ids) == len(lq) <= 3 for ids, lq in zip(out.completion_ids, out.logq)]
         [True, True]
     """
-    mixing = dict(mixing or {})
+    q_star = q_star or QStarOptions()
     ids, mask = left_pad(prompt_ids, pad_token_id, device)
     if teacher_prompt_ids is None:
         teacher_ids, teacher_mask = ids, mask
@@ -152,10 +149,10 @@ def sample_rollouts(
         if not local_running:  # only keeping the other ranks' collectives company
             generated = torch.cat([generated, generated.new_full((batch, 1), pad_token_id)], 1)
             continue
-        logp_theta = log_probs_from_logits(base_logits, temperature, vocab_size)  # [B, V]
-        logp_t = log_probs_from_logits(teacher_logits, temperature, vocab_size)  # [B, V]
-        options = mixing if step >= force_teacher_first_tokens else {**mixing, "alpha_method": "fixed", "alpha": 1.0}
-        mix = compute_mixture(logp_theta, logp_t, **options)
+        logp_theta = log_probs_from_logits(base_logits, q_star.temperature, vocab_size)  # [B, V]
+        logp_t = log_probs_from_logits(teacher_logits, q_star.temperature, vocab_size)  # [B, V]
+        forced = torch.full((batch,), step < q_star.force_teacher_first_tokens, device=logp_theta.device)
+        mix = compute_mixture(logp_theta, logp_t, q_star, forced=forced if q_star.force_teacher_first_tokens else None)
         logq = torch.where(on_policy.unsqueeze(-1), logp_theta, mix.logq)  # [B, V]: what each row samples
         # As transformers' `_sample`: one multinomial draw over softmax(scores) per step.
         next_tokens = torch.multinomial(torch.softmax(logq, dim=-1), num_samples=1).squeeze(1)

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..alpha import ALPHA_METHODS, check_solve_options
+from ..options import QStarOptions, q_star_field, q_star_from
 
 # Engine arguments driven decode sets itself, and why (`VLLMEngineSpec.engine_args`).
 FORCED_ENGINE_ARGS = {
@@ -116,13 +116,16 @@ class DrivenDecodeConfig:
 
     top_k: int = field(default=20, metadata={"help": "Log-probs each engine hands over per row and step; the candidate "
                                                       "set is the union of both top-k lists (k = vocabulary size is exact)."})
-    alpha_method: str = field(default="kl_symmetry",
-                              metadata={"help": f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}."})
-    alpha: float | None = field(default=None, metadata={"help": "The constant α for alpha_method='fixed'."})
-    alpha_min: float = field(default=0.0, metadata={"help": "Lower clamp on α."})
-    alpha_max: float = field(default=1.0, metadata={"help": "Upper clamp on α."})
-    alpha_tol: float = field(default=1e-6, metadata={"help": "Tolerance on α of the safeguarded Newton solver."})
-    alpha_max_iter: int = field(default=20, metadata={"help": "Iteration cap of the α solver."})
+    # The q* options the top-k step honours, as in `CoordinatorConfig`.
+    alpha_method: str = q_star_field("alpha_method")
+    alpha: float | None = q_star_field("alpha")
+    kl_budget: float | None = q_star_field("kl_budget")
+    alpha_min: float = q_star_field("alpha_min")
+    alpha_max: float = q_star_field("alpha_max")
+    force_teacher_first_tokens: int = q_star_field("force_teacher_first_tokens")
+    empty_support: str = q_star_field("empty_support")
+    alpha_tol: float = q_star_field("tol")
+    alpha_max_iter: int = q_star_field("max_iter")
     max_concurrency: int = field(default=128, metadata={"help": "Sequences in flight at once, over all pipeline groups."})
     pipeline_groups: int = field(
         default=1,
@@ -141,7 +144,7 @@ class DrivenDecodeConfig:
     def __post_init__(self):
         if self.top_k < 1:
             raise ValueError(f"`top_k` (={self.top_k}) must be >= 1: it is how many log-probs each engine hands over per step.")
-        for name in ("max_concurrency", "pipeline_groups", "alpha_max_iter"):
+        for name in ("max_concurrency", "pipeline_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` (={getattr(self, name)}) must be >= 1.")
         if self.pipeline_groups > self.max_concurrency:
@@ -149,9 +152,14 @@ class DrivenDecodeConfig:
                              f"(={self.max_concurrency}): each group needs at least one sequence.")
         if not self.step_timeout > 0:
             raise ValueError(f"`step_timeout` (={self.step_timeout}) must be > 0 seconds.")
-        check_solve_options(self.alpha_method, alpha=self.alpha, tol=self.alpha_tol, max_iter=self.alpha_max_iter,
-                            alpha_min=self.alpha_min, alpha_max=self.alpha_max, empty_support="teacher")
+        self.q_star  # noqa: B018 (QStarOptions validates the q* fields, as for every front)
         self.stop_token_ids = [int(i) for i in self.stop_token_ids]
+
+    @property
+    def q_star(self) -> QStarOptions:
+        """The q* options these fields describe (the temperature is each call's)."""
+        # `top_k` here is the candidate count, not the truncation of q* after mixing
+        return q_star_from(self, exclude=("top_k",), tol="alpha_tol", max_iter="alpha_max_iter")
 
     @property
     def group_capacity(self) -> int:

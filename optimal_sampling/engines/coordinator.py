@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..generation import GenerationOutput, check_same_vocabulary
+from ..records import GenerationOutput, check_same_vocabulary
 from ..topk_decoding import (
     TopKSequence,
     TopKStepper,
@@ -241,7 +241,7 @@ class InProcessVLLMCoordinator:
         self.model_vocab_size = 0
         self.stop_token_ids: set[int] = set()
         self.weight_version = 0
-        self.stepper = TopKStepper(config, 0)
+        self.stepper = TopKStepper(config.q_star, 0)
         self._slots = itertools.count()
         self._tasks: set[asyncio.Task] = set()
         self._socket_dir: str | None = None

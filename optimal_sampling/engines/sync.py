@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..servers.sync import SyncSampler
+from ..sync import SyncSampler
 from .config import DrivenDecodeConfig, VLLMEngineSpec
 from .coordinator import InProcessVLLMCoordinator
 
@@ -39,33 +39,6 @@ class InProcessVLLMSampler(SyncSampler):
         """See `InProcessVLLMCoordinator.next_token_distribution` (one step, no sampling)."""
         return self._run(self.coordinator.next_token_distribution(
             base_prefixes, teacher_prefixes, temperature=temperature, top_k=top_k, return_diagnostics=return_diagnostics))
-
-    @classmethod
-    def from_cli_args(cls, args, models: dict[str, tuple[str, str | None]] | None = None) -> "InProcessVLLMSampler":
-        """Build from `optimal-sampling generate --backend vllm-inprocess ...` arguments.
-
-        `models` maps "base" / "teacher" to (location, Hub revision) as the command line
-        resolved them; by default `--base` / `--teacher`, else the shipped toy pair.
-        `--vllm-engine-arg KEY=VALUE` sets an engine argument of both engines, and
-        `base.KEY=VALUE` / `teacher.KEY=VALUE` one engine's (values are JSON when they parse).
-        """
-        from ..io import UsageError
-        from ..toy import TOY_PAIR_DIR
-
-        try:
-            specs = {}
-            for role in ("base", "teacher"):
-                given = getattr(args, role)
-                location, revision = (models or {}).get(role) or (given or str(TOY_PAIR_DIR / role), None)
-                fields = engine_arguments(getattr(args, "vllm_engine_arg", None) or [], role, default_cpu=given is None)
-                if revision is not None:
-                    fields.setdefault("engine_kwargs", {})["revision"] = revision
-                specs[role] = VLLMEngineSpec(location, **fields)
-            config = DrivenDecodeConfig(top_k=args.top_k_candidates, alpha_method=args.alpha_method, alpha=args.alpha,
-                                        max_concurrency=max(args.batch_size, 1), seed=args.seed)
-            return cls(specs["base"], specs["teacher"], config, temperature=args.temperature)
-        except (ValueError, TypeError, RuntimeError, OSError, ImportError) as error:
-            raise UsageError(str(error)) from None
 
 
 def engine_arguments(items: list[str], role: str, *, default_cpu: bool = False) -> dict:

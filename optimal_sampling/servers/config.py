@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, fields
 
-from ..alpha import ALPHA_METHODS
+from ..options import QStarOptions, q_star_field, q_star_from
 
 
 @dataclass
@@ -36,8 +36,8 @@ class CoordinatorConfig:
                           "top-k lists. Must not exceed the servers' --max-logprobs (-1 there allows the whole "
                           "vocabulary); the start-up check reports the server's refusal."},
     )
-    alpha_tol: float = field(default=1e-6, metadata={"help": "Tolerance on α of the safeguarded Newton solver."})
-    alpha_max_iter: int = field(default=20, metadata={"help": "Iteration cap of the α solver."})
+    alpha_tol: float = q_star_field("tol")
+    alpha_max_iter: int = q_star_field("max_iter")
     max_retries: int = field(
         default=3, metadata={"help": "Retries of a request after a connection error, an HTTP 5xx / 429 or a timeout."}
     )
@@ -80,12 +80,15 @@ class CoordinatorConfig:
         metadata={"help": "Extra ids that end a sequence; both tokenizers' EOS and both models' "
                           "generation_config EOS always do."},
     )
-    alpha_method: str = field(
-        default="kl_symmetry", metadata={"help": f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}."}
-    )
-    alpha: float | None = field(default=None, metadata={"help": "The constant α for alpha_method='fixed'."})
-    alpha_min: float = field(default=0.0, metadata={"help": "Lower clamp on α."})
-    alpha_max: float = field(default=1.0, metadata={"help": "Upper clamp on α."})
+    # The q* options (`QStarOptions`) the top-k step honours; the temperature is each call's
+    # (`generate_batch(temperature=...)`), and `topk_decoding.UNSUPPORTED_OPTIONS` are refused.
+    alpha_method: str = q_star_field("alpha_method")
+    alpha: float | None = q_star_field("alpha")
+    kl_budget: float | None = q_star_field("kl_budget")
+    alpha_min: float = q_star_field("alpha_min")
+    alpha_max: float = q_star_field("alpha_max")
+    force_teacher_first_tokens: int = q_star_field("force_teacher_first_tokens")
+    empty_support: str = q_star_field("empty_support")
     seed: int = field(
         default=0,
         metadata={"help": "Sampling seed. Draws depend only on (seed, prompt index, step), not on concurrency "
@@ -110,19 +113,14 @@ class CoordinatorConfig:
             raise ValueError(
                 f"`top_k` (={self.top_k}) must be >= 1: it is how many log-probs each server returns per step (e.g. 20-100)."
             )
-        for name in ("max_concurrency", "connection_pool_size", "alpha_max_iter", "pipeline_groups"):
+        for name in ("max_concurrency", "connection_pool_size", "pipeline_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` (={getattr(self, name)}) must be >= 1.")
         if self.max_retries < 0 or self.retry_delay < 0:
             raise ValueError(f"Need max_retries >= 0 and retry_delay >= 0, got {self.max_retries} and {self.retry_delay}.")
-        if not self.request_timeout > 0 or not self.alpha_tol > 0:
-            raise ValueError(f"Need request_timeout > 0 and alpha_tol > 0, got {self.request_timeout} and {self.alpha_tol}.")
-        if self.alpha_method not in ALPHA_METHODS:
-            raise ValueError(f"Unknown alpha_method {self.alpha_method!r}; choose one of {', '.join(ALPHA_METHODS)}.")
-        if self.alpha_method == "fixed" and self.alpha is None:
-            raise ValueError("alpha_method='fixed' needs `alpha=` (a float in [0, 1]).")
-        if not 0.0 <= self.alpha_min <= self.alpha_max <= 1.0:
-            raise ValueError(f"Need 0 <= alpha_min <= alpha_max <= 1, got {self.alpha_min} and {self.alpha_max}.")
+        if not self.request_timeout > 0:
+            raise ValueError(f"Need request_timeout > 0, got {self.request_timeout}.")
+        self.q_star  # noqa: B018 (QStarOptions validates the q* fields, as for every front)
         for name in ("theta_url", "t_url"):
             url = getattr(self, name)
             if not url.startswith(("http://", "https://")):
@@ -133,6 +131,12 @@ class CoordinatorConfig:
         self.stop_token_ids = [int(i) for i in self.stop_token_ids]
         if self.log_level is not None:
             logging_level(self.log_level)  # a bad name fails here, not when the coordinator starts
+
+    @property
+    def q_star(self) -> QStarOptions:
+        """The q* options these fields describe (the temperature is each call's)."""
+        # `top_k` here is the candidate count, not the truncation of q* after mixing
+        return q_star_from(self, exclude=("top_k",), tol="alpha_tol", max_iter="alpha_max_iter")
 
     @classmethod
     def field_help(cls) -> dict[str, str]:

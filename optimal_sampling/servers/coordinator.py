@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..generation import GenerationOutput, check_same_vocabulary
+from ..records import GenerationOutput, check_same_vocabulary
 from ..topk_decoding import (
     StepDistribution,
     TopKSequence,
@@ -87,7 +87,7 @@ class DualVLLMCoordinator:
         self.top_k = config.top_k
         self.stop_token_ids: set[int] = set()
         self.max_model_len: dict[str, int | None] = {}
-        self.stepper = TopKStepper(config, 0)
+        self.stepper = TopKStepper(config.q_star, 0)
         # role ("base", "teacher") -> url, served model name, and its directory if on this machine
         self.served: dict[str, dict[str, str | None]] = {}
         self.weight_version = 0
