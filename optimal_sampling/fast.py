@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import StaticCache
 
 from .compat import check_transformers_front
-from .mixture import NEG_INF, compute_mixture, log_probs_from_logits
+from .mixture import NEG_INF, Mixture, compute_mixture, log_probs_from_logits, token_records
 from .options import QStarOptions
 from .records import RECORDED_DIAGNOSTICS, OptimalGenerateOutput, check_same_device
 from .teacher import position_ids_from_mask, repeat_teacher_prompts
@@ -120,16 +120,11 @@ class MixingOptions:
 
 @dataclass
 class QStarStep:
-    """One step of q* for a batch; `[B, V]` log-probs and `[B]` per-row values."""
+    """One step of q* for a batch: the core's `Mixture` and the two models' `[B, V]` log-probs."""
 
-    logq: torch.Tensor
+    mixture: Mixture
     logp_theta: torch.Tensor
     logp_t: torch.Tensor
-    alpha: torch.Tensor
-    iterations: torch.Tensor
-    empty_support: torch.Tensor
-    converged: torch.Tensor
-    diagnostics: dict[str, torch.Tensor] | None
 
 
 def q_star_step(base_logits: torch.Tensor, teacher_logits: torch.Tensor, forced: torch.Tensor, options: MixingOptions) -> QStarStep:
@@ -151,10 +146,7 @@ def q_star_step(base_logits: torch.Tensor, teacher_logits: torch.Tensor, forced:
         logp_theta, logp_t, q_star, forced=forced if q_star.force_teacher_first_tokens else None,
         return_diagnostics=options.diagnostics, validate=False,
     )
-    solution = mixture.solution
-    diagnostics = None if mixture.diagnostics is None else mixture.diagnostics.as_dict()
-    return QStarStep(mixture.logq, logp_theta, logp_t, mixture.alpha, solution.iterations, solution.empty_support,
-                     solution.converged, diagnostics)
+    return QStarStep(mixture, logp_theta, logp_t)
 
 
 def sample_exponential_race(logq: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -199,24 +191,13 @@ def decode_tail(base_logits: torch.Tensor, teacher_logits: torch.Tensor, buffers
     step = q_star_step(base_logits, teacher_logits, forced, options)
     unfinished = ~buffers.finished
     on_policy = buffers.on_policy
-    sampled = torch.where(on_policy.unsqueeze(-1), step.logp_theta, step.logq)  # [B, V]: what each row samples
+    sampled = torch.where(on_policy.unsqueeze(-1), step.logp_theta, step.mixture.logq)  # [B, V]: what each row samples
     token = sample_exponential_race(sampled, buffers.noise)
     token = torch.where(unfinished, token, buffers.pad)  # finished rows emit padding, as in generate
-    index = token.clamp(max=step.logq.shape[-1] - 1).unsqueeze(-1)  # [B, 1]
-    values = {
-        "tokens": token,
-        "token_mask": unfinished,
-        "alpha": torch.where(on_policy, torch.zeros_like(step.alpha), step.alpha),
-        "logq": sampled.gather(-1, index).squeeze(-1),
-        "logq_star": step.logq.gather(-1, index).squeeze(-1),
-        "logp_theta": step.logp_theta.gather(-1, index).squeeze(-1),
-        "logp_t": step.logp_t.gather(-1, index).squeeze(-1),
-        "iterations": step.iterations,
-        "empty_support": step.empty_support,
-        "converged": step.converged,
-    }
-    if step.diagnostics is not None:
-        values.update(step.diagnostics)
+    index = token.clamp(max=sampled.shape[-1] - 1)  # [B]
+    values = {"tokens": token, "token_mask": unfinished,
+              **token_records(step.mixture, index, step.logp_theta, step.logp_t, sampled_logq=sampled)}
+    values["alpha"] = torch.where(on_policy, torch.zeros_like(values["alpha"]), values["alpha"])
     column = buffers.step.view(1)
     for name, value in values.items():
         record = buffers.records[name]

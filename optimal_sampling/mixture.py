@@ -329,3 +329,49 @@ def force_teacher(solution: AlphaSolution, forced: torch.Tensor | None, q_star: 
         empty_support=solution.empty_support,
         converged=solution.converged | forced,
     )
+
+
+def token_records(
+    mixture: Mixture,
+    index: torch.Tensor,
+    logp_theta: torch.Tensor,
+    logp_t: torch.Tensor,
+    *,
+    sampled_logq: torch.Tensor | None = None,
+    log_multiplicity: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The per-token record of one step, `[B]` per name: what every decode loop appends.
+
+    Args:
+        mixture: the step's `compute_mixture` result.
+        index: `[B]` the sampled token's column in the `[B, V]` tensors.
+        logp_theta, logp_t: the step's `[B, V]` log-probs of the two models.
+        sampled_logq: the `[B, V]` log-probs actually sampled where they differ from q* (rows
+            sampled on-policy); default `mixture.logq`.
+        log_multiplicity: the sparse path's `[B, V]` column sizes (a rest bucket's token has
+            the column's log-prob minus the log of its size).
+
+    Returns `alpha`, `logq` (the distribution sampled), `logq_star` (q*), `logp_theta`, `logp_t`,
+    the solver's `iterations`, `empty_support` and `converged` flags, and the diagnostics
+    (`RECORDED_DIAGNOSTICS`) when the step computed them.
+    """
+    column = index.unsqueeze(-1)
+
+    def at_token(values: torch.Tensor) -> torch.Tensor:
+        picked = values.gather(-1, column).squeeze(-1)
+        return picked if log_multiplicity is None else picked - log_multiplicity.gather(-1, column).squeeze(-1)
+
+    solution = mixture.solution
+    record = {
+        "alpha": mixture.alpha,
+        "logq": at_token(mixture.logq if sampled_logq is None else sampled_logq),
+        "logq_star": at_token(mixture.logq),
+        "logp_theta": at_token(logp_theta),
+        "logp_t": at_token(logp_t),
+        "iterations": solution.iterations,
+        "empty_support": solution.empty_support,
+        "converged": solution.converged,
+    }
+    if mixture.diagnostics is not None:
+        record.update(mixture.diagnostics.as_dict())
+    return record

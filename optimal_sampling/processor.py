@@ -6,9 +6,9 @@ import torch
 from transformers import LogitsProcessor
 
 from .compat import check_transformers_front
-from .mixture import compute_mixture, log_probs_from_logits
+from .mixture import Mixture, compute_mixture, log_probs_from_logits, token_records
 from .options import QStarOptions
-from .records import RECORDED_DIAGNOSTICS, OptimalSamplingRecord, check_same_device, generated_token_mask, model_eos_ids
+from .records import OptimalSamplingRecord, check_same_device, generated_token_mask, model_eos_ids
 from .teacher import TeacherCache, left_padding_mask, repeat_teacher_prompts
 
 
@@ -105,7 +105,7 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
         self._last_ids = input_ids
         self._prompt_length = 0 if input_ids is None else input_ids.shape[1]
         self._steps: list[dict[str, torch.Tensor]] = []  # per step: alpha, diagnostics, and the step's log-probs
-        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # last step's [B, V] log-probs
+        self._pending: tuple[Mixture, torch.Tensor, torch.Tensor] | None = None  # last step, before its token is known
 
     def _continues_last_call(self, input_ids: torch.Tensor) -> bool:
         last = self._last_ids
@@ -169,10 +169,8 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
         step = compute_mixture(logp_theta, logp_t, self.q_star, forced=forced, return_diagnostics=self.record)
 
         if self.record:
-            self._pending = (step.logq, logp_theta, logp_t)
-            entry = {"alpha": step.alpha, "iterations": step.solution.iterations, "empty_support": step.solution.empty_support}
-            entry.update({name: getattr(step.diagnostics, name) for name in RECORDED_DIAGNOSTICS})
-            self._steps.append(entry)
+            self._pending = (step, logp_theta, logp_t)
+            self._steps.append({})  # the step's record, once its sampled token is known
         if vocab == scores.shape[-1] and step.logq.dtype == scores.dtype:
             return step.logq
         out = torch.full_like(scores, float("-inf"))
@@ -182,12 +180,10 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
     def _record_sampled(self, tokens: torch.Tensor) -> None:
         if not self.record or self._pending is None:
             return
-        logq, logp_theta, logp_t = self._pending
-        index = tokens.clamp(max=logq.shape[-1] - 1).unsqueeze(-1)
-        entry = self._steps[-1]
-        entry["logq"] = logq.gather(-1, index).squeeze(-1)
-        entry["logp_theta"] = logp_theta.gather(-1, index).squeeze(-1)
-        entry["logp_t"] = logp_t.gather(-1, index).squeeze(-1)
+        step, logp_theta, logp_t = self._pending
+        record = token_records(step, tokens.clamp(max=step.logq.shape[-1] - 1), logp_theta, logp_t)
+        del record["logq_star"]  # = logq: the processor samples q* itself
+        self._steps[-1] = record
         self._pending = None
 
     def records(self, sequences: torch.Tensor) -> OptimalSamplingRecord:
@@ -204,7 +200,7 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
                 "pass the sequences of the last generate call made with this processor."
             )
         if self._pending is not None and len(self._steps) == steps:
-            self._record_sampled(generated[:, len(self._steps) - 1].to(self._pending[0].device))
+            self._record_sampled(generated[:, len(self._steps) - 1].to(self._pending[1].device))
         steps_used = self._steps[:steps]
         stacked = {name: torch.stack([s[name] for s in steps_used], dim=1) for name in steps_used[0]}
         return OptimalSamplingRecord(

@@ -29,7 +29,7 @@ class OptimalSamplingRecord:
         token_mask: True for the tokens a row really generated (up to and including its
             first stop token); False for the padding `generate` adds after a row stopped.
         diagnostics: name → `[B, T]` (kl_theta, kl_t, kl_diff, ess_ratio, entropy_q,
-            chernoff, iterations, empty_support).
+            chernoff, iterations, empty_support, converged).
     """
 
     alpha: torch.Tensor

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .mixture import Mixture, compute_mixture
+from .mixture import Mixture, compute_mixture, token_records
 from .options import QStarOptions, refuse_unsupported
 from .records import RECORDED_DIAGNOSTICS, GenerationOutput, prompt_token_ids, summarize_tokens
 from .sparse import SparseCandidates, sample_candidates, sparse_candidates
@@ -106,16 +106,6 @@ class StepDistribution:
 
     candidates: SparseCandidates
     mixture: Mixture
-
-    def token_log_probs(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`logq`, `logp_theta`, `logp_t` (per token, after temperature) of `token_ids` `[B]`."""
-        column = self.columns_of(token_ids)
-        per_token = lambda cols: (cols.gather(-1, column[:, None]) - self.candidates.log_multiplicity.gather(-1, column[:, None]))[:, 0]  # noqa: E731
-        return {
-            "logq": per_token(self.mixture.logq),
-            "logp_theta": per_token(self.candidates.logp_theta),
-            "logp_t": per_token(self.candidates.logp_t),
-        }
 
     def columns_of(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The candidate column of each token (the rest bucket's for unlisted ids), `[B]`."""
@@ -332,12 +322,13 @@ class TopKStepper:
         index = [s.index for s in rows]
         position = [len(s.tokens) for s in rows]
         tokens = sample_step(step, counter_uniforms(seed, index, position, 0), counter_uniforms(seed, index, position, 1))
-        values = {"alpha": step.mixture.alpha, **step.token_log_probs(tokens),
-                  "covered_theta": step.candidates.covered_theta, "covered_t": step.candidates.covered_t}
-        if step.mixture.diagnostics is not None:
-            values.update({name: getattr(step.mixture.diagnostics, name) for name in RECORDED_DIAGNOSTICS})
-            values["iterations"] = step.mixture.solution.iterations
-            values["empty_support"] = step.mixture.solution.empty_support
+        c = step.candidates
+        record = token_records(step.mixture, step.columns_of(tokens), c.logp_theta, c.logp_t,
+                               log_multiplicity=c.log_multiplicity)
+        if step.mixture.diagnostics is None:  # the solver's flags are kept with the diagnostics only
+            record = {name: record[name] for name in ("alpha", "logq", "logp_theta", "logp_t")}
+        values = {name: value for name, value in record.items() if name in PER_TOKEN}
+        values.update(covered_theta=c.covered_theta, covered_t=c.covered_t)
         names = list(values)
         table = torch.stack([values[n].to(torch.float64) for n in names]).tolist()  # one conversion per step
         if any(math.isnan(v) for v in table[names.index("logq")]):

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from optimal_sampling.mixture import compute_mixture, log_probs_from_logits
+from optimal_sampling.mixture import compute_mixture, log_probs_from_logits, token_records
 from optimal_sampling.options import QStarOptions
 from optimal_sampling.records import RECORDED_DIAGNOSTICS
 from optimal_sampling.teacher import TeacherCache
@@ -157,15 +157,9 @@ def sample_rollouts(
         # As transformers' `_sample`: one multinomial draw over softmax(scores) per step.
         next_tokens = torch.multinomial(torch.softmax(logq, dim=-1), num_samples=1).squeeze(1)
         next_tokens = torch.where(running, next_tokens, torch.full_like(next_tokens, pad_token_id))
-        chosen = next_tokens.unsqueeze(-1)
-        entry = {
-            "mask": running.clone(),
-            "alpha": torch.where(on_policy, 0.0, mix.alpha.float()),
-            "logq": logq.gather(-1, chosen).squeeze(-1),
-            "logq_star": mix.logq.gather(-1, chosen).squeeze(-1),
-            "empty_support": mix.solution.empty_support.float(),
-        }
-        entry.update({name: getattr(mix.diagnostics, name).float() for name in RECORDED_DIAGNOSTICS})
+        record = token_records(mix, next_tokens.clamp(max=vocab_size - 1), logp_theta, logp_t, sampled_logq=logq)
+        entry = {name: record[name].float() for name in ("logq", "logq_star", "empty_support", *RECORDED_DIAGNOSTICS)}
+        entry.update(mask=running.clone(), alpha=torch.where(on_policy, 0.0, mix.alpha.float()))
         steps.append(entry)
         generated = torch.cat([generated, next_tokens[:, None]], 1)
         running = running & ~torch.isin(next_tokens, stops)
