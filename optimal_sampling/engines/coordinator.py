@@ -128,13 +128,13 @@ class InProcessVLLMCoordinator:
             return
         _require_vllm()
         self._load_tokenizers()
-        self._socket_dir = tempfile.mkdtemp(prefix="optimal-sampling-")
+        self._socket_dir = socket_dir = tempfile.mkdtemp(prefix="optimal-sampling-")
         try:
             for index in range(self.config.pipeline_groups):
                 pair = _Pair(index, self.config, self._deaths)
                 self.pairs.append(pair)
                 for role in ROLES:
-                    pair.sides[role] = await pair.start_engine(role, self.specs[role], self._socket_dir)
+                    pair.sides[role] = await pair.start_engine(role, self.specs[role], socket_dir)
             self._check_vocabulary()
         except BaseException:
             await self.close()

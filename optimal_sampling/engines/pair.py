@@ -134,6 +134,7 @@ class _Connection:
     def tokens_for(self, active: dict[int, _DrivenSequence]) -> np.ndarray | None:
         """The pending step's tokens `[n]`, or None while a row's token is not drawn yet."""
         message = self.pending
+        assert message is not None, "only a connection with a pending step is answered"
         tokens = np.zeros(len(message.slot), dtype=np.int64)  # rows no sequence waits for get a dummy
         for j, (slot, position) in enumerate(zip(message.slot.tolist(), message.position.tolist())):
             seq = active.get(slot)
@@ -228,7 +229,9 @@ class _Pair:
 
     async def _serve(self, side: _Side, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         connection = None
-        self.tasks.add(asyncio.current_task())
+        task = asyncio.current_task()
+        assert task is not None  # asyncio runs each connection's handler as a task
+        self.tasks.add(task)
         try:
             connection = _Connection(side, unpack_hello(await reader.readexactly(HELLO_SIZE)), writer)
             side.connections.append(connection)
@@ -243,7 +246,7 @@ class _Pair:
         except asyncio.CancelledError:  # the coordinator is closing
             return
         finally:
-            self.tasks.discard(asyncio.current_task())
+            self.tasks.discard(task)
 
     def follow_request(self, role: str, seq: _DrivenSequence, collector) -> None:
         """Report the end of `seq`'s request on the `role` engine as an event, from a task of the pair."""
@@ -306,7 +309,9 @@ class _Pair:
                 self.engine_died(source, payload, {})
         for connection in self.connections:
             if connection.pending is not None:
-                connection.send(connection.tokens_for({}))
+                tokens = connection.tokens_for({})
+                assert tokens is not None  # with no sequence waiting, every row gets a dummy token
+                connection.send(tokens)
 
     def fail_blocked(self, active: dict[int, _DrivenSequence], why: str) -> None:
         """Fail every sequence a pending step is waiting for, so that the steps can be answered."""
