@@ -413,7 +413,8 @@ class ResumableWriter:
     def _recover_journal(self) -> list[dict[str, Any]]:
         if not self.journal.exists():
             return []
-        rows, ends = [], []  # ends[i]: byte offset just after row i
+        rows: list[dict[str, Any]] = []
+        ends: list[int] = []  # ends[i]: byte offset just after row i
         with self.journal.open("rb") as f:
             for line in f:
                 if not line.endswith(b"\n"):

@@ -94,7 +94,7 @@ def hub_commit(repo_id: str, flag: str) -> str:
         raise UsageError(f"{not_here}, and the Hub model is not in the local cache while HF_HUB_OFFLINE is set. "
                          "Download it first, or give a local directory.")
     try:
-        return HfApi().model_info(repo_id, timeout=10).sha
+        commit = HfApi().model_info(repo_id, timeout=10).sha
     except RepositoryNotFoundError:
         raise UsageError(f"{not_here}, nor a model on the Hub (or it is private: log in with `hf auth login`).") from None
     except HfHubHTTPError as error:
@@ -103,3 +103,6 @@ def hub_commit(repo_id: str, flag: str) -> str:
         raise UsageError(f"{not_here}, and the Hub ({constants.ENDPOINT}) cannot be reached "
                          f"({type(error).__name__}: {error}). Give a local directory, or set HF_HUB_OFFLINE=1 "
                          "to use the models already in the cache.") from None
+    if commit is None:
+        raise UsageError(f"{not_here}, and the Hub did not say which commit it is at; give a local directory.")
+    return commit

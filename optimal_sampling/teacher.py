@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from transformers import DynamicCache
 
 from .compat import check_transformers_front
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 
 def left_padding_mask(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
@@ -82,14 +87,16 @@ class TeacherCache:
         if token_ids.shape[1] == 0:
             raise ValueError("The teacher sequence is empty; every row needs at least one prompt token.")
         keep = 0
-        if self.cache is not None and self.token_ids.shape[0] == token_ids.shape[0]:
+        if (self.cache is not None and self.token_ids is not None and self.attention_mask is not None
+                and self.token_ids.shape[0] == token_ids.shape[0]):
             keep = min(
                 common_prefix_length(self.token_ids, token_ids),
                 common_prefix_length(self.attention_mask, attention_mask),
             )
         keep = min(keep, token_ids.shape[1] - 1)  # feed at least one token to get its logits
-        if keep == 0:
-            self.cache = DynamicCache(config=self.model.config)
+        if keep == 0 or self.cache is None:  # keep > 0 only with a cache
+            # a transformers model's config (a Module's attributes are typed Tensor | Module)
+            self.cache = DynamicCache(config=cast("PreTrainedConfig", self.model.config))
         elif keep < self.cache.get_seq_length():
             self.cache.crop(keep - self.cache.get_seq_length())
         positions = position_ids_from_mask(attention_mask)
@@ -103,7 +110,8 @@ class TeacherCache:
         sequence so far, so there is no prefix search, and the new positions continue from
         the last one (as `last_logits` would compute them).
         """
-        if self.cache is None or new_ids.shape[0] != self.token_ids.shape[0] or new_ids.shape[1] == 0:
+        if (self.cache is None or self.token_ids is None or self.attention_mask is None or self.last_position is None
+                or new_ids.shape[0] != self.token_ids.shape[0] or new_ids.shape[1] == 0):
             raise RuntimeError("TeacherCache.extend needs new tokens for a cached sequence of the same batch size; "
                                "call last_logits first.")
         mask = torch.cat([self.attention_mask, torch.ones_like(new_ids, dtype=self.attention_mask.dtype)], dim=-1)

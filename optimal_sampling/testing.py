@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _WORDS = (
     "the a cat dog sat on mat ran to home and then it was good bad big small red blue one two three "
@@ -56,14 +61,14 @@ def tiny_causal_lm(
     """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    special = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    special: dict[str, Any] = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     torch.manual_seed(seed)
+    model: PreTrainedModel
     if arch == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=2, n_positions=256, **special)
         model = GPT2LMHeadModel(config)
     elif arch in ("llama", "qwen2"):
-        cls_config, cls_model = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-        config = cls_config(
+        shape: dict[str, Any] = dict(
             vocab_size=vocab_size,
             hidden_size=hidden_size,
             intermediate_size=2 * hidden_size,
@@ -74,14 +79,15 @@ def tiny_causal_lm(
             tie_word_embeddings=False,
             **special,
         )
-        model = cls_model(config)
+        model = LlamaForCausalLM(LlamaConfig(**shape)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**shape))
     else:
         raise ValueError(f"Unknown arch {arch!r}; use 'llama', 'qwen2' or 'gpt2'.")
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(logit_scale)
     model.generation_config.pad_token_id = pad_token_id
     model.generation_config.eos_token_id = eos_token_id
-    return model.to(dtype).eval()
+    # transformers decorates PreTrainedModel.to with @wraps(Module.to), so mypy sees the unbound signature
+    return model.to(dtype).eval()  # type: ignore[arg-type]
 
 
 def bias_output_layer(model, token_id: int, bias: float = 30.0):

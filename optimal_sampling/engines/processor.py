@@ -99,8 +99,8 @@ class DrivenDecodeLogitsProcessor(LogitsProcessor):
             groups[row.channel, row.k].append(index)
         for (channel, k), indices in groups.items():
             rows = [self.rows[i] for i in indices]
-            index = torch.tensor(indices, device=logits.device)
-            logp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # [n, V]
+            batch_index = torch.tensor(indices, device=logits.device)  # [n] the group's rows of the batch
+            logp = torch.log_softmax(logits.index_select(0, batch_index).float(), dim=-1)  # [n, V]
             values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)  # [n, k] each, descending
             try:
                 tokens = self._link(channel).exchange(
@@ -112,7 +112,7 @@ class DrivenDecodeLogitsProcessor(LogitsProcessor):
                 raise
             forced = torch.full((len(indices), logits.shape[-1]), float("-inf"), dtype=logits.dtype, device=logits.device)
             forced.scatter_(1, torch.from_numpy(tokens.copy()).to(logits.device)[:, None], 0.0)
-            logits.index_copy_(0, index, forced)
+            logits.index_copy_(0, batch_index, forced)
         return logits
 
 

@@ -108,8 +108,9 @@ class DualVLLMCoordinator:
         if self._started:
             return
         cfg = self.config
-        common = dict(timeout=cfg.request_timeout, pool_size=cfg.connection_pool_size, max_retries=cfg.max_retries,
-                      retry_delay=cfg.retry_delay, counters=self.counters, log=self.log)
+        common: dict[str, Any] = dict(timeout=cfg.request_timeout, pool_size=cfg.connection_pool_size,
+                                      max_retries=cfg.max_retries, retry_delay=cfg.retry_delay, counters=self.counters,
+                                      log=self.log)
         self._theta = ServerClient("base", cfg.theta_url, api_key=cfg.theta_api_key, **common)
         self._t = ServerClient("teacher", cfg.t_url, api_key=cfg.t_api_key, **common)
         try:
@@ -162,6 +163,7 @@ class DualVLLMCoordinator:
         from transformers import AutoTokenizer
 
         cfg = self.config
+        theta, t = self._clients()
         for attr, path, root, option in (
             ("theta_tokenizer", cfg.theta_tokenizer, theta_root, "theta_tokenizer"),
             ("t_tokenizer", cfg.t_tokenizer, t_root, "t_tokenizer"),
@@ -170,7 +172,7 @@ class DualVLLMCoordinator:
                 continue
             source = path or root
             if source is None:
-                client = self._theta if attr == "theta_tokenizer" else self._t
+                client = theta if attr == "theta_tokenizer" else t
                 flag = "--base" if attr == "theta_tokenizer" else "--teacher"
                 raise ValueError(f"{client} serves {client.model!r} from a directory that is not on this machine, so "
                                  f"its tokenizer cannot be found; pass `{option}=` (a local path or hub id), or "
@@ -179,7 +181,7 @@ class DualVLLMCoordinator:
         try:
             check_same_vocabulary(self.theta_tokenizer, self.t_tokenizer)
         except ValueError as error:
-            raise ValueError(f"{self._theta} ({self._theta.model}) and {self._t} ({self._t.model}): {error}") from None
+            raise ValueError(f"{theta} ({theta.model}) and {t} ({t.model}): {error}") from None
 
     async def _check_tokenizer(self, client: ServerClient, tokenizer) -> None:
         """The local tokenizer must encode like the served model's (vLLM's /tokenize)."""
@@ -217,6 +219,12 @@ class DualVLLMCoordinator:
             raise RuntimeError("Use the coordinator inside `async with DualVLLMCoordinator(config) as coordinator:` "
                                "(or await coordinator.start() first).")
 
+    def _clients(self) -> tuple[ServerClient, ServerClient]:
+        """The base and the teacher server's clients (`start` creates them)."""
+        if self._theta is None or self._t is None:
+            raise RuntimeError("The coordinator has no server clients yet; await coordinator.start() first.")
+        return self._theta, self._t
+
     # -- weights ------------------------------------------------------------------------
 
     async def load_base_weights(self, weights_path: str | os.PathLike | None = None, *, named_tensors=None,
@@ -240,7 +248,7 @@ class DualVLLMCoordinator:
         return self.weight_version
 
     async def _reload_base(self, directory: str) -> None:
-        client = self._theta
+        client, _ = self._clients()
         try:
             await client.request("POST", "/pause?mode=wait", retries=0)
         except ServerRequestError as error:
@@ -280,12 +288,13 @@ class DualVLLMCoordinator:
         `teacher_prefixes` default to `base_prefixes`; `top_k` overrides the config's.
         """
         self._require_started()
-        base_prefixes = [list(p) for p in base_prefixes]
-        teacher_prefixes = base_prefixes if teacher_prefixes is None else [list(p) for p in teacher_prefixes]
+        theta, t = self._clients()
+        base_ids = [list(p) for p in base_prefixes]
+        teacher_ids = base_ids if teacher_prefixes is None else [list(p) for p in teacher_prefixes]
         k = top_k or self.top_k
         (ids_theta, lp_theta), (ids_t, lp_t) = await asyncio.gather(
-            self._theta.top_logprobs(base_prefixes, k, self.vocab_size),
-            self._t.top_logprobs(teacher_prefixes, k, self.vocab_size),
+            theta.top_logprobs(base_ids, k, self.vocab_size),
+            t.top_logprobs(teacher_ids, k, self.vocab_size),
         )
         return self.mix(ids_theta, lp_theta, ids_t, lp_t, temperature=temperature, return_diagnostics=return_diagnostics)
 
@@ -295,9 +304,10 @@ class DualVLLMCoordinator:
 
         Returns `({row position: (ids_theta, lp_theta, ids_t, lp_t)}, {row position: error})`.
         """
+        theta, t = self._clients()
         sides = (
-            (self._theta, [s.base_ids for s in rows]),
-            (self._t, [s.teacher_ids for s in rows]),
+            (theta, [s.base_ids for s in rows]),
+            (t, [s.teacher_ids for s in rows]),
         )
         batched = await asyncio.gather(
             *(client.top_logprobs(prefixes, self.top_k, self.vocab_size) for client, prefixes in sides),
