@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ from .teacher import position_ids_from_mask, repeat_teacher_prompts
 FAST_MODES = ("auto", "eager", "cuda_graph", "compile_mixture", "compile")
 _FALLBACK = {"compile": "cuda_graph", "compile_mixture": "cuda_graph", "cuda_graph": "eager"}
 _WARMUP_STEPS = 2  # eager steps before a capture (compilation, cuBLAS handles)
+GRAPH_MAX_ITER = 8  # Newton iterations of a captured step, unless FastPathConfig.max_iter says otherwise
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,12 @@ class FastPathConfig:
             step compiled, then captured), or `"auto"` (`"compile_mixture"` on CUDA, `"eager"`
             elsewhere). A mode that fails to compile or capture falls back to the next simpler
             one (`FastDecoder.stats` counts it and keeps the error).
-        max_iter: Newton iterations of the α solve. Under a CUDA graph every iteration runs
-            (there is no early exit without a host sync); 8 is plenty for the safeguarded
-            Newton started at the secant point. Rows that did not reach `tol` are counted in
-            the `converged` diagnostic.
-        tol: tolerance on α.
+        max_iter: Newton iterations of the α solve; None: the `QStarOptions`' own, capped at
+            `GRAPH_MAX_ITER` (8) in the graph modes, where every iteration runs (there is no
+            early exit without a host sync) and 8 is plenty for the safeguarded Newton started
+            at the secant point. Rows that did not reach `tol` are counted in the `converged`
+            diagnostic.
+        tol: tolerance on α; None: the `QStarOptions`' own.
         check_every: look at the finished mask on the host every this many steps.
         diagnostics: also record KL / ESS / entropy / Chernoff diagnostics per token
             (several more passes over the vocabulary per step).
@@ -77,8 +79,8 @@ class FastPathConfig:
     """
 
     mode: str = "auto"
-    max_iter: int = 8
-    tol: float = 1e-6
+    max_iter: int | None = None
+    tol: float | None = None
     check_every: int = 8
     diagnostics: bool = False
     bucket_batch: bool | None = None
@@ -88,7 +90,7 @@ class FastPathConfig:
     def __post_init__(self):
         if self.mode not in FAST_MODES:
             raise ValueError(f"Unknown fast-path mode {self.mode!r}; choose one of {', '.join(FAST_MODES)}.")
-        if self.max_iter < 1 or self.tol <= 0:
+        if (self.max_iter is not None and self.max_iter < 1) or (self.tol is not None and self.tol <= 0):
             raise ValueError(f"Need max_iter >= 1 and tol > 0, got max_iter={self.max_iter}, tol={self.tol}.")
         if self.check_every < 1 or self.length_multiple < 1 or self.max_cached_shapes < 1:
             raise ValueError("`check_every`, `length_multiple` and `max_cached_shapes` must be >= 1.")
@@ -376,14 +378,20 @@ class _DecodeSlot:
         b.step.zero_()
         b.records["token_mask"].zero_()
 
-    def run(self, max_new_tokens: int, check_every: int) -> int:
-        """Run up to `max_new_tokens` steps; stop early once every row finished. Returns the steps run."""
+    def run(self, max_new_tokens: int, check_every: int, sync_stop: Callable[[bool], bool] | None = None) -> int:
+        """Run up to `max_new_tokens` steps; stop early once every row finished (with `sync_stop`:
+        once no rank has a running row, asked after every step). Returns the steps run."""
         steps = 0
         with torch.no_grad():
             while steps < max_new_tokens:
                 self.step_fn()
                 steps += 1
-                if steps % check_every == 0 and steps < max_new_tokens and bool(self.buffers.finished.all()):
+                if steps == max_new_tokens:
+                    break
+                if sync_stop is not None:
+                    if not sync_stop(not bool(self.buffers.finished.all())):
+                        break
+                elif steps % check_every == 0 and bool(self.buffers.finished.all()):
                     break
         return steps
 
@@ -425,7 +433,7 @@ class FastDecoder:
         check_transformers_front(base_model, teacher_model)
         self.device = next(base_model.parameters()).device
         check_same_device(self.device, teacher_model)
-        self.base, self.teacher = base_model.eval(), teacher_model.eval()
+        self.base, self.teacher = base_model, teacher_model
         self.config = config or FastPathConfig()
         self._slots: OrderedDict[tuple, _DecodeSlot] = OrderedDict()
         self.stats: dict = {"calls": 0, "builds": 0, "build_seconds": 0.0, "fallbacks": 0, "errors": [], "mode": None}
@@ -486,6 +494,7 @@ class FastDecoder:
         pad_token_id: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
         on_policy: Sequence[bool] | torch.Tensor | None = None,
+        sync_stop: Callable[[bool], bool] | None = None,
         **options,
     ):
         """Sample up to `max_new_tokens` tokens per row from q*; returns an `OptimalGenerateOutput`.
@@ -499,7 +508,24 @@ class FastDecoder:
         `on_policy` (`[B]` bool) samples those rows from the base alone (α = 0, log q = log π_θ),
         in the same batch, e.g. a mixed GRPO group's on-policy members; with it, the output's
         `diagnostics["logq_star"]` holds each token's log q* on every row.
+
+        `sync_stop` (eager mode) makes ranks that share collectives stop together: it maps
+        "this rank still has running rows" to "some rank still has" (e.g. an all-reduce), and the
+        decoder keeps stepping (finished rows emit padding) until no rank has a running row. Under
+        FSDP / ZeRO-3 every forward is a collective, so every rank must run the same number.
         """
+        modes = self.base.training, self.teacher.training
+        self.base.eval()  # no dropout while sampling; the models go back to their modes after
+        self.teacher.eval()
+        try:
+            return self._generate(input_ids, attention_mask, max_new_tokens, teacher_input_ids, teacher_attention_mask,
+                                  q_star, vocab_size, pad_token_id, stop_token_ids, on_policy, sync_stop, options)
+        finally:
+            self.base.train(modes[0])
+            self.teacher.train(modes[1])
+
+    def _generate(self, input_ids, attention_mask, max_new_tokens, teacher_input_ids, teacher_attention_mask, q_star,
+                  vocab_size, pad_token_id, stop_token_ids, on_policy, sync_stop, options):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
             raise ValueError(f"`input_ids` must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}.")
         if max_new_tokens < 1:
@@ -526,11 +552,16 @@ class FastDecoder:
 
         base_width = self.base.get_output_embeddings().weight.shape[0]
         teacher_width = self.teacher.get_output_embeddings().weight.shape[0]
-        q_star = QStarOptions.build(q_star, **options).replace(tol=self.config.tol, max_iter=self.config.max_iter)
+        mode = self._resolve_mode()
+        if sync_stop is not None and mode != "eager":
+            raise ValueError(f"`sync_stop` (ranks stopping together) needs the eager mode; a {mode!r} step is captured "
+                             "and cannot wait for other ranks. Use FastPathConfig(mode='eager').")
+        q_star = QStarOptions.build(q_star, **options)
+        max_iter = self.config.max_iter or (q_star.max_iter if mode == "eager" else min(q_star.max_iter, GRAPH_MAX_ITER))
+        q_star = q_star.replace(tol=self.config.tol or q_star.tol, max_iter=max_iter)
         mixing = MixingOptions(vocab_size=vocab_size or min(base_width, teacher_width), q_star=q_star,
                                diagnostics=self.config.diagnostics)
 
-        mode = self._resolve_mode()
         bucket = self.config.bucket_batch if self.config.bucket_batch is not None else mode != "eager"
         batch = _batch_bucket(rows) if bucket else rows
         multiple = self.config.length_multiple
@@ -559,7 +590,7 @@ class FastDecoder:
             slot.built = True
             self.stats["mode"] = slot.mode
         slot.load(*load_args)
-        steps = slot.run(max_new_tokens, self.config.check_every)
+        steps = slot.run(max_new_tokens, self.config.check_every, sync_stop)
 
         records = {name: r[:rows, :steps] for name, r in slot.buffers.records.items()}
         token_mask = records.pop("token_mask")

@@ -287,7 +287,7 @@ class TopKStepper:
                          temperature=temperature, return_diagnostics=return_diagnostics, on_policy=on_policy,
                          forced=forced)
 
-    def advance(self, rows: list[TopKSequence], ids_theta, lp_theta, ids_t, lp_t, *, seed: int, temperature: float,
+    def advance(self, rows: Sequence[TopKSequence], ids_theta, lp_theta, ids_t, lp_t, *, seed: int, temperature: float,
                 max_tokens: int, stop_token_ids: set[int], return_diagnostics: bool) -> None:
         """Append one token to each row (`[B, k]` lists, row order), or set the row's error.
 
@@ -317,7 +317,7 @@ class TopKStepper:
                         return_diagnostics=return_diagnostics, on_policy=on_policy, forced=forced)
         self.record(rows, step, **options)
 
-    def record(self, rows: list[TopKSequence], step: StepDistribution, *, seed: int, max_tokens: int,
+    def record(self, rows: Sequence[TopKSequence], step: StepDistribution, *, seed: int, max_tokens: int,
                stop_token_ids: set[int]) -> None:
         index = [s.index for s in rows]
         position = [len(s.tokens) for s in rows]

@@ -18,7 +18,7 @@ from optimal_sampling.topk_decoding import topk_config_fields
 
 from .config import VLLM_BACKENDS, OptimalSamplingArguments
 from .estimators import group_statistics, mixture_log_weights
-from .rollout import Rollouts, left_pad, sample_rollouts
+from .rollout import Rollouts, sample_rollouts
 
 METRIC_PREFIX = "optimal_sampling/"
 
@@ -417,12 +417,14 @@ class OptimalSamplingMixin:
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
-            fast_mode = self._fast_mode(unwrapped_model)
-            if fast_mode is not None:
-                return self._sample_fast(unwrapped_model, prompt_ids, teacher_prompt_ids, on_policy, fast_mode)
+            mode = self._fast_mode(unwrapped_model) or "eager"
+            if mode == "eager":  # the teacher as the loop always ran it (FSDP: its wrapped module)
+                teacher = unwrapped_model if self._teacher_is_policy else self.teacher_model
+            else:
+                teacher = self.accelerator.unwrap_model(self.teacher_model)
             return sample_rollouts(
                 unwrapped_model,
-                unwrapped_model if self._teacher_is_policy else self.teacher_model,
+                teacher,
                 prompt_ids,
                 teacher_prompt_ids=teacher_prompt_ids,
                 max_new_tokens=max_new_tokens,
@@ -433,13 +435,15 @@ class OptimalSamplingMixin:
                 q_star=self._scheduled_q_star(),
                 on_policy=on_policy,
                 # Under FSDP / ZeRO-3 each forward is a collective: every rank decodes until all are done.
-                sync_stop=self._any_rank_running if self.accelerator.num_processes > 1 else None,
+                sync_stop=self._any_rank_running if self.accelerator.num_processes > 1 and mode == "eager" else None,
+                decoder=self._decoder(unwrapped_model, teacher, mode),
             )
 
-    # -- the fast path (static caches, a captured decode step) ------------------------------
+    # -- the decode engine: eager, or its step captured in a CUDA graph ---------------------
 
     def _fast_mode(self, policy) -> str | None:
-        """The fast-path mode rollouts use now, or None for the eager loop (`sampler_fast`)."""
+        """The decoder mode rollouts use now (`sampler_fast`), None for eager: one step per token run
+        from Python, which every setup can use (FSDP / ZeRO-3 ranks stop together)."""
         choice = self.args.sampler_fast
         if choice == "off":
             return None
@@ -450,51 +454,26 @@ class OptimalSamplingMixin:
             usable = (on_cuda and not sharded and not peft and not self._teacher_is_policy
                       and self.args.alpha_method != "kl_budget")
             return "cuda_graph" if usable else None
-        if sharded:
+        if sharded and choice != "eager":
             raise ValueError(f"sampler_fast={choice!r} needs an unsharded policy: under FSDP / ZeRO-3 every forward is "
                              "a collective, which the fast path does not keep in step. Use sampler_fast='auto'.")
-        if self._teacher_is_policy:
+        if self._teacher_is_policy and choice != "eager":
             raise ValueError(f"sampler_fast={choice!r} with the policy as its own teacher is not supported; use 'auto'.")
         return choice
 
-    def _sample_fast(self, policy, prompt_ids, teacher_prompt_ids, on_policy: torch.Tensor, mode: str) -> Rollouts:
-        """The rollouts of `sample_rollouts`, drawn by `optimal_sampling.fast.FastDecoder`.
-
-        The decoder (its static caches and captured graphs) is kept across steps: the optimizer
-        updates the parameters in place, so a captured step reads the new weights.
-        """
+    def _decoder(self, policy, teacher, mode: str):
+        """The `FastDecoder` rollouts are drawn with, kept across steps with its static caches (and, in
+        a graph mode, its captured step: the optimizer updates the parameters in place, so the
+        captured step reads the new weights)."""
         from optimal_sampling.fast import FastDecoder, FastPathConfig
 
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        was_training = policy.training  # the decoder puts its models in eval mode; the policy goes back after
         decoder = getattr(self, "_fast_decoder", None)
         if decoder is None or decoder.base is not policy or decoder.teacher is not teacher or decoder.config.mode != mode:
-            # Eager: look at the finished mask every step, so that the random stream is used exactly as the
-            # eager loop uses it (a graph mode checks every 8 steps, to keep the host out of the GPU's way).
+            # Eager: look at the finished mask every step, so that the random stream is used as `generate`
+            # uses it (a graph mode checks every 8 steps, to keep the host out of the GPU's way).
             config = FastPathConfig(mode=mode, diagnostics=True, **({"check_every": 1} if mode == "eager" else {}))
             decoder = self._fast_decoder = FastDecoder(policy, teacher, config)
-        device = self.accelerator.device
-        pad = self._tokenizer.pad_token_id
-        ids, mask = left_pad(prompt_ids, pad, device)
-        teacher_ids = teacher_mask = None
-        if teacher_prompt_ids is not None:
-            teacher_ids, teacher_mask = left_pad(teacher_prompt_ids, pad, device)
-        max_new_tokens, stop_ids = self._completion_limits()
-        policy.eval()  # no dropout while sampling, as in generate
-        try:
-            out = decoder.generate(
-                ids, mask, teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask,
-                max_new_tokens=max_new_tokens, q_star=self._scheduled_q_star(), vocab_size=self._vocab_size,
-                pad_token_id=pad, stop_token_ids=stop_ids, on_policy=on_policy,
-            )
-        finally:
-            policy.train(was_training)
-        diagnostics = {name: out.diagnostics[name].float().cpu() for name in (*RECORDED_DIAGNOSTICS, "empty_support")}
-        return Rollouts.from_padded(
-            out.sequences[:, ids.shape[1]:].cpu(), out.token_mask.cpu(), out.logq.cpu(),
-            out.diagnostics["logq_star"].cpu(), on_policy=on_policy.clone(), alpha=out.alpha.float().cpu(),
-            diagnostics=diagnostics,
-        )
+        return decoder
 
     # -- vLLM backends ---------------------------------------------------------------------
 

@@ -63,9 +63,9 @@ class OptimalSamplingArguments:
             policy's weights before every rollout after an optimizer step, like TRL's server
             mode) or `"vllm-inprocess"` (two vLLM engines in the trainer's process, driven token
             by token, top-k; the policy engine reloads the weights, like TRL's colocate mode).
-        sampler_fast: how the transformers backend decodes: `"auto"` (a CUDA-graph-captured step
-            with static caches when the policy is on one CUDA device and unsharded, else the eager
-            loop), `"off"` (the eager loop) or a `FastPathConfig` mode.
+        sampler_fast: how the transformers backend's decode engine (`FastDecoder`) runs: `"auto"`
+            (its step captured in a CUDA graph when the policy is on one CUDA device and unsharded,
+            else eager), `"off"` (eager) or a `FastPathConfig` mode.
         sampler_theta_url, sampler_t_url: the base and teacher server URLs (`"vllm"`).
         sampler_top_k: log-probs each vLLM model contributes per token (both vLLM backends).
         sampler_engine_args: `KEY=VALUE` / `base.KEY=VALUE` / `teacher.KEY=VALUE` engine
@@ -174,10 +174,11 @@ class OptimalSamplingArguments:
     sampler_fast: str = field(
         default="auto",
         metadata={
-            "help": "How `sampler_backend='transformers'` decodes. 'auto': through the package's fast path with the "
-            "decode step captured in a CUDA graph ('cuda_graph') when the policy is on a CUDA device and not sharded "
-            "(one process or DDP), else the eager loop. 'off': always the eager loop. 'eager', 'cuda_graph', "
-            "'compile_mixture', 'compile': that fast-path mode (`optimal_sampling.fast.FastPathConfig`)."
+            "help": "How `sampler_backend='transformers'` runs the package's decode engine (static caches for both "
+            "models). 'auto': its step captured in a CUDA graph ('cuda_graph') when the policy is on a CUDA device and "
+            "not sharded (one process or DDP), else eager (one step per token from Python; under FSDP / ZeRO-3 the "
+            "ranks stop together). 'off': always eager. 'eager', 'cuda_graph', 'compile_mixture', 'compile': that "
+            "mode (`optimal_sampling.fast.FastPathConfig`)."
         },
     )
     sampler_theta_url: str | None = field(
@@ -227,7 +228,8 @@ class OptimalSamplingArguments:
         if self.sampler_fast not in SAMPLER_FAST:
             raise ValueError(f"`sampler_fast` must be one of {SAMPLER_FAST}, got {self.sampler_fast!r}.")
         if self.sampler_fast not in ("auto", "off") and self.alpha_method == "kl_budget":
-            raise ValueError("`alpha_method='kl_budget'` runs in the eager loop only; set sampler_fast='auto' or 'off'.")
+            raise ValueError("`alpha_method='kl_budget'` is not verified in a captured step yet; set sampler_fast='auto' "
+                             "or 'off' (eager).")
         if self.sampler_engine_args and self.sampler_backend != "vllm-inprocess":
             raise ValueError("`sampler_engine_args` configures the engines of `sampler_backend='vllm-inprocess'`; "
                              "set that backend or drop them.")

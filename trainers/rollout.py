@@ -1,18 +1,18 @@
-"""The trainer's own q* decode loop: prompts in, completions with log q per token out.
+"""The trainer's rollouts: prompts in, completions with log q per token out.
 
 Why not `model.generate(custom_generate=optimal_generate)`? Under FSDP or DeepSpeed ZeRO-3
 every forward of a sharded model is a collective, so all ranks must run the same number of
 forwards. `generate(synced_gpus=True)` keeps the *base* in step after a rank finishes, but it
 skips the logits processors on finished ranks, and the teacher's forward lives in the
-processor: the ranks would deadlock. This loop runs both forwards on every rank until every
-rank is done (`sync_stop`), and otherwise does what transformers' `_sample` does (one
-`torch.multinomial` per step over the softmax of the sampled log-probs, finished rows padded),
-so with α = 0 it draws the same tokens as vanilla GRPO's `generate` under the same seed.
-Rows flagged `on_policy` are sampled from π_θ itself in the same batch (α = 0 for that row,
-log q = log π_θ); the teacher still runs on them, so each of their tokens also carries its
-log-probability under q* (which multiple-importance-sampling weights need).
-
-The per-token maths is the package core: `log_probs_from_logits` and `compute_mixture`.
+processor: the ranks would deadlock. The package's decode engine (`optimal_sampling.fast.
+FastDecoder`) runs both forwards on every rank until every rank is done (`sync_stop`, eager
+mode), and otherwise does what transformers' `_sample` does (one exponential race per step,
+which is `torch.multinomial` draw for draw, finished rows padded), so with α = 0 it draws the
+same tokens as vanilla GRPO's `generate` under the same seed. On one CUDA device the trainer
+gives it a decoder whose step is captured in a CUDA graph. Rows flagged `on_policy` are sampled
+from π_θ itself in the same batch (α = 0 for that row, log q = log π_θ); the teacher still runs
+on them, so each of their tokens also carries its log-probability under q* (which
+multiple-importance-sampling weights need).
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from optimal_sampling.mixture import compute_mixture, log_probs_from_logits, token_records
+from optimal_sampling.fast import FastDecoder, FastPathConfig
 from optimal_sampling.options import QStarOptions
 from optimal_sampling.records import RECORDED_DIAGNOSTICS
-from optimal_sampling.teacher import TeacherCache
 
 
 @dataclass
@@ -90,8 +89,14 @@ def sample_rollouts(
     q_star: QStarOptions | None = None,
     on_policy: Sequence[bool] | torch.Tensor | None = None,
     sync_stop: Callable[[bool], bool] | None = None,
+    decoder: FastDecoder | None = None,
 ) -> Rollouts:
     """Sample one completion per prompt from q* ∝ π_θ^(1-α) · π_t^α, token by token.
+
+    The tokens are drawn by the package's decode engine, `optimal_sampling.fast.FastDecoder`:
+    in eager mode by default (static caches, one step per token; with `sync_stop`, the mode
+    FSDP / ZeRO-3 need), or by the `decoder` given (a trainer keeps one, with its step captured
+    in a CUDA graph on a GPU). The random stream is used as transformers' `_sample` uses it.
 
     Args:
         base, teacher: causal LMs (already unwrapped / gathered as the caller needs).
@@ -108,6 +113,7 @@ def sample_rollouts(
         sync_stop: maps "this rank still has running rows" to "some rank still has", e.g. an
             all-reduce; None for a single process. Ranks keep running forwards (with pad
             tokens) until every rank is done.
+        decoder: the `FastDecoder` of (`base`, `teacher`) to draw with; default: a new eager one.
 
     Example:
         >>> from optimal_sampling.testing import tiny_causal_lm
@@ -117,58 +123,28 @@ def sample_rollouts(
         >>> [len(ids) == len(lq) <= 3 for ids, lq in zip(out.completion_ids, out.logq)]
         [True, True]
     """
-    q_star = q_star or QStarOptions()
     ids, mask = left_pad(prompt_ids, pad_token_id, device)
-    if teacher_prompt_ids is None:
-        teacher_ids, teacher_mask = ids, mask
-    else:
+    teacher_ids = teacher_mask = None
+    if teacher_prompt_ids is not None:
         if len(teacher_prompt_ids) != len(prompt_ids):
             raise ValueError(f"Got {len(prompt_ids)} prompts but {len(teacher_prompt_ids)} teacher prompts.")
         teacher_ids, teacher_mask = left_pad(teacher_prompt_ids, pad_token_id, device)
-    base_cache, teacher_cache = TeacherCache(base), TeacherCache(teacher)
-    stops = torch.tensor(sorted(set(int(s) for s in stop_token_ids)), device=ids.device)
     batch = ids.shape[0]
-    if on_policy is None:
-        on_policy = torch.zeros(batch, dtype=torch.bool)
-    on_policy = torch.as_tensor(on_policy, dtype=torch.bool).to(ids.device)
-    if on_policy.shape != (batch,):
-        raise ValueError(f"`on_policy` must hold one flag per prompt ({batch}), got shape {tuple(on_policy.shape)}.")
-    generated = ids.new_empty((batch, 0))
-    running = torch.ones(batch, dtype=torch.bool, device=ids.device)
-    steps: list[dict[str, torch.Tensor]] = []
-
-    for step in range(max_new_tokens):
-        local_running = bool(running.any())
-        if not (sync_stop(local_running) if sync_stop is not None else local_running):
-            break
-        ones = torch.ones_like(generated)
-        base_logits = base_cache.last_logits(torch.cat([ids, generated], 1), torch.cat([mask, ones], 1))
-        teacher_logits = teacher_cache.last_logits(
-            torch.cat([teacher_ids, generated], 1), torch.cat([teacher_mask, ones], 1)
-        )
-        if not local_running:  # only keeping the other ranks' collectives company
-            generated = torch.cat([generated, generated.new_full((batch, 1), pad_token_id)], 1)
-            continue
-        logp_theta = log_probs_from_logits(base_logits, q_star.temperature, vocab_size)  # [B, V]
-        logp_t = log_probs_from_logits(teacher_logits, q_star.temperature, vocab_size)  # [B, V]
-        forced = torch.full((batch,), step < q_star.force_teacher_first_tokens, device=logp_theta.device)
-        mix = compute_mixture(logp_theta, logp_t, q_star, forced=forced if q_star.force_teacher_first_tokens else None)
-        logq = torch.where(on_policy.unsqueeze(-1), logp_theta, mix.logq)  # [B, V]: what each row samples
-        # As transformers' `_sample`: one multinomial draw over softmax(scores) per step.
-        next_tokens = torch.multinomial(torch.softmax(logq, dim=-1), num_samples=1).squeeze(1)
-        next_tokens = torch.where(running, next_tokens, torch.full_like(next_tokens, pad_token_id))
-        record = token_records(mix, next_tokens.clamp(max=vocab_size - 1), logp_theta, logp_t, sampled_logq=logq)
-        entry = {name: record[name].float() for name in ("logq", "logq_star", "empty_support", *RECORDED_DIAGNOSTICS)}
-        entry.update(mask=running.clone(), alpha=torch.where(on_policy, 0.0, mix.alpha.float()))
-        steps.append(entry)
-        generated = torch.cat([generated, next_tokens[:, None]], 1)
-        running = running & ~torch.isin(next_tokens, stops)
-
-    if not steps:
-        raise RuntimeError("max_new_tokens must be >= 1 to sample a completion.")
-    stacked = {name: torch.stack([s[name] for s in steps], dim=1) for name in steps[0]}  # [B, T] each
-    token_mask = stacked.pop("mask")
+    flags = torch.zeros(batch, dtype=torch.bool) if on_policy is None else torch.as_tensor(on_policy, dtype=torch.bool)
+    if flags.shape != (batch,):
+        raise ValueError(f"`on_policy` must hold one flag per prompt ({batch}), got shape {tuple(flags.shape)}.")
+    if decoder is None:
+        # Eager: look at the finished mask every step, so that the random stream is used exactly as
+        # transformers' `_sample` uses it.
+        decoder = FastDecoder(base, teacher, FastPathConfig(mode="eager", diagnostics=True, check_every=1))
+    out = decoder.generate(  # in eval mode (no dropout); the models go back to their modes after
+        ids, mask, teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask, max_new_tokens=max_new_tokens,
+        q_star=q_star, vocab_size=vocab_size, pad_token_id=pad_token_id, stop_token_ids=stop_token_ids,
+        on_policy=flags, sync_stop=sync_stop,
+    )
+    diagnostics = {name: out.diagnostics[name].float().cpu() for name in (*RECORDED_DIAGNOSTICS, "empty_support")}
     return Rollouts.from_padded(
-        generated[:, : token_mask.shape[1]], token_mask, stacked.pop("logq"), stacked.pop("logq_star"),
-        on_policy=on_policy, alpha=stacked.pop("alpha"), diagnostics=stacked,
+        out.sequences[:, ids.shape[1]:].cpu(), out.token_mask.cpu(), out.logq.float().cpu(),
+        out.diagnostics["logq_star"].float().cpu(), on_policy=flags.clone(), alpha=out.alpha.float().cpu(),
+        diagnostics=diagnostics,
     )
