@@ -14,7 +14,7 @@ the three solver implementations (torch, C, Triton) read them from one low modul
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 ALPHA_METHODS = ("kl_symmetry", "fixed", "entropy", "ess_balance", "kl_budget")
@@ -163,7 +163,7 @@ def check_option_names(options: dict[str, Any]) -> None:
             raise TypeError(f"Unknown q* option {name!r}; the options are: {', '.join(OPTION_NAMES)}.")
 
 
-def q_star_field(name: str, *, default: Any = MISSING, help: str | None = None) -> Field:
+def q_star_field(name: str, *, default: Any = MISSING, help: str | None = None) -> Any:
     """A dataclass field of another config that mirrors the q* option `name`: the same default
     (unless `default` is given) and help text (unless `help` is given), so that the vLLM
     configs and the trainer configs say what `QStarOptions` says.
