@@ -157,12 +157,14 @@ def kl_symmetry_kernel(backend: str, logp_theta: torch.Tensor, logp_t: torch.Ten
                        **launch):
     """The `kl_symmetry` kernel of `backend` ("c" or "triton"), imported on first use."""
     if backend == "c":
-        from .cpu_kernel import kl_symmetry_cpu as kernel
-    elif backend == "triton":
-        from .kernels import kl_symmetry_kernel as kernel
-    else:
-        raise ValueError(f"No kl_symmetry kernel for backend {backend!r}; the kernels are 'c' and 'triton'.")
-    return kernel(logp_theta, logp_t, tol, max_iter, **launch)
+        from .cpu_kernel import kl_symmetry_cpu
+
+        return kl_symmetry_cpu(logp_theta, logp_t, tol, max_iter, **launch)
+    if backend == "triton":
+        from .kernels import kl_symmetry_kernel as kl_symmetry_triton
+
+        return kl_symmetry_triton(logp_theta, logp_t, tol, max_iter, **launch)
+    raise ValueError(f"No kl_symmetry kernel for backend {backend!r}; the kernels are 'c' and 'triton'.")
 
 
 def check_solve_options(method, *, alpha, tol, max_iter, alpha_min, alpha_max, empty_support, kl_budget=None) -> None:
@@ -202,8 +204,10 @@ def solve_on_support(
             result = alpha.to(device=device, dtype=torch.float64).expand(batch).clone()
             if bool(((result < 0) | (result > 1)).any()):
                 raise ValueError(f"`alpha` for method='fixed' must lie in [0, 1], got {alpha}.")
-        else:
+        elif alpha is not None:  # (None was refused with the options)
             result = torch.full((batch,), float(alpha), dtype=torch.float64, device=device)
+        else:
+            raise ValueError("method='fixed' needs `alpha=` (a number in [0, 1]).")
     elif method == "entropy":
         result = _entropy_alpha(pair.logp_theta, pair.logp_t, log_multiplicity)
     elif method == "ess_balance":

@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import StaticCache
@@ -39,7 +39,7 @@ from transformers import StaticCache
 from .compat import check_transformers_front
 from .decode_step import DecodeBuffers, DeviceScalarConstants, MixingOptions, decode_tail
 from .options import QStarOptions
-from .records import RECORDED_DIAGNOSTICS, OptimalGenerateOutput, check_same_device
+from .records import RECORDED_DIAGNOSTICS, OptimalGenerateOutput, check_same_device, output_width
 from .teacher import position_ids_from_mask, repeat_teacher_prompts
 
 __all__ = ["FAST_MODES", "DeviceScalarConstants", "FastDecoder", "FastPathConfig", "MixingOptions", "clear_fast_decoders",
@@ -137,7 +137,7 @@ class _DecodeSlot:
         self.batch, self.base_len, self.teacher_len = batch, base_len, teacher_len
         self.base_cache = StaticCache(config=base.config, max_cache_len=base_len)
         self.teacher_cache = StaticCache(config=teacher.config, max_cache_len=teacher_len)
-        long = dict(dtype=torch.long, device=device)
+        long: dict[str, Any] = dict(dtype=torch.long, device=device)
         self.buffers = DecodeBuffers(
             base_input=torch.zeros(batch, 1, **long),
             teacher_input=torch.zeros(batch, 1, **long),
@@ -426,8 +426,7 @@ class FastDecoder:
         if bool((mask[:, -1] == 0).any()) or bool((teacher_mask[:, -1] == 0).any()):
             raise ValueError("The fast path needs left-padded prompts (every row's last column a real token); pad on the left.")
 
-        base_width = self.base.get_output_embeddings().weight.shape[0]
-        teacher_width = self.teacher.get_output_embeddings().weight.shape[0]
+        base_width, teacher_width = output_width(self.base), output_width(self.teacher)
         mode = self._resolve_mode()
         if sync_stop is not None and mode != "eager":
             raise ValueError(f"`sync_stop` (ranks stopping together) needs the eager mode; a {mode!r} step is captured "

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from transformers import GenerationMixin, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.stopping_criteria import EosTokenCriteria
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .compat import check_transformers_front
 from .options import OPTION_NAMES, QStarOptions
@@ -21,6 +22,7 @@ from .records import (
     check_same_vocabulary,
     first_or_none,
     model_eos_ids,
+    output_width,
     prompt_token_ids,
     summarize_tokens,
 )
@@ -169,7 +171,7 @@ def optimal_generate(
     if optimal_streamer is not None:
         optimal_streamer.put(input_ids.cpu())
     output = GenerationMixin._sample(
-        model,
+        cast(Any, model),  # a causal LM with GenerationMixin: generate() called this strategy on it
         input_ids,
         logits_processor=kept,
         stopping_criteria=stopping_criteria,
@@ -178,7 +180,7 @@ def optimal_generate(
         streamer=optimal_streamer,
         **model_kwargs,
     )
-    if not generation_config.return_dict_in_generate:
+    if not generation_config.return_dict_in_generate or not isinstance(output, GenerateDecoderOnlyOutput):
         return output
     record = processor.records(output.sequences)
     return OptimalGenerateOutput(
@@ -279,7 +281,7 @@ class OptimalSampler:
         check_same_vocabulary(self.tokenizer, self.teacher_tokenizer)
         self.vocab_size = len(tokenizer)
         for name, model in (("base", base_model), ("teacher", teacher_model)):
-            width = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else model.config.vocab_size
+            width = output_width(model)
             if width < self.vocab_size:
                 raise ValueError(
                     f"The {name} model's output layer has {width} rows but the tokenizer has {self.vocab_size} tokens; "
@@ -300,7 +302,8 @@ class OptimalSampler:
             raise ValueError("No stop token: neither model nor tokenizer defines an EOS id; pass `stop_token_ids=`.")
 
     def _pad_id(self) -> int:
-        for candidate in (self.tokenizer.pad_token_id, self.base.config.pad_token_id, self.tokenizer.eos_token_id):
+        for candidate in (self.tokenizer.pad_token_id, getattr(self.base.config, "pad_token_id", None),
+                          self.tokenizer.eos_token_id):
             if candidate is not None:
                 return int(candidate)
         raise ValueError("The tokenizer has neither a pad nor an EOS token; set `tokenizer.pad_token`.")
@@ -392,7 +395,7 @@ class OptimalSampler:
         teacher_ids = teacher_mask = None
         if teacher_prompt_ids is not None:
             teacher_ids, teacher_mask = self._left_pad([list(r) for r in teacher_prompt_ids])
-        return self.base.generate(
+        return cast(Any, self.base).generate(  # a causal LM's GenerationMixin.generate
             input_ids=ids,
             attention_mask=mask,
             custom_generate=optimal_generate,

@@ -297,8 +297,9 @@ def compute_mixture(
         logq_full, moments = mixture_cpu(lp, lr, solution.alpha, empty_support=q_star.empty_support)
         diagnostics = None
         if return_diagnostics:
-            diagnostics = diagnostics_from_moments(solution.alpha, *moments.unbind(-1), solution.empty_support,
-                                                   q_star.empty_support)
+            log_partition, mean_delta, entropy_q, ess_gap = moments.unbind(-1)
+            diagnostics = diagnostics_from_moments(solution.alpha, log_partition, mean_delta, entropy_q, ess_gap,
+                                                   solution.empty_support, q_star.empty_support)
     else:
         pair = common_support(logp_theta, logp_t, teacher_top_p=q_star.teacher_top_p)
         solution = solve_on_support(

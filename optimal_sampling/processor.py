@@ -81,15 +81,16 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
         self.q_star = QStarOptions.build(q_star, **options)
         if teacher_attention_mask is not None and teacher_input_ids is None:
             raise ValueError("`teacher_attention_mask` was given without `teacher_input_ids`.")
-        if teacher_input_ids is not None and teacher_attention_mask is None:
-            teacher_attention_mask = torch.ones_like(teacher_input_ids)
-        if teacher_input_ids is not None and teacher_input_ids.shape != teacher_attention_mask.shape:
-            raise ValueError(
-                f"`teacher_input_ids` {tuple(teacher_input_ids.shape)} and `teacher_attention_mask` "
-                f"{tuple(teacher_attention_mask.shape)} must have the same shape."
-            )
-        if teacher_input_ids is not None and teacher_input_ids.shape[1] == 0:
-            raise ValueError("`teacher_input_ids` is empty; the teacher needs at least one prompt token per row.")
+        if teacher_input_ids is not None:
+            if teacher_attention_mask is None:
+                teacher_attention_mask = torch.ones_like(teacher_input_ids)
+            if teacher_input_ids.shape != teacher_attention_mask.shape:
+                raise ValueError(
+                    f"`teacher_input_ids` {tuple(teacher_input_ids.shape)} and `teacher_attention_mask` "
+                    f"{tuple(teacher_attention_mask.shape)} must have the same shape."
+                )
+            if teacher_input_ids.shape[1] == 0:
+                raise ValueError("`teacher_input_ids` is empty; the teacher needs at least one prompt token per row.")
         self.teacher = teacher_model
         self.teacher_cache = TeacherCache(teacher_model)
         self.vocab_size = vocab_size
@@ -124,9 +125,8 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
 
     def _teacher_sequence(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         teacher_ids, teacher_mask = self.teacher_prompt
-        if teacher_ids is None:
-            pad = self.pad_token_id
-            return input_ids, left_padding_mask(input_ids, pad)
+        if teacher_ids is None or teacher_mask is None:  # (a mask always comes with teacher ids)
+            return input_ids, left_padding_mask(input_ids, self.pad_token_id)
         teacher_ids, teacher_mask = repeat_teacher_prompts(teacher_ids, teacher_mask, input_ids.shape[0])
         self.teacher_prompt = (teacher_ids, teacher_mask)
         teacher_ids = teacher_ids.to(input_ids.device)
@@ -145,7 +145,7 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
         # processors after this one may still modify them in place.
         with torch.inference_mode():
             logq = self._process(input_ids, scores)
-        return logq.clone()
+        return logq.clone()  # type: ignore[return-value]  # transformers annotates scores as FloatTensor
 
     def _process(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self._continues_last_call(input_ids):

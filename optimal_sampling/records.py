@@ -8,7 +8,7 @@ they live here rather than in one of the fronts.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -190,3 +190,9 @@ def prompt_token_ids(prompt, tokenizer, where: str = "prompt") -> list[int]:
     if len(ids) == 0:
         raise ValueError(f"{where} tokenizes to no tokens.")
     return list(ids)
+
+
+def output_width(model: torch.nn.Module) -> int:
+    """Rows of a causal LM's output layer (its logits' width; may exceed the tokenizer's size)."""
+    head = cast(Any, model).get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(cast(Any, model).config.vocab_size)

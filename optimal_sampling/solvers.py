@@ -289,8 +289,8 @@ def _kl_budget_alpha(pair: CommonSupport, kl_budget, tol: float, max_iter: int):
     Runs in float64: a budget of 1e-4 nats is a difference of two O(1) terms (αA' and A), which
     float32 sums resolve only to about 1e-6, i.e. a percent of the budget.
     """
-    pair = CommonSupport(*(x.double() if torch.is_tensor(x) and x.is_floating_point() else x for x in
-                           (pair.logp_theta, pair.logp_t, pair.logp_theta_s, pair.delta, pair.off, pair.empty)))
+    pair = CommonSupport(pair.logp_theta.double(), pair.logp_t.double(), pair.logp_theta_s.double(), pair.delta.double(),
+                         pair.off, pair.empty)
     batch, device = pair.delta.shape[0], pair.delta.device
     budget = torch.as_tensor(kl_budget, dtype=torch.float64, device=device).expand(batch)
     if bool((budget < 0).any()) or not bool(torch.isfinite(budget).all()):

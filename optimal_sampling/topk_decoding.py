@@ -141,7 +141,7 @@ def _merge_rows(mask: torch.Tensor, where_true, where_false):
     """Rows of `where_true` at `mask`, of `where_false` elsewhere (tensors or dataclasses of them)."""
     if where_true is None or where_false is None:
         return None
-    if is_dataclass(where_true):
+    if is_dataclass(where_true) and not isinstance(where_true, type):
         return replace(where_true, **{f.name: _merge_rows(mask, getattr(where_true, f.name), getattr(where_false, f.name))
                                       for f in fields(where_true)})
     out = where_false.new_empty((mask.shape[0], *where_false.shape[1:]))
