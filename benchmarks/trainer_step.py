@@ -2,7 +2,7 @@
 sampling and the rest, on the same policy, prompts and lengths.
 
     python benchmarks/trainer_step.py [--batch 64] [--generations 8] [--prompt 128] [--new 256]
-        [--steps 4] [--configs vanilla loop fast] [--check] [--no-append]
+        [--steps 4] [--configs vanilla loop fast compiled] [--check] [--no-append]
 
 Models: a Qwen2.5-0.5B-shaped policy and a Qwen2.5-1.5B-shaped teacher (3x the policy), random
 bf16 weights, sharing a word-level tokenizer whose 151,936 tokens fill Qwen's output layer (built
@@ -11,9 +11,12 @@ sample EOS, so every row makes `--new` tokens in every configuration. Each confi
 trains a fresh copy of the same policy with the same seed:
 
   vanilla  trl.GRPOTrainer (use_vllm=False: the policy's own `generate`)
-  loop     OptimalSamplingGRPOTrainer, sampler_fast="off" (the eager two-model decode loop)
+  loop     OptimalSamplingGRPOTrainer, sampler_fast="off" (the decode engine's eager step, one
+           Python-driven step per token)
   fast     OptimalSamplingGRPOTrainer, sampler_fast="cuda_graph" (static caches, one captured
            step per token)
+  compiled OptimalSamplingGRPOTrainer, sampler_fast="compile_mixture" (the q* part of the step
+           compiled with torch.compile, then the whole step captured)
 
 The q* trainers run their defaults but with alpha_method="kl_symmetry" (half of each group
 on-policy, half from the KL-symmetric q*). Reported: medians over the steps after the first
@@ -152,7 +155,8 @@ def run_config(name: str, pair: Path, args) -> dict:
     else:
         config = OptimalSamplingGRPOConfig(**common, teacher_model_name_or_path=str(pair / "teacher"),
                                            alpha_method="kl_symmetry",
-                                           sampler_fast={"loop": "off", "fast": "eager" if args.smoke else "cuda_graph"}[name])
+                                           sampler_fast={"loop": "off", "fast": "eager" if args.smoke else "cuda_graph",
+                                                         "compiled": "eager" if args.smoke else "compile_mixture"}[name])
         trainer = OptimalSamplingGRPOTrainer(policy, reward_funcs=random_reward, args=config, train_dataset=dataset,
                                              processing_class=tokenizer, teacher_processing_class=tokenizer)
     timer = StepTimer()
@@ -240,7 +244,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--configs", nargs="+", default=["vanilla", "loop", "fast"], choices=["vanilla", "loop", "fast"])
+    parser.add_argument("--configs", nargs="+", default=["vanilla", "loop", "fast"],
+                        choices=["vanilla", "loop", "fast", "compiled"])
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny float32 models on CPU (the fast config runs eager)")
