@@ -226,7 +226,7 @@ def check_against_eager_loop(fast_mode: str) -> list[str]:
 
     trainer._sample_optimal = both
     trainer.train()
-    decoder = trainer._fast_decoder
+    decoder = trainer._fast_decoders[fast_mode]
     lines = [f"fast-path mode used: {decoder.stats['mode']} (fallbacks {decoder.stats['fallbacks']}, "
              f"{decoder.stats['calls']} calls)"]
     for step, (a, b) in enumerate(pairs):

@@ -108,6 +108,20 @@ class FastPathConfig:
         raise TypeError(f"`fast` must be True, a mode name ({', '.join(FAST_MODES)}) or a FastPathConfig, got {fast!r}.")
 
 
+def reset_cuda_generator(device: torch.device) -> None:
+    """Give the device's default CUDA generator a fresh state with the same seed and offset.
+
+    A capture that raises ends without the generator's capture epilogue, so the generator stays
+    marked as capturing and every later random draw outside a graph fails ("Offset increment
+    outside graph capture encountered unexpectedly"): the eager fallback could not sample. A new
+    generator state, copied from the old one's seed and offset, has no such mark.
+    """
+    generator = torch.cuda.default_generators[torch.device(device).index or 0]
+    fresh = torch.Generator(device=device)
+    fresh.set_state(generator.get_state())
+    generator.graphsafe_set_state(fresh.graphsafe_get_state())
+
+
 def _forward_last_logits(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True,
@@ -347,6 +361,7 @@ class FastDecoder:
                 slot.build(mode)
                 break
             except Exception as error:  # counted and kept: a mode that cannot capture must not stop sampling
+                reset_cuda_generator(self.device)
                 if mode not in _FALLBACK:
                     raise
                 self.stats["fallbacks"] += 1

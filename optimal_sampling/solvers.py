@@ -292,9 +292,12 @@ def _kl_budget_alpha(pair: CommonSupport, kl_budget, tol: float, max_iter: int):
     pair = CommonSupport(pair.logp_theta.double(), pair.logp_t.double(), pair.logp_theta_s.double(), pair.delta.double(),
                          pair.off, pair.empty)
     batch, device = pair.delta.shape[0], pair.delta.device
-    budget = torch.as_tensor(kl_budget, dtype=torch.float64, device=device).expand(batch)
-    if bool((budget < 0).any()) or not bool(torch.isfinite(budget).all()):
-        raise ValueError("`kl_budget` must be finite and >= 0 (nats per token) in every row.")
+    if isinstance(kl_budget, torch.Tensor):  # per-row budgets (a float was checked with the options: no host sync)
+        budget = kl_budget.to(dtype=torch.float64, device=device).expand(batch)
+        if bool((budget < 0).any()) or not bool(torch.isfinite(budget).all()):
+            raise ValueError("`kl_budget` must be finite and >= 0 (nats per token) in every row.")
+    else:
+        budget = torch.full((batch,), float(kl_budget), dtype=torch.float64, device=device)
     root_budget = budget.sqrt()
     lo = torch.zeros(batch, dtype=torch.float64, device=device)
     hi = lo + 1.0

@@ -330,3 +330,29 @@ def test_graph_modes_sample_like_eager_on_the_gpu(mode):
         assert decoder.stats["mode"] == name, decoder.stats["errors"]
     assert torch.equal(outs[mode].sequences, outs["eager"].sequences)
     torch.testing.assert_close(outs[mode].logq, outs["eager"].logq, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_step_that_cannot_be_captured_falls_back_and_still_samples(monkeypatch):
+    """A failed capture leaves torch's CUDA generator marked as capturing; without a reset, the eager
+    fallback's first random draw raises ("Offset increment outside graph capture")."""
+    import optimal_sampling.fast as fast_module
+
+    def syncing_tail(base_logits, teacher_logits, buffers, options):
+        if torch.cuda.is_current_stream_capturing():
+            int(buffers.step)  # a host read: the capture fails here
+        return decode_tail(base_logits, teacher_logits, buffers, options)
+
+    base, teacher = (m.cuda() for m in make_pair("llama"))
+    ids, mask = (x.cuda() for x in left_pad(PROMPTS))
+    torch.manual_seed(3)
+    expected = FastDecoder(base, teacher, FastPathConfig(mode="eager", max_iter=8)).generate(
+        ids, mask, max_new_tokens=16, pad_token_id=PAD, stop_token_ids=[EOS])
+    monkeypatch.setattr(fast_module, "decode_tail", syncing_tail)
+    decoder = FastDecoder(base, teacher, FastPathConfig(mode="cuda_graph", bucket_batch=False))
+    torch.manual_seed(3)
+    out = decoder.generate(ids, mask, max_new_tokens=16, pad_token_id=PAD, stop_token_ids=[EOS])
+    assert decoder.stats["mode"] == "eager" and decoder.stats["fallbacks"] == 1, decoder.stats["errors"]
+    assert torch.equal(out.sequences, expected.sequences)
+    torch.cuda.manual_seed(0)
+    torch.empty(4, device="cuda").exponential_()  # the generator works after the decoder too

@@ -196,7 +196,7 @@ def test_the_fast_samplers_step_draws_the_eager_loops_rollouts_across_optimizer_
         trainer.train()
         runs[mode] = (rollouts, losses(trainer))
         if mode == "eager":
-            assert trainer._fast_decoder.stats["calls"] == 2
+            assert trainer._fast_decoders["eager"].stats["calls"] == 2
     (loop, loop_losses), (fast, fast_losses) = runs["off"], runs["eager"]
     assert len(loop) == len(fast) == 2
     for a, b in zip(loop, fast):

@@ -345,12 +345,13 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         captured step reads the new weights)."""
         from optimal_sampling.fast import FastDecoder, FastPathConfig
 
-        decoder = getattr(self, "_fast_decoder", None)
-        if decoder is None or decoder.base is not policy or decoder.teacher is not teacher or decoder.config.mode != mode:
+        decoders = self.__dict__.setdefault("_fast_decoders", {})  # mode -> decoder
+        decoder = decoders.get(mode)
+        if decoder is None or decoder.base is not policy or decoder.teacher is not teacher:
             # Eager: look at the finished mask every step, so that the random stream is used as `generate`
             # uses it (a graph mode checks every 8 steps, to keep the host out of the GPU's way).
             config = FastPathConfig(mode=mode, diagnostics=True, **({"check_every": 1} if mode == "eager" else {}))
-            decoder = self._fast_decoder = FastDecoder(policy, teacher, config)
+            decoder = decoders[mode] = FastDecoder(policy, teacher, config)
         return decoder
 
     # -- metrics -------------------------------------------------------------------------
