@@ -11,7 +11,12 @@ import importlib.util
 collect_ignore = []
 if importlib.util.find_spec("vllm") is None:
     # A vLLM plugin (it subclasses vLLM's LogitsProcessor), and the tests of the engines.
-    collect_ignore += ["optimal_sampling/engines/processor.py", "tests/test_engines.py", "tests/test_engines_cli.py",
-                       "tests/test_engines_pipeline.py", "tests/test_engines_trainer.py"]
+    collect_ignore += [
+        "optimal_sampling/engines/processor.py",
+        "tests/test_engines.py",
+        "tests/test_engines_cli.py",
+        "tests/test_engines_pipeline.py",
+        "tests/test_engines_trainer.py",
+    ]
 else:
     collect_ignore += ["tests/test_vllm_venv.py"]

@@ -121,7 +121,12 @@ def sweep(pair, device: str, warmup: int, repeats: int) -> list[str]:
         cells = []
         for warps in (4, 8, 16):
             try:
-                ms = time_ms(lambda: kl_symmetry_kernel("triton", lp, lr, 1e-6, 20, block=block, num_warps=warps), device, warmup, repeats)
+                ms = time_ms(
+                    lambda: kl_symmetry_kernel("triton", lp, lr, 1e-6, 20, block=block, num_warps=warps),
+                    device,
+                    warmup,
+                    repeats,
+                )
                 cells.append(f"{ms:.3f}")
             except Exception as error:  # e.g. out of registers / shared memory for this combination
                 cells.append(type(error).__name__)
@@ -191,11 +196,14 @@ def main() -> None:
         lines.append(f"| {shape} | bisection, torch ops (20 its) | {bisect_ms:.3f} | 20 | 20 | {gap:.1e} |")
         info = solve_alpha(lp, lr, "kl_budget", kl_budget=KL_BUDGET, return_info=True, validate=False)
         gap = (info.alpha.double() - kl_budget_bisection(lp, lr, KL_BUDGET)).abs().max().item()
-        budget_ms = time_ms(lambda: solve_alpha(lp, lr, "kl_budget", kl_budget=KL_BUDGET, validate=False),
-                            args.device, warmup, repeats)
+        budget_ms = time_ms(
+            lambda: solve_alpha(lp, lr, "kl_budget", kl_budget=KL_BUDGET, validate=False), args.device, warmup, repeats
+        )
         its = info.iterations.float()
-        lines.append(f"| {shape} | kl_budget ε = {KL_BUDGET} (Newton on √KL, float64) | {budget_ms:.3f} | "
-                     f"{its.median().item():.0f} + endpoints | {its.max().item():.0f} + endpoints | {gap:.1e} |")
+        lines.append(
+            f"| {shape} | kl_budget ε = {KL_BUDGET} (Newton on √KL, float64) | {budget_ms:.3f} | "
+            f"{its.median().item():.0f} + endpoints | {its.max().item():.0f} + endpoints | {gap:.1e} |"
+        )
 
     if args.sweep and cuda and kernel_available:
         for shape in (TARGET_SHAPE, (256, 32000)):

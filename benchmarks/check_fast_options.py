@@ -35,8 +35,9 @@ OPTION_SETS = {
     "kl_budget=0.05": QStarOptions(alpha_method="kl_budget", kl_budget=0.05),
     "force_teacher_first_tokens=3, alpha_max=0.7": QStarOptions(force_teacher_first_tokens=3, alpha_max=0.7),
     "teacher_top_p=0.9, top_k=20, top_p=0.95": QStarOptions(teacher_top_p=0.9, top_k=20, top_p=0.95),
-    "fixed alpha=0.4, empty_support=base, T=0.7": QStarOptions(alpha_method="fixed", alpha=0.4, empty_support="base",
-                                                               temperature=0.7),
+    "fixed alpha=0.4, empty_support=base, T=0.7": QStarOptions(
+        alpha_method="fixed", alpha=0.4, empty_support="base", temperature=0.7
+    ),
     "entropy": QStarOptions(alpha_method="entropy"),
     "ess_balance": QStarOptions(alpha_method="ess_balance"),
 }
@@ -60,17 +61,21 @@ def main(argv=None) -> None:
     enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
     ids, mask = enc["input_ids"].cuda(), enc["attention_mask"].cuda()
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    rows = ["| options | mode (fallbacks) | rows with equal tokens | max abs diff log q | max abs diff alpha | "
-            "max KL(q‖π_θ) |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| options | mode (fallbacks) | rows with equal tokens | max abs diff log q | max abs diff alpha | "
+        "max KL(q‖π_θ) |",
+        "|---|---|---|---|---|---|",
+    ]
     failures = 0
     for name, q_star in OPTION_SETS.items():
         graph = FastDecoder(base, teacher, FastPathConfig(mode="cuda_graph", bucket_batch=False, diagnostics=True))
-        eager = FastDecoder(base, teacher, FastPathConfig(mode="eager", bucket_batch=False, diagnostics=True,
-                                                          max_iter=8))  # the graph's iteration count
+        eager = FastDecoder(
+            base, teacher, FastPathConfig(mode="eager", bucket_batch=False, diagnostics=True, max_iter=8)
+        )  # the graph's iteration count
         g, e = decode(graph, ids, mask, args, q_star, pad, eos), decode(eager, ids, mask, args, q_star, pad, eos)
         width = min(g.alpha.shape[1], e.alpha.shape[1])
         common = g.token_mask[:, :width] & e.token_mask[:, :width]
-        tokens_g, tokens_e = g.sequences[:, ids.shape[1]:][:, :width], e.sequences[:, ids.shape[1]:][:, :width]
+        tokens_g, tokens_e = g.sequences[:, ids.shape[1] :][:, :width], e.sequences[:, ids.shape[1] :][:, :width]
         equal = int(((tokens_g == tokens_e) | ~common).all(dim=1).sum())
         dlogq = float((g.logq[:, :width] - e.logq[:, :width]).abs()[common].max())
         dalpha = float((g.alpha[:, :width] - e.alpha[:, :width]).abs()[common].max())
@@ -78,18 +83,25 @@ def main(argv=None) -> None:
         ok = graph.stats["mode"] == "cuda_graph" and graph.stats["fallbacks"] == 0 and equal == args.rows
         ok &= q_star.kl_budget is None or kl <= q_star.kl_budget + 1e-4
         failures += not ok
-        print(f"[check_fast_options] {name}: {graph.stats['mode']} ({graph.stats['fallbacks']} fallbacks"
-              f"{'; ' + graph.stats['errors'][0][:300] if graph.stats['errors'] else ''}), {equal}/{args.rows} rows "
-              f"equal, |dlogq| {dlogq:.2e}, |dalpha| {dalpha:.2e}, max KL(q|p) {kl:.4f}", flush=True)
-        rows.append(f"| {name} | {graph.stats['mode']} ({graph.stats['fallbacks']}) | {equal}/{args.rows} | "
-                    f"{dlogq:.1e} | {dalpha:.1e} | {kl:.4f} |")
+        print(
+            f"[check_fast_options] {name}: {graph.stats['mode']} ({graph.stats['fallbacks']} fallbacks"
+            f"{'; ' + graph.stats['errors'][0][:300] if graph.stats['errors'] else ''}), {equal}/{args.rows} rows "
+            f"equal, |dlogq| {dlogq:.2e}, |dalpha| {dalpha:.2e}, max KL(q|p) {kl:.4f}",
+            flush=True,
+        )
+        rows.append(
+            f"| {name} | {graph.stats['mode']} ({graph.stats['fallbacks']}) | {equal}/{args.rows} | "
+            f"{dlogq:.1e} | {dalpha:.1e} | {kl:.4f} |"
+        )
     import transformers
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    header = (f"### Every q* option through the captured step ({now:%Y-%m-%d %H:%M} UTC, "
-              f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
-              f"{transformers.__version__}, Python {platform.python_version()}; toy pair float32, {args.rows} rows, "
-              f"{args.new} new tokens, CUDA graph vs eager from one random state)")
+    header = (
+        f"### Every q* option through the captured step ({now:%Y-%m-%d %H:%M} UTC, "
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, Python {platform.python_version()}; toy pair float32, {args.rows} rows, "
+        f"{args.new} new tokens, CUDA graph vs eager from one random state)"
+    )
     command = f"- command: `python benchmarks/check_fast_options.py {' '.join(argv or sys.argv[1:])}`".rstrip()
     table = "\n".join([header, "", command, "", *rows]) + "\n"
     print(table)

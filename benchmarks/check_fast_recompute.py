@@ -28,16 +28,26 @@ for line in fast_path.gpu_checks(bench, check_tokens=args.tokens):
 
 # Baseline: the same drift for transformers' own cached generate of the base model alone.
 with torch.no_grad():
-    out = bench.base.generate(bench.ids, attention_mask=bench.mask, do_sample=False, max_new_tokens=args.tokens,
-                              min_new_tokens=args.tokens, output_logits=True, return_dict_in_generate=True,
-                              pad_token_id=gs.PAD)
-    gen = out.sequences[:, bench.ids.shape[1]:]
+    out = bench.base.generate(
+        bench.ids,
+        attention_mask=bench.mask,
+        do_sample=False,
+        max_new_tokens=args.tokens,
+        min_new_tokens=args.tokens,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=gs.PAD,
+    )
+    gen = out.sequences[:, bench.ids.shape[1] :]
     full = bench.base(out.sequences, logits_to_keep=args.tokens + 1).logits.float()
     diffs = []
     for t in range(args.tokens):
-        cached = torch.log_softmax(out.logits[t].float(), -1).gather(1, gen[:, t:t + 1])
-        recomputed = torch.log_softmax(full[:, t], -1).gather(1, gen[:, t:t + 1])
+        cached = torch.log_softmax(out.logits[t].float(), -1).gather(1, gen[:, t : t + 1])
+        recomputed = torch.log_softmax(full[:, t], -1).gather(1, gen[:, t : t + 1])
         diffs.append((cached - recomputed).abs()[:, 0])
     d = torch.stack(diffs)
-    print(args.dtype, f"- HF generate (base alone), cached vs full-sequence log p of the chosen token: "
-          f"median |Δ| {d.median().item():.2e}, max {d.max().item():.2e}")
+    print(
+        args.dtype,
+        f"- HF generate (base alone), cached vs full-sequence log p of the chosen token: "
+        f"median |Δ| {d.median().item():.2e}, max {d.max().item():.2e}",
+    )

@@ -42,7 +42,10 @@ def float64_alpha(lp: torch.Tensor, lr: torch.Tensor, iterations: int = 60) -> t
         w = torch.exp(t - t.amax(-1, keepdim=True))
         return (w * delta).sum(-1) / w.sum(-1)
 
-    lo, hi = torch.zeros(lp.shape[0], dtype=torch.float64, device=lp.device), torch.ones(lp.shape[0], dtype=torch.float64, device=lp.device)
+    lo, hi = (
+        torch.zeros(lp.shape[0], dtype=torch.float64, device=lp.device),
+        torch.ones(lp.shape[0], dtype=torch.float64, device=lp.device),
+    )
     at_zero, at_one = slope(lo) >= 0, slope(hi) <= 0
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
@@ -52,7 +55,10 @@ def float64_alpha(lp: torch.Tensor, lr: torch.Tensor, iterations: int = 60) -> t
 
 
 def stacked(seed: int, rows: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [random_log_prob_pairs(seed + i, rows, vocab, s, m) for i, (s, m) in enumerate((s, m) for s in SCALES for m in (0.0, 0.3))]
+    pairs = [
+        random_log_prob_pairs(seed + i, rows, vocab, s, m)
+        for i, (s, m) in enumerate((s, m) for s in SCALES for m in (0.0, 0.3))
+    ]
     return torch.cat([p for p, _ in pairs]).cuda(), torch.cat([r for _, r in pairs]).cuda()
 
 
@@ -65,24 +71,35 @@ def solve(lp, lr, kernel: bool, **options):
 
 
 def main() -> int:
-    assert torch.cuda.is_available() and (solver_backend(torch.empty(1, device="cuda")) != "torch"), "needs CUDA and triton"
+    assert torch.cuda.is_available() and (solver_backend(torch.empty(1, device="cuda")) != "torch"), (
+        "needs CUDA and triton"
+    )
     import triton
 
     print(f"# check_kernel: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}\n")
-    print("| case | rows | max abs(α_kernel − α_float64) | max abs(α_kernel − α_torch) | flags agree | iterations (median / worst) |")
+    print(
+        "| case | rows | max abs(α_kernel − α_float64) | max abs(α_kernel − α_torch) | flags agree | iterations (median / worst) |"
+    )
     print("|---|---:|---:|---:|---|---|")
     failures = []
 
     def report(name, lp, lr, reference=None, bound=1e-6, **options):
         kernel, torch_path = solve(lp, lr, True, **options), solve(lp, lr, False, **options)
         vs_torch = (kernel.alpha - torch_path.alpha).abs().max().item()
-        vs_ref = float("nan") if reference is None else (kernel.alpha.double() - reference).abs().nan_to_num(0.0).max().item()  # NaN: no reference for that row
+        vs_ref = (
+            float("nan")
+            if reference is None
+            else (kernel.alpha.double() - reference).abs().nan_to_num(0.0).max().item()
+        )  # NaN: no reference for that row
         flags = all(
-            torch.equal(getattr(kernel, f), getattr(torch_path, f)) for f in ("degenerate", "empty_support", "converged")
+            torch.equal(getattr(kernel, f), getattr(torch_path, f))
+            for f in ("degenerate", "empty_support", "converged")
         )
         its = kernel.iterations.float()
-        print(f"| {name} | {lp.shape[0]} | {vs_ref:.1e} | {vs_torch:.1e} | {'yes' if flags else 'NO'} "
-              f"| {its.median().item():.0f} / {its.max().item():.0f} |")
+        print(
+            f"| {name} | {lp.shape[0]} | {vs_ref:.1e} | {vs_torch:.1e} | {'yes' if flags else 'NO'} "
+            f"| {its.median().item():.0f} / {its.max().item():.0f} |"
+        )
         if not (vs_torch <= 2 * bound and flags and (reference is None or vs_ref <= bound) and its.max() <= 8):
             failures.append(name)
 
@@ -100,15 +117,30 @@ def main() -> int:
         return torch.log(torch.tensor(probs, dtype=torch.float64)).float()
 
     rows = [
-        (ordinary_p[0], ordinary_r[0]), (ordinary_p[1], ordinary_p[1]), (ordinary_p[0], row([0, 0, 1, 0, 0, 0])),
-        (row([0.5, 0.3, 0.2, 0, 0, 0]), row([0, 0, 0.1, 0.6, 0.3, 0])), (row([0.5, 0.5, 0, 0, 0, 0]), row([0, 0, 0, 0.2, 0.3, 0.5])),
+        (ordinary_p[0], ordinary_r[0]),
+        (ordinary_p[1], ordinary_p[1]),
+        (ordinary_p[0], row([0, 0, 1, 0, 0, 0])),
+        (row([0.5, 0.3, 0.2, 0, 0, 0]), row([0, 0, 0.1, 0.6, 0.3, 0])),
+        (row([0.5, 0.5, 0, 0, 0, 0]), row([0, 0, 0, 0.2, 0.3, 0.5])),
         # the two rows of tests/test_alpha.py whose deciding terms are e^-120 / e^-139 below the row max
-        (torch.tensor([0.0, -120.0, -122.0, -150.0, -150.0, -150.0]), torch.tensor([0.0, -119.0, -121.5, -150.0, -150.0, -150.0])),
-        (torch.tensor([0.0, -300.0, -350.0, -350.0, -350.0, -350.0]), torch.tensor([-260.0, 0.0, -350.0, -350.0, -350.0, -350.0])),
+        (
+            torch.tensor([0.0, -120.0, -122.0, -150.0, -150.0, -150.0]),
+            torch.tensor([0.0, -119.0, -121.5, -150.0, -150.0, -150.0]),
+        ),
+        (
+            torch.tensor([0.0, -300.0, -350.0, -350.0, -350.0, -350.0]),
+            torch.tensor([-260.0, 0.0, -350.0, -350.0, -350.0, -350.0]),
+        ),
     ]
     edge_p, edge_r = torch.stack([p for p, _ in rows]).cuda(), torch.stack([r for _, r in rows]).cuda()
-    report("edge rows (identical, one-hot, one common token, empty, shared top token, disagreeing peaks)", edge_p, edge_r,
-           float64_alpha(edge_p, edge_r).masked_fill(torch.tensor([False, True, True, True, True, False, False], device="cuda"), float("nan")))
+    report(
+        "edge rows (identical, one-hot, one common token, empty, shared top token, disagreeing peaks)",
+        edge_p,
+        edge_r,
+        float64_alpha(edge_p, edge_r).masked_fill(
+            torch.tensor([False, True, True, True, True, False, False], device="cuda"), float("nan")
+        ),
+    )
 
     # A CUDA graph: the kernel launch is captured and replays on whatever the input buffers hold.
     lp, lr = stacked(11, 5, 32000)

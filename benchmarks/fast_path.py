@@ -63,14 +63,19 @@ def fast_row(bench: gs.Bench, mode: str, estimate_s: float, timeout_s: float | N
         bench.decoders[mode] = holder["decoder"]
         bench.fast(holder["decoder"])
 
-    row = bench.measure_many([dict(name=name, run=lambda: bench.fast(holder["decoder"]), warmup=warmup,
-                                   estimate_s=estimate_s)], repeats=repeats, timeout_s=timeout_s)[0]
+    row = bench.measure_many(
+        [dict(name=name, run=lambda: bench.fast(holder["decoder"]), warmup=warmup, estimate_s=estimate_s)],
+        repeats=repeats,
+        timeout_s=timeout_s,
+    )[0]
     decoder = holder.get("decoder")
     if decoder is not None:
         row["fast_stats"] = dict(decoder.stats)
         used = decoder.stats.get("mode")
-        notes = [f"warm-up (prefill + compile/capture + one call) {row.get('warmup_s', float('nan')):.1f} s",
-                 f"build {decoder.stats['build_seconds']:.1f} s"]
+        notes = [
+            f"warm-up (prefill + compile/capture + one call) {row.get('warmup_s', float('nan')):.1f} s",
+            f"build {decoder.stats['build_seconds']:.1f} s",
+        ]
         if used != mode:
             notes.append(f"FELL BACK to {used}: {' | '.join(decoder.stats['errors'])[:300]}")
         row["note"] = "; ".join(notes)
@@ -86,28 +91,42 @@ def gpu_checks(bench: gs.Bench, check_tokens: int = 32) -> list[str]:
     lines = []
     eager = bench.fast_decoder("eager")
     torch.manual_seed(7)
-    ref = eager.generate(bench.ids, bench.mask, max_new_tokens=check_tokens, pad_token_id=gs.PAD,
-                         stop_token_ids=[gs.EOS], vocab_size=bench.vocab)
+    ref = eager.generate(
+        bench.ids,
+        bench.mask,
+        max_new_tokens=check_tokens,
+        pad_token_id=gs.PAD,
+        stop_token_ids=[gs.EOS],
+        vocab_size=bench.vocab,
+    )
     width = ref.logq.shape[1]
     for mode, decoder in bench.decoders.items():
         if mode == "eager":
             continue
         try:
             torch.manual_seed(7)
-            out = decoder.generate(bench.ids, bench.mask, max_new_tokens=bench.preset["new_tokens"], pad_token_id=gs.PAD,
-                                   stop_token_ids=[gs.EOS], vocab_size=bench.vocab)
+            out = decoder.generate(
+                bench.ids,
+                bench.mask,
+                max_new_tokens=bench.preset["new_tokens"],
+                pad_token_id=gs.PAD,
+                stop_token_ids=[gs.EOS],
+                vocab_size=bench.vocab,
+            )
             p, w = bench.ids.shape[1], min(width, out.logq.shape[1])
             same = (out.sequences[:, : p + w] == ref.sequences[:, : p + w]).all(dim=1).float().mean().item()
             both = ref.token_mask[:, :w] & out.token_mask[:, :w]
             dlogq = (out.logq[:, :w] - ref.logq[:, :w])[both].abs()
             conv = out.diagnostics["converged"][out.token_mask].float().mean().item()
-            lines.append(f"- mode={mode} (ran as {decoder.stats['mode']}) vs eager fast path, seed 7, first {width} tokens: "
-                         f"{same:.1%} of rows identical over {w} tokens; max |Δ log q| on common tokens {dlogq.max().item():.2e}; "
-                         f"α solve converged (max_iter={decoder.config.max_iter}) on {conv:.2%} of tokens")
+            lines.append(
+                f"- mode={mode} (ran as {decoder.stats['mode']}) vs eager fast path, seed 7, first {width} tokens: "
+                f"{same:.1%} of rows identical over {w} tokens; max |Δ log q| on common tokens {dlogq.max().item():.2e}; "
+                f"α solve converged (max_iter={decoder.config.max_iter}) on {conv:.2%} of tokens"
+            )
         except Exception as error:  # a failed check is reported, not fatal
             lines.append(f"- mode={mode}: check failed: {type(error).__name__}: {error}"[:400])
     try:
-        generated = ref.sequences[:, bench.ids.shape[1]:]
+        generated = ref.sequences[:, bench.ids.shape[1] :]
         seq = torch.cat([bench.ids, generated], 1)
         seq_mask = torch.ones_like(seq)
         positions = position_ids_from_mask(seq_mask)
@@ -121,9 +140,11 @@ def gpu_checks(bench: gs.Bench, check_tokens: int = 32) -> list[str]:
             y = generated[:, t : t + 1]
             diffs.append((step.logq.gather(1, y)[:, 0] - ref.logq[:, t]).abs())
         d = torch.stack(diffs, 1)[ref.token_mask]
-        lines.append(f"- eager fast path: recorded log q vs compute_mixture on full-sequence forwards ({bench.preset['dtype']} "
-                     f"models, so cached and full forwards differ by rounding): median |Δ| {d.median().item():.2e}, "
-                     f"99th pct {d.quantile(0.99).item():.2e}, max {d.max().item():.2e}")
+        lines.append(
+            f"- eager fast path: recorded log q vs compute_mixture on full-sequence forwards ({bench.preset['dtype']} "
+            f"models, so cached and full forwards differ by rounding): median |Δ| {d.median().item():.2e}, "
+            f"99th pct {d.quantile(0.99).item():.2e}, max {d.max().item():.2e}"
+        )
     except Exception as error:
         lines.append(f"- recompute check failed: {type(error).__name__}: {error}"[:400])
     return lines
@@ -143,7 +164,8 @@ def fast_path_table(bench: gs.Bench, rows: list[dict], env: dict, checks: list[s
         f"- command: `{env['command']}`",
         f"- machine: {env.get('gpu', 'no GPU')}; {env['cpu']}; torch threads {env['threads']}",
         f"- versions: torch {env['torch']}, transformers {env['transformers']}"
-        + (f", CUDA {env['cuda']}" if "cuda" in env else "") + f", Python {env['python']}",
+        + (f", CUDA {env['cuda']}" if "cuda" in env else "")
+        + f", Python {env['python']}",
         f"- models: random {p['dtype']} Qwen2, base {gs._shape(p['base'])}, teacher {gs._shape(p['teacher'])}; "
         f"batch {p['batch']}, prompt {p['prompt']}, {p['new_tokens']} new tokens, top_k=0",
         "- timing: median of the timed runs listed (after the warm-up call) by "
@@ -162,13 +184,18 @@ def fast_path_table(bench: gs.Bench, rows: list[dict], env: dict, checks: list[s
         vs_h = f"{tps / harmonic:.2f}×" if harmonic else "—"
         runs = ", ".join(f"{t:.2f}" for t in (row["times"] if cuda else row["cpu_times"]))
         warm = f"{row['warmup_s']:.1f}" if "warmup_s" in row else "—"
-        lines.append(f"| {row['name']} | {tps:,.0f} | {ms:.2f} | {warm} | {vs_t} | {vs_h} | runs (s): {runs}"
-                     f"{'; ' + row['note'] if row.get('note') else ''} |")
+        lines.append(
+            f"| {row['name']} | {tps:,.0f} | {ms:.2f} | {warm} | {vs_t} | {vs_h} | runs (s): {runs}"
+            f"{'; ' + row['note'] if row.get('note') else ''} |"
+        )
     lines.append("")
     if harmonic:
-        lines.append(f"- harmonic combination of the compiled single-model throughputs: 1 / (1/{base_c:,.0f} + 1/{teacher_c:,.0f}) "
-                     f"= {harmonic:,.0f} tokens/s; 1.8 × teacher-only eager = {1.8 * teacher_eager:,.0f} tokens/s"
-                     if teacher_eager else f"- harmonic combination: {harmonic:,.0f} tokens/s")
+        lines.append(
+            f"- harmonic combination of the compiled single-model throughputs: 1 / (1/{base_c:,.0f} + 1/{teacher_c:,.0f}) "
+            f"= {harmonic:,.0f} tokens/s; 1.8 × teacher-only eager = {1.8 * teacher_eager:,.0f} tokens/s"
+            if teacher_eager
+            else f"- harmonic combination: {harmonic:,.0f} tokens/s"
+        )
     if not cuda:
         lines.append("- CPU smoke test: the targets below are for the H100 run (compiled references, CUDA graphs)")
     for row in rows:
@@ -176,10 +203,14 @@ def fast_path_table(bench: gs.Bench, rows: list[dict], env: dict, checks: list[s
             tps = row[key]
             verdicts = []
             if harmonic:
-                verdicts.append(f"{tps / harmonic:.2f}× harmonic (target ≥ 1.0: {'PASS' if tps >= harmonic else 'FAIL'})")
+                verdicts.append(
+                    f"{tps / harmonic:.2f}× harmonic (target ≥ 1.0: {'PASS' if tps >= harmonic else 'FAIL'})"
+                )
             if teacher_eager:
-                verdicts.append(f"{tps / teacher_eager:.2f}× teacher eager (target ≥ 1.8: "
-                                f"{'PASS' if tps >= 1.8 * teacher_eager else 'FAIL'})")
+                verdicts.append(
+                    f"{tps / teacher_eager:.2f}× teacher eager (target ≥ 1.8: "
+                    f"{'PASS' if tps >= 1.8 * teacher_eager else 'FAIL'})"
+                )
             lines.append(f"- {row['name']}: " + "; ".join(verdicts or ["no reference rows"]))
     if checks:
         lines += ["", "GPU correctness checks:", *checks]
@@ -190,12 +221,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gs.common_args(parser)
     parser.add_argument("--modes", default=",".join(FAST_MODES_GPU), help="fast-path modes to time on CUDA")
-    parser.add_argument("--with-generate-speed", action="store_true",
-                        help="also time the rest of benchmarks/generate_speed.py on the same models and append its table")
+    parser.add_argument(
+        "--with-generate-speed",
+        action="store_true",
+        help="also time the rest of benchmarks/generate_speed.py on the same models and append its table",
+    )
     parser.add_argument("--no-checks", action="store_true", help="skip the GPU correctness checks")
-    parser.add_argument("--only-fast", action="store_true",
-                        help="CUDA: time only the fast-path modes (and the checks), e.g. for a second call with "
-                             "--modes compile; the ratios then need the reference rows of an earlier run")
+    parser.add_argument(
+        "--only-fast",
+        action="store_true",
+        help="CUDA: time only the fast-path modes (and the checks), e.g. for a second call with "
+        "--modes compile; the ratios then need the reference rows of an earlier run",
+    )
     args = parser.parse_args()
     bench = gs.setup(args)
     bench.decoders = {}
@@ -213,7 +250,9 @@ def main():
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / f"{name}.partial.md").write_text(fast_path_table(bench, rows, env, checks))
-            (Path(out) / f"{name}.partial.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str))
+            (Path(out) / f"{name}.partial.json").write_text(
+                json.dumps({"env": env, "rows": rows}, indent=1, default=str)
+            )
 
     def add(row):
         rows.append(row)
@@ -221,21 +260,41 @@ def main():
         checkpoint()
 
     eager_specs = [
-        dict(name="base-only generate (eager)", run=lambda: bench.hf_generate(bench.base),
-             warmup=lambda: bench.hf_generate(bench.base, **short), estimate_s=est(30 if cuda else 10)),
-        dict(name="teacher-only generate (eager)", run=lambda: bench.hf_generate(bench.teacher),
-             warmup=lambda: bench.hf_generate(bench.teacher, **short), estimate_s=est(30 if cuda else 10)),
+        dict(
+            name="base-only generate (eager)",
+            run=lambda: bench.hf_generate(bench.base),
+            warmup=lambda: bench.hf_generate(bench.base, **short),
+            estimate_s=est(30 if cuda else 10),
+        ),
+        dict(
+            name="teacher-only generate (eager)",
+            run=lambda: bench.hf_generate(bench.teacher),
+            warmup=lambda: bench.hf_generate(bench.teacher, **short),
+            estimate_s=est(30 if cuda else 10),
+        ),
     ]
     static_specs = [
-        dict(name=static_name("base", cuda), run=lambda: hf_static_compiled(bench, bench.base),
-             warmup=lambda: hf_static_compiled(bench, bench.base), estimate_s=60 if cuda else est(10),
-             note="warm-up = compile + one call" if cuda else ""),
-        dict(name=static_name("teacher", cuda), run=lambda: hf_static_compiled(bench, bench.teacher),
-             warmup=lambda: hf_static_compiled(bench, bench.teacher), estimate_s=100 if cuda else est(10),
-             note="warm-up = compile + one call" if cuda else ""),
+        dict(
+            name=static_name("base", cuda),
+            run=lambda: hf_static_compiled(bench, bench.base),
+            warmup=lambda: hf_static_compiled(bench, bench.base),
+            estimate_s=60 if cuda else est(10),
+            note="warm-up = compile + one call" if cuda else "",
+        ),
+        dict(
+            name=static_name("teacher", cuda),
+            run=lambda: hf_static_compiled(bench, bench.teacher),
+            warmup=lambda: hf_static_compiled(bench, bench.teacher),
+            estimate_s=100 if cuda else est(10),
+            note="warm-up = compile + one call" if cuda else "",
+        ),
     ]
-    processor_spec = dict(name="q* processor (generate + OptimalSamplingLogitsProcessor)", run=bench.processor,
-                          warmup=lambda: bench.processor(**short), estimate_s=est(70 if cuda else 25))
+    processor_spec = dict(
+        name="q* processor (generate + OptimalSamplingLogitsProcessor)",
+        run=bench.processor,
+        warmup=lambda: bench.processor(**short),
+        estimate_s=est(70 if cuda else 25),
+    )
     modes = [m for m in args.modes.split(",") if m]
 
     if not cuda:  # CPU smoke test: everything interleaved, the fast path eager
@@ -246,8 +305,13 @@ def main():
             bench.decoders["eager"] = holder["decoder"]
             bench.fast(holder["decoder"])
 
-        fast_spec = dict(name="q* fast path, mode=eager", run=lambda: bench.fast(holder["decoder"]), warmup=fast_warmup,
-                         estimate_s=est(20), note="graph modes need CUDA")
+        fast_spec = dict(
+            name="q* fast path, mode=eager",
+            run=lambda: bench.fast(holder["decoder"]),
+            warmup=fast_warmup,
+            estimate_s=est(20),
+            note="graph modes need CUDA",
+        )
         for row in bench.measure_many([*eager_specs, *static_specs, processor_spec, fast_spec], interleave=True):
             add(row)
     else:
@@ -282,7 +346,11 @@ def main():
     sections = [fast_path_table(bench, rows, env, checks)]
     if getattr(bench, "gs_rows", None):
         sections.append(gs.generate_speed_table(bench, bench.gs_rows, env))
-    gs.save(sections, name, {"env": env, "rows": rows, "checks": checks, "generate_speed_rows": getattr(bench, "gs_rows", None)})
+    gs.save(
+        sections,
+        name,
+        {"env": env, "rows": rows, "checks": checks, "generate_speed_rows": getattr(bench, "gs_rows", None)},
+    )
 
 
 if __name__ == "__main__":

@@ -54,14 +54,35 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 
 # Qwen2.5-0.5B and -1.5B shapes (tied embeddings, as the released models).
-QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True)
-QWEN25_15B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True)
+QWEN25_05B = dict(
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+)
+QWEN25_15B = dict(
+    hidden_size=1536,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    intermediate_size=8960,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+)
 # Tiny CPU pair: the same shape for both models, so that two forwards per token bound the
 # q* throughput at 0.5× single-model generate and the ratio measures the q* overhead.
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=4096, tie_word_embeddings=False)
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=4096,
+    tie_word_embeddings=False,
+)
 
 PRESETS = {
     "cpu-tiny": dict(dtype="float32", batch=8, prompt=32, new_tokens=32, base=TINY, teacher=TINY),
@@ -74,8 +95,14 @@ def build_model(shape: dict, seed: int, device: str, dtype: torch.dtype):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        **shape, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6, pad_token_id=PAD,
-        bos_token_id=1, eos_token_id=EOS, use_sliding_window=False,
+        **shape,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        use_sliding_window=False,
     )
     torch.manual_seed(seed)
     with torch.device(device):
@@ -143,14 +170,27 @@ class Bench:
         if self.device == "cuda":
             torch.cuda.synchronize()
 
-    def measure(self, name: str, run, *, warmup=None, repeats: int | None = None, estimate_s: float = 0.0,
-                timeout_s: float | None = None, note: str = "") -> dict:
+    def measure(
+        self,
+        name: str,
+        run,
+        *,
+        warmup=None,
+        repeats: int | None = None,
+        estimate_s: float = 0.0,
+        timeout_s: float | None = None,
+        note: str = "",
+    ) -> dict:
         """Time `run()` (it returns the generated width) after `warmup()`; never raises."""
-        return self.measure_many([dict(name=name, run=run, warmup=warmup, estimate_s=estimate_s, note=note)],
-                                 repeats=repeats, timeout_s=timeout_s)[0]
+        return self.measure_many(
+            [dict(name=name, run=run, warmup=warmup, estimate_s=estimate_s, note=note)],
+            repeats=repeats,
+            timeout_s=timeout_s,
+        )[0]
 
-    def measure_many(self, specs: list[dict], *, interleave: bool = False, repeats: int | None = None,
-                     timeout_s: float | None = None) -> list[dict]:
+    def measure_many(
+        self, specs: list[dict], *, interleave: bool = False, repeats: int | None = None, timeout_s: float | None = None
+    ) -> list[dict]:
         """Warm up and time several rows; with `interleave`, the timed runs go round-robin over
         the rows, so that a shared machine's load changes hit every row alike.
 
@@ -235,29 +275,41 @@ class Bench:
             print(f"[{self.elapsed():6.0f}s] {row['name']}: {row['error']}", flush=True)
         elif "seconds" in row:
             warm = f", warm-up {row['warmup_s']:.1f} s" if "warmup_s" in row else ""
-            print(f"[{self.elapsed():6.0f}s] {row['name']}: {row['tokens_per_s']:.0f} tok/s wall "
-                  f"({row['cpu_tokens_per_s']:.0f} by CPU time), {row['ms_per_step']:.2f} ms/step{warm}", flush=True)
+            print(
+                f"[{self.elapsed():6.0f}s] {row['name']}: {row['tokens_per_s']:.0f} tok/s wall "
+                f"({row['cpu_tokens_per_s']:.0f} by CPU time), {row['ms_per_step']:.2f} ms/step{warm}",
+                flush=True,
+            )
 
     # -- the rows ---------------------------------------------------------------------------
 
     def hf_generate(self, model, new_tokens=None, **kwargs) -> int:
         out = model.generate(
-            input_ids=self.ids, attention_mask=self.mask, do_sample=True, top_k=0,
-            max_new_tokens=new_tokens or self.preset["new_tokens"], pad_token_id=PAD, eos_token_id=EOS, **kwargs,
+            input_ids=self.ids,
+            attention_mask=self.mask,
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=new_tokens or self.preset["new_tokens"],
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            **kwargs,
         )
         return out.shape[1] - self.ids.shape[1]
 
     def processor(self, new_tokens=None) -> int:
         from optimal_sampling import OptimalSamplingLogitsProcessor
 
-        processor = OptimalSamplingLogitsProcessor(self.teacher, vocab_size=self.vocab, pad_token_id=PAD, eos_token_id=[EOS])
+        processor = OptimalSamplingLogitsProcessor(
+            self.teacher, vocab_size=self.vocab, pad_token_id=PAD, eos_token_id=[EOS]
+        )
         return self.hf_generate(self.base, new_tokens, logits_processor=[processor])
 
     def custom_generate(self, new_tokens=None) -> int:
         from optimal_sampling import optimal_generate
 
-        return self.hf_generate(self.base, new_tokens, custom_generate=optimal_generate, teacher_model=self.teacher,
-                                vocab_size=self.vocab)
+        return self.hf_generate(
+            self.base, new_tokens, custom_generate=optimal_generate, teacher_model=self.teacher, vocab_size=self.vocab
+        )
 
     @torch.no_grad()
     def plain_loop(self, new_tokens=None, mix=None) -> int:
@@ -273,8 +325,19 @@ class Bench:
         tokens = self.ids
         for _ in range(new_tokens):
             lp, lr = (
-                torch.log_softmax(m(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=c,
-                                    use_cache=True, logits_to_keep=1).logits[:, -1, : self.vocab].float(), -1)
+                torch.log_softmax(
+                    m(
+                        input_ids=tokens,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        cache=c,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
+                    .logits[:, -1, : self.vocab]
+                    .float(),
+                    -1,
+                )
                 for m, c in zip((self.base, self.teacher), caches)
             )
             tokens = torch.multinomial(mix(lp, lr).exp(), 1)
@@ -296,8 +359,14 @@ class Bench:
         return FastDecoder(self.base, self.teacher, FastPathConfig(mode=mode, **config))
 
     def fast(self, decoder, new_tokens=None) -> int:
-        out = decoder.generate(self.ids, self.mask, max_new_tokens=new_tokens or self.preset["new_tokens"],
-                               pad_token_id=PAD, stop_token_ids=[EOS], vocab_size=self.vocab)
+        out = decoder.generate(
+            self.ids,
+            self.mask,
+            max_new_tokens=new_tokens or self.preset["new_tokens"],
+            pad_token_id=PAD,
+            stop_token_ids=[EOS],
+            vocab_size=self.vocab,
+        )
         return out.logq.shape[1]
 
     def eager_estimate(self, per_step_ms: float) -> float:
@@ -327,26 +396,60 @@ def run_generate_speed(bench: Bench, fast_mode: str | None = None) -> list[dict]
         getattr(bench, "decoders", {})[mode] = holder["decoder"]
 
     specs = [
-        dict(name="base-only generate (eager)", run=lambda: bench.hf_generate(bench.base),
-             warmup=lambda: bench.hf_generate(bench.base, **short), estimate_s=est(30 if cuda else 10)),
-        dict(name="teacher-only generate (eager)", run=lambda: bench.hf_generate(bench.teacher),
-             warmup=lambda: bench.hf_generate(bench.teacher, **short), estimate_s=est(30 if cuda else 10)),
-        dict(name="q* processor (generate + OptimalSamplingLogitsProcessor)", run=bench.processor,
-             warmup=lambda: bench.processor(**short), estimate_s=est(70 if cuda else 25)),
-        dict(name="q* custom generate (optimal_generate)", run=bench.custom_generate,
-             warmup=lambda: bench.custom_generate(**short), estimate_s=est(70 if cuda else 25)),
-        dict(name="plain two-model loop (DynamicCache, fixed α)", run=bench.plain_loop,
-             warmup=lambda: bench.plain_loop(**short), estimate_s=est(45 if cuda else 15)),
-        dict(name="plain two-model loop, q* step (compute_mixture)", run=bench.plain_q_star_loop,
-             warmup=lambda: bench.plain_q_star_loop(**short), estimate_s=est(60 if cuda else 22)),
-        dict(name=f"q* fast path, mode={mode}", run=lambda: bench.fast(holder["decoder"]),
-             warmup=fast_warmup, estimate_s=est(15 if cuda else 20), note="warm-up = first call, incl. capture/compile"),
+        dict(
+            name="base-only generate (eager)",
+            run=lambda: bench.hf_generate(bench.base),
+            warmup=lambda: bench.hf_generate(bench.base, **short),
+            estimate_s=est(30 if cuda else 10),
+        ),
+        dict(
+            name="teacher-only generate (eager)",
+            run=lambda: bench.hf_generate(bench.teacher),
+            warmup=lambda: bench.hf_generate(bench.teacher, **short),
+            estimate_s=est(30 if cuda else 10),
+        ),
+        dict(
+            name="q* processor (generate + OptimalSamplingLogitsProcessor)",
+            run=bench.processor,
+            warmup=lambda: bench.processor(**short),
+            estimate_s=est(70 if cuda else 25),
+        ),
+        dict(
+            name="q* custom generate (optimal_generate)",
+            run=bench.custom_generate,
+            warmup=lambda: bench.custom_generate(**short),
+            estimate_s=est(70 if cuda else 25),
+        ),
+        dict(
+            name="plain two-model loop (DynamicCache, fixed α)",
+            run=bench.plain_loop,
+            warmup=lambda: bench.plain_loop(**short),
+            estimate_s=est(45 if cuda else 15),
+        ),
+        dict(
+            name="plain two-model loop, q* step (compute_mixture)",
+            run=bench.plain_q_star_loop,
+            warmup=lambda: bench.plain_q_star_loop(**short),
+            estimate_s=est(60 if cuda else 22),
+        ),
+        dict(
+            name=f"q* fast path, mode={mode}",
+            run=lambda: bench.fast(holder["decoder"]),
+            warmup=fast_warmup,
+            estimate_s=est(15 if cuda else 20),
+            note="warm-up = first call, incl. capture/compile",
+        ),
     ]
     if not cuda:  # the same processor with the C q* step switched off: torch ops throughout
-        specs.insert(3, dict(name="q* processor, torch-ops q* step (OPTIMAL_SAMPLING_CPU_KERNEL=0)",
-                             run=lambda: switched_off("OPTIMAL_SAMPLING_CPU_KERNEL", bench.processor),
-                             warmup=lambda: switched_off("OPTIMAL_SAMPLING_CPU_KERNEL", bench.processor, **short),
-                             estimate_s=est(30)))
+        specs.insert(
+            3,
+            dict(
+                name="q* processor, torch-ops q* step (OPTIMAL_SAMPLING_CPU_KERNEL=0)",
+                run=lambda: switched_off("OPTIMAL_SAMPLING_CPU_KERNEL", bench.processor),
+                warmup=lambda: switched_off("OPTIMAL_SAMPLING_CPU_KERNEL", bench.processor, **short),
+                estimate_s=est(30),
+            ),
+        )
     return bench.measure_many(specs, interleave=True)
 
 
@@ -365,8 +468,11 @@ def generate_speed_table(bench: Bench, rows: list[dict], env: dict) -> str:
     cpu = bench.device == "cpu"
     key = "cpu_tokens_per_s" if cpu else "tokens_per_s"
     reference = bench.rows.get("base-only generate (eager)", {}).get(key)
-    basis = ("CPU time of this process (`time.process_time`, 1 thread; the machine is shared, so wall time is "
-             "also shown)" if cpu else "wall time, with `torch.cuda.synchronize()` around each run")
+    basis = (
+        "CPU time of this process (`time.process_time`, 1 thread; the machine is shared, so wall time is also shown)"
+        if cpu
+        else "wall time, with `torch.cuda.synchronize()` around each run"
+    )
     order = "interleaved round-robin over the rows" + ("" if cpu else "; full-length warm-up")
     lines = [
         f"### generate_speed — preset `{bench.preset_name}` ({env['date']})",
@@ -374,7 +480,8 @@ def generate_speed_table(bench: Bench, rows: list[dict], env: dict) -> str:
         f"- command: `{env['command']}`",
         f"- machine: {env.get('gpu', 'no GPU')}; {env['cpu']}; torch.get_num_threads() = {env['threads']}",
         f"- versions: torch {env['torch']}, transformers {env['transformers']}"
-        + (f", CUDA {env['cuda']}" if "cuda" in env else "") + f", Python {env['python']}",
+        + (f", CUDA {env['cuda']}" if "cuda" in env else "")
+        + f", Python {env['python']}",
         f"- models: random {p['dtype']} Qwen2, base {_shape(p['base'])}, teacher {_shape(p['teacher'])}; "
         f"batch {p['batch']}, prompt {p['prompt']}, {p['new_tokens']} new tokens, sampling with top_k=0",
         f"- timing: median of {bench.repeats} runs after one warm-up call per row ({order}); "
@@ -385,15 +492,19 @@ def generate_speed_table(bench: Bench, rows: list[dict], env: dict) -> str:
     ]
     for row in rows:
         if "error" in row or "seconds" not in row:
-            lines.append(f"| {row['name']} | — | — | — | " + ("— | " if cpu else "") + f"{row.get('error', 'not run')} |")
+            lines.append(
+                f"| {row['name']} | — | — | — | " + ("— | " if cpu else "") + f"{row.get('error', 'not run')} |"
+            )
             continue
         ratio = f"{row[key] / reference:.2f}×" if reference else "—"
         ms = row["cpu_ms_per_step"] if cpu else row["ms_per_step"]
         runs = ", ".join(f"{t:.3f}" for t in (row["cpu_times"] if cpu else row["times"]))
         warm = f"warm-up {row['warmup_s']:.1f} s; " if "warmup_s" in row else ""
         wall = f"{row['tokens_per_s']:,.0f} | " if cpu else ""
-        lines.append(f"| {row['name']} | {row[key]:,.0f} | {ms:.2f} | {ratio} | {wall}"
-                     f"{warm}runs (s): {runs}{'; ' + row['note'] if row['note'] else ''} |")
+        lines.append(
+            f"| {row['name']} | {row[key]:,.0f} | {ms:.2f} | {ratio} | {wall}"
+            f"{warm}runs (s): {runs}{'; ' + row['note'] if row['note'] else ''} |"
+        )
     # Ratios of medians decide PASS; the ratio of the fastest runs is shown beside it (noise on
     # a shared host only ever adds time, so the fastest run is the steadier estimate).
     best = "cpu_best_seconds" if cpu else "best_seconds"
@@ -404,22 +515,28 @@ def generate_speed_table(bench: Bench, rows: list[dict], env: dict) -> str:
         for r in qstar:
             ratio = r[key] / reference
             fastest = base_row[best] / r[best] * r["steps"][0] / base_row["steps"][0]
-            lines.append(f"- {r['name']}: {ratio:.2f}× base-only generate, fastest runs {fastest:.2f}× "
-                         f"(target ≥ 0.45×; the original tool reached 0.31×): {'PASS' if ratio >= 0.45 else 'below target'}")
+            lines.append(
+                f"- {r['name']}: {ratio:.2f}× base-only generate, fastest runs {fastest:.2f}× "
+                f"(target ≥ 0.45×; the original tool reached 0.31×): {'PASS' if ratio >= 0.45 else 'below target'}"
+            )
     processor = bench.rows.get("q* processor (generate + OptimalSamplingLogitsProcessor)", {})
     for name in ("plain two-model loop (DynamicCache, fixed α)", "plain two-model loop, q* step (compute_mixture)"):
         loop = bench.rows.get(name, {})
         if processor.get(key) and loop.get(key):
             ratio = processor[key] / loop[key]
             fastest = loop[best] / processor[best] * processor["steps"][0] / loop["steps"][0]
-            lines.append(f"- q* processor vs {name}: {ratio:.2f}×, fastest runs {fastest:.2f}× (target: within 10%, "
-                         f"≥ 0.90×): {'PASS' if ratio >= 0.9 else 'below target'}")
+            lines.append(
+                f"- q* processor vs {name}: {ratio:.2f}×, fastest runs {fastest:.2f}× (target: within 10%, "
+                f"≥ 0.90×): {'PASS' if ratio >= 0.9 else 'below target'}"
+            )
     return "\n".join(lines) + "\n"
 
 
 def _shape(shape: dict) -> str:
-    return (f"h{shape['hidden_size']}/L{shape['num_hidden_layers']}/heads {shape['num_attention_heads']}"
-            f"/kv {shape['num_key_value_heads']}/ffn {shape['intermediate_size']}/V {shape['vocab_size']}")
+    return (
+        f"h{shape['hidden_size']}/L{shape['num_hidden_layers']}/heads {shape['num_attention_heads']}"
+        f"/kv {shape['num_key_value_heads']}/ffn {shape['intermediate_size']}/V {shape['vocab_size']}"
+    )
 
 
 def save(sections: list[str], name: str, raw: dict):
@@ -443,9 +560,13 @@ def common_args(parser: argparse.ArgumentParser):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda for h100, else cpu)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default: 2 on CUDA, 5 on CPU)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on CPU (default 1)")
-    parser.add_argument("--time-budget", type=float, default=500.0,
-                        help="seconds for the rows (after imports); rows that would not fit are skipped, a row "
-                             "that overruns is stopped (default 500)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=500.0,
+        help="seconds for the rows (after imports); rows that would not fit are skipped, a row "
+        "that overruns is stopped (default 500)",
+    )
 
 
 def setup(args) -> Bench:

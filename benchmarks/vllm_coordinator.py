@@ -45,9 +45,16 @@ def prompt_ids(tokenizer, count: int) -> list[list[int]]:
 async def native_tokens_per_second(url: str, model: str, prompts, tokens: int) -> float:
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         started = time.perf_counter()
-        response = await http.post("/v1/completions", json={
-            "model": model, "prompt": prompts, "max_tokens": tokens, "ignore_eos": True, "temperature": 1.0,
-        })
+        response = await http.post(
+            "/v1/completions",
+            json={
+                "model": model,
+                "prompt": prompts,
+                "max_tokens": tokens,
+                "ignore_eos": True,
+                "temperature": 1.0,
+            },
+        )
         elapsed = time.perf_counter() - started
         response.raise_for_status()
         return response.json()["usage"]["completion_tokens"] / elapsed
@@ -57,10 +64,17 @@ async def one_step_seconds(url: str, model: str, prompts, top_k: int) -> float:
     """One batched 1-token request with top-k log-probs to one server: the floor of a coordinator step."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         started = time.perf_counter()
-        response = await http.post("/v1/completions", json={
-            "model": model, "prompt": prompts, "max_tokens": 1, "temperature": 1.0, "logprobs": top_k,
-            "return_tokens_as_token_ids": True,
-        })
+        response = await http.post(
+            "/v1/completions",
+            json={
+                "model": model,
+                "prompt": prompts,
+                "max_tokens": 1,
+                "temperature": 1.0,
+                "logprobs": top_k,
+                "return_tokens_as_token_ids": True,
+            },
+        )
         response.json()
         return time.perf_counter() - started
 
@@ -88,8 +102,9 @@ async def coordinator_run(coordinator: DualVLLMCoordinator, prompts, tokens: int
 async def main_async(args) -> str:
     rows = []
     for groups in args.pipeline_groups:
-        config = CoordinatorConfig(theta_url=args.theta_url, t_url=args.t_url, top_k=args.top_k,
-                                   pipeline_groups=groups, stop_token_ids=[])
+        config = CoordinatorConfig(
+            theta_url=args.theta_url, t_url=args.t_url, top_k=args.top_k, pipeline_groups=groups, stop_token_ids=[]
+        )
         async with DualVLLMCoordinator(config) as coordinator:
             model = coordinator._theta.model
             for concurrency in args.concurrency:
@@ -105,16 +120,34 @@ async def main_async(args) -> str:
                 median = lambda key: statistics.median(c[key] for c in coord)  # noqa: E731
                 native_tps = statistics.median(native)
                 step_s = statistics.median(step)
-                rows.append((concurrency, groups, native_tps, median("tps"), median("tps") / native_tps,
-                             median("ms_per_step"), median("server_ms_per_step"), median("compute_ms_per_step"),
-                             1000 * step_s, concurrency / step_s / native_tps))
-                print(f"c={concurrency} groups={groups}: native {native_tps:.0f} tok/s, coordinator "
-                      f"{median('tps'):.0f} tok/s, ratio {median('tps') / native_tps:.3f}", flush=True)
-    header = ("| concurrency | pipeline groups | native tok/s (1 server) | coordinator tok/s | ratio | "
-              "coordinator ms/step | of which servers | of which q* + sampling | one 1-token request, 1 server, ms | "
-              "ceiling ratio |\n|---|---|---|---|---|---|---|---|---|---|")
-    lines = [header] + [f"| {c} | {g} | {n:.0f} | {t:.0f} | {r:.3f} | {ms:.1f} | {sv:.1f} | {cp:.1f} | {one:.1f} | {ceil:.3f} |"
-                        for c, g, n, t, r, ms, sv, cp, one, ceil in rows]
+                rows.append(
+                    (
+                        concurrency,
+                        groups,
+                        native_tps,
+                        median("tps"),
+                        median("tps") / native_tps,
+                        median("ms_per_step"),
+                        median("server_ms_per_step"),
+                        median("compute_ms_per_step"),
+                        1000 * step_s,
+                        concurrency / step_s / native_tps,
+                    )
+                )
+                print(
+                    f"c={concurrency} groups={groups}: native {native_tps:.0f} tok/s, coordinator "
+                    f"{median('tps'):.0f} tok/s, ratio {median('tps') / native_tps:.3f}",
+                    flush=True,
+                )
+    header = (
+        "| concurrency | pipeline groups | native tok/s (1 server) | coordinator tok/s | ratio | "
+        "coordinator ms/step | of which servers | of which q* + sampling | one 1-token request, 1 server, ms | "
+        "ceiling ratio |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [header] + [
+        f"| {c} | {g} | {n:.0f} | {t:.0f} | {r:.3f} | {ms:.1f} | {sv:.1f} | {cp:.1f} | {one:.1f} | {ceil:.3f} |"
+        for c, g, n, t, r, ms, sv, cp, one, ceil in rows
+    ]
     return "\n".join(lines)
 
 
@@ -126,10 +159,12 @@ def environment(args) -> str:
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         load = "?"
-    return (f"{datetime.date.today().isoformat()}, {platform.machine()} {os.cpu_count()} cores "
-            f"(load average at the end: {load}), Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, httpx {httpx.__version__}; servers {args.theta_url} / {args.t_url}; "
-            f"{args.tokens} tokens per prompt, top_k={args.top_k}, median of {args.repeats}")
+    return (
+        f"{datetime.date.today().isoformat()}, {platform.machine()} {os.cpu_count()} cores "
+        f"(load average at the end: {load}), Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, httpx {httpx.__version__}; servers {args.theta_url} / {args.t_url}; "
+        f"{args.tokens} tokens per prompt, top_k={args.top_k}, median of {args.repeats}"
+    )
 
 
 def main(argv=None) -> int:

@@ -24,8 +24,15 @@ from .options import ALPHA_METHODS, EMPTY_SUPPORT_FALLBACKS, QStarOptions
 from .solvers import _entropy_alpha, _ess_balance_alpha, _kl_budget_alpha, _kl_symmetry_alpha
 from .support import CommonSupport, check_log_prob_pair, common_support, restrict_to_nucleus
 
-__all__ = ["ALPHA_METHODS", "EMPTY_SUPPORT_FALLBACKS", "AlphaSolution", "check_solve_options", "solve_alpha",
-           "solve_on_support", "solver_backend"]
+__all__ = [
+    "ALPHA_METHODS",
+    "EMPTY_SUPPORT_FALLBACKS",
+    "AlphaSolution",
+    "check_solve_options",
+    "solve_alpha",
+    "solve_on_support",
+    "solver_backend",
+]
 
 
 @dataclass
@@ -110,8 +117,16 @@ def solve_alpha(
         >>> solve_alpha(logp_theta, logp_theta)  # identical rows: α = 0.5 by convention
         tensor([0.5000])
     """
-    check_solve_options(method, alpha=alpha, kl_budget=kl_budget, tol=tol, max_iter=max_iter, alpha_min=alpha_min,
-                        alpha_max=alpha_max, empty_support=empty_support)
+    check_solve_options(
+        method,
+        alpha=alpha,
+        kl_budget=kl_budget,
+        tol=tol,
+        max_iter=max_iter,
+        alpha_min=alpha_min,
+        alpha_max=alpha_max,
+        empty_support=empty_support,
+    )
     if validate:
         check_log_prob_pair(logp_theta, logp_t)
     backend = solver_backend(logp_theta) if method == "kl_symmetry" else "torch"
@@ -121,8 +136,17 @@ def solve_alpha(
     else:
         pair = common_support(logp_theta, logp_t, teacher_top_p=teacher_top_p)
         solution = solve_on_support(
-            pair, method, alpha=alpha, kl_budget=kl_budget, tol=tol, max_iter=max_iter, alpha_min=alpha_min,
-            alpha_max=alpha_max, empty_support=empty_support, log_multiplicity=log_multiplicity, backend=backend,
+            pair,
+            method,
+            alpha=alpha,
+            kl_budget=kl_budget,
+            tol=tol,
+            max_iter=max_iter,
+            alpha_min=alpha_min,
+            alpha_max=alpha_max,
+            empty_support=empty_support,
+            log_multiplicity=log_multiplicity,
+            backend=backend,
         )
     return solution if return_info else solution.alpha
 
@@ -153,8 +177,9 @@ def solver_backend(x: torch.Tensor) -> str:
     return "torch"
 
 
-def kl_symmetry_kernel(backend: str, logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int,
-                       **launch):
+def kl_symmetry_kernel(
+    backend: str, logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, **launch
+):
     """The `kl_symmetry` kernel of `backend` ("c" or "triton"), imported on first use."""
     if backend == "c":
         from .cpu_kernel import kl_symmetry_cpu
@@ -171,9 +196,14 @@ def check_solve_options(method, *, alpha, tol, max_iter, alpha_min, alpha_max, e
     """Raise a clear error for an unknown method or inconsistent solver options (`QStarOptions`
     validates them; a per-row `[B]` tensor `alpha` / `kl_budget` is range-checked where it is used)."""
     QStarOptions(
-        alpha_method=method, alpha=0.5 if isinstance(alpha, torch.Tensor) else alpha,
-        kl_budget=0.0 if isinstance(kl_budget, torch.Tensor) else kl_budget, tol=tol, max_iter=max_iter,
-        alpha_min=alpha_min, alpha_max=alpha_max, empty_support=empty_support,
+        alpha_method=method,
+        alpha=0.5 if isinstance(alpha, torch.Tensor) else alpha,
+        kl_budget=0.0 if isinstance(kl_budget, torch.Tensor) else kl_budget,
+        tol=tol,
+        max_iter=max_iter,
+        alpha_min=alpha_min,
+        alpha_max=alpha_max,
+        empty_support=empty_support,
     )
 
 
@@ -215,7 +245,9 @@ def solve_on_support(
     elif method == "kl_budget":
         result, iterations, converged = _kl_budget_alpha(pair, kl_budget, tol, max_iter)
     elif (backend := backend or solver_backend(pair.logp_theta)) != "torch":
-        return _kernel_solution(backend, pair.logp_theta, pair.logp_t, tol, max_iter, empty_support, alpha_min, alpha_max)
+        return _kernel_solution(
+            backend, pair.logp_theta, pair.logp_t, tol, max_iter, empty_support, alpha_min, alpha_max
+        )
     else:
         result, iterations, degenerate, converged = _kl_symmetry_alpha(pair, tol, max_iter)
     return _finish(result, iterations, degenerate, pair.empty, converged, empty_support, alpha_min, alpha_max)
@@ -224,7 +256,9 @@ def solve_on_support(
 def _kernel_solution(backend, lp, lr, tol, max_iter, empty_support, alpha_min, alpha_max) -> AlphaSolution:
     """The kernel applies the fallback and the clamp itself: one launch for the whole solve."""
     fallback = 1.0 if empty_support == "teacher" else 0.0
-    return AlphaSolution(*kl_symmetry_kernel(backend, lp, lr, tol, max_iter, fallback=fallback, alpha_min=alpha_min, alpha_max=alpha_max))
+    return AlphaSolution(
+        *kl_symmetry_kernel(backend, lp, lr, tol, max_iter, fallback=fallback, alpha_min=alpha_min, alpha_max=alpha_max)
+    )
 
 
 def _finish(alpha, iterations, degenerate, empty, converged, empty_support, alpha_min, alpha_max) -> AlphaSolution:
@@ -232,5 +266,3 @@ def _finish(alpha, iterations, degenerate, empty, converged, empty_support, alph
     alpha = torch.where(empty, 1.0 if empty_support == "teacher" else 0.0, alpha)
     alpha = alpha.clamp(alpha_min, alpha_max).to(torch.float32)
     return AlphaSolution(alpha, iterations, degenerate & ~empty, empty, converged | empty)
-
-

@@ -51,55 +51,96 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     models = gen.add_argument_group("models")
-    models.add_argument("--base", help="base model π_θ: a local directory or Hub id (default: the shipped toy base); "
-                                       "with --backend vllm, where its tokenizer is, if not in the server's model directory; "
-                                       "with --backend vllm-inprocess, the base engine's model")
-    models.add_argument("--teacher", help="teacher model π_t: a local directory or Hub id (default: the shipped toy "
-                                          "teacher); with --backend vllm, where its tokenizer is")
-    models.add_argument("--backend", choices=("transformers", "vllm", "vllm-inprocess"), default="transformers",
-                        help="in-process transformers (exact), two vLLM servers, or two vLLM engines in this "
-                             "process (both vLLM backends: top-k approximation, the same samples)")
+    models.add_argument(
+        "--base",
+        help="base model π_θ: a local directory or Hub id (default: the shipped toy base); "
+        "with --backend vllm, where its tokenizer is, if not in the server's model directory; "
+        "with --backend vllm-inprocess, the base engine's model",
+    )
+    models.add_argument(
+        "--teacher",
+        help="teacher model π_t: a local directory or Hub id (default: the shipped toy "
+        "teacher); with --backend vllm, where its tokenizer is",
+    )
+    models.add_argument(
+        "--backend",
+        choices=("transformers", "vllm", "vllm-inprocess"),
+        default="transformers",
+        help="in-process transformers (exact), two vLLM servers, or two vLLM engines in this "
+        "process (both vLLM backends: top-k approximation, the same samples)",
+    )
     models.add_argument("--theta-url", help="with --backend vllm: the base model's server, e.g. http://127.0.0.1:8000")
     models.add_argument("--t-url", help="with --backend vllm: the teacher's server, e.g. http://127.0.0.1:8001")
-    models.add_argument("--top-k-candidates", type=int, default=100,
-                        help="with --backend vllm / vllm-inprocess: log-probs each model contributes per token")
-    models.add_argument("--vllm-engine-arg", action="append", metavar="KEY=VALUE",
-                        help="with --backend vllm-inprocess: an engine argument of both engines (`base.KEY=VALUE` or "
-                             "`teacher.KEY=VALUE` for one), e.g. dtype=bfloat16 or base.gpu_memory_utilization=0.4; "
-                             "repeat it for more (without GPU, the toy pair's CPU settings are the defaults)")
-    models.add_argument("--device", default="auto", help="torch device for --backend transformers; auto: cuda if available, else cpu")
+    models.add_argument(
+        "--top-k-candidates",
+        type=int,
+        default=100,
+        help="with --backend vllm / vllm-inprocess: log-probs each model contributes per token",
+    )
+    models.add_argument(
+        "--vllm-engine-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="with --backend vllm-inprocess: an engine argument of both engines (`base.KEY=VALUE` or "
+        "`teacher.KEY=VALUE` for one), e.g. dtype=bfloat16 or base.gpu_memory_utilization=0.4; "
+        "repeat it for more (without GPU, the toy pair's CPU settings are the defaults)",
+    )
+    models.add_argument(
+        "--device", default="auto", help="torch device for --backend transformers; auto: cuda if available, else cpu"
+    )
 
     data = gen.add_argument_group("prompts")
-    data.add_argument("--prompts", help="a .jsonl, .json, .csv or .parquet file (one row per prompt, columns as "
-                                        "`datasets` reads them), a .txt file (one prompt per line) or a directory "
-                                        "saved with `save_to_disk` (default: held-out problems of the toy task)")
+    data.add_argument(
+        "--prompts",
+        help="a .jsonl, .json, .csv or .parquet file (one row per prompt, columns as "
+        "`datasets` reads them), a .txt file (one prompt per line) or a directory "
+        "saved with `save_to_disk` (default: held-out problems of the toy task)",
+    )
     data.add_argument("--prompt-column", default="prompt", help="the column holding the prompt")
-    data.add_argument("--answer-column", default="answer",
-                      help="if every row has it, exact-match accuracy of the samples against it is reported")
-    data.add_argument("--teacher-prompt-template",
-                      help="str.format template over the row's columns giving the teacher's prompt, e.g. "
-                           "'{prompt} (the answer is {answer})'; without it, the rows' `teacher_prompt` column if "
-                           "they have one, else the base prompt")
-    data.add_argument("--limit", type=int, help=f"use the first N prompts (default: all; {DEFAULT_TOY_PROMPTS} for the toy task)")
+    data.add_argument(
+        "--answer-column",
+        default="answer",
+        help="if every row has it, exact-match accuracy of the samples against it is reported",
+    )
+    data.add_argument(
+        "--teacher-prompt-template",
+        help="str.format template over the row's columns giving the teacher's prompt, e.g. "
+        "'{prompt} (the answer is {answer})'; without it, the rows' `teacher_prompt` column if "
+        "they have one, else the base prompt",
+    )
+    data.add_argument(
+        "--limit", type=int, help=f"use the first N prompts (default: all; {DEFAULT_TOY_PROMPTS} for the toy task)"
+    )
 
     sampling = gen.add_argument_group("sampling")
     sampling.add_argument("--max-new-tokens", type=int, default=16, help="most tokens generated per prompt")
-    sampling.add_argument("--fast", choices=FAST_MODES, default="off",
-                          help="with --backend transformers: decode with the fast path (static caches; 'auto': the "
-                               "step captured in a CUDA graph on a GPU, eager elsewhere) instead of transformers' "
-                               "sampling loop")
-    sampling.add_argument("--batch-size", type=int, default=16,
-                          help="prompts sampled together; also the unit of resuming")
-    sampling.add_argument("--seed", type=int, default=0,
-                          help="sampling seed: each batch is seeded from it and the batch's index")
+    sampling.add_argument(
+        "--fast",
+        choices=FAST_MODES,
+        default="off",
+        help="with --backend transformers: decode with the fast path (static caches; 'auto': the "
+        "step captured in a CUDA graph on a GPU, eager elsewhere) instead of transformers' "
+        "sampling loop",
+    )
+    sampling.add_argument(
+        "--batch-size", type=int, default=16, help="prompts sampled together; also the unit of resuming"
+    )
+    sampling.add_argument(
+        "--seed", type=int, default=0, help="sampling seed: each batch is seeded from it and the batch's index"
+    )
 
     add_q_star_arguments(gen.add_argument_group("q* options (QStarOptions)"))
 
     out = gen.add_argument_group("output")
-    out.add_argument("--output", required=True, help="a .jsonl or .parquet file, or a directory (datasets save_to_disk)")
+    out.add_argument(
+        "--output", required=True, help="a .jsonl or .parquet file, or a directory (datasets save_to_disk)"
+    )
     out.add_argument("--overwrite", action="store_true", help="replace an existing output instead of resuming it")
-    out.add_argument("--compare", action="store_true",
-                     help="also sample base-only (α=0) and teacher-only (α=1) on the same prompts and report accuracies")
+    out.add_argument(
+        "--compare",
+        action="store_true",
+        help="also sample base-only (α=0) and teacher-only (α=1) on the same prompts and report accuracies",
+    )
     out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -112,8 +153,14 @@ def add_q_star_arguments(group) -> None:
     an option added to `QStarOptions` is on the command line with nothing else to edit."""
     for option in fields(QStarOptions):
         kind = _ARGUMENT_TYPES[str(option.type).split(" | ")[0]]
-        group.add_argument(f"--{option.name.replace('_', '-')}", dest=option.name, type=kind, default=option.default,
-                           choices=option.metadata.get("choices"), help=option.metadata["help"])
+        group.add_argument(
+            f"--{option.name.replace('_', '-')}",
+            dest=option.name,
+            type=kind,
+            default=option.default,
+            choices=option.metadata.get("choices"),
+            help=option.metadata["help"],
+        )
 
 
 def q_star_from_args(args, **changes) -> QStarOptions:
@@ -188,13 +235,18 @@ def _load_prompts(args) -> tuple[PromptSet, str]:
     prompts = PromptSet.from_rows(rows, args.prompt_column, args.teacher_prompt_template)
     if not prompts.sample_rows():
         first = min(prompts.problems)
-        raise UsageError(f"no row of {source!r} can be sampled (row {first}: {prompts.problems[first]}); "
-                         "check --prompt-column and --teacher-prompt-template.")
+        raise UsageError(
+            f"no row of {source!r} can be sampled (row {first}: {prompts.problems[first]}); "
+            "check --prompt-column and --teacher-prompt-template."
+        )
     if prompts.problems:
         shown = "; ".join(f"row {i}: {why}" for i, why in sorted(prompts.problems.items())[:3])
         more = f"; and {len(prompts.problems) - 3} more" if len(prompts.problems) > 3 else ""
-        print(f"optimal-sampling generate: {len(prompts.problems)} of {len(rows)} rows cannot be sampled and are "
-              f"written with `error` set ({shown}{more})", file=sys.stderr)
+        print(
+            f"optimal-sampling generate: {len(prompts.problems)} of {len(rows)} rows cannot be sampled and are "
+            f"written with `error` set ({shown}{more})",
+            file=sys.stderr,
+        )
     return prompts, source
 
 
@@ -207,10 +259,15 @@ def _resolve_models(args) -> dict:
     from .toy import BASE_DIR, TEACHER_DIR
 
     if args.backend == "vllm":  # --base / --teacher are only where the tokenizers are, and optional
-        return {role: resolve_model(name, f"--{role}") for role, name in (("base", args.base), ("teacher", args.teacher))
-                if name is not None}
-    return {"base": resolve_model(args.base or str(BASE_DIR), "--base"),
-            "teacher": resolve_model(args.teacher or str(TEACHER_DIR), "--teacher")}
+        return {
+            role: resolve_model(name, f"--{role}")
+            for role, name in (("base", args.base), ("teacher", args.teacher))
+            if name is not None
+        }
+    return {
+        "base": resolve_model(args.base or str(BASE_DIR), "--base"),
+        "teacher": resolve_model(args.teacher or str(TEACHER_DIR), "--teacher"),
+    }
 
 
 def _load_transformers_models(args, sources) -> dict:
@@ -224,12 +281,14 @@ def _load_transformers_models(args, sources) -> dict:
     for role, source in sources.items():
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.location, revision=source.revision)
-            model = AutoModelForCausalLM.from_pretrained(source.location, revision=source.revision,
-                                                         dtype=torch.float32 if device == "cpu" else "auto")
+            model = AutoModelForCausalLM.from_pretrained(
+                source.location, revision=source.revision, dtype=torch.float32 if device == "cpu" else "auto"
+            )
         except (OSError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UsageError(f"--{role} {source.location!r} could not be loaded as a causal LM with its tokenizer: "
-                             f"{first_line}") from None
+            raise UsageError(
+                f"--{role} {source.location!r} could not be loaded as a causal LM with its tokenizer: {first_line}"
+            ) from None
         loaded[role] = (model.to(device), tokenizer)
     return loaded
 
@@ -238,8 +297,14 @@ def _transformers_sampler(args, loaded, **overrides):
     from .generation import OptimalSampler
 
     try:
-        return OptimalSampler(loaded["base"][0], loaded["teacher"][0], loaded["base"][1], q_star_from_args(args, **overrides),
-                              teacher_tokenizer=loaded["teacher"][1], fast=False if args.fast == "off" else args.fast)
+        return OptimalSampler(
+            loaded["base"][0],
+            loaded["teacher"][0],
+            loaded["base"][1],
+            q_star_from_args(args, **overrides),
+            teacher_tokenizer=loaded["teacher"][1],
+            fast=False if args.fast == "off" else args.fast,
+        )
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -248,8 +313,12 @@ def _vllm_fields(args, **overrides) -> dict:
     """The `CoordinatorConfig` / `DrivenDecodeConfig` fields the command line sets."""
     from .topk_decoding import topk_config_fields
 
-    return dict(top_k=args.top_k_candidates, max_concurrency=max(args.batch_size, 1), seed=args.seed,
-                **topk_config_fields(q_star_from_args(args, **overrides)))
+    return dict(
+        top_k=args.top_k_candidates,
+        max_concurrency=max(args.batch_size, 1),
+        seed=args.seed,
+        **topk_config_fields(q_star_from_args(args, **overrides)),
+    )
 
 
 def _vllm_sampler(args, **overrides):
@@ -258,8 +327,13 @@ def _vllm_sampler(args, **overrides):
     from .servers import CoordinatorConfig, VLLMSampler
 
     try:
-        config = CoordinatorConfig(theta_url=args.theta_url, t_url=args.t_url, theta_tokenizer=args.base,
-                                   t_tokenizer=args.teacher, **_vllm_fields(args, **overrides))
+        config = CoordinatorConfig(
+            theta_url=args.theta_url,
+            t_url=args.t_url,
+            theta_tokenizer=args.base,
+            t_tokenizer=args.teacher,
+            **_vllm_fields(args, **overrides),
+        )
         return VLLMSampler(config, temperature=args.temperature)
     except (ValueError, RuntimeError, OSError) as error:  # server down, tokenizer mismatch, k too large
         raise UsageError(str(error)) from None
@@ -279,8 +353,9 @@ def _inprocess_sampler(args, sources):
             if source.revision is not None:
                 spec_fields.setdefault("engine_kwargs", {})["revision"] = source.revision
             specs[role] = VLLMEngineSpec(source.location, **spec_fields)
-        return InProcessVLLMSampler(specs["base"], specs["teacher"], DrivenDecodeConfig(**_vllm_fields(args)),
-                                    temperature=args.temperature)
+        return InProcessVLLMSampler(
+            specs["base"], specs["teacher"], DrivenDecodeConfig(**_vllm_fields(args)), temperature=args.temperature
+        )
     except (ValueError, TypeError, RuntimeError, OSError, ImportError) as error:
         raise UsageError(str(error)) from None
 
@@ -295,7 +370,9 @@ def _model_fingerprints(args, sources, sampler) -> dict[str, str]:
     fingerprints = {}
     for role, served in sampler.served_models().items():
         root = served["root"]
-        fingerprints[f"{role}_fingerprint"] = directory_fingerprint(root) if root else f"{served['url']} {served['model']}"
+        fingerprints[f"{role}_fingerprint"] = (
+            directory_fingerprint(root) if root else f"{served['url']} {served['model']}"
+        )
     return fingerprints
 
 
@@ -339,7 +416,11 @@ def _sample_rows(sampler, prompts: PromptSet, args, indices, progress=None):
     for start in range(0, len(indices), args.batch_size):
         batch = indices[start : start + args.batch_size]
         sampled = [i for i in batch if i not in prompts.problems]
-        outputs = _generate(sampler, prompts, sampled, args, _batch_seed(args.seed, batch[0] // args.batch_size)) if sampled else {}
+        outputs = (
+            _generate(sampler, prompts, sampled, args, _batch_seed(args.seed, batch[0] // args.batch_size))
+            if sampled
+            else {}
+        )
         records = []
         for i in batch:
             output = outputs.get(i) or GenerationOutput(prompt=prompts.prompts[i], error=prompts.problems[i])
@@ -405,11 +486,15 @@ def run_generate(args) -> int:
                     solo = _vllm_sampler(args, **solo_alpha)
                 else:
                     solo = _transformers_sampler(args, loaded, **solo_alpha)
-                comparisons[name] = [r for batch in _sample_rows(solo, prompts, args, list(range(total))) for r in batch]
+                comparisons[name] = [
+                    r for batch in _sample_rows(solo, prompts, args, list(range(total))) for r in batch
+                ]
     except KeyboardInterrupt:
         if progress is not None:
             progress.close()
-        raise Interrupted(f"interrupted: {writer.rows_on_disk()} of {total} rows are saved in {writer.journal}") from None
+        raise Interrupted(
+            f"interrupted: {writer.rows_on_disk()} of {total} rows are saved in {writer.journal}"
+        ) from None
     finally:
         getattr(sampler, "close", lambda: None)()  # the vLLM backends hold connections or engines
     answers = [row.get(args.answer_column) for row in prompts.rows]
@@ -484,7 +569,9 @@ def format_summary(all_rows, new_rows, elapsed, answers, comparisons, output) ->
         "|---|---|",
         f"| samples (errors) | {len(all_rows)} ({len(all_rows) - len(ok)}) |",
         f"| generated tokens | {tokens} |",
-        f"| tokens/s (this run) | {new_tokens / elapsed:.1f} |" if elapsed > 0 and new_rows else "| tokens/s (this run) | - |",
+        f"| tokens/s (this run) | {new_tokens / elapsed:.1f} |"
+        if elapsed > 0 and new_rows
+        else "| tokens/s (this run) | - |",
         f"| α mean ± std | {mean_alpha:.3f} ± {std_alpha:.3f} |",
         f"| KL(q‖π_θ) mean | {diag('kl_theta_mean'):.4f} |",
         f"| KL(q‖π_t) mean | {diag('kl_t_mean'):.4f} |",
@@ -498,8 +585,10 @@ def format_summary(all_rows, new_rows, elapsed, answers, comparisons, output) ->
         lines.append(f"| exact-match accuracy, q* | {accuracy:.3f} |")
         for name, rows in comparisons.items():
             lines.append(f"| exact-match accuracy, {name} | {_accuracy(rows, answers):.3f} |")
-    lines.append("\nESS_θ/ESS_t: how well q* serves as a proposal for π_θ relative to π_t (effective sample "
-                 "sizes); 1 = balanced, > 1: q* sits nearer π_θ, < 1: nearer π_t.")
+    lines.append(
+        "\nESS_θ/ESS_t: how well q* serves as a proposal for π_θ relative to π_t (effective sample "
+        "sizes); 1 = balanced, > 1: q* sits nearer π_θ, < 1: nearer π_t."
+    )
     return "\n".join(lines)
 
 

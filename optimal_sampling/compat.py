@@ -20,7 +20,14 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 TRANSFORMERS_FRONT = SpecifierSet(">=5.24,<5.25")
-_SAMPLE_PARAMETERS = ("input_ids", "logits_processor", "stopping_criteria", "generation_config", "synced_gpus", "streamer")
+_SAMPLE_PARAMETERS = (
+    "input_ids",
+    "logits_processor",
+    "stopping_criteria",
+    "generation_config",
+    "synced_gpus",
+    "streamer",
+)
 
 
 class IncompatibleTransformersError(ImportError):

@@ -114,9 +114,11 @@ def library() -> ctypes.CDLL | None:
         if compiler is None:
             raise CompilerError("no C compiler found (looked for $CC, cc, gcc, clang)")
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256("\0".join(
-            [SOURCE.read_text(), " ".join(FLAGS + NATIVE), compiler, version, _cpu_identity(), sys.platform]
-        ).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            "\0".join(
+                [SOURCE.read_text(), " ".join(FLAGS + NATIVE), compiler, version, _cpu_identity(), sys.platform]
+            ).encode()
+        ).hexdigest()[:16]
         target = cache_dir() / f"q_star_cpu-{key}.so"
         if not target.exists():
             build(compiler, target)
@@ -132,11 +134,42 @@ def library() -> ctypes.CDLL | None:
         )
         return None
     pointer, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    lib.kl_symmetry_rows.argtypes = [pointer, pointer, i64, i64, i64, i64, f64, f64, ctypes.c_int32, f64, f64, f64, f64,
-                                     pointer, pointer, pointer, pointer, pointer, ctypes.c_int32]
+    lib.kl_symmetry_rows.argtypes = [
+        pointer,
+        pointer,
+        i64,
+        i64,
+        i64,
+        i64,
+        f64,
+        f64,
+        ctypes.c_int32,
+        f64,
+        f64,
+        f64,
+        f64,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        ctypes.c_int32,
+    ]
     lib.kl_symmetry_rows.restype = None
-    lib.mixture_rows.argtypes = [pointer, pointer, i64, i64, i64, i64, pointer, ctypes.c_int32, pointer, i64, pointer,
-                                 ctypes.c_int32]
+    lib.mixture_rows.argtypes = [
+        pointer,
+        pointer,
+        i64,
+        i64,
+        i64,
+        i64,
+        pointer,
+        ctypes.c_int32,
+        pointer,
+        i64,
+        pointer,
+        ctypes.c_int32,
+    ]
     lib.mixture_rows.restype = None
     return lib
 
@@ -162,8 +195,15 @@ def _threads(batch: int, width: int, threads: int | None) -> int:
 
 
 def kl_symmetry_cpu(
-    logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, *, fallback: float = 1.0,
-    alpha_min: float = 0.0, alpha_max: float = 1.0, threads: int | None = None,
+    logp_theta: torch.Tensor,
+    logp_t: torch.Tensor,
+    tol: float,
+    max_iter: int,
+    *,
+    fallback: float = 1.0,
+    alpha_min: float = 0.0,
+    alpha_max: float = 1.0,
+    threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve every row of a float32 CPU `[B, V]` pair: the fields of `alpha.AlphaSolution`
     (α, iterations, degenerate, empty support, converged) as `[B]` tensors, exactly as
@@ -180,9 +220,24 @@ def kl_symmetry_cpu(
     flags = torch.empty(3, batch, dtype=torch.int8)  # degenerate, empty, converged
     if batch:
         lib.kl_symmetry_rows(
-            logp_theta.data_ptr(), logp_t.data_ptr(), logp_theta.stride(0), logp_t.stride(0), batch, width, float(tol),
-            QUADRATIC_STEP, int(max_iter), DEGENERATE_RTOL, float(fallback), float(alpha_min), float(alpha_max),
-            alpha.data_ptr(), iterations.data_ptr(), flags[0].data_ptr(), flags[1].data_ptr(), flags[2].data_ptr(),
+            logp_theta.data_ptr(),
+            logp_t.data_ptr(),
+            logp_theta.stride(0),
+            logp_t.stride(0),
+            batch,
+            width,
+            float(tol),
+            QUADRATIC_STEP,
+            int(max_iter),
+            DEGENERATE_RTOL,
+            float(fallback),
+            float(alpha_min),
+            float(alpha_max),
+            alpha.data_ptr(),
+            iterations.data_ptr(),
+            flags[0].data_ptr(),
+            flags[1].data_ptr(),
+            flags[2].data_ptr(),
             _threads(batch, width, threads),
         )
     degenerate, empty, converged = flags.view(torch.bool).unbind(0)
@@ -190,7 +245,11 @@ def kl_symmetry_cpu(
 
 
 def mixture_cpu(
-    logp_theta: torch.Tensor, logp_t: torch.Tensor, alpha: torch.Tensor, *, empty_support: str = "teacher",
+    logp_theta: torch.Tensor,
+    logp_t: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    empty_support: str = "teacher",
     threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log q_α (`[B, V]` float32, −inf off the common support; the fallback model's row on a
@@ -205,8 +264,17 @@ def mixture_cpu(
     moments = torch.empty(batch, 4, dtype=torch.float64)
     if batch:
         lib.mixture_rows(
-            logp_theta.data_ptr(), logp_t.data_ptr(), logp_theta.stride(0), logp_t.stride(0), batch, width,
-            alpha.data_ptr(), int(empty_support == "teacher"), logq.data_ptr(), logq.stride(0), moments.data_ptr(),
+            logp_theta.data_ptr(),
+            logp_t.data_ptr(),
+            logp_theta.stride(0),
+            logp_t.stride(0),
+            batch,
+            width,
+            alpha.data_ptr(),
+            int(empty_support == "teacher"),
+            logq.data_ptr(),
+            logq.stride(0),
+            moments.data_ptr(),
             _threads(batch, width, threads),
         )
     return logq, moments

@@ -40,7 +40,9 @@ class QStarStep:
     logp_t: torch.Tensor
 
 
-def q_star_step(base_logits: torch.Tensor, teacher_logits: torch.Tensor, forced: torch.Tensor, options: MixingOptions) -> QStarStep:
+def q_star_step(
+    base_logits: torch.Tensor, teacher_logits: torch.Tensor, forced: torch.Tensor, options: MixingOptions
+) -> QStarStep:
     """The core's `compute_mixture` on raw logits, without host synchronisation.
 
     Args:
@@ -56,8 +58,12 @@ def q_star_step(base_logits: torch.Tensor, teacher_logits: torch.Tensor, forced:
     logp_theta = log_probs_from_logits(base_logits, q_star.temperature, options.vocab_size)  # [B, V] float32
     logp_t = log_probs_from_logits(teacher_logits, q_star.temperature, options.vocab_size)
     mixture = compute_mixture(
-        logp_theta, logp_t, q_star, forced=forced if q_star.force_teacher_first_tokens else None,
-        return_diagnostics=options.diagnostics, validate=False,
+        logp_theta,
+        logp_t,
+        q_star,
+        forced=forced if q_star.force_teacher_first_tokens else None,
+        return_diagnostics=options.diagnostics,
+        validate=False,
     )
     return QStarStep(mixture, logp_theta, logp_t)
 
@@ -94,7 +100,9 @@ class DecodeBuffers:
     records: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, T_max]
 
 
-def decode_tail(base_logits: torch.Tensor, teacher_logits: torch.Tensor, buffers: DecodeBuffers, options: MixingOptions) -> None:
+def decode_tail(
+    base_logits: torch.Tensor, teacher_logits: torch.Tensor, buffers: DecodeBuffers, options: MixingOptions
+) -> None:
     """Mix, sample, record and advance one step, writing only into `buffers`.
 
     Rows flagged `on_policy` sample π_θ itself (α = 0, log q = log π_θ); `logq_star` records the
@@ -108,8 +116,11 @@ def decode_tail(base_logits: torch.Tensor, teacher_logits: torch.Tensor, buffers
     token = sample_exponential_race(sampled, buffers.noise)
     token = torch.where(unfinished, token, buffers.pad)  # finished rows emit padding, as in generate
     index = token.clamp(max=sampled.shape[-1] - 1)  # [B]
-    values = {"tokens": token, "token_mask": unfinished,
-              **token_records(step.mixture, index, step.logp_theta, step.logp_t, sampled_logq=sampled)}
+    values = {
+        "tokens": token,
+        "token_mask": unfinished,
+        **token_records(step.mixture, index, step.logp_theta, step.logp_t, sampled_logq=sampled),
+    }
     values["alpha"] = torch.where(on_policy, torch.zeros_like(values["alpha"]), values["alpha"])
     column = buffers.step.view(1)
     for name, value in values.items():

@@ -42,8 +42,17 @@ from .options import QStarOptions
 from .records import RECORDED_DIAGNOSTICS, OptimalGenerateOutput, check_same_device, output_width
 from .teacher import position_ids_from_mask, repeat_teacher_prompts
 
-__all__ = ["FAST_MODES", "DeviceScalarConstants", "FastDecoder", "FastPathConfig", "MixingOptions", "clear_fast_decoders",
-           "decode_tail", "fast_decoder_for", "fast_optimal_generate"]
+__all__ = [
+    "FAST_MODES",
+    "DeviceScalarConstants",
+    "FastDecoder",
+    "FastPathConfig",
+    "MixingOptions",
+    "clear_fast_decoders",
+    "decode_tail",
+    "fast_decoder_for",
+    "fast_optimal_generate",
+]
 
 FAST_MODES = ("auto", "eager", "cuda_graph", "compile_mixture", "compile")
 _FALLBACK = {"compile": "cuda_graph", "compile_mixture": "cuda_graph", "cuda_graph": "eager"}
@@ -105,7 +114,9 @@ class FastPathConfig:
             return cls()
         if isinstance(fast, str):
             return cls(mode=fast)
-        raise TypeError(f"`fast` must be True, a mode name ({', '.join(FAST_MODES)}) or a FastPathConfig, got {fast!r}.")
+        raise TypeError(
+            f"`fast` must be True, a mode name ({', '.join(FAST_MODES)}) or a FastPathConfig, got {fast!r}."
+        )
 
 
 def reset_cuda_generator(device: torch.device) -> None:
@@ -124,7 +135,11 @@ def reset_cuda_generator(device: torch.device) -> None:
 
 def _forward_last_logits(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
         logits_to_keep=1,
     )
     return out.logits[:, -1]
@@ -145,8 +160,20 @@ def _batch_bucket(n: int) -> int:
 class _DecodeSlot:
     """Static caches, buffers and (in the graph modes) the captured step of one shape bucket."""
 
-    def __init__(self, base, teacher, batch: int, base_len: int, teacher_len: int, width: int, steps: int,
-                 options: MixingOptions, pad: int, stop_ids: tuple[int, ...], device: torch.device):
+    def __init__(
+        self,
+        base,
+        teacher,
+        batch: int,
+        base_len: int,
+        teacher_len: int,
+        width: int,
+        steps: int,
+        options: MixingOptions,
+        pad: int,
+        stop_ids: tuple[int, ...],
+        device: torch.device,
+    ):
         self.base, self.teacher, self.options = base, teacher, options
         self.batch, self.base_len, self.teacher_len = batch, base_len, teacher_len
         self.base_cache = StaticCache(config=base.config, max_cache_len=base_len)
@@ -167,14 +194,22 @@ class _DecodeSlot:
             stop_ids=torch.tensor(list(stop_ids) or [-1], **long),
         )
         record_dtypes = {
-            "tokens": torch.long, "token_mask": torch.bool, "alpha": torch.float32, "logq": torch.float32,
+            "tokens": torch.long,
+            "token_mask": torch.bool,
+            "alpha": torch.float32,
+            "logq": torch.float32,
             "logq_star": torch.float32,
-            "logp_theta": torch.float32, "logp_t": torch.float32, "iterations": torch.int32,
-            "empty_support": torch.bool, "converged": torch.bool,
+            "logp_theta": torch.float32,
+            "logp_t": torch.float32,
+            "iterations": torch.int32,
+            "empty_support": torch.bool,
+            "converged": torch.bool,
         }
         if options.diagnostics:
             record_dtypes.update({name: torch.float64 for name in RECORDED_DIAGNOSTICS})
-        self.buffers.records = {name: torch.zeros(batch, steps, dtype=dt, device=device) for name, dt in record_dtypes.items()}
+        self.buffers.records = {
+            name: torch.zeros(batch, steps, dtype=dt, device=device) for name, dt in record_dtypes.items()
+        }
         self.graph: torch.cuda.CUDAGraph | None = None
         self.built = False
         self.mode = "eager"
@@ -184,7 +219,9 @@ class _DecodeSlot:
         buffers = self.buffers
         with torch.no_grad():
             _forward_last_logits(base, buffers.base_input, buffers.base_mask, buffers.base_positions, self.base_cache)
-            _forward_last_logits(teacher, buffers.teacher_input, buffers.teacher_mask, buffers.teacher_positions, self.teacher_cache)
+            _forward_last_logits(
+                teacher, buffers.teacher_input, buffers.teacher_mask, buffers.teacher_positions, self.teacher_cache
+            )
         self.base_cache.reset()
         self.teacher_cache.reset()
 
@@ -193,7 +230,9 @@ class _DecodeSlot:
     def _forwards(self) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.buffers
         base_logits = _forward_last_logits(self.base, b.base_input, b.base_mask, b.base_positions, self.base_cache)
-        teacher_logits = _forward_last_logits(self.teacher, b.teacher_input, b.teacher_mask, b.teacher_positions, self.teacher_cache)
+        teacher_logits = _forward_last_logits(
+            self.teacher, b.teacher_input, b.teacher_mask, b.teacher_positions, self.teacher_cache
+        )
         return base_logits, teacher_logits
 
     def _eager_step(self) -> None:
@@ -253,7 +292,15 @@ class _DecodeSlot:
             cache.reset()
         for model, cache, prompt, prompt_mask, full_mask, inputs, positions in (
             (self.base, self.base_cache, ids, mask, b.base_mask, b.base_input, b.base_positions),
-            (self.teacher, self.teacher_cache, teacher_ids, teacher_mask, b.teacher_mask, b.teacher_input, b.teacher_positions),
+            (
+                self.teacher,
+                self.teacher_cache,
+                teacher_ids,
+                teacher_mask,
+                b.teacher_mask,
+                b.teacher_input,
+                b.teacher_positions,
+            ),
         ):
             width = prompt.shape[1]
             full_mask.fill_(1)
@@ -316,7 +363,9 @@ class FastDecoder:
         (True, 2)
     """
 
-    def __init__(self, base_model: torch.nn.Module, teacher_model: torch.nn.Module, config: FastPathConfig | None = None):
+    def __init__(
+        self, base_model: torch.nn.Module, teacher_model: torch.nn.Module, config: FastPathConfig | None = None
+    ):
         for name, model in (("base_model", base_model), ("teacher_model", teacher_model)):
             if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
                 raise TypeError(f"`{name}` must be a transformers causal LM, got {type(model).__name__}.")
@@ -333,7 +382,9 @@ class FastDecoder:
         if mode == "auto":
             mode = "compile_mixture" if self.device.type == "cuda" else "eager"
         if mode != "eager" and self.device.type != "cuda":
-            raise ValueError(f"Fast-path mode {mode!r} needs a CUDA device; the models are on {self.device}. Use mode='eager'.")
+            raise ValueError(
+                f"Fast-path mode {mode!r} needs a CUDA device; the models are on {self.device}. Use mode='eager'."
+            )
         return mode
 
     def _slot(self, batch, base_len, teacher_len, width, steps, options, pad, stop_ids) -> _DecodeSlot:
@@ -344,7 +395,9 @@ class FastDecoder:
             return slot
         while len(self._slots) >= self.config.max_cached_shapes:
             self._slots.popitem(last=False)
-        slot = _DecodeSlot(self.base, self.teacher, batch, base_len, teacher_len, width, steps, options, pad, stop_ids, self.device)
+        slot = _DecodeSlot(
+            self.base, self.teacher, batch, base_len, teacher_len, width, steps, options, pad, stop_ids, self.device
+        )
         self._slots[key] = slot
         return slot
 
@@ -409,22 +462,51 @@ class FastDecoder:
         self.base.eval()  # no dropout while sampling; the models go back to their modes after
         self.teacher.eval()
         try:
-            return self._generate(input_ids, attention_mask, max_new_tokens, teacher_input_ids, teacher_attention_mask,
-                                  q_star, vocab_size, pad_token_id, stop_token_ids, on_policy, sync_stop, options)
+            return self._generate(
+                input_ids,
+                attention_mask,
+                max_new_tokens,
+                teacher_input_ids,
+                teacher_attention_mask,
+                q_star,
+                vocab_size,
+                pad_token_id,
+                stop_token_ids,
+                on_policy,
+                sync_stop,
+                options,
+            )
         finally:
             self.base.train(modes[0])
             self.teacher.train(modes[1])
 
-    def _generate(self, input_ids, attention_mask, max_new_tokens, teacher_input_ids, teacher_attention_mask, q_star,
-                  vocab_size, pad_token_id, stop_token_ids, on_policy, sync_stop, options):
+    def _generate(
+        self,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        teacher_input_ids,
+        teacher_attention_mask,
+        q_star,
+        vocab_size,
+        pad_token_id,
+        stop_token_ids,
+        on_policy,
+        sync_stop,
+        options,
+    ):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-            raise ValueError(f"`input_ids` must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}.")
+            raise ValueError(
+                f"`input_ids` must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}."
+            )
         if max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` (={max_new_tokens}) must be >= 1.")
         stop_ids = tuple(sorted({int(i) for i in (stop_token_ids or [])}))
         if pad_token_id is None:
             if not stop_ids:
-                raise ValueError("Pass `pad_token_id` (or at least one stop token id, used for padding as generate does).")
+                raise ValueError(
+                    "Pass `pad_token_id` (or at least one stop token id, used for padding as generate does)."
+                )
             pad_token_id = stop_ids[0]
         rows = input_ids.shape[0]
         device = self.device
@@ -434,23 +516,34 @@ class FastDecoder:
             teacher_ids, teacher_mask = ids, mask
         else:
             teacher_ids = teacher_input_ids.to(device)
-            teacher_mask = torch.ones_like(teacher_ids) if teacher_attention_mask is None else teacher_attention_mask.to(device).long()
+            teacher_mask = (
+                torch.ones_like(teacher_ids)
+                if teacher_attention_mask is None
+                else teacher_attention_mask.to(device).long()
+            )
             if teacher_ids.shape[1] == 0:
                 raise ValueError("`teacher_input_ids` is empty; the teacher needs at least one prompt token per row.")
             teacher_ids, teacher_mask = repeat_teacher_prompts(teacher_ids, teacher_mask, rows)
         if bool((mask[:, -1] == 0).any()) or bool((teacher_mask[:, -1] == 0).any()):
-            raise ValueError("The fast path needs left-padded prompts (every row's last column a real token); pad on the left.")
+            raise ValueError(
+                "The fast path needs left-padded prompts (every row's last column a real token); pad on the left."
+            )
 
         base_width, teacher_width = output_width(self.base), output_width(self.teacher)
         mode = self._resolve_mode()
         if sync_stop is not None and mode != "eager":
-            raise ValueError(f"`sync_stop` (ranks stopping together) needs the eager mode; a {mode!r} step is captured "
-                             "and cannot wait for other ranks. Use FastPathConfig(mode='eager').")
+            raise ValueError(
+                f"`sync_stop` (ranks stopping together) needs the eager mode; a {mode!r} step is captured "
+                "and cannot wait for other ranks. Use FastPathConfig(mode='eager')."
+            )
         q_star = QStarOptions.build(q_star, **options)
-        max_iter = self.config.max_iter or (q_star.max_iter if mode == "eager" else min(q_star.max_iter, GRAPH_MAX_ITER))
+        max_iter = self.config.max_iter or (
+            q_star.max_iter if mode == "eager" else min(q_star.max_iter, GRAPH_MAX_ITER)
+        )
         q_star = q_star.replace(tol=self.config.tol or q_star.tol, max_iter=max_iter)
-        mixing = MixingOptions(vocab_size=vocab_size or min(base_width, teacher_width), q_star=q_star,
-                               diagnostics=self.config.diagnostics)
+        mixing = MixingOptions(
+            vocab_size=vocab_size or min(base_width, teacher_width), q_star=q_star, diagnostics=self.config.diagnostics
+        )
 
         bucket = self.config.bucket_batch if self.config.bucket_batch is not None else mode != "eager"
         batch = _batch_bucket(rows) if bucket else rows
@@ -515,7 +608,9 @@ _DECODERS: "OrderedDict[tuple, FastDecoder]" = OrderedDict()
 MAX_CACHED_DECODERS = 2
 
 
-def fast_decoder_for(base_model: torch.nn.Module, teacher_model: torch.nn.Module, config: FastPathConfig) -> FastDecoder:
+def fast_decoder_for(
+    base_model: torch.nn.Module, teacher_model: torch.nn.Module, config: FastPathConfig
+) -> FastDecoder:
     """The cached `FastDecoder` of this model pair and config (created on first use).
 
     The last `MAX_CACHED_DECODERS` decoders are kept, with their models, static caches and
@@ -542,9 +637,22 @@ def clear_fast_decoders() -> None:
 _SUPPORTED_STOPPING = {"MaxLengthCriteria", "EosTokenCriteria"}
 
 
-def fast_optimal_generate(model, teacher_model, input_ids, generation_config, logits_processor, stopping_criteria, *,
-                          fast, model_kwargs, stop_ids, q_star: QStarOptions, vocab_size: int | None,
-                          teacher_input_ids=None, teacher_attention_mask=None):
+def fast_optimal_generate(
+    model,
+    teacher_model,
+    input_ids,
+    generation_config,
+    logits_processor,
+    stopping_criteria,
+    *,
+    fast,
+    model_kwargs,
+    stop_ids,
+    q_star: QStarOptions,
+    vocab_size: int | None,
+    teacher_input_ids=None,
+    teacher_attention_mask=None,
+):
     """The `optimal_generate(..., fast=...)` branch: same inputs, same output type, fast decoder."""
     unsupported = [type(p).__name__ for p in logits_processor]
     if unsupported:
@@ -565,8 +673,14 @@ def fast_optimal_generate(model, teacher_model, input_ids, generation_config, lo
     pad_id = int(pad.flatten()[0]) if pad is not None else (stop_ids[0] if stop_ids else None)
     decoder = fast_decoder_for(model, teacher_model, FastPathConfig.from_flag(fast))
     output = decoder.generate(
-        input_ids, model_kwargs.get("attention_mask"), max_new_tokens=max_new_tokens, q_star=q_star,
-        vocab_size=vocab_size, pad_token_id=pad_id, stop_token_ids=stop_ids, teacher_input_ids=teacher_input_ids,
+        input_ids,
+        model_kwargs.get("attention_mask"),
+        max_new_tokens=max_new_tokens,
+        q_star=q_star,
+        vocab_size=vocab_size,
+        pad_token_id=pad_id,
+        stop_token_ids=stop_ids,
+        teacher_input_ids=teacher_input_ids,
         teacher_attention_mask=teacher_attention_mask,
     )
     return output if generation_config.return_dict_in_generate else output.sequences

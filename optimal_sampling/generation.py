@@ -44,10 +44,6 @@ _REJECTED_WARPERS = {
 }
 
 
-
-
-
-
 def optimal_generate(
     model: torch.nn.Module,
     input_ids: torch.LongTensor,
@@ -110,8 +106,10 @@ def optimal_generate(
     q_star = QStarOptions.build(q_star, **options)
     for name in _GENERATE_SAMPLING:
         if getattr(q_star, name) != getattr(QStarOptions(), name):
-            raise ValueError(f"Pass `{name}` to generate itself (generate(..., {name}=...)), not in `q_star`: "
-                             "generate applies its own sampling settings.")
+            raise ValueError(
+                f"Pass `{name}` to generate itself (generate(..., {name}=...)), not in `q_star`: "
+                "generate applies its own sampling settings."
+            )
     if (generation_config.num_beams or 1) > 1:
         raise ValueError(
             f"optimal_generate samples token by token from q*; beam search (num_beams={generation_config.num_beams}) "
@@ -137,7 +135,9 @@ def optimal_generate(
     q_star = q_star.replace(temperature=temperature, top_k=top_k, top_p=top_p)
 
     stop_ids = sorted(
-        set(as_id_list(generation_config.eos_token_id)) | set(model_eos_ids(teacher_model)) | set(as_id_list(stop_token_ids))
+        set(as_id_list(generation_config.eos_token_id))
+        | set(model_eos_ids(teacher_model))
+        | set(as_id_list(stop_token_ids))
     )
     extra_stops = sorted(set(stop_ids) - set(as_id_list(generation_config.eos_token_id)))
     if extra_stops:
@@ -152,9 +152,19 @@ def optimal_generate(
         if optimal_streamer is not None:
             raise ValueError("The fast path does not stream; drop `optimal_streamer` or use fast=False.")
         return fast_optimal_generate(
-            model, teacher_model, input_ids, generation_config, kept, stopping_criteria, fast=fast,
-            model_kwargs=model_kwargs, stop_ids=stop_ids, q_star=q_star, vocab_size=vocab_size,
-            teacher_input_ids=teacher_input_ids, teacher_attention_mask=teacher_attention_mask,
+            model,
+            teacher_model,
+            input_ids,
+            generation_config,
+            kept,
+            stopping_criteria,
+            fast=fast,
+            model_kwargs=model_kwargs,
+            stop_ids=stop_ids,
+            q_star=q_star,
+            vocab_size=vocab_size,
+            teacher_input_ids=teacher_input_ids,
+            teacher_attention_mask=teacher_attention_mask,
         )
     # --- end of fast path ----------------------------------------------------------------------
 
@@ -201,8 +211,11 @@ def _with_option_parameters(function):
     `QStarOptions` reaches `generate(..., custom_generate=optimal_generate)` with no list to keep."""
     signature = inspect.signature(function)
     *named, rest = signature.parameters.values()
-    options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
-               for name in OPTION_NAMES if name not in _GENERATE_SAMPLING]
+    options = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for name in OPTION_NAMES
+        if name not in _GENERATE_SAMPLING
+    ]
     function.__signature__ = signature.replace(parameters=[*named, *options, rest])
     return function
 
@@ -210,18 +223,8 @@ def _with_option_parameters(function):
 optimal_generate = _with_option_parameters(optimal_generate)
 
 
-
-
 # ---------------------------------------------------------------------------------------
 # The high-level sampler
-
-
-
-
-
-
-
-
 
 
 class OptimalSampler:
@@ -302,8 +305,11 @@ class OptimalSampler:
             raise ValueError("No stop token: neither model nor tokenizer defines an EOS id; pass `stop_token_ids=`.")
 
     def _pad_id(self) -> int:
-        for candidate in (self.tokenizer.pad_token_id, getattr(self.base.config, "pad_token_id", None),
-                          self.tokenizer.eos_token_id):
+        for candidate in (
+            self.tokenizer.pad_token_id,
+            getattr(self.base.config, "pad_token_id", None),
+            self.tokenizer.eos_token_id,
+        ):
             if candidate is not None:
                 return int(candidate)
         raise ValueError("The tokenizer has neither a pad nor an EOS token; set `tokenizer.pad_token`.")
@@ -343,12 +349,16 @@ class OptimalSampler:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
             raise TypeError("`prompts` must be a list of prompts; wrap a single prompt in a list.")
         if teacher_prompts is not None and len(teacher_prompts) != len(prompts):
-            raise ValueError(f"Got {len(prompts)} prompts but {len(teacher_prompts)} teacher prompts; give one per prompt.")
+            raise ValueError(
+                f"Got {len(prompts)} prompts but {len(teacher_prompts)} teacher prompts; give one per prompt."
+            )
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"Need max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens} and {batch_size}.")
         teacher_prompts = list(teacher_prompts) if teacher_prompts is not None else list(prompts)
         base_ids = [prompt_token_ids(p, self.tokenizer, f"prompts[{i}]") for i, p in enumerate(prompts)]
-        teacher_ids = [prompt_token_ids(p, self.teacher_tokenizer, f"teacher_prompts[{i}]") for i, p in enumerate(teacher_prompts)]
+        teacher_ids = [
+            prompt_token_ids(p, self.teacher_tokenizer, f"teacher_prompts[{i}]") for i, p in enumerate(teacher_prompts)
+        ]
         if seed is not None:
             torch.manual_seed(seed)
 
@@ -362,16 +372,42 @@ class OptimalSampler:
             end = min(start + batch_size, len(prompts))
             batch = list(range(start, end))
             try:
-                outputs.extend(self._generate_batch(batch, prompts, teacher_prompts, base_ids, teacher_ids, max_new_tokens, return_diagnostics))
+                outputs.extend(
+                    self._generate_batch(
+                        batch, prompts, teacher_prompts, base_ids, teacher_ids, max_new_tokens, return_diagnostics
+                    )
+                )
             except Exception as batch_error:  # retry alone, so one bad sample marks only itself
                 if len(batch) == 1:
-                    outputs.append(GenerationOutput(prompt=prompts[start], teacher_prompt=teacher_prompts[start], error=f"{type(batch_error).__name__}: {batch_error}"))
+                    outputs.append(
+                        GenerationOutput(
+                            prompt=prompts[start],
+                            teacher_prompt=teacher_prompts[start],
+                            error=f"{type(batch_error).__name__}: {batch_error}",
+                        )
+                    )
                 else:
                     for i in batch:
                         try:
-                            outputs.extend(self._generate_batch([i], prompts, teacher_prompts, base_ids, teacher_ids, max_new_tokens, return_diagnostics))
+                            outputs.extend(
+                                self._generate_batch(
+                                    [i],
+                                    prompts,
+                                    teacher_prompts,
+                                    base_ids,
+                                    teacher_ids,
+                                    max_new_tokens,
+                                    return_diagnostics,
+                                )
+                            )
                         except Exception as error:
-                            outputs.append(GenerationOutput(prompt=prompts[i], teacher_prompt=teacher_prompts[i], error=f"{type(error).__name__}: {error}"))
+                            outputs.append(
+                                GenerationOutput(
+                                    prompt=prompts[i],
+                                    teacher_prompt=teacher_prompts[i],
+                                    error=f"{type(error).__name__}: {error}",
+                                )
+                            )
             if show_progress:
                 progress.update(end - start)
         if show_progress:
@@ -416,7 +452,9 @@ class OptimalSampler:
             q_star=self.q_star.replace(temperature=1.0, top_k=0, top_p=1.0),  # generate's own, above
         )
 
-    def _generate_batch(self, batch, prompts, teacher_prompts, base_ids, teacher_ids, max_new_tokens, return_diagnostics):
+    def _generate_batch(
+        self, batch, prompts, teacher_prompts, base_ids, teacher_ids, max_new_tokens, return_diagnostics
+    ):
         same_prompts = all(base_ids[i] == teacher_ids[i] for i in batch) and self.teacher_tokenizer is self.tokenizer
         out = self.generate_token_ids(
             [base_ids[i] for i in batch],

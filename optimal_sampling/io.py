@@ -50,22 +50,27 @@ def load_rows(source: str, *, prompt_column: str = "prompt") -> list[dict[str, A
     """
     path = Path(source)
     if not path.exists():
-        raise UsageError(f"--prompts {source!r} does not exist; give a {PROMPT_FILE_TYPES} file, "
-                         "or a directory saved with datasets' save_to_disk.")
+        raise UsageError(
+            f"--prompts {source!r} does not exist; give a {PROMPT_FILE_TYPES} file, "
+            "or a directory saved with datasets' save_to_disk."
+        )
     if path.is_dir():
         rows = _read_dataset_dir(path)
     else:
         reader = _READERS.get(path.suffix.lower())
         if reader is None:
-            raise UsageError(f"--prompts {source!r}: unknown file type {path.suffix or '(none)'!r}; use a "
-                             f"{PROMPT_FILE_TYPES} file (.txt: one prompt per line), or a saved dataset directory.")
+            raise UsageError(
+                f"--prompts {source!r}: unknown file type {path.suffix or '(none)'!r}; use a "
+                f"{PROMPT_FILE_TYPES} file (.txt: one prompt per line), or a saved dataset directory."
+            )
         rows = reader(path, prompt_column)
     if not rows:
         raise UsageError(f"--prompts {source!r} holds no rows.")
     if not any(prompt_column in row for row in rows):
         columns = sorted({key for row in rows for key in row})
-        raise UsageError(f"--prompt-column {prompt_column!r} is not in {source!r}; its columns are: "
-                         f"{', '.join(columns)}.")
+        raise UsageError(
+            f"--prompt-column {prompt_column!r} is not in {source!r}; its columns are: {', '.join(columns)}."
+        )
     _check_json_values(rows, source)
     return rows
 
@@ -105,8 +110,10 @@ def _read_csv(path: Path, prompt_column: str) -> list[dict[str, Any]]:
         rows = []
         for row in reader:
             if None in row:
-                raise UsageError(f"{path}:{reader.line_num} has more fields than the header "
-                                 f"({', '.join(reader.fieldnames or [])}); quote fields that contain commas.")
+                raise UsageError(
+                    f"{path}:{reader.line_num} has more fields than the header "
+                    f"({', '.join(reader.fieldnames or [])}); quote fields that contain commas."
+                )
             rows.append(row)
     return rows
 
@@ -126,7 +133,9 @@ def _read_dataset_dir(path: Path) -> list[dict[str, Any]]:
     try:
         dataset = datasets.load_from_disk(str(path))
     except FileNotFoundError as error:
-        raise UsageError(f"--prompts {str(path)!r} is a directory but not a saved `datasets` dataset ({error}).") from None
+        raise UsageError(
+            f"--prompts {str(path)!r} is a directory but not a saved `datasets` dataset ({error})."
+        ) from None
     if hasattr(dataset, "keys"):  # a DatasetDict: take the first split
         dataset = dataset[next(iter(dataset.keys()))]
     return [dict(row) for row in dataset]
@@ -147,8 +156,10 @@ def _optional_import(module: str, purpose: str, package: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UsageError(f"{purpose} needs the `{package}` package, which is not installed: "
-                         f"pip install {package}  (or pip install 'optimal-sampling[datasets]').") from None
+        raise UsageError(
+            f"{purpose} needs the `{package}` package, which is not installed: "
+            f"pip install {package}  (or pip install 'optimal-sampling[datasets]')."
+        ) from None
 
 
 def _check_json_values(rows: list[dict[str, Any]], source: str) -> None:
@@ -158,8 +169,10 @@ def _check_json_values(rows: list[dict[str, Any]], source: str) -> None:
             json.dumps(row)
         except (TypeError, ValueError):
             column = next(k for k, v in row.items() if not _json_ok(v))
-            raise UsageError(f"--prompts {source!r} row {i}, column {column!r}: a {type(row[column]).__name__} "
-                             "value cannot be written to the output; drop or convert that column.") from None
+            raise UsageError(
+                f"--prompts {source!r} row {i}, column {column!r}: a {type(row[column]).__name__} "
+                "value cannot be written to the output; drop or convert that column."
+            ) from None
 
 
 def _json_ok(value: Any) -> bool:
@@ -206,8 +219,10 @@ def template_fields(template: str) -> list[str]:
         raise UsageError(f"--teacher-prompt-template is not a valid str.format template: {error}.") from None
     roots = [name.split(".")[0].split("[")[0] for name in names]
     if any(not root or root.isdigit() for root in roots):
-        raise UsageError("--teacher-prompt-template needs named fields, e.g. '{prompt} (answer: {answer})'; "
-                         "'{}' and '{0}' have no column to take.")
+        raise UsageError(
+            "--teacher-prompt-template needs named fields, e.g. '{prompt} (answer: {answer})'; "
+            "'{}' and '{0}' have no column to take."
+        )
     return list(dict.fromkeys(roots))
 
 
@@ -225,7 +240,9 @@ class PromptSet:
     problems: dict[int, str]
 
     @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]], prompt_column: str, teacher_template: str | None = None) -> "PromptSet":
+    def from_rows(
+        cls, rows: list[dict[str, Any]], prompt_column: str, teacher_template: str | None = None
+    ) -> "PromptSet":
         """The teacher's prompt: `teacher_template.format(**row)` if given, else the rows'
         `teacher_prompt` column if they have one, else the base prompt.
 
@@ -237,7 +254,11 @@ class PromptSet:
         prompts = []
         for i, row in enumerate(rows):
             prompts.append(row.get(prompt_column))
-            problem = prompt_problem(row[prompt_column]) if prompt_column in row else f"the row has no {prompt_column!r} column"
+            problem = (
+                prompt_problem(row[prompt_column])
+                if prompt_column in row
+                else f"the row has no {prompt_column!r} column"
+            )
             if problem:
                 problems[i] = problem
         teacher_prompts = None
@@ -280,8 +301,10 @@ def _format_teacher_prompts(rows, template: str, problems: dict[int, str]) -> li
     unknown = [name for name in fields if not any(name in row for row in rows)]
     if unknown:
         columns = sorted({key for row in rows for key in row})
-        raise UsageError(f"--teacher-prompt-template uses {', '.join(repr(n) for n in unknown)}, which no row has; "
-                         f"the columns are: {', '.join(columns)}.")
+        raise UsageError(
+            f"--teacher-prompt-template uses {', '.join(repr(n) for n in unknown)}, which no row has; "
+            f"the columns are: {', '.join(columns)}."
+        )
     prompts: list[Any] = []
     for i, row in enumerate(rows):
         absent = [name for name in fields if row.get(name) is None]
@@ -370,9 +393,13 @@ class ResumableWriter:
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise UsageError(f"--output {self.output!r} cannot be created ({error.strerror}); choose a writable path.") from None
+            raise UsageError(
+                f"--output {self.output!r} cannot be created ({error.strerror}); choose a writable path."
+            ) from None
         if not os.access(parent, os.W_OK):
-            raise UsageError(f"--output {self.output!r}: the directory {str(parent)!r} is not writable; choose another path.")
+            raise UsageError(
+                f"--output {self.output!r}: the directory {str(parent)!r} is not writable; choose another path."
+            )
         if self.journal.exists() and not os.access(self.journal, os.W_OK):
             raise UsageError(f"--output {self.output!r} exists and is not writable.")
 

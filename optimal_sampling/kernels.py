@@ -83,16 +83,27 @@ if triton is not None:
         w_pos = w * tl.maximum(delta, 0.0)
         w_neg = w * tl.maximum(-delta, 0.0)
         squared = delta * delta
-        return (s_pos + w_pos, s_neg + w_neg, q_pos + w_pos * delta, q_neg - w_neg * delta,
-                c_pos + w_pos * squared, c_neg + w_neg * squared)
+        return (
+            s_pos + w_pos,
+            s_neg + w_neg,
+            q_pos + w_pos * delta,
+            q_neg - w_neg * delta,
+            c_pos + w_pos * squared,
+            c_neg + w_neg * squared,
+        )
 
     @triton.jit
     def row_sums(sums):
         """The six row sums, adding the lanes in float64."""
         s_pos, s_neg, q_pos, q_neg, c_pos, c_neg = sums
-        return (tl.sum(s_pos.to(tl.float64), axis=0), tl.sum(s_neg.to(tl.float64), axis=0),
-                tl.sum(q_pos.to(tl.float64), axis=0), tl.sum(q_neg.to(tl.float64), axis=0),
-                tl.sum(c_pos.to(tl.float64), axis=0), tl.sum(c_neg.to(tl.float64), axis=0))
+        return (
+            tl.sum(s_pos.to(tl.float64), axis=0),
+            tl.sum(s_neg.to(tl.float64), axis=0),
+            tl.sum(q_pos.to(tl.float64), axis=0),
+            tl.sum(q_neg.to(tl.float64), axis=0),
+            tl.sum(c_pos.to(tl.float64), axis=0),
+            tl.sum(c_neg.to(tl.float64), axis=0),
+        )
 
     @triton.jit
     def row_pass(lp_row, lr_row, width, top, alpha, shift, BLOCK: tl.constexpr):
@@ -144,8 +155,23 @@ if triton is not None:
 
     @triton.jit
     def _kl_symmetry_kernel(
-        lp_ptr, lr_ptr, stride_lp, stride_lr, width, tol, quadratic_step, max_iter, degenerate_rtol, fallback, alpha_min, alpha_max,
-        alpha_ptr, iterations_ptr, flags_ptr, batch, BLOCK: tl.constexpr,
+        lp_ptr,
+        lr_ptr,
+        stride_lp,
+        stride_lr,
+        width,
+        tol,
+        quadratic_step,
+        max_iter,
+        degenerate_rtol,
+        fallback,
+        alpha_min,
+        alpha_max,
+        alpha_ptr,
+        iterations_ptr,
+        flags_ptr,
+        batch,
+        BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
         lp_row = lp_ptr + row.to(tl.int64) * stride_lp
@@ -236,15 +262,22 @@ if triton is not None:
         tl.store(flags_ptr + 2 * batch + row, (~active).to(tl.int8))
 
 
-
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def kl_symmetry_kernel(
-    logp_theta: torch.Tensor, logp_t: torch.Tensor, tol: float, max_iter: int, *, fallback: float = 1.0,
-    alpha_min: float = 0.0, alpha_max: float = 1.0, block: int | None = None, num_warps: int | None = None,
+    logp_theta: torch.Tensor,
+    logp_t: torch.Tensor,
+    tol: float,
+    max_iter: int,
+    *,
+    fallback: float = 1.0,
+    alpha_min: float = 0.0,
+    alpha_max: float = 1.0,
+    block: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve every row of a `[B, V]` pair: the fields of `alpha.AlphaSolution` — α (float32,
     `fallback` on rows without a common token, clamped to [alpha_min, alpha_max]),
@@ -271,9 +304,24 @@ def kl_symmetry_kernel(
         launch_on = torch.cuda.device(device) if logp_theta.is_cuda else contextlib.nullcontext()
         with launch_on:  # Triton launches on the current device: make it the tensors' one
             _kl_symmetry_kernel[(batch,)](
-                logp_theta, logp_t, logp_theta.stride(0), logp_t.stride(0), width, float(tol), QUADRATIC_STEP, int(max_iter),
-                DEGENERATE_RTOL, float(fallback), float(alpha_min), float(alpha_max), alpha, iterations, flags, batch,
-                BLOCK=block, num_warps=num_warps,
+                logp_theta,
+                logp_t,
+                logp_theta.stride(0),
+                logp_t.stride(0),
+                width,
+                float(tol),
+                QUADRATIC_STEP,
+                int(max_iter),
+                DEGENERATE_RTOL,
+                float(fallback),
+                float(alpha_min),
+                float(alpha_max),
+                alpha,
+                iterations,
+                flags,
+                batch,
+                BLOCK=block,
+                num_warps=num_warps,
             )
     degenerate, empty, converged = flags.view(torch.bool).unbind(0)
     return alpha, iterations, degenerate, empty, converged

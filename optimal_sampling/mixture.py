@@ -19,7 +19,9 @@ from .support import CommonSupport, check_log_prob_pair, common_support, compute
 NEG_INF = float("-inf")
 
 
-def log_probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, vocab_size: int | None = None) -> torch.Tensor:
+def log_probs_from_logits(
+    logits: torch.Tensor, temperature: float = 1.0, vocab_size: int | None = None
+) -> torch.Tensor:
     """`[B, V']` logits → `[B, V]` float32 log-softmax(logits / T) over the first `vocab_size` ids.
 
     Models that share a tokenizer often pad their embedding matrices to different sizes;
@@ -48,7 +50,9 @@ def _as_alpha(alpha: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(alpha, dtype=like.dtype, device=like.device).expand(like.shape[0])
 
 
-def mixture_on_support(pair: CommonSupport, alpha: torch.Tensor, empty_support: str = "teacher") -> tuple[torch.Tensor, torch.Tensor]:
+def mixture_on_support(
+    pair: CommonSupport, alpha: torch.Tensor, empty_support: str = "teacher"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log q_α `[B, V]` and the log-partition A(α) `[B]` of a prepared pair.
 
     (1-α) log π_θ + α log π_t = log π_θ + αΔ, which is −inf exactly off the common support
@@ -167,7 +171,9 @@ def diagnostics_on_support(
         entropy_terms = entropy_terms - torch.where(q > 0, q * log_multiplicity, 0.0)
     entropy_q = -entropy_terms.sum(dim=-1).double()
     gap = ess_log_gap(pair.logp_theta_s, pair.delta, alpha)  # NaN on empty rows
-    return diagnostics_from_moments(alpha, log_partition.double(), mean_delta, entropy_q, gap, pair.empty, empty_support)
+    return diagnostics_from_moments(
+        alpha, log_partition.double(), mean_delta, entropy_q, gap, pair.empty, empty_support
+    )
 
 
 def diagnostics_from_moments(
@@ -291,28 +297,45 @@ def compute_mixture(
     backend = solver_backend(logp_theta) if kl_symmetry else "torch"
     if backend == "c":  # float32 CPU rows: the whole step in C (optimal_sampling/cpu_kernel.py), two calls
         lp, lr = restrict_to_nucleus(logp_theta, logp_t, q_star.teacher_top_p)
-        solution = _kernel_solution(backend, lp, lr, q_star.tol, q_star.max_iter, q_star.empty_support,
-                                    q_star.alpha_min, q_star.alpha_max)
+        solution = _kernel_solution(
+            backend, lp, lr, q_star.tol, q_star.max_iter, q_star.empty_support, q_star.alpha_min, q_star.alpha_max
+        )
         solution = force_teacher(solution, forced, q_star)
         logq_full, moments = mixture_cpu(lp, lr, solution.alpha, empty_support=q_star.empty_support)
         diagnostics = None
         if return_diagnostics:
             log_partition, mean_delta, entropy_q, ess_gap = moments.unbind(-1)
-            diagnostics = diagnostics_from_moments(solution.alpha, log_partition, mean_delta, entropy_q, ess_gap,
-                                                   solution.empty_support, q_star.empty_support)
+            diagnostics = diagnostics_from_moments(
+                solution.alpha,
+                log_partition,
+                mean_delta,
+                entropy_q,
+                ess_gap,
+                solution.empty_support,
+                q_star.empty_support,
+            )
     else:
         pair = common_support(logp_theta, logp_t, teacher_top_p=q_star.teacher_top_p)
         solution = solve_on_support(
-            pair, q_star.alpha_method, alpha=q_star.alpha, kl_budget=q_star.kl_budget, tol=q_star.tol,
-            max_iter=q_star.max_iter, alpha_min=q_star.alpha_min, alpha_max=q_star.alpha_max,
-            empty_support=q_star.empty_support, log_multiplicity=log_multiplicity, backend=backend,
+            pair,
+            q_star.alpha_method,
+            alpha=q_star.alpha,
+            kl_budget=q_star.kl_budget,
+            tol=q_star.tol,
+            max_iter=q_star.max_iter,
+            alpha_min=q_star.alpha_min,
+            alpha_max=q_star.alpha_max,
+            empty_support=q_star.empty_support,
+            log_multiplicity=log_multiplicity,
+            backend=backend,
         )
         solution = force_teacher(solution, forced, q_star)
         logq_full, log_partition = mixture_on_support(pair, solution.alpha, q_star.empty_support)
         diagnostics = None
         if return_diagnostics:
-            diagnostics = diagnostics_on_support(pair, solution.alpha, logq_full, log_partition, log_multiplicity,
-                                                 q_star.empty_support)
+            diagnostics = diagnostics_on_support(
+                pair, solution.alpha, logq_full, log_partition, log_multiplicity, q_star.empty_support
+            )
     logq = truncate_log_probs(logq_full, top_k=q_star.top_k, top_p=q_star.top_p)
     return Mixture(logq=logq, alpha=solution.alpha, solution=solution, diagnostics=diagnostics)
 

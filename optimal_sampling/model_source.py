@@ -68,14 +68,18 @@ def resolve_model(name: str, flag: str) -> ModelSource:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UsageError(f"{flag} {name!r} is a directory without config.json, so not a saved model; "
-                             "give the directory that `save_pretrained` wrote.")
+            raise UsageError(
+                f"{flag} {name!r} is a directory without config.json, so not a saved model; "
+                "give the directory that `save_pretrained` wrote."
+            )
         return ModelSource(str(path.resolve()), directory_fingerprint(path))
     if path.exists():
         raise UsageError(f"{flag} {name!r} is a file; give the model's directory (with config.json) or a Hub id.")
     if not _HUB_ID.match(name):
-        raise UsageError(f"{flag} {name!r}: no such directory. Give a model directory (with config.json) "
-                         "or a Hub id such as 'Qwen/Qwen2.5-0.5B'.")
+        raise UsageError(
+            f"{flag} {name!r}: no such directory. Give a model directory (with config.json) "
+            "or a Hub id such as 'Qwen/Qwen2.5-0.5B'."
+        )
     commit = hub_commit(name, flag)
     return ModelSource(name, f"hub:{name}@{commit}", revision=commit)
 
@@ -91,18 +95,24 @@ def hub_commit(repo_id: str, flag: str) -> str:
         return Path(cached).parent.name  # .../snapshots/<commit>/config.json
     not_here = f"{flag} {repo_id!r} is not a local directory"
     if constants.HF_HUB_OFFLINE:
-        raise UsageError(f"{not_here}, and the Hub model is not in the local cache while HF_HUB_OFFLINE is set. "
-                         "Download it first, or give a local directory.")
+        raise UsageError(
+            f"{not_here}, and the Hub model is not in the local cache while HF_HUB_OFFLINE is set. "
+            "Download it first, or give a local directory."
+        )
     try:
         commit = HfApi().model_info(repo_id, timeout=10).sha
     except RepositoryNotFoundError:
-        raise UsageError(f"{not_here}, nor a model on the Hub (or it is private: log in with `hf auth login`).") from None
+        raise UsageError(
+            f"{not_here}, nor a model on the Hub (or it is private: log in with `hf auth login`)."
+        ) from None
     except HfHubHTTPError as error:
         raise UsageError(f"{not_here}, and the Hub answered: {error}") from None
     except (HTTPError, OSError) as error:  # no network: DNS, refused connection, timeout
-        raise UsageError(f"{not_here}, and the Hub ({constants.ENDPOINT}) cannot be reached "
-                         f"({type(error).__name__}: {error}). Give a local directory, or set HF_HUB_OFFLINE=1 "
-                         "to use the models already in the cache.") from None
+        raise UsageError(
+            f"{not_here}, and the Hub ({constants.ENDPOINT}) cannot be reached "
+            f"({type(error).__name__}: {error}). Give a local directory, or set HF_HUB_OFFLINE=1 "
+            "to use the models already in the cache."
+        ) from None
     if commit is None:
         raise UsageError(f"{not_here}, and the Hub did not say which commit it is at; give a local directory.")
     return commit

@@ -59,32 +59,41 @@ class QStarOptions:
 
     alpha_method: str = field(
         default="kl_symmetry",
-        metadata=_help(f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}. 'kl_symmetry': "
-                       "KL(q‖π_θ) = KL(q‖π_t); 'fixed': the constant `alpha`; 'entropy': the entropy ratio; "
-                       "'ess_balance': equal effective sample sizes; 'kl_budget': the largest α with "
-                       "KL(q‖π_θ) ≤ `kl_budget`.", choices=ALPHA_METHODS),
+        metadata=_help(
+            f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}. 'kl_symmetry': "
+            "KL(q‖π_θ) = KL(q‖π_t); 'fixed': the constant `alpha`; 'entropy': the entropy ratio; "
+            "'ess_balance': equal effective sample sizes; 'kl_budget': the largest α with "
+            "KL(q‖π_θ) ≤ `kl_budget`.",
+            choices=ALPHA_METHODS,
+        ),
     )
     alpha: float | None = field(default=None, metadata=_help("The constant α in [0, 1] for alpha_method='fixed'."))
     kl_budget: float | None = field(
         default=None,
-        metadata=_help("For alpha_method='kl_budget': the largest KL(q‖π_θ) per token, in nats, that the sampled "
-                       "q may have (e.g. 0.1)."),
+        metadata=_help(
+            "For alpha_method='kl_budget': the largest KL(q‖π_θ) per token, in nats, that the sampled "
+            "q may have (e.g. 0.1)."
+        ),
     )
     alpha_min: float = field(default=0.0, metadata=_help("Lower clamp on α."))
     alpha_max: float = field(default=1.0, metadata=_help("Upper clamp on α."))
     teacher_top_p: float | None = field(
         default=None,
-        metadata=_help("Restrict both models to the teacher's top-p nucleus before solving for α, so that the "
-                       "symmetry holds on the tokens that can be sampled."),
+        metadata=_help(
+            "Restrict both models to the teacher's top-p nucleus before solving for α, so that the "
+            "symmetry holds on the tokens that can be sampled."
+        ),
     )
     force_teacher_first_tokens: int = field(
         default=0, metadata=_help("α = 1 (teacher samples) for the first n generated tokens of every completion.")
     )
     empty_support: str = field(
         default="teacher",
-        metadata=_help("What a token whose two distributions share no token samples: 'teacher' (α = 1, q = π_t) or "
-                       "'base' (α = 0, q = π_θ). Such tokens are counted in the `empty_support` diagnostic.",
-                       choices=EMPTY_SUPPORT_FALLBACKS),
+        metadata=_help(
+            "What a token whose two distributions share no token samples: 'teacher' (α = 1, q = π_t) or "
+            "'base' (α = 0, q = π_θ). Such tokens are counted in the `empty_support` diagnostic.",
+            choices=EMPTY_SUPPORT_FALLBACKS,
+        ),
     )
     temperature: float = field(default=1.0, metadata=_help("Applied to both models' logits before mixing."))
     top_k: int = field(default=0, metadata=_help("Keep the k most likely tokens of q* after mixing (0: all)."))
@@ -98,27 +107,37 @@ class QStarOptions:
         if self.alpha_method == "fixed" and self.alpha is None:
             raise ValueError("alpha_method='fixed' needs `alpha=` (a number in [0, 1]).")
         if self.alpha is not None and not (_is_number(self.alpha) and 0.0 <= self.alpha <= 1.0):
-            raise ValueError(f"`alpha` must lie in [0, 1] (a number), got {self.alpha!r}. For a per-row α, call "
-                             "`solve_alpha(..., 'fixed', alpha=<[B] tensor>)` directly.")
+            raise ValueError(
+                f"`alpha` must lie in [0, 1] (a number), got {self.alpha!r}. For a per-row α, call "
+                "`solve_alpha(..., 'fixed', alpha=<[B] tensor>)` directly."
+            )
         if self.alpha_method == "kl_budget" and self.kl_budget is None:
-            raise ValueError("alpha_method='kl_budget' needs `kl_budget=`: the largest KL(q‖π_θ) per token, in nats, "
-                             "that the sampled q may have (e.g. 0.1).")
+            raise ValueError(
+                "alpha_method='kl_budget' needs `kl_budget=`: the largest KL(q‖π_θ) per token, in nats, "
+                "that the sampled q may have (e.g. 0.1)."
+            )
         if self.kl_budget is not None and not (_is_number(self.kl_budget) and 0.0 <= self.kl_budget < math.inf):
             raise ValueError(f"`kl_budget` must be a finite number >= 0 (nats per token), got {self.kl_budget!r}.")
         if not (0.0 <= self.alpha_min <= self.alpha_max <= 1.0):
-            raise ValueError(f"Need 0 <= alpha_min <= alpha_max <= 1, got alpha_min={self.alpha_min}, "
-                             f"alpha_max={self.alpha_max}; swap them or use the defaults 0.0 and 1.0.")
+            raise ValueError(
+                f"Need 0 <= alpha_min <= alpha_max <= 1, got alpha_min={self.alpha_min}, "
+                f"alpha_max={self.alpha_max}; swap them or use the defaults 0.0 and 1.0."
+            )
         if self.teacher_top_p is not None and not 0.0 < self.teacher_top_p <= 1.0:
-            raise ValueError(f"`teacher_top_p` (={self.teacher_top_p}) must be in (0, 1]; use None to keep the whole "
-                             "support.")
+            raise ValueError(
+                f"`teacher_top_p` (={self.teacher_top_p}) must be in (0, 1]; use None to keep the whole support."
+            )
         if not isinstance(self.force_teacher_first_tokens, int) or self.force_teacher_first_tokens < 0:
-            raise ValueError(f"`force_teacher_first_tokens` (={self.force_teacher_first_tokens!r}) must be an integer "
-                             ">= 0.")
+            raise ValueError(
+                f"`force_teacher_first_tokens` (={self.force_teacher_first_tokens!r}) must be an integer >= 0."
+            )
         if self.empty_support not in EMPTY_SUPPORT_FALLBACKS:
             raise ValueError(f"`empty_support` must be 'teacher' or 'base', got {self.empty_support!r}.")
         if not (_is_number(self.temperature) and self.temperature > 0):
-            raise ValueError(f"`temperature` (={self.temperature}) has to be a strictly positive float; for greedy "
-                             "decoding take the argmax of log q instead.")
+            raise ValueError(
+                f"`temperature` (={self.temperature}) has to be a strictly positive float; for greedy "
+                "decoding take the argmax of log q instead."
+            )
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"`top_k` (={self.top_k!r}) must be an integer >= 0 (0 disables it).")
         if not 0.0 < self.top_p <= 1.0:
@@ -190,7 +209,9 @@ def q_star_from(config: Any, *, exclude: tuple[str, ...] = (), **renamed: str) -
     like an option but those in `exclude` (a field that means something else there), and
     `renamed` (option → the config's own field name where they differ: the vLLM configs keep the
     original tool's `alpha_tol` / `alpha_max_iter`)."""
-    values = {f.name: getattr(config, f.name) for f in fields(config) if f.name in OPTION_NAMES and f.name not in exclude}
+    values = {
+        f.name: getattr(config, f.name) for f in fields(config) if f.name in OPTION_NAMES and f.name not in exclude
+    }
     values.update({option: getattr(config, attribute) for option, attribute in renamed.items()})
     return QStarOptions(**values)
 

@@ -217,5 +217,3 @@ class OptimalSamplingLogitsProcessor(LogitsProcessor):
             eos = self.eos_token_id
             return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
         return model_eos_ids(self.teacher)
-
-

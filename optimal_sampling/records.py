@@ -39,6 +39,7 @@ class OptimalSamplingRecord:
     token_mask: torch.Tensor
     diagnostics: dict[str, torch.Tensor]
 
+
 @dataclass
 class OptimalGenerateOutput(GenerateDecoderOnlyOutput):
     """`generate`'s usual output plus the per-token q* records (`[B, T]` tensors).
@@ -53,6 +54,7 @@ class OptimalGenerateOutput(GenerateDecoderOnlyOutput):
     logp_t: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     diagnostics: dict[str, torch.Tensor] | None = None
+
 
 @dataclass
 class GenerationOutput:
@@ -88,6 +90,7 @@ class GenerationOutput:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+
 def summarize_tokens(alpha: Sequence[float], per_token: dict[str, Sequence[float]]) -> dict[str, float]:
     """Per-sample diagnostics from per-token values (only tokens actually generated)."""
     alpha_t = torch.tensor(list(alpha), dtype=torch.float64)
@@ -111,6 +114,7 @@ def summarize_tokens(alpha: Sequence[float], per_token: dict[str, Sequence[float
             summary["ess_ratio_log_mean"] = float(values_t.log().mean())
     return summary
 
+
 def generated_token_mask(generated: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
     """`[B, T]` True up to and including each row's first stop token."""
     if not stop_ids:
@@ -118,6 +122,7 @@ def generated_token_mask(generated: torch.Tensor, stop_ids: list[int]) -> torch.
     is_stop = torch.isin(generated, torch.tensor(stop_ids, device=generated.device))
     stops_before = is_stop.long().cumsum(dim=-1) - is_stop.long()
     return stops_before == 0
+
 
 def as_id_list(ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:
     if ids is None:
@@ -128,9 +133,11 @@ def as_id_list(ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:
         return [ids]
     return [int(i) for i in ids]
 
+
 def first_or_none(ids) -> int | None:
     ids = as_id_list(ids)
     return ids[0] if ids else None
+
 
 def model_eos_ids(model: torch.nn.Module) -> list[int]:
     """The EOS ids a model's generation config (or config) declares, as a list."""
@@ -142,6 +149,7 @@ def model_eos_ids(model: torch.nn.Module) -> list[int]:
         return []
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
+
 def check_same_device(base_device: torch.device, teacher: torch.nn.Module) -> None:
     teacher_device = next(teacher.parameters()).device
     if torch.device(base_device) != teacher_device:
@@ -149,6 +157,7 @@ def check_same_device(base_device: torch.device, teacher: torch.nn.Module) -> No
             f"The base model's inputs are on {base_device} but the teacher is on {teacher_device}. "
             f"Put both models on one device, e.g. `teacher.to({str(base_device)!r})`."
         )
+
 
 def check_same_vocabulary(tokenizer, teacher_tokenizer) -> None:
     """Raise unless the two tokenizers map every token to the same id."""
@@ -164,6 +173,7 @@ def check_same_vocabulary(tokenizer, teacher_tokenizer) -> None:
             "q* mixes the two models token by token, so they must share one tokenizer: pick a teacher from "
             "the same model family."
         )
+
 
 def prompt_token_ids(prompt, tokenizer, where: str = "prompt") -> list[int]:
     """Token ids of a prompt: a string is tokenized as is, a chat message list through the

@@ -76,8 +76,13 @@ class LogRatioMoments:
         if pair.off is None:
             extremes = torch.stack([delta.amax(dim=-1), delta.amin(dim=-1)], dim=-1)  # (aminmax is slower on CPU)
         else:
-            extremes = torch.stack([torch.where(pair.off, float("-inf"), delta).amax(dim=-1),
-                                    torch.where(pair.off, float("inf"), delta).amin(dim=-1)], dim=-1)
+            extremes = torch.stack(
+                [
+                    torch.where(pair.off, float("-inf"), delta).amax(dim=-1),
+                    torch.where(pair.off, float("inf"), delta).amin(dim=-1),
+                ],
+                dim=-1,
+            )
         self.delta_range = self._columns(extremes)
         self._ends = torch.arange(2, dtype=torch.float64, device=delta.device).unsqueeze(0)  # α = 0, 1; no host copy
 
@@ -101,7 +106,9 @@ class LogRatioMoments:
     def _moments(self, alpha: torch.Tensor):
         t = torch.addcmul(self.log2_weight, alpha.to(self.log2_delta.dtype).unsqueeze(-1), self.log2_delta)  # [B, K, V]
         t -= t.amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(t.dtype).min)  # an all -inf row stays -inf, no NaN
-        sums = self._columns((t.exp2_().unsqueeze(2) * self.features).sum(dim=-1))  # [B, K, 6]: Σ w Δ±, Σ w Δ±², Σ w Δ±³
+        sums = self._columns(
+            (t.exp2_().unsqueeze(2) * self.features).sum(dim=-1)
+        )  # [B, K, 6]: Σ w Δ±, Σ w Δ±², Σ w Δ±³
         xp = self.xp
         first = sums[..., 0:2]
         counted = first > 0  # an empty side has 0/0 moments; it counts 0
@@ -289,8 +296,14 @@ def _kl_budget_alpha(pair: CommonSupport, kl_budget, tol: float, max_iter: int):
     Runs in float64: a budget of 1e-4 nats is a difference of two O(1) terms (αA' and A), which
     float32 sums resolve only to about 1e-6, i.e. a percent of the budget.
     """
-    pair = CommonSupport(pair.logp_theta.double(), pair.logp_t.double(), pair.logp_theta_s.double(), pair.delta.double(),
-                         pair.off, pair.empty)
+    pair = CommonSupport(
+        pair.logp_theta.double(),
+        pair.logp_t.double(),
+        pair.logp_theta_s.double(),
+        pair.delta.double(),
+        pair.off,
+        pair.empty,
+    )
     batch, device = pair.delta.shape[0], pair.delta.device
     if isinstance(kl_budget, torch.Tensor):  # per-row budgets (a float was checked with the options: no host sync)
         budget = kl_budget.to(dtype=torch.float64, device=device).expand(batch)
@@ -327,6 +340,8 @@ def _kl_budget_alpha(pair: CommonSupport, kl_budget, tol: float, max_iter: int):
         # A finished row takes Newton's landing point when it is inside the bracket, else the
         # end that is within budget.
         finished = torch.where(inside, newton, torch.where(h <= 0, alpha, lo))
-        alpha = torch.where(done, finished, torch.where(active & inside, newton, torch.where(active, 0.5 * (lo + hi), alpha)))
+        alpha = torch.where(
+            done, finished, torch.where(active & inside, newton, torch.where(active, 0.5 * (lo + hi), alpha))
+        )
         active = active & ~done
     return alpha, iterations, ~active

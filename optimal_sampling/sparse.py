@@ -64,7 +64,9 @@ def _check_topk(name: str, ids: torch.Tensor, logp: torch.Tensor, vocab_size: in
     if bool(torch.isnan(logp).any()):
         raise ValueError(f"`{name}` log-probs contain NaN; the server response is malformed.")
     if bool(((ids >= vocab_size) | (ids < -1)).any()):
-        raise ValueError(f"`{name}` has token ids outside [0, {vocab_size}) (use -1 for padding); is `vocab_size` right?")
+        raise ValueError(
+            f"`{name}` has token ids outside [0, {vocab_size}) (use -1 for padding); is `vocab_size` right?"
+        )
     if bool(((logp > 1e-4) & (ids >= 0)).any()):
         raise ValueError(f"`{name}` has log-probs > 0; pass log-probabilities, not logits.")
 

@@ -143,7 +143,9 @@ def restrict_to_nucleus(
     return lp, lr
 
 
-def common_support(logp_theta: torch.Tensor, logp_t: torch.Tensor, *, teacher_top_p: float | None = None) -> CommonSupport:
+def common_support(
+    logp_theta: torch.Tensor, logp_t: torch.Tensor, *, teacher_top_p: float | None = None
+) -> CommonSupport:
     """Prepare a validated pair for `solve_on_support` and the mixture (a few passes over `[B, V]`)."""
     lp, lr = restrict_to_nucleus(logp_theta, logp_t, teacher_top_p)
     # Log-probs are never +inf, so the sum is -inf exactly off S (one pass instead of two

@@ -90,8 +90,9 @@ class SyncSampler:
         """Load new policy weights into the base engine or server and return the new weight
         version (the coordinator's `load_base_weights`: a checkpoint directory, or
         `named_tensors=model.state_dict().items()`; `version=` a trainer's global step)."""
-        return self._run(self.coordinator.load_base_weights(weights_path, named_tensors=named_tensors, version=version,
-                                                            **options))
+        return self._run(
+            self.coordinator.load_base_weights(weights_path, named_tensors=named_tensors, version=version, **options)
+        )
 
     @property
     def weight_version(self) -> int:

@@ -87,8 +87,12 @@ class TeacherCache:
         if token_ids.shape[1] == 0:
             raise ValueError("The teacher sequence is empty; every row needs at least one prompt token.")
         keep = 0
-        if (self.cache is not None and self.token_ids is not None and self.attention_mask is not None
-                and self.token_ids.shape[0] == token_ids.shape[0]):
+        if (
+            self.cache is not None
+            and self.token_ids is not None
+            and self.attention_mask is not None
+            and self.token_ids.shape[0] == token_ids.shape[0]
+        ):
             keep = min(
                 common_prefix_length(self.token_ids, token_ids),
                 common_prefix_length(self.attention_mask, attention_mask),
@@ -110,10 +114,18 @@ class TeacherCache:
         sequence so far, so there is no prefix search, and the new positions continue from
         the last one (as `last_logits` would compute them).
         """
-        if (self.cache is None or self.token_ids is None or self.attention_mask is None or self.last_position is None
-                or new_ids.shape[0] != self.token_ids.shape[0] or new_ids.shape[1] == 0):
-            raise RuntimeError("TeacherCache.extend needs new tokens for a cached sequence of the same batch size; "
-                               "call last_logits first.")
+        if (
+            self.cache is None
+            or self.token_ids is None
+            or self.attention_mask is None
+            or self.last_position is None
+            or new_ids.shape[0] != self.token_ids.shape[0]
+            or new_ids.shape[1] == 0
+        ):
+            raise RuntimeError(
+                "TeacherCache.extend needs new tokens for a cached sequence of the same batch size; "
+                "call last_logits first."
+            )
         mask = torch.cat([self.attention_mask, torch.ones_like(new_ids, dtype=self.attention_mask.dtype)], dim=-1)
         steps = torch.arange(1, new_ids.shape[1] + 1, device=new_ids.device)
         positions = self.last_position + steps  # [B, n]

@@ -65,7 +65,9 @@ def tiny_causal_lm(
     torch.manual_seed(seed)
     model: PreTrainedModel
     if arch == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=2, n_positions=256, **special)
+        config = GPT2Config(
+            vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=2, n_positions=256, **special
+        )
         model = GPT2LMHeadModel(config)
     elif arch in ("llama", "qwen2"):
         shape: dict[str, Any] = dict(

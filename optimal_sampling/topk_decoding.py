@@ -32,22 +32,33 @@ from .sparse import SparseCandidates, sample_candidates, sparse_candidates
 #: The q* options the top-k step cannot honour, and why: both vLLM configs refuse them by name.
 UNSUPPORTED_OPTIONS = {
     "teacher_top_p": "the teacher's nucleus is not known from a top-k list (its rest bucket stands for many "
-                     "tokens); drop it, or use the transformers backend.",
+    "tokens); drop it, or use the transformers backend.",
     "top_k": "q* is truncated over candidate columns whose rest bucket stands for many tokens; drop it, or use "
-             "the transformers backend.",
+    "the transformers backend.",
     "top_p": "q* is truncated over candidate columns whose rest bucket stands for many tokens; drop it, or use "
-             "the transformers backend.",
+    "the transformers backend.",
 }
 
 # Per-token values kept for the diagnostics (the transformers front records the same names).
-PER_TOKEN = ("alpha", "logq", "logp_theta", "logp_t", *RECORDED_DIAGNOSTICS, "iterations", "empty_support",
-             "covered_theta", "covered_t")
+PER_TOKEN = (
+    "alpha",
+    "logq",
+    "logp_theta",
+    "logp_t",
+    *RECORDED_DIAGNOSTICS,
+    "iterations",
+    "empty_support",
+    "covered_theta",
+    "covered_t",
+)
 
 
 # -- the top-k lists ---------------------------------------------------------------------
 
 
-def canonical_top_k(ids: torch.Tensor, logp: torch.Tensor, k: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def canonical_top_k(
+    ids: torch.Tensor, logp: torch.Tensor, k: int, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One side's top-k list in the form the step uses: `(ids [B, k] int64, logp [B, k] float64, dropped)`.
 
     `ids` / `logp` (`[B, m]`, id -1 for padding) may hold more than k entries (a server
@@ -117,14 +128,26 @@ def topk_config_fields(q_star: QStarOptions) -> dict[str, Any]:
     """The `CoordinatorConfig` / `DrivenDecodeConfig` fields of `q_star`, refusing by name what the
     top-k step cannot honour; the temperature stays with each call (`generate_batch(temperature=)`)."""
     refuse_unsupported(q_star, UNSUPPORTED_OPTIONS, "the vLLM backends")
-    return dict(alpha_method=q_star.alpha_method, alpha=q_star.alpha, kl_budget=q_star.kl_budget,
-                alpha_min=q_star.alpha_min, alpha_max=q_star.alpha_max,
-                force_teacher_first_tokens=q_star.force_teacher_first_tokens, empty_support=q_star.empty_support,
-                alpha_tol=q_star.tol, alpha_max_iter=q_star.max_iter)
+    return dict(
+        alpha_method=q_star.alpha_method,
+        alpha=q_star.alpha,
+        kl_budget=q_star.kl_budget,
+        alpha_min=q_star.alpha_min,
+        alpha_max=q_star.alpha_max,
+        force_teacher_first_tokens=q_star.force_teacher_first_tokens,
+        empty_support=q_star.empty_support,
+        alpha_tol=q_star.tol,
+        alpha_max_iter=q_star.max_iter,
+    )
 
 
-def _solve(candidates: SparseCandidates, q_star: QStarOptions, rows: torch.Tensor | None, return_diagnostics: bool,
-           forced: torch.Tensor | None = None) -> Mixture:
+def _solve(
+    candidates: SparseCandidates,
+    q_star: QStarOptions,
+    rows: torch.Tensor | None,
+    return_diagnostics: bool,
+    forced: torch.Tensor | None = None,
+) -> Mixture:
     pick = (lambda x: x) if rows is None else (lambda x: x[rows])  # noqa: E731
     return compute_mixture(
         pick(candidates.logp_theta),
@@ -142,8 +165,13 @@ def _merge_rows(mask: torch.Tensor, where_true, where_false):
     if where_true is None or where_false is None:
         return None
     if is_dataclass(where_true) and not isinstance(where_true, type):
-        return replace(where_true, **{f.name: _merge_rows(mask, getattr(where_true, f.name), getattr(where_false, f.name))
-                                      for f in fields(where_true)})
+        return replace(
+            where_true,
+            **{
+                f.name: _merge_rows(mask, getattr(where_true, f.name), getattr(where_false, f.name))
+                for f in fields(where_true)
+            },
+        )
     out = where_false.new_empty((mask.shape[0], *where_false.shape[1:]))
     out[mask], out[~mask] = where_true, where_false
     return out
@@ -170,15 +198,19 @@ def mix_top_k(
     bool) is set are at a `force_teacher_first_tokens` position (α = 1).
     """
     temperature = q_star.temperature if temperature is None else temperature
-    candidates = sparse_candidates(ids_theta, logp_theta, ids_t, logp_t, vocab_size,
-                                   temperature=temperature, validate=False)
+    candidates = sparse_candidates(
+        ids_theta, logp_theta, ids_t, logp_t, vocab_size, temperature=temperature, validate=False
+    )
     if on_policy is None or not bool(on_policy.any()):
         return StepDistribution(candidates, _solve(candidates, q_star, None, return_diagnostics, forced))
     base_only = q_star.replace(alpha_method="fixed", alpha=0.0, kl_budget=None)
     if bool(on_policy.all()):
         return StepDistribution(candidates, _solve(candidates, base_only, None, return_diagnostics))
-    mixture = _merge_rows(on_policy, _solve(candidates, base_only, on_policy, return_diagnostics),
-                          _solve(candidates, q_star, ~on_policy, return_diagnostics, forced))
+    mixture = _merge_rows(
+        on_policy,
+        _solve(candidates, base_only, on_policy, return_diagnostics),
+        _solve(candidates, q_star, ~on_policy, return_diagnostics, forced),
+    )
     return StepDistribution(candidates, mixture)
 
 
@@ -281,14 +313,45 @@ class TopKStepper:
         self.q_star, self.vocab_size = q_star, vocab_size
         self.stats = dict(tokens=0, steps=0, covered_theta_sum=0.0, covered_t_sum=0.0)
 
-    def mix(self, ids_theta, logp_theta, ids_t, logp_t, *, temperature: float = 1.0, return_diagnostics: bool = True,
-            on_policy: torch.Tensor | None = None, forced: torch.Tensor | None = None) -> StepDistribution:
-        return mix_top_k(ids_theta, logp_theta, ids_t, logp_t, vocab_size=self.vocab_size, q_star=self.q_star,
-                         temperature=temperature, return_diagnostics=return_diagnostics, on_policy=on_policy,
-                         forced=forced)
+    def mix(
+        self,
+        ids_theta,
+        logp_theta,
+        ids_t,
+        logp_t,
+        *,
+        temperature: float = 1.0,
+        return_diagnostics: bool = True,
+        on_policy: torch.Tensor | None = None,
+        forced: torch.Tensor | None = None,
+    ) -> StepDistribution:
+        return mix_top_k(
+            ids_theta,
+            logp_theta,
+            ids_t,
+            logp_t,
+            vocab_size=self.vocab_size,
+            q_star=self.q_star,
+            temperature=temperature,
+            return_diagnostics=return_diagnostics,
+            on_policy=on_policy,
+            forced=forced,
+        )
 
-    def advance(self, rows: Sequence[TopKSequence], ids_theta, lp_theta, ids_t, lp_t, *, seed: int, temperature: float,
-                max_tokens: int, stop_token_ids: set[int], return_diagnostics: bool) -> None:
+    def advance(
+        self,
+        rows: Sequence[TopKSequence],
+        ids_theta,
+        lp_theta,
+        ids_t,
+        lp_t,
+        *,
+        seed: int,
+        temperature: float,
+        max_tokens: int,
+        stop_token_ids: set[int],
+        return_diagnostics: bool,
+    ) -> None:
         """Append one token to each row (`[B, k]` lists, row order), or set the row's error.
 
         If the batched maths fails, each row is retried alone, so a bad row marks only itself.
@@ -304,8 +367,16 @@ class TopKStepper:
                 for j, row in enumerate(rows):
                     one = slice(j, j + 1)
                     try:
-                        self._mix_and_record([row], ids_theta[one], lp_theta[one], ids_t[one], lp_t[one], temperature,
-                                             return_diagnostics, **options)
+                        self._mix_and_record(
+                            [row],
+                            ids_theta[one],
+                            lp_theta[one],
+                            ids_t[one],
+                            lp_t[one],
+                            temperature,
+                            return_diagnostics,
+                            **options,
+                        )
                     except Exception as row_error:
                         row.fail(f"{type(row_error).__name__}: {row_error}")
 
@@ -313,18 +384,36 @@ class TopKStepper:
         on_policy = torch.tensor([s.on_policy for s in rows]) if any(s.on_policy for s in rows) else None
         first = self.q_star.force_teacher_first_tokens
         forced = torch.tensor([len(s.tokens) < first for s in rows]) if first else None
-        step = self.mix(ids_theta, lp_theta, ids_t, lp_t, temperature=temperature,
-                        return_diagnostics=return_diagnostics, on_policy=on_policy, forced=forced)
+        step = self.mix(
+            ids_theta,
+            lp_theta,
+            ids_t,
+            lp_t,
+            temperature=temperature,
+            return_diagnostics=return_diagnostics,
+            on_policy=on_policy,
+            forced=forced,
+        )
         self.record(rows, step, **options)
 
-    def record(self, rows: Sequence[TopKSequence], step: StepDistribution, *, seed: int, max_tokens: int,
-               stop_token_ids: set[int]) -> None:
+    def record(
+        self,
+        rows: Sequence[TopKSequence],
+        step: StepDistribution,
+        *,
+        seed: int,
+        max_tokens: int,
+        stop_token_ids: set[int],
+    ) -> None:
         index = [s.index for s in rows]
         position = [len(s.tokens) for s in rows]
-        tokens = sample_step(step, counter_uniforms(seed, index, position, 0), counter_uniforms(seed, index, position, 1))
+        tokens = sample_step(
+            step, counter_uniforms(seed, index, position, 0), counter_uniforms(seed, index, position, 1)
+        )
         c = step.candidates
-        record = token_records(step.mixture, step.columns_of(tokens), c.logp_theta, c.logp_t,
-                               log_multiplicity=c.log_multiplicity)
+        record = token_records(
+            step.mixture, step.columns_of(tokens), c.logp_theta, c.logp_t, log_multiplicity=c.log_multiplicity
+        )
         if step.mixture.diagnostics is None:  # the solver's flags are kept with the diagnostics only
             record = {name: record[name] for name in ("alpha", "logq", "logp_theta", "logp_t")}
         values = {name: value for name, value in record.items() if name in PER_TOKEN}
@@ -360,8 +449,14 @@ def check_generate_arguments(prompts, teacher_prompts, on_policy, *, max_tokens:
         raise ValueError(f"`temperature` (={temperature}) has to be a strictly positive float.")
 
 
-def make_sequences(prompts, teacher_prompts, on_policy, base_tokenizer, teacher_tokenizer,
-                   sequence_type: type[TopKSequence] = TopKSequence) -> list[TopKSequence]:
+def make_sequences(
+    prompts,
+    teacher_prompts,
+    on_policy,
+    base_tokenizer,
+    teacher_tokenizer,
+    sequence_type: type[TopKSequence] = TopKSequence,
+) -> list[TopKSequence]:
     """One sequence per prompt, its prompts tokenized (teacher prompts default to the base's)."""
     teacher_prompts = list(prompts) if teacher_prompts is None else list(teacher_prompts)
     on_policy = [False] * len(prompts) if on_policy is None else [bool(flag) for flag in on_policy]

@@ -91,8 +91,13 @@ def answer_log_probs_grad(model, tokenizer, problems):
 
 def _answer_log_probs(model, tokenizer, problems):
     eos = tokenizer.eos_token_id
-    rows = [(tokenizer(p["prompt"], add_special_tokens=False)["input_ids"],
-             tokenizer(p["answer"], add_special_tokens=False)["input_ids"] + [eos]) for p in problems]
+    rows = [
+        (
+            tokenizer(p["prompt"], add_special_tokens=False)["input_ids"],
+            tokenizer(p["answer"], add_special_tokens=False)["input_ids"] + [eos],
+        )
+        for p in problems
+    ]
     width = max(len(p) + len(a) for p, a in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention = torch.zeros_like(ids)
@@ -109,14 +114,23 @@ def _answer_log_probs(model, tokenizer, problems):
 def estimator_gradient(model, teacher, tokenizer, problems, spec, seed) -> tuple[torch.Tensor, dict]:
     k, mixing, weighting, baseline = spec
     prompts = [tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in problems for _ in range(G)]
-    teacher_prompts = [tokenizer(p["teacher_prompt"], add_special_tokens=False)["input_ids"]
-                       for p in problems for _ in range(G)]
+    teacher_prompts = [
+        tokenizer(p["teacher_prompt"], add_special_tokens=False)["input_ids"] for p in problems for _ in range(G)
+    ]
     on_policy = (torch.arange(len(prompts)) % G) < k
     torch.manual_seed(seed)
     rollouts = sample_rollouts(
-        model, teacher, prompts, teacher_prompt_ids=teacher_prompts, max_new_tokens=5,
-        pad_token_id=tokenizer.pad_token_id, stop_token_ids=[tokenizer.eos_token_id], vocab_size=len(tokenizer),
-        device="cpu", q_star=QStarOptions(**mixing), on_policy=on_policy,
+        model,
+        teacher,
+        prompts,
+        teacher_prompt_ids=teacher_prompts,
+        max_new_tokens=5,
+        pad_token_id=tokenizer.pad_token_id,
+        stop_token_ids=[tokenizer.eos_token_id],
+        vocab_size=len(tokenizer),
+        device="cpu",
+        q_star=QStarOptions(**mixing),
+        on_policy=on_policy,
     )
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=False)
     rewards = torch.tensor(exact_match_reward(texts, [p["answer"] for p in problems for _ in range(G)]))
@@ -131,16 +145,33 @@ def estimator_gradient(model, teacher, tokenizer, problems, spec, seed) -> tuple
     log_ratio = (logp.detach() - logq) * mask
     log_ratio_star = ((logp.detach() - logq_star) * mask).sum(-1)
     fraction = k / G
-    weights = importance_weights(log_ratio, mask, on_policy, weighting=weighting, cap=CAP, gamma=0.1,
-                                 log_ratio_star=log_ratio_star, on_policy_fraction=fraction)
-    advantages = grpo_advantages(rewards, on_policy, mixture_log_weights(log_ratio_star, fraction),
-                                 num_generations=G, baseline=baseline, scale_rewards="group")
+    weights = importance_weights(
+        log_ratio,
+        mask,
+        on_policy,
+        weighting=weighting,
+        cap=CAP,
+        gamma=0.1,
+        log_ratio_star=log_ratio_star,
+        on_policy_fraction=fraction,
+    )
+    advantages = grpo_advantages(
+        rewards,
+        on_policy,
+        mixture_log_weights(log_ratio_star, fraction),
+        num_generations=G,
+        baseline=baseline,
+        scale_rewards="group",
+    )
     loss = -(weights.detach() * advantages[:, None] * logp * mask).sum() / mask.sum()  # DAPO token normalisation
     loss.backward()
     gradient = -torch.cat([p.grad.flatten() for p in model.parameters()]).clone()
     q_rows = ~on_policy
-    stats = {"reward_q": float(rewards[q_rows].mean()) if q_rows.any() else float("nan"),
-             "reward_on": float(rewards[on_policy].mean()) if on_policy.any() else float("nan"), "width": width}
+    stats = {
+        "reward_q": float(rewards[q_rows].mean()) if q_rows.any() else float("nan"),
+        "reward_on": float(rewards[on_policy].mean()) if on_policy.any() else float("nan"),
+        "width": width,
+    }
     return gradient, stats
 
 
@@ -148,17 +179,25 @@ def truncation_mass(model, teacher, tokenizer, problems, seed) -> dict[str, floa
     """At every sampled position of all-q* rollouts: the fraction of tokens with w > C, the exact
     policy mass Σ_y (π − C q*)₊ there, and at sequence level P(W > C) and E_q[(W − C)₊]."""
     prompts = [tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in problems for _ in range(G)]
-    teacher_prompts = [tokenizer(p["teacher_prompt"], add_special_tokens=False)["input_ids"]
-                       for p in problems for _ in range(G)]
+    teacher_prompts = [
+        tokenizer(p["teacher_prompt"], add_special_tokens=False)["input_ids"] for p in problems for _ in range(G)
+    ]
     torch.manual_seed(seed)
     rollouts = sample_rollouts(
-        model, teacher, prompts, teacher_prompt_ids=teacher_prompts, max_new_tokens=5,
-        pad_token_id=tokenizer.pad_token_id, stop_token_ids=[tokenizer.eos_token_id], vocab_size=len(tokenizer),
+        model,
+        teacher,
+        prompts,
+        teacher_prompt_ids=teacher_prompts,
+        max_new_tokens=5,
+        pad_token_id=tokenizer.pad_token_id,
+        stop_token_ids=[tokenizer.eos_token_id],
+        vocab_size=len(tokenizer),
         device="cpu",
     )
     _, mask, base_logits = token_log_probs(model, prompts, rollouts.completion_ids, tokenizer.pad_token_id, False)
-    _, _, teacher_logits = token_log_probs(teacher, teacher_prompts, rollouts.completion_ids, tokenizer.pad_token_id,
-                                           False)
+    _, _, teacher_logits = token_log_probs(
+        teacher, teacher_prompts, rollouts.completion_ids, tokenizer.pad_token_id, False
+    )
     vocab = len(tokenizer)
     lp = log_probs_from_logits(base_logits[mask], 1.0, vocab)
     lr = log_probs_from_logits(teacher_logits[mask], 1.0, vocab)
@@ -195,11 +234,13 @@ def main(argv=None):
             gradient_table(base, teacher, tokenizer, regime, batches, args)
         masses = [truncation_mass(base, teacher, tokenizer, b, seed=2000 + i) for i, b in enumerate(batches)]
         mean = {key: sum(m[key] for m in masses) / len(masses) for key in masses[0]}
-        print(f"\nTruncation at C = {CAP} of all-q* rollouts ({regime}): {mean['token_truncated_frac']:.1%} of tokens "
-              f"truncated; the exact policy mass that truncation drops, Σ_y(π−Cq*)₊, is {mean['token_policy_mass']:.1%} "
-              f"per position (the policy's mass on the tokens with π > Cq*, Σ_y π·1[π > Cq*], is "
-              f"{mean['token_policy_mass_on_truncated']:.1%}); {mean['seq_truncated_frac']:.1%} of sequences truncated, "
-              f"E_q[(W−C)₊] = {mean['seq_policy_mass']:.1%} of the policy's sequence mass.")
+        print(
+            f"\nTruncation at C = {CAP} of all-q* rollouts ({regime}): {mean['token_truncated_frac']:.1%} of tokens "
+            f"truncated; the exact policy mass that truncation drops, Σ_y(π−Cq*)₊, is {mean['token_policy_mass']:.1%} "
+            f"per position (the policy's mass on the tokens with π > Cq*, Σ_y π·1[π > Cq*], is "
+            f"{mean['token_policy_mass_on_truncated']:.1%}); {mean['seq_truncated_frac']:.1%} of sequences truncated, "
+            f"E_q[(W−C)₊] = {mean['seq_policy_mass']:.1%} of the policy's sequence mass."
+        )
 
 
 def gradient_table(base, teacher, tokenizer, regime, batches, args) -> None:
@@ -207,8 +248,10 @@ def gradient_table(base, teacher, tokenizer, regime, batches, args) -> None:
     truth = [exact_gradient(base, tokenizer, b) for b in batches]
     with torch.no_grad():
         success = [float(_answer_log_probs(base, tokenizer, b).exp().mean()) for b in batches]
-    print(f"\n### {regime} prompts: policy success J = {sum(success) / len(success):.3f} (base model, "
-          f"{args.batches} batches of {args.prompts} prompts × {G})\n")
+    print(
+        f"\n### {regime} prompts: policy success J = {sum(success) / len(success):.3f} (base model, "
+        f"{args.batches} batches of {args.prompts} prompts × {G})\n"
+    )
     print("| estimator | cosine with ∇J: mean ± sd (min, max) | q* rows' reward | on-policy rows' reward |")
     print("|---|---|---|---|")
     for name, spec in ESTIMATORS.items():

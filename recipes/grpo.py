@@ -108,7 +108,10 @@ def main(script: ScriptArguments, training_args: OptimalSamplingGRPOConfig) -> N
     if trainer.accelerator.is_main_process:
         path = Path(training_args.output_dir) / "log_history.json"
         path.write_text(json.dumps(trainer.state.log_history, indent=1))
-        info = {"num_processes": trainer.accelerator.num_processes, "distributed_type": str(trainer.accelerator.distributed_type)}
+        info = {
+            "num_processes": trainer.accelerator.num_processes,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+        }
         (Path(training_args.output_dir) / "run_info.json").write_text(json.dumps(info))
 
 

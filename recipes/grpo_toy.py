@@ -59,20 +59,27 @@ G = 8  # completions per prompt
 ARMS: dict[str, dict] = {
     "vanilla": {},
     "old_default": dict(  # the package default before issue 13: every row q*, token truncation at 3, group mean
-        num_on_policy_generations=0, importance_weighting="token_truncate", advantage_baseline="group",
+        num_on_policy_generations=0,
+        importance_weighting="token_truncate",
+        advantage_baseline="group",
         allow_inconsistent_baseline=True,
     ),
     "qstar_none": dict(num_on_policy_generations=0, importance_weighting="none"),
     "mixed_qstar": dict(num_on_policy_generations=G // 2, importance_weighting="none"),
-    "mixed_teacher": dict(num_on_policy_generations=G // 2, importance_weighting="none", alpha_method="fixed", alpha=1.0),
-    "luffy_teacher": dict(num_on_policy_generations=G - 1, importance_weighting="shaping", alpha_method="fixed",
-                          alpha=1.0),
+    "mixed_teacher": dict(
+        num_on_policy_generations=G // 2, importance_weighting="none", alpha_method="fixed", alpha=1.0
+    ),
+    "luffy_teacher": dict(
+        num_on_policy_generations=G - 1, importance_weighting="shaping", alpha_method="fixed", alpha=1.0
+    ),
     "luffy_qstar": dict(num_on_policy_generations=G - 1, importance_weighting="shaping"),
     "anneal": dict(num_on_policy_generations=0, importance_weighting="none", teacher_decay_ratio=0.5),
-    "kl_budget": dict(num_on_policy_generations=G // 2, importance_weighting="none", alpha_method="kl_budget",
-                      kl_budget=0.1),
-    "mixed_qstar_is": dict(num_on_policy_generations=G // 2, importance_weighting="token_truncate",
-                           advantage_baseline="is"),
+    "kl_budget": dict(
+        num_on_policy_generations=G // 2, importance_weighting="none", alpha_method="kl_budget", kl_budget=0.1
+    ),
+    "mixed_qstar_is": dict(
+        num_on_policy_generations=G // 2, importance_weighting="token_truncate", advantage_baseline="is"
+    ),
     "mixed_qstar_shaping": dict(num_on_policy_generations=G // 2, importance_weighting="shaping"),
     "mixed_anneal": dict(num_on_policy_generations=G // 2, importance_weighting="none", teacher_decay_ratio=0.5),
     "mixed_mis": dict(num_on_policy_generations=G // 2, importance_weighting="mis"),
@@ -101,8 +108,10 @@ def answer_log_probs(model, tokenizer, problems: list[dict], batch_size: int = 5
     """`[N]` log π(answer + EOS | prompt) at temperature 1, float64."""
     eos = tokenizer.eos_token_id
     rows = [
-        (tokenizer(p["prompt"], add_special_tokens=False)["input_ids"],
-         tokenizer(p["answer"], add_special_tokens=False)["input_ids"] + [eos])
+        (
+            tokenizer(p["prompt"], add_special_tokens=False)["input_ids"],
+            tokenizer(p["answer"], add_special_tokens=False)["input_ids"] + [eos],
+        )
         for p in problems
     ]
     out = []
@@ -139,8 +148,11 @@ def problem_sets(base, tokenizer) -> dict[str, list[dict]]:
     sets = {}
     for split in ("train", "test"):
         rows = [
-            {"prompt": format_prompt(a, b), "teacher_prompt": format_teacher_prompt(format_prompt(a, b)),
-             "answer": str(a + b)}
+            {
+                "prompt": format_prompt(a, b),
+                "teacher_prompt": format_teacher_prompt(format_prompt(a, b)),
+                "answer": str(a + b),
+            }
             for a, b in all_pairs(split)
         ]
         success = answer_log_probs(base, tokenizer, rows).exp()
@@ -219,8 +231,12 @@ def run(args) -> Path:
             point = {"step": state.global_step}
             point.update({name: exact_accuracy(model, tokenizer, rows) for name, rows in evals.items()})
             curve.append(point)
-            print(f"[eval] {args.regime}/{args.arm} seed {args.seed} step {point['step']}: "
-                  f"hard {point['hard']:.3f} ordinary {point['ordinary']:.3f}", file=sys.stderr, flush=True)
+            print(
+                f"[eval] {args.regime}/{args.arm} seed {args.seed} step {point['step']}: "
+                f"hard {point['hard']:.3f} ordinary {point['ordinary']:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
 
         def on_train_begin(self, args_, state, control, model=None, **kwargs):
             self._record(state, model)
@@ -230,13 +246,25 @@ def run(args) -> Path:
                 self._record(state, model)
 
     if args.arm == "vanilla":
-        trainer = GRPOTrainer(base, reward_funcs=exact_match_reward, args=GRPOConfig(**common), train_dataset=dataset,
-                              processing_class=tokenizer, callbacks=[ExactAccuracy()])
+        trainer = GRPOTrainer(
+            base,
+            reward_funcs=exact_match_reward,
+            args=GRPOConfig(**common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[ExactAccuracy()],
+        )
     else:
         config = OptimalSamplingGRPOConfig(**common, **ARMS[args.arm], teacher_prompt_template=TEACHER_PROMPT_TEMPLATE)
-        trainer = OptimalSamplingGRPOTrainer(base, reward_funcs=exact_match_reward, args=config, train_dataset=dataset,
-                                             processing_class=tokenizer, callbacks=[ExactAccuracy()],
-                                             teacher_model=teacher)
+        trainer = OptimalSamplingGRPOTrainer(
+            base,
+            reward_funcs=exact_match_reward,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[ExactAccuracy()],
+            teacher_model=teacher,
+        )
     started = time.time()
     with contextlib.redirect_stdout(sys.stderr):  # Trainer prints every log dict
         trainer.train()
@@ -267,8 +295,14 @@ def _versions() -> dict[str, str]:
     import transformers
     import trl
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__, "machine": platform.machine(), "node": platform.node()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "machine": platform.machine(),
+        "node": platform.node(),
+    }
 
 
 # --- the grid -------------------------------------------------------------------------------------
@@ -287,16 +321,33 @@ def grid(args) -> None:
     arms = list(ARMS) if args.arms == ["all"] else args.arms
     jobs = [(regime, arm, seed) for regime in args.regime for seed in parse_seeds(args.seeds) for arm in arms]
     todo = [job for job in jobs if not run_path(args.output_dir, *job).exists()]
-    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)} with {args.workers} workers",
-          flush=True)
+    print(
+        f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)} with {args.workers} workers",
+        flush=True,
+    )
     log_dir = Path(args.output_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
     def one(job):
         regime, arm, seed = job
-        command = [sys.executable, __file__, "run", "--regime", regime, "--arm", arm, "--seed", str(seed),
-                   "--output_dir", args.output_dir, "--steps", str(args.steps), "--eval_every", str(args.eval_every)]
+        command = [
+            sys.executable,
+            __file__,
+            "run",
+            "--regime",
+            regime,
+            "--arm",
+            arm,
+            "--seed",
+            str(seed),
+            "--output_dir",
+            args.output_dir,
+            "--steps",
+            str(args.steps),
+            "--eval_every",
+            str(args.eval_every),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         with open(log_dir / f"{regime}-{arm}-seed{seed}.log", "w") as log:
             code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
@@ -314,7 +365,9 @@ def grid(args) -> None:
                 summary = f"final {regime} accuracy {curve[-1][regime]:.3f}"
             else:
                 summary = f"FAILED (exit {code}), see {log_dir}/{regime}-{arm}-seed{seed}.log"
-            print(f"[{done}/{len(todo)} {time.time() - started:.0f}s] {regime}/{arm} seed {seed}: {summary}", flush=True)
+            print(
+                f"[{done}/{len(todo)} {time.time() - started:.0f}s] {regime}/{arm} seed {seed}: {summary}", flush=True
+            )
     if failed:
         sys.exit(f"{failed} runs failed")
 
@@ -389,10 +442,13 @@ def analyze(args) -> str:
         if "vanilla" not in arms:
             continue
         vanilla = runs[(regime, "vanilla")]
-        lines += [f"### Regime `{regime}`: exact held-out accuracy on the {metric} set", "",
-                  "| arm | seeds | start | final | AUC (mean over training) | steps to vanilla's final | "
-                  "rollout reward | policy reward (on-policy rows) | zero-variance groups | α mean | s/run |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### Regime `{regime}`: exact held-out accuracy on the {metric} set",
+            "",
+            "| arm | seeds | start | final | AUC (mean over training) | steps to vanilla's final | "
+            "rollout reward | policy reward (on-policy rows) | zero-variance groups | α mean | s/run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for arm in arms:
             rs = runs[(regime, arm)]
             ends = [endpoints(r, metric) for r in rs.values()]
@@ -403,8 +459,11 @@ def analyze(args) -> str:
                     reach.append(steps_to_reach(*curve_of(r, metric), target))
             finite = [x for x in reach if math.isfinite(x)]
             median = sorted(reach)[len(reach) // 2] if reach else math.nan
-            reach_text = "–" if not reach else (f"{median:.0f}" if math.isfinite(median) else "never") + \
-                f" ({len(finite)}/{len(reach)} reach)"
+            reach_text = (
+                "–"
+                if not reach
+                else (f"{median:.0f}" if math.isfinite(median) else "never") + f" ({len(finite)}/{len(reach)} reach)"
+            )
             history = [h for r in rs.values() for h in r["log_history"]]
             start = sum(curve_of(r, metric)[1][0] for r in rs.values()) / len(rs)
             lines.append(
@@ -416,18 +475,35 @@ def analyze(args) -> str:
                 f"{sum(r['seconds'] for r in rs.values()) / len(rs):.0f} |"
             )
         lines.append("")
-        diagnostics = ("reward_qstar", "reward_on_policy", "reward_policy_is", "zero_std_frac_qstar",
-                       "zero_std_frac_on_policy", "policy_mass_truncated_token", "policy_mass_truncated_seq",
-                       "kl_theta", "sampling/importance_sampling_ratio/mean")
-        lines += [f"What the q* rows did ({regime} regime; means over every step and seed of the trainer's "
-                  "`optimal_sampling/*` metrics):", "",
-                  "| arm | " + " | ".join(diagnostics) + " |", "|---" * (len(diagnostics) + 1) + "|"]
+        diagnostics = (
+            "reward_qstar",
+            "reward_on_policy",
+            "reward_policy_is",
+            "zero_std_frac_qstar",
+            "zero_std_frac_on_policy",
+            "policy_mass_truncated_token",
+            "policy_mass_truncated_seq",
+            "kl_theta",
+            "sampling/importance_sampling_ratio/mean",
+        )
+        lines += [
+            f"What the q* rows did ({regime} regime; means over every step and seed of the trainer's "
+            "`optimal_sampling/*` metrics):",
+            "",
+            "| arm | " + " | ".join(diagnostics) + " |",
+            "|---" * (len(diagnostics) + 1) + "|",
+        ]
         for arm in arms:
             if arm == "vanilla":
                 continue
             history = [h for r in runs[(regime, arm)].values() for h in r["log_history"]]
-            lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(
-                _number(mean_of(history, d if "/" in d else "optimal_sampling/" + d), 3) for d in diagnostics) + " |")
+            lines.append(
+                f"| {ARM_LABELS[arm]} | "
+                + " | ".join(
+                    _number(mean_of(history, d if "/" in d else "optimal_sampling/" + d), 3) for d in diagnostics
+                )
+                + " |"
+            )
         lines.append("")
         for endpoint in ("auc", "final"):
             comparisons = {}
@@ -443,27 +519,39 @@ def analyze(args) -> str:
                 seeds = sorted(set(runs[(regime, "mixed_qstar")]) & set(runs[(regime, "mixed_teacher")]))
                 comparisons["mixed_qstar − mixed_teacher"] = [
                     endpoints(runs[(regime, "mixed_qstar")][s], metric)[endpoint]
-                    - endpoints(runs[(regime, "mixed_teacher")][s], metric)[endpoint] for s in seeds
+                    - endpoints(runs[(regime, "mixed_teacher")][s], metric)[endpoint]
+                    for s in seeds
                 ]
             tests = {name: paired_tests(d) for name, d in comparisons.items() if len(d) >= 2}
             adjusted = holm({name: t["t_p"] for name, t in tests.items() if not math.isnan(t["t_p"])})
-            lines += [f"Paired differences of the {endpoint.upper()} ({regime} regime; t-test p Holm-adjusted over "
-                      f"{len(adjusted)} comparisons; Wilcoxon p unadjusted):", "",
-                      "| comparison | seeds | mean difference [95% CI] | t-test p | Holm p | Wilcoxon p |",
-                      "|---|---|---|---|---|---|"]
+            lines += [
+                f"Paired differences of the {endpoint.upper()} ({regime} regime; t-test p Holm-adjusted over "
+                f"{len(adjusted)} comparisons; Wilcoxon p unadjusted):",
+                "",
+                "| comparison | seeds | mean difference [95% CI] | t-test p | Holm p | Wilcoxon p |",
+                "|---|---|---|---|---|---|",
+            ]
             for name, t in tests.items():
-                lines.append(f"| {name} | {t['n']} | {t['mean']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] | "
-                             f"{t['t_p']:.3g} | {adjusted.get(name, float('nan')):.3g} | {t['wilcoxon_p']:.3g} |")
+                lines.append(
+                    f"| {name} | {t['n']} | {t['mean']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] | "
+                    f"{t['t_p']:.3g} | {adjusted.get(name, float('nan')):.3g} | {t['wilcoxon_p']:.3g} |"
+                )
             lines.append("")
         if regime == "hard":  # the guard: ordinary held-out accuracy tracked during hard-regime training
-            lines += ["Guard, ordinary held-out accuracy at the end of hard-regime training (difference to vanilla):", "",
-                      "| arm | final ordinary accuracy | difference [95% CI] |", "|---|---|---|"]
+            lines += [
+                "Guard, ordinary held-out accuracy at the end of hard-regime training (difference to vanilla):",
+                "",
+                "| arm | final ordinary accuracy | difference [95% CI] |",
+                "|---|---|---|",
+            ]
             for arm in arms:
                 finals = {s: curve_of(r, "ordinary")[1][-1] for s, r in runs[(regime, arm)].items()}
                 seeds = sorted(set(finals) & set(vanilla))
                 d = paired_tests([finals[s] - curve_of(vanilla[s], "ordinary")[1][-1] for s in seeds])
-                lines.append(f"| {ARM_LABELS[arm]} | {_mean_sd(list(finals.values()))} | "
-                             f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] |")
+                lines.append(
+                    f"| {ARM_LABELS[arm]} | {_mean_sd(list(finals.values()))} | "
+                    f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] |"
+                )
             lines.append("")
     if args.plot:
         _plot(runs, args.plot)
@@ -509,22 +597,32 @@ def _plot(runs, path: str) -> None:
             acc = torch.tensor([curve_of(runs[(regime, arm)][s], regime)[1] for s in seeds])
             if arm in MAIN_ARMS:
                 mean, sd = acc.mean(0), acc.std(0) if len(seeds) > 1 else torch.zeros(acc.shape[1])
-                top.plot(steps, mean, label=ARM_LABELS[arm], color=colours[arm], linewidth=2.5 if arm == "vanilla" else 1.5)
+                top.plot(
+                    steps, mean, label=ARM_LABELS[arm], color=colours[arm], linewidth=2.5 if arm == "vanilla" else 1.5
+                )
                 top.fill_between(steps, mean - sd, mean + sd, alpha=0.12, color=colours[arm])
             if arm in ("vanilla", "old_default"):
                 continue
             paired = [s for s in seeds if s in vanilla]
-            diff = acc[[seeds.index(s) for s in paired]] - torch.tensor([curve_of(vanilla[s], regime)[1] for s in paired])
+            diff = acc[[seeds.index(s) for s in paired]] - torch.tensor(
+                [curve_of(vanilla[s], regime)[1] for s in paired]
+            )
             mean = diff.mean(0)
             half = stats.t.ppf(0.975, len(paired) - 1) * diff.std(0) / len(paired) ** 0.5
             style = "-" if arm.startswith("mixed") else "--"
             bottom.plot(steps, mean, style, label=ARM_LABELS[arm], color=colours[arm])
             bottom.fill_between(steps, mean - half, mean + half, alpha=0.08, color=colours[arm])
         bottom.axhline(0.0, color="black", linewidth=1)
-        top.set(xlabel="optimizer step", ylabel="exact accuracy mean_x π_θ(answer | x)",
-                title=f"{regime} regime: held-out {regime} problems (mean ± sd, {len(vanilla)} seeds)")
-        bottom.set(xlabel="optimizer step", ylabel="accuracy − vanilla's (same seed)",
-                   title=f"{regime} regime: paired difference to vanilla (mean, 95% band)")
+        top.set(
+            xlabel="optimizer step",
+            ylabel="exact accuracy mean_x π_θ(answer | x)",
+            title=f"{regime} regime: held-out {regime} problems (mean ± sd, {len(vanilla)} seeds)",
+        )
+        bottom.set(
+            xlabel="optimizer step",
+            ylabel="accuracy − vanilla's (same seed)",
+            title=f"{regime} regime: paired difference to vanilla (mean, 95% band)",
+        )
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="lower right")

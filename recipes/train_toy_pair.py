@@ -187,9 +187,7 @@ def encode_examples(tokenizer, pairs, formats):
     examples = []
     for a, b in pairs:
         prompt = format_prompt(a, b)
-        answer_ids = tokenizer.encode(str(a + b), add_special_tokens=False) + [
-            tokenizer.eos_token_id
-        ]
+        answer_ids = tokenizer.encode(str(a + b), add_special_tokens=False) + [tokenizer.eos_token_id]
         for fmt in formats:
             text = prompt if fmt == "plain" else format_teacher_prompt(prompt)
             prompt_ids = tokenizer.encode(text, add_special_tokens=False)
@@ -209,8 +207,22 @@ def collate(batch, pad_id):
     return input_ids, mask, labels
 
 
-def train_model(name, model, examples, *, steps, batch_size, lr, warmup, weight_decay, seed, pad_id,
-                schedule="cosine", log_every=250, callback=None):
+def train_model(
+    name,
+    model,
+    examples,
+    *,
+    steps,
+    batch_size,
+    lr,
+    warmup,
+    weight_decay,
+    seed,
+    pad_id,
+    schedule="cosine",
+    log_every=250,
+    callback=None,
+):
     """AdamW with linear warmup, then cosine decay to 5% (``"cosine"``) or a constant LR."""
     gen = torch.Generator().manual_seed(seed)
     decay, no_decay = [], []
@@ -317,10 +329,15 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--teacher-steps", type=int, default=800, help="cosine schedule")
-    p.add_argument("--base-steps", type=int, default=1000,
-                   help="constant LR; stopping early is what keeps the base weak")
-    p.add_argument("--base-train-pairs", type=int, default=None,
-                   help="size of the fixed subset of training pairs the base sees (default: all)")
+    p.add_argument(
+        "--base-steps", type=int, default=1000, help="constant LR; stopping early is what keeps the base weak"
+    )
+    p.add_argument(
+        "--base-train-pairs",
+        type=int,
+        default=None,
+        help="size of the fixed subset of training pairs the base sees (default: all)",
+    )
     p.add_argument("--eval-size", type=int, default=500, help="held-out problems per evaluation")
     p.add_argument("--only", choices=["base", "teacher"], default=None, help="train only one model (tuning)")
     p.add_argument("--no-save", action="store_true")
@@ -367,17 +384,33 @@ def main(argv=None):
             steps, schedule, warmup = args.base_steps, "constant", 50
         print(f"[{name}] {n_params} parameters, {len(examples)} training sequences, {steps} steps")
         secs = train_model(
-            name, model, examples, steps=steps, batch_size=args.batch_size, lr=args.lr,
-            warmup=warmup, weight_decay=0.01, seed=args.seed, pad_id=tokenizer.pad_token_id, schedule=schedule,
+            name,
+            model,
+            examples,
+            steps=steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup=warmup,
+            weight_decay=0.01,
+            seed=args.seed,
+            pad_id=tokenizer.pad_token_id,
+            schedule=schedule,
         )
-        m = {"parameters": n_params, "train_sequences": len(examples), "steps": steps, "schedule": schedule,
-             "train_seconds": round(secs, 1)}
+        m = {
+            "parameters": n_params,
+            "train_sequences": len(examples),
+            "steps": steps,
+            "schedule": schedule,
+            "train_seconds": round(secs, 1),
+        }
         keys = ["prompt", "teacher_prompt"] if name == "teacher" else ["prompt"]
         for key in keys:
             fmt = "teacher_format" if key == "teacher_prompt" else "plain_format"
             m[f"{fmt}_greedy"] = evaluate(model, tokenizer, heldout, key, do_sample=False, seed=args.seed)
             m[f"{fmt}_temp1"] = evaluate(model, tokenizer, heldout, key, do_sample=True, seed=args.seed)
-        print(f"[{name}] held-out accuracy (n={args.eval_size}): {json.dumps({k: v for k, v in m.items() if 'format' in k})}")
+        print(
+            f"[{name}] held-out accuracy (n={args.eval_size}): {json.dumps({k: v for k, v in m.items() if 'format' in k})}"
+        )
         metrics[name] = m
         models_out[name] = model
 

@@ -27,7 +27,9 @@ def main(jobs_path: str, results_path: str) -> None:
             raise SystemExit("the kernel does not apply under TRITON_INTERPRET=1: is triton installed?")
         if call == "kernel":
             alpha, iterations, degenerate, empty, converged = kl_symmetry_kernel(lp, lr, 1e-6, 20, **kwargs)
-            results[name] = dict(alpha=alpha, iterations=iterations, degenerate=degenerate, empty=empty, converged=converged)
+            results[name] = dict(
+                alpha=alpha, iterations=iterations, degenerate=degenerate, empty=empty, converged=converged
+            )
         elif call == "solve_alpha":
             results[name] = dict(solve_alpha(lp, lr, return_info=True, **kwargs).__dict__)
         elif call == "compute_mixture":

@@ -60,8 +60,9 @@ def training_text() -> list[str]:
     # of a few thousand tokens (deterministic, no randomness).
     syl = "ka lo mi nu pe ra si to vu we xa yo ze bri cha dro fle gni".split()
     for i in range(len(syl)):
-        lines.append(" ".join(syl[i] + syl[(i * j + 3) % len(syl)] + syl[(j * 7 + i) % len(syl)]
-                              for j in range(len(syl))))
+        lines.append(
+            " ".join(syl[i] + syl[(i * j + 3) % len(syl)] + syl[(j * 7 + i) % len(syl)] for j in range(len(syl)))
+        )
     return lines
 
 
@@ -99,8 +100,17 @@ def _patch_tokenizer_config(model_dir: Path) -> None:
         smap.write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
 
 
-def build_model(tokenizer, seed: int, *, hidden_size=128, num_heads=4, num_layers=2,
-                intermediate_size=256, max_position_embeddings=512, lm_head_std=0.25):
+def build_model(
+    tokenizer,
+    seed: int,
+    *,
+    hidden_size=128,
+    num_heads=4,
+    num_layers=2,
+    intermediate_size=256,
+    max_position_embeddings=512,
+    lm_head_std=0.25,
+):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -126,9 +136,7 @@ def build_model(tokenizer, seed: int, *, hidden_size=128, num_heads=4, num_layer
     # clearly different between the two seeds.
     with torch.no_grad():
         g = torch.Generator().manual_seed(10_000 + seed)
-        model.lm_head.weight.copy_(
-            torch.randn(model.lm_head.weight.shape, generator=g) * lm_head_std
-        )
+        model.lm_head.weight.copy_(torch.randn(model.lm_head.weight.shape, generator=g) * lm_head_std)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -102,7 +102,9 @@ SCALES = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)  # logit std: from nearly flat to very
 def stacked_pairs(seed: int, rows_per_setting: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every scale in SCALES, half the rows with masks on both sides (30% of tokens each)."""
     rng = np.random.default_rng(seed)
-    pairs = [random_log_prob_pairs(rng, rows_per_setting, vocab, scale, mask) for scale in SCALES for mask in (0.0, 0.3)]
+    pairs = [
+        random_log_prob_pairs(rng, rows_per_setting, vocab, scale, mask) for scale in SCALES for mask in (0.0, 0.3)
+    ]
     return torch.cat([p for p, _ in pairs]), torch.cat([r for _, r in pairs])
 
 
@@ -424,6 +426,7 @@ def ref_kl_budget_alpha(lp: np.ndarray, lr: np.ndarray, budget: float) -> np.nda
     (Σ q log(q/p) in float64, not the package's αA' − A identity)."""
     alphas = []
     for lp_row, lr_row in zip(np.asarray(lp, np.float64), np.asarray(lr, np.float64)):
+
         def excess(alpha, lp_row=lp_row, lr_row=lr_row):
             return ref_kls(lp_row[None], lr_row[None], np.array([alpha]))[0][0] - budget
 

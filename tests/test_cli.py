@@ -20,20 +20,40 @@ import torch
 
 from optimal_sampling.cli import main
 
-FIELDS = {"prompt", "teacher_prompt", "generated_text", "generated_tokens", "alpha_history", "logq",
-          "logp_theta", "logp_t", "diagnostics", "error"}
+FIELDS = {
+    "prompt",
+    "teacher_prompt",
+    "generated_text",
+    "generated_tokens",
+    "alpha_history",
+    "logq",
+    "logp_theta",
+    "logp_t",
+    "diagnostics",
+    "error",
+}
 SMALL = ["--limit", "6", "--batch-size", "3", "--max-new-tokens", "4", "--no-progress"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "optimal_sampling.cli", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "optimal_sampling.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def interrupt_after_rows(argv: list[str], out: Path, rows: int, sig: int) -> subprocess.Popen:
     """Start `optimal-sampling ARGV` in its own process; send it `sig` once `out` holds `rows` rows."""
-    proc = subprocess.Popen([sys.executable, "-m", "optimal_sampling.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "optimal_sampling.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and len(out.read_text().splitlines()) >= rows:
@@ -56,7 +76,10 @@ def test_jsonl_output_has_every_field_and_a_summary(tmp_path, capsys):
         assert FIELDS <= set(row)
         assert row["error"] is None
         n = len(row["generated_tokens"])
-        assert n >= 1 and len(row["logq"]) == len(row["logp_theta"]) == len(row["logp_t"]) == len(row["alpha_history"]) == n
+        assert (
+            n >= 1
+            and len(row["logq"]) == len(row["logp_theta"]) == len(row["logp_t"]) == len(row["alpha_history"]) == n
+        )
         assert row["teacher_prompt"] != row["prompt"]  # the toy rows carry the teacher's own format
     summary = capsys.readouterr().out
     assert "exact-match accuracy, q*" in summary and "tokens/s" in summary and "α mean" in summary
@@ -120,17 +143,37 @@ def test_prompts_from_text_jsonl_and_teacher_template(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("12+34=\n50+21=\n")
     out = tmp_path / "t.jsonl"
-    assert main(["generate", "--prompts", str(text), "--max-new-tokens", "3", "--no-progress", "--output", str(out)]) == 0
+    assert (
+        main(["generate", "--prompts", str(text), "--max-new-tokens", "3", "--no-progress", "--output", str(out)]) == 0
+    )
     rows = read_jsonl(out)
     assert [r["prompt"] for r in rows] == ["12+34=", "50+21="]
     assert all(r["teacher_prompt"] == r["prompt"] for r in rows)
 
     data = tmp_path / "p.jsonl"
-    data.write_text("\n".join(json.dumps({"question": q, "answer": a}) for q, a in [("12+34=", "46"), ("50+21=", "71")]))
+    data.write_text(
+        "\n".join(json.dumps({"question": q, "answer": a}) for q, a in [("12+34=", "46"), ("50+21=", "71")])
+    )
     out2 = tmp_path / "u.jsonl"
-    assert main(["generate", "--prompts", str(data), "--prompt-column", "question", "--teacher-prompt-template",
-                 "<|user|>\n{question}\n<|assistant|>\n", "--max-new-tokens", "4", "--no-progress",
-                 "--output", str(out2)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--prompts",
+                str(data),
+                "--prompt-column",
+                "question",
+                "--teacher-prompt-template",
+                "<|user|>\n{question}\n<|assistant|>\n",
+                "--max-new-tokens",
+                "4",
+                "--no-progress",
+                "--output",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     rows = read_jsonl(out2)
     assert rows[0]["teacher_prompt"] == "<|user|>\n12+34=\n<|assistant|>\n"
 
@@ -172,7 +215,12 @@ def test_unloadable_model_is_a_clear_error(tmp_path, capsys):
 
 
 def test_console_script_help_works():
-    result = subprocess.run([sys.executable, "-m", "optimal_sampling.cli", "generate", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "optimal_sampling.cli", "generate", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and "--teacher-prompt-template" in result.stdout
 
 
@@ -220,16 +268,45 @@ def test_changed_weights_under_the_same_model_path_are_refused(tmp_path):
 
 def test_bad_prompts_get_their_own_error_and_every_good_row_is_written(tmp_path, capsys):
     prompts, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
-    write_jsonl(prompts, [{"prompt": "12+34="}, {"prompt": ""}, {"prompt": None}, {"prompt": "50+21="},
-                          {"question": "no prompt column"}, {"prompt": 7}])
-    assert main(["generate", "--prompts", str(prompts), "--batch-size", "2", "--max-new-tokens", "3", "--no-progress",
-                 "--output", str(out)]) == 0
+    write_jsonl(
+        prompts,
+        [
+            {"prompt": "12+34="},
+            {"prompt": ""},
+            {"prompt": None},
+            {"prompt": "50+21="},
+            {"question": "no prompt column"},
+            {"prompt": 7},
+        ],
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "--prompts",
+                str(prompts),
+                "--batch-size",
+                "2",
+                "--max-new-tokens",
+                "3",
+                "--no-progress",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read_jsonl(out)
     assert [r["index"] for r in rows] == [0, 1, 2, 3, 4, 5]
     errors = [r["error"] for r in rows]
     assert errors[0] is None and errors[3] is None
     assert len(rows[0]["generated_tokens"]) >= 1 and len(rows[3]["generated_tokens"]) >= 1
-    assert "empty" in errors[1] and "null" in errors[2] and "no 'prompt' column" in errors[4] and "not a string" in errors[5]
+    assert (
+        "empty" in errors[1]
+        and "null" in errors[2]
+        and "no 'prompt' column" in errors[4]
+        and "not a string" in errors[5]
+    )
     assert all(rows[i]["generated_tokens"] == [] for i in (1, 2, 4, 5))
     err = capsys.readouterr().err
     assert "4 of 6 rows cannot be sampled" in err and "row 1: the prompt is empty" in err
@@ -246,9 +323,16 @@ def test_a_file_without_any_usable_prompt_is_refused_before_models_load(tmp_path
 def test_json_csv_parquet_and_jsonl_files_give_the_same_rows_and_carry_their_columns(tmp_path):
     import pyarrow as pa
 
-    table = [{"question": "12+34=", "answer": "46", "source": "a"}, {"question": "50+21=", "answer": "71", "source": "b"}]
-    files = {"jsonl": tmp_path / "p.jsonl", "json": tmp_path / "p.json", "csv": tmp_path / "p.csv",
-             "parquet": tmp_path / "p.parquet"}
+    table = [
+        {"question": "12+34=", "answer": "46", "source": "a"},
+        {"question": "50+21=", "answer": "71", "source": "b"},
+    ]
+    files = {
+        "jsonl": tmp_path / "p.jsonl",
+        "json": tmp_path / "p.json",
+        "csv": tmp_path / "p.csv",
+        "parquet": tmp_path / "p.parquet",
+    }
     write_jsonl(files["jsonl"], table)
     files["json"].write_text(json.dumps(table, indent=1))
     files["csv"].write_text("question,answer,source\n12+34=,46,a\n50+21=,71,b\n")
@@ -256,19 +340,37 @@ def test_json_csv_parquet_and_jsonl_files_give_the_same_rows_and_carry_their_col
     outputs = {}
     for kind, path in files.items():
         out = tmp_path / f"out-{kind}.jsonl"
-        assert main(["generate", "--prompts", str(path), "--prompt-column", "question", "--max-new-tokens", "3",
-                     "--no-progress", "--output", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--prompts",
+                    str(path),
+                    "--prompt-column",
+                    "question",
+                    "--max-new-tokens",
+                    "3",
+                    "--no-progress",
+                    "--output",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         outputs[kind] = read_jsonl(out)
     for kind, rows in outputs.items():
-        assert [(r["prompt"], r["question"], r["answer"], r["source"]) for r in rows] == \
-            [(t["question"], t["question"], t["answer"], t["source"]) for t in table], kind
+        assert [(r["prompt"], r["question"], r["answer"], r["source"]) for r in rows] == [
+            (t["question"], t["question"], t["answer"], t["source"]) for t in table
+        ], kind
         assert [r["generated_tokens"] for r in rows] == [r["generated_tokens"] for r in outputs["jsonl"]], kind
 
 
 def test_a_text_file_keeps_blank_lines_as_rows_so_index_is_the_line_number(tmp_path):
     text, out = tmp_path / "p.txt", tmp_path / "o.jsonl"
     text.write_text("12+34=\n\n50+21=\n")
-    assert main(["generate", "--prompts", str(text), "--max-new-tokens", "3", "--no-progress", "--output", str(out)]) == 0
+    assert (
+        main(["generate", "--prompts", str(text), "--max-new-tokens", "3", "--no-progress", "--output", str(out)]) == 0
+    )
     rows = read_jsonl(out)
     assert [(r["index"], r["prompt"]) for r in rows] == [(0, "12+34="), (1, ""), (2, "50+21=")]
     assert rows[1]["error"] == "the prompt is empty" and rows[0]["error"] is None and rows[2]["error"] is None
@@ -277,8 +379,23 @@ def test_a_text_file_keeps_blank_lines_as_rows_so_index_is_the_line_number(tmp_p
 def test_an_input_column_named_like_an_output_field_is_kept_under_input_(tmp_path):
     prompts, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
     write_jsonl(prompts, [{"question": "12+34=", "prompt": "a stale prompt", "error": "upstream note"}])
-    assert main(["generate", "--prompts", str(prompts), "--prompt-column", "question", "--max-new-tokens", "3",
-                 "--no-progress", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--prompts",
+                str(prompts),
+                "--prompt-column",
+                "question",
+                "--max-new-tokens",
+                "3",
+                "--no-progress",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     [row] = read_jsonl(out)
     assert row["prompt"] == "12+34=" and row["input_prompt"] == "a stale prompt"
     assert row["error"] is None and row["input_error"] == "upstream note"
@@ -287,20 +404,47 @@ def test_an_input_column_named_like_an_output_field_is_kept_under_input_(tmp_pat
 def test_a_teacher_template_field_missing_in_one_row_marks_only_that_row(tmp_path):
     prompts, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
     write_jsonl(prompts, [{"prompt": "12+34=", "hint": "46"}, {"prompt": "50+21=", "hint": None}])
-    assert main(["generate", "--prompts", str(prompts), "--teacher-prompt-template", "{prompt} ({hint})",
-                 "--max-new-tokens", "3", "--no-progress", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--prompts",
+                str(prompts),
+                "--teacher-prompt-template",
+                "{prompt} ({hint})",
+                "--max-new-tokens",
+                "3",
+                "--no-progress",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read_jsonl(out)
     assert rows[0]["error"] is None and rows[0]["teacher_prompt"] == "12+34= (46)"
     assert "'hint' is missing or null" in rows[1]["error"]
-    result = run_cli("generate", "--prompts", str(prompts), "--teacher-prompt-template", "{prompt} ({answer})",
-                     "--output", str(tmp_path / "x.jsonl"))
+    result = run_cli(
+        "generate",
+        "--prompts",
+        str(prompts),
+        "--teacher-prompt-template",
+        "{prompt} ({answer})",
+        "--output",
+        str(tmp_path / "x.jsonl"),
+    )
     assert result.returncode == 2 and "'answer', which no row has" in result.stderr
 
 
 def test_parquet_output_holds_columns_that_mix_types(tmp_path):
     prompts, out = tmp_path / "p.jsonl", tmp_path / "o.parquet"
-    write_jsonl(prompts, [{"prompt": "12+34=", "meta": 3}, {"prompt": [{"role": "user", "content": "50+21="}], "meta": "x"}])
-    assert main(["generate", "--prompts", str(prompts), "--max-new-tokens", "3", "--no-progress", "--output", str(out)]) == 0
+    write_jsonl(
+        prompts, [{"prompt": "12+34=", "meta": 3}, {"prompt": [{"role": "user", "content": "50+21="}], "meta": "x"}]
+    )
+    assert (
+        main(["generate", "--prompts", str(prompts), "--max-new-tokens", "3", "--no-progress", "--output", str(out)])
+        == 0
+    )
     rows = pq.read_table(out).to_pylist()
     assert [json.loads(r["meta"]) for r in rows] == [3, "x"]
     assert json.loads(rows[1]["prompt"]) == [{"role": "user", "content": "50+21="}]
@@ -309,16 +453,21 @@ def test_parquet_output_holds_columns_that_mix_types(tmp_path):
 # -- checks before anything is loaded ------------------------------------------------------
 
 
-def in_fresh_python(argv: list[str], *, hide: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def in_fresh_python(
+    argv: list[str], *, hide: str | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`main(argv)` in a new interpreter (optionally with module `hide` made unimportable); stdout
     ends with whether torch was imported, i.e. whether any model could have been loaded."""
-    code = ("import sys\n"
-            + (f"sys.modules[{hide!r}] = None\n" if hide else "")
-            + "from optimal_sampling.cli import main\n"
-            + f"try:\n    code = main({argv!r})\nexcept SystemExit as e:\n    code = e.code\n"
-            + "print('torch imported:', 'torch' in sys.modules)\nsys.exit(code)\n")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    code = (
+        "import sys\n"
+        + (f"sys.modules[{hide!r}] = None\n" if hide else "")
+        + "from optimal_sampling.cli import main\n"
+        + f"try:\n    code = main({argv!r})\nexcept SystemExit as e:\n    code = e.code\n"
+        + "print('torch imported:', 'torch' in sys.modules)\nsys.exit(code)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
 
 
 @pytest.mark.parametrize("suffix, package", [(".parquet", "pyarrow.parquet"), ("", "datasets")])
@@ -332,7 +481,9 @@ def test_an_output_format_whose_package_is_missing_is_refused_before_sampling(tm
 
 
 def test_a_missing_model_directory_is_named_before_anything_loads(tmp_path):
-    result = in_fresh_python(["generate", *SMALL, "--teacher", str(tmp_path / "no_model"), "--output", str(tmp_path / "o.jsonl")])
+    result = in_fresh_python(
+        ["generate", *SMALL, "--teacher", str(tmp_path / "no_model"), "--output", str(tmp_path / "o.jsonl")]
+    )
     assert result.returncode == 2 and "no such directory" in result.stderr and "Repo id" not in result.stderr
     assert result.stdout.strip() == "torch imported: False"
 
@@ -346,7 +497,11 @@ def test_a_hub_id_fails_at_once_offline_and_without_a_reachable_hub(tmp_path):
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     unreachable = in_fresh_python(argv, env={**env, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{closed}"})
-    assert unreachable.returncode == 2 and "cannot be reached" in unreachable.stderr and "HF_HUB_OFFLINE=1" in unreachable.stderr
+    assert (
+        unreachable.returncode == 2
+        and "cannot be reached" in unreachable.stderr
+        and "HF_HUB_OFFLINE=1" in unreachable.stderr
+    )
     assert unreachable.stdout.strip() == "torch imported: False"
 
 
@@ -367,7 +522,7 @@ def test_help_explains_every_option_and_shows_each_default_once():
     text = parser.format_help()
     assert "(default: None)" not in text and "(default: False)" not in text
     blocks = {}  # option -> its help text, lines joined
-    for line in text[text.index("options:"):].splitlines():
+    for line in text[text.index("options:") :].splitlines():
         if line.startswith("  -"):
             current = line.split()[0]
             blocks[current] = line
@@ -387,10 +542,12 @@ def test_no_command_is_an_error_with_the_usage():
 
 
 def test_help_and_import_do_not_import_torch():
-    code = ("import sys, contextlib, io\nimport optimal_sampling\nfrom optimal_sampling.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    try:\n        main(['generate', '--help'])\n    except SystemExit:\n        pass\n"
-            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    code = (
+        "import sys, contextlib, io\nimport optimal_sampling\nfrom optimal_sampling.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n        main(['generate', '--help'])\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False False", result.stderr
 
@@ -434,9 +591,17 @@ def test_ctrl_c_prints_one_line_with_the_safe_rows_and_the_resume_command(tmp_pa
 def test_the_summary_names_the_ess_ratio_and_uses_a_robust_average():
     from optimal_sampling.cli import format_summary
 
-    rows = [{"index": i, "generated_tokens": [1], "alpha_history": [0.5], "error": None, "generated_text": "",
-             "diagnostics": {"ess_ratio_mean": ratio, "ess_ratio_log_mean": math.log(ratio), "num_tokens": 1}}
-            for i, ratio in enumerate([1.0, 1.0, 1.0, 285.0])]
+    rows = [
+        {
+            "index": i,
+            "generated_tokens": [1],
+            "alpha_history": [0.5],
+            "error": None,
+            "generated_text": "",
+            "diagnostics": {"ess_ratio_mean": ratio, "ess_ratio_log_mean": math.log(ratio), "num_tokens": 1},
+        }
+        for i, ratio in enumerate([1.0, 1.0, 1.0, 285.0])
+    ]
     summary = format_summary(rows, rows, 1.0, [None] * 4, {}, "o.jsonl")
     assert "ESS_θ/ESS_t, geometric mean over tokens | 4.109 |" in summary  # 285 ** 0.25; the plain mean is 72
     assert "ESS_θ/ESS_t, median over samples | 1.000 |" in summary
@@ -454,9 +619,28 @@ def test_a_prompt_the_sampler_refuses_marks_only_its_own_row(tmp_path):
     model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     prompts, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
-    write_jsonl(prompts, [{"prompt": "the cat"}, {"prompt": [{"role": "user", "content": "the dog"}]}, {"prompt": "a dog"}])
-    assert main(["generate", "--base", str(tmp_path / "tiny"), "--teacher", str(tmp_path / "tiny"), "--prompts",
-                 str(prompts), "--max-new-tokens", "3", "--no-progress", "--output", str(out)]) == 0
+    write_jsonl(
+        prompts, [{"prompt": "the cat"}, {"prompt": [{"role": "user", "content": "the dog"}]}, {"prompt": "a dog"}]
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "--base",
+                str(tmp_path / "tiny"),
+                "--teacher",
+                str(tmp_path / "tiny"),
+                "--prompts",
+                str(prompts),
+                "--max-new-tokens",
+                "3",
+                "--no-progress",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = read_jsonl(out)
     assert "no chat template" in rows[1]["error"] and rows[1]["generated_tokens"] == []
     assert rows[0]["error"] is None and rows[2]["error"] is None and rows[0]["generated_tokens"]

@@ -64,9 +64,19 @@ async def start(config: CoordinatorConfig) -> DualVLLMCoordinator:
 
 
 def test_the_original_tools_logging_fields_are_accepted(servers_logger_level):
-    config = CoordinatorConfig(theta_url="http://localhost:8000", t_url="http://localhost:8001", top_k=100,
-                               alpha_tol=1e-6, alpha_max_iter=20, max_retries=3, retry_delay=1.0,
-                               request_timeout=60.0, connection_pool_size=100, enable_logging=True, log_level="INFO")
+    config = CoordinatorConfig(
+        theta_url="http://localhost:8000",
+        t_url="http://localhost:8001",
+        top_k=100,
+        alpha_tol=1e-6,
+        alpha_max_iter=20,
+        max_retries=3,
+        retry_delay=1.0,
+        request_timeout=60.0,
+        connection_pool_size=100,
+        enable_logging=True,
+        log_level="INFO",
+    )
     DualVLLMCoordinator(config)
     assert servers_logger_level.level == logging.INFO
 
@@ -105,8 +115,7 @@ def test_api_keys_are_not_in_the_repr():
 
 
 def test_api_keys_are_not_in_errors_logs_or_statistics(gateway, caplog):
-    config = CoordinatorConfig(theta_url=gateway, t_url=gateway, theta_api_key=SECRET, t_api_key=SECRET,
-                               max_retries=0)
+    config = CoordinatorConfig(theta_url=gateway, t_url=gateway, theta_api_key=SECRET, t_api_key=SECRET, max_retries=0)
     coordinator = DualVLLMCoordinator(config)
     with caplog.at_level(logging.DEBUG, logger="optimal_sampling.servers"):
         with pytest.raises(ServerError) as raised:

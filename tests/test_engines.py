@@ -26,8 +26,9 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 @pytest.fixture(scope="module")
 def engines():
-    sampler = InProcessVLLMSampler(engine_spec("base"), engine_spec("teacher"), top_k=16, max_concurrency=128,
-                                   step_timeout=120)
+    sampler = InProcessVLLMSampler(
+        engine_spec("base"), engine_spec("teacher"), top_k=16, max_concurrency=128, step_timeout=120
+    )
     yield sampler
     sampler.close()
 
@@ -70,8 +71,9 @@ def test_full_vocabulary_matches_the_exact_transformers_path(engines, exact):
     prompts, teacher_prompts = id_prompts(exact, 3), id_prompts(exact, 3, teacher=True)
     engines.coordinator.config.top_k = V
     try:
-        outputs = engines.generate(prompts, teacher_prompts=teacher_prompts, max_new_tokens=6, temperature=temperature,
-                                   seed=0)
+        outputs = engines.generate(
+            prompts, teacher_prompts=teacher_prompts, max_new_tokens=6, temperature=temperature, seed=0
+        )
         stats = engines.get_statistics()
     finally:
         engines.coordinator.config.top_k = 16
@@ -84,8 +86,12 @@ def test_full_vocabulary_matches_the_exact_transformers_path(engines, exact):
         lr = exact_log_probs(exact["teacher"], teacher_prompt + tokens[:-1], n, temperature, V)
         step = compute_mixture(lp, lr)
         index = torch.tensor(tokens)[:, None]
-        expected = {"alpha_history": step.alpha.double(), "logq": step.logq.gather(-1, index)[:, 0],
-                    "logp_theta": lp.gather(-1, index)[:, 0], "logp_t": lr.gather(-1, index)[:, 0]}
+        expected = {
+            "alpha_history": step.alpha.double(),
+            "logq": step.logq.gather(-1, index)[:, 0],
+            "logp_theta": lp.gather(-1, index)[:, 0],
+            "logp_t": lr.gather(-1, index)[:, 0],
+        }
         for name, values in expected.items():
             torch.testing.assert_close(torch.tensor(getattr(out, name), dtype=torch.float64), values, atol=1e-4, rtol=0)
         assert out.diagnostics["kl_diff_mean"] == pytest.approx(0.0, abs=1e-4)
@@ -110,8 +116,12 @@ def test_on_policy_rows_are_sampled_from_the_base_alone(engines):
 def test_a_prompt_an_engine_rejects_marks_only_its_sample(engines):
     prompts, teacher_prompts = toy_prompts(3)
     too_long = engines.coordinator.tokenizers["base"](prompts[1])["input_ids"] * 200  # beyond max_model_len 512
-    outputs = engines.generate([prompts[0], too_long, prompts[2]], teacher_prompts=[teacher_prompts[0], too_long,
-                               teacher_prompts[2]], max_new_tokens=4, seed=0)
+    outputs = engines.generate(
+        [prompts[0], too_long, prompts[2]],
+        teacher_prompts=[teacher_prompts[0], too_long, teacher_prompts[2]],
+        max_new_tokens=4,
+        seed=0,
+    )
     assert outputs[0].error is None and outputs[2].error is None and len(outputs[2].generated_tokens) >= 1
     assert "max_model_len" in outputs[1].error or "maximum" in outputs[1].error, outputs[1].error
     assert outputs[1].generated_tokens == []

@@ -17,15 +17,56 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def test_cli_backend_vllm_inprocess_writes_the_dataset_the_server_backend_writes(servers, tmp_path):
-    common = ["generate", "--limit", "12", "--batch-size", "8", "--max-new-tokens", "4", "--top-k-candidates", "16",
-              "--seed", "3", "--no-progress"]
+    common = [
+        "generate",
+        "--limit",
+        "12",
+        "--batch-size",
+        "8",
+        "--max-new-tokens",
+        "4",
+        "--top-k-candidates",
+        "16",
+        "--seed",
+        "3",
+        "--no-progress",
+    ]
     inprocess, http = tmp_path / "inprocess.jsonl", tmp_path / "http.jsonl"
-    assert main([*common, "--backend", "vllm-inprocess", "--vllm-engine-arg", "teacher.max_num_seqs=16",
-                 "--output", str(inprocess)]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--backend",
+                "vllm-inprocess",
+                "--vllm-engine-arg",
+                "teacher.max_num_seqs=16",
+                "--output",
+                str(inprocess),
+            ]
+        )
+        == 0
+    )
     toy = Path(__file__).resolve().parent.parent / "optimal_sampling" / "toy" / "assets"
-    assert main([*common, "--backend", "vllm", "--theta-url", servers["OPTIMAL_SAMPLING_THETA_URL"],
-                 "--t-url", servers["OPTIMAL_SAMPLING_T_URL"], "--base", str(toy / "base"), "--teacher",
-                 str(toy / "teacher"), "--output", str(http)]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--backend",
+                "vllm",
+                "--theta-url",
+                servers["OPTIMAL_SAMPLING_THETA_URL"],
+                "--t-url",
+                servers["OPTIMAL_SAMPLING_T_URL"],
+                "--base",
+                str(toy / "base"),
+                "--teacher",
+                str(toy / "teacher"),
+                "--output",
+                str(http),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in inprocess.read_text().splitlines()]
     reference = [json.loads(line) for line in http.read_text().splitlines()]
     assert len(rows) == len(reference) == 12

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 @pytest.fixture(scope="module")
 def pipelined():
-    sampler = InProcessVLLMSampler(engine_spec("base"), engine_spec("teacher"), top_k=16, max_concurrency=64,
-                                   pipeline_groups=2, step_timeout=120)
+    sampler = InProcessVLLMSampler(
+        engine_spec("base"), engine_spec("teacher"), top_k=16, max_concurrency=64, pipeline_groups=2, step_timeout=120
+    )
     yield sampler
     sampler.close()
 

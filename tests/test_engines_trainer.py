@@ -21,8 +21,9 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 def test_two_step_grpo_through_in_process_engines_loads_each_steps_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")  # the engines' processes inherit it: no compile on CPU
     monkeypatch.setenv("VLLM_HOST_IP", "127.0.0.1")
-    trainer, _, after_step = train_two_steps(tmp_path, sampler_backend="vllm-inprocess", sampler_top_k=16,
-                                             sampler_engine_args=["max_model_len=256"])
+    trainer, _, after_step = train_two_steps(
+        tmp_path, sampler_backend="vllm-inprocess", sampler_top_k=16, sampler_engine_args=["max_model_len=256"]
+    )
     try:
         check_log_history(trainer)
         sampler = trainer._vllm_sampler

@@ -83,8 +83,16 @@ def test_mis_weight_is_the_balance_heuristic_on_every_row():
     log_pi = torch.tensor([-2.0, -0.5, -3.0], dtype=torch.float64)
     log_q_star = torch.tensor([-1.0, -2.5, -3.5], dtype=torch.float64)
     lam = 1 / 3
-    w = importance_weights(LOG_RATIO, MASK, ON_POLICY, weighting="mis", cap=3.0, gamma=0.1,
-                           log_ratio_star=log_pi - log_q_star, on_policy_fraction=lam)
+    w = importance_weights(
+        LOG_RATIO,
+        MASK,
+        ON_POLICY,
+        weighting="mis",
+        cap=3.0,
+        gamma=0.1,
+        log_ratio_star=log_pi - log_q_star,
+        on_policy_fraction=lam,
+    )
     pi, q = log_pi.exp(), log_q_star.exp()
     torch.testing.assert_close(w[:, 0], pi / (lam * pi + (1 - lam) * q))
     assert float(w.max()) <= 1 / lam
@@ -177,8 +185,9 @@ def test_no_baseline_keeps_the_reward_and_trls_scale():
 def test_groups_with_equal_rewards_get_zero_advantage_for_every_mean_baseline():
     rewards = torch.ones(4)
     for baseline in ("group", "on_policy", "is"):
-        adv = grpo_advantages(rewards, ROWS_ON_POLICY[:4], LOG_W[:4], num_generations=4, baseline=baseline,
-                              scale_rewards="group")
+        adv = grpo_advantages(
+            rewards, ROWS_ON_POLICY[:4], LOG_W[:4], num_generations=4, baseline=baseline, scale_rewards="group"
+        )
         assert adv.eq(0).all(), baseline
 
 

@@ -59,9 +59,19 @@ def generate(base, teacher, fast, seed, max_new_tokens=12, teacher_prompts=True,
     tids, tmask = left_pad(TEACHER_PROMPTS) if teacher_prompts else (None, None)
     torch.manual_seed(seed)
     return base.generate(
-        input_ids=ids, attention_mask=mask, custom_generate=optimal_generate, teacher_model=teacher,
-        teacher_input_ids=tids, teacher_attention_mask=tmask, do_sample=True, max_new_tokens=max_new_tokens,
-        pad_token_id=PAD, eos_token_id=EOS, return_dict_in_generate=True, fast=fast, **{"top_k": 0, **kwargs},
+        input_ids=ids,
+        attention_mask=mask,
+        custom_generate=optimal_generate,
+        teacher_model=teacher,
+        teacher_input_ids=tids,
+        teacher_attention_mask=tmask,
+        do_sample=True,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        return_dict_in_generate=True,
+        fast=fast,
+        **{"top_k": 0, **kwargs},
     )
 
 
@@ -81,14 +91,18 @@ def recompute_records(base, teacher, ids, mask, tids, tmask, generated, **mixing
     seq_mask = torch.cat([mask, torch.ones_like(generated)], 1)
     tseq_mask = torch.cat([tmask, torch.ones_like(generated)], 1)
     base_logits = base(seq, attention_mask=seq_mask, position_ids=position_ids_from_mask(seq_mask)).logits.float()
-    teacher_logits = teacher(tseq, attention_mask=tseq_mask, position_ids=position_ids_from_mask(tseq_mask)).logits.float()
+    teacher_logits = teacher(
+        tseq, attention_mask=tseq_mask, position_ids=position_ids_from_mask(tseq_mask)
+    ).logits.float()
     out = []
     for t in range(generated.shape[1]):
         lp = log_probs_from_logits(base_logits[:, ids.shape[1] - 1 + t], 1.0, V)
         lr = log_probs_from_logits(teacher_logits[:, tids.shape[1] - 1 + t], 1.0, V)
         step = compute_mixture(lp, lr, **mixing)
         y = generated[:, t : t + 1]
-        out.append(torch.stack([step.logq.gather(1, y)[:, 0], lp.gather(1, y)[:, 0], lr.gather(1, y)[:, 0], step.alpha], 1))
+        out.append(
+            torch.stack([step.logq.gather(1, y)[:, 0], lp.gather(1, y)[:, 0], lr.gather(1, y)[:, 0], step.alpha], 1)
+        )
     return torch.stack(out, 1).unbind(-1)  # logq, logp_theta, logp_t, alpha: [B, T] each
 
 
@@ -134,7 +148,9 @@ def test_mixing_options_match_the_exact_path(options):
 
 def test_sampler_fast_flag_gives_the_same_samples():
     base, teacher = make_pair("llama")
-    exact = OptimalSampler(base, teacher, TOKENIZER).generate(PROMPTS, teacher_prompts=TEACHER_PROMPTS, max_new_tokens=8, seed=5)
+    exact = OptimalSampler(base, teacher, TOKENIZER).generate(
+        PROMPTS, teacher_prompts=TEACHER_PROMPTS, max_new_tokens=8, seed=5
+    )
     fast = OptimalSampler(base, teacher, TOKENIZER, fast=EAGER).generate(
         PROMPTS, teacher_prompts=TEACHER_PROMPTS, max_new_tokens=8, seed=5
     )
@@ -156,8 +172,15 @@ def test_records_match_a_full_recompute_with_batch_padding():
     tids, tmask = left_pad(TEACHER_PROMPTS)
     decoder = FastDecoder(base, teacher, FastPathConfig(mode="eager", bucket_batch=True))
     torch.manual_seed(0)
-    out = decoder.generate(ids, mask, teacher_input_ids=tids, teacher_attention_mask=tmask, max_new_tokens=10,
-                           pad_token_id=PAD, stop_token_ids=[EOS])
+    out = decoder.generate(
+        ids,
+        mask,
+        teacher_input_ids=tids,
+        teacher_attention_mask=tmask,
+        max_new_tokens=10,
+        pad_token_id=PAD,
+        stop_token_ids=[EOS],
+    )
     [slot] = decoder._slots.values()
     assert slot.batch == 4 and out.sequences.shape[0] == 3  # one dummy row, stripped
     generated = out.sequences[:, ids.shape[1] :]
@@ -195,7 +218,9 @@ def test_first_tokens_follow_q_star_chi_square_with_batch_padding():
     q = reference_q_star(lp, lr)
     decoder = FastDecoder(base, teacher, FastPathConfig(mode="eager", bucket_batch=True))
     torch.manual_seed(2024)
-    out = decoder.generate(ids.repeat(n, 1), mask.repeat(n, 1), max_new_tokens=1, pad_token_id=PAD, stop_token_ids=[EOS])
+    out = decoder.generate(
+        ids.repeat(n, 1), mask.repeat(n, 1), max_new_tokens=1, pad_token_id=PAD, stop_token_ids=[EOS]
+    )
     counts = np.bincount(out.sequences[:, -1].numpy(), minlength=V)[:V]
     assert counts.sum() == n
     big = q * n >= 5
@@ -303,8 +328,16 @@ def test_the_mixing_and_sampling_step_traces_without_host_synchronisation():
     base, teacher = make_pair("llama")
     decoder = FastDecoder(base, teacher, FastPathConfig(mode="eager", diagnostics=True))
     ids, mask = left_pad(PROMPTS)
-    decoder.generate(ids, mask, max_new_tokens=2, pad_token_id=PAD, stop_token_ids=[EOS], top_p=0.9,
-                     force_teacher_first_tokens=1, teacher_top_p=0.95)
+    decoder.generate(
+        ids,
+        mask,
+        max_new_tokens=2,
+        pad_token_id=PAD,
+        stop_token_ids=[EOS],
+        top_p=0.9,
+        force_teacher_first_tokens=1,
+        teacher_top_p=0.95,
+    )
     [slot] = decoder._slots.values()
     assert isinstance(slot.options, MixingOptions)
     torch._dynamo.reset()
@@ -323,7 +356,10 @@ def test_graph_modes_sample_like_eager_on_the_gpu(mode):
     base, teacher = (m.cuda() for m in make_pair("llama"))
     ids, mask = (x.cuda() for x in left_pad(PROMPTS))
     outs = {}
-    for name, config in (("eager", FastPathConfig(mode="eager")), (mode, FastPathConfig(mode=mode, bucket_batch=False))):
+    for name, config in (
+        ("eager", FastPathConfig(mode="eager")),
+        (mode, FastPathConfig(mode=mode, bucket_batch=False)),
+    ):
         decoder = FastDecoder(base, teacher, config)
         torch.manual_seed(3)
         outs[name] = decoder.generate(ids, mask, max_new_tokens=16, pad_token_id=PAD, stop_token_ids=[EOS])
@@ -347,7 +383,8 @@ def test_a_step_that_cannot_be_captured_falls_back_and_still_samples(monkeypatch
     ids, mask = (x.cuda() for x in left_pad(PROMPTS))
     torch.manual_seed(3)
     expected = FastDecoder(base, teacher, FastPathConfig(mode="eager", max_iter=8)).generate(
-        ids, mask, max_new_tokens=16, pad_token_id=PAD, stop_token_ids=[EOS])
+        ids, mask, max_new_tokens=16, pad_token_id=PAD, stop_token_ids=[EOS]
+    )
     monkeypatch.setattr(fast_module, "decode_tail", syncing_tail)
     decoder = FastDecoder(base, teacher, FastPathConfig(mode="cuda_graph", bucket_batch=False))
     torch.manual_seed(3)

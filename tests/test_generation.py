@@ -36,7 +36,9 @@ TEACHER_PROMPTS = ["question is what", "the big red dog ran to home and then", "
 
 def make_pair(arch="llama", teacher_vocab_extra=0, logit_scale=3.0):
     base = tiny_causal_lm(V, arch=arch, seed=1, pad_token_id=PAD, eos_token_id=EOS, logit_scale=logit_scale)
-    teacher = tiny_causal_lm(V + teacher_vocab_extra, arch=arch, seed=2, pad_token_id=PAD, eos_token_id=EOS, logit_scale=logit_scale)
+    teacher = tiny_causal_lm(
+        V + teacher_vocab_extra, arch=arch, seed=2, pad_token_id=PAD, eos_token_id=EOS, logit_scale=logit_scale
+    )
     return base, teacher
 
 
@@ -53,10 +55,14 @@ def reference_generate(base, teacher, ids, mask, teacher_ids, teacher_mask, max_
     unfinished = torch.ones(ids.shape[0], dtype=torch.bool)
     for _ in range(max_new_tokens):
         base_logits = base(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1].float()
-        teacher_logits = teacher(
-            teacher_ids, attention_mask=teacher_mask, position_ids=position_ids_from_mask(teacher_mask)
-        ).logits[:, -1].float()
-        step = compute_mixture(log_probs_from_logits(base_logits, 1.0, V), log_probs_from_logits(teacher_logits, 1.0, V))
+        teacher_logits = (
+            teacher(teacher_ids, attention_mask=teacher_mask, position_ids=position_ids_from_mask(teacher_mask))
+            .logits[:, -1]
+            .float()
+        )
+        step = compute_mixture(
+            log_probs_from_logits(base_logits, 1.0, V), log_probs_from_logits(teacher_logits, 1.0, V)
+        )
         scores = torch.full((ids.shape[0], width), float("-inf"))
         scores[:, :V] = step.logq
         token = torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)
@@ -100,9 +106,18 @@ def test_cached_teacher_matches_full_recompute_with_teacher_prompts(arch):
     tids, tmask = left_pad(TEACHER_PROMPTS)
     torch.manual_seed(123)
     out = base.generate(
-        input_ids=ids, attention_mask=mask, custom_generate=optimal_generate, teacher_model=teacher,
-        teacher_input_ids=tids, teacher_attention_mask=tmask, do_sample=True, top_k=0, max_new_tokens=8,
-        pad_token_id=PAD, eos_token_id=EOS, return_dict_in_generate=True,
+        input_ids=ids,
+        attention_mask=mask,
+        custom_generate=optimal_generate,
+        teacher_model=teacher,
+        teacher_input_ids=tids,
+        teacher_attention_mask=tmask,
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=8,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        return_dict_in_generate=True,
     )
     reference = reference_generate(base, teacher, ids, mask, tids, tmask, 8, seed=123)
     assert torch.equal(out.sequences, reference)
@@ -122,8 +137,16 @@ def test_cached_teacher_matches_recompute_when_teacher_sees_base_prompt():
     ids, mask = left_pad(PROMPTS)
     torch.manual_seed(7)
     out = base.generate(
-        input_ids=ids, attention_mask=mask, custom_generate=optimal_generate, teacher_model=teacher,
-        do_sample=True, top_k=0, max_new_tokens=6, pad_token_id=PAD, eos_token_id=EOS, return_dict_in_generate=True,
+        input_ids=ids,
+        attention_mask=mask,
+        custom_generate=optimal_generate,
+        teacher_model=teacher,
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=6,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        return_dict_in_generate=True,
     )
     assert torch.equal(out.sequences, reference_generate(base, teacher, ids, mask, ids, mask, 6, seed=7))
 
@@ -136,14 +159,29 @@ def test_processor_custom_generate_and_sampler_give_the_same_tokens():
     torch.manual_seed(5)
     proc = OptimalSamplingLogitsProcessor(teacher, teacher_input_ids=tids, teacher_attention_mask=tmask, vocab_size=V)
     via_processor = base.generate(
-        input_ids=ids, attention_mask=mask, logits_processor=[proc], do_sample=True, top_k=0,
-        max_new_tokens=8, pad_token_id=PAD, eos_token_id=EOS,
+        input_ids=ids,
+        attention_mask=mask,
+        logits_processor=[proc],
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=8,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
     )
     torch.manual_seed(5)
     via_custom = base.generate(
-        input_ids=ids, attention_mask=mask, custom_generate=optimal_generate, teacher_model=teacher,
-        teacher_input_ids=tids, teacher_attention_mask=tmask, vocab_size=V, do_sample=True, top_k=0,
-        max_new_tokens=8, pad_token_id=PAD, eos_token_id=EOS,
+        input_ids=ids,
+        attention_mask=mask,
+        custom_generate=optimal_generate,
+        teacher_model=teacher,
+        teacher_input_ids=tids,
+        teacher_attention_mask=tmask,
+        vocab_size=V,
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=8,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
     )
     sampler = OptimalSampler(base, teacher, TOKENIZER)
     via_sampler = sampler.generate(PROMPTS, teacher_prompts=TEACHER_PROMPTS, max_new_tokens=8, batch_size=3, seed=5)
@@ -171,8 +209,14 @@ def test_first_tokens_follow_q_star_chi_square():
 
     torch.manual_seed(2024)
     out = base.generate(
-        input_ids=ids.repeat(n, 1), attention_mask=mask.repeat(n, 1), custom_generate=optimal_generate,
-        teacher_model=teacher, do_sample=True, top_k=0, max_new_tokens=1, pad_token_id=PAD,
+        input_ids=ids.repeat(n, 1),
+        attention_mask=mask.repeat(n, 1),
+        custom_generate=optimal_generate,
+        teacher_model=teacher,
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=1,
+        pad_token_id=PAD,
         eos_token_id=EOS,
     )
     counts = np.bincount(out[:, -1].numpy(), minlength=V)[:V]
@@ -214,7 +258,9 @@ def test_configured_stop_ids_end_the_row():
     base, teacher = make_pair("llama")
     bias_output_layer(base, stop_word)
     bias_output_layer(teacher, stop_word)
-    outs = OptimalSampler(base, teacher, TOKENIZER, stop_token_ids=[stop_word]).generate(PROMPTS[:1], max_new_tokens=10, seed=0)
+    outs = OptimalSampler(base, teacher, TOKENIZER, stop_token_ids=[stop_word]).generate(
+        PROMPTS[:1], max_new_tokens=10, seed=0
+    )
     assert outs[0].generated_tokens == [stop_word]
 
 
@@ -238,9 +284,19 @@ def test_num_return_sequences_repeats_teacher_prompts():
     tids, tmask = left_pad(TEACHER_PROMPTS[:2])
     torch.manual_seed(11)
     out = base.generate(
-        input_ids=ids, attention_mask=mask, custom_generate=optimal_generate, teacher_model=teacher,
-        teacher_input_ids=tids, teacher_attention_mask=tmask, do_sample=True, top_k=0, max_new_tokens=5,
-        num_return_sequences=3, pad_token_id=PAD, eos_token_id=EOS, return_dict_in_generate=True,
+        input_ids=ids,
+        attention_mask=mask,
+        custom_generate=optimal_generate,
+        teacher_model=teacher,
+        teacher_input_ids=tids,
+        teacher_attention_mask=tmask,
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=5,
+        num_return_sequences=3,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        return_dict_in_generate=True,
     )
     assert out.sequences.shape[0] == 6 and out.logq.shape[0] == 6
     rep = lambda x: x.repeat_interleave(3, 0)  # noqa: E731
@@ -254,16 +310,34 @@ def test_processor_resynchronises_when_generate_is_called_again():
     ids, mask = left_pad(PROMPTS[:1])
     proc = OptimalSamplingLogitsProcessor(teacher, vocab_size=V)
     torch.manual_seed(0)
-    first = base.generate(input_ids=ids, attention_mask=mask, logits_processor=[proc], do_sample=True, top_k=0,
-                          max_new_tokens=4, pad_token_id=PAD, eos_token_id=EOS)
+    first = base.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        logits_processor=[proc],
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=4,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+    )
     # Continue the conversation: the teacher cache keeps the shared prefix.
     follow = torch.cat([first, left_pad(["and then"])[0][:, -2:]], 1)
     torch.manual_seed(1)
-    second = base.generate(input_ids=follow, attention_mask=torch.ones_like(follow), logits_processor=[proc],
-                           do_sample=True, top_k=0, max_new_tokens=3, pad_token_id=PAD, eos_token_id=EOS)
+    second = base.generate(
+        input_ids=follow,
+        attention_mask=torch.ones_like(follow),
+        logits_processor=[proc],
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=3,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+    )
     rec = proc.records(second)
     generated = second[:, follow.shape[1] :]
-    logq, *_ = recompute_token_logq(base, teacher, follow, torch.ones_like(follow), follow, torch.ones_like(follow), generated)
+    logq, *_ = recompute_token_logq(
+        base, teacher, follow, torch.ones_like(follow), follow, torch.ones_like(follow), generated
+    )
     torch.testing.assert_close(rec.logq[rec.token_mask], logq[rec.token_mask], atol=1e-5, rtol=0)
 
 
@@ -283,8 +357,17 @@ def test_later_processors_may_modify_the_scores_in_place():
     ids, mask = left_pad(PROMPTS)
     proc = OptimalSamplingLogitsProcessor(teacher, vocab_size=V)
     torch.manual_seed(0)
-    out = base.generate(input_ids=ids, attention_mask=mask, logits_processor=[proc, BanToken()], do_sample=True,
-                        top_k=0, max_new_tokens=6, min_new_tokens=6, pad_token_id=PAD, eos_token_id=EOS)
+    out = base.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        logits_processor=[proc, BanToken()],
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=6,
+        min_new_tokens=6,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+    )
     assert not (out[:, ids.shape[1] :] == banned).any()
     assert proc.records(out).logq.shape == (len(PROMPTS), 6)
 
@@ -294,9 +377,17 @@ def test_temperature_and_top_k_apply_before_and_after_mixing():
     ids, mask = left_pad(PROMPTS[:1])
     torch.manual_seed(3)
     out = base.generate(
-        input_ids=ids, attention_mask=mask, custom_generate=optimal_generate, teacher_model=teacher,
-        do_sample=True, temperature=0.7, top_k=5, max_new_tokens=1, pad_token_id=PAD,
-        eos_token_id=EOS, return_dict_in_generate=True,
+        input_ids=ids,
+        attention_mask=mask,
+        custom_generate=optimal_generate,
+        teacher_model=teacher,
+        do_sample=True,
+        temperature=0.7,
+        top_k=5,
+        max_new_tokens=1,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        return_dict_in_generate=True,
     )
     with torch.no_grad():
         lp = log_probs_from_logits(base(ids).logits[:, -1], 0.7, V)
@@ -355,8 +446,17 @@ def test_nan_logits_mark_only_the_failing_sample():
     assert len(outs[1].generated_tokens) > 0
     ids, mask = left_pad(PROMPTS[:1])
     with pytest.raises(ValueError, match="NaN"):
-        base.generate(input_ids=ids, attention_mask=mask, custom_generate=optimal_generate, teacher_model=teacher,
-                      do_sample=True, top_k=0, max_new_tokens=2, pad_token_id=PAD, eos_token_id=EOS)
+        base.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            custom_generate=optimal_generate,
+            teacher_model=teacher,
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=2,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+        )
 
 
 def test_empty_prompts_are_rejected():
@@ -372,8 +472,17 @@ def test_beam_search_is_rejected():
     base, teacher = make_pair("llama")
     ids, mask = left_pad(PROMPTS[:1])
     with pytest.raises(ValueError, match="beam search"):
-        base.generate(input_ids=ids, attention_mask=mask, custom_generate=optimal_generate, teacher_model=teacher,
-                      num_beams=2, do_sample=True, max_new_tokens=2, pad_token_id=PAD, eos_token_id=EOS)
+        base.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            custom_generate=optimal_generate,
+            teacher_model=teacher,
+            num_beams=2,
+            do_sample=True,
+            max_new_tokens=2,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+        )
     # The processor detects rows reordered between steps (what beam search does).
     proc = OptimalSamplingLogitsProcessor(teacher, vocab_size=V)
     two, two_mask = left_pad(PROMPTS[:2])
@@ -388,16 +497,26 @@ def test_unsupported_warpers_are_rejected():
     base, teacher = make_pair("llama")
     ids, mask = left_pad(PROMPTS[:1])
     with pytest.raises(ValueError, match="min_p"):
-        base.generate(input_ids=ids, attention_mask=mask, custom_generate=optimal_generate, teacher_model=teacher,
-                      do_sample=True, min_p=0.1, max_new_tokens=2, pad_token_id=PAD, eos_token_id=EOS)
+        base.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            custom_generate=optimal_generate,
+            teacher_model=teacher,
+            do_sample=True,
+            min_p=0.1,
+            max_new_tokens=2,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+        )
 
 
 def test_chat_prompts_use_each_models_template_and_diagnostics_cover_generated_tokens():
     base, teacher = make_pair("llama")
     sampler = OptimalSampler(base, teacher, TOKENIZER)
     chat = [{"role": "user", "content": "what is two plus two"}]
-    [out] = sampler.generate([chat], teacher_prompts=[[{"role": "user", "content": "two plus two is four"}]],
-                             max_new_tokens=6, seed=0)
+    [out] = sampler.generate(
+        [chat], teacher_prompts=[[{"role": "user", "content": "two plus two is four"}]], max_new_tokens=6, seed=0
+    )
     assert isinstance(out, GenerationOutput) and out.error is None
     d = out.diagnostics
     n = len(out.generated_tokens)

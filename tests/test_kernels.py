@@ -35,8 +35,12 @@ CHILD = Path(__file__).with_name("kernel_child.py")
 
 # (vocabulary, rows per (scale, mask) setting, tokens per block): rows of one block and of
 # several, up to the full Qwen vocabulary.
-RANDOM_CASES = {"V8-one-block": (8, 6, 1024), "V1000-four-blocks": (1000, 2, 256),
-                "V5000-five-blocks": (5000, 1, 1024), "V151936": (151936, 1, 8192)}
+RANDOM_CASES = {
+    "V8-one-block": (8, 6, 1024),
+    "V1000-four-blocks": (1000, 2, 256),
+    "V5000-five-blocks": (5000, 1, 1024),
+    "V151936": (151936, 1, 8192),
+}
 OPTIONS = dict(alpha_min=0.1, alpha_max=0.8, teacher_top_p=0.9)
 
 
@@ -67,8 +71,13 @@ def interpreted(tmp_path_factory, edge_batch) -> dict:
     jobs_path, results_path = folder / "jobs.pt", folder / "results.pt"
     torch.save(jobs, jobs_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, str(CHILD), str(jobs_path), str(results_path)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, str(CHILD), str(jobs_path), str(results_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(results_path)
 
@@ -95,7 +104,9 @@ def test_kernel_flags_edge_rows_like_the_torch_path(interpreted, edge_batch):
     assert dict(zip(names, kernel["alpha"].tolist()))["empty_support"] == 1.0
     i = names.index("shared_top_token")
     assert kernel["alpha"][i].item() == 0.0 and kernel["iterations"][i].item() == 0
-    assert abs(dict(zip(names, kernel["alpha"].tolist()))["disagreeing_peaks"] - (300 - math.log(300 / 260)) / 560) <= 1e-6
+    assert (
+        abs(dict(zip(names, kernel["alpha"].tolist()))["disagreeing_peaks"] - (300 - math.log(300 / 260)) / 560) <= 1e-6
+    )
     assert dict(zip(names, interpreted["edge-base-fallback"]["alpha"].tolist()))["empty_support"] == 0.0
 
 

@@ -29,7 +29,9 @@ from test_alpha import solver  # noqa: E402,F401  (a fixture: the C q* step or t
 def ref_logq(lp: np.ndarray, lr: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """log q_α = (1-α) log p + α log r − log Σ_S(...) on S = common support, −inf elsewhere."""
     support = np.isfinite(lp) & np.isfinite(lr)
-    mixed = np.where(support, (1 - alpha[:, None]) * np.where(support, lp, 0) + alpha[:, None] * np.where(support, lr, 0), -np.inf)
+    mixed = np.where(
+        support, (1 - alpha[:, None]) * np.where(support, lp, 0) + alpha[:, None] * np.where(support, lr, 0), -np.inf
+    )
     top = mixed.max(axis=1, keepdims=True)
     return mixed - top - np.log(np.exp(mixed - top).sum(axis=1, keepdims=True))
 
@@ -84,7 +86,9 @@ def ref_diagnostics(lp: np.ndarray, lr: np.ndarray, alpha: np.ndarray) -> dict[s
     lp0, lr0, logq0 = finite(lp), finite(lr), finite(logq)
     kl_theta = (q * (logq0 - lp0)).sum(axis=1)
     kl_t = (q * (logq0 - lr0)).sum(axis=1)
-    ess = {name: 1.0 / np.where(support, np.exp(2 * x - logq0), 0.0).sum(axis=1) for name, x in (("p", lp0), ("r", lr0))}
+    ess = {
+        name: 1.0 / np.where(support, np.exp(2 * x - logq0), 0.0).sum(axis=1) for name, x in (("p", lp0), ("r", lr0))
+    }
     mixed = np.where(support, (1 - alpha[:, None]) * lp0 + alpha[:, None] * lr0, -np.inf)
     return {
         "kl_theta": kl_theta,

@@ -39,6 +39,7 @@ def make_pair(disjoint: bool = False, logit_scale: float = 3.0):
     base = tiny_causal_lm(V, seed=1, pad_token_id=PAD, eos_token_id=EOS, logit_scale=logit_scale)
     teacher = tiny_causal_lm(V, seed=2, pad_token_id=PAD, eos_token_id=EOS, logit_scale=logit_scale)
     if disjoint:
+
         def keep_below(module, args, output):
             output.logits[..., HALF:] = -math.inf
 
@@ -61,39 +62,80 @@ def run_front(front: str, base, teacher, seed: int = 0, max_new_tokens: int = 6,
     ids, mask = left_pad(PROMPTS)
     torch.manual_seed(seed)
     if front == "processor":
-        processor = OptimalSamplingLogitsProcessor(teacher, QStarOptions(**options), pad_token_id=PAD, eos_token_id=[EOS])
-        sequences = base.generate(ids, attention_mask=mask, logits_processor=[processor], do_sample=True, top_k=0,
-                                  max_new_tokens=max_new_tokens, pad_token_id=PAD, eos_token_id=EOS)
+        processor = OptimalSamplingLogitsProcessor(
+            teacher, QStarOptions(**options), pad_token_id=PAD, eos_token_id=[EOS]
+        )
+        sequences = base.generate(
+            ids,
+            attention_mask=mask,
+            logits_processor=[processor],
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+        )
         record = processor.records(sequences)
-        out = dict(alpha=record.alpha, logq=record.logq, mask=record.token_mask, **record.diagnostics,
-                   tokens=sequences[:, ids.shape[1]:])
+        out = dict(
+            alpha=record.alpha,
+            logq=record.logq,
+            mask=record.token_mask,
+            **record.diagnostics,
+            tokens=sequences[:, ids.shape[1] :],
+        )
     elif front in ("optimal_generate", "sampler", "fast"):
         if front == "optimal_generate":  # the q* options as generate keywords (the issue's failing call)
-            result = base.generate(ids, attention_mask=mask, custom_generate=optimal_generate, teacher_model=teacher,
-                                   do_sample=True, top_k=0, max_new_tokens=max_new_tokens, pad_token_id=PAD,
-                                   eos_token_id=EOS, return_dict_in_generate=True, **options)
+            result = base.generate(
+                ids,
+                attention_mask=mask,
+                custom_generate=optimal_generate,
+                teacher_model=teacher,
+                do_sample=True,
+                top_k=0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=PAD,
+                eos_token_id=EOS,
+                return_dict_in_generate=True,
+                **options,
+            )
         elif front == "sampler":
             sampler = OptimalSampler(base, teacher, TOKENIZER, QStarOptions(**options))
-            result = sampler.generate_token_ids([TOKENIZER(p)["input_ids"] for p in PROMPTS],
-                                                max_new_tokens=max_new_tokens)
+            result = sampler.generate_token_ids(
+                [TOKENIZER(p)["input_ids"] for p in PROMPTS], max_new_tokens=max_new_tokens
+            )
         else:
             decoder = FastDecoder(base, teacher, FastPathConfig(mode="eager", diagnostics=True, max_iter=20))
-            result = decoder.generate(ids, mask, max_new_tokens=max_new_tokens, pad_token_id=PAD,
-                                      stop_token_ids=[EOS], **options)
-        out = dict(alpha=result.alpha, logq=result.logq, mask=result.token_mask, **result.diagnostics,
-                   tokens=result.sequences[:, -result.alpha.shape[1]:])
+            result = decoder.generate(
+                ids, mask, max_new_tokens=max_new_tokens, pad_token_id=PAD, stop_token_ids=[EOS], **options
+            )
+        out = dict(
+            alpha=result.alpha,
+            logq=result.logq,
+            mask=result.token_mask,
+            **result.diagnostics,
+            tokens=result.sequences[:, -result.alpha.shape[1] :],
+        )
     else:
         from trainers.rollout import sample_rollouts
 
-        rollouts = sample_rollouts(base, teacher, [TOKENIZER(p)["input_ids"] for p in PROMPTS], teacher_prompt_ids=None,
-                                   max_new_tokens=max_new_tokens, pad_token_id=PAD, stop_token_ids=[EOS],
-                                   vocab_size=V, device="cpu", q_star=QStarOptions(**options))
+        rollouts = sample_rollouts(
+            base,
+            teacher,
+            [TOKENIZER(p)["input_ids"] for p in PROMPTS],
+            teacher_prompt_ids=None,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=PAD,
+            stop_token_ids=[EOS],
+            vocab_size=V,
+            device="cpu",
+            q_star=QStarOptions(**options),
+        )
         width = rollouts.alpha.shape[1]
         logq = torch.zeros(len(PROMPTS), width)
         tokens = torch.full((len(PROMPTS), width), PAD)
         for i, (row_ids, row_logq) in enumerate(zip(rollouts.completion_ids, rollouts.logq)):
-            logq[i, :len(row_logq)] = torch.tensor(row_logq)
-            tokens[i, :len(row_ids)] = torch.tensor(row_ids)
+            logq[i, : len(row_logq)] = torch.tensor(row_logq)
+            tokens[i, : len(row_ids)] = torch.tensor(row_ids)
         out = dict(alpha=rollouts.alpha, logq=logq, mask=rollouts.token_mask, **rollouts.diagnostics, tokens=tokens)
     generated = out.pop("mask").bool()
     assert generated.any()
@@ -155,10 +197,19 @@ def disjoint_top_k_lists(rows: int = 4, k: int = 4):
 def test_empty_support_and_kl_budget_reach_the_top_k_step(config_cls):
     rows = [TopKSequence(index=i, prompt="p", teacher_prompt="p", base_ids=[5], teacher_ids=[5]) for i in range(4)]
     stepper = TopKStepper(config_cls(empty_support="base").q_star, V)
-    stepper.advance(rows, *disjoint_top_k_lists(), seed=0, temperature=1.0, max_tokens=4, stop_token_ids=set(),
-                    return_diagnostics=True)
+    stepper.advance(
+        rows,
+        *disjoint_top_k_lists(),
+        seed=0,
+        temperature=1.0,
+        max_tokens=4,
+        stop_token_ids=set(),
+        return_diagnostics=True,
+    )
     assert all(row.error is None for row in rows)
-    assert [row.records["alpha"] for row in rows] == [[0.0]] * 4 and [row.records["empty_support"] for row in rows] == [[1.0]] * 4
+    assert [row.records["alpha"] for row in rows] == [[0.0]] * 4 and [row.records["empty_support"] for row in rows] == [
+        [1.0]
+    ] * 4
     assert all(10 <= row.tokens[0] < 14 for row in rows)  # the base's list only
 
     generator = torch.Generator().manual_seed(0)
@@ -167,16 +218,18 @@ def test_empty_support_and_kl_budget_reach_the_top_k_step(config_cls):
     ids = torch.arange(8).repeat(4, 1)
     budget = TopKStepper(config_cls(alpha_method="kl_budget", kl_budget=0.01).q_star, V).mix(ids, lp, ids, lr)
     assert budget.mixture.diagnostics.kl_theta.max() <= 0.01 + 1e-6
-    forced = TopKStepper(config_cls(force_teacher_first_tokens=1).q_star, V).mix(ids, lp, ids, lr,
-                                                                                forced=torch.tensor([1, 0, 1, 0]).bool())
+    forced = TopKStepper(config_cls(force_teacher_first_tokens=1).q_star, V).mix(
+        ids, lp, ids, lr, forced=torch.tensor([1, 0, 1, 0]).bool()
+    )
     assert forced.mixture.alpha[[0, 2]].eq(1).all() and forced.mixture.alpha[[1, 3]].lt(1).all()
 
 
 def test_the_two_server_coordinator_samples_with_its_configs_options():
     config = CoordinatorConfig(empty_support="base", alpha_method="kl_budget", kl_budget=0.3, alpha_tol=1e-7)
     coordinator = DualVLLMCoordinator(config)  # not started: no server is contacted
-    assert coordinator.stepper.q_star == QStarOptions(empty_support="base", alpha_method="kl_budget", kl_budget=0.3,
-                                                      tol=1e-7)
+    assert coordinator.stepper.q_star == QStarOptions(
+        empty_support="base", alpha_method="kl_budget", kl_budget=0.3, tol=1e-7
+    )
     assert config.top_k == 100 and coordinator.stepper.q_star.top_k == 0  # the candidate count is not q*'s top-k
 
 
@@ -206,11 +259,20 @@ def test_trainer_config_fields_are_the_options_own():
         name = {"tol": "alpha_tol", "max_iter": "alpha_max_iter"}.get(option.name, option.name)
         assert name in config_fields, name  # temperature / top_k / top_p are TRL's own fields
     assert config_fields["kl_budget"].metadata["help"] == QStarOptions.field_help()["kl_budget"]
-    args = OptimalSamplingGRPOConfig(output_dir="/tmp/os-options", num_generations=4, report_to="none", use_cpu=True,
-                                     bf16=False, empty_support="base", alpha_method="kl_budget", kl_budget=0.05,
-                                     temperature=0.7)
-    assert args.q_star == QStarOptions(empty_support="base", alpha_method="kl_budget", kl_budget=0.05, temperature=0.7,
-                                       alpha=1.0)  # the trainer's own default α (ignored by kl_budget)
+    args = OptimalSamplingGRPOConfig(
+        output_dir="/tmp/os-options",
+        num_generations=4,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        empty_support="base",
+        alpha_method="kl_budget",
+        kl_budget=0.05,
+        temperature=0.7,
+    )
+    assert args.q_star == QStarOptions(
+        empty_support="base", alpha_method="kl_budget", kl_budget=0.05, temperature=0.7, alpha=1.0
+    )  # the trainer's own default α (ignored by kl_budget)
 
 
 def test_cli_takes_every_option_and_reruns_with_another_one_are_not_resumed(tmp_path, capsys):
@@ -218,10 +280,38 @@ def test_cli_takes_every_option_and_reruns_with_another_one_are_not_resumed(tmp_
 
     out = tmp_path / "samples.jsonl"
     small = ["generate", "--limit", "2", "--max-new-tokens", "2", "--batch-size", "2", "--no-progress"]
-    assert main([*small, "--empty-support", "base", "--alpha-method", "kl_budget", "--kl-budget", "0.05",
-                 "--output", str(out)]) == 0
-    assert main([*small, "--empty-support", "teacher", "--alpha-method", "kl_budget", "--kl-budget", "0.05",
-                 "--output", str(out)]) == 2
+    assert (
+        main(
+            [
+                *small,
+                "--empty-support",
+                "base",
+                "--alpha-method",
+                "kl_budget",
+                "--kl-budget",
+                "0.05",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                *small,
+                "--empty-support",
+                "teacher",
+                "--alpha-method",
+                "kl_budget",
+                "--kl-budget",
+                "0.05",
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "empty_support" in capsys.readouterr().err  # the changed setting is named, not silently reused
     assert main([*small, "--alpha-method", "kl_budget", "--output", str(tmp_path / "x.jsonl")]) == 2
     assert "needs `kl_budget=`" in capsys.readouterr().err

@@ -41,8 +41,11 @@ NOT_ABOUT_THIS_PACKAGE = ("pip install aiohttp", "vllm.entrypoints.api_server", 
 def dataclass_fields(code: str) -> dict[str, object]:
     """Field name -> default (a literal) of the one dataclass a snippet defines."""
     [cls] = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.ClassDef)]
-    return {node.target.id: ast.literal_eval(node.value) if node.value is not None else dataclasses.MISSING
-            for node in cls.body if isinstance(node, ast.AnnAssign)}
+    return {
+        node.target.id: ast.literal_eval(node.value) if node.value is not None else dataclasses.MISSING
+        for node in cls.body
+        if isinstance(node, ast.AnnAssign)
+    }
 
 
 def test_every_coordinator_config_field_it_documents_is_accepted_with_its_default():
@@ -66,14 +69,16 @@ def test_its_shell_snippets_are_the_health_check_and_the_original_tools_own_setu
 
 def test_its_health_check_answers(servers):
     [block] = [b for b in BLOCKS if b.language == "bash" and "curl" in b.code]
-    result = subprocess.run(["bash", "-e", "-c", point_at(block.code, servers) + "\n"], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        ["bash", "-e", "-c", point_at(block.code, servers) + "\n"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
 
 
 def point_at(code: str, servers) -> str:
-    return (code.replace("http://localhost:8000", servers["OPTIMAL_SAMPLING_THETA_URL"])
-                .replace("http://localhost:8001", servers["OPTIMAL_SAMPLING_T_URL"]))
+    return code.replace("http://localhost:8000", servers["OPTIMAL_SAMPLING_THETA_URL"]).replace(
+        "http://localhost:8001", servers["OPTIMAL_SAMPLING_T_URL"]
+    )
 
 
 def client_code(block, servers) -> str:
@@ -89,8 +94,12 @@ def notebook():
     from optimal_sampling import DualVLLMCoordinator
     from optimal_sampling.toy import make_problems
 
-    return {"__name__": "__original_readme__", "np": np, "DualVLLMCoordinator": DualVLLMCoordinator,
-            "training_prompts": [row["prompt"] for row in make_problems(4, seed=0)]}
+    return {
+        "__name__": "__original_readme__",
+        "np": np,
+        "DualVLLMCoordinator": DualVLLMCoordinator,
+        "training_prompts": [row["prompt"] for row in make_problems(4, seed=0)],
+    }
 
 
 @pytest.mark.parametrize("block", CLIENT, ids=lambda b: b.name)
@@ -102,13 +111,23 @@ def test_its_client_snippet_runs_with_only_the_import_changed(block, notebook, s
 
 
 def run_snippet(block, notebook, servers) -> None:
-    code = compile(client_code(block, servers), f"original README.md:{block.line}", "exec",
-                   flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    code = compile(
+        client_code(block, servers), f"original README.md:{block.line}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    )
     result = eval(code, notebook)  # top-level await makes it a coroutine
     if inspect.iscoroutine(result):
         asyncio.run(result)
     notebook.setdefault("__ran__", set()).add(block.name)
     for result in notebook.get("results") or []:  # every snippet that samples leaves `results`
         assert result.error is None, result.error
-        assert set(result.diagnostics) >= {"alpha_mean", "alpha_std", "alpha_min", "alpha_max", "kl_theta_mean",
-                                           "kl_t_mean", "kl_diff_mean", "ess_ratio_mean", "entropy_q_mean"}
+        assert set(result.diagnostics) >= {
+            "alpha_mean",
+            "alpha_std",
+            "alpha_min",
+            "alpha_max",
+            "kl_theta_mean",
+            "kl_t_mean",
+            "kl_diff_mean",
+            "ess_ratio_mean",
+            "entropy_q_mean",
+        }

@@ -54,8 +54,9 @@ def test_ci_runs_the_blocks_marked_for_it(marker):
     [block] = [b for b in BLOCKS if b.marker == marker]
     script = (REPO / ".ci" / "run").read_text()
     function = script[script.index("readme_block() {") : script.index("\n}\n", script.index("readme_block() {")) + 3]
-    extracted = subprocess.run(["bash", "-c", f"{function}\nreadme_block {marker}"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout
+    extracted = subprocess.run(
+        ["bash", "-c", f"{function}\nreadme_block {marker}"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     assert extracted.strip() == block.code.strip()
     variable = {"ci:test-command": "TEST_COMMAND", "ci:servers": "SERVERS_COMMAND"}[marker]
     assert f"{variable}=$(readme_block {marker})" in script and f'bash -c "${variable}"' in script
@@ -72,16 +73,25 @@ class Reader:
         self.namespace: dict = {"__name__": "__readme__"}
         self.done: set[int] = set()
         self.failed: int | None = None
-        shutil.copytree(REPO, self.repo, ignore=shutil.ignore_patterns(".git", ".venv*", "__pycache__", "*.egg-info",
-                                                                       "build", ".pytest_cache", "vllm_servers.env"))
+        shutil.copytree(
+            REPO,
+            self.repo,
+            ignore=shutil.ignore_patterns(
+                ".git", ".venv*", "__pycache__", "*.egg-info", "build", ".pytest_cache", "vllm_servers.env"
+            ),
+        )
         self._make_venv(work / "venv")
         self._write_toy_problems()
 
     def _make_venv(self, path: Path) -> None:
         venv.create(path, with_pip=True)
         self.venv = path
-        site = subprocess.run([str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        site = subprocess.run(
+            [str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
         Path(site, "_readme_test_env.pth").write_text("".join(p + "\n" for p in sorted(ours)))
 
@@ -95,8 +105,11 @@ class Reader:
         from optimal_sampling.toy import BASE_DIR, TEACHER_DIR
 
         code = block.code
-        values = {"toy_base": str(BASE_DIR), "toy_teacher": str(TEACHER_DIR),
-                  "toy_problems": str(self.repo / "toy_problems.jsonl")}
+        values = {
+            "toy_base": str(BASE_DIR),
+            "toy_teacher": str(TEACHER_DIR),
+            "toy_problems": str(self.repo / "toy_problems.jsonl"),
+        }
         for old, new in block.options.get("replace", {}).items():
             assert old in code, f"the marker replaces {old!r}, which the block does not contain"
             code = code.replace(old, new.format(**values))
@@ -108,8 +121,11 @@ class Reader:
     def run_through(self, block) -> None:
         """Run the earlier blocks of `block`'s language that are not server blocks, then `block`."""
         index = EXECUTED.index(block)
-        earlier = [i for i, b in enumerate(EXECUTED[:index])
-                   if b.language == block.language and not b.options.get("servers") and not b.options.get("vllm")]
+        earlier = [
+            i
+            for i, b in enumerate(EXECUTED[:index])
+            if b.language == block.language and not b.options.get("servers") and not b.options.get("vllm")
+        ]
         for i in [*earlier, index]:
             if i in self.done:
                 continue
@@ -132,12 +148,23 @@ class Reader:
             finally:
                 os.chdir(previous)
             return
-        env = {**os.environ, "VIRTUAL_ENV": str(self.venv),
-               "PATH": os.pathsep.join([str(self.venv / "bin"), str(Path(sys.executable).parent), os.environ["PATH"]])}
-        result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], cwd=self.repo, env=env,
-                                capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, (f"README.md:{block.line} exited with {result.returncode}\n"
-                                        f"--- stdout ---\n{result.stdout[-3000:]}\n--- stderr ---\n{result.stderr[-3000:]}")
+        env = {
+            **os.environ,
+            "VIRTUAL_ENV": str(self.venv),
+            "PATH": os.pathsep.join([str(self.venv / "bin"), str(Path(sys.executable).parent), os.environ["PATH"]]),
+        }
+        result = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", code],
+            cwd=self.repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, (
+            f"README.md:{block.line} exited with {result.returncode}\n"
+            f"--- stdout ---\n{result.stdout[-3000:]}\n--- stderr ---\n{result.stderr[-3000:]}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +172,9 @@ def reader(tmp_path_factory):
     return Reader(tmp_path_factory.mktemp("readme"), servers=None)
 
 
-@pytest.mark.parametrize("block", [b for b in EXECUTED if not b.options.get("servers") and not b.options.get("vllm")],
-                         ids=lambda b: b.name)
+@pytest.mark.parametrize(
+    "block", [b for b in EXECUTED if not b.options.get("servers") and not b.options.get("vllm")], ids=lambda b: b.name
+)
 def test_readme_block_runs_as_written(block, reader):
     reader.run_through(block)
 
@@ -163,15 +191,25 @@ def test_readme_vllm_block_runs_in_the_vllm_venv(block, reader):
 
     venv = vllm_venv()
     if venv is None:
-        hint = "no vLLM venv: start the servers with `python tests/vllm_servers.py up`, or set OPTIMAL_SAMPLING_VLLM_VENV"
+        hint = (
+            "no vLLM venv: start the servers with `python tests/vllm_servers.py up`, or set OPTIMAL_SAMPLING_VLLM_VENV"
+        )
         if IN_CI:
             pytest.fail(f"CI must run the README's vLLM blocks, but {hint}")
         pytest.skip(hint)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    result = subprocess.run([str(venv / "bin" / "python"), "-c", reader.source(block)], cwd=reader.repo, env=env,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, (f"README.md:{block.line} exited with {result.returncode}\n"
-                                    f"--- stdout ---\n{result.stdout[-3000:]}\n--- stderr ---\n{result.stderr[-3000:]}")
+    result = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", reader.source(block)],
+        cwd=reader.repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, (
+        f"README.md:{block.line} exited with {result.returncode}\n"
+        f"--- stdout ---\n{result.stdout[-3000:]}\n--- stderr ---\n{result.stderr[-3000:]}"
+    )
 
 
 def test_the_quick_start_says_how_to_get_the_cpu_build_of_torch():

@@ -42,9 +42,26 @@ def test_seed_ranges_parse():
 def test_the_grid_runs_resumes_and_analyses(tmp_path):
     """One arm pair, one seed, two steps: the grid writes a complete result per run, skips it on a
     rerun, and the analysis reads it."""
-    command = [sys.executable, str(REPO / "recipes/grpo_toy.py"), "grid", "--regime", "hard", "--arms", "vanilla",
-               "mixed_qstar", "--seeds", "0", "--steps", "2", "--eval_every", "1", "--workers", "2",
-               "--output_dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(REPO / "recipes/grpo_toy.py"),
+        "grid",
+        "--regime",
+        "hard",
+        "--arms",
+        "vanilla",
+        "mixed_qstar",
+        "--seeds",
+        "0",
+        "--steps",
+        "2",
+        "--eval_every",
+        "1",
+        "--workers",
+        "2",
+        "--output_dir",
+        str(tmp_path),
+    ]
     first = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     result = json.loads((tmp_path / "hard/mixed_qstar-seed0.json").read_text())
@@ -54,7 +71,11 @@ def test_the_grid_runs_resumes_and_analyses(tmp_path):
     assert any("optimal_sampling/on_policy_frac" in h for h in result["log_history"])
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert "2 of 2 runs already done; running 0" in again.stdout
-    report = subprocess.run([sys.executable, str(REPO / "recipes/grpo_toy.py"), "analyze", "--output_dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+    report = subprocess.run(
+        [sys.executable, str(REPO / "recipes/grpo_toy.py"), "analyze", "--output_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| 4 on-policy + 4 q*, no weights | 1 |" in report.stdout  # (paired tests need two seeds)

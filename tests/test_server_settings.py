@@ -37,14 +37,26 @@ def _free_port() -> int:
 def odd_servers(servers):
     venv = servers.get("OPTIMAL_SAMPLING_VLLM_VENV") or os.environ.get("VLLM_VENV")
     if not venv:
-        pytest.fail("the servers' env file names no vLLM venv (OPTIMAL_SAMPLING_VLLM_VENV); restart them with "
-                    "tests/vllm_servers.py start, or set VLLM_VENV")
+        pytest.fail(
+            "the servers' env file names no vLLM venv (OPTIMAL_SAMPLING_VLLM_VENV); restart them with "
+            "tests/vllm_servers.py start, or set VLLM_VENV"
+        )
     base = servers["OPTIMAL_SAMPLING_THETA_MODEL_DIR"]
     with vllm_servers.running_servers(
-        base, base, venv=venv, base_port=_free_port(), teacher_port=_free_port(), base_name="processed",
-        teacher_name="logits", verbose=False,
-        base_extra_args=["--logprobs-mode", "processed_logprobs", "--override-generation-config",
-                         json.dumps(TRUNCATING_DEFAULTS)],
+        base,
+        base,
+        venv=venv,
+        base_port=_free_port(),
+        teacher_port=_free_port(),
+        base_name="processed",
+        teacher_name="logits",
+        verbose=False,
+        base_extra_args=[
+            "--logprobs-mode",
+            "processed_logprobs",
+            "--override-generation-config",
+            json.dumps(TRUNCATING_DEFAULTS),
+        ],
         teacher_extra_args=["--logprobs-mode", "raw_logits"],
     ) as cfg:
         yield {"processed": cfg["OPTIMAL_SAMPLING_THETA_URL"], "logits": cfg["OPTIMAL_SAMPLING_T_URL"]}
@@ -63,8 +75,9 @@ def test_a_processed_log_prob_server_with_truncating_defaults_gives_the_raw_serv
     vocabulary = {"tokenizer": tokenizer, "V": len(tokenizer)}
     prompts, teacher_prompts = id_prompts(vocabulary, 6), id_prompts(vocabulary, 6, teacher=True)
     raw, raw_stats = asyncio.run(_generate(servers, prompts, teacher_prompts, top_k=3))
-    processed, stats = asyncio.run(_generate(servers, prompts, teacher_prompts, top_k=3,
-                                             theta_url=odd_servers["processed"]))
+    processed, stats = asyncio.run(
+        _generate(servers, prompts, teacher_prompts, top_k=3, theta_url=odd_servers["processed"])
+    )
     assert all(o.error is None for o in raw + processed)
     assert [o.generated_tokens for o in processed] == [o.generated_tokens for o in raw]
     for a, b in zip(processed, raw):

@@ -32,8 +32,13 @@ TEXT_PROMPTS = ["12+34=", "56+7=", "81+19="]  # every tokenizer here encodes dig
 
 
 def config(servers, **fields) -> CoordinatorConfig:
-    defaults = dict(theta_url=servers["OPTIMAL_SAMPLING_THETA_URL"], t_url=servers["OPTIMAL_SAMPLING_T_URL"],
-                    top_k=16, retry_delay=0.01, request_timeout=30.0)
+    defaults = dict(
+        theta_url=servers["OPTIMAL_SAMPLING_THETA_URL"],
+        t_url=servers["OPTIMAL_SAMPLING_T_URL"],
+        top_k=16,
+        retry_delay=0.01,
+        request_timeout=30.0,
+    )
     return CoordinatorConfig(**{**defaults, **fields})
 
 
@@ -71,8 +76,9 @@ def run(coroutine):
 
 async def generate(servers, prompts, *, teacher_prompts=None, max_tokens=6, temperature=1.0, seed=0, **fields):
     async with DualVLLMCoordinator(config(servers, **fields)) as coordinator:
-        outputs = await coordinator.generate_batch(prompts, teacher_prompts=teacher_prompts, max_tokens=max_tokens,
-                                                   temperature=temperature, seed=seed)
+        outputs = await coordinator.generate_batch(
+            prompts, teacher_prompts=teacher_prompts, max_tokens=max_tokens, temperature=temperature, seed=seed
+        )
         return outputs, coordinator.get_statistics(), coordinator
 
 
@@ -82,8 +88,9 @@ async def generate(servers, prompts, *, teacher_prompts=None, max_tokens=6, temp
 def test_full_vocabulary_top_k_matches_the_exact_transformers_path(servers, exact):
     V, temperature = exact["V"], 0.8
     prompts, teacher_prompts = id_prompts(exact, 3), id_prompts(exact, 3, teacher=True)
-    outputs, stats, _ = run(generate(servers, prompts, teacher_prompts=teacher_prompts, max_tokens=6,
-                                     temperature=temperature, top_k=V))
+    outputs, stats, _ = run(
+        generate(servers, prompts, teacher_prompts=teacher_prompts, max_tokens=6, temperature=temperature, top_k=V)
+    )
     assert stats["covered_mass_theta_mean"] == pytest.approx(1.0, abs=1e-4)
     for out, prompt, teacher_prompt in zip(outputs, prompts, teacher_prompts):
         assert out.error is None
@@ -94,10 +101,18 @@ def test_full_vocabulary_top_k_matches_the_exact_transformers_path(servers, exac
         lr = exact_log_probs(exact["teacher"], teacher_prompt + tokens[:-1], n, temperature, V)
         step = compute_mixture(lp, lr)
         index = torch.tensor(tokens)[:, None]
-        torch.testing.assert_close(torch.tensor(out.alpha_history, dtype=torch.float64), step.alpha.double(), atol=1e-4, rtol=0)
-        torch.testing.assert_close(torch.tensor(out.logq, dtype=torch.float64), step.logq.gather(-1, index)[:, 0], atol=1e-4, rtol=0)
-        torch.testing.assert_close(torch.tensor(out.logp_theta, dtype=torch.float64), lp.gather(-1, index)[:, 0], atol=1e-4, rtol=0)
-        torch.testing.assert_close(torch.tensor(out.logp_t, dtype=torch.float64), lr.gather(-1, index)[:, 0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(out.alpha_history, dtype=torch.float64), step.alpha.double(), atol=1e-4, rtol=0
+        )
+        torch.testing.assert_close(
+            torch.tensor(out.logq, dtype=torch.float64), step.logq.gather(-1, index)[:, 0], atol=1e-4, rtol=0
+        )
+        torch.testing.assert_close(
+            torch.tensor(out.logp_theta, dtype=torch.float64), lp.gather(-1, index)[:, 0], atol=1e-4, rtol=0
+        )
+        torch.testing.assert_close(
+            torch.tensor(out.logp_t, dtype=torch.float64), lr.gather(-1, index)[:, 0], atol=1e-4, rtol=0
+        )
         assert out.diagnostics["kl_diff_mean"] == pytest.approx(0.0, abs=1e-4)
 
 
@@ -127,8 +142,10 @@ def test_small_top_k_covered_mass_and_error_follow_the_theory(servers, exact):
 
     async def steps():
         async with DualVLLMCoordinator(config(servers)) as coordinator:
-            return {k: await coordinator.next_token_distribution(prefixes, teacher_prefixes, top_k=k)
-                    for k in sorted({min(k, V) for k in (1, 4, 16, 64, V)})}
+            return {
+                k: await coordinator.next_token_distribution(prefixes, teacher_prefixes, top_k=k)
+                for k in sorted({min(k, V) for k in (1, 4, 16, 64, V)})
+            }
 
     previous = torch.zeros(len(prefixes), dtype=torch.float64)
     for k, step in run(steps()).items():
@@ -177,8 +194,11 @@ def test_a_stop_token_of_either_model_ends_the_sequence(servers, exact):
 
     # Every token either model ranks in its top 64 at the first step: most of q's mass.
     stop_ids = sorted(run(first_step_candidates()))
-    outputs, _, coordinator = run(generate(servers, prompts * 2, teacher_prompts=teacher_prompts * 2, max_tokens=5,
-                                           stop_token_ids=stop_ids, seed=3))
+    outputs, _, coordinator = run(
+        generate(
+            servers, prompts * 2, teacher_prompts=teacher_prompts * 2, max_tokens=5, stop_token_ids=stop_ids, seed=3
+        )
+    )
     stops = coordinator.stop_token_ids
     for out in outputs:
         assert out.error is None
@@ -195,8 +215,16 @@ def test_outputs_and_fields_do_not_depend_on_concurrency_or_pipelining(servers, 
     assert [o.generated_tokens for o in one] == [o.generated_tokens for o in many]
     for a, b in zip(one, many):
         assert a.logq == pytest.approx(b.logq, abs=1e-4)
-        assert set(a.diagnostics) >= {"alpha_mean", "kl_theta_mean", "kl_t_mean", "kl_diff_mean", "ess_ratio_mean",
-                                      "entropy_q_mean", "covered_theta_mean", "covered_t_mean"}
+        assert set(a.diagnostics) >= {
+            "alpha_mean",
+            "kl_theta_mean",
+            "kl_t_mean",
+            "kl_diff_mean",
+            "ess_ratio_mean",
+            "entropy_q_mean",
+            "covered_theta_mean",
+            "covered_t_mean",
+        }
     total = sum(len(o.generated_tokens) for o in one)
     assert stats_one["total_tokens"] == stats_many["total_tokens"] == total
     assert stats_one["steps"] == total and stats_many["mean_batch_size"] > 1
@@ -305,11 +333,14 @@ class FaultProxy:
                 elif fault == "malformed":
                     status, payload = 200, b'{"choices": [{"index": 0, "logprobs": {"top_logp'
                 else:
-                    upstream = await self.client.request(method, path, content=body,
-                                                         headers={"Content-Type": "application/json"})
+                    upstream = await self.client.request(
+                        method, path, content=body, headers={"Content-Type": "application/json"}
+                    )
                     status, payload = upstream.status_code, upstream.content
-                writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                             % (status, len(payload), payload))
+                writer.write(
+                    b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                    % (status, len(payload), payload)
+                )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -332,8 +363,9 @@ async def generate_through_proxy(servers, rule, prompts, **fields):
 def test_transient_faults_are_retried_and_change_no_sample(servers, exact):
     prompts = id_prompts(exact)
     faults = {1: "500", 2: "drop", 3: "stall"}
-    outputs, stats, _ = run(generate_through_proxy(servers, lambda n, body: faults.get(n), prompts,
-                                                   request_timeout=2.0, max_retries=3))
+    outputs, stats, _ = run(
+        generate_through_proxy(servers, lambda n, body: faults.get(n), prompts, request_timeout=2.0, max_retries=3)
+    )
     reference, _, _ = run(generate(servers, prompts, max_tokens=3, seed=11))
     assert all(o.error is None for o in outputs)
     assert [o.generated_tokens for o in outputs] == [o.generated_tokens for o in reference]
@@ -364,8 +396,16 @@ def test_malformed_responses_and_timeouts_mark_only_their_samples(servers, exact
 def test_a_server_killed_mid_batch_fails_the_rest_and_keeps_completed_samples(servers, exact):
     prompts = id_prompts(exact) * 2
     # Two sequences in flight, three tokens each: requests 1-3 complete the first two samples.
-    outputs, stats, proxy = run(generate_through_proxy(servers, lambda n, body: "kill" if n == 5 else None, prompts,
-                                                       max_concurrency=2, max_retries=2, stop_token_ids=[]))
+    outputs, stats, proxy = run(
+        generate_through_proxy(
+            servers,
+            lambda n, body: "kill" if n == 5 else None,
+            prompts,
+            max_concurrency=2,
+            max_retries=2,
+            stop_token_ids=[],
+        )
+    )
     reference, _, _ = run(generate(servers, prompts, max_tokens=3, max_concurrency=2, seed=11, stop_token_ids=[]))
     completed = [i for i, o in enumerate(outputs) if o.error is None]
     failed = [i for i, o in enumerate(outputs) if o.error is not None]
@@ -397,9 +437,30 @@ def test_cli_backend_vllm_writes_a_jsonl_dataset(servers, tmp_path, capsys):
 
     out, prompts = tmp_path / "samples.jsonl", tmp_path / "prompts.txt"
     prompts.write_text("\n".join(TEXT_PROMPTS) + "\n")
-    code = main(["generate", "--backend", "vllm", "--prompts", str(prompts), "--theta-url", servers["OPTIMAL_SAMPLING_THETA_URL"],
-                 "--t-url", servers["OPTIMAL_SAMPLING_T_URL"], "--top-k-candidates", "16", "--limit", "3",
-                 "--batch-size", "2", "--max-new-tokens", "3", "--no-progress", "--output", str(out)])
+    code = main(
+        [
+            "generate",
+            "--backend",
+            "vllm",
+            "--prompts",
+            str(prompts),
+            "--theta-url",
+            servers["OPTIMAL_SAMPLING_THETA_URL"],
+            "--t-url",
+            servers["OPTIMAL_SAMPLING_T_URL"],
+            "--top-k-candidates",
+            "16",
+            "--limit",
+            "3",
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--no-progress",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3
@@ -416,9 +477,27 @@ def test_cli_backend_vllm_runs_from_any_directory_and_compares(servers, tmp_path
     from optimal_sampling.cli import main
 
     monkeypatch.chdir(tmp_path)
-    code = main(["generate", "--backend", "vllm", "--theta-url", servers["OPTIMAL_SAMPLING_THETA_URL"],
-                 "--t-url", servers["OPTIMAL_SAMPLING_T_URL"], "--top-k-candidates", "16", "--limit", "3",
-                 "--max-new-tokens", "4", "--no-progress", "--compare", "--output", "samples.jsonl"])
+    code = main(
+        [
+            "generate",
+            "--backend",
+            "vllm",
+            "--theta-url",
+            servers["OPTIMAL_SAMPLING_THETA_URL"],
+            "--t-url",
+            servers["OPTIMAL_SAMPLING_T_URL"],
+            "--top-k-candidates",
+            "16",
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--no-progress",
+            "--compare",
+            "--output",
+            "samples.jsonl",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     summary = capsys.readouterr().out
     assert "exact-match accuracy, base only (α=0)" in summary and "exact-match accuracy, teacher only (α=1)" in summary

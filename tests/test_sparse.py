@@ -18,7 +18,9 @@ def top_k(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sparse_mixture(logp_theta, logp_t, k, temperature=1.0):
-    candidates = sparse_candidates(*top_k(logp_theta, k), *top_k(logp_t, k), logp_theta.shape[-1], temperature=temperature)
+    candidates = sparse_candidates(
+        *top_k(logp_theta, k), *top_k(logp_t, k), logp_theta.shape[-1], temperature=temperature
+    )
     step = compute_mixture(candidates.logp_theta, candidates.logp_t, log_multiplicity=candidates.log_multiplicity)
     return candidates, step
 
@@ -174,7 +176,9 @@ def test_sampled_token_frequencies_match_q():
 
 def test_mismatched_ids_and_log_probs_are_reported():
     with pytest.raises(ValueError, match=r"must both be \[batch, k\]"):
-        sparse_candidates(torch.tensor([[1, 2]]), torch.tensor([[-1.0]]), torch.tensor([[1]]), torch.tensor([[-1.0]]), 5)
+        sparse_candidates(
+            torch.tensor([[1, 2]]), torch.tensor([[-1.0]]), torch.tensor([[1]]), torch.tensor([[-1.0]]), 5
+        )
 
 
 def test_out_of_range_ids_are_reported():
@@ -184,7 +188,9 @@ def test_out_of_range_ids_are_reported():
 
 def test_nan_log_probs_are_reported():
     with pytest.raises(ValueError, match="log-probs contain NaN"):
-        sparse_candidates(torch.tensor([[1]]), torch.tensor([[float("nan")]]), torch.tensor([[1]]), torch.tensor([[-1.0]]), 5)
+        sparse_candidates(
+            torch.tensor([[1]]), torch.tensor([[float("nan")]]), torch.tensor([[1]]), torch.tensor([[-1.0]]), 5
+        )
 
 
 def test_logits_instead_of_log_probs_are_reported():
@@ -201,4 +207,6 @@ def test_batch_size_mismatch_is_reported():
 
 def test_non_positive_temperature_is_reported():
     with pytest.raises(ValueError, match=r"`temperature` \(=0.0\) has to be a strictly positive"):
-        sparse_candidates(torch.tensor([[1]]), torch.tensor([[-1.0]]), torch.tensor([[1]]), torch.tensor([[-1.0]]), 5, temperature=0.0)
+        sparse_candidates(
+            torch.tensor([[1]]), torch.tensor([[-1.0]]), torch.tensor([[1]]), torch.tensor([[-1.0]]), 5, temperature=0.0
+        )

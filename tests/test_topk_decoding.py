@@ -42,7 +42,7 @@ def test_canonical_top_k_keeps_the_k_largest_unique_ids_in_id_order():
         expected = _reference_row(ids[row].tolist(), logp[row].tolist(), k, V)
         kept = [(i, v) for i, v in zip(got_ids[row].tolist(), got_logp[row].tolist()) if i >= 0]
         assert kept == expected
-        assert got_ids[row, len(kept):].eq(-1).all() and got_logp[row, len(kept):].eq(-math.inf).all()
+        assert got_ids[row, len(kept) :].eq(-1).all() and got_logp[row, len(kept) :].eq(-math.inf).all()
         unique = {i: v for i, v in zip(ids[row].tolist(), logp[row].tolist()) if i >= 0}
         top = sorted(unique.items(), key=lambda item: (-item[1], item[0]))[:k]
         total_dropped += sum(i >= V for i, _ in top)
@@ -94,7 +94,9 @@ def test_engine_settings_that_break_driven_decode_are_refused_with_the_fix():
         VLLMEngineSpec("m", engine_kwargs={"async_scheduling": True})
     with pytest.raises(ValueError, match="logits_processors"):
         VLLMEngineSpec("m", engine_kwargs={"logits_processors": ["x:Y"]})
-    kwargs = VLLMEngineSpec("m", max_model_len=16384, engine_kwargs={"block_size": 32}).engine_kwargs_for(max_num_seqs=8)
+    kwargs = VLLMEngineSpec("m", max_model_len=16384, engine_kwargs={"block_size": 32}).engine_kwargs_for(
+        max_num_seqs=8
+    )
     assert kwargs["max_num_batched_tokens"] == 16384 and kwargs["block_size"] == 32 and kwargs["max_num_seqs"] == 8
     assert kwargs["enable_chunked_prefill"] is False and kwargs["async_scheduling"] is False
     with pytest.raises(ValueError, match="cannot exceed `max_concurrency`"):
@@ -105,10 +107,16 @@ def test_engine_settings_that_break_driven_decode_are_refused_with_the_fix():
 
 def test_engine_arguments_from_the_command_line():
     items = ["dtype=float32", "base.max_model_len=1024", "teacher.gpu_memory_utilization=0.4", "block_size=32"]
-    assert engine_arguments(items, "base") == {"dtype": "float32", "max_model_len": 1024,
-                                               "engine_kwargs": {"block_size": 32}}
-    assert engine_arguments(items, "teacher") == {"dtype": "float32", "gpu_memory_utilization": 0.4,
-                                                  "engine_kwargs": {"block_size": 32}}
+    assert engine_arguments(items, "base") == {
+        "dtype": "float32",
+        "max_model_len": 1024,
+        "engine_kwargs": {"block_size": 32},
+    }
+    assert engine_arguments(items, "teacher") == {
+        "dtype": "float32",
+        "gpu_memory_utilization": 0.4,
+        "engine_kwargs": {"block_size": 32},
+    }
     with pytest.raises(ValueError, match="KEY=VALUE"):
         engine_arguments(["dtype"], "base")
     with pytest.raises(ValueError, match="`base.` or `teacher.`"):

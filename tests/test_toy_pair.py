@@ -109,7 +109,11 @@ def test_fresh_process_loads_offline(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path))
     proc = subprocess.run(
         [sys.executable, "-c", code, str(BASE_DIR), str(TEACHER_DIR), str(TOKENIZER_DIR)],
-        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == repr(TEACHER_PROMPT_TEMPLATE.format(prompt="12+34="))

@@ -41,9 +41,7 @@ def length_reward(completions, **kwargs):
 
 
 def toy_dataset(rows: int = 8) -> Dataset:
-    return Dataset.from_dict(
-        {"prompt": (PROMPTS * rows)[:rows], "teacher_prompt": (TEACHER_PROMPTS * rows)[:rows]}
-    )
+    return Dataset.from_dict({"prompt": (PROMPTS * rows)[:rows], "teacher_prompt": (TEACHER_PROMPTS * rows)[:rows]})
 
 
 def training_args(config_cls=OptimalSamplingGRPOConfig, **overrides):
@@ -67,7 +65,9 @@ def training_args(config_cls=OptimalSamplingGRPOConfig, **overrides):
     return config_cls(**options)
 
 
-def make_trainer(teacher=None, trainer_cls=OptimalSamplingGRPOTrainer, config_cls=OptimalSamplingGRPOConfig, **overrides):
+def make_trainer(
+    teacher=None, trainer_cls=OptimalSamplingGRPOTrainer, config_cls=OptimalSamplingGRPOConfig, **overrides
+):
     teacher = tiny_causal_lm(VOCAB, seed=1, logit_scale=4.0) if teacher is None else teacher
     return trainer_cls(
         tiny_causal_lm(VOCAB, seed=0),
@@ -159,7 +159,11 @@ def run_vanilla(max_steps=3):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(num_on_policy_generations=4), dict(alpha_method="fixed", alpha=0.0), dict(alpha_method="kl_symmetry", alpha_max=0.0)],
+    [
+        dict(num_on_policy_generations=4),
+        dict(alpha_method="fixed", alpha=0.0),
+        dict(alpha_method="kl_symmetry", alpha_max=0.0),
+    ],
     ids=["k=G", "alpha=0", "alpha_max=0"],
 )
 def test_all_rows_on_policy_reproduce_vanilla_grpo_exactly(overrides):
@@ -183,8 +187,9 @@ def test_the_fast_samplers_step_draws_the_eager_loops_rollouts_across_optimizer_
     step's rollouts come after an in-place optimizer update, which the decoder must see."""
     runs = {}
     for mode in ("off", "eager"):
-        trainer = make_trainer(sampler_fast=mode, alpha_method="kl_symmetry", teacher_prompt_template="{teacher_prompt}",
-                               max_steps=2)
+        trainer = make_trainer(
+            sampler_fast=mode, alpha_method="kl_symmetry", teacher_prompt_template="{teacher_prompt}", max_steps=2
+        )
         rollouts = []
         original = trainer._sample_optimal
 
@@ -208,8 +213,9 @@ def test_the_fast_samplers_step_draws_the_eager_loops_rollouts_across_optimizer_
         torch.testing.assert_close(b.alpha, a.alpha, atol=1e-5, rtol=0)
         assert torch.equal(b.token_mask, a.token_mask)
         for name in ("kl_theta", "kl_t", "entropy_q"):
-            torch.testing.assert_close(b.diagnostics[name][a.token_mask], a.diagnostics[name][a.token_mask].float(),
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                b.diagnostics[name][a.token_mask], a.diagnostics[name][a.token_mask].float(), atol=1e-4, rtol=1e-4
+            )
     assert fast_losses == pytest.approx(loop_losses, abs=1e-5)
 
 
@@ -238,8 +244,14 @@ def test_mixed_groups_sample_the_first_k_rows_of_each_group_from_the_policy(monk
         return out
 
     monkeypatch.setattr(common, "sample_rollouts", spy)
-    trainer = make_trainer(max_steps=1, num_on_policy_generations=1, alpha_method="fixed", alpha=0.7,
-                           importance_weighting="token_truncate", advantage_baseline="on_policy")
+    trainer = make_trainer(
+        max_steps=1,
+        num_on_policy_generations=1,
+        alpha_method="fixed",
+        alpha=0.7,
+        importance_weighting="token_truncate",
+        advantage_baseline="on_policy",
+    )
     inputs = capture_batches(trainer)
     trainer.train()
     rollouts, batch = seen[0], inputs[0]
@@ -260,8 +272,9 @@ def test_mixed_groups_sample_the_first_k_rows_of_each_group_from_the_policy(monk
 
 
 def test_on_policy_baseline_advantages_are_reward_minus_the_on_policy_mean_over_trls_scale():
-    trainer = make_trainer(max_steps=1, num_on_policy_generations=2, alpha_method="fixed", alpha=0.7,
-                           advantage_baseline="on_policy")
+    trainer = make_trainer(
+        max_steps=1, num_on_policy_generations=2, alpha_method="fixed", alpha=0.7, advantage_baseline="on_policy"
+    )
     inputs = capture_batches(trainer)
     trainer.train()
     rewards = trainer._rollout_rewards.view(2, 4)  # what TRL's reward functions returned for this batch
@@ -272,8 +285,14 @@ def test_on_policy_baseline_advantages_are_reward_minus_the_on_policy_mean_over_
 
 
 def test_q_star_weights_reach_the_loss():
-    trainer = make_trainer(alpha_method="fixed", alpha=0.6, max_steps=1, num_on_policy_generations=0,
-                           importance_weighting="shaping", advantage_baseline="is")
+    trainer = make_trainer(
+        alpha_method="fixed",
+        alpha=0.6,
+        max_steps=1,
+        num_on_policy_generations=0,
+        importance_weighting="shaping",
+        advantage_baseline="is",
+    )
     seen = {}
     compute_loss = trainer._compute_loss
 
@@ -295,21 +314,46 @@ def test_q_star_weights_reach_the_loss():
 
 
 def test_alpha_kl_and_importance_metrics_reach_log_history():
-    trainer = make_trainer(teacher_prompt_template="{teacher_prompt}", importance_weighting="token_truncate",
-                           advantage_baseline="on_policy", alpha_method="kl_symmetry")
+    trainer = make_trainer(
+        teacher_prompt_template="{teacher_prompt}",
+        importance_weighting="token_truncate",
+        advantage_baseline="on_policy",
+        alpha_method="kl_symmetry",
+    )
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2
     for entry in logged:
         for key in (
-            "alpha_mean", "alpha_std", "alpha_min", "alpha_max", "kl_theta", "kl_t",
-            "is_weight_mean", "is_weight_min", "is_weight_max", "is_weight_ess", "is_clipped_frac",
-            "policy_mass_truncated_token", "policy_mass_truncated_seq", "on_policy_frac",
-            "reward_on_policy", "reward_qstar", "reward_policy_is", "zero_std_frac_on_policy", "zero_std_frac_qstar",
+            "alpha_mean",
+            "alpha_std",
+            "alpha_min",
+            "alpha_max",
+            "kl_theta",
+            "kl_t",
+            "is_weight_mean",
+            "is_weight_min",
+            "is_weight_max",
+            "is_weight_ess",
+            "is_clipped_frac",
+            "policy_mass_truncated_token",
+            "policy_mass_truncated_seq",
+            "on_policy_frac",
+            "reward_on_policy",
+            "reward_qstar",
+            "reward_policy_is",
+            "zero_std_frac_on_policy",
+            "zero_std_frac_qstar",
         ):
             assert f"optimal_sampling/{key}" in entry, key
         assert "sampling/importance_sampling_ratio/mean" in entry
-        assert 0.0 <= entry["optimal_sampling/alpha_min"] <= entry["optimal_sampling/alpha_mean"] <= entry["optimal_sampling/alpha_max"] <= 1.0
+        assert (
+            0.0
+            <= entry["optimal_sampling/alpha_min"]
+            <= entry["optimal_sampling/alpha_mean"]
+            <= entry["optimal_sampling/alpha_max"]
+            <= 1.0
+        )
         # KL symmetry, the default α rule, holds per token, so it holds on average.
         assert entry["optimal_sampling/kl_theta"] == pytest.approx(entry["optimal_sampling/kl_t"], abs=1e-4)
 
@@ -370,14 +414,22 @@ def test_rloo_advantages_are_recentred_and_carry_truncated_sequence_weights(monk
         return out
 
     trainer = make_trainer(
-        trainer_cls=OptimalSamplingRLOOTrainer, config_cls=OptimalSamplingRLOOConfig, beta=0.0, max_steps=1,
-        alpha_method="fixed", alpha=0.6, importance_weighting="sequence_truncate", advantage_baseline="on_policy",
+        trainer_cls=OptimalSamplingRLOOTrainer,
+        config_cls=OptimalSamplingRLOOConfig,
+        beta=0.0,
+        max_steps=1,
+        alpha_method="fixed",
+        alpha=0.6,
+        importance_weighting="sequence_truncate",
+        advantage_baseline="on_policy",
     )
     monkeypatch.setattr(RLOOTrainer, "_generate_and_score_completions", spy)  # after the init-time seam check
     import trainers._common as common
 
     rollouts = []
-    monkeypatch.setattr(common, "sample_rollouts", lambda *a, **k: rollouts.append(sample_rollouts(*a, **k)) or rollouts[-1])
+    monkeypatch.setattr(
+        common, "sample_rollouts", lambda *a, **k: rollouts.append(sample_rollouts(*a, **k)) or rollouts[-1]
+    )
     trainer.model.train()
     batch = next(iter(trainer.get_train_dataloader()))
     trainer._pending_rollouts = []
@@ -399,8 +451,11 @@ def test_rloo_refuses_token_level_weights_and_the_biased_combination():
 
 
 def test_generation_kwargs_the_sampler_honours_reach_it_and_others_are_refused_by_name():
-    trainer = make_trainer(max_steps=1, max_completion_length=6,
-                           generation_kwargs={"max_new_tokens": 3, "do_sample": True, "top_k": 0, "use_cache": True})
+    trainer = make_trainer(
+        max_steps=1,
+        max_completion_length=6,
+        generation_kwargs={"max_new_tokens": 3, "do_sample": True, "top_k": 0, "use_cache": True},
+    )
     batches = capture_batches(trainer)
     trainer.train()
     assert batches[0]["completion_mask"].sum(-1).max() <= 3
@@ -418,7 +473,9 @@ def test_mask_truncated_completions_masks_rows_that_hit_the_length_cap():
 
     eos = TOKENIZER.eos_token_id
     teacher = bias_output_layer(tiny_causal_lm(VOCAB, seed=1), eos, bias=4.0)  # q* rows often stop early
-    trainer = make_trainer(teacher=teacher, max_steps=1, alpha_method="fixed", alpha=1.0, mask_truncated_completions=True)
+    trainer = make_trainer(
+        teacher=teacher, max_steps=1, alpha_method="fixed", alpha=1.0, mask_truncated_completions=True
+    )
     batches = capture_batches(trainer)
     trainer.train()
     ids, mask = batches[0]["completion_ids"], batches[0]["completion_mask"]
@@ -442,8 +499,13 @@ def test_synced_stop_keeps_forwarding_without_changing_the_samples():
 
     base.forward = counting_forward
     options = dict(
-        teacher_prompt_ids=None, max_new_tokens=20, pad_token_id=TOKENIZER.pad_token_id, stop_token_ids=list(range(2, 40)),
-        vocab_size=VOCAB, device="cpu", q_star=QStarOptions(alpha_method="kl_symmetry"),
+        teacher_prompt_ids=None,
+        max_new_tokens=20,
+        pad_token_id=TOKENIZER.pad_token_id,
+        stop_token_ids=list(range(2, 40)),
+        vocab_size=VOCAB,
+        device="cpu",
+        q_star=QStarOptions(alpha_method="kl_symmetry"),
     )
     prompts = [TOKENIZER(p)["input_ids"] for p in PROMPTS]
     torch.manual_seed(0)
@@ -466,7 +528,10 @@ def test_synced_stop_keeps_forwarding_without_changing_the_samples():
 def test_missing_teacher_is_a_clear_error():
     with pytest.raises(ValueError, match="No teacher"):
         OptimalSamplingGRPOTrainer(
-            tiny_causal_lm(VOCAB), reward_funcs=length_reward, args=training_args(), train_dataset=toy_dataset(),
+            tiny_causal_lm(VOCAB),
+            reward_funcs=length_reward,
+            args=training_args(),
+            train_dataset=toy_dataset(),
             processing_class=TOKENIZER,
         )
 
@@ -475,8 +540,13 @@ def test_teacher_with_another_vocabulary_is_a_clear_error():
     other = tiny_tokenizer(extra_words=("zebra",))
     with pytest.raises(ValueError, match="Incompatible teacher.*different vocabularies"):
         OptimalSamplingGRPOTrainer(
-            tiny_causal_lm(VOCAB), reward_funcs=length_reward, args=training_args(), train_dataset=toy_dataset(),
-            processing_class=TOKENIZER, teacher_model=tiny_causal_lm(len(other)), teacher_processing_class=other,
+            tiny_causal_lm(VOCAB),
+            reward_funcs=length_reward,
+            args=training_args(),
+            train_dataset=toy_dataset(),
+            processing_class=TOKENIZER,
+            teacher_model=tiny_causal_lm(len(other)),
+            teacher_processing_class=other,
         )
 
 
@@ -495,14 +565,29 @@ def test_teacher_path_that_does_not_load_is_a_clear_error(tmp_path):
     [
         (dict(top_k=50), ValueError, "top_k=50"),
         (dict(repetition_penalty=1.2), ValueError, "repetition_penalty"),
-        (dict(sampler_backend="vllm", sampler_theta_url="http://a", sampler_t_url="http://b", importance_weighting="mis"),
-         ValueError, "needs log q.* of the on-policy rows"),
-        (dict(sampler_backend="vllm", sampler_theta_url="http://a", sampler_t_url="http://b", teacher_top_p=0.9),
-         ValueError, "teacher_top_p"),
+        (
+            dict(
+                sampler_backend="vllm",
+                sampler_theta_url="http://a",
+                sampler_t_url="http://b",
+                importance_weighting="mis",
+            ),
+            ValueError,
+            "needs log q.* of the on-policy rows",
+        ),
+        (
+            dict(sampler_backend="vllm", sampler_theta_url="http://a", sampler_t_url="http://b", teacher_top_p=0.9),
+            ValueError,
+            "teacher_top_p",
+        ),
         (dict(alpha_method="fixed", alpha=None), ValueError, "needs `alpha=`"),
         (dict(alpha_method="kl_budget"), ValueError, "needs `kl_budget=`"),
         (dict(importance_weighting="token_truncate"), ValueError, "biased"),
-        (dict(num_on_policy_generations=0, advantage_baseline="on_policy"), ValueError, "num_on_policy_generations` is 0"),
+        (
+            dict(num_on_policy_generations=0, advantage_baseline="on_policy"),
+            ValueError,
+            "num_on_policy_generations` is 0",
+        ),
         (dict(teacher_decay_ratio=1.5), ValueError, "teacher_decay_ratio"),
     ],
 )
@@ -528,18 +613,43 @@ def test_two_process_accelerate_run_completes(tmp_path):
         TOKENIZER.save_pretrained(tmp_path / name)
     toy_dataset().add_column("answer", ["two"] * 8).to_json(tmp_path / "data.jsonl")
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "recipes/accelerate/multi_cpu.yaml"),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "recipes/accelerate/multi_cpu.yaml"),
         str(REPO / "recipes/grpo.py"),
-        "--model_name_or_path", str(tmp_path / "base"),
-        "--teacher_model_name_or_path", str(tmp_path / "teacher"),
-        "--teacher_prompt_template", "{teacher_prompt}",
-        "--dataset_name", str(tmp_path / "data.jsonl"),
-        "--reward_funcs", "optimal_sampling.toy.task:exact_match_reward",
-        "--output_dir", str(tmp_path / "out"),
-        "--per_device_train_batch_size", "2", "--num_generations", "4", "--max_completion_length", "8",
-        "--max_steps", "2", "--logging_steps", "1", "--use_cpu", "--bf16", "false",
-        "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
+        "--model_name_or_path",
+        str(tmp_path / "base"),
+        "--teacher_model_name_or_path",
+        str(tmp_path / "teacher"),
+        "--teacher_prompt_template",
+        "{teacher_prompt}",
+        "--dataset_name",
+        str(tmp_path / "data.jsonl"),
+        "--reward_funcs",
+        "optimal_sampling.toy.task:exact_match_reward",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--per_device_train_batch_size",
+        "2",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "8",
+        "--max_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--use_cpu",
+        "--bf16",
+        "false",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
     ]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)

@@ -59,14 +59,35 @@ def train_two_steps(tmp_path, **fields):
     tokenizer = AutoTokenizer.from_pretrained(TOY / "base")
     policy = AutoModelForCausalLM.from_pretrained(TOY / "base", dtype=torch.float32)
     args = OptimalSamplingGRPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
-        max_steps=2, learning_rate=0.02, report_to="none", use_cpu=True, bf16=False, logging_steps=1,
-        save_strategy="no", disable_tqdm=True, seed=11, teacher_prompt_template="{teacher_prompt}",
-        teacher_model_name_or_path=str(TOY / "teacher"), alpha_method="kl_symmetry",
-        importance_weighting="token_truncate", advantage_baseline="on_policy", **fields)
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        learning_rate=0.02,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=11,
+        teacher_prompt_template="{teacher_prompt}",
+        teacher_model_name_or_path=str(TOY / "teacher"),
+        alpha_method="kl_symmetry",
+        importance_weighting="token_truncate",
+        advantage_baseline="on_policy",
+        **fields,
+    )
     keep = _KeepWeights()
-    trainer = OptimalSamplingGRPOTrainer(policy, reward_funcs=spread_reward, args=args, train_dataset=dataset,
-                                         processing_class=tokenizer, callbacks=[keep])
+    trainer = OptimalSamplingGRPOTrainer(
+        policy,
+        reward_funcs=spread_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[keep],
+    )
     trainer.train()
     return trainer, policy, keep.after_step
 
@@ -76,8 +97,13 @@ def check_log_history(trainer) -> None:
     logs = [entry for entry in trainer.state.log_history if "optimal_sampling/weight_version" in entry]
     assert [entry["optimal_sampling/weight_version"] for entry in logs] == [0.0, 1.0]
     for entry in logs:
-        for name in ("optimal_sampling/is_weight_mean", "optimal_sampling/alpha_mean", "optimal_sampling/kl_theta",
-                     "sampling/importance_sampling_ratio/mean", "optimal_sampling/on_policy_frac"):
+        for name in (
+            "optimal_sampling/is_weight_mean",
+            "optimal_sampling/alpha_mean",
+            "optimal_sampling/kl_theta",
+            "sampling/importance_sampling_ratio/mean",
+            "optimal_sampling/on_policy_frac",
+        ):
             assert math.isfinite(entry[name]), (name, entry)
         assert entry["optimal_sampling/on_policy_frac"] == 0.5
         assert 0.0 < entry["optimal_sampling/alpha_mean"] < 1.0  # the KL-symmetric blend on the q* rows
@@ -107,19 +133,29 @@ PREFIXES = [[5, 9, 12], [7, 3, 8, 21, 4], [30, 2]]
 def test_two_step_grpo_through_two_servers_loads_each_steps_weights(servers, tmp_path):
     from optimal_sampling.servers import CoordinatorConfig, DualVLLMCoordinator
 
-    config = CoordinatorConfig(theta_url=servers["OPTIMAL_SAMPLING_THETA_URL"], t_url=servers["OPTIMAL_SAMPLING_T_URL"],
-                               top_k=16, theta_tokenizer=str(TOY / "base"), t_tokenizer=str(TOY / "teacher"))
+    config = CoordinatorConfig(
+        theta_url=servers["OPTIMAL_SAMPLING_THETA_URL"],
+        t_url=servers["OPTIMAL_SAMPLING_T_URL"],
+        top_k=16,
+        theta_tokenizer=str(TOY / "base"),
+        t_tokenizer=str(TOY / "teacher"),
+    )
 
     def distribution(prefixes, vocab):
         async def run():
             async with DualVLLMCoordinator(config) as coordinator:
                 return await coordinator.next_token_distribution(prefixes, top_k=vocab)
+
         return asyncio.run(run())
 
     try:
         trainer, _, after_step = train_two_steps(
-            tmp_path, sampler_backend="vllm", sampler_theta_url=servers["OPTIMAL_SAMPLING_THETA_URL"],
-            sampler_t_url=servers["OPTIMAL_SAMPLING_T_URL"], sampler_top_k=16)
+            tmp_path,
+            sampler_backend="vllm",
+            sampler_theta_url=servers["OPTIMAL_SAMPLING_THETA_URL"],
+            sampler_t_url=servers["OPTIMAL_SAMPLING_T_URL"],
+            sampler_top_k=16,
+        )
         check_log_history(trainer)
         assert trainer._vllm_sampler.get_statistics()["weight_loads"] == 2  # before each rollout: steps 0 and 1
         # The server now holds the weights of step 1 (loaded before the second rollout), not the original ones.
@@ -127,9 +163,11 @@ def test_two_step_grpo_through_two_servers_loads_each_steps_weights(servers, tmp
         assert served_matches(distribution, after_step[2], PREFIXES) > 1e-3
         trainer.close_sampler()
     finally:  # the other server tests need the original base weights back
+
         async def restore():
             async with DualVLLMCoordinator(config) as coordinator:
                 await coordinator.load_base_weights(str(TOY / "base"))
+
         asyncio.run(restore())
     from transformers import AutoModelForCausalLM
 
@@ -140,8 +178,16 @@ def test_two_step_grpo_through_two_servers_loads_each_steps_weights(servers, tmp
 def test_vllm_backends_refuse_what_they_cannot_record(tmp_path):
     from trainers import OptimalSamplingGRPOConfig
 
-    common = dict(output_dir=str(tmp_path), num_generations=4, report_to="none", use_cpu=True, bf16=False,
-                  sampler_backend="vllm", sampler_theta_url="http://127.0.0.1:1", sampler_t_url="http://127.0.0.1:2")
+    common = dict(
+        output_dir=str(tmp_path),
+        num_generations=4,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        sampler_backend="vllm",
+        sampler_theta_url="http://127.0.0.1:1",
+        sampler_t_url="http://127.0.0.1:2",
+    )
     with pytest.raises(ValueError, match="importance_weighting='mis' needs log q\\*\\(y\\) of the on-policy rows"):
         OptimalSamplingGRPOConfig(**common, importance_weighting="mis")
     with pytest.raises(ValueError, match="advantage_baseline='is' needs"):
@@ -149,9 +195,15 @@ def test_vllm_backends_refuse_what_they_cannot_record(tmp_path):
     with pytest.raises(ValueError, match="`teacher_top_p` .* is not supported by sampler_backend='vllm'"):
         OptimalSamplingGRPOConfig(**common, teacher_top_p=0.9)
     # The top-k step takes the α rules and the forced teacher tokens (issue 17: every option reaches every front).
-    config = OptimalSamplingGRPOConfig(**common, alpha_method="kl_budget", kl_budget=0.1, force_teacher_first_tokens=2,
-                                       empty_support="base")
+    config = OptimalSamplingGRPOConfig(
+        **common, alpha_method="kl_budget", kl_budget=0.1, force_teacher_first_tokens=2, empty_support="base"
+    )
     assert (config.q_star.kl_budget, config.q_star.force_teacher_first_tokens, config.q_star.empty_support) == (
-        0.1, 2, "base")
+        0.1,
+        2,
+        "base",
+    )
     with pytest.raises(ValueError, match="sampler_engine_args"):
-        OptimalSamplingGRPOConfig(**{**common, "sampler_backend": "transformers"}, sampler_engine_args=["dtype=float32"])
+        OptimalSamplingGRPOConfig(
+            **{**common, "sampler_backend": "transformers"}, sampler_engine_args=["dtype=float32"]
+        )

@@ -17,8 +17,14 @@ A_QUICK_TEST = "tests/test_coordinator_config.py::test_api_keys_are_not_in_the_r
 def pytest_without_servers(tmp_path, **env) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OPTIMAL_SAMPLING_") and k != "CI"}
     clean["OPTIMAL_SAMPLING_VLLM_ENV_FILE"] = str(tmp_path / "no-servers.env")
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", SOME_SERVER_TEST,
-                           A_QUICK_TEST], cwd=REPO, env={**clean, **env}, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", SOME_SERVER_TEST, A_QUICK_TEST],
+        cwd=REPO,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_without_servers_their_tests_are_left_out_with_one_line_saying_how_to_start_them(tmp_path):

@@ -24,12 +24,22 @@ import vllm_servers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_VENV_TESTS = [
-    "tests/test_engines.py", "tests/test_engines_cli.py", "tests/test_engines_pipeline.py",  # only there
+    "tests/test_engines.py",
+    "tests/test_engines_cli.py",
+    "tests/test_engines_pipeline.py",  # only there
     "tests/test_engines_trainer.py",
-    "tests/test_servers.py", "tests/test_topk_decoding.py", "tests/test_compat.py", "tests/test_sparse.py",
+    "tests/test_servers.py",
+    "tests/test_topk_decoding.py",
+    "tests/test_compat.py",
+    "tests/test_sparse.py",
     "tests/test_mixture.py",
-    "tests/test_alpha.py", "optimal_sampling/alpha.py", "optimal_sampling/mixture.py", "optimal_sampling/sparse.py",
-    "optimal_sampling/topk_decoding.py", "optimal_sampling/compat.py", "optimal_sampling/servers",
+    "tests/test_alpha.py",
+    "optimal_sampling/alpha.py",
+    "optimal_sampling/mixture.py",
+    "optimal_sampling/sparse.py",
+    "optimal_sampling/topk_decoding.py",
+    "optimal_sampling/compat.py",
+    "optimal_sampling/servers",
     "optimal_sampling/engines",
 ]
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
@@ -37,32 +47,58 @@ IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
 
 def vllm_venv() -> Path | None:
     venv = os.environ.get("OPTIMAL_SAMPLING_VLLM_VENV") or (vllm_servers.servers_from_env() or {}).get(
-        "OPTIMAL_SAMPLING_VLLM_VENV")
+        "OPTIMAL_SAMPLING_VLLM_VENV"
+    )
     return Path(venv) if venv else None
 
 
 def test_core_server_and_engine_tests_pass_beside_vllm(tmp_path):
     venv = vllm_venv()
     if venv is None:
-        hint = ("no vLLM venv for the tests that run beside vLLM: start the servers with tests/vllm_servers.py "
-                "(it records the venv) or set OPTIMAL_SAMPLING_VLLM_VENV, after `VENV/bin/pip install -e .`")
+        hint = (
+            "no vLLM venv for the tests that run beside vLLM: start the servers with tests/vllm_servers.py "
+            "(it records the venv) or set OPTIMAL_SAMPLING_VLLM_VENV, after `VENV/bin/pip install -e .`"
+        )
         if IN_CI:
             pytest.fail(f"CI must run the tests beside vLLM, but {hint}")
         pytest.skip(hint)
     python = venv / "bin" / "python"
-    probe = subprocess.run([str(python), "-c", "import vllm, optimal_sampling; print(optimal_sampling.__file__)"],
-                           capture_output=True, text=True, cwd=ROOT)
+    probe = subprocess.run(
+        [str(python), "-c", "import vllm, optimal_sampling; print(optimal_sampling.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if probe.returncode != 0 or not probe.stdout.strip().startswith(str(ROOT)):
-        pytest.fail(f"{python} cannot import vllm and this checkout's optimal_sampling ({probe.stdout.strip()} "
-                    f"{probe.stderr.strip()[-400:]}); run `{venv}/bin/pip install -e {ROOT}`.")
+        pytest.fail(
+            f"{python} cannot import vllm and this checkout's optimal_sampling ({probe.stdout.strip()} "
+            f"{probe.stderr.strip()[-400:]}); run `{venv}/bin/pip install -e {ROOT}`."
+        )
     report = tmp_path / "vllm-venv.xml"
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    run = subprocess.run([str(python), "-m", "pytest", *VLLM_VENV_TESTS, "-p", "no:cacheprovider", "-q", "-rfEs",
-                          f"--junitxml={report}"], capture_output=True, text=True, cwd=ROOT, env=env)
+    run = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pytest",
+            *VLLM_VENV_TESTS,
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rfEs",
+            f"--junitxml={report}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     print(run.stdout[-6000:])  # shown with -rA / on failure
     suite = ElementTree.parse(report).getroot() if report.exists() else None
     if suite is None:
-        pytest.fail(f"the tests beside vLLM did not run (exit code {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        pytest.fail(
+            f"the tests beside vLLM did not run (exit code {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+        )
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     cases = suite.findall("testcase")
     failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]

@@ -55,8 +55,10 @@ DEFAULT_VENV = REPO / ".venv-vllm"
 TOY_ASSETS = REPO / "optimal_sampling" / "toy" / "assets"
 
 # What a test run without servers says, once (tests/conftest.py).
-SKIP_HINT = ("no vLLM servers: start two with `python tests/vllm_servers.py up` "
-             "(installs vLLM into .venv-vllm the first time; tests/VLLM_SERVERS.md)")
+SKIP_HINT = (
+    "no vLLM servers: start two with `python tests/vllm_servers.py up` "
+    "(installs vLLM into .venv-vllm the first time; tests/VLLM_SERVERS.md)"
+)
 
 
 def in_ci() -> bool:
@@ -155,12 +157,16 @@ def _cpus() -> list[int]:
 def vllm_python(venv: str | None) -> str:
     venv = venv or os.environ.get("VLLM_VENV")
     if not venv:
-        raise SystemExit("no vLLM venv: pass --venv DIR or set VLLM_VENV, or run `python tests/vllm_servers.py up`, "
-                         "which installs one into .venv-vllm")
+        raise SystemExit(
+            "no vLLM venv: pass --venv DIR or set VLLM_VENV, or run `python tests/vllm_servers.py up`, "
+            "which installs one into .venv-vllm"
+        )
     py = Path(venv) / "bin" / "python"
     if not py.exists():
-        raise SystemExit(f"{py} does not exist; run `.ci/install_vllm.sh {venv}` first "
-                         "(or `python tests/vllm_servers.py up`, which does both)")
+        raise SystemExit(
+            f"{py} does not exist; run `.ci/install_vllm.sh {venv}` first "
+            "(or `python tests/vllm_servers.py up`, which does both)"
+        )
     return str(py)
 
 
@@ -169,22 +175,44 @@ def install_vllm(venv) -> None:
     subprocess.run(["bash", str(REPO / ".ci" / "install_vllm.sh"), str(venv)], check=True)
 
 
-def server_command(python: str, model_dir: str, name: str, port: int, *, max_logprobs: int = -1,
-                   max_model_len: int = 512, kv_cache: str = "64M", host: str = "127.0.0.1",
-                   block_size: int | None = 32, extra_args=()) -> list[str]:
+def server_command(
+    python: str,
+    model_dir: str,
+    name: str,
+    port: int,
+    *,
+    max_logprobs: int = -1,
+    max_model_len: int = 512,
+    kv_cache: str = "64M",
+    host: str = "127.0.0.1",
+    block_size: int | None = 32,
+    extra_args=(),
+) -> list[str]:
     return [
-        python, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir),
-        "--served-model-name", name,
-        "--host", host,
-        "--port", str(port),
-        "--dtype", "float32",              # "auto" silently casts fp32 weights to bf16
-        "--max-model-len", str(max_model_len),
-        "--max-logprobs", str(max_logprobs),  # -1: the whole vocabulary
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",  # "auto" silently casts fp32 weights to bf16
+        "--max-model-len",
+        str(max_model_len),
+        "--max-logprobs",
+        str(max_logprobs),  # -1: the whole vocabulary
         "--enforce-eager",
-        "--kv-cache-memory-bytes", kv_cache,  # required on these machines; "M" = 2^20
-        "--generation-config", "vllm",     # ignore the model's generation_config.json defaults
-        "--seed", "0",
+        "--kv-cache-memory-bytes",
+        kv_cache,  # required on these machines; "M" = 2^20
+        "--generation-config",
+        "vllm",  # ignore the model's generation_config.json defaults
+        "--seed",
+        "0",
         # The CPU default block size is 128, and only whole blocks are cached, so a re-sent prefix
         # shorter than 128 tokens (every coordinator step re-sends one) is prefilled again each
         # time. 32 is the smallest block the CPU attention backend accepts.
@@ -199,14 +227,14 @@ def server_env(cpu: str, tmpdir: str) -> dict:
     for key in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
         env.pop(key, None)
     env.update(
-        VLLM_CPU_OMP_THREADS_BIND=cpu,   # one core per server (default pins both to core 0)
-        TORCHDYNAMO_DISABLE="1",         # else the first logprob request compiles ~14 s
+        VLLM_CPU_OMP_THREADS_BIND=cpu,  # one core per server (default pins both to core 0)
+        TORCHDYNAMO_DISABLE="1",  # else the first logprob request compiles ~14 s
         VLLM_HOST_IP="127.0.0.1",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
-        TMPDIR=tmpdir,                   # each start leaves IPC socket files here
+        TMPDIR=tmpdir,  # each start leaves IPC socket files here
         PYTHONUNBUFFERED="1",
         # /pause, /collective_rpc, /reset_prefix_cache, /resume: how a trainer loads new policy
         # weights into the base server without NCCL (DualVLLMCoordinator.load_base_weights).
@@ -225,8 +253,10 @@ def _wait_ready(url: str, model: str, proc: subprocess.Popen, log: str, deadline
     last_err = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"vLLM server {model} ({url}) exited with code {proc.returncode}.\n"
-                               f"--- {log} (tail) ---\n{_log_tail(log)}")
+            raise RuntimeError(
+                f"vLLM server {model} ({url}) exited with code {proc.returncode}.\n"
+                f"--- {log} (tail) ---\n{_log_tail(log)}"
+            )
         try:
             if not healthy:
                 status, _ = http_json(url + "/health", timeout=5)
@@ -237,9 +267,11 @@ def _wait_ready(url: str, model: str, proc: subprocess.Popen, log: str, deadline
         except (OSError, RuntimeError) as e:  # connection refused, reset, engine warming up
             last_err = e
         time.sleep(0.5)
-    raise TimeoutError(f"vLLM server {model} ({url}) not ready within the timeout "
-                       f"(healthy={healthy}, last error: {last_err}).\n"
-                       f"--- {log} (tail) ---\n{_log_tail(log)}")
+    raise TimeoutError(
+        f"vLLM server {model} ({url}) not ready within the timeout "
+        f"(healthy={healthy}, last error: {last_err}).\n"
+        f"--- {log} (tail) ---\n{_log_tail(log)}"
+    )
 
 
 def write_env_file(path, cfg: dict) -> None:
@@ -262,11 +294,28 @@ def read_env_file(path) -> dict:
     return cfg
 
 
-def start_servers(base_dir, teacher_dir, *, venv=None, base_port=8100, teacher_port=8101,
-                  base_name="base", teacher_name="teacher", env_file=None, log_dir=None,
-                  max_logprobs=-1, max_model_len=512, kv_cache="64M", timeout=300.0,
-                  cpus=None, extra_args=(), verbose=True, base_extra_args=(), teacher_extra_args=(),
-                  block_size=32) -> dict:
+def start_servers(
+    base_dir,
+    teacher_dir,
+    *,
+    venv=None,
+    base_port=8100,
+    teacher_port=8101,
+    base_name="base",
+    teacher_name="teacher",
+    env_file=None,
+    log_dir=None,
+    max_logprobs=-1,
+    max_model_len=512,
+    kv_cache="64M",
+    timeout=300.0,
+    cpus=None,
+    extra_args=(),
+    verbose=True,
+    base_extra_args=(),
+    teacher_extra_args=(),
+    block_size=32,
+) -> dict:
     """Start both servers, wait until each answered a real logprob request, return the config.
 
     `extra_args` go to both servers, `base_extra_args` / `teacher_extra_args` to one. On any
@@ -288,8 +337,10 @@ def start_servers(base_dir, teacher_dir, *, venv=None, base_port=8100, teacher_p
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="vllm-servers-"))
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    specs = [("THETA", base_dir, base_name, base_port, cpus[0], base_extra_args),
-             ("T", teacher_dir, teacher_name, teacher_port, cpus[1], teacher_extra_args)]
+    specs = [
+        ("THETA", base_dir, base_name, base_port, cpus[0], base_extra_args),
+        ("T", teacher_dir, teacher_name, teacher_port, cpus[1], teacher_extra_args),
+    ]
     procs, cfg = {}, {}
     t_start = time.monotonic()
     try:
@@ -297,30 +348,45 @@ def start_servers(base_dir, teacher_dir, *, venv=None, base_port=8100, teacher_p
             tmpdir = log_dir / f"tmp-{name}"
             tmpdir.mkdir(exist_ok=True)
             log = log_dir / f"{name}.log"
-            cmd = server_command(python, model_dir, name, port, max_logprobs=max_logprobs,
-                                 max_model_len=max_model_len, kv_cache=kv_cache, block_size=block_size,
-                                 extra_args=(*extra_args, *own_args))
+            cmd = server_command(
+                python,
+                model_dir,
+                name,
+                port,
+                max_logprobs=max_logprobs,
+                max_model_len=max_model_len,
+                kv_cache=kv_cache,
+                block_size=block_size,
+                extra_args=(*extra_args, *own_args),
+            )
             with open(log, "w") as logf:
                 logf.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
                 logf.flush()
                 # Own session: the server and its engine process form a group we can
                 # clean up without touching anything else.
-                procs[role] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL,
-                                               env=server_env(cpu, str(tmpdir)),
-                                               start_new_session=True)
+                procs[role] = subprocess.Popen(
+                    cmd,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=server_env(cpu, str(tmpdir)),
+                    start_new_session=True,
+                )
             url = f"http://127.0.0.1:{port}"
-            cfg.update({
-                f"{PREFIX}{role}_URL": url,
-                f"{PREFIX}{role}_MODEL": name,
-                f"{PREFIX}{role}_MODEL_DIR": str(Path(model_dir).resolve()),
-                f"{PREFIX}{role}_PID": procs[role].pid,
-                f"{PREFIX}{role}_LOG": str(log),
-                f"{PREFIX}{role}_TMPDIR": str(tmpdir),
-            })
+            cfg.update(
+                {
+                    f"{PREFIX}{role}_URL": url,
+                    f"{PREFIX}{role}_MODEL": name,
+                    f"{PREFIX}{role}_MODEL_DIR": str(Path(model_dir).resolve()),
+                    f"{PREFIX}{role}_PID": procs[role].pid,
+                    f"{PREFIX}{role}_LOG": str(log),
+                    f"{PREFIX}{role}_TMPDIR": str(tmpdir),
+                }
+            )
             if verbose:
-                print(f"[vllm_servers] started {name} (pid {procs[role].pid}, cpu {cpu}) "
-                      f"on {url}, log {log}", flush=True)
+                print(
+                    f"[vllm_servers] started {name} (pid {procs[role].pid}, cpu {cpu}) on {url}, log {log}", flush=True
+                )
         cfg[f"{PREFIX}MAX_LOGPROBS"] = max_logprobs
         cfg[f"{PREFIX}VLLM_VENV"] = os.path.dirname(os.path.dirname(os.path.abspath(python)))  # engine tests run there
         if env_file:
@@ -328,11 +394,9 @@ def start_servers(base_dir, teacher_dir, *, venv=None, base_port=8100, teacher_p
             write_env_file(env_file, cfg)
         deadline = time.monotonic() + timeout
         for role, _, name, _, _, _ in specs:
-            _wait_ready(cfg[f"{PREFIX}{role}_URL"], name, procs[role],
-                        cfg[f"{PREFIX}{role}_LOG"], deadline)
+            _wait_ready(cfg[f"{PREFIX}{role}_URL"], name, procs[role], cfg[f"{PREFIX}{role}_LOG"], deadline)
             if verbose:
-                print(f"[vllm_servers] {name} ready after {time.monotonic() - t_start:.1f} s",
-                      flush=True)
+                print(f"[vllm_servers] {name} ready after {time.monotonic() - t_start:.1f} s", flush=True)
     except BaseException:
         stop_servers(cfg, verbose=verbose)
         raise
@@ -390,8 +454,7 @@ def stop_servers(cfg: dict, grace: float = 20.0, verbose: bool = True) -> None:
         if tmpdir and Path(tmpdir).name.startswith("tmp-"):
             shutil.rmtree(tmpdir, ignore_errors=True)  # IPC sockets left by the server
         if verbose:
-            print(f"[vllm_servers] {cfg.get(f'{PREFIX}{role}_MODEL', role)} "
-                  f"pid {pid}: {status}", flush=True)
+            print(f"[vllm_servers] {cfg.get(f'{PREFIX}{role}_MODEL', role)} pid {pid}: {status}", flush=True)
 
 
 # --------------------------------------------------------------------------- pytest helpers
@@ -439,16 +502,21 @@ def main(argv=None) -> int:
     st.add_argument("--max-logprobs", type=int, default=-1, help="-1 = whole vocabulary")
     st.add_argument("--max-model-len", type=int, default=512)
     st.add_argument("--kv-cache", default="64M")
-    st.add_argument("--block-size", type=int, default=32,
-                    help="KV block size; CPU default 128 never caches a prefix under 128 tokens (0: vLLM's default)")
+    st.add_argument(
+        "--block-size",
+        type=int,
+        default=32,
+        help="KV block size; CPU default 128 never caches a prefix under 128 tokens (0: vLLM's default)",
+    )
     st.add_argument("--timeout", type=float, default=300.0)
     st.add_argument("--cpus", default=None, help="two OMP bind specs, e.g. '0,1' (default: first two cores)")
     st.add_argument("extra", nargs="*", help="extra server args after --")
     up = sub.add_parser("up", help="install vLLM if needed, then start base + teacher (default: the toy pair)")
     up.add_argument("--base", default=str(TOY_ASSETS / "base"), help="base (policy) model dir")
     up.add_argument("--teacher", default=str(TOY_ASSETS / "teacher"), help="teacher model dir")
-    up.add_argument("--venv", default=os.environ.get("VLLM_VENV") or str(DEFAULT_VENV),
-                    help="where vLLM is (or is installed)")
+    up.add_argument(
+        "--venv", default=os.environ.get("VLLM_VENV") or str(DEFAULT_VENV), help="where vLLM is (or is installed)"
+    )
     # VLLM_BASE_PORT / VLLM_TEACHER_PORT: a second set of servers on one machine (e.g. a CI run
     # beside a developer's servers)
     up.add_argument("--base-port", type=int, default=int(os.environ.get("VLLM_BASE_PORT", 8000)))
@@ -465,34 +533,56 @@ def main(argv=None) -> int:
         try:
             install_vllm(args.venv)
         except subprocess.CalledProcessError as e:
-            print(f"[vllm_servers] FAILED: installing vLLM into {args.venv} exited with {e.returncode}", file=sys.stderr)
+            print(
+                f"[vllm_servers] FAILED: installing vLLM into {args.venv} exited with {e.returncode}", file=sys.stderr
+            )
             return 1
         try:
-            cfg = start_servers(args.base, args.teacher, venv=args.venv, base_port=args.base_port,
-                                teacher_port=args.teacher_port, env_file=args.env_file, timeout=args.timeout)
+            cfg = start_servers(
+                args.base,
+                args.teacher,
+                venv=args.venv,
+                base_port=args.base_port,
+                teacher_port=args.teacher_port,
+                env_file=args.env_file,
+                timeout=args.timeout,
+            )
         except (RuntimeError, TimeoutError) as e:
             print(f"[vllm_servers] FAILED: {e}", file=sys.stderr)
             return 1
         stop = "python tests/vllm_servers.py stop" + (
-            "" if Path(args.env_file) == DEFAULT_ENV_FILE else f" --env-file {shlex.quote(args.env_file)}")
-        print(f"[vllm_servers] base {cfg[PREFIX + 'THETA_URL']} and teacher {cfg[PREFIX + 'T_URL']} are up; "
-              f"the tests read {args.env_file}; stop them with: {stop}")
+            "" if Path(args.env_file) == DEFAULT_ENV_FILE else f" --env-file {shlex.quote(args.env_file)}"
+        )
+        print(
+            f"[vllm_servers] base {cfg[PREFIX + 'THETA_URL']} and teacher {cfg[PREFIX + 'T_URL']} are up; "
+            f"the tests read {args.env_file}; stop them with: {stop}"
+        )
         return 0
     if args.cmd == "start":
         cpus = args.cpus.split(",") if args.cpus else None
         try:
-            cfg = start_servers(args.base, args.teacher, venv=args.venv, base_port=args.base_port,
-                                teacher_port=args.teacher_port, base_name=args.base_name,
-                                teacher_name=args.teacher_name, env_file=args.env_file,
-                                log_dir=args.log_dir, max_logprobs=args.max_logprobs,
-                                max_model_len=args.max_model_len, kv_cache=args.kv_cache,
-                                timeout=args.timeout, cpus=cpus, extra_args=args.extra,
-                                block_size=args.block_size)
+            cfg = start_servers(
+                args.base,
+                args.teacher,
+                venv=args.venv,
+                base_port=args.base_port,
+                teacher_port=args.teacher_port,
+                base_name=args.base_name,
+                teacher_name=args.teacher_name,
+                env_file=args.env_file,
+                log_dir=args.log_dir,
+                max_logprobs=args.max_logprobs,
+                max_model_len=args.max_model_len,
+                kv_cache=args.kv_cache,
+                timeout=args.timeout,
+                cpus=cpus,
+                extra_args=args.extra,
+                block_size=args.block_size,
+            )
         except (RuntimeError, TimeoutError) as e:
             print(f"[vllm_servers] FAILED: {e}", file=sys.stderr)
             return 1
-        print(f"[vllm_servers] both ready in {cfg[PREFIX + 'STARTUP_SECONDS']} s; "
-              f"wrote {args.env_file}")
+        print(f"[vllm_servers] both ready in {cfg[PREFIX + 'STARTUP_SECONDS']} s; wrote {args.env_file}")
         return 0
     cfg = read_env_file(args.env_file) if Path(args.env_file).exists() else {}
     if not cfg:

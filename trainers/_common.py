@@ -16,9 +16,13 @@ from .estimators import group_statistics, mixture_log_weights
 from .rollout import Rollouts, sample_rollouts
 from .vllm_rollouts import METRIC_PREFIX, VLLMRolloutsMixin
 
-__all__ = ["METRIC_PREFIX", "OptimalSamplingMixin", "check_generation_options", "check_sampler_backend",
-           "check_teacher_given"]
-
+__all__ = [
+    "METRIC_PREFIX",
+    "OptimalSamplingMixin",
+    "check_generation_options",
+    "check_sampler_backend",
+    "check_teacher_given",
+]
 
 
 class OptimalSamplingMixin(VLLMRolloutsMixin):
@@ -50,7 +54,9 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
 
         if teacher_processing_class is None and isinstance(source, str):
             try:
-                teacher_processing_class = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+                teacher_processing_class = AutoTokenizer.from_pretrained(
+                    source, trust_remote_code=args.trust_remote_code
+                )
             except (OSError, ValueError):
                 teacher_processing_class = None  # no tokenizer files next to the weights: use the policy's
         self.teacher_processing_class = teacher_processing_class or self._tokenizer
@@ -253,7 +259,11 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         """Group-level numbers (the same on every rank: computed from gathered tensors)."""
         mode = "train" if self.model.training else "eval"
         stats = group_statistics(
-            rewards, on_policy_all, seq_log_ratio_all, log_mixture_weight, self._group_size(),
+            rewards,
+            on_policy_all,
+            seq_log_ratio_all,
+            log_mixture_weight,
+            self._group_size(),
             self.args.importance_weight_cap,
         )
         stats["teacher_pull"] = self._teacher_pull()
@@ -278,8 +288,10 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
     def _completion_limits(self) -> tuple[int, list[int]]:
         """`max_new_tokens` and the stop ids of every sampler (both models' EOS, `generation_kwargs`)."""
         overrides = self._generation_overrides
-        return (overrides.get("max_new_tokens", self.max_completion_length),
-                sorted(set(self.eos_token_ids) | set(overrides.get("eos_token_id", []))))
+        return (
+            overrides.get("max_new_tokens", self.max_completion_length),
+            sorted(set(self.eos_token_ids) | set(overrides.get("eos_token_id", []))),
+        )
 
     def _sample_transformers(self, prompt_ids, teacher_prompt_ids, on_policy: torch.Tensor) -> Rollouts:
         from trl.models import unwrap_model_for_generation
@@ -329,14 +341,23 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         on_cuda = next(policy.parameters()).device.type == "cuda"
         peft = hasattr(policy, "peft_config")  # not verified on the fast path yet
         if choice == "auto":
-            usable = (on_cuda and not sharded and not peft and not self._teacher_is_policy
-                      and self.args.alpha_method != "kl_budget")
+            usable = (
+                on_cuda
+                and not sharded
+                and not peft
+                and not self._teacher_is_policy
+                and self.args.alpha_method != "kl_budget"
+            )
             return "cuda_graph" if usable else None
         if sharded and choice != "eager":
-            raise ValueError(f"sampler_fast={choice!r} needs an unsharded policy: under FSDP / ZeRO-3 every forward is "
-                             "a collective, which the fast path does not keep in step. Use sampler_fast='auto'.")
+            raise ValueError(
+                f"sampler_fast={choice!r} needs an unsharded policy: under FSDP / ZeRO-3 every forward is "
+                "a collective, which the fast path does not keep in step. Use sampler_fast='auto'."
+            )
         if self._teacher_is_policy and choice != "eager":
-            raise ValueError(f"sampler_fast={choice!r} with the policy as its own teacher is not supported; use 'auto'.")
+            raise ValueError(
+                f"sampler_fast={choice!r} with the policy as its own teacher is not supported; use 'auto'."
+            )
         return choice
 
     def _decoder(self, policy, teacher, mode: str):
@@ -365,14 +386,25 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         mode = "train" if self.model.training else "eval"
         device = self.accelerator.device
         rollouts, self._pending_rollouts = self._pending_rollouts, []
-        per_token = {"alpha": [], "kl_theta": [], "kl_t": [], "kl_diff": [], "chernoff": [], "entropy_q": [], "empty_support": []}
+        per_token = {
+            "alpha": [],
+            "kl_theta": [],
+            "kl_t": [],
+            "kl_diff": [],
+            "chernoff": [],
+            "entropy_q": [],
+            "empty_support": [],
+        }
         for r in rollouts:  # α and KL describe the q* rows (on-policy rows have α = 0, q = π_θ)
             mask = r.token_mask & ~r.on_policy.to(r.token_mask.device).unsqueeze(-1)
             per_token["alpha"].append(r.alpha[mask])
             for name in per_token:
                 if name != "alpha":
                     per_token[name].append(r.diagnostics[name][mask])
-        values = {name: torch.cat(parts).double() if parts else torch.zeros(0, dtype=torch.float64) for name, parts in per_token.items()}
+        values = {
+            name: torch.cat(parts).double() if parts else torch.zeros(0, dtype=torch.float64)
+            for name, parts in per_token.items()
+        }
         for name, tensor in (extra or {}).items():
             values[name] = tensor.detach().double().flatten()
         names = sorted(values)
@@ -423,7 +455,9 @@ def _sufficient_stats(x: torch.Tensor) -> torch.Tensor:
     x = x[torch.isfinite(x)]
     if x.numel() == 0:
         return torch.tensor([0.0, 0.0, 0.0, float("inf"), float("-inf")], dtype=torch.float64, device=x.device)
-    return torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device), x.min(), x.max()])
+    return torch.stack(
+        [x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device), x.min(), x.max()]
+    )
 
 
 def _format_template(template: str, row: dict) -> str:

@@ -39,9 +39,7 @@ def check_teacher_given(teacher_model, args: OptimalSamplingArguments) -> None:
             "TRL's own trainer."
         )
     if teacher_model is not None and not isinstance(teacher_model, (str, torch.nn.Module)):
-        raise TypeError(
-            f"`teacher_model` must be a causal LM or a path / Hub id, got {type(teacher_model).__name__}."
-        )
+        raise TypeError(f"`teacher_model` must be a causal LM or a path / Hub id, got {type(teacher_model).__name__}.")
 
 
 #: `generation_kwargs` keys the q* sampler honours, and the values it takes for each: anything
@@ -81,8 +79,7 @@ def check_generation_options(args) -> dict:
         )
     if args.min_p is not None or args.repetition_penalty != 1.0:
         raise ValueError(
-            "`min_p` and `repetition_penalty` would change the sampled distribution without being in log q; "
-            "unset them."
+            "`min_p` and `repetition_penalty` would change the sampled distribution without being in log q; unset them."
         )
     honoured: dict = {}
     for key, value in (args.generation_kwargs or {}).items():

@@ -104,13 +104,15 @@ class OptimalSamplingArguments:
     # The q* options (`optimal_sampling.QStarOptions`): the same names, defaults and help texts, except
     # the α rule's default; `temperature` is TRL's own field, and top-k / top-p after mixing stay off.
     alpha_method: str = q_star_field(
-        "alpha_method", default="fixed",
+        "alpha_method",
+        default="fixed",
         help=f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}. Default 'fixed' with alpha=1.0: the "
-             "off-policy rows are teacher samples (the configuration the toy experiment in recipes/RESULTS.md "
-             "chose); 'kl_symmetry' samples the KL-symmetric blend q*.",
+        "off-policy rows are teacher samples (the configuration the toy experiment in recipes/RESULTS.md "
+        "chose); 'kl_symmetry' samples the KL-symmetric blend q*.",
     )
     alpha: float | None = q_star_field(
-        "alpha", default=1.0,
+        "alpha",
+        default=1.0,
         help="The constant α for `alpha_method='fixed'` (0: sample π_θ, i.e. vanilla GRPO; 1: the teacher).",
     )
     alpha_min: float = q_star_field("alpha_min")
@@ -123,25 +125,31 @@ class OptimalSamplingArguments:
     alpha_max_iter: int = q_star_field("max_iter")
     teacher_decay_ratio: float | None = field(
         default=None,
-        metadata={"help": "If set, the teacher's pull decays linearly to 0 over this fraction of `max_steps`: "
-                  "`alpha_min`/`alpha_max` (and `kl_budget`) are multiplied by max(0, 1 - step / (ratio * max_steps)); "
-                  "once it reaches 0 every row is sampled on-policy."},
+        metadata={
+            "help": "If set, the teacher's pull decays linearly to 0 over this fraction of `max_steps`: "
+            "`alpha_min`/`alpha_max` (and `kl_budget`) are multiplied by max(0, 1 - step / (ratio * max_steps)); "
+            "once it reaches 0 every row is sampled on-policy."
+        },
     )
     num_on_policy_generations: int | None = field(
         default=None,
-        metadata={"help": "k of the `num_generations` completions of each prompt are sampled from the policy itself "
-                  "(α = 0, importance weight exactly 1) in the same batch; the other G - k from q*. k = G is vanilla "
-                  "GRPO, k = 0 samples every row from q*. Default (None): half the group, G // 2."},
+        metadata={
+            "help": "k of the `num_generations` completions of each prompt are sampled from the policy itself "
+            "(α = 0, importance weight exactly 1) in the same batch; the other G - k from q*. k = G is vanilla "
+            "GRPO, k = 0 samples every row from q*. Default (None): half the group, G // 2."
+        },
     )
     importance_weighting: str = field(
         default="none",
-        metadata={"help": "The weight of the q* rows in the policy gradient (on-policy rows: 1). 'none': as if "
-                  "on-policy (a deliberate pull toward the teacher). 'shaping': LUFFY's policy shaping of the "
-                  "per-token ratio r = π_θ/q, weight γr/(r+γ)². 'token_truncate' / 'token_mask' / "
-                  "'sequence_truncate' / 'sequence_mask': TRL's truncated or masked ratios at "
-                  "`importance_weight_cap` (need advantage_baseline 'on_policy', 'is' or 'none'). 'mis': "
-                  "multiple importance sampling, every row weighted π_θ/(λπ_θ + (1-λ)q*) with λ = k/G (unbiased, "
-                  "bounded by G/k)."},
+        metadata={
+            "help": "The weight of the q* rows in the policy gradient (on-policy rows: 1). 'none': as if "
+            "on-policy (a deliberate pull toward the teacher). 'shaping': LUFFY's policy shaping of the "
+            "per-token ratio r = π_θ/q, weight γr/(r+γ)². 'token_truncate' / 'token_mask' / "
+            "'sequence_truncate' / 'sequence_mask': TRL's truncated or masked ratios at "
+            "`importance_weight_cap` (need advantage_baseline 'on_policy', 'is' or 'none'). 'mis': "
+            "multiple importance sampling, every row weighted π_θ/(λπ_θ + (1-λ)q*) with λ = k/G (unbiased, "
+            "bounded by G/k)."
+        },
     )
     importance_weight_cap: float = field(
         default=3.0, metadata={"help": "C of the truncating and masking weightings: min(π_θ/q, C), or 0 above C."}
@@ -151,15 +159,19 @@ class OptimalSamplingArguments:
     )
     advantage_baseline: str = field(
         default="group",
-        metadata={"help": "The baseline subtracted from each reward. 'group': the trainer's own (GRPO: group mean; "
-                  "RLOO: leave-one-out). 'on_policy': the mean reward of the group's on-policy rows. 'is': the "
-                  "self-normalised importance-sampling estimate of the policy's success over the group. 'none': 0 "
-                  "(GRPO only). The reward scale (`scale_rewards`) stays the trainer's."},
+        metadata={
+            "help": "The baseline subtracted from each reward. 'group': the trainer's own (GRPO: group mean; "
+            "RLOO: leave-one-out). 'on_policy': the mean reward of the group's on-policy rows. 'is': the "
+            "self-normalised importance-sampling estimate of the policy's success over the group. 'none': 0 "
+            "(GRPO only). The reward scale (`scale_rewards`) stays the trainer's."
+        },
     )
     allow_inconsistent_baseline: bool = field(
         default=False,
-        metadata={"help": "Permit a truncated or masked importance weighting with `advantage_baseline='group'`, "
-                  "which biases the update toward the policy's own mistakes. For ablations only."},
+        metadata={
+            "help": "Permit a truncated or masked importance weighting with `advantage_baseline='group'`, "
+            "which biases the update toward the policy's own mistakes. For ablations only."
+        },
     )
     sampler_backend: str = field(
         default="transformers",
@@ -192,9 +204,11 @@ class OptimalSamplingArguments:
     )
     sampler_engine_args: list[str] | None = field(
         default=None,
-        metadata={"help": "Engine arguments for `sampler_backend='vllm-inprocess'`: 'KEY=VALUE' for both engines, "
-                  "'base.KEY=VALUE' / 'teacher.KEY=VALUE' for one (VLLMEngineSpec fields such as dtype, "
-                  "max_model_len, gpu_memory_utilization, kv_cache_memory_bytes, or any vllm.AsyncEngineArgs field)."},
+        metadata={
+            "help": "Engine arguments for `sampler_backend='vllm-inprocess'`: 'KEY=VALUE' for both engines, "
+            "'base.KEY=VALUE' / 'teacher.KEY=VALUE' for one (VLLMEngineSpec fields such as dtype, "
+            "max_model_len, gpu_memory_utilization, kv_cache_memory_bytes, or any vllm.AsyncEngineArgs field)."
+        },
     )
 
     @property
@@ -217,8 +231,13 @@ class OptimalSamplingArguments:
         groups = self.num_generations
         if self.num_on_policy_generations is None:
             self.num_on_policy_generations = groups // 2
-        check_consistent(self.importance_weighting, self.advantage_baseline, self.num_on_policy_generations, groups,
-                         allow_inconsistent=self.allow_inconsistent_baseline)
+        check_consistent(
+            self.importance_weighting,
+            self.advantage_baseline,
+            self.num_on_policy_generations,
+            groups,
+            allow_inconsistent=self.allow_inconsistent_baseline,
+        )
         if self.teacher_prompt_template is not None and self.teacher_prompt_fn is not None:
             raise ValueError("Set `teacher_prompt_template` or `teacher_prompt_fn`, not both.")
         if self.sampler_backend not in SAMPLER_BACKENDS:
@@ -228,14 +247,24 @@ class OptimalSamplingArguments:
         if self.sampler_fast not in SAMPLER_FAST:
             raise ValueError(f"`sampler_fast` must be one of {SAMPLER_FAST}, got {self.sampler_fast!r}.")
         if self.sampler_fast not in ("auto", "off") and self.alpha_method == "kl_budget":
-            raise ValueError("`alpha_method='kl_budget'` is not verified in a captured step yet; set sampler_fast='auto' "
-                             "or 'off' (eager).")
+            raise ValueError(
+                "`alpha_method='kl_budget'` is not verified in a captured step yet; set sampler_fast='auto' "
+                "or 'off' (eager)."
+            )
         if self.sampler_engine_args and self.sampler_backend != "vllm-inprocess":
-            raise ValueError("`sampler_engine_args` configures the engines of `sampler_backend='vllm-inprocess'`; "
-                             "set that backend or drop them.")
+            raise ValueError(
+                "`sampler_engine_args` configures the engines of `sampler_backend='vllm-inprocess'`; "
+                "set that backend or drop them."
+            )
         if self.sampler_backend in VLLM_BACKENDS:
-            needs_star = [name for name, value in (("importance_weighting", self.importance_weighting),
-                                                   ("advantage_baseline", self.advantage_baseline)) if value in ("mis", "is")]
+            needs_star = [
+                name
+                for name, value in (
+                    ("importance_weighting", self.importance_weighting),
+                    ("advantage_baseline", self.advantage_baseline),
+                )
+                if value in ("mis", "is")
+            ]
             if needs_star:
                 raise ValueError(
                     f"{needs_star[0]}={getattr(self, needs_star[0])!r} needs log q*(y) of the on-policy rows, which the "

@@ -104,7 +104,9 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
         check_sampler_backend(args)
         check_generation_options(args)
         if kwargs.get("rollout_func") is not None:
-            raise ValueError("`rollout_func` replaces TRL's sampler, and so q*; it cannot be combined with this trainer.")
+            raise ValueError(
+                "`rollout_func` replaces TRL's sampler, and so q*; it cannot be combined with this trainer."
+            )
         if kwargs.get("environment_factory") is not None:
             raise NotImplementedError("`environment_factory` is not supported by OptimalSamplingGRPOTrainer yet.")
         if kwargs.get("tools"):
@@ -178,8 +180,13 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
             # log π_θ(y)/q*(y); NaN on on-policy rows whose q* the sampler did not record (vLLM backends)
             log_ratio_star = torch.where(mask, old - logq_star, 0.0).sum(-1)
             weights = importance_weights(
-                log_ratio, mask, on_policy, weighting=args.importance_weighting, cap=args.importance_weight_cap,
-                gamma=args.shaping_gamma, log_ratio_star=log_ratio_star,
+                log_ratio,
+                mask,
+                on_policy,
+                weighting=args.importance_weighting,
+                cap=args.importance_weight_cap,
+                gamma=args.shaping_gamma,
+                log_ratio_star=log_ratio_star,
                 on_policy_fraction=self._on_policy_per_group() / self._group_size(),
             )
             output["importance_sampling_ratio"] = weights
@@ -203,8 +210,12 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
         rewards = self._rollout_rewards.to(device)
         if args.advantage_baseline != "group":
             advantages = grpo_advantages(
-                rewards, on_policy_all, log_mixture_weight, num_generations=self._group_size(),
-                baseline=args.advantage_baseline, scale_rewards=self.scale_rewards,
+                rewards,
+                on_policy_all,
+                log_mixture_weight,
+                num_generations=self._group_size(),
+                baseline=args.advantage_baseline,
+                scale_rewards=self.scale_rewards,
             )
             n = mask.shape[0]
             rank = self.accelerator.process_index
@@ -216,12 +227,20 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
         """TRL logged `sampling/importance_sampling_ratio/*` for its own ratio; report the applied one."""
         mode = "train" if self.model.training else "eval"
         values = weights[mask] if weights.shape[1] > 1 else weights.flatten()
-        local = torch.stack([values.sum(), values.new_tensor(float(values.numel())),
-                             values.min() if values.numel() else values.new_tensor(float("inf")),
-                             values.max() if values.numel() else values.new_tensor(float("-inf"))])
+        local = torch.stack(
+            [
+                values.sum(),
+                values.new_tensor(float(values.numel())),
+                values.min() if values.numel() else values.new_tensor(float("inf")),
+                values.max() if values.numel() else values.new_tensor(float("-inf")),
+            ]
+        )
         total = self.accelerator.gather(local.float().unsqueeze(0)).view(-1, 4)
-        summary = {"mean": float(total[:, 0].sum() / total[:, 1].sum().clamp_min(1)),
-                   "min": float(total[:, 2].min()), "max": float(total[:, 3].max())}
+        summary = {
+            "mean": float(total[:, 0].sum() / total[:, 1].sum().clamp_min(1)),
+            "min": float(total[:, 2].min()),
+            "max": float(total[:, 3].max()),
+        }
         for key, value in summary.items():
             series = self._metrics[mode][f"sampling/importance_sampling_ratio/{key}"]
             if series:

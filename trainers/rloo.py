@@ -100,13 +100,22 @@ class OptimalSamplingRLOOTrainer(OptimalSamplingMixin, RLOOTrainer):
         rewards = self._rollout_rewards.to(device)
         n, rank = completion_mask.shape[0], self.accelerator.process_index
         advantages = recentre_advantages(
-            self.accelerator.gather(output["advantages"]), rewards, on_policy_all, log_mixture_weight,
-            num_generations=self._group_size(), baseline=args.advantage_baseline,
+            self.accelerator.gather(output["advantages"]),
+            rewards,
+            on_policy_all,
+            log_mixture_weight,
+            num_generations=self._group_size(),
+            baseline=args.advantage_baseline,
         )[rank * n : (rank + 1) * n]
         weights = importance_weights(
-            seq_log_ratio.unsqueeze(-1), torch.ones_like(seq_log_ratio).unsqueeze(-1), on_policy,
-            weighting=args.importance_weighting, cap=args.importance_weight_cap, gamma=args.shaping_gamma,
-            log_ratio_star=log_ratio_star, on_policy_fraction=self._on_policy_per_group() / self._group_size(),
+            seq_log_ratio.unsqueeze(-1),
+            torch.ones_like(seq_log_ratio).unsqueeze(-1),
+            on_policy,
+            weighting=args.importance_weighting,
+            cap=args.importance_weight_cap,
+            gamma=args.shaping_gamma,
+            log_ratio_star=log_ratio_star,
+            on_policy_fraction=self._on_policy_per_group() / self._group_size(),
         ).squeeze(-1)
         output["advantages"] = advantages * weights.to(advantages.dtype)
         self._log_group_statistics(rewards, on_policy_all, seq_log_ratio_all, log_mixture_weight)

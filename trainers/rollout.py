@@ -57,8 +57,15 @@ class Rollouts:
         """From `[B, T]` step records (`token_mask` True where the row generated the token)."""
         lengths = token_mask.sum(-1).tolist()
         rows = lambda x: [x[i, :n].tolist() for i, n in enumerate(lengths)]  # noqa: E731
-        return cls(completion_ids=rows(tokens), logq=rows(logq), logq_star=rows(logq_star), on_policy=on_policy,
-                   alpha=alpha, token_mask=token_mask, diagnostics=diagnostics)
+        return cls(
+            completion_ids=rows(tokens),
+            logq=rows(logq),
+            logq_star=rows(logq_star),
+            on_policy=on_policy,
+            alpha=alpha,
+            token_mask=token_mask,
+            diagnostics=diagnostics,
+        )
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,13 +145,25 @@ def sample_rollouts(
         # transformers' `_sample` uses it.
         decoder = FastDecoder(base, teacher, FastPathConfig(mode="eager", diagnostics=True, check_every=1))
     out = decoder.generate(  # in eval mode (no dropout); the models go back to their modes after
-        ids, mask, teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask, max_new_tokens=max_new_tokens,
-        q_star=q_star, vocab_size=vocab_size, pad_token_id=pad_token_id, stop_token_ids=stop_token_ids,
-        on_policy=flags, sync_stop=sync_stop,
+        ids,
+        mask,
+        teacher_input_ids=teacher_ids,
+        teacher_attention_mask=teacher_mask,
+        max_new_tokens=max_new_tokens,
+        q_star=q_star,
+        vocab_size=vocab_size,
+        pad_token_id=pad_token_id,
+        stop_token_ids=stop_token_ids,
+        on_policy=flags,
+        sync_stop=sync_stop,
     )
     diagnostics = {name: out.diagnostics[name].float().cpu() for name in (*RECORDED_DIAGNOSTICS, "empty_support")}
     return Rollouts.from_padded(
-        out.sequences[:, ids.shape[1]:].cpu(), out.token_mask.cpu(), out.logq.float().cpu(),
-        out.diagnostics["logq_star"].float().cpu(), on_policy=flags.clone(), alpha=out.alpha.float().cpu(),
+        out.sequences[:, ids.shape[1] :].cpu(),
+        out.token_mask.cpu(),
+        out.logq.float().cpu(),
+        out.diagnostics["logq_star"].float().cpu(),
+        on_policy=flags.clone(),
+        alpha=out.alpha.float().cpu(),
         diagnostics=diagnostics,
     )

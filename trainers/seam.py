@@ -51,7 +51,7 @@ GRPO_SEAM = (
         "_generate_and_score_completions",
         ("self", "inputs"),
         (
-            "prompts = [x[\"prompt\"] for x in inputs]",
+            'prompts = [x["prompt"] for x in inputs]',
             "= self._generate(prompts)",
             "self.use_vllm and self.vllm_importance_sampling_correction",
             "torch.exp(logps_diff)",
@@ -116,7 +116,7 @@ RLOO_SEAM = (
         "_generate_and_score_completions",
         ("self", "inputs"),
         (
-            "prompts = [x[\"prompt\"] for x in inputs]",
+            'prompts = [x["prompt"] for x in inputs]',
             "old_logps = (old_per_token_logps * completion_mask).sum(1)",
             "rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids_list)",
             "baselines = (grouped_sum - grouped_rewards) / (scorable_counts - 1)",
@@ -149,7 +149,11 @@ RLOO_SEAM = (
 GRPO_USE_VLLM_READS = 10
 
 _FUNCTIONS = (
-    ("trl.models", "unwrap_model_for_generation", ("model", "accelerator", "gather_deepspeed3_params", "generation_kwargs", "gradient_checkpointing_kwargs")),
+    (
+        "trl.models",
+        "unwrap_model_for_generation",
+        ("model", "accelerator", "gather_deepspeed3_params", "generation_kwargs", "gradient_checkpointing_kwargs"),
+    ),
     ("trl.models", "prepare_deepspeed", ("model", "accelerator")),
     ("trl.models", "prepare_fsdp", ("model", "accelerator")),
 )

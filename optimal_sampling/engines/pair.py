@@ -128,8 +128,10 @@ class _Connection:
             if position == len(seq.tokens):
                 seq.topk[self.side.role] = (message, j)
             elif position > len(seq.tokens):
-                seq.fail(f"the {self.side.role} engine reached position {position} before the coordinator drew "
-                         f"token {len(seq.tokens)} (a driven-decode bug; please report it)")
+                seq.fail(
+                    f"the {self.side.role} engine reached position {position} before the coordinator drew "
+                    f"token {len(seq.tokens)} (a driven-decode bug; please report it)"
+                )
 
     def tokens_for(self, active: dict[int, _DrivenSequence]) -> np.ndarray | None:
         """The pending step's tokens `[n]`, or None while a row's token is not drawn yet."""
@@ -217,14 +219,17 @@ class _Pair:
         path = os.path.join(socket_dir, f"{self.index}-{role}.sock")
         side = _Side(role, None, path, None)
         side.server = await asyncio.start_unix_server(lambda r, w: self._serve(side, r, w), path=path)
-        args = AsyncEngineArgs(**spec.engine_kwargs_for(max_num_seqs=self.config.group_capacity),
-                               logits_processors=[PROCESSOR_FQCN])
+        args = AsyncEngineArgs(
+            **spec.engine_kwargs_for(max_num_seqs=self.config.group_capacity), logits_processors=[PROCESSOR_FQCN]
+        )
         with _environment(spec.env):
             side.engine = AsyncLLM.from_engine_args(args)
         scheduler = side.engine.vllm_config.scheduler_config
         if scheduler.enable_chunked_prefill or scheduler.async_scheduling:
-            raise RuntimeError(f"The {role} engine runs with chunked prefill or async scheduling, which driven decode "
-                               "turned off; this vLLM version overrides the setting and is not supported.")
+            raise RuntimeError(
+                f"The {role} engine runs with chunked prefill or async scheduling, which driven decode "
+                "turned off; this vLLM version overrides the setting and is not supported."
+            )
         return side
 
     async def _serve(self, side: _Side, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -261,7 +266,9 @@ class _Pair:
                 output = collector.get_nowait() or await collector.get()
                 if output.finished:
                     break
-            self.events.put_nowait(("finished", seq, (role, output.outputs[0].finish_reason if output.outputs else None)))
+            self.events.put_nowait(
+                ("finished", seq, (role, output.outputs[0].finish_reason if output.outputs else None))
+            )
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -290,7 +297,9 @@ class _Pair:
             return
         for seq in active.values():
             if not seq.done:
-                seq.fail(f"{why}. An engine may lack KV cache for max_concurrency={self.config.max_concurrency} sequences")
+                seq.fail(
+                    f"{why}. An engine may lack KV cache for max_concurrency={self.config.max_concurrency} sequences"
+                )
 
     # -- answering the workers -----------------------------------------------------------------
 
@@ -321,8 +330,10 @@ class _Pair:
             for slot, position in zip(connection.pending.slot.tolist(), connection.pending.position.tolist()):
                 seq = active.get(slot)
                 if seq is not None and not seq.done and position >= len(seq.tokens):
-                    seq.fail(f"{why}. Give the engines more KV cache (kv_cache_memory_bytes / gpu_memory_utilization), "
-                             "a larger max_num_batched_tokens, or lower max_concurrency")
+                    seq.fail(
+                        f"{why}. Give the engines more KV cache (kv_cache_memory_bytes / gpu_memory_utilization), "
+                        "a larger max_num_batched_tokens, or lower max_concurrency"
+                    )
 
     # -- an engine's failure -------------------------------------------------------------------
 

@@ -54,10 +54,17 @@ class DrivenDecodeLogitsProcessor(LogitsProcessor):
         spec = driven_spec(sampling_params)
         if spec is None:
             return
-        if not (isinstance(spec, dict) and isinstance(spec.get("channel"), str) and isinstance(spec.get("slot"), int)
-                and isinstance(spec.get("k"), int) and spec["k"] >= 1):
-            raise ValueError(f"extra_args[{EXTRA_ARGS_KEY!r}] must be {{'channel': str, 'slot': int, 'k': int >= 1}}, "
-                             f"got {spec!r}; it is set by optimal_sampling.engines, not by hand.")
+        if not (
+            isinstance(spec, dict)
+            and isinstance(spec.get("channel"), str)
+            and isinstance(spec.get("slot"), int)
+            and isinstance(spec.get("k"), int)
+            and spec["k"] >= 1
+        ):
+            raise ValueError(
+                f"extra_args[{EXTRA_ARGS_KEY!r}] must be {{'channel': str, 'slot': int, 'k': int >= 1}}, "
+                f"got {spec!r}; it is set by optimal_sampling.engines, not by hand."
+            )
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.rows: dict[int, _DrivenRow] = {}  # persistent-batch index → row
@@ -104,13 +111,17 @@ class DrivenDecodeLogitsProcessor(LogitsProcessor):
             values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)  # [n, k] each, descending
             try:
                 tokens = self._link(channel).exchange(
-                    np.array([r.slot for r in rows]), np.array([len(r.output_token_ids) for r in rows]),
-                    ids.cpu().numpy(), values.cpu().numpy(),
+                    np.array([r.slot for r in rows]),
+                    np.array([len(r.output_token_ids) for r in rows]),
+                    ids.cpu().numpy(),
+                    values.cpu().numpy(),
                 )
             except OSError:
                 self.links.pop(channel, None)
                 raise
-            forced = torch.full((len(indices), logits.shape[-1]), float("-inf"), dtype=logits.dtype, device=logits.device)
+            forced = torch.full(
+                (len(indices), logits.shape[-1]), float("-inf"), dtype=logits.dtype, device=logits.device
+            )
             forced.scatter_(1, torch.from_numpy(tokens.copy()).to(logits.device)[:, None], 0.0)
             logits.index_copy_(0, batch_index, forced)
         return logits

