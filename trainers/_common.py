@@ -341,13 +341,7 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         on_cuda = next(policy.parameters()).device.type == "cuda"
         peft = hasattr(policy, "peft_config")  # not verified on the fast path yet
         if choice == "auto":
-            usable = (
-                on_cuda
-                and not sharded
-                and not peft
-                and not self._teacher_is_policy
-                and self.args.alpha_method != "kl_budget"
-            )
+            usable = on_cuda and not sharded and not peft and not self._teacher_is_policy
             return "cuda_graph" if usable else None
         if sharded and choice != "eager":
             raise ValueError(

@@ -246,11 +246,6 @@ class OptimalSamplingArguments:
             raise ValueError("`sampler_backend='vllm'` needs `sampler_theta_url` and `sampler_t_url`.")
         if self.sampler_fast not in SAMPLER_FAST:
             raise ValueError(f"`sampler_fast` must be one of {SAMPLER_FAST}, got {self.sampler_fast!r}.")
-        if self.sampler_fast not in ("auto", "off") and self.alpha_method == "kl_budget":
-            raise ValueError(
-                "`alpha_method='kl_budget'` is not verified in a captured step yet; set sampler_fast='auto' "
-                "or 'off' (eager)."
-            )
         if self.sampler_engine_args and self.sampler_backend != "vllm-inprocess":
             raise ValueError(
                 "`sampler_engine_args` configures the engines of `sampler_backend='vllm-inprocess'`; "
