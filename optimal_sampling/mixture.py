@@ -12,7 +12,7 @@ import torch
 
 from .alpha import AlphaSolution, _kernel_solution, solve_on_support, solver_backend
 from .cpu_kernel import mixture_cpu
-from .options import EMPTY_SUPPORT_FALLBACKS, QStarOptions
+from .options import QStarOptions
 from .solvers import ess_log_gap
 from .support import CommonSupport, check_log_prob_pair, common_support, compute_dtype, has_mass, restrict_to_nucleus
 
@@ -39,11 +39,6 @@ def log_probs_from_logits(
     if temperature != 1.0:
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1)
-
-
-def check_empty_support(empty_support: str) -> None:
-    if empty_support not in EMPTY_SUPPORT_FALLBACKS:
-        raise ValueError(f"`empty_support` must be 'teacher' or 'base', got {empty_support!r}.")
 
 
 def _as_alpha(alpha: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -94,7 +89,7 @@ def optimal_log_probs(
         >>> optimal_log_probs(lp, lr, torch.tensor([1.0])).exp()  # α = 1: the teacher on the common support
         tensor([[0.4000, 0.6000, 0.0000]])
     """
-    check_empty_support(empty_support)
+    QStarOptions(empty_support=empty_support)  # validates it
     pair = common_support(logp_theta, logp_t)
     return mixture_on_support(pair, _as_alpha(alpha, pair.delta), empty_support)[0]
 
@@ -138,7 +133,7 @@ def mixture_diagnostics(
     the sparse path's rest bucket: KLs are exact per bucket, entropy and ESS need the count.
     A row without a common token is described through its fallback q (`empty_support`).
     """
-    check_empty_support(empty_support)
+    QStarOptions(empty_support=empty_support)  # validates it
     pair = common_support(logp_theta, logp_t)
     alpha = _as_alpha(alpha, pair.delta)
     logq, log_partition = mixture_on_support(pair, alpha, empty_support)

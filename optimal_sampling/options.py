@@ -25,7 +25,8 @@ EMPTY_SUPPORT_FALLBACKS = ("teacher", "base")
 #: Δ-spreads below this (relative to |Δ|) are float round-off of a constant Δ: such a row
 #: gives the same q for every α, and gets the conventional α = 0.5.
 DEGENERATE_RTOL = 1e-5
-#: Below this bracket width the Newton iteration takes the quadratic step (see alpha.py).
+#: A Newton step of the KL-symmetry solve is accepted without a pass to confirm it only while it
+#: is this short (solvers.py, `_newton_step_lands`).
 QUADRATIC_STEP = 1e-4
 
 
@@ -156,11 +157,6 @@ class QStarOptions:
         if q_star is not None and not isinstance(q_star, QStarOptions):
             raise TypeError(f"`q_star` must be a QStarOptions, got {type(q_star).__name__}.")
         return (q_star or cls()).replace(**changes) if changes else (q_star or cls())
-
-    @property
-    def uses_teacher(self) -> bool:
-        """False when no token can get α > 0: the clamp or the fixed α rules the teacher out."""
-        return self.alpha_max > 0 and not (self.alpha_method == "fixed" and self.alpha == 0.0)
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
