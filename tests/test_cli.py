@@ -112,15 +112,14 @@ def test_compare_reports_base_and_teacher_accuracy(tmp_path, capsys):
 
 
 def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(tmp_path):
-    # 96 prompts, so that the kill after the 8th row lands mid-run (see the Ctrl-C test)
-    args = ["generate", "--limit", "96", "--batch-size", "4", "--max-new-tokens", "6", "--no-progress", "--seed", "3"]
+    args = ["generate", "--limit", "24", "--batch-size", "4", "--max-new-tokens", "6", "--no-progress", "--seed", "3"]
     uninterrupted = tmp_path / "full.jsonl"
     assert run_cli(*args, "--output", str(uninterrupted)).returncode == 0
 
     out = tmp_path / "resumed.jsonl"
     interrupt_after_rows([*args, "--output", str(out)], out, 8, signal.SIGKILL).communicate(timeout=120)
     partial = out.read_text().splitlines()
-    assert 0 < len(partial) < 96, "the run should have been killed part-way"
+    assert 0 < len(partial) < 24, "the run should have been killed part-way"
     with out.open("a") as f:  # a torn write, as a crash in the middle of a batch leaves
         f.write('{"index": 99, "prompt": "tor')
 
@@ -570,9 +569,7 @@ def test_compare_loads_each_model_once(tmp_path, monkeypatch, capsys):
 
 
 def test_ctrl_c_prints_one_line_with_the_safe_rows_and_the_resume_command(tmp_path):
-    # 96 prompts: enough batches left after the 8th row that the signal lands mid-run (with 24,
-    # the run sometimes finished before the signal was sent)
-    args = ["generate", "--limit", "96", "--batch-size", "4", "--max-new-tokens", "6", "--no-progress", "--seed", "5"]
+    args = ["generate", "--limit", "24", "--batch-size", "4", "--max-new-tokens", "6", "--no-progress", "--seed", "5"]
     out = tmp_path / "run.jsonl"
     proc = interrupt_after_rows([*args, "--output", str(out), "--overwrite"], out, 8, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
@@ -580,12 +577,12 @@ def test_ctrl_c_prints_one_line_with_the_safe_rows_and_the_resume_command(tmp_pa
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     saved = len(out.read_text().splitlines())
-    assert 0 < saved < 96 and saved % 4 == 0
-    assert f"interrupted: {saved} of 96 rows are saved in {out}; rerun to resume: optimal-sampling generate" in last
+    assert 0 < saved < 24 and saved % 4 == 0
+    assert f"interrupted: {saved} of 24 rows are saved in {out}; rerun to resume: optimal-sampling generate" in last
     command = shlex.split(last.split("rerun to resume: ", 1)[1])
     assert "--overwrite" not in command
     rerun = run_cli(*command[1:])
-    assert rerun.returncode == 0 and f"resuming {out}: {saved} of 96" in rerun.stderr
+    assert rerun.returncode == 0 and f"resuming {out}: {saved} of 24" in rerun.stderr
     uninterrupted = tmp_path / "full.jsonl"
     assert run_cli(*args, "--output", str(uninterrupted)).returncode == 0
     assert read_jsonl(out) == read_jsonl(uninterrupted)
