@@ -53,6 +53,9 @@ def interrupt_after_rows(argv: list[str], out: Path, rows: int, sig: int) -> sub
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # A test run started in the background (`cmd &`) ignores SIGINT, and the child would inherit
+        # that: give it the default handling, which Python turns into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
