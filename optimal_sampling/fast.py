@@ -28,10 +28,11 @@ replays the eager kernels, random draws included (benchmarks/fast_path.py checks
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from transformers import StaticCache
@@ -131,6 +132,19 @@ def reset_cuda_generator(device: torch.device) -> None:
     fresh = torch.Generator(device=device)
     fresh.set_state(generator.get_state())
     generator.graphsafe_set_state(fresh.graphsafe_get_state())
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: torch.nn.Module):
+    """The models in eval mode inside the block, each back in its own mode after."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, training in zip(models, modes):
+            model.train(training)
 
 
 def _forward_last_logits(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
@@ -458,147 +472,115 @@ class FastDecoder:
         decoder keeps stepping (finished rows emit padding) until no rank has a running row. Under
         FSDP / ZeRO-3 every forward is a collective, so every rank must run the same number.
         """
-        modes = self.base.training, self.teacher.training
-        self.base.eval()  # no dropout while sampling; the models go back to their modes after
-        self.teacher.eval()
-        try:
-            return self._generate(
-                input_ids,
-                attention_mask,
-                max_new_tokens,
-                teacher_input_ids,
-                teacher_attention_mask,
-                q_star,
-                vocab_size,
-                pad_token_id,
-                stop_token_ids,
-                on_policy,
-                sync_stop,
-                options,
-            )
-        finally:
-            self.base.train(modes[0])
-            self.teacher.train(modes[1])
-
-    def _generate(
-        self,
-        input_ids,
-        attention_mask,
-        max_new_tokens,
-        teacher_input_ids,
-        teacher_attention_mask,
-        q_star,
-        vocab_size,
-        pad_token_id,
-        stop_token_ids,
-        on_policy,
-        sync_stop,
-        options,
-    ):
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-            raise ValueError(
-                f"`input_ids` must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}."
-            )
-        if max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` (={max_new_tokens}) must be >= 1.")
-        stop_ids = tuple(sorted({int(i) for i in (stop_token_ids or [])}))
-        if pad_token_id is None:
-            if not stop_ids:
+        with _eval_mode(self.base, self.teacher):  # no dropout while sampling
+            if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
                 raise ValueError(
-                    "Pass `pad_token_id` (or at least one stop token id, used for padding as generate does)."
+                    f"`input_ids` must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}."
                 )
-            pad_token_id = stop_ids[0]
-        rows = input_ids.shape[0]
-        device = self.device
-        ids = input_ids.to(device)
-        mask = (torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)).long()
-        if teacher_input_ids is None:
-            teacher_ids, teacher_mask = ids, mask
-        else:
-            teacher_ids = teacher_input_ids.to(device)
-            teacher_mask = (
-                torch.ones_like(teacher_ids)
-                if teacher_attention_mask is None
-                else teacher_attention_mask.to(device).long()
+            if max_new_tokens < 1:
+                raise ValueError(f"`max_new_tokens` (={max_new_tokens}) must be >= 1.")
+            stop_ids = tuple(sorted({int(i) for i in (stop_token_ids or [])}))
+            if pad_token_id is None:
+                if not stop_ids:
+                    raise ValueError(
+                        "Pass `pad_token_id` (or at least one stop token id, used for padding as generate does)."
+                    )
+                pad_token_id = stop_ids[0]
+            rows = input_ids.shape[0]
+            device = self.device
+            ids = input_ids.to(device)
+            mask = (torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)).long()
+            if teacher_input_ids is None:
+                teacher_ids, teacher_mask = ids, mask
+            else:
+                teacher_ids = teacher_input_ids.to(device)
+                teacher_mask = (
+                    torch.ones_like(teacher_ids)
+                    if teacher_attention_mask is None
+                    else teacher_attention_mask.to(device).long()
+                )
+                if teacher_ids.shape[1] == 0:
+                    raise ValueError(
+                        "`teacher_input_ids` is empty; the teacher needs at least one prompt token per row."
+                    )
+                teacher_ids, teacher_mask = repeat_teacher_prompts(teacher_ids, teacher_mask, rows)
+            if bool((mask[:, -1] == 0).any()) or bool((teacher_mask[:, -1] == 0).any()):
+                raise ValueError(
+                    "The fast path needs left-padded prompts (every row's last column a real token); pad on the left."
+                )
+
+            base_width, teacher_width = output_width(self.base), output_width(self.teacher)
+            mode = self._resolve_mode()
+            if sync_stop is not None and mode != "eager":
+                raise ValueError(
+                    f"`sync_stop` (ranks stopping together) needs the eager mode; a {mode!r} step is captured "
+                    "and cannot wait for other ranks. Use FastPathConfig(mode='eager')."
+                )
+            q_star = QStarOptions.build(q_star, **options)
+            max_iter = self.config.max_iter or (
+                q_star.max_iter if mode == "eager" else min(q_star.max_iter, GRAPH_MAX_ITER)
             )
-            if teacher_ids.shape[1] == 0:
-                raise ValueError("`teacher_input_ids` is empty; the teacher needs at least one prompt token per row.")
-            teacher_ids, teacher_mask = repeat_teacher_prompts(teacher_ids, teacher_mask, rows)
-        if bool((mask[:, -1] == 0).any()) or bool((teacher_mask[:, -1] == 0).any()):
-            raise ValueError(
-                "The fast path needs left-padded prompts (every row's last column a real token); pad on the left."
+            q_star = q_star.replace(tol=self.config.tol or q_star.tol, max_iter=max_iter)
+            mixing = MixingOptions(
+                vocab_size=vocab_size or min(base_width, teacher_width),
+                q_star=q_star,
+                diagnostics=self.config.diagnostics,
             )
 
-        base_width, teacher_width = output_width(self.base), output_width(self.teacher)
-        mode = self._resolve_mode()
-        if sync_stop is not None and mode != "eager":
-            raise ValueError(
-                f"`sync_stop` (ranks stopping together) needs the eager mode; a {mode!r} step is captured "
-                "and cannot wait for other ranks. Use FastPathConfig(mode='eager')."
+            bucket = self.config.bucket_batch if self.config.bucket_batch is not None else mode != "eager"
+            batch = _batch_bucket(rows) if bucket else rows
+            multiple = self.config.length_multiple
+            # Cache slots used: (prompt - 1) prefilled + one per step (at least the warm-up steps).
+            steps_cap = _round_up(max(max_new_tokens, _WARMUP_STEPS), multiple)
+            base_len = _round_up(ids.shape[1] - 1 + max(max_new_tokens, _WARMUP_STEPS), multiple)
+            teacher_len = _round_up(teacher_ids.shape[1] - 1 + max(max_new_tokens, _WARMUP_STEPS), multiple)
+            dummy = torch.zeros(batch, dtype=torch.bool, device=device)
+            dummy[rows:] = True  # dummy rows copy row 0 and start finished
+            flags = torch.zeros(batch, dtype=torch.bool, device=device)
+            if on_policy is not None:
+                given = torch.as_tensor(on_policy, dtype=torch.bool).flatten()
+                if given.shape[0] != rows:
+                    raise ValueError(f"`on_policy` must hold one flag per prompt ({rows}), got {given.shape[0]}.")
+                flags[:rows] = given.to(device)
+            if batch > rows:
+                fill = lambda x: torch.cat([x, x[:1].expand(batch - rows, -1)], 0)  # noqa: E731
+                ids, mask, teacher_ids, teacher_mask = fill(ids), fill(mask), fill(teacher_ids), fill(teacher_mask)
+
+            self.stats["calls"] += 1
+            slot = self._slot(batch, base_len, teacher_len, base_width, steps_cap, mixing, pad_token_id, stop_ids)
+            load_args = (ids, mask, teacher_ids, teacher_mask, dummy, flags)
+            if not slot.built:
+                if mode != "eager":
+                    self._build(slot, load_args)
+                slot.built = True
+                self.stats["mode"] = slot.mode
+            slot.load(*load_args)
+            steps = slot.run(max_new_tokens, self.config.check_every, sync_stop)
+
+            records = {name: r[:rows, :steps] for name, r in slot.buffers.records.items()}
+            token_mask = records.pop("token_mask")
+            width = int(token_mask.sum(dim=1).max())  # generate stops after the step where the last row ended
+            records = {name: r[:, :width].clone() for name, r in records.items()}
+            token_mask = token_mask[:, :width].clone()
+            if bool(torch.isnan(records["logq"][token_mask]).any()):
+                raise ValueError(
+                    "log q contains NaN: a model produced NaN logits (check the dtype: fp16 overflow is the usual "
+                    "cause; try bfloat16 or float32)."
+                )
+            tokens = records.pop("tokens")
+            logq_star = records.pop("logq_star")
+            if on_policy is not None:
+                records["logq_star"] = logq_star
+            sequences = torch.cat([input_ids.to(device), tokens], dim=1)
+            return OptimalGenerateOutput(
+                sequences=cast(torch.LongTensor, sequences),  # (transformers types the field as LongTensor)
+                alpha=records.pop("alpha"),
+                logq=records.pop("logq"),
+                logp_theta=records.pop("logp_theta"),
+                logp_t=records.pop("logp_t"),
+                token_mask=token_mask,
+                diagnostics=records,
             )
-        q_star = QStarOptions.build(q_star, **options)
-        max_iter = self.config.max_iter or (
-            q_star.max_iter if mode == "eager" else min(q_star.max_iter, GRAPH_MAX_ITER)
-        )
-        q_star = q_star.replace(tol=self.config.tol or q_star.tol, max_iter=max_iter)
-        mixing = MixingOptions(
-            vocab_size=vocab_size or min(base_width, teacher_width), q_star=q_star, diagnostics=self.config.diagnostics
-        )
-
-        bucket = self.config.bucket_batch if self.config.bucket_batch is not None else mode != "eager"
-        batch = _batch_bucket(rows) if bucket else rows
-        multiple = self.config.length_multiple
-        # Cache slots used: (prompt - 1) prefilled + one per step (at least the warm-up steps).
-        steps_cap = _round_up(max(max_new_tokens, _WARMUP_STEPS), multiple)
-        base_len = _round_up(ids.shape[1] - 1 + max(max_new_tokens, _WARMUP_STEPS), multiple)
-        teacher_len = _round_up(teacher_ids.shape[1] - 1 + max(max_new_tokens, _WARMUP_STEPS), multiple)
-        dummy = torch.zeros(batch, dtype=torch.bool, device=device)
-        dummy[rows:] = True  # dummy rows copy row 0 and start finished
-        flags = torch.zeros(batch, dtype=torch.bool, device=device)
-        if on_policy is not None:
-            given = torch.as_tensor(on_policy, dtype=torch.bool).flatten()
-            if given.shape[0] != rows:
-                raise ValueError(f"`on_policy` must hold one flag per prompt ({rows}), got {given.shape[0]}.")
-            flags[:rows] = given.to(device)
-        if batch > rows:
-            fill = lambda x: torch.cat([x, x[:1].expand(batch - rows, -1)], 0)  # noqa: E731
-            ids, mask, teacher_ids, teacher_mask = fill(ids), fill(mask), fill(teacher_ids), fill(teacher_mask)
-
-        self.stats["calls"] += 1
-        slot = self._slot(batch, base_len, teacher_len, base_width, steps_cap, mixing, pad_token_id, stop_ids)
-        load_args = (ids, mask, teacher_ids, teacher_mask, dummy, flags)
-        if not slot.built:
-            if mode != "eager":
-                self._build(slot, load_args)
-            slot.built = True
-            self.stats["mode"] = slot.mode
-        slot.load(*load_args)
-        steps = slot.run(max_new_tokens, self.config.check_every, sync_stop)
-
-        records = {name: r[:rows, :steps] for name, r in slot.buffers.records.items()}
-        token_mask = records.pop("token_mask")
-        width = int(token_mask.sum(dim=1).max())  # generate stops after the step where the last row ended
-        records = {name: r[:, :width].clone() for name, r in records.items()}
-        token_mask = token_mask[:, :width].clone()
-        if bool(torch.isnan(records["logq"][token_mask]).any()):
-            raise ValueError(
-                "log q contains NaN: a model produced NaN logits (check the dtype: fp16 overflow is the usual "
-                "cause; try bfloat16 or float32)."
-            )
-        tokens = records.pop("tokens")
-        logq_star = records.pop("logq_star")
-        if on_policy is not None:
-            records["logq_star"] = logq_star
-        sequences = torch.cat([input_ids.to(device), tokens], dim=1)
-        return OptimalGenerateOutput(
-            sequences=sequences,
-            alpha=records.pop("alpha"),
-            logq=records.pop("logq"),
-            logp_theta=records.pop("logp_theta"),
-            logp_t=records.pop("logp_t"),
-            token_mask=token_mask,
-            diagnostics=records,
-        )
 
 
 # Decoders of recent (base, teacher, config) triples, so that repeated
