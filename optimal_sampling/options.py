@@ -169,6 +169,9 @@ def _is_number(value: Any) -> bool:
 
 
 OPTION_NAMES = tuple(f.name for f in fields(QStarOptions))
+#: The configs' own names for two options: the vLLM configs keep the original tool's
+#: `alpha_tol` / `alpha_max_iter` (and the trainer configs follow them).
+CONFIG_FIELD_NAMES = {"tol": "alpha_tol", "max_iter": "alpha_max_iter"}
 
 
 def check_option_names(options: dict[str, Any]) -> None:
@@ -200,16 +203,12 @@ def q_star_field(name: str, *, default: Any = MISSING, help: str | None = None) 
     return field(default=source.default if default is MISSING else default, metadata=metadata)
 
 
-def q_star_from(config: Any, *, exclude: tuple[str, ...] = (), **renamed: str) -> QStarOptions:
-    """The `QStarOptions` a config's fields describe (validated here, once): every field named
-    like an option but those in `exclude` (a field that means something else there), and
-    `renamed` (option → the config's own field name where they differ: the vLLM configs keep the
-    original tool's `alpha_tol` / `alpha_max_iter`)."""
-    values = {
-        f.name: getattr(config, f.name) for f in fields(config) if f.name in OPTION_NAMES and f.name not in exclude
-    }
-    values.update({option: getattr(config, attribute) for option, attribute in renamed.items()})
-    return QStarOptions(**values)
+def q_star_from(config: Any, *, exclude: tuple[str, ...] = ()) -> QStarOptions:
+    """The `QStarOptions` a config's fields describe (validated here, once): every field named like
+    an option (or as `CONFIG_FIELD_NAMES` renames it), but those in `exclude` (a field that means
+    something else there)."""
+    option_of = {CONFIG_FIELD_NAMES.get(name, name): name for name in OPTION_NAMES if name not in exclude}
+    return QStarOptions(**{option_of[f.name]: getattr(config, f.name) for f in fields(config) if f.name in option_of})
 
 
 def refuse_unsupported(q_star: QStarOptions, unsupported: dict[str, str], front: str) -> None:

@@ -25,10 +25,12 @@ import numpy as np
 import torch
 
 from .mixture import Mixture, compute_mixture, token_records
-from .options import QStarOptions, refuse_unsupported
+from .options import CONFIG_FIELD_NAMES, OPTION_NAMES, QStarOptions, refuse_unsupported
 from .records import RECORDED_DIAGNOSTICS, GenerationOutput, prompt_token_ids, summarize_tokens
 from .sparse import SparseCandidates, sample_candidates, sparse_candidates
 
+#: The q* options both vLLM coordinators take with each call (`generate_batch(temperature=...)`), not in their config.
+PER_CALL_OPTIONS = ("temperature",)
 #: The q* options the top-k step cannot honour, and why: both vLLM configs refuse them by name.
 UNSUPPORTED_OPTIONS = {
     "teacher_top_p": "the teacher's nucleus is not known from a top-k list (its rest bucket stands for many "
@@ -128,17 +130,8 @@ def topk_config_fields(q_star: QStarOptions) -> dict[str, Any]:
     """The `CoordinatorConfig` / `DrivenDecodeConfig` fields of `q_star`, refusing by name what the
     top-k step cannot honour; the temperature stays with each call (`generate_batch(temperature=)`)."""
     refuse_unsupported(q_star, UNSUPPORTED_OPTIONS, "the vLLM backends")
-    return dict(
-        alpha_method=q_star.alpha_method,
-        alpha=q_star.alpha,
-        kl_budget=q_star.kl_budget,
-        alpha_min=q_star.alpha_min,
-        alpha_max=q_star.alpha_max,
-        force_teacher_first_tokens=q_star.force_teacher_first_tokens,
-        empty_support=q_star.empty_support,
-        alpha_tol=q_star.tol,
-        alpha_max_iter=q_star.max_iter,
-    )
+    taken = [name for name in OPTION_NAMES if name not in UNSUPPORTED_OPTIONS and name not in PER_CALL_OPTIONS]
+    return {CONFIG_FIELD_NAMES.get(name, name): getattr(q_star, name) for name in taken}
 
 
 def _solve(

@@ -215,7 +215,7 @@ class OptimalSamplingArguments:
     def q_star(self) -> QStarOptions:
         """The q* options of the rollouts: these fields and TRL's `temperature` (both models, before mixing);
         TRL's `top_k` / `top_p` must stay off (`check_generation_options`)."""
-        return q_star_from(self, exclude=("top_k", "top_p"), tol="alpha_tol", max_iter="alpha_max_iter")
+        return q_star_from(self, exclude=("top_k", "top_p"))
 
     def _check_optimal_sampling_fields(self) -> None:
         q_star = self.q_star  # QStarOptions validates the q* fields, as for every front

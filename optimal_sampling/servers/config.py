@@ -156,7 +156,7 @@ class CoordinatorConfig:
     def q_star(self) -> QStarOptions:
         """The q* options these fields describe (the temperature is each call's)."""
         # `top_k` here is the candidate count, not the truncation of q* after mixing
-        return q_star_from(self, exclude=("top_k",), tol="alpha_tol", max_iter="alpha_max_iter")
+        return q_star_from(self, exclude=("top_k",))
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
