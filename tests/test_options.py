@@ -280,38 +280,9 @@ def test_cli_takes_every_option_and_reruns_with_another_one_are_not_resumed(tmp_
 
     out = tmp_path / "samples.jsonl"
     small = ["generate", "--limit", "2", "--max-new-tokens", "2", "--batch-size", "2", "--no-progress"]
-    assert (
-        main(
-            [
-                *small,
-                "--empty-support",
-                "base",
-                "--alpha-method",
-                "kl_budget",
-                "--kl-budget",
-                "0.05",
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                *small,
-                "--empty-support",
-                "teacher",
-                "--alpha-method",
-                "kl_budget",
-                "--kl-budget",
-                "0.05",
-                "--output",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    budget = ["--alpha-method", "kl_budget", "--kl-budget", "0.05"]
+    assert main([*small, "--empty-support", "base", *budget, "--output", str(out)]) == 0
+    assert main([*small, "--empty-support", "teacher", *budget, "--output", str(out)]) == 2
     assert "empty_support" in capsys.readouterr().err  # the changed setting is named, not silently reused
     assert main([*small, "--alpha-method", "kl_budget", "--output", str(tmp_path / "x.jsonl")]) == 2
     assert "needs `kl_budget=`" in capsys.readouterr().err
