@@ -6,17 +6,22 @@ This is the only package that imports `trl`. Public names:
   rows with q* (or teacher) rows, weighted and baselined consistently (every GRPO `loss_type`).
 - `OptimalSamplingRLOOConfig`, `OptimalSamplingRLOOTrainer`: the same for RLOO, with
   sequence-level weights on the advantage.
+- `OptimalSamplingDistillationConfig`, `OptimalSamplingDistillationTrainer`: TRL's on-policy
+  distillation (`DistillationTrainer`) with the student's completions sampled from q*.
 - `trainers.estimators`: the weights, baselines and diagnostics themselves (pure functions).
 - `TESTED_TRL_RANGE`, `check_trl_seam`: the TRL versions tested, and the check (run at
   trainer init) that the TRL internals the trainers use are still there.
 """
 
-from .config import OptimalSamplingGRPOConfig, OptimalSamplingRLOOConfig
+from .config import OptimalSamplingDistillationConfig, OptimalSamplingGRPOConfig, OptimalSamplingRLOOConfig
+from .distillation import OptimalSamplingDistillationTrainer
 from .grpo import OptimalSamplingGRPOTrainer
 from .rloo import OptimalSamplingRLOOTrainer
 from .seam import TESTED_TRL_RANGE, check_trl_seam
 
 __all__ = [
+    "OptimalSamplingDistillationConfig",
+    "OptimalSamplingDistillationTrainer",
     "OptimalSamplingGRPOConfig",
     "OptimalSamplingGRPOTrainer",
     "OptimalSamplingRLOOConfig",

@@ -35,12 +35,19 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
 
     # -- teacher ---------------------------------------------------------------------
 
-    def _setup_teacher(self, teacher_model, teacher_processing_class, teacher_prompt_fn) -> None:
+    def _setup_teacher(self, teacher_model, teacher_processing_class, teacher_prompt_fn, prepared=None) -> None:
+        """Check the teacher against the policy and keep it (frozen, in eval mode) with its prompt source.
+
+        `prepared`: the teacher as the TRL trainer already loaded and placed it (its own teacher, as
+        `DistillationTrainer` keeps one); else it is loaded from `teacher_model` / the config and placed here.
+        """
         args = self.args
         source = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         policy = self.accelerator.unwrap_model(self.model)
         self._teacher_is_policy = source is policy or source is self.model
-        if isinstance(source, str):
+        if prepared is not None:
+            teacher = self.accelerator.unwrap_model(prepared)
+        elif isinstance(source, str):
             teacher = self._load_teacher(source)
         else:
             teacher = source
@@ -83,7 +90,7 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
             self.teacher_model = None  # the policy itself, unwrapped at generation time
         else:
             teacher.requires_grad_(False)
-            self.teacher_model = self._prepare_teacher(teacher.eval())
+            self.teacher_model = prepared.eval() if prepared is not None else self._prepare_teacher(teacher.eval())
 
         if args.teacher_prompt_template is not None:
             template = args.teacher_prompt_template
@@ -185,11 +192,15 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
     def _group_size(self) -> int:
         return self.num_generations if self.model.training else self.num_generations_eval
 
+    def _no_teacher_pull(self) -> bool:
+        """Every row would be π_θ's anyway: α clamped (or decayed) to 0, or a fixed α = 0."""
+        no_teacher = self.args.alpha_max * self._teacher_pull() == 0.0
+        return no_teacher or (self.args.alpha_method == "fixed" and self.args.alpha == 0.0)
+
     def _on_policy_per_group(self) -> int:
         """k for the current mode (eval groups of another size keep the fraction k/G)."""
         k, groups = self.args.num_on_policy_generations, self.num_generations
-        no_teacher = self.args.alpha_max * self._teacher_pull() == 0.0  # clamped (or decayed) to α = 0
-        if no_teacher or (self.args.alpha_method == "fixed" and self.args.alpha == 0.0):
+        if self._no_teacher_pull():
             k = groups  # every row would be π_θ's anyway: sample them as on-policy rows, exactly
         size = self._group_size()
         return size if k == groups else min(size, round(k * size / groups))

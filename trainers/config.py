@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from trl import GRPOConfig, RLOOConfig
+from trl import DistillationConfig, GRPOConfig, RLOOConfig
 
 from optimal_sampling.options import ALPHA_METHODS, QStarOptions, q_star_field, q_star_from, refuse_unsupported
 from optimal_sampling.topk_decoding import UNSUPPORTED_OPTIONS
@@ -20,8 +20,8 @@ RLOO_BASELINES = ("group", "on_policy", "is")
 
 
 @dataclass
-class OptimalSamplingArguments:
-    """The fields every optimal-sampling trainer config adds to its TRL config.
+class QStarSamplingArguments:
+    """The fields every optimal-sampling trainer config adds to its TRL config: the teacher, q*, the sampler.
 
     Teacher:
         teacher_model_name_or_path: path or Hub id of the teacher, used when the trainer gets
@@ -35,27 +35,16 @@ class OptimalSamplingArguments:
             With neither field the teacher sees exactly the base's prompt tokens.
 
     α (see `optimal_sampling.solve_alpha`):
-        alpha_method: `"fixed"` (default, with `alpha=1.0`: teacher samples), `"kl_symmetry"` (the
-            KL-symmetric α*), `"entropy"`, `"ess_balance"` or `"kl_budget"` (the largest α with
-            KL(q‖π_θ) ≤ `kl_budget`).
-        alpha: the constant for `alpha_method="fixed"` (0 = vanilla GRPO, 1 = teacher samples; default 1).
+        alpha_method: `"kl_symmetry"` (the KL-symmetric α*), `"fixed"` (a constant `alpha`: 0 samples
+            the policy, 1 the teacher), `"entropy"`, `"ess_balance"` or `"kl_budget"` (the largest α with
+            KL(q‖π_θ) ≤ `kl_budget`). Each trainer config states its default.
+        alpha: the constant for `alpha_method="fixed"`.
         kl_budget: ε of `alpha_method="kl_budget"`, in nats per token.
         alpha_min, alpha_max: clamp α.
         teacher_top_p: restrict both models to the teacher's top-p nucleus before solving.
         force_teacher_first_tokens: α = 1 for the first n tokens of every q* completion.
         teacher_decay_ratio: the teacher's pull (the α clamp, and `kl_budget`) decays linearly
             to 0 over this fraction of `max_steps`; from then on every row is on-policy.
-
-    How q* rows enter the update (see `trainers.estimators`):
-        num_on_policy_generations: k of each prompt's `num_generations` completions are sampled
-            from π_θ itself (α = 0, weight 1) in the same batch, the rest from q*.
-        importance_weighting: the weight of q* rows: `"none"`, `"shaping"`, `"token_truncate"`,
-            `"token_mask"`, `"sequence_truncate"`, `"sequence_mask"` or `"mis"`.
-        importance_weight_cap: C of the truncating and masking modes.
-        shaping_gamma: γ of `"shaping"`.
-        advantage_baseline: `"group"` (the trainer's own), `"on_policy"`, `"is"` or `"none"`.
-        allow_inconsistent_baseline: permit a truncated weighting with the group baseline (biased;
-            for ablations).
 
     Sampler backend:
         sampler_backend: `"transformers"` (in-process decode loop, exact, full vocabulary),
@@ -98,23 +87,11 @@ class OptimalSamplingArguments:
             "import path 'package.module:function'. Exclusive with `teacher_prompt_template`."
         },
     )
-    # The defaults (alpha_method="fixed", alpha=1.0, half the group on-policy, no weights, the group
-    # baseline) are the configuration the pre-registered experiment of recipes/PREREGISTRATION.md chose;
-    # recipes/RESULTS.md has the numbers, and how close the KL-symmetric blend came.
-    # The q* options (`optimal_sampling.QStarOptions`): the same names, defaults and help texts, except
-    # the α rule's default; `temperature` is TRL's own field, and top-k / top-p after mixing stay off.
-    alpha_method: str = q_star_field(
-        "alpha_method",
-        default="fixed",
-        help=f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}. Default 'fixed' with alpha=1.0: the "
-        "off-policy rows are teacher samples (the configuration the toy experiment in recipes/RESULTS.md "
-        "chose); 'kl_symmetry' samples the KL-symmetric blend q*.",
-    )
-    alpha: float | None = q_star_field(
-        "alpha",
-        default=1.0,
-        help="The constant α for `alpha_method='fixed'` (0: sample π_θ, i.e. vanilla GRPO; 1: the teacher).",
-    )
+    # The q* options (`optimal_sampling.QStarOptions`): the same names, defaults and help texts (a trainer
+    # config may state another default for the α rule); `temperature` is TRL's own field, and top-k /
+    # top-p after mixing stay off.
+    alpha_method: str = q_star_field("alpha_method")
+    alpha: float | None = q_star_field("alpha")
     alpha_min: float = q_star_field("alpha_min")
     alpha_max: float = q_star_field("alpha_max")
     teacher_top_p: float | None = q_star_field("teacher_top_p")
@@ -129,48 +106,6 @@ class OptimalSamplingArguments:
             "help": "If set, the teacher's pull decays linearly to 0 over this fraction of `max_steps`: "
             "`alpha_min`/`alpha_max` (and `kl_budget`) are multiplied by max(0, 1 - step / (ratio * max_steps)); "
             "once it reaches 0 every row is sampled on-policy."
-        },
-    )
-    num_on_policy_generations: int | None = field(
-        default=None,
-        metadata={
-            "help": "k of the `num_generations` completions of each prompt are sampled from the policy itself "
-            "(α = 0, importance weight exactly 1) in the same batch; the other G - k from q*. k = G is vanilla "
-            "GRPO, k = 0 samples every row from q*. Default (None): half the group, G // 2."
-        },
-    )
-    importance_weighting: str = field(
-        default="none",
-        metadata={
-            "help": "The weight of the q* rows in the policy gradient (on-policy rows: 1). 'none': as if "
-            "on-policy (a deliberate pull toward the teacher). 'shaping': LUFFY's policy shaping of the "
-            "per-token ratio r = π_θ/q, weight γr/(r+γ)². 'token_truncate' / 'token_mask' / "
-            "'sequence_truncate' / 'sequence_mask': TRL's truncated or masked ratios at "
-            "`importance_weight_cap` (need advantage_baseline 'on_policy', 'is' or 'none'). 'mis': "
-            "multiple importance sampling, every row weighted π_θ/(λπ_θ + (1-λ)q*) with λ = k/G (unbiased, "
-            "bounded by G/k)."
-        },
-    )
-    importance_weight_cap: float = field(
-        default=3.0, metadata={"help": "C of the truncating and masking weightings: min(π_θ/q, C), or 0 above C."}
-    )
-    shaping_gamma: float = field(
-        default=0.1, metadata={"help": "γ of `importance_weighting='shaping'`, f(r) = r / (r + γ)."}
-    )
-    advantage_baseline: str = field(
-        default="group",
-        metadata={
-            "help": "The baseline subtracted from each reward. 'group': the trainer's own (GRPO: group mean; "
-            "RLOO: leave-one-out). 'on_policy': the mean reward of the group's on-policy rows. 'is': the "
-            "self-normalised importance-sampling estimate of the policy's success over the group. 'none': 0 "
-            "(GRPO only). The reward scale (`scale_rewards`) stays the trainer's."
-        },
-    )
-    allow_inconsistent_baseline: bool = field(
-        default=False,
-        metadata={
-            "help": "Permit a truncated or masked importance weighting with `advantage_baseline='group'`, "
-            "which biases the update toward the policy's own mistakes. For ablations only."
         },
     )
     sampler_backend: str = field(
@@ -217,12 +152,114 @@ class OptimalSamplingArguments:
         TRL's `top_k` / `top_p` must stay off (`check_generation_options`)."""
         return q_star_from(self, exclude=("top_k", "top_p"))
 
-    def _check_optimal_sampling_fields(self) -> None:
+    def _check_sampling_fields(self) -> QStarOptions:
         q_star = self.q_star  # QStarOptions validates the q* fields, as for every front
         if self.teacher_decay_ratio is not None and not 0.0 < self.teacher_decay_ratio <= 1.0:
             raise ValueError(
                 f"`teacher_decay_ratio` is a fraction of `max_steps` in (0, 1], got {self.teacher_decay_ratio}."
             )
+        if self.teacher_prompt_template is not None and self.teacher_prompt_fn is not None:
+            raise ValueError("Set `teacher_prompt_template` or `teacher_prompt_fn`, not both.")
+        if self.sampler_backend not in SAMPLER_BACKENDS:
+            raise ValueError(f"`sampler_backend` must be one of {SAMPLER_BACKENDS}, got {self.sampler_backend!r}.")
+        if self.sampler_backend == "vllm" and not (self.sampler_theta_url and self.sampler_t_url):
+            raise ValueError("`sampler_backend='vllm'` needs `sampler_theta_url` and `sampler_t_url`.")
+        if self.sampler_fast not in SAMPLER_FAST:
+            raise ValueError(f"`sampler_fast` must be one of {SAMPLER_FAST}, got {self.sampler_fast!r}.")
+        if self.sampler_engine_args and self.sampler_backend != "vllm-inprocess":
+            raise ValueError(
+                "`sampler_engine_args` configures the engines of `sampler_backend='vllm-inprocess'`; "
+                "set that backend or drop them."
+            )
+        if self.sampler_backend in VLLM_BACKENDS:
+            refuse_unsupported(q_star, UNSUPPORTED_OPTIONS, f"sampler_backend={self.sampler_backend!r}")
+        return q_star
+
+    def to_dict(self) -> dict[str, Any]:
+        # A callable `teacher_prompt_fn` is logged (wandb, TensorBoard hparams) by its name.
+        d = super().to_dict()
+        fn = d.get("teacher_prompt_fn")
+        if callable(fn):
+            d["teacher_prompt_fn"] = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+        return d
+
+
+@dataclass
+class OptimalSamplingArguments(QStarSamplingArguments):
+    """The fields of the RL trainers (GRPO, RLOO): the sampler's, and how q* rows enter the update.
+
+    How q* rows enter the update (see `trainers.estimators`):
+        num_on_policy_generations: k of each prompt's `num_generations` completions are sampled
+            from π_θ itself (α = 0, weight 1) in the same batch, the rest from q*.
+        importance_weighting: the weight of q* rows: `"none"`, `"shaping"`, `"token_truncate"`,
+            `"token_mask"`, `"sequence_truncate"`, `"sequence_mask"` or `"mis"`.
+        importance_weight_cap: C of the truncating and masking modes.
+        shaping_gamma: γ of `"shaping"`.
+        advantage_baseline: `"group"` (the trainer's own), `"on_policy"`, `"is"` or `"none"`.
+        allow_inconsistent_baseline: permit a truncated weighting with the group baseline (biased;
+            for ablations).
+    """
+
+    # The α rule's default (fixed α = 1: the off-policy rows are teacher samples), half the group
+    # on-policy, no weights and the group baseline are the configuration the pre-registered
+    # experiment of recipes/PREREGISTRATION.md chose; recipes/RESULTS.md has the numbers.
+    alpha_method: str = q_star_field(
+        "alpha_method",
+        default="fixed",
+        help=f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}. Default 'fixed' with alpha=1.0: the "
+        "off-policy rows are teacher samples (the configuration the toy experiment in recipes/RESULTS.md "
+        "chose); 'kl_symmetry' samples the KL-symmetric blend q*.",
+    )
+    alpha: float | None = q_star_field(
+        "alpha",
+        default=1.0,
+        help="The constant α for `alpha_method='fixed'` (0: sample π_θ, i.e. vanilla GRPO; 1: the teacher).",
+    )
+    num_on_policy_generations: int | None = field(
+        default=None,
+        metadata={
+            "help": "k of the `num_generations` completions of each prompt are sampled from the policy itself "
+            "(α = 0, importance weight exactly 1) in the same batch; the other G - k from q*. k = G is vanilla "
+            "GRPO, k = 0 samples every row from q*. Default (None): half the group, G // 2."
+        },
+    )
+    importance_weighting: str = field(
+        default="none",
+        metadata={
+            "help": "The weight of the q* rows in the policy gradient (on-policy rows: 1). 'none': as if "
+            "on-policy (a deliberate pull toward the teacher). 'shaping': LUFFY's policy shaping of the "
+            "per-token ratio r = π_θ/q, weight γr/(r+γ)². 'token_truncate' / 'token_mask' / "
+            "'sequence_truncate' / 'sequence_mask': TRL's truncated or masked ratios at "
+            "`importance_weight_cap` (need advantage_baseline 'on_policy', 'is' or 'none'). 'mis': "
+            "multiple importance sampling, every row weighted π_θ/(λπ_θ + (1-λ)q*) with λ = k/G (unbiased, "
+            "bounded by G/k)."
+        },
+    )
+    importance_weight_cap: float = field(
+        default=3.0, metadata={"help": "C of the truncating and masking weightings: min(π_θ/q, C), or 0 above C."}
+    )
+    shaping_gamma: float = field(
+        default=0.1, metadata={"help": "γ of `importance_weighting='shaping'`, f(r) = r / (r + γ)."}
+    )
+    advantage_baseline: str = field(
+        default="group",
+        metadata={
+            "help": "The baseline subtracted from each reward. 'group': the trainer's own (GRPO: group mean; "
+            "RLOO: leave-one-out). 'on_policy': the mean reward of the group's on-policy rows. 'is': the "
+            "self-normalised importance-sampling estimate of the policy's success over the group. 'none': 0 "
+            "(GRPO only). The reward scale (`scale_rewards`) stays the trainer's."
+        },
+    )
+    allow_inconsistent_baseline: bool = field(
+        default=False,
+        metadata={
+            "help": "Permit a truncated or masked importance weighting with `advantage_baseline='group'`, "
+            "which biases the update toward the policy's own mistakes. For ablations only."
+        },
+    )
+
+    def _check_optimal_sampling_fields(self) -> None:
+        self._check_sampling_fields()
         if self.importance_weight_cap <= 0 or self.shaping_gamma <= 0:
             raise ValueError(
                 f"`importance_weight_cap` (={self.importance_weight_cap}) and `shaping_gamma` (={self.shaping_gamma}) "
@@ -238,19 +275,6 @@ class OptimalSamplingArguments:
             groups,
             allow_inconsistent=self.allow_inconsistent_baseline,
         )
-        if self.teacher_prompt_template is not None and self.teacher_prompt_fn is not None:
-            raise ValueError("Set `teacher_prompt_template` or `teacher_prompt_fn`, not both.")
-        if self.sampler_backend not in SAMPLER_BACKENDS:
-            raise ValueError(f"`sampler_backend` must be one of {SAMPLER_BACKENDS}, got {self.sampler_backend!r}.")
-        if self.sampler_backend == "vllm" and not (self.sampler_theta_url and self.sampler_t_url):
-            raise ValueError("`sampler_backend='vllm'` needs `sampler_theta_url` and `sampler_t_url`.")
-        if self.sampler_fast not in SAMPLER_FAST:
-            raise ValueError(f"`sampler_fast` must be one of {SAMPLER_FAST}, got {self.sampler_fast!r}.")
-        if self.sampler_engine_args and self.sampler_backend != "vllm-inprocess":
-            raise ValueError(
-                "`sampler_engine_args` configures the engines of `sampler_backend='vllm-inprocess'`; "
-                "set that backend or drop them."
-            )
         if self.sampler_backend in VLLM_BACKENDS:
             needs_star = [
                 name
@@ -266,15 +290,6 @@ class OptimalSamplingArguments:
                     "vLLM backends do not record (they sample those rows from the base alone); use "
                     "sampler_backend='transformers', or another weighting / baseline."
                 )
-            refuse_unsupported(q_star, UNSUPPORTED_OPTIONS, f"sampler_backend={self.sampler_backend!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        # A callable `teacher_prompt_fn` is logged (wandb, TensorBoard hparams) by its name.
-        d = super().to_dict()
-        fn = d.get("teacher_prompt_fn")
-        if callable(fn):
-            d["teacher_prompt_fn"] = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
-        return d
 
 
 #: TRL's own correction fields (`use_vllm` runs): the q* trainers weight rows with
@@ -365,3 +380,42 @@ class OptimalSamplingRLOOConfig(OptimalSamplingArguments, RLOOConfig):
                 f"`advantage_baseline` must be one of {RLOO_BASELINES} for RLOO, got {self.advantage_baseline!r}."
             )
         self._check_optimal_sampling_fields()
+
+
+@dataclass
+class OptimalSamplingDistillationConfig(QStarSamplingArguments, DistillationConfig):
+    """`DistillationConfig` for `OptimalSamplingDistillationTrainer`: the student's rollouts come from q*.
+
+    TRL's on-policy distillation samples each completion from the student and trains it toward the
+    teacher's next-token distribution at every visited prefix (generalized JSD, `beta`; 1 = reverse
+    KL). Here the completions are sampled from q* ∝ π_θ^(1-α)·π_t^α instead: the fields of
+    `QStarSamplingArguments` choose α (`alpha_method`, default the KL-symmetric α*), its clamp and its
+    schedule (`teacher_decay_ratio`: with `alpha_method="kl_budget"` that is TRB's trust region annealed
+    to on-policy distillation), and the backend. The loss is TRL's, unchanged and unweighted: a
+    per-prefix divergence needs no importance weight when another policy chooses the prefixes
+    (`theory/derivation.md` §9). With α = 0 (`alpha_method="fixed", alpha=0`, `alpha_max=0`, or a
+    decayed schedule) the trainer draws exactly the completions of `DistillationTrainer`.
+
+    With a teacher prompt (`teacher_prompt_template` / `teacher_prompt_fn`), the teacher conditions on it
+    both when q* is sampled and, with `teacher_prompt_in_loss` (default), in the loss: the student is
+    trained toward π_t(· | teacher prompt, y<t), the distribution q* blends.
+
+    Example:
+        >>> from trainers import OptimalSamplingDistillationConfig
+        >>> args = OptimalSamplingDistillationConfig(output_dir="/tmp/os-distill", use_cpu=True, bf16=False,
+        ...                                          report_to="none", teacher_decay_ratio=0.5)
+        >>> args.alpha_method, args.beta, args.q_star.alpha_max
+        ('kl_symmetry', 1.0, 1.0)
+    """
+
+    teacher_prompt_in_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "With a teacher prompt, score the completion under the teacher's own prompt in the loss (the "
+            "teacher distribution q* blends); False: under the student's prompt, as TRL's DistillationTrainer."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_sampling_fields()

@@ -143,6 +143,63 @@ RLOO_SEAM = (
     ),
 )
 
+DISTILLATION_SEAM = (
+    SeamPoint(
+        "DistillationTrainer",
+        "_generate_single_turn",
+        ("self", "prompt_ids", "images", "multimodal_fields", "has_tool_images"),
+        ("return completion_ids",),
+        "overridden: the only place completion tokens are produced",
+    ),
+    SeamPoint(
+        "DistillationTrainer",
+        "_generate",
+        ("self", "prompts"),
+        ("self._generate_single_turn(prompt_ids, images, multimodal_fields)", "self._tokenize_prompts(prompts)"),
+        "calls our `_generate_single_turn` once per batch, rows in the order of `inputs`",
+    ),
+    SeamPoint(
+        "DistillationTrainer",
+        "_generate_and_score_completions",
+        ("self", "inputs"),
+        ('prompts = [x["prompt"] for x in inputs]', "= self._generate(prompts)", "return output"),
+        "wrapped to see the dataset rows (teacher prompts) and to add the teacher's prompt to the batch",
+    ),
+    SeamPoint(
+        "DistillationTrainer",
+        "_compute_loss",
+        ("self", "unwrapped_student", "inputs", "num_items_in_batch"),
+        (
+            'input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)',
+            'logits_to_keep = inputs["completion_ids"].size(1)',
+            "teacher_hidden_states = self._forward_redirection(",
+            "self._get_last_hidden_state,\n                unwrapped_teacher,",
+        ),
+        "wrapped: the teacher's hidden states come from `_get_last_hidden_state(unwrapped_teacher, prompt + "
+        "completion, ...)`, whose last `logits_to_keep` positions are the completion",
+    ),
+    SeamPoint(
+        "DistillationTrainer",
+        "_get_last_hidden_state",
+        None,
+        ("last_hidden_state[:, -logits_to_keep:, :]",),
+        "overridden for the teacher: its own prompt replaces the student's before the completion",
+    ),
+    SeamPoint(
+        "DistillationTrainer",
+        "__init__",
+        None,
+        (
+            "self.eos_token_ids = eos_token_ids",
+            "self._dist = DistributedBackend(self.accelerator)",
+            "self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)",
+        ),
+        "attributes we read; the teacher TRL places is the one the sampler uses",
+    ),
+)
+
+SEAMS = {"grpo": GRPO_SEAM, "rloo": RLOO_SEAM, "distillation": DISTILLATION_SEAM}
+
 #: Every `self.use_vllm` read in `GRPOTrainer` (TRL 1.16). The trainer flips the flag after
 #: init to switch on TRL's IS correction; a new reader could start a vLLM-only code path
 #: (weight sync, an engine call), so any change in this count needs a fresh audit.
@@ -168,7 +225,7 @@ def seam_problems(trainer: str = "grpo") -> list[str]:
     import importlib
 
     problems = []
-    points = GRPO_SEAM if trainer == "grpo" else RLOO_SEAM
+    points = SEAMS[trainer]
     for point in points:
         owner = getattr(trl, point.owner, None)
         member = getattr(owner, point.name, None) if owner is not None else None

@@ -1,0 +1,166 @@
+"""`OptimalSamplingDistillationTrainer`: TRL's on-policy distillation, with the student's rollouts drawn from q*."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from trl import DistillationTrainer
+
+from ._common import METRIC_PREFIX, OptimalSamplingMixin, check_generation_options, check_sampler_backend
+from .checks import check_teacher_given
+from .config import OptimalSamplingDistillationConfig, QStarSamplingArguments
+from .rollout import left_pad
+from .seam import check_trl_seam
+
+
+class OptimalSamplingDistillationTrainer(OptimalSamplingMixin, DistillationTrainer):
+    """`DistillationTrainer` whose completions are sampled from q* ∝ π_θ^(1-α) · π_t^α, token by token.
+
+    A drop-in for `trl.DistillationTrainer`: the loss (generalized JSD between the student's and the
+    teacher's next-token distributions at every completion position, `beta`), the teacher's placement
+    and everything after generation stay TRL's. Only the sampler changes, at TRL's narrowest seam
+    (`_generate_single_turn`): each completion is drawn from q* with α per token by the config's rule
+    (`alpha_method`, clamp, `kl_budget`, `teacher_decay_ratio`), so the prefixes the loss is taken at
+    lie between the student's own (on-policy distillation) and the teacher's (supervised
+    distillation). A per-prefix divergence needs no importance weight for that: the behaviour policy
+    only chooses which prefixes are trained on (`theory/derivation.md` §9). When α is 0 for every
+    token (`alpha_method="fixed", alpha=0`, `alpha_max=0`, or the schedule decayed to 0) the rows are
+    sampled from π_θ exactly as `DistillationTrainer` samples them: the same tokens and losses under one
+    seed.
+
+    With a teacher prompt (`teacher_prompt_template` / `teacher_prompt_fn`, or `teacher_prompt_fn=`) the
+    teacher sees it when q* is sampled and, with `teacher_prompt_in_loss`, in the loss.
+
+    α, KL(q‖π_θ), KL(q‖π_t), the Chernoff information and the teacher's pull are logged under
+    `optimal_sampling/` with TRL's metrics.
+
+    Args:
+        model, teacher_model, args, train_dataset, eval_dataset, processing_class, **kwargs: as for
+            `DistillationTrainer` (`args` must be an `OptimalSamplingDistillationConfig`; the teacher
+            may also come from `args.teacher_model_name_or_path`).
+        teacher_processing_class: the teacher's tokenizer if it differs (e.g. its own chat template);
+            default: loaded next to a teacher path, else the student's. The vocabularies must match.
+        teacher_prompt_fn: a callable `row -> prompt` for the teacher (overrides the config's).
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from optimal_sampling.testing import tiny_causal_lm, tiny_tokenizer
+        >>> from trainers import OptimalSamplingDistillationConfig, OptimalSamplingDistillationTrainer
+        >>> tokenizer = tiny_tokenizer()
+        >>> student, teacher = tiny_causal_lm(len(tokenizer), seed=0), tiny_causal_lm(len(tokenizer), seed=1)
+        >>> args = OptimalSamplingDistillationConfig(output_dir="/tmp/os-distill-doctest", per_device_train_batch_size=4,
+        ...     max_completion_length=4, max_steps=1, report_to="none", use_cpu=True, bf16=False, logging_steps=1,
+        ...     save_strategy="no", disable_tqdm=True, gradient_checkpointing=False)
+        >>> trainer = OptimalSamplingDistillationTrainer(student, teacher_model=teacher, args=args,
+        ...     train_dataset=Dataset.from_dict({"prompt": ["the cat"] * 4}), processing_class=tokenizer)
+        >>> _ = trainer.train()  # doctest: +ELLIPSIS
+        {'loss': ...}
+        >>> "optimal_sampling/alpha_mean" in trainer.state.log_history[0]
+        True
+    """
+
+    def __init__(
+        self,
+        model,
+        teacher_model: torch.nn.Module | str | None = None,
+        args: OptimalSamplingDistillationConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *,
+        teacher_processing_class=None,
+        teacher_prompt_fn: Callable[[dict], Any] | None = None,
+        **kwargs,
+    ):
+        check_trl_seam("distillation")
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
+            args = OptimalSamplingDistillationConfig(f"{str(name).rstrip('/').split('/')[-1]}-OptimalSampling-Distill")
+        if not isinstance(args, QStarSamplingArguments):
+            raise TypeError(
+                f"`args` is a {type(args).__name__}; pass an `OptimalSamplingDistillationConfig` (a "
+                "DistillationConfig with the α and sampler fields)."
+            )
+        check_teacher_given(teacher_model, args)
+        check_sampler_backend(args)
+        check_generation_options(args)
+        if teacher_model is model or (teacher_model is None and args.teacher_model_name_or_path is model):
+            raise ValueError(
+                "The student as its own teacher is not supported by the distillation trainer: TRL places the teacher "
+                "as a second, frozen model. Load a second copy (e.g. from the same path) as `teacher_model`."
+            )
+        if kwargs.get("tools"):
+            raise NotImplementedError(
+                "Tool calling is not supported by OptimalSamplingDistillationTrainer yet: each tool-result turn would "
+                "sample a row again. Use TRL's DistillationTrainer for tool use."
+            )
+        source = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        super().__init__(
+            model,
+            teacher_model=source,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        if self._is_vlm:
+            raise NotImplementedError("Vision-language students are not supported by the q* sampler yet.")
+        # TRL loaded and placed the teacher (it scores every completion in the loss); the sampler shares it.
+        self._setup_teacher(source, teacher_processing_class, teacher_prompt_fn, prepared=self.teacher_model)
+        self._teacher_loss_prompt: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- sampling: TRL's seam ---------------------------------------------------------------
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        if images is not None or multimodal_fields or has_tool_images:
+            raise NotImplementedError("Multimodal prompts are not supported by the q* sampler.")
+        return self._sample_optimal(prompt_ids).completion_ids
+
+    def _on_policy_rows(self, num_rows: int) -> torch.Tensor:
+        """Distillation samples one completion per prompt: every row from q*, or every row from π_θ
+        (exactly TRL's sampling) when α is 0 throughout."""
+        return torch.full((num_rows,), self._no_teacher_pull(), dtype=torch.bool)
+
+    def _generate_and_score_completions(self, inputs):
+        rows = len(inputs)
+        output = self._with_rollout_rows(
+            inputs, lambda: super(OptimalSamplingDistillationTrainer, self)._generate_and_score_completions(inputs)
+        )
+        self._check_rollout_rows(rows)
+        if self._teacher_prompt_source is not None and self.args.teacher_prompt_in_loss:
+            self._rollout_rows = inputs  # `_teacher_prompt_ids` reads the batch's dataset rows
+            try:
+                ids, mask = left_pad(
+                    self._teacher_prompt_ids(rows), self._tokenizer.pad_token_id, self.accelerator.device
+                )
+            finally:
+                self._rollout_rows = None
+            output["teacher_prompt_ids"], output["teacher_prompt_mask"] = ids, mask  # split and shuffled with the rows
+        mode = "train" if self.model.training else "eval"
+        on_policy = self._pending_on_policy("cpu")
+        self._metrics[mode][METRIC_PREFIX + "on_policy_frac"].append(float(on_policy.float().mean()))
+        self._metrics[mode][METRIC_PREFIX + "teacher_pull"].append(self._teacher_pull())
+        self._log_rollout_metrics()
+        return output
+
+    # -- the loss: TRL's, with the teacher under its own prompt -----------------------------
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        if "teacher_prompt_ids" in inputs:
+            self._teacher_loss_prompt = (inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"])
+        try:
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        finally:
+            self._teacher_loss_prompt = None
+
+    def _get_last_hidden_state(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        # TRL scores the teacher on the student's prompt + completion; the last `logits_to_keep` positions
+        # are the completion, so the teacher's own prompt replaces what comes before them.
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        if self._teacher_loss_prompt is not None and unwrapped_model is teacher:
+            prompt_ids, prompt_mask = self._teacher_loss_prompt
+            input_ids = torch.cat([prompt_ids, input_ids[:, -logits_to_keep:]], dim=1)
+            attention_mask = torch.cat([prompt_mask, attention_mask[:, -logits_to_keep:]], dim=1)
+        return super()._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep, **kwargs)
