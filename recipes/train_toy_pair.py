@@ -24,6 +24,16 @@ Run from the repository root::
     python recipes/train_toy_pair.py
 
 Update ``optimal_sampling/toy/assets/TRAINING.md`` with the printed numbers.
+
+The teachers of the teacher-payoff regimes (``recipes/teacher_payoff.py``) are trained the same
+way on another task, with the shipped tokenizer, and saved beside the pair as
+``teacher_<task>/`` (the base is not retrained)::
+
+    python recipes/train_toy_pair.py --teacher-task arithmetic --teacher-steps 1200
+    python recipes/train_toy_pair.py --teacher-task scratchpad
+
+- ``arithmetic``: addition and subtraction (``57-23=`` -> ``34``), which the base never saw;
+- ``scratchpad``: addition answered with a worked solution (``12+34=`` -> ``2+4=06 1+3+0=04 => 46``).
 """
 
 from __future__ import annotations
@@ -62,12 +72,27 @@ from optimal_sampling.toy.task import (  # noqa: E402
     TEACHER_PROMPT_TEMPLATE,
     all_pairs,
     exact_match_reward,
+    final_answer_reward,
     format_prompt,
     format_teacher_prompt,
     make_problems,
+    solve,
+    worked_solution,
 )
 
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "optimal_sampling" / "toy" / "assets"
+
+# What each teacher is trained on: the operators of its problems, how it writes an answer, how
+# an answer is graded, and how many tokens an answer takes at most.
+TEACHER_TASKS = {
+    "addition": dict(ops=("+",), answer=lambda a, b, op: str(solve(a, b, op)), reward=exact_match_reward, tokens=5),
+    "arithmetic": dict(
+        ops=("+", "-"), answer=lambda a, b, op: str(solve(a, b, op)), reward=exact_match_reward, tokens=5
+    ),
+    "scratchpad": dict(
+        ops=("+",), answer=lambda a, b, op: worked_solution(a, b), reward=final_answer_reward, tokens=32
+    ),
+}
 
 PAD, BOS, EOS, USER, ASSISTANT = "<|pad|>", "<|bos|>", EOS_TEXT, "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, USER, ASSISTANT]  # ids 0..4
@@ -182,12 +207,14 @@ def make_config(tokenizer, args) -> LlamaConfig:
     )
 
 
-def encode_examples(tokenizer, pairs, formats):
-    """(input_ids, labels) lists; labels are -100 on the prompt."""
+def encode_examples(tokenizer, pairs, formats, op="+", answer=None):
+    """(input_ids, labels) lists; labels are -100 on the prompt. `answer(a, b, op)` writes the
+    continuation (default: the result's digits)."""
+    answer = answer or (lambda a, b, op: str(solve(a, b, op)))
     examples = []
     for a, b in pairs:
-        prompt = format_prompt(a, b)
-        answer_ids = tokenizer.encode(str(a + b), add_special_tokens=False) + [tokenizer.eos_token_id]
+        prompt = format_prompt(a, b, op)
+        answer_ids = tokenizer.encode(answer(a, b, op), add_special_tokens=False) + [tokenizer.eos_token_id]
         for fmt in formats:
             text = prompt if fmt == "plain" else format_teacher_prompt(prompt)
             prompt_ids = tokenizer.encode(text, add_special_tokens=False)
@@ -269,8 +296,10 @@ def train_model(
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, rows, prompt_key, *, do_sample, seed, batch_size=500):
-    """Exact-match accuracy with batched, left-padded model.generate."""
+def evaluate(
+    model, tokenizer, rows, prompt_key, *, do_sample, seed, batch_size=500, reward=exact_match_reward, max_new_tokens=5
+):
+    """Accuracy under `reward` (default: exact match) with batched, left-padded model.generate."""
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     completions = []
@@ -280,14 +309,14 @@ def evaluate(model, tokenizer, rows, prompt_key, *, do_sample, seed, batch_size=
         kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
         out = model.generate(
             **enc,
-            max_new_tokens=5,
+            max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             **kwargs,
         )
         new = out[:, enc["input_ids"].shape[1] :]
         completions.extend(tokenizer.batch_decode(new, skip_special_tokens=False))
-    rewards = exact_match_reward(completions, [r["answer"] for r in rows])
+    rewards = reward(completions, [r["answer"] for r in rows])
     return sum(rewards) / len(rewards)
 
 
@@ -340,12 +369,21 @@ def parse_args(argv=None):
     )
     p.add_argument("--eval-size", type=int, default=500, help="held-out problems per evaluation")
     p.add_argument("--only", choices=["base", "teacher"], default=None, help="train only one model (tuning)")
+    p.add_argument(
+        "--teacher-task",
+        choices=sorted(TEACHER_TASKS),
+        default="addition",
+        help="the task of a teacher for the teacher-payoff regimes: trains only that teacher, with the tokenizer "
+        "already in --output-dir, and saves it as teacher_<task>/ (default: addition, the shipped pair)",
+    )
     p.add_argument("--no-save", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.teacher_task != "addition":
+        return train_task_teacher(args)
     t_start = time.time()
     set_determinism(args.seed)
     tokenizer = build_tokenizer(args.vocab_size)
@@ -429,6 +467,71 @@ def main(argv=None):
     patch_tokenizer_config(tok_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"saved to {out}")
+    return metrics
+
+
+def train_task_teacher(args):
+    """Train the teacher of one teacher-payoff regime (`--teacher-task`) with the shipped tokenizer,
+    evaluate it and the shipped base on the task's held-out problems, and save it as teacher_<task>/."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_start = time.time()
+    set_determinism(args.seed)
+    task = TEACHER_TASKS[args.teacher_task]
+    out = args.output_dir
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
+    examples = []
+    for op in task["ops"]:
+        examples += encode_examples(tokenizer, all_pairs("train", op), ["chat", "plain"], op, task["answer"])
+    torch.manual_seed(args.seed + 1)
+    model = LlamaForCausalLM(make_config(tokenizer, args))
+    steps = args.teacher_steps
+    print(f"[teacher_{args.teacher_task}] {len(examples)} training sequences, {steps} steps", flush=True)
+    seconds = train_model(
+        f"teacher_{args.teacher_task}",
+        model,
+        examples,
+        steps=steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=min(100, steps // 10),
+        weight_decay=0.01,
+        seed=args.seed,
+        pad_id=tokenizer.pad_token_id,
+    )
+    base = AutoModelForCausalLM.from_pretrained(str(out / "base"), local_files_only=True, dtype="float32").eval()
+    metrics = {
+        "seed": args.seed,
+        "teacher_task": args.teacher_task,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "args": {k: _display(v) for k, v in vars(args).items()},
+        "train_sequences": len(examples),
+        "steps": steps,
+        "train_seconds": round(seconds, 1),
+    }
+    for op in task["ops"]:
+        rows = make_problems(args.eval_size, seed=args.seed + 1, split="test", op=op)
+        grade = dict(reward=task["reward"], max_new_tokens=task["tokens"])
+        for name, who, key in (
+            ("teacher", model, "teacher_prompt"),
+            ("teacher", model, "prompt"),
+            ("base", base, "prompt"),
+        ):
+            fmt = "teacher_format" if key == "teacher_prompt" else "plain_format"
+            for mode, sample in (("greedy", False), ("temp1", True)):
+                value = evaluate(who, tokenizer, rows, key, do_sample=sample, seed=args.seed, **grade)
+                metrics[f"{name}_{'add' if op == '+' else 'sub'}_{fmt}_{mode}"] = value
+    metrics["total_seconds"] = round(time.time() - t_start, 1)
+    print(json.dumps(metrics, indent=2))
+    if not args.no_save:
+        target = out / f"teacher_{args.teacher_task}"
+        save_model(model, tokenizer, target)
+        for shared in (out / "tokenizer").iterdir():  # byte for byte the pair's tokenizer files
+            shutil.copyfile(shared, target / shared.name)
+        (out / f"metrics_teacher_{args.teacher_task}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"saved to {out / f'teacher_{args.teacher_task}'}")
     return metrics
 
 

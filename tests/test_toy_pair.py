@@ -20,15 +20,19 @@ import torch
 from optimal_sampling.toy import (
     BASE_DIR,
     TEACHER_DIR,
+    TEACHER_DIRS,
     TEACHER_PROMPT_TEMPLATE,
     TOKENIZER_DIR,
     TOY_PAIR_DIR,
     all_pairs,
     exact_match_reward,
     extract_answer,
+    final_answer,
+    final_answer_reward,
     load_toy_pair,
     make_problems,
     split_of,
+    worked_solution,
 )
 
 N_HELDOUT = 300
@@ -206,3 +210,86 @@ def test_reward_strings_and_chat_messages():
     assert extract_answer(None) is None
     with pytest.raises(ValueError):
         exact_match_reward(["46"], ["46", "47"])
+
+
+# ------------------------------------------------- the teachers of the teacher-payoff regimes
+
+
+def test_subtraction_problems_have_their_own_disjoint_splits():
+    train, test = set(all_pairs("train", "-")), set(all_pairs("test", "-"))
+    assert not train & test and len(train) + len(test) == 90 * 91 // 2  # every b <= a
+    assert all(b <= a for a, b in train | test)
+    rows = make_problems(300, seed=7, split="test", op="-")
+    assert all(r["prompt"] == f"{r['a']}-{r['b']}=" and r["answer"] == str(r["a"] - r["b"]) for r in rows)
+    assert not {r["prompt"] for r in rows} & {r["prompt"] for r in make_problems(3000, seed=7, op="-")}
+    # the addition draws are what they always were (the issue-13 experiment's prompt orders)
+    assert make_problems(3, seed=0)[0]["prompt"] == make_problems(3, seed=0, op="+")[0]["prompt"]
+    with pytest.raises(ValueError, match="unknown operator"):
+        make_problems(1, seed=0, op="*")
+
+
+def test_worked_solutions_are_graded_by_their_last_number():
+    assert worked_solution(12, 34) == "2+4=06 1+3+0=04 => 46"
+    assert worked_solution(95, 87) == "5+7=12 9+8+1=18 => 182"
+    for a, b in all_pairs("test")[:200]:
+        assert final_answer(worked_solution(a, b)) == str(a + b)
+    completions = [
+        "2+4=06 1+3+0=04 => 46<|eos|>",  # the worked solution
+        "46",  # the base's bare answer scores too
+        "2+4=06 1+3+0=04 => 47",  # wrong last number
+        "2+4=06 1+3+0=04 =>",  # no final answer: the last number is 04
+        "2+4=06 <|user|> 46",  # a special token before EOS
+        "",
+    ]
+    assert final_answer_reward(completions, ["46"] * 6) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def _generate(model, tok, rows, key, max_new_tokens, seed=0):
+    enc = tok([r[key] for r in rows], return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    return out[:, enc["input_ids"].shape[1] :]
+
+
+def test_the_arithmetic_teacher_subtracts_and_the_base_cannot():
+    base, teacher, tok = load_toy_pair(teacher="arithmetic")
+    rows = make_problems(N_HELDOUT, seed=1234, split="test", op="-")
+
+    def score(model, key):
+        texts = tok.batch_decode(_generate(model, tok, rows, key, 5))
+        return sum(exact_match_reward(texts, [r["answer"] for r in rows])) / len(rows)
+
+    assert score(teacher, "teacher_prompt") >= 0.85
+    assert score(base, "prompt") <= 0.01  # beyond the base's reach
+
+
+def test_the_scratchpad_teacher_writes_long_worked_solutions():
+    _, teacher, tok = load_toy_pair(teacher="scratchpad")
+    rows = make_problems(N_HELDOUT, seed=1234, split="test")
+    new = _generate(teacher, tok, rows, "teacher_prompt", 32)
+    texts = tok.batch_decode(new)
+    assert sum(final_answer_reward(texts, [r["answer"] for r in rows])) / len(rows) >= 0.85
+    lengths = (new != tok.pad_token_id).sum(-1).float()
+    assert float(lengths.mean()) >= 20  # completions of at least 20 tokens (EOS included)
+    assert sum(t.split("<|eos|>")[0] == worked_solution(r["a"], r["b"]) for t, r in zip(texts, rows)) >= 0.85 * len(
+        rows
+    )
+
+
+def test_every_teacher_ships_with_the_shared_tokenizer():
+    for name, directory in TEACHER_DIRS.items():
+        for f in ("config.json", "model.safetensors", *TOKENIZER_FILES):
+            assert (directory / f).is_file(), directory / f
+        for f in TOKENIZER_FILES:
+            assert (directory / f).read_bytes() == (TOKENIZER_DIR / f).read_bytes(), name
+    with pytest.raises(ValueError, match="unknown toy teacher"):
+        load_toy_pair(teacher="calculus")

@@ -12,6 +12,14 @@ BPE tokenizer:
 Both continue with the digits of the sum and then EOS, so they score the same
 continuation tokens. ``recipes/train_toy_pair.py`` rebuilds the assets;
 ``assets/TRAINING.md`` records how they were built and their measured accuracies.
+
+Two more teachers, of the same architecture and tokenizer, make the regimes of the
+teacher-payoff experiment (``load_toy_pair(teacher=...)``, :data:`TEACHER_DIRS`):
+
+- ``"arithmetic"``: addition and subtraction (``57-23=`` -> ``34``); the base never saw ``-``;
+- ``"scratchpad"``: addition answered with a worked solution
+  (:func:`~optimal_sampling.toy.task.worked_solution`), graded by
+  :func:`~optimal_sampling.toy.task.final_answer_reward`.
 """
 
 from __future__ import annotations
@@ -22,14 +30,19 @@ from .task import (
     EOS_TEXT,
     OPERAND_MAX,
     OPERAND_MIN,
+    OPERATORS,
     TEACHER_PROMPT_TEMPLATE,
     all_pairs,
     exact_match_reward,
     extract_answer,
+    final_answer,
+    final_answer_reward,
     format_prompt,
     format_teacher_prompt,
     make_problems,
+    solve,
     split_of,
+    worked_solution,
 )
 
 __all__ = [
@@ -37,18 +50,24 @@ __all__ = [
     "EOS_TEXT",
     "OPERAND_MAX",
     "OPERAND_MIN",
+    "OPERATORS",
     "TEACHER_DIR",
+    "TEACHER_DIRS",
     "TEACHER_PROMPT_TEMPLATE",
     "TOKENIZER_DIR",
     "TOY_PAIR_DIR",
     "all_pairs",
     "exact_match_reward",
     "extract_answer",
+    "final_answer",
+    "final_answer_reward",
     "format_prompt",
     "format_teacher_prompt",
     "load_toy_pair",
     "make_problems",
+    "solve",
     "split_of",
+    "worked_solution",
 ]
 
 #: Folder of the shipped assets: ``base/``, ``teacher/`` (each a full model folder with
@@ -57,12 +76,19 @@ TOY_PAIR_DIR = Path(__file__).resolve().parent / "assets"
 BASE_DIR = TOY_PAIR_DIR / "base"
 TEACHER_DIR = TOY_PAIR_DIR / "teacher"
 TOKENIZER_DIR = TOY_PAIR_DIR / "tokenizer"
+#: Every shipped teacher by its task: the pair's own (``"addition"``) and the two of the
+#: teacher-payoff regimes.
+TEACHER_DIRS = {
+    "addition": TEACHER_DIR,
+    "arithmetic": TOY_PAIR_DIR / "teacher_arithmetic",
+    "scratchpad": TOY_PAIR_DIR / "teacher_scratchpad",
+}
 
 
-def _check_assets() -> None:
+def _check_assets(teacher_dir: Path = TEACHER_DIR) -> None:
     missing = [
         str(d / f)
-        for d in (BASE_DIR, TEACHER_DIR, TOKENIZER_DIR)
+        for d in (BASE_DIR, teacher_dir, TOKENIZER_DIR)
         for f in (("config.json", "model.safetensors") if d != TOKENIZER_DIR else ())
         + ("tokenizer.json", "tokenizer_config.json")
         if not (d / f).is_file()
@@ -77,21 +103,24 @@ def _check_assets() -> None:
         )
 
 
-def load_toy_pair(device="cpu"):
+def load_toy_pair(device="cpu", teacher: str = "addition"):
     """Load ``(base_model, teacher_model, tokenizer)`` from the package data.
 
+    ``teacher`` picks one of :data:`TEACHER_DIRS` (default: the pair's own addition teacher).
     Both models are fp32 ``LlamaForCausalLM`` in eval mode on ``device``; the
     tokenizer pads on the left and adds no special tokens when encoding. Nothing is
     downloaded.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_assets()
+    if teacher not in TEACHER_DIRS:
+        raise ValueError(f"unknown toy teacher {teacher!r}: choose one of {sorted(TEACHER_DIRS)}")
+    _check_assets(TEACHER_DIRS[teacher])
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
     tokenizer.padding_side = "left"
     models = []
-    for directory in (BASE_DIR, TEACHER_DIR):
+    for directory in (BASE_DIR, TEACHER_DIRS[teacher]):
         model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype="float32")
         models.append(model.to(device).eval())
-    base, teacher = models
-    return base, teacher, tokenizer
+    base, teacher_model = models
+    return base, teacher_model, tokenizer
