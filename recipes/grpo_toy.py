@@ -55,34 +55,49 @@ HARD_THRESHOLD = 0.05  # exact base success below this makes a problem "hard"
 G = 8  # completions per prompt
 
 # Every arm: the trainer ("vanilla" = TRL's GRPOTrainer) and the OptimalSamplingGRPOConfig fields.
-# Pre-registered in recipes/PREREGISTRATION.md; do not edit an arm after its runs exist.
+# Pre-registered in recipes/PREREGISTRATION.md; do not edit an arm after its runs exist. Each arm names
+# its α rule (the q* arms ran with the KL-symmetric α, the trainer default of the time), so the table
+# reproduces whatever the defaults become.
 ARMS: dict[str, dict] = {
     "vanilla": {},
     "old_default": dict(  # the package default before issue 13: every row q*, token truncation at 3, group mean
         num_on_policy_generations=0,
+        alpha_method="kl_symmetry",
         importance_weighting="token_truncate",
         advantage_baseline="group",
         allow_inconsistent_baseline=True,
     ),
-    "qstar_none": dict(num_on_policy_generations=0, importance_weighting="none"),
-    "mixed_qstar": dict(num_on_policy_generations=G // 2, importance_weighting="none"),
+    "qstar_none": dict(num_on_policy_generations=0, alpha_method="kl_symmetry", importance_weighting="none"),
+    "mixed_qstar": dict(num_on_policy_generations=G // 2, alpha_method="kl_symmetry", importance_weighting="none"),
     "mixed_teacher": dict(
         num_on_policy_generations=G // 2, importance_weighting="none", alpha_method="fixed", alpha=1.0
     ),
     "luffy_teacher": dict(
         num_on_policy_generations=G - 1, importance_weighting="shaping", alpha_method="fixed", alpha=1.0
     ),
-    "luffy_qstar": dict(num_on_policy_generations=G - 1, importance_weighting="shaping"),
-    "anneal": dict(num_on_policy_generations=0, importance_weighting="none", teacher_decay_ratio=0.5),
+    "luffy_qstar": dict(num_on_policy_generations=G - 1, alpha_method="kl_symmetry", importance_weighting="shaping"),
+    "anneal": dict(
+        num_on_policy_generations=0, alpha_method="kl_symmetry", importance_weighting="none", teacher_decay_ratio=0.5
+    ),
     "kl_budget": dict(
         num_on_policy_generations=G // 2, importance_weighting="none", alpha_method="kl_budget", kl_budget=0.1
     ),
     "mixed_qstar_is": dict(
-        num_on_policy_generations=G // 2, importance_weighting="token_truncate", advantage_baseline="is"
+        num_on_policy_generations=G // 2,
+        alpha_method="kl_symmetry",
+        importance_weighting="token_truncate",
+        advantage_baseline="is",
     ),
-    "mixed_qstar_shaping": dict(num_on_policy_generations=G // 2, importance_weighting="shaping"),
-    "mixed_anneal": dict(num_on_policy_generations=G // 2, importance_weighting="none", teacher_decay_ratio=0.5),
-    "mixed_mis": dict(num_on_policy_generations=G // 2, importance_weighting="mis"),
+    "mixed_qstar_shaping": dict(
+        num_on_policy_generations=G // 2, alpha_method="kl_symmetry", importance_weighting="shaping"
+    ),
+    "mixed_anneal": dict(
+        num_on_policy_generations=G // 2,
+        alpha_method="kl_symmetry",
+        importance_weighting="none",
+        teacher_decay_ratio=0.5,
+    ),
+    "mixed_mis": dict(num_on_policy_generations=G // 2, alpha_method="kl_symmetry", importance_weighting="mis"),
 }
 ARM_LABELS = {
     "vanilla": "vanilla GRPO (TRL)",
@@ -104,13 +119,15 @@ ARM_LABELS = {
 # --- problems and the exact metric --------------------------------------------------------------
 
 
-def answer_log_probs(model, tokenizer, problems: list[dict], batch_size: int = 512) -> torch.Tensor:
-    """`[N]` log π(answer + EOS | prompt) at temperature 1, float64."""
+def answer_log_probs(
+    model, tokenizer, problems: list[dict], batch_size: int = 512, key: str = "answer"
+) -> torch.Tensor:
+    """`[N]` log π(problem[key] + EOS | prompt) at temperature 1, float64 (default: the bare answer)."""
     eos = tokenizer.eos_token_id
     rows = [
         (
             tokenizer(p["prompt"], add_special_tokens=False)["input_ids"],
-            tokenizer(p["answer"], add_special_tokens=False)["input_ids"] + [eos],
+            tokenizer(p[key], add_special_tokens=False)["input_ids"] + [eos],
         )
         for p in problems
     ]
@@ -553,10 +570,13 @@ def analyze(args) -> str:
                     f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] |"
                 )
             lines.append("")
-    if args.plot:
-        _plot(runs, args.plot)
     text = "\n".join(lines)
-    print(text)
+    print(text, flush=True)
+    if args.plot:
+        try:
+            _plot(runs, args.plot)
+        except ImportError:
+            print("--plot needs matplotlib: pip install 'optimal-sampling[recipes]' (or pip install matplotlib)")
     return text
 
 

@@ -79,3 +79,120 @@ def test_the_grid_runs_resumes_and_analyses(tmp_path):
     )
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| 4 on-policy + 4 q*, no weights | 1 |" in report.stdout  # (paired tests need two seeds)
+
+
+# --- every arm names its α rule, and logs the α that rule gives ------------------------------------
+
+import argparse  # noqa: E402
+
+import teacher_payoff  # noqa: E402
+
+TRL_ARMS = {"vanilla", "distill"}  # TRL's own trainers: every row on-policy, no α
+
+
+def all_arms():
+    yield from (("grpo_toy", name, arm) for name, arm in grpo_toy.ARMS.items())
+    yield from (("teacher_payoff", name, arm) for name, arm in teacher_payoff.ARMS.items())
+
+
+def test_every_q_star_arm_names_its_alpha_rule_explicitly():
+    for experiment, name, arm in all_arms():
+        if name not in TRL_ARMS:
+            assert "alpha_method" in arm, f"{experiment}.{name} leaves its α rule to the trainer's default"
+
+
+def assert_alpha_follows_the_rule(arm: dict, entry: dict, where: str) -> None:
+    rule = arm.get("alpha_method")
+    if rule is None:
+        assert "optimal_sampling/alpha_mean" not in entry, where
+    elif rule == "fixed":
+        assert entry["optimal_sampling/alpha_min"] == entry["optimal_sampling/alpha_max"] == arm["alpha"], where
+    elif rule == "kl_symmetry":
+        assert 0.0 < entry["optimal_sampling/alpha_mean"] < 1.0, where
+        assert entry["optimal_sampling/kl_theta"] == pytest.approx(entry["optimal_sampling/kl_t"], abs=1e-3), where
+    elif rule == "kl_budget":  # the schedule's pull is 1 at the first step
+        assert entry["optimal_sampling/kl_theta"] <= arm["kl_budget"] + 1e-4, where
+        assert entry["optimal_sampling/alpha_mean"] < 1.0, where
+    else:
+        raise AssertionError(f"{where}: no check for the α rule {rule!r}")
+
+
+@pytest.mark.parametrize("experiment, name", [(e, n) for e, n, _ in all_arms()])
+def test_each_arms_logged_alpha_matches_its_rule(experiment, name, tmp_path):
+    """One optimizer step of the arm as its recipe runs it (the issue-13 bug: arms that relied on the
+    trainer default logged α = 1 once that default changed)."""
+    module = grpo_toy if experiment == "grpo_toy" else teacher_payoff
+    options = dict(regime="hard" if experiment == "grpo_toy" else "beyond", arm=name, seed=0, steps=1, eval_every=1)
+    options.update(output_dir=str(tmp_path), learning_rate=3e-4)
+    if experiment == "grpo_toy":
+        options["prompts_per_step"] = 2
+    path = module.run(argparse.Namespace(**options))
+    entry = json.loads(path.read_text())["log_history"][0]
+    assert_alpha_follows_the_rule(module.ARMS[name], entry, f"{experiment}.{name}")
+
+
+# --- teacher_payoff: its statistics, the default rule, and one real grid ---------------------------
+
+
+def test_auc_at_equal_tokens_cuts_the_curve_at_the_budget():
+    run = {
+        "eval": [
+            {"generated_tokens": 0, "m": 0.0},
+            {"generated_tokens": 100, "m": 1.0},
+            {"generated_tokens": 300, "m": 1.0},
+        ]
+    }
+    assert teacher_payoff.auc_at_tokens(run, "m", 100) == pytest.approx(0.5)
+    assert teacher_payoff.auc_at_tokens(run, "m", 200) == pytest.approx((50 + 100) / 200)
+    assert teacher_payoff.auc_at_tokens(run, "m", 50) == pytest.approx(0.25)  # cut inside the first segment
+
+
+def test_the_default_rule_needs_non_inferiority_everywhere_and_a_significant_gain_somewhere():
+    def t(mean, low, holm):
+        return {"mean": mean, "low": low, "holm": holm}
+
+    key = "{}: mixed_qstar − mixed_teacher"
+    regimes = ["a", "b"]
+    better = {key.format("a"): t(0.02, 0.01, 0.01), key.format("b"): t(0.0, -0.005, 0.9)}
+    assert teacher_payoff.default_decision(better, regimes).endswith("the KL-symmetric blend becomes the default")
+    worse_somewhere = {key.format("a"): t(0.02, 0.01, 0.01), key.format("b"): t(-0.02, -0.04, 0.2)}
+    assert teacher_payoff.default_decision(worse_somewhere, regimes).endswith("the default stays")
+    no_gain = {key.format("a"): t(0.01, -0.001, 0.2), key.format("b"): t(0.0, -0.005, 0.9)}
+    assert teacher_payoff.default_decision(no_gain, regimes).endswith("the default stays")
+    assert teacher_payoff.default_decision({}, regimes).startswith("undecided")
+
+
+def test_the_payoff_grid_runs_resumes_and_prints_its_tables_before_the_plot(tmp_path):
+    command = [sys.executable, str(REPO / "recipes/teacher_payoff.py"), "grid", "--regime", "beyond"]
+    command += ["--arms", "vanilla", "qstar_distill", "--seeds", "0-1", "--steps", "2", "--eval_every", "1"]
+    command += ["--workers", "2", "--output_dir", str(tmp_path)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    result = json.loads((tmp_path / "beyond/qstar_distill-seed1.json").read_text())
+    assert [point["step"] for point in result["eval"]] == [0, 1, 2]
+    assert result["eval"][0]["sub"] < 0.01  # subtraction is beyond the base
+    assert 0 < result["eval"][1]["generated_tokens"] < result["eval"][2]["generated_tokens"] <= 2 * 64 * 5
+    assert result["eval"][2]["teacher_forward_tokens"] > 0 and result["eval"][2]["policy_forward_tokens"] > 0
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert "4 of 4 runs already done; running 0" in again.stdout
+    report = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "recipes/teacher_payoff.py"),
+            "analyze",
+            "--output_dir",
+            str(tmp_path),
+            "--plot",
+            str(tmp_path / "p.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "| distillation on q* rollouts (KL symmetry) | 2 |" in report.stdout
+    assert "| beyond: qstar_distill − vanilla | 2 |" in report.stdout  # Family A, paired over the two seeds
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the tables come first, then one line says how to get the plot
+        assert report.stdout.index("Family A") < report.stdout.index("--plot needs matplotlib: pip install")
