@@ -174,6 +174,18 @@ def test_chernoff_information_equals_both_kls_at_the_kl_symmetric_alpha():
     np.testing.assert_allclose(diagnostics.chernoff.numpy(), diagnostics.kl_t.numpy(), rtol=1e-5)
 
 
+def test_chernoff_information_is_at_most_the_two_kls_product_over_their_sum():
+    """theory/derivation.md (9.2): KL(q*‖π_θ) = C ≤ ab/(a+b) ≤ min(a, b), a = KL(p‖r), b = KL(r‖p), the bound
+    on how far q*-distillation's prefixes depart from the student's own."""
+    lp, lr = random_log_prob_pairs(5, rows=256, vocab=64, scale=3.0)  # full support
+    chernoff = compute_mixture(lp, lr).diagnostics.chernoff.double()
+    p, r = lp.double(), lr.double()
+    a, b = (p.exp() * (p - r)).sum(-1), (r.exp() * (r - p)).sum(-1)
+    bound = a * b / (a + b)
+    assert bool((chernoff <= bound * (1 + 1e-5)).all())
+    assert float((chernoff / bound).max()) > 0.5  # the bound is not vacuous on these rows
+
+
 # ---------------------------------------------------------------------------------------
 # Truncation after mixing
 
