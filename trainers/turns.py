@@ -247,10 +247,26 @@ class ToolLoopMixin:
         rows, suffixes = turns.continuing_rows(prompt_ids)
         teacher_suffixes = suffixes
         if turns.teacher_context is not None and not self._teacher_reads_policy_template():
-            teacher_suffixes = [tool_result_ids(self.teacher_processing_class, turns.tool_messages(i)) for i in rows]
+            tokenizer, template = self.teacher_processing_class, self._teacher_tool_template()
+            teacher_suffixes = [
+                tool_result_ids(tokenizer, turns.tool_messages(i), chat_template=template) for i in rows
+            ]
         rollouts = self._draw(prompt_ids, turns.teacher_inputs(rows, teacher_suffixes), turns.on_policy[rows])
         turns.add_turn(rows, teacher_suffixes, rollouts)
         return rollouts
+
+    def _teacher_tool_template(self) -> str | None:
+        """The teacher's template for tool results: its own, or TRL's prefix-preserving training version of
+        it when its own re-renders earlier turns (as TRL does for the policy)."""
+        from trl.chat_template_utils import get_training_chat_template, is_chat_template_prefix_preserving
+
+        tokenizer = self.teacher_processing_class
+        if is_chat_template_prefix_preserving(tokenizer):
+            return None
+        try:
+            return get_training_chat_template(tokenizer)
+        except ValueError:
+            return None  # an unknown template: `tool_result_ids` says what to do if it cannot cut the results
 
     def _teacher_reads_policy_template(self) -> bool:
         """The teacher's tokenizer renders tool results as the policy's does (then it reads the policy's ids)."""
