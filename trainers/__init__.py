@@ -7,6 +7,8 @@ This is the only package that imports `trl`. Public names:
 - `OptimalSamplingRLOOConfig`, `OptimalSamplingRLOOTrainer`: the same for RLOO, with
   sequence-level weights on the advantage.
 - `trainers.estimators`: the weights, baselines and diagnostics themselves (pure functions).
+- `q_star_rollout_func`: q* rollouts for TRL's plain `GRPOTrainer` through its public
+  `rollout_func` (no weights, no tools: its limits are in `trainers.rollout_func`).
 - `TESTED_TRL_RANGE`, `check_trl_seam`: the TRL versions tested, and the check (run at
   trainer init) that the TRL internals the trainers use are still there.
 """
@@ -14,6 +16,7 @@ This is the only package that imports `trl`. Public names:
 from .config import OptimalSamplingGRPOConfig, OptimalSamplingRLOOConfig
 from .grpo import OptimalSamplingGRPOTrainer
 from .rloo import OptimalSamplingRLOOTrainer
+from .rollout_func import q_star_rollout_func
 from .seam import TESTED_TRL_RANGE, check_trl_seam
 
 __all__ = [
@@ -23,4 +26,5 @@ __all__ = [
     "OptimalSamplingRLOOTrainer",
     "TESTED_TRL_RANGE",
     "check_trl_seam",
+    "q_star_rollout_func",
 ]
