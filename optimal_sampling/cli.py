@@ -14,12 +14,26 @@ import time
 from dataclasses import asdict, fields
 from typing import Any
 
-from .io import PromptSet, ResumableWriter, UsageError, load_rows, output_kind, template_fields
+from .io import (
+    PromptSet,
+    ResumableWriter,
+    UsageError,
+    check_output_apart_from_prompts,
+    load_rows,
+    output_kind,
+    template_fields,
+)
 from .options import QStarOptions
 
 FAST_MODES = ("off", "auto", "eager", "cuda_graph", "compile_mixture", "compile")
 
 DEFAULT_TOY_PROMPTS = 200
+
+# What a user of this command does when a server does not answer (the library's own hint is for any caller).
+SERVERS_HINT = (
+    "Start the two servers on the shipped pair with `python tests/vllm_servers.py up` (from a checkout of "
+    "optimal-sampling: ports 8000 and 8001; `--base DIR --teacher DIR` serves your pair), or fix --theta-url / --t-url."
+)
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -27,7 +41,9 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "%(default)" in text or action.required or action.default in (None, False, argparse.SUPPRESS):
+        # By identity: a default of 0 or 0.0 (`--seed`, `--alpha-min`, `--top-k`) equals False but is a value.
+        hidden = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if "%(default)" in text or action.required or hidden:
             return text
         return f"{text} (default: %(default)s)"
 
@@ -118,9 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast",
         choices=FAST_MODES,
         default="off",
-        help="with --backend transformers: decode with the fast path (static caches; 'auto': the "
-        "step captured in a CUDA graph on a GPU, eager elsewhere) instead of transformers' "
-        "sampling loop",
+        help="with --backend transformers, the decode loop: 'off': transformers' own sampling loop; the "
+        "others use the fast path (static KV caches, the same tokens under the same seed): 'eager': its step "
+        "run from Python (CPU or GPU); 'cuda_graph': the step captured in one CUDA graph; 'compile_mixture': "
+        "the α solve and mixing compiled with torch.compile, then captured; 'compile': the whole step "
+        "compiled, then captured; 'auto': 'compile_mixture' on a GPU, 'eager' elsewhere (the GPU modes need "
+        "CUDA and fall back to a simpler one when compiling or capturing fails)",
     )
     sampling.add_argument(
         "--batch-size", type=int, default=16, help="prompts sampled together; also the unit of resuming"
@@ -188,9 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"optimal-sampling generate: error: {error}", file=sys.stderr)
         return 2
-    except (Interrupted, KeyboardInterrupt) as stop:
-        done = str(stop) if isinstance(stop, Interrupted) else "interrupted before any row was written"
-        print(f"optimal-sampling generate: {done}; rerun to resume: {resume_command(argv)}", file=sys.stderr)
+    except Interrupted as stop:
+        print(f"optimal-sampling generate: {stop}; rerun to resume: {resume_command(argv)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(
+            "optimal-sampling generate: interrupted before any row was written (nothing to resume); to start: "
+            f"{resume_command(argv)}",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -211,6 +236,12 @@ def _check_args(args) -> None:
         raise UsageError(f"--limit must be >= 1, got {args.limit}.")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UsageError("--batch-size and --max-new-tokens must be >= 1.")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        # (QStarOptions' own message points notebook users at an argmax, which this command has no option for.)
+        raise UsageError(
+            f"--temperature must be a positive number, got {args.temperature}: this command samples, so for "
+            "nearly greedy samples give a small temperature such as 0.1."
+        )
     q_star_from_args(args)
     if args.fast != "off" and args.backend != "transformers":
         raise UsageError(f"--fast is the transformers backend's decoder; drop it for --backend {args.backend}.")
@@ -221,6 +252,8 @@ def _check_args(args) -> None:
     if args.teacher_prompt_template is not None:
         template_fields(args.teacher_prompt_template)
     output_kind(args.output)
+    if args.prompts is not None:
+        check_output_apart_from_prompts(args.prompts, args.output)
 
 
 def _load_prompts(args) -> tuple[PromptSet, str]:
@@ -325,6 +358,7 @@ def _vllm_sampler(args, **overrides):
     """The two-server sampler; `--base` / `--teacher`, when given, are where the tokenizers are
     (by default the servers' model directories)."""
     from .servers import CoordinatorConfig, VLLMSampler
+    from .servers.client import START_HINT, ServerUnavailableError
 
     try:
         config = CoordinatorConfig(
@@ -335,7 +369,9 @@ def _vllm_sampler(args, **overrides):
             **_vllm_fields(args, **overrides),
         )
         return VLLMSampler(config, temperature=args.temperature)
-    except (ValueError, RuntimeError, OSError) as error:  # server down, tokenizer mismatch, k too large
+    except ServerUnavailableError as error:
+        raise UsageError(f"{str(error).replace(START_HINT, '').rstrip(' .')}. {SERVERS_HINT}") from None
+    except (ValueError, RuntimeError, OSError) as error:  # tokenizer mismatch, k too large, bad answers
         raise UsageError(str(error)) from None
 
 
@@ -374,6 +410,19 @@ def _model_fingerprints(args, sources, sampler) -> dict[str, str]:
             directory_fingerprint(root) if root else f"{served['url']} {served['model']}"
         )
     return fingerprints
+
+
+def _hide_library_progress_bars() -> None:
+    """`--no-progress` hides every bar: transformers' weight-loading bars and huggingface_hub's download
+    bars too, not only the sampling bar. transformers takes huggingface_hub's setting when it is imported;
+    if it already was (a caller of `main`), it is told directly."""
+    import huggingface_hub.utils
+
+    huggingface_hub.utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 # -- sampling -----------------------------------------------------------------------------
@@ -434,6 +483,13 @@ def run_generate(args) -> int:
     _check_args(args)
     prompts, prompt_source = _load_prompts(args)
     writer = ResumableWriter(args.output, batch_size=args.batch_size, total=len(prompts.rows), overwrite=args.overwrite)
+    if writer.created_directory is not None:
+        print(
+            f"optimal-sampling generate: created the directory {str(writer.created_directory)!r} for --output",
+            file=sys.stderr,
+        )
+    if args.no_progress:
+        _hide_library_progress_bars()
     sources = _resolve_models(args)
     sampler = _vllm_sampler(args) if args.backend == "vllm" else None
     settings = {
@@ -492,9 +548,10 @@ def run_generate(args) -> int:
     except KeyboardInterrupt:
         if progress is not None:
             progress.close()
-        raise Interrupted(
-            f"interrupted: {writer.rows_on_disk()} of {total} rows are saved in {writer.journal}"
-        ) from None
+        saved = writer.rows_on_disk()
+        if not saved:
+            raise KeyboardInterrupt from None  # before any row was written: nothing is saved anywhere
+        raise Interrupted(f"interrupted: {saved} of {total} rows are saved in {writer.journal}") from None
     finally:
         getattr(sampler, "close", lambda: None)()  # the vLLM backends hold connections or engines
     answers = [row.get(args.answer_column) for row in prompts.rows]
@@ -505,15 +562,32 @@ def run_generate(args) -> int:
 # -- the summary table --------------------------------------------------------------------
 
 
-def _accuracy(rows, answers) -> float | None:
-    if any(a is None for a in answers):
-        return None
+def exact_match_accuracy(rows, answers) -> tuple[float, int, int] | None:
+    """(accuracy over the rows that were sampled, how many were, how many have an `error`), or None
+    when a sampled row has no answer. A row that was never sampled is neither right nor wrong.
+
+    >>> rows = [{"index": i, "generated_text": "46", "error": None} for i in range(3)]
+    >>> rows += [{"index": 3, "generated_text": "", "error": "the prompt is empty"}]
+    >>> exact_match_accuracy(rows, ["46", "46", "71", None])
+    (0.6666666666666666, 3, 1)
+    """
     from .toy import exact_match_reward
 
-    by_index = {row["index"]: row for row in rows}
-    texts = [by_index[i]["generated_text"] if i in by_index else "" for i in range(len(answers))]
-    rewards = exact_match_reward(texts, [str(a) for a in answers])
-    return sum(rewards) / len(rewards)
+    sampled = [row for row in rows if not row.get("error")]
+    if not sampled or any(answers[row["index"]] is None for row in sampled):
+        return None
+    rewards = exact_match_reward(
+        [row["generated_text"] for row in sampled], [str(answers[row["index"]]) for row in sampled]
+    )
+    return sum(rewards) / len(rewards), len(sampled), len(rows) - len(sampled)
+
+
+def _accuracy_line(name: str, rows, answers) -> str | None:
+    result = exact_match_accuracy(rows, answers)
+    if result is None:
+        return None
+    accuracy, sampled, errors = result
+    return f"| exact-match accuracy, {name} (over {sampled} sampled rows, {errors} with errors) | {accuracy:.3f} |"
 
 
 def _finite(values) -> list[float]:
@@ -580,11 +654,11 @@ def format_summary(all_rows, new_rows, elapsed, answers, comparisons, output) ->
         f"| ESS_θ/ESS_t, median over samples | {ess_median:.3f} |",
         f"| entropy of q mean | {diag('entropy_q_mean'):.3f} |",
     ]
-    accuracy = _accuracy(all_rows, answers)
-    if accuracy is not None:
-        lines.append(f"| exact-match accuracy, q* | {accuracy:.3f} |")
-        for name, rows in comparisons.items():
-            lines.append(f"| exact-match accuracy, {name} | {_accuracy(rows, answers):.3f} |")
+    if exact_match_accuracy(all_rows, answers) is not None:
+        for name, rows in {"q*": all_rows, **comparisons}.items():
+            line = _accuracy_line(name, rows, answers)
+            if line is not None:
+                lines.append(line)
     lines.append(
         "\nESS_θ/ESS_t: how well q* serves as a proposal for π_θ relative to π_t (effective sample "
         "sizes); 1 = balanced, > 1: q* sits nearer π_θ, < 1: nearer π_t."

@@ -345,6 +345,31 @@ def check_output_dependencies(path: str) -> None:
         _optional_import("datasets", f"--output {path!r} (a `datasets` directory)", "datasets")
 
 
+def check_output_apart_from_prompts(prompts: str, output: str) -> None:
+    """Refuse an `--output` that would write over (or, with `--overwrite`, delete) the prompts file.
+
+    >>> check_output_apart_from_prompts("data/p.jsonl", "data/./p.jsonl")
+    Traceback (most recent call last):
+    ...
+    optimal_sampling.io.UsageError: --output 'data/./p.jsonl' is the --prompts file 'data/p.jsonl': the samples would replace the prompts (and --overwrite would delete them); choose another --output.
+    """
+    source = Path(prompts).resolve()
+    written = [Path(output), Path(output + ".partial.jsonl"), Path(output + ".settings.json")]
+    for path in written:
+        same = path.resolve() == source or (path.exists() and source.exists() and os.path.samefile(path, source))
+        if same:
+            what = "is" if path == written[0] else f"writes {path.name!r}, which is"
+            raise UsageError(
+                f"--output {output!r} {what} the --prompts file {prompts!r}: the samples would replace the prompts "
+                "(and --overwrite would delete them); choose another --output."
+            )
+    if output_kind(output) == "dataset" and source.is_relative_to(Path(output).resolve()):
+        raise UsageError(
+            f"--prompts {prompts!r} lies inside the --output directory {output!r}, which --overwrite deletes; choose "
+            "another --output."
+        )
+
+
 def settings_fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -390,6 +415,8 @@ class ResumableWriter:
 
     def _check_writable(self) -> None:
         parent = self.journal.parent
+        #: the directory this writer had to create for the output (the caller says so), or None
+        self.created_directory = None if parent.exists() else parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:

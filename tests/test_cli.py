@@ -534,9 +534,25 @@ def test_help_explains_every_option_and_shows_each_default_once():
     for action in options:
         block = " ".join(blocks[action.option_strings[0]].split())
         assert block.count("(default:") <= 1, block
-        if action.default not in (None, False):
+        if action.default is not None and action.default is not False:
             assert f"(default: {action.default})" in block, block
     assert "default" not in blocks["--output"]
+    # a default of 0 is a value to show, not an absent one (0 == False in Python)
+    for option, default in [
+        ("--seed", "0"),
+        ("--alpha-min", "0.0"),
+        ("--top-k", "0"),
+        ("--force-teacher-first-tokens", "0"),
+    ]:
+        assert f"(default: {default})" in " ".join(blocks[option].split()), blocks[option]
+
+
+def test_help_explains_every_fast_mode():
+    from optimal_sampling.cli import FAST_MODES
+
+    [fast] = [a for a in generate_parser()._actions if a.dest == "fast"]
+    for mode in FAST_MODES:
+        assert f"'{mode}':" in fast.help, mode
 
 
 def test_no_command_is_an_error_with_the_usage():
@@ -647,3 +663,95 @@ def test_a_prompt_the_sampler_refuses_marks_only_its_own_row(tmp_path):
     rows = read_jsonl(out)
     assert "no chat template" in rows[1]["error"] and rows[1]["generated_tokens"] == []
     assert rows[0]["error"] is None and rows[2]["error"] is None and rows[0]["generated_tokens"]
+
+
+# -- what a new user reads -------------------------------------------------------------------
+
+
+def test_accuracy_is_over_the_sampled_rows_and_names_the_errors_beside_it():
+    """3 right answers and 2 rows that could not be sampled: 1.000 over 3 rows, not 3/5."""
+    from optimal_sampling.cli import format_summary
+
+    rows = [
+        {"index": i, "generated_tokens": [1], "alpha_history": [0.5], "error": None, "generated_text": "46"}
+        for i in range(3)
+    ] + [
+        {"index": i, "generated_tokens": [], "alpha_history": [], "error": "the prompt is empty", "generated_text": ""}
+        for i in (3, 4)
+    ]
+    summary = format_summary(rows, rows, 1.0, ["46"] * 5, {}, "o.jsonl")
+    assert "| exact-match accuracy, q* (over 3 sampled rows, 2 with errors) | 1.000 |" in summary
+    assert "| samples (errors) | 5 (2) |" in summary
+
+
+def test_an_output_in_a_new_directory_is_said_in_one_line(tmp_path, capsys):
+    out = tmp_path / "no" / "such" / "dir" / "out.jsonl"
+    assert main(["generate", *SMALL, "--output", str(out)]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "created" in line]
+    assert said == [f"optimal-sampling generate: created the directory {str(out.parent)!r} for --output"]
+    assert len(read_jsonl(out)) == 6
+    assert main(["generate", *SMALL, "--output", str(out)]) == 0  # it exists now: nothing more to say
+    assert "created" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "prompts_name, output_name",
+    [("p.jsonl", "p.jsonl"), ("p.jsonl", "./p.jsonl"), ("out.parquet.partial.jsonl", "out.parquet")],
+    ids=["same-path", "same-file-other-spelling", "the-parquet-journal"],
+)
+def test_an_output_that_writes_over_the_prompts_is_refused_even_with_overwrite(tmp_path, prompts_name, output_name):
+    prompts = tmp_path / prompts_name
+    write_jsonl(prompts, [{"prompt": "12+34="}, {"prompt": "50+21="}])
+    before = prompts.read_text()
+    argv = ["generate", "--prompts", str(prompts), "--overwrite", "--output", f"{tmp_path}/{output_name}"]
+    result = in_fresh_python(argv)
+    assert result.returncode == 2, result.stderr
+    assert "the --prompts file" in result.stderr and "choose another --output" in result.stderr
+    assert result.stdout.strip() == "torch imported: False"
+    assert prompts.read_text() == before
+
+
+def test_a_temperature_of_zero_is_refused_without_suggesting_an_argmax(tmp_path, capsys):
+    assert main(["generate", *SMALL, "--temperature", "0", "--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--temperature must be a positive number, got 0.0" in err and "0.1" in err
+    assert "argmax" not in err and "greedy decoding" not in err
+
+
+def test_ctrl_c_while_the_models_load_says_nothing_was_written(tmp_path, monkeypatch, capsys):
+    import optimal_sampling.cli as cli
+
+    def interrupted_load(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load_transformers_models", interrupted_load)
+    out = tmp_path / "run.jsonl"
+    assert main(["generate", *SMALL, "--output", str(out)]) == 130
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("optimal-sampling generate: interrupted before any row was written (nothing to resume)")
+    assert "saved" not in line and not out.exists()
+
+
+def test_a_server_that_is_down_points_at_the_servers_script(tmp_path, monkeypatch, capsys):
+    import functools
+
+    import optimal_sampling.servers as servers
+
+    monkeypatch.setattr(servers, "CoordinatorConfig", functools.partial(servers.CoordinatorConfig, max_retries=0))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    argv = ["generate", *SMALL, "--backend", "vllm", "--theta-url", closed, "--t-url", closed]
+    assert main([*argv, "--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and "`python tests/vllm_servers.py up`" in err
+    assert "vllm.entrypoints" not in err
+
+
+def test_no_progress_hides_the_model_loading_bars_too(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    quiet = run_cli("generate", *SMALL, "--output", str(tmp_path / "o.jsonl"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Loading weights" not in quiet.stderr and "it/s]" not in quiet.stderr and "\r" not in quiet.stderr
+    loud = run_cli("generate", *[a for a in SMALL if a != "--no-progress"], "--output", str(tmp_path / "p.jsonl"))
+    assert "Loading weights" in loud.stderr and "q* sampling" in loud.stderr  # what the flag hides

@@ -18,6 +18,9 @@ Markers (an HTML comment on the line before a block's fence):
 - `<!-- readme-test: {"vllm": true} -->`: a self-contained Python block that needs `vllm` (the
   in-process engines): it runs as a script (`python -c`) in the vLLM venv that
   `tests/test_vllm_venv.py` uses. Without one it is left out (failed under CI).
+- `<!-- readme-test: {"core_install": true} -->`: a bash block that must run after the quick start's
+  `pip install -e .` alone: the optional packages of the extras (`OPTIONAL_PACKAGES`: pyarrow,
+  datasets) are made unimportable in its Python processes, as they are on such an install.
 - `<!-- readme-test: {"replace": {"old": "new", ...}} -->`: text replaced before the block runs,
   for what cannot run here as written (a Hub model, a GPU). `new` may use {toy_base},
   {toy_teacher} (the shipped pair's directories) and {toy_problems} (a .jsonl of 16 toy problems
@@ -41,6 +44,8 @@ from readme_blocks import fenced_blocks
 REPO = Path(__file__).resolve().parent.parent
 BLOCKS = fenced_blocks((REPO / "README.md").read_text())
 RUN_BY_CI = ("ci:test-command", "ci:servers")
+#: What `pip install -e .` does not bring (the `[datasets]` extra does): hidden from `core_install` blocks.
+OPTIONAL_PACKAGES = ("pyarrow", "pyarrow.parquet", "datasets")
 EXECUTED = [b for b in BLOCKS if b.language in ("python", "bash") and b.marker not in RUN_BY_CI]
 
 
@@ -94,6 +99,16 @@ class Reader:
         ).stdout.strip()
         ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
         Path(site, "_readme_test_env.pth").write_text("".join(p + "\n" for p in sorted(ours)))
+
+    def _core_install_site(self) -> Path:
+        """A directory whose `sitecustomize` makes `OPTIONAL_PACKAGES` unimportable (Python imports it
+        at start-up from PYTHONPATH), as on an install without the extras."""
+        site = self.work / "core_install"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(
+            f"import sys\nfor _name in {OPTIONAL_PACKAGES!r}:\n    sys.modules[_name] = None\n"
+        )
+        return site
 
     def _write_toy_problems(self) -> None:
         from optimal_sampling.toy import make_problems
@@ -153,6 +168,8 @@ class Reader:
             "VIRTUAL_ENV": str(self.venv),
             "PATH": os.pathsep.join([str(self.venv / "bin"), str(Path(sys.executable).parent), os.environ["PATH"]]),
         }
+        if block.options.get("core_install"):
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self._core_install_site()), env.get("PYTHONPATH")]))
         result = subprocess.run(
             ["bash", "-e", "-o", "pipefail", "-c", code],
             cwd=self.repo,
@@ -220,3 +237,46 @@ def test_the_quick_start_says_how_to_get_the_cpu_build_of_torch():
     assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in quick_start
     assert quick_start.index("index-url") < quick_start.index("pip install -e .")  # torch first
     assert "pip install --quiet torch==2.13.0" in (REPO / ".ci" / "run").read_text()
+
+
+# -- what the main-job section promises ------------------------------------------------------
+
+
+def main_job_section() -> str:
+    text = (REPO / "README.md").read_text()
+    return text[text.index("### The main job") : text.index("## Training with TRL")]
+
+
+def test_the_main_job_block_runs_on_the_core_install():
+    """Its outputs must not need pyarrow or datasets, which the quick start's install does not bring."""
+    [block] = [b for b in BLOCKS if "optimal-sampling generate --base" in b.code]
+    assert block.options.get("core_install") is True
+    assert ".parquet" not in block.code and "--output my_samples.jsonl" in block.code
+
+
+def test_the_main_job_teacher_template_is_the_format_the_toy_teacher_was_trained_on():
+    """`--teacher-prompt-template $'...'` (bash's ANSI-C quoting) formats a question into exactly
+    the toy teacher's chat prompt; the toy pair answers nothing else (a hint in another format
+    made the teacher worse than the base)."""
+    import re
+
+    from optimal_sampling.toy import format_teacher_prompt
+
+    [block] = [b for b in BLOCKS if "optimal-sampling generate --base" in b.code]
+    quoted = re.search(r"--teacher-prompt-template \$'((?:[^'\\]|\\.)*)'", block.code).group(1)
+    template = quoted.encode().decode("unicode_escape")
+    assert template.format(question="12+34=") == format_teacher_prompt("12+34=")
+
+
+def test_every_per_row_diagnostic_and_the_settings_file_are_explained():
+    """A row's `diagnostics` keys, as the sampler writes them, each named in the main-job section, and
+    the `.settings.json` file the command writes beside its output."""
+    from optimal_sampling import OptimalSampler
+    from optimal_sampling.toy import load_toy_pair
+
+    base, teacher, tokenizer = load_toy_pair()
+    [sample] = OptimalSampler(base, teacher, tokenizer).generate(["12+34="], max_new_tokens=3, seed=0)
+    section = main_job_section()
+    missing = [key for key in sample.diagnostics if f"`{key}`" not in section]
+    assert not missing, f"per-row diagnostics the README does not explain: {missing}"
+    assert "arithmetic" in section and "`OUTPUT.settings.json`" in section

@@ -9,6 +9,8 @@ This is the only package that imports `trl`. Public names:
 - `OptimalSamplingDistillationConfig`, `OptimalSamplingDistillationTrainer`: TRL's on-policy
   distillation (`DistillationTrainer`) with the student's completions sampled from q*.
 - `trainers.estimators`: the weights, baselines and diagnostics themselves (pure functions).
+- `q_star_rollout_func`: q* rollouts for TRL's plain `GRPOTrainer` through its public
+  `rollout_func` (no weights, no tools: its limits are in `trainers.rollout_func`).
 - `TESTED_TRL_RANGE`, `check_trl_seam`: the TRL versions tested, and the check (run at
   trainer init) that the TRL internals the trainers use are still there.
 """
@@ -17,6 +19,7 @@ from .config import OptimalSamplingDistillationConfig, OptimalSamplingGRPOConfig
 from .distillation import OptimalSamplingDistillationTrainer
 from .grpo import OptimalSamplingGRPOTrainer
 from .rloo import OptimalSamplingRLOOTrainer
+from .rollout_func import q_star_rollout_func
 from .seam import TESTED_TRL_RANGE, check_trl_seam
 
 __all__ = [
@@ -28,4 +31,5 @@ __all__ = [
     "OptimalSamplingRLOOTrainer",
     "TESTED_TRL_RANGE",
     "check_trl_seam",
+    "q_star_rollout_func",
 ]

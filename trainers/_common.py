@@ -14,6 +14,7 @@ from .checks import check_generation_options, check_sampler_backend, check_teach
 from .config import VLLM_BACKENDS
 from .estimators import group_statistics, mixture_log_weights
 from .rollout import Rollouts, sample_rollouts
+from .turns import RolloutTurns
 from .vllm_rollouts import METRIC_PREFIX, VLLMRolloutsMixin
 
 __all__ = [
@@ -103,6 +104,7 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         self._generation_overrides = check_generation_options(args)  # already checked before TRL's init
         self._rollout_rows: list[dict] | None = None
         self._pending_rollouts: list[Rollouts] = []
+        self._turns: RolloutTurns | None = None  # the batch's rows, turn by turn (trainers.turns)
         self._rollout_rewards: torch.Tensor | None = None
         self._vllm_sampler = None  # started at the first rollout (sampler_backend "vllm" / "vllm-inprocess")
         self._vllm_calls = 0
@@ -147,6 +149,7 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         """Run `generate()` with this batch's dataset rows visible to `_teacher_prompt_ids`."""
         self._rollout_rows = inputs
         self._pending_rollouts = []
+        self._turns = None
         try:
             return generate()
         finally:
@@ -173,7 +176,11 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         if isinstance(prompt, str):
             ids = tokenizer(text=prompt)["input_ids"]
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            # With tools, the teacher's prompt shows their schema as the policy's does.
+            tools = self._row_tools(index)
+            ids = tokenizer.apply_chat_template(
+                list(prompt), add_generation_prompt=True, tokenize=True, **({"tools": tools} if tools else {})
+            )
             if hasattr(ids, "keys"):
                 ids = ids["input_ids"]
         else:
@@ -184,6 +191,14 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         if len(ids) == 0:
             raise ValueError(f"The teacher prompt of row {index} tokenizes to no tokens: {prompt!r}.")
         return list(ids)
+
+    def _row_tools(self, index: int) -> list | None:
+        """The tools row `index` is offered (TRL renders their schema into its prompt), or None."""
+        if not getattr(self, "tools", None):
+            return None
+        if getattr(self, "environment_factories", None) is not None:
+            return self._env_tools[self._batch_environments[index]] or None
+        return self.tools
 
     # -- rollouts ----------------------------------------------------------------------
 
@@ -239,22 +254,19 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         return rewards_per_func
 
     def _pending_on_policy(self, device) -> torch.Tensor:
-        return torch.cat([r.on_policy for r in self._pending_rollouts]).to(device)
+        return self._turns.on_policy.to(device)
 
     def _pending_padded(self, name: str, width: int, device) -> torch.Tensor:
-        """`[B, width]` float32 of a per-token list field of this batch's rollouts, 0-padded."""
-        rows = [row for r in self._pending_rollouts for row in getattr(r, name)]
-        padded = torch.zeros(len(rows), width, dtype=torch.float32)
-        for i, row in enumerate(rows):
-            padded[i, : min(len(row), width)] = torch.tensor(row[:width], dtype=torch.float32)
-        return padded.to(device)
+        """`[B, width]` float32 of a per-token field of this batch's rows at their generated tokens (every
+        turn), 0 at tool-result tokens and padding."""
+        return self._turns.padded(name, width, device)
 
     def _check_rollout_rows(self, batch: int) -> None:
-        rows = sum(len(r.completion_ids) for r in self._pending_rollouts)
+        rows = 0 if self._turns is None else self._turns.num_rows
         if rows != batch:
             raise RuntimeError(
-                f"{rows} sampled completions for {batch} rows: TRL called the sampler more than once per batch "
-                "(a TRL seam change, or multi-turn tool calling, which the q* weights do not support)."
+                f"{rows} sampled rows for a batch of {batch}: TRL did not sample this batch's first turn through "
+                "`_generate_single_turn` once (a TRL seam change)."
             )
 
     def _gather_group_inputs(self, on_policy, seq_log_ratio, log_ratio_star):
@@ -286,9 +298,16 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def _sample_optimal(self, prompt_ids: list[list[int]]) -> Rollouts:
-        """q* completions for already tokenized (repeated) prompts; kept for the metrics."""
+        """A batch's first turn: q* completions for already tokenized (repeated) prompts, each row on
+        policy or not by its place in its group; kept, turn by turn, for the weights and metrics."""
         teacher_prompt_ids = self._teacher_prompt_ids(len(prompt_ids))
         on_policy = self._on_policy_rows(len(prompt_ids))
+        rollouts = self._draw(prompt_ids, teacher_prompt_ids, on_policy)
+        self._turns = RolloutTurns.first(teacher_prompt_ids, rollouts)
+        return rollouts
+
+    def _draw(self, prompt_ids, teacher_prompt_ids, on_policy: torch.Tensor) -> Rollouts:
+        """One sampling call on the configured backend (a first turn or a tool-loop continuation)."""
         if self.args.sampler_backend in VLLM_BACKENDS:
             rollouts = self._sample_vllm(prompt_ids, teacher_prompt_ids, on_policy)
         else:

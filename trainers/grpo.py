@@ -16,6 +16,7 @@ from ._common import (
 from .config import OptimalSamplingArguments, OptimalSamplingGRPOConfig
 from .estimators import TRUNCATING, grpo_advantages, importance_weights
 from .seam import check_trl_seam
+from .turns import ToolLoopMixin
 
 
 class _NoVLLMEngine:
@@ -30,7 +31,7 @@ class _NoVLLMEngine:
         )
 
 
-class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
+class OptimalSamplingGRPOTrainer(ToolLoopMixin, OptimalSamplingMixin, GRPOTrainer):
     """`GRPOTrainer` whose rollouts are sampled from q* ∝ π_θ^(1-α) · π_t^α, token by token.
 
     A drop-in for `GRPOTrainer`: rewards, the reward scale and the loss (every `loss_type`)
@@ -47,6 +48,12 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
 
     The teacher is placed like TRL's reference model (ZeRO-3 / FSDP sharded, else on the
     device), kept in eval mode and never given gradients.
+
+    Tools (`tools=`, `environment_factory=`) run through TRL's own tool loop: every assistant
+    turn of a row is sampled by the row's rule (an on-policy row stays on-policy, a q* row stays
+    q*), the teacher sees the conversation from its own prompt on, and log q, log π_θ, log π_t
+    are recorded for every generated token and for no tool-result token, so the weights,
+    baselines and metrics cover generated tokens only (`trainers.turns`).
 
     Args:
         model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs:
@@ -107,13 +114,12 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
             raise ValueError(
                 "`rollout_func` replaces TRL's sampler, and so q*; it cannot be combined with this trainer."
             )
-        if kwargs.get("environment_factory") is not None:
-            raise NotImplementedError("`environment_factory` is not supported by OptimalSamplingGRPOTrainer yet.")
-        if kwargs.get("tools"):
+        uses_tools = bool(kwargs.get("tools")) or kwargs.get("environment_factory") is not None
+        if uses_tools and args.sampler_backend != "transformers":
             raise NotImplementedError(
-                "Tool calling is not supported with q* rollouts: a tool-result turn samples a row a second time, and "
-                "each row's importance weight and on-policy flag come from one sampling call. Use TRL's "
-                "GRPOTrainer for tool use."
+                f"Tool calling with sampler_backend={args.sampler_backend!r} is not built yet: the tool loop's later "
+                "turns are sampled by sampler_backend='transformers' only. Use that backend with `tools` / "
+                "`environment_factory`."
             )
 
         super().__init__(
@@ -127,6 +133,11 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
         )
         if self._is_vlm:
             raise NotImplementedError("Vision-language policies are not supported by the q* sampler yet.")
+        if uses_tools and (self.is_fsdp_enabled or self.is_deepspeed_enabled) and self.accelerator.num_processes > 1:
+            raise NotImplementedError(
+                "Tool calling with a sharded policy (FSDP / DeepSpeed) is not supported: each rank's tool loop runs "
+                "its own number of turns, and a sharded forward needs every rank. Use DDP (or one process)."
+            )
         self._setup_teacher(teacher_model, teacher_processing_class, teacher_prompt_fn)
 
         # TRL computes and applies an importance-sampling ratio only when `use_vllm` is set
@@ -144,8 +155,9 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if images is not None or multimodal_fields or has_tool_images:
             raise NotImplementedError("Multimodal prompts are not supported by the q* sampler.")
-        rollouts = self._sample_optimal(prompt_ids)
-        return rollouts.completion_ids, rollouts.logq
+        rollouts = self._sample_turn(prompt_ids)  # a first turn, or a tool-loop continuation
+        # Copies: TRL's tool loop extends and replaces these lists in place, and the records must stay as sampled.
+        return [list(ids) for ids in rollouts.completion_ids], [list(logq) for logq in rollouts.logq]
 
     def _generate_and_score_completions(self, inputs):
         # A batch whose rows are all π_θ's (k = G, α = 0, or the teacher schedule at 0) takes TRL's
@@ -189,6 +201,8 @@ class OptimalSamplingGRPOTrainer(OptimalSamplingMixin, GRPOTrainer):
                 log_ratio_star=log_ratio_star,
                 on_policy_fraction=self._on_policy_per_group() / self._group_size(),
             )
+            if weights.shape[1] > 1:  # tool-result tokens and padding carry no weight
+                weights = torch.where(mask, weights, torch.zeros_like(weights))
             output["importance_sampling_ratio"] = weights
             self._report_applied_weights(weights, mask)
             q_tokens = mask & ~on_policy.unsqueeze(-1)

@@ -17,7 +17,7 @@ multiple-importance-sampling weights need).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -42,6 +42,8 @@ class Rollouts:
         token_mask: `[B, T]` True where the row really generated the token.
         diagnostics: name → `[B, T]` (kl_theta, kl_t, kl_diff, ess_ratio, entropy_q, chernoff,
             empty_support).
+        logp_theta, logp_t: per row, log π_θ(y_t) and log π_t(y_t) of each sampled token (after
+            temperature); empty where a backend does not record them.
     """
 
     completion_ids: list[list[int]]
@@ -51,9 +53,13 @@ class Rollouts:
     alpha: torch.Tensor
     token_mask: torch.Tensor
     diagnostics: dict[str, torch.Tensor]
+    logp_theta: list[list[float]] = field(default_factory=list)
+    logp_t: list[list[float]] = field(default_factory=list)
 
     @classmethod
-    def from_padded(cls, tokens, token_mask, logq, logq_star, *, on_policy, alpha, diagnostics) -> "Rollouts":
+    def from_padded(
+        cls, tokens, token_mask, logq, logq_star, *, on_policy, alpha, diagnostics, logp_theta=None, logp_t=None
+    ) -> "Rollouts":
         """From `[B, T]` step records (`token_mask` True where the row generated the token)."""
         lengths = token_mask.sum(-1).tolist()
         rows = lambda x: [x[i, :n].tolist() for i, n in enumerate(lengths)]  # noqa: E731
@@ -65,6 +71,8 @@ class Rollouts:
             alpha=alpha,
             token_mask=token_mask,
             diagnostics=diagnostics,
+            logp_theta=[] if logp_theta is None else rows(logp_theta),
+            logp_t=[] if logp_t is None else rows(logp_t),
         )
 
 
@@ -166,4 +174,6 @@ def sample_rollouts(
         on_policy=flags.clone(),
         alpha=out.alpha.float().cpu(),
         diagnostics=diagnostics,
+        logp_theta=out.logp_theta.float().cpu(),
+        logp_t=out.logp_t.float().cpu(),
     )

@@ -43,8 +43,26 @@ GRPO_SEAM = (
         "GRPOTrainer",
         "_generate",
         ("self", "prompts"),
-        ("self._generate_single_turn(", "self._tokenize_prompts(prompts)"),
+        ("self._generate_single_turn(", "self._tokenize_prompts(prompts)", "= self._tool_call_loop("),
         "calls our `_generate_single_turn` once per batch, rows in the order of `inputs`",
+    ),
+    SeamPoint(
+        "GRPOTrainer",
+        "_tool_call_loop",
+        ("self", "prompts", "prompt_ids", "completion_ids", "completions", "logprobs", "images", "multimodal_fields"),
+        (
+            "self._generate_single_turn(",
+            "num_generations=1",
+            "prompt_ids[idx_with_tool] + completion_ids[idx_with_tool] + suffix_ids",
+            "completions[idx_with_tool].append(tool_message)",
+            "del completions[idx_with_tool][completions_len_before[idx] :]",
+            "completion_ids[idx_with_tool] = pct[prompt_length:] + post_tool_ids[idx]",
+            "tool_mask[idx_with_tool] += [0] * tool_length + [1] * post_tool_length",
+            "return tool_mask, completions, completion_ids, logprobs",
+        ),
+        "wrapped: it continues the rows that called a tool, in batch order, as prompt + completion + tool "
+        "result, updating its `completion_ids` and `completions` lists in place; `trainers.turns` maps each "
+        "continuation back to its row from them and checks the final completions against what was sampled",
     ),
     SeamPoint(
         "GRPOTrainer",

@@ -152,4 +152,6 @@ def rollouts_from_outputs(outputs, on_policy: torch.Tensor) -> Rollouts:
         alpha=alpha,
         token_mask=token_mask,
         diagnostics=diagnostics,
+        logp_theta=[list(o.logp_theta) for o in outputs],
+        logp_t=[list(o.logp_t) for o in outputs],
     )
