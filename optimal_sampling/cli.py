@@ -313,14 +313,16 @@ def _load_transformers_models(args, sources) -> dict:
     loaded = {}
     for role, source in sources.items():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source.location, revision=source.revision)
+            kwargs = source.from_pretrained_kwargs()  # revision, or the file of a GGUF model
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(
-                source.location, revision=source.revision, dtype=torch.float32 if device == "cpu" else "auto"
+                source.location, dtype=torch.float32 if device == "cpu" else "auto", **kwargs
             )
         except (OSError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UsageError(
-                f"--{role} {source.location!r} could not be loaded as a causal LM with its tokenizer: {first_line}"
+                f"--{role} {getattr(args, role) or source.location!r} could not be loaded as a causal LM with its "
+                f"tokenizer: {first_line}"
             ) from None
         loaded[role] = (model.to(device), tokenizer)
     return loaded
@@ -385,6 +387,12 @@ def _inprocess_sampler(args, sources):
         specs = {}
         for role, source in sources.items():
             given = getattr(args, role)
+            if source.gguf_file is not None:
+                raise ValueError(
+                    f"--{role} {given!r} is a GGUF file, which the in-process vLLM engines do not load here; save it "
+                    "as a model directory first (AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)"
+                    ".save_pretrained(out)), or use --backend transformers."
+                )
             spec_fields = engine_arguments(args.vllm_engine_arg or [], role, default_cpu=given is None)
             if source.revision is not None:
                 spec_fields.setdefault("engine_kwargs", {})["revision"] = source.revision

