@@ -137,7 +137,16 @@ def prepare(args) -> None:
 
     source = Path(args.gguf) if args.gguf else gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    # transformers marks a GGUF model as quantized and will not save it, though its tensors are plain
+    # dequantised floats: copy them into a fresh model of the same config, without the quantization flag.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model = model.to(torch.bfloat16)
     target = Path(args.workdir) / "base"
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
