@@ -4,6 +4,12 @@
 `StaticCache`s and the `DecodeBuffers` the step reads and writes, so every address the step
 touches is fixed once the slot exists; that is what lets `build` capture the step in a CUDA graph
 (optionally compiling it first) and replay it for every token.
+
+A capture freezes the Python the step ran through: which branch each module took, and the
+addresses of the parameters it read. The optimizer updates parameters in place, so replays see
+new weights; but a PEFT adapter switched, merged, disabled or rescaled, or parameters moved to new
+storage, would leave a graph that computes the old model. `captured_state` is what such a graph
+depends on; the decoder compares it before each call and rebuilds its graphs when it changed.
 """
 
 from __future__ import annotations
@@ -60,6 +66,33 @@ def forward_last_logits(model, cache_keyword: str, input_ids, attention_mask, po
         **{cache_keyword: cache},
     )
     return out.logits[:, -1]
+
+
+def captured_state(*models: torch.nn.Module) -> tuple:
+    """What a captured step of these models depends on beyond their parameters' values.
+
+    The storage address of every parameter (a graph reads those addresses), and for a PEFT model
+    each adapter layer's Python-level switches (active adapters, merged, disabled, scaling), which
+    decide the branch its forward took when the step was captured.
+    """
+    state: list[Any] = []
+    for model in models:
+        state.append(tuple(p.data_ptr() for p in model.parameters()))
+        if hasattr(model, "peft_config"):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    scaling = getattr(module, "scaling", {})
+                    state.append(
+                        (
+                            tuple(module.active_adapters),
+                            bool(module.merged),
+                            bool(module.disable_adapters),
+                            tuple(sorted(scaling.items())) if isinstance(scaling, dict) else scaling,
+                        )
+                    )
+    return tuple(state)
 
 
 class DecodeSlot:

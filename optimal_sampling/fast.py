@@ -38,7 +38,7 @@ from typing import Callable, Sequence, cast
 import torch
 
 from .compat import check_transformers_front
-from .decode_slot import WARMUP_STEPS, DecodeSlot, eval_mode, reset_cuda_generator
+from .decode_slot import WARMUP_STEPS, DecodeSlot, captured_state, eval_mode, reset_cuda_generator
 from .decode_step import DeviceScalarConstants, MixingOptions, decode_tail
 from .options import QStarOptions
 from .records import OptimalGenerateOutput, check_same_device, output_width
@@ -170,6 +170,7 @@ class FastDecoder:
         self.base, self.teacher = base_model, teacher_model
         self.config = config or FastPathConfig()
         self._slots: OrderedDict[tuple, DecodeSlot] = OrderedDict()
+        self._captured_state: tuple | None = None  # what the slots' captured steps froze (`captured_state`)
         self.stats: dict = {
             "calls": 0,
             "builds": 0,
@@ -177,6 +178,7 @@ class FastDecoder:
             "fallbacks": 0,
             "errors": [],
             "mode": None,
+            "recaptures": 0,
         }
 
     def _resolve_mode(self) -> str:
@@ -202,6 +204,16 @@ class FastDecoder:
         )
         self._slots[key] = slot
         return slot
+
+    def _drop_stale_steps(self) -> None:
+        """Forget the captured steps when the models changed under them (a PEFT adapter switched,
+        merged, disabled or rescaled; parameters moved to new storage): they would replay the old
+        model. In-place updates (the optimizer's) keep the addresses and are read by the replays."""
+        state = captured_state(self.base, self.teacher)
+        if self._captured_state is not None and state != self._captured_state and self._slots:
+            self._slots.clear()
+            self.stats["recaptures"] += 1
+        self._captured_state = state
 
     def _build(self, slot: DecodeSlot, load_args) -> None:
         """Compile/capture the slot's step, falling back to simpler modes on failure."""
@@ -335,6 +347,8 @@ class FastDecoder:
                 ids, mask, teacher_ids, teacher_mask = fill(ids), fill(mask), fill(teacher_ids), fill(teacher_mask)
 
             self.stats["calls"] += 1
+            if mode != "eager":
+                self._drop_stale_steps()
             slot = self._slot(batch, base_len, teacher_len, base_width, steps_cap, mixing, pad_token_id, stop_ids)
             load_args = (ids, mask, teacher_ids, teacher_mask, dummy, flags)
             if not slot.built:

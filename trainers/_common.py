@@ -369,9 +369,8 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
             return None
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         on_cuda = next(policy.parameters()).device.type == "cuda"
-        peft = hasattr(policy, "peft_config")  # not verified on the fast path yet
-        if choice == "auto":
-            usable = on_cuda and not sharded and not peft and not self._teacher_is_policy
+        if choice == "auto":  # a PEFT policy too: the decoder recaptures if its adapters change
+            usable = on_cuda and not sharded and not self._teacher_is_policy
             return "cuda_graph" if usable else None
         if sharded and choice != "eager":
             raise ValueError(
