@@ -326,13 +326,12 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
     def _sample_transformers(self, prompt_ids, teacher_prompt_ids, on_policy: torch.Tensor) -> Rollouts:
         from trl.models import unwrap_model_for_generation
 
+        from .seam import generation_unwrap_kwargs
+
         max_new_tokens, stop_ids = self._completion_limits()
         with (
             unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                self.model_wrapped, self.accelerator, **generation_unwrap_kwargs(self.args)
             ) as unwrapped_model,
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
