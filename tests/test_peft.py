@@ -234,8 +234,13 @@ def length_reward(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-def make_trainer(model, peft_config=None, **overrides):
-    from trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
+def make_trainer(model, peft_config=None, rloo=False, **overrides):
+    from trainers import (
+        OptimalSamplingGRPOConfig,
+        OptimalSamplingGRPOTrainer,
+        OptimalSamplingRLOOConfig,
+        OptimalSamplingRLOOTrainer,
+    )
 
     options = dict(
         output_dir="/tmp/optimal-sampling-test-peft",
@@ -256,10 +261,15 @@ def make_trainer(model, peft_config=None, **overrides):
         alpha_method="kl_symmetry",
     )
     options.update(overrides)
-    return OptimalSamplingGRPOTrainer(
+    trainer_cls, config_cls = (
+        (OptimalSamplingRLOOTrainer, OptimalSamplingRLOOConfig)
+        if rloo
+        else (OptimalSamplingGRPOTrainer, OptimalSamplingGRPOConfig)
+    )
+    return trainer_cls(
         model,
         reward_funcs=length_reward,
-        args=OptimalSamplingGRPOConfig(**options),
+        args=config_cls(**options),
         train_dataset=Dataset.from_dict({"prompt": ["the cat", "a dog", "one two", "red blue"] * 2}),
         processing_class=TOKENIZER,
         teacher_model=tiny_causal_lm(V, seed=1, logit_scale=4.0),
@@ -339,4 +349,9 @@ def test_grpo_trains_lora_with_gradient_checkpointing():
         peft_config=lora_config(init_lora_weights=True),
         gradient_checkpointing=True,
     )
+    check_lora_training(trainer)
+
+
+def test_rloo_trains_a_lora_policy_given_as_peft_config():
+    trainer = make_trainer(tiny_causal_lm(V, seed=0), peft_config=lora_config(init_lora_weights=True), rloo=True)
     check_lora_training(trainer)
