@@ -218,7 +218,7 @@ def trainer_check(args, rows: list[str]) -> int:
 
     trainer._sample_optimal = both
     trainer.train()
-    decoder = trainer._fast_decoders.get("cuda_graph")
+    decoder = trainer.__dict__.get("_fast_decoders", {}).get("cuda_graph")  # (made at the first captured rollout)
     mode = f"{decoder.stats['mode']} ({decoder.stats['fallbacks']} fallbacks)" if decoder else "none (eager)"
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     adapter_only = bool(changed) and all("lora_" in n for n in changed)
