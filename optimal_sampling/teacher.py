@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from transformers import DynamicCache
 
-from .compat import check_transformers_front
+from .compat import check_transformers_front, kv_cache_keyword
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
@@ -71,8 +71,9 @@ class TeacherCache:
     """
 
     def __init__(self, model: torch.nn.Module):
-        check_transformers_front(model)  # older models ignore `cache=` and would decode without it
+        check_transformers_front(model)
         self.model = model
+        self.cache_keyword = kv_cache_keyword(model)  # `cache` or `past_key_values`: a wrong name drops the cache
         self.reset()
 
     def reset(self) -> None:
@@ -139,9 +140,9 @@ class TeacherCache:
             input_ids=token_ids[:, keep:],
             attention_mask=attention_mask,
             position_ids=positions[:, -fed:],
-            cache=self.cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self.cache_keyword: self.cache},
         )
         self.token_ids, self.attention_mask, self.last_position = token_ids, attention_mask, positions[:, -1:]
         return out.logits[:, -1].float()

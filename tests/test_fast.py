@@ -372,7 +372,7 @@ def test_graph_modes_sample_like_eager_on_the_gpu(mode):
 def test_a_step_that_cannot_be_captured_falls_back_and_still_samples(monkeypatch):
     """A failed capture leaves torch's CUDA generator marked as capturing; without a reset, the eager
     fallback's first random draw raises ("Offset increment outside graph capture")."""
-    import optimal_sampling.fast as fast_module
+    import optimal_sampling.decode_slot as slot_module
 
     def syncing_tail(base_logits, teacher_logits, buffers, options):
         if torch.cuda.is_current_stream_capturing():
@@ -385,7 +385,7 @@ def test_a_step_that_cannot_be_captured_falls_back_and_still_samples(monkeypatch
     expected = FastDecoder(base, teacher, FastPathConfig(mode="eager", max_iter=8)).generate(
         ids, mask, max_new_tokens=16, pad_token_id=PAD, stop_token_ids=[EOS]
     )
-    monkeypatch.setattr(fast_module, "decode_tail", syncing_tail)
+    monkeypatch.setattr(slot_module, "decode_tail", syncing_tail)
     decoder = FastDecoder(base, teacher, FastPathConfig(mode="cuda_graph", bucket_batch=False))
     torch.manual_seed(3)
     out = decoder.generate(ids, mask, max_new_tokens=16, pad_token_id=PAD, stop_token_ids=[EOS])

@@ -117,6 +117,29 @@ def test_changed_seam_signature_fails_loudly(monkeypatch):
         check_trl_seam("grpo")
 
 
+def test_unwrap_for_generation_takes_the_keywords_each_tested_trl_release_has(monkeypatch):
+    """TRL 1.16 added `gradient_checkpointing_kwargs`; 1.14.2 and 1.15 lack it. Either signature
+    passes the seam check, and the trainer passes that keyword only where it exists."""
+    import trl.models
+
+    from trainers.seam import generation_unwrap_kwargs
+
+    args = training_args(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert generation_unwrap_kwargs(args)["gather_deepspeed3_params"] == args.ds3_gather_for_generation
+
+    def trl_1_15(model, accelerator, gather_deepspeed3_params=True, generation_kwargs=None):
+        pass
+
+    def renamed(model, accelerator, gather_params=True, generation_kwargs=None):
+        pass
+
+    monkeypatch.setattr(trl.models, "unwrap_model_for_generation", trl_1_15)
+    assert seam_problems("grpo") == []
+    assert "gradient_checkpointing_kwargs" not in generation_unwrap_kwargs(args)
+    monkeypatch.setattr(trl.models, "unwrap_model_for_generation", renamed)
+    assert any("unwrap_model_for_generation has parameters" in p for p in seam_problems("grpo"))
+
+
 def test_pinned_trl_range_matches_the_tested_range():
     import trl
     from packaging.version import Version
@@ -124,7 +147,7 @@ def test_pinned_trl_range_matches_the_tested_range():
     low, high = TESTED_TRL_RANGE
     assert low <= Version(trl.__version__) < high
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert f'"trl>={low.major}.{low.minor},<{high.major}.{high.minor}"' in pyproject
+    assert f'"trl>={low},<{high.major}.{high.minor}"' in pyproject
 
 
 def test_config_defaults_mix_on_policy_rows_and_refuse_trls_own_correction_fields():

@@ -1,10 +1,11 @@
 """The tests that must hold beside vLLM, run in the vLLM environment.
 
-vLLM 0.32 pins transformers<5.20 while the transformers front needs 5.24, so the in-process
-engine tests (`tests/test_engines*.py`) run in the vLLM venv (`.ci/install_vllm.sh`, with
-optimal-sampling installed beside vLLM by `pip install -e .`), and so do the core's and the
-server coordinator's tests, which this venv's suite also runs under transformers 5.24.
-`tests/vllm_servers.py start` records the venv in the servers' env file as
+A TRL user's environment has vLLM, which pins its transformers (vLLM 0.32: >=5.16.1,<5.20), and
+every front must work there. So the in-process engine tests (`tests/test_engines*.py`) run in the
+vLLM venv (`.ci/install_vllm.sh`, with optimal-sampling, TRL and PEFT installed beside vLLM by
+`pip install -e .[trl] peft`), and so do the core's, the server coordinator's, the transformers
+front's and the trainers' tests, which the main venv's suite also runs under the newest
+transformers. `tests/vllm_servers.py start` records the venv in the servers' env file as
 OPTIMAL_SAMPLING_VLLM_VENV (or set that variable). This test runs them there and fails with
 their failures; under CI a skipped test fails it too.
 """
@@ -31,6 +32,15 @@ VLLM_VENV_TESTS = [
     "tests/test_servers.py",
     "tests/test_topk_decoding.py",
     "tests/test_compat.py",
+    # the transformers front and the trainers (their default, transformers backend), LoRA included
+    "tests/test_generation.py",
+    "tests/test_fast.py",
+    "tests/test_options.py",
+    "tests/test_peft.py",
+    "tests/test_trainers.py",
+    "tests/test_trainers_tools.py",
+    "tests/test_distillation.py",
+    "tests/test_rollout_func.py",
     "tests/test_sparse.py",
     "tests/test_mixture.py",
     "tests/test_alpha.py",
@@ -39,6 +49,12 @@ VLLM_VENV_TESTS = [
     "optimal_sampling/sparse.py",
     "optimal_sampling/topk_decoding.py",
     "optimal_sampling/compat.py",
+    "optimal_sampling/teacher.py",
+    "optimal_sampling/processor.py",
+    "optimal_sampling/generation.py",
+    "optimal_sampling/fast.py",
+    "optimal_sampling/decode_slot.py",
+    "trainers",
     "optimal_sampling/servers",
     "optimal_sampling/engines",
 ]
@@ -104,6 +120,7 @@ def test_core_server_and_engine_tests_pass_beside_vllm(tmp_path):
     failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
     skipped = [c.get("name") for c in cases if c.find("skipped") is not None]
     assert cases and not failed and run.returncode == 0, f"tests beside vLLM failed: {failed}\n{run.stdout[-4000:]}"
-    assert any(c.get("classname", "").endswith("test_engines") for c in cases), "the engine tests were not collected"
+    for module in ("test_engines", "test_generation", "test_trainers", "test_peft"):
+        assert any(c.get("classname", "").endswith(module) for c in cases), f"{module} was not collected"
     if IN_CI:
         assert not skipped, f"tests beside vLLM skipped under CI: {skipped}"

@@ -326,13 +326,12 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
     def _sample_transformers(self, prompt_ids, teacher_prompt_ids, on_policy: torch.Tensor) -> Rollouts:
         from trl.models import unwrap_model_for_generation
 
+        from .seam import generation_unwrap_kwargs
+
         max_new_tokens, stop_ids = self._completion_limits()
         with (
             unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                self.model_wrapped, self.accelerator, **generation_unwrap_kwargs(self.args)
             ) as unwrapped_model,
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
@@ -369,9 +368,8 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
             return None
         sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
         on_cuda = next(policy.parameters()).device.type == "cuda"
-        peft = hasattr(policy, "peft_config")  # not verified on the fast path yet
-        if choice == "auto":
-            usable = on_cuda and not sharded and not peft and not self._teacher_is_policy
+        if choice == "auto":  # a PEFT policy too: the decoder recaptures if its adapters change
+            usable = on_cuda and not sharded and not self._teacher_is_policy
             return "cuda_graph" if usable else None
         if sharded and choice != "eager":
             raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from transformers import ProcessorMixin
 from trl import RLOOTrainer
 
 from ._common import OptimalSamplingMixin, check_generation_options, check_sampler_backend, check_teacher_given
@@ -66,7 +67,7 @@ class OptimalSamplingRLOOTrainer(OptimalSamplingMixin, RLOOTrainer):
             processing_class=processing_class,
             **kwargs,
         )
-        if self._is_vlm:
+        if isinstance(self.processing_class, ProcessorMixin):  # (TRL 1.16's `_is_vlm`; 1.14 and 1.15 lack it)
             raise NotImplementedError("Vision-language policies are not supported by the q* sampler yet.")
         self._setup_teacher(teacher_model, teacher_processing_class, teacher_prompt_fn)
 

@@ -105,12 +105,11 @@ def q_star_rollout_func(
         stop_ids = sorted(set(trainer.eos_token_ids) | set(model_eos_ids(teacher_model)))
         from trl.models import unwrap_model_for_generation
 
+        from .seam import generation_unwrap_kwargs  # (TRL 1.14 / 1.15 take no gradient_checkpointing_kwargs)
+
         with (
             unwrap_model_for_generation(
-                trainer.model_wrapped,
-                trainer.accelerator,
-                gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+                trainer.model_wrapped, trainer.accelerator, **generation_unwrap_kwargs(trainer.args)
             ) as policy,
             torch.no_grad(),
         ):

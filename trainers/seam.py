@@ -4,6 +4,12 @@ TRL's private generation API has changed shape five times between 0.24 and 1.16,
 private name, signature and source-level assumption we depend on is listed here, in one
 place. `check_trl_seam` raises, naming each broken assumption, instead of letting an upgrade
 train silently on uncorrected samples.
+
+The table holds for TRL 1.14.2 to 1.16 (checked against each release's wheel; CI trains under
+the oldest and the newest). The one difference inside that range is a keyword of
+`unwrap_model_for_generation` that 1.16 added (`generation_unwrap_kwargs`). TRL 1.14.0 and
+1.14.1 set `eos_token_ids` elsewhere and import `requests` without declaring it; 1.13 and older
+call `_generate_single_turn` without `num_generations`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import trl
 from packaging.version import Version
 
 #: TRL versions the trainers were tested with (also pinned in pyproject's `[trl]` extra).
-TESTED_TRL_RANGE = (Version("1.16.0"), Version("1.17.0"))
+TESTED_TRL_RANGE = (Version("1.14.2"), Version("1.17.0"))
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,7 @@ GRPO_SEAM = (
         (
             "self.use_vllm = args.use_vllm",
             "self.eos_token_ids = eos_token_ids",
+            "self._is_vlm = ",
             "self._dist = DistributedBackend(self.accelerator)",
             "self.ref_model = prepare_fsdp(self.ref_model, self.accelerator)",
         ),
@@ -218,19 +225,21 @@ DISTILLATION_SEAM = (
 
 SEAMS = {"grpo": GRPO_SEAM, "rloo": RLOO_SEAM, "distillation": DISTILLATION_SEAM}
 
-#: Every `self.use_vllm` read in `GRPOTrainer` (TRL 1.16). The trainer flips the flag after
+#: Every `self.use_vllm` read in `GRPOTrainer` (TRL 1.14.2-1.16). The trainer flips the flag after
 #: init to switch on TRL's IS correction; a new reader could start a vLLM-only code path
 #: (weight sync, an engine call), so any change in this count needs a fresh audit.
 GRPO_USE_VLLM_READS = 10
 
+#: TRL functions we call: (module, name, their parameters, parameters some tested releases lack).
 _FUNCTIONS = (
     (
         "trl.models",
         "unwrap_model_for_generation",
-        ("model", "accelerator", "gather_deepspeed3_params", "generation_kwargs", "gradient_checkpointing_kwargs"),
+        ("model", "accelerator", "gather_deepspeed3_params", "generation_kwargs"),
+        ("gradient_checkpointing_kwargs",),  # TRL 1.16
     ),
-    ("trl.models", "prepare_deepspeed", ("model", "accelerator")),
-    ("trl.models", "prepare_fsdp", ("model", "accelerator")),
+    ("trl.models", "prepare_deepspeed", ("model", "accelerator"), ()),
+    ("trl.models", "prepare_fsdp", ("model", "accelerator"), ()),
 )
 
 
@@ -266,15 +275,29 @@ def seam_problems(trainer: str = "grpo") -> list[str]:
                 f"trl.GRPOTrainer reads `self.use_vllm` {reads} times, expected {GRPO_USE_VLLM_READS}: audit the new "
                 "reads before flipping the flag after init."
             )
-    for module_name, name, parameters in _FUNCTIONS:
+    for module_name, name, parameters, later in _FUNCTIONS:
         member = getattr(importlib.import_module(module_name), name, None)
         if member is None:
             problems.append(f"{module_name}.{name} is missing.")
-        elif tuple(inspect.signature(member).parameters) != parameters:
-            problems.append(
-                f"{module_name}.{name} has parameters {tuple(inspect.signature(member).parameters)}, expected {parameters}."
-            )
+            continue
+        got = tuple(inspect.signature(member).parameters)
+        if got not in (parameters, parameters + later):
+            problems.append(f"{module_name}.{name} has parameters {got}, expected {parameters + later}.")
     return problems
+
+
+def generation_unwrap_kwargs(args) -> dict:
+    """Keywords for `trl.models.unwrap_model_for_generation` beyond the model and the accelerator.
+
+    TRL 1.16 takes `gradient_checkpointing_kwargs` and re-enables gradient checkpointing after
+    generation with them; 1.14 and 1.15 re-enable it with the defaults, as their own trainers do.
+    """
+    from trl.models import unwrap_model_for_generation
+
+    kwargs = {"gather_deepspeed3_params": args.ds3_gather_for_generation}
+    if "gradient_checkpointing_kwargs" in inspect.signature(unwrap_model_for_generation).parameters:
+        kwargs["gradient_checkpointing_kwargs"] = args.gradient_checkpointing_kwargs
+    return kwargs
 
 
 def check_trl_seam(trainer: str = "grpo") -> None:
