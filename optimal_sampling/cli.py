@@ -11,7 +11,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any
 
 from .io import (
@@ -508,7 +508,7 @@ def run_generate(args) -> int:
         "teacher_prompt_template": args.teacher_prompt_template,
         "num_prompts": len(prompts.rows),
         "max_new_tokens": args.max_new_tokens,
-        **asdict(q_star_from_args(args)),
+        **q_star_from_args(args).in_use(),  # only what the α rule uses: a changed unused option is no change
         "batch_size": args.batch_size,
         "seed": args.seed,
         **({"vllm_engine_args": args.vllm_engine_arg} if args.vllm_engine_arg else {}),

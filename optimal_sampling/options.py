@@ -163,6 +163,24 @@ class QStarOptions:
         """Option name → help text."""
         return {f.name: f.metadata["help"] for f in fields(cls)}
 
+    def in_use(self) -> dict[str, Any]:
+        """The options that change what is sampled under this α rule, by name: `alpha` only for
+        'fixed', `kl_budget` only for 'kl_budget', the solver's `tol` / `max_iter` only for the
+        iterative rules. What a run records, and what a resumed run must match.
+
+        Example:
+            >>> sorted(set(QStarOptions().__dict__) - set(QStarOptions(alpha=0.5).in_use()))
+            ['alpha', 'kl_budget']
+            >>> QStarOptions(alpha_method="fixed", alpha=1.0).in_use()["alpha"]
+            1.0
+        """
+        unused = {"alpha"} if self.alpha_method != "fixed" else set()
+        if self.alpha_method != "kl_budget":
+            unused.add("kl_budget")
+        if self.alpha_method in ("fixed", "entropy"):  # closed forms: no iterations
+            unused |= {"tol", "max_iter"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unused}
+
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)

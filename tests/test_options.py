@@ -288,6 +288,26 @@ def test_cli_takes_every_option_and_reruns_with_another_one_are_not_resumed(tmp_
     assert "needs `kl_budget=`" in capsys.readouterr().err
 
 
+def test_the_cli_records_only_the_options_its_alpha_rule_uses(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from optimal_sampling.cli import main
+
+    out = tmp_path / "samples.jsonl"
+    small = ["generate", "--limit", "2", "--max-new-tokens", "2", "--batch-size", "2", "--no-progress"]
+    assert main([*small, "--alpha-method", "kl_symmetry", "--output", str(out)]) == 0
+    settings = json.loads(Path(str(out) + ".settings.json").read_text())["settings"]
+    assert settings["alpha_method"] == "kl_symmetry" and "tol" in settings
+    assert "alpha" not in settings and "kl_budget" not in settings  # kl_symmetry reads neither
+    # so a rerun that changes only an unused option is the same run: it resumes (nothing left to do)
+    assert main([*small, "--alpha-method", "kl_symmetry", "--alpha", "0.9", "--output", str(out)]) == 0
+    fixed = tmp_path / "fixed.jsonl"
+    assert main([*small, "--alpha-method", "fixed", "--alpha", "0.3", "--output", str(fixed)]) == 0
+    recorded = json.loads(Path(str(fixed) + ".settings.json").read_text())["settings"]
+    assert recorded["alpha"] == 0.3 and "tol" not in recorded and "kl_budget" not in recorded
+
+
 def test_options_are_validated_once_with_errors_that_name_the_fix():
     with pytest.raises(ValueError, match="alpha_method='fixed' needs `alpha=`"):
         QStarOptions(alpha_method="fixed")
