@@ -11,13 +11,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from datasets import Dataset
-from tool_models import SECRET, TEACHER_SYSTEM, USER_TURNS, secret_number, tool_calling_lm, tool_suffix, tool_tokenizer
+from tool_models import (
+    SECRET,
+    own_template_tokenizer,
+    privileged_prompt,
+    secret_number,
+    spy_sampler,
+    tool_calling_lm,
+    tool_dataset,
+    tool_suffix,
+    tool_tokenizer,
+)
 from trl import GRPOConfig, GRPOTrainer
 
-import trainers._common as common
 from trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
-from trainers.rollout import sample_rollouts
 from trainers.turns import tool_result_ids
 
 ALPHA = 0.5
@@ -28,16 +35,6 @@ def answer_length_reward(completions, **kwargs):
     return [
         float(len(next(m for m in reversed(c) if m["role"] == "assistant").get("content") or "")) for c in completions
     ]
-
-
-def dataset(rows: int = 8) -> Dataset:
-    users = (USER_TURNS[:2] * rows)[: rows // 4]
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": u}] for u in users for _ in range(4)]})
-
-
-def privileged_prompt(row):
-    """The teacher is told the answer in a system message; the policy is not."""
-    return [{"role": "system", "content": TEACHER_SYSTEM}, *row["prompt"]]
 
 
 class SecretEnvironment:
@@ -80,7 +77,7 @@ def q_star_trainer(*, tools=True, **overrides):
         tool_calling_lm("policy"),
         reward_funcs=answer_length_reward,
         args=grpo_args(**options),
-        train_dataset=dataset(),
+        train_dataset=tool_dataset(),
         processing_class=tool_tokenizer(),
         teacher_model=tool_calling_lm("teacher"),
         **({"tools": [secret_number]} if tools else {"environment_factory": SecretEnvironment}),
@@ -92,23 +89,10 @@ def vanilla_trainer(**overrides):
         tool_calling_lm("policy"),
         reward_funcs=answer_length_reward,
         args=grpo_args(GRPOConfig, **overrides),
-        train_dataset=dataset(),
+        train_dataset=tool_dataset(),
         processing_class=tool_tokenizer(),
         tools=[secret_number],
     )
-
-
-def spy_sampler(monkeypatch) -> list[dict]:
-    """Every call of the trainer's sampler: its inputs and its rollouts."""
-    calls = []
-
-    def spy(base, teacher, prompt_ids, **kwargs):
-        out = sample_rollouts(base, teacher, prompt_ids, **kwargs)
-        calls.append({"prompt_ids": [list(p) for p in prompt_ids], **kwargs, "out": out})
-        return out
-
-    monkeypatch.setattr(common, "sample_rollouts", spy)
-    return calls
 
 
 def spy_turns(trainer) -> list[list]:
@@ -239,21 +223,13 @@ def test_log_q_of_both_turns_is_the_mixture_of_the_two_models_over_their_own_con
 def test_a_teacher_with_its_own_template_reads_the_tool_results_in_its_own_format(monkeypatch):
     """Same vocabulary, another chat template: the tool result reaches the teacher as its template renders
     it (here with a `result: ` label), the policy's tokens everywhere else."""
-    import copy
-
-    from trl.chat_template_utils import get_training_chat_template
-
-    tokenizer = tool_tokenizer()
-    teacher_tokenizer = copy.deepcopy(tokenizer)
-    template = get_training_chat_template(tokenizer)
-    assert template.count("'\\n<tool_response>\\n'") == 1
-    teacher_tokenizer.chat_template = template.replace("'\\n<tool_response>\\n'", "'\\n<tool_response>\\nresult: '")
+    tokenizer, teacher_tokenizer = tool_tokenizer(), own_template_tokenizer()
     calls = spy_sampler(monkeypatch)
     trainer = OptimalSamplingGRPOTrainer(
         tool_calling_lm("policy"),
         reward_funcs=answer_length_reward,
         args=grpo_args(num_on_policy_generations=2, alpha_method="fixed", alpha=ALPHA),
-        train_dataset=dataset(),
+        train_dataset=tool_dataset(),
         processing_class=tokenizer,
         teacher_model=tool_calling_lm("teacher"),
         teacher_processing_class=teacher_tokenizer,
@@ -332,7 +308,7 @@ def test_tools_with_a_vllm_sampler_are_refused_by_name():
             tool_calling_lm("policy"),
             reward_funcs=answer_length_reward,
             args=grpo_args(sampler_backend="vllm", sampler_theta_url="http://x", sampler_t_url="http://y"),
-            train_dataset=dataset(),
+            train_dataset=tool_dataset(),
             processing_class=tool_tokenizer(),
             teacher_model=tool_calling_lm("teacher"),
             tools=[secret_number],

@@ -13,6 +13,9 @@ system message, as a privileged teacher prompt does). The token ids
 are laid out exactly as TRL lays them out at rollout time (the prompt rendered with the tool
 schema, the completion, then the tool result's tokens as `_get_tool_suffix_ids` computes them),
 so the model sees at sampling what it saw in training.
+
+Also the pieces the GRPO and distillation tool-loop tests share: their dataset, the teacher's
+privileged prompt, a teacher tokenizer with a chat template of its own, and a spy on the sampler.
 """
 
 from __future__ import annotations
@@ -182,3 +185,48 @@ def tool_calling_lm(role: str = "policy"):
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.bos_token_id = None
     return model.eval()
+
+
+# -- what the tool-loop tests share ------------------------------------------------------------
+
+
+def tool_dataset(rows: int = 8):
+    """Conversational prompts, four consecutive rows per user turn (one GRPO group each)."""
+    from datasets import Dataset
+
+    users = (USER_TURNS[:2] * rows)[: rows // 4]
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": u}] for u in users for _ in range(4)]})
+
+
+def privileged_prompt(row):
+    """The teacher is told the answer in a system message; the policy is not."""
+    return [{"role": "system", "content": TEACHER_SYSTEM}, *row["prompt"]]
+
+
+def own_template_tokenizer():
+    """The same vocabulary with another chat template: tool results get a `result: ` label."""
+    import copy
+
+    from trl.chat_template_utils import get_training_chat_template
+
+    tokenizer = copy.deepcopy(tool_tokenizer())
+    template = get_training_chat_template(tokenizer)
+    assert template.count("'\\n<tool_response>\\n'") == 1
+    tokenizer.chat_template = template.replace("'\\n<tool_response>\\n'", "'\\n<tool_response>\\nresult: '")
+    return tokenizer
+
+
+def spy_sampler(monkeypatch) -> list[dict]:
+    """Every call of the trainers' sampler: its inputs and its rollouts."""
+    import trainers._common as common
+    from trainers.rollout import sample_rollouts
+
+    calls = []
+
+    def spy(base, teacher, prompt_ids, **kwargs):
+        out = sample_rollouts(base, teacher, prompt_ids, **kwargs)
+        calls.append({"prompt_ids": [list(p) for p in prompt_ids], **kwargs, "out": out})
+        return out
+
+    monkeypatch.setattr(common, "sample_rollouts", spy)
+    return calls

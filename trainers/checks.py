@@ -31,6 +31,16 @@ def check_sampler_backend(args: OptimalSamplingArguments) -> None:
         )
 
 
+def check_tool_backend(args: OptimalSamplingArguments, uses_tools: bool) -> None:
+    """Tools need the transformers sampler: it alone continues a row in TRL's tool loop."""
+    if uses_tools and args.sampler_backend != "transformers":
+        raise NotImplementedError(
+            f"Tool calling with sampler_backend={args.sampler_backend!r} is not built yet: the tool loop's later "
+            "turns are sampled by sampler_backend='transformers' only. Use that backend with `tools` / "
+            "`environment_factory`."
+        )
+
+
 def check_teacher_given(teacher_model, args: OptimalSamplingArguments) -> None:
     if teacher_model is None and args.teacher_model_name_or_path is None:
         raise ValueError(

@@ -13,6 +13,7 @@ from ._common import (
     check_sampler_backend,
     check_teacher_given,
 )
+from .checks import check_tool_backend
 from .config import OptimalSamplingArguments, OptimalSamplingGRPOConfig
 from .estimators import TRUNCATING, grpo_advantages, importance_weights
 from .seam import check_trl_seam
@@ -115,12 +116,7 @@ class OptimalSamplingGRPOTrainer(ToolLoopMixin, OptimalSamplingMixin, GRPOTraine
                 "`rollout_func` replaces TRL's sampler, and so q*; it cannot be combined with this trainer."
             )
         uses_tools = bool(kwargs.get("tools")) or kwargs.get("environment_factory") is not None
-        if uses_tools and args.sampler_backend != "transformers":
-            raise NotImplementedError(
-                f"Tool calling with sampler_backend={args.sampler_backend!r} is not built yet: the tool loop's later "
-                "turns are sampled by sampler_backend='transformers' only. Use that backend with `tools` / "
-                "`environment_factory`."
-            )
+        check_tool_backend(args, uses_tools)
 
         super().__init__(
             model,
@@ -133,11 +129,8 @@ class OptimalSamplingGRPOTrainer(ToolLoopMixin, OptimalSamplingMixin, GRPOTraine
         )
         if self._is_vlm:
             raise NotImplementedError("Vision-language policies are not supported by the q* sampler yet.")
-        if uses_tools and (self.is_fsdp_enabled or self.is_deepspeed_enabled) and self.accelerator.num_processes > 1:
-            raise NotImplementedError(
-                "Tool calling with a sharded policy (FSDP / DeepSpeed) is not supported: each rank's tool loop runs "
-                "its own number of turns, and a sharded forward needs every rank. Use DDP (or one process)."
-            )
+        if uses_tools:
+            self._refuse_sharded_tool_loop()
         self._setup_teacher(teacher_model, teacher_processing_class, teacher_prompt_fn)
 
         # TRL computes and applies an importance-sampling ratio only when `use_vllm` is set

@@ -37,6 +37,12 @@ class _Turn:
     rollouts: Rollouts  # the sampling call
     row: int  # this row's index in that call
     kept: int = -1  # tokens TRL kept of it (it cuts a last turn at max_completion_length); -1: all
+    teacher_prefix: list[int] = field(default_factory=list)  # the tool results before it, as the teacher reads them
+
+    def tokens(self) -> list[int]:
+        """The turn's generated tokens TRL kept."""
+        ids = self.rollouts.completion_ids[self.row]
+        return list(ids if self.kept < 0 else ids[: self.kept])
 
 
 @dataclass
@@ -45,15 +51,15 @@ class RolloutTurns:
 
     Attributes:
         on_policy: `[B]` bool, the row is sampled from π_θ in every turn.
-        teacher_context: per row, the teacher's ids so far (its prompt, then every generated
-            token and tool result as it sees them), or None when the teacher sees the policy's ids.
+        teacher_prompts: per row, the teacher's own first-turn prompt, or None when the teacher
+            sees the policy's ids (`teacher_conversation` adds the turns).
         turns: per row, its turns in order.
         positions: per row, where its generated tokens sit in TRL's completion (tool-result
             tokens between turns excluded); None until `finish` (single turn: 0, 1, 2, ...).
     """
 
     on_policy: torch.Tensor
-    teacher_context: list[list[int]] | None
+    teacher_prompts: list[list[int]] | None
     turns: list[list[_Turn]]
     positions: list[list[int]] | None = None
     _loop: tuple | None = field(default=None, repr=False)  # TRL's (prompt_ids, completion_ids, completions)
@@ -62,10 +68,8 @@ class RolloutTurns:
     @classmethod
     def first(cls, teacher_prompt_ids: Sequence[Sequence[int]] | None, rollouts: Rollouts) -> "RolloutTurns":
         rows = len(rollouts.completion_ids)
-        context = None
-        if teacher_prompt_ids is not None:
-            context = [list(t) + list(c) for t, c in zip(teacher_prompt_ids, rollouts.completion_ids)]
-        return cls(rollouts.on_policy.clone(), context, [[_Turn(rollouts, i)] for i in range(rows)])
+        prompts = None if teacher_prompt_ids is None else [list(t) for t in teacher_prompt_ids]
+        return cls(rollouts.on_policy.clone(), prompts, [[_Turn(rollouts, i)] for i in range(rows)])
 
     @property
     def num_rows(self) -> int:
@@ -125,15 +129,31 @@ class RolloutTurns:
     def add_turn(self, rows: list[int], teacher_suffixes: list[list[int]] | None, rollouts: Rollouts) -> None:
         completions = self._loop[2]  # type: ignore[index]
         for j, i in enumerate(rows):
-            self.turns[i].append(_Turn(rollouts, j))
+            prefix = [] if teacher_suffixes is None else list(teacher_suffixes[j])
+            self.turns[i].append(_Turn(rollouts, j, teacher_prefix=prefix))
             self._seen[i] = len(completions[i])
-            if self.teacher_context is not None:
-                self.teacher_context[i] += list(teacher_suffixes[j]) + list(rollouts.completion_ids[j])  # type: ignore[index]
 
     def teacher_inputs(self, rows: list[int], teacher_suffixes: list[list[int]]) -> list[list[int]] | None:
-        if self.teacher_context is None:
+        if self.teacher_prompts is None:
             return None
-        return [self.teacher_context[i] + list(s) for i, s in zip(rows, teacher_suffixes)]
+        return [self.teacher_conversation(i)[0] + list(s) for i, s in zip(rows, teacher_suffixes)]
+
+    def teacher_conversation(self, row: int) -> tuple[list[int], list[int]]:
+        """`row` as the teacher reads it, and where each generated token sits in it.
+
+        The teacher's prompt, then each turn's tool results in the teacher's format and the turn's
+        generated tokens (those TRL kept, once `finish` ran); the positions index those generated
+        tokens, all turns in order (as `values` lists their records).
+        """
+        if self.teacher_prompts is None:
+            raise RuntimeError("The teacher reads the policy's ids: it has no conversation of its own.")
+        ids, at = list(self.teacher_prompts[row]), []
+        for turn in self.turns[row]:
+            tokens = turn.tokens()
+            ids += turn.teacher_prefix
+            at += range(len(ids), len(ids) + len(tokens))
+            ids += tokens
+        return ids, at
 
     def finish(self, completion_ids: list[list[int]], tool_mask: list[list[int]]) -> None:
         """Match TRL's final completions (tool results included) against the sampled turns.
@@ -147,7 +167,7 @@ class RolloutTurns:
         for i, (ids, mask) in enumerate(zip(completion_ids, tool_mask)):
             positions = [p for p, m in enumerate(mask) if m]
             generated = [ids[p] for p in positions]
-            sampled = [t for turn in self.turns[i] for t in turn.rollouts.completion_ids[turn.row]]
+            sampled = [t for turn in self.turns[i] for t in turn.tokens()]
             if generated != sampled[: len(generated)]:
                 raise RuntimeError(
                     f"Row {i}: TRL's completion holds other tokens than the q* sampler drew for it; the per-token "
@@ -239,6 +259,14 @@ class ToolLoopMixin:
         turns.finish(final_ids, tool_mask)
         return result
 
+    def _refuse_sharded_tool_loop(self) -> None:
+        """After TRL's init: a sharded forward needs every rank, and each rank's tool loop runs its own turns."""
+        if (self.is_fsdp_enabled or self.is_deepspeed_enabled) and self.accelerator.num_processes > 1:
+            raise NotImplementedError(
+                "Tool calling with a sharded policy (FSDP / DeepSpeed) is not supported: each rank's tool loop runs "
+                "its own number of turns, and a sharded forward needs every rank. Use DDP (or one process)."
+            )
+
     def _sample_turn(self, prompt_ids) -> Rollouts:
         """A batch's first turn, or a continuation of the rows that called a tool."""
         turns = self._turns
@@ -246,7 +274,7 @@ class ToolLoopMixin:
             return self._sample_optimal(prompt_ids)
         rows, suffixes = turns.continuing_rows(prompt_ids)
         teacher_suffixes = suffixes
-        if turns.teacher_context is not None and not self._teacher_reads_policy_template():
+        if turns.teacher_prompts is not None and not self._teacher_reads_policy_template():
             tokenizer, template = self.teacher_processing_class, self._teacher_tool_template()
             teacher_suffixes = [
                 tool_result_ids(tokenizer, turns.tool_messages(i), chat_template=template) for i in rows
