@@ -40,6 +40,7 @@ VLLM_VENV_TESTS = [
     "tests/test_trainers.py",
     "tests/test_trainers_tools.py",
     "tests/test_distillation.py",
+    "tests/test_distillation_tools.py",
     "tests/test_rollout_func.py",
     "tests/test_sparse.py",
     "tests/test_mixture.py",

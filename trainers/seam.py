@@ -180,8 +180,28 @@ DISTILLATION_SEAM = (
         "DistillationTrainer",
         "_generate",
         ("self", "prompts"),
-        ("self._generate_single_turn(prompt_ids, images, multimodal_fields)", "self._tokenize_prompts(prompts)"),
-        "calls our `_generate_single_turn` once per batch, rows in the order of `inputs`",
+        (
+            "self._generate_single_turn(prompt_ids, images, multimodal_fields)",
+            "self._tokenize_prompts(prompts)",
+            "= self._tool_call_loop(prompts, prompt_ids, completion_ids, completions, images, multimodal_fields)",
+        ),
+        "calls our `_generate_single_turn` once per batch, rows in the order of `inputs`, then the tool loop",
+    ),
+    SeamPoint(
+        "DistillationTrainer",
+        "_tool_call_loop",
+        ("self", "prompts", "prompt_ids", "completion_ids", "completions", "images", "multimodal_fields"),
+        (
+            "self._generate_single_turn(",
+            "prompt_ids[idx_with_tool] + completion_ids[idx_with_tool] + suffix_ids",
+            "completions[idx_with_tool].append(tool_message)",
+            "del completions[idx_with_tool][completions_len_before[idx] :]",
+            "completion_ids[idx_with_tool] = pct[prompt_length:] + post_tool_ids[idx]",
+            "tool_mask[idx_with_tool] += [0] * tool_length + [1] * post_tool_length",
+            "return tool_mask, completions, completion_ids, ",
+        ),
+        "wrapped as GRPO's (`trainers.turns`): it continues the rows that called a tool, in batch order, as "
+        "prompt + completion + tool result, through `_generate_single_turn`, updating its lists in place",
     ),
     SeamPoint(
         "DistillationTrainer",
@@ -208,7 +228,7 @@ DISTILLATION_SEAM = (
         "_get_last_hidden_state",
         None,
         ("last_hidden_state[:, -logits_to_keep:, :]",),
-        "overridden for the teacher: its own prompt replaces the student's before the completion",
+        "overridden for the teacher: its own prompt (or, with tools, its own conversation) replaces the student's",
     ),
     SeamPoint(
         "DistillationTrainer",
