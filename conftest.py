@@ -20,3 +20,6 @@ if importlib.util.find_spec("vllm") is None:
     ]
 else:
     collect_ignore += ["tests/test_vllm_venv.py"]
+if importlib.util.find_spec("trl") is None:
+    # The trainers' doctests need TRL (the `[trl]` extra); `optimal_sampling` is collected for its doctests.
+    collect_ignore += ["optimal_sampling/trainers"]

@@ -163,7 +163,7 @@ def trainer_check(args, rows: list[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimal_sampling.toy import TOY_PAIR_DIR
-    from trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
+    from optimal_sampling.trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
 
     problems = make_problems(32, seed=0)
     rewards = random.Random(0)  # the toy policy's completions often tie on any real reward

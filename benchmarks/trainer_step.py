@@ -141,7 +141,7 @@ def run_config(name: str, pair: Path, args) -> dict:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from trl import GRPOConfig, GRPOTrainer
 
-    from trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
+    from optimal_sampling.trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
 
     rng = random.Random(0)
     # (AutoTokenizer would pick Qwen2's tokenizer class from the model's config.json)
@@ -239,7 +239,7 @@ def check_against_eager_loop(fast_mode: str) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimal_sampling.toy import TOY_PAIR_DIR, make_problems
-    from trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
+    from optimal_sampling.trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
 
     rows = make_problems(32, seed=0)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "teacher_prompt": r["teacher_prompt"]} for r in rows])

@@ -2,8 +2,8 @@
 
 The core is a handful of pure tensor functions (`solve_alpha`, `optimal_log_probs`,
 `compute_mixture`, `sparse_candidates`); the fronts (transformers generation, the
-two-server coordinator, the in-process vLLM engines in `engines`, the TRL trainers in the
-separate `trainers` package) call them. Every front runs on every transformers from the one
+two-server coordinator, the in-process vLLM engines in `engines`, the TRL trainers in
+`optimal_sampling.trainers`, the only subpackage that imports `trl`) call them. Every front runs on every transformers from the one
 vLLM pins (>=5.16.1) to the newest; the transformers front checks what it needs of a model as
 capabilities (`compat.py`).
 

@@ -4,7 +4,7 @@
 On the toy task the success probability of a prompt is exact and differentiable,
 J_x = π_θ(answer + EOS | x), so the true gradient of the batch's mean success costs one
 backward pass. For each estimator (sampler + `importance_weighting` + `advantage_baseline`, the
-trainer's own functions from `trainers.estimators`) this script draws a batch of rollouts (32
+trainer's own functions from `optimal_sampling.trainers.estimators`) this script draws a batch of rollouts (32
 prompts × 8 completions), forms the GRPO/DAPO surrogate loss exactly as the trainer weights it,
 and reports the cosine between its ascent direction and ∇J, over several independent batches.
 A cosine near 1 means the step points uphill; bias (8.7 in theory/derivation.md) shows up as a
@@ -37,8 +37,8 @@ from grpo_toy import problem_sets  # noqa: E402
 from optimal_sampling.mixture import compute_mixture, log_probs_from_logits  # noqa: E402
 from optimal_sampling.options import QStarOptions  # noqa: E402
 from optimal_sampling.toy import exact_match_reward, load_toy_pair  # noqa: E402
-from trainers.estimators import grpo_advantages, importance_weights, mixture_log_weights  # noqa: E402
-from trainers.rollout import left_pad, sample_rollouts  # noqa: E402
+from optimal_sampling.trainers.estimators import grpo_advantages, importance_weights, mixture_log_weights  # noqa: E402
+from optimal_sampling.trainers.rollout import left_pad, sample_rollouts  # noqa: E402
 
 G = 8
 CAP = 3.0

@@ -27,7 +27,7 @@ Arguments of this script (the rest are the trainer's):
   e.g. `optimal_sampling.toy.task:exact_match_reward` or `trl.rewards:accuracy_reward`), or
   paths / Hub ids of sequence-classification reward models.
 - `--teacher_model_name_or_path`, `--teacher_prompt_template` (e.g. `"{teacher_prompt}"`),
-  `--alpha_method`, `--alpha`, ...: see `trainers.OptimalSamplingGRPOConfig`.
+  `--alpha_method`, `--alpha`, ...: see `optimal_sampling.trainers.OptimalSamplingGRPOConfig`.
 
 The script writes `log_history.json` (every logged metric, including `optimal_sampling/*`),
 `run_info.json` (process count) and the trained model to `--output_dir`.
@@ -46,7 +46,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from datasets import Dataset, load_dataset, load_from_disk  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
-from trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer  # noqa: E402
+from optimal_sampling.trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer  # noqa: E402
 
 
 @dataclass

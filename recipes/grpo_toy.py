@@ -214,7 +214,7 @@ def run(args) -> Path:
     from trl import GRPOConfig, GRPOTrainer
 
     from optimal_sampling.toy import TEACHER_PROMPT_TEMPLATE, exact_match_reward, load_toy_pair
-    from trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
+    from optimal_sampling.trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
 
     path = run_path(args.output_dir, args.regime, args.arm, args.seed)
     base, teacher, tokenizer = load_toy_pair()

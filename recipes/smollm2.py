@@ -268,7 +268,7 @@ def run(args) -> Path:
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer, GRPOConfig, GRPOTrainer
 
-    from trainers import (
+    from optimal_sampling.trainers import (
         OptimalSamplingDistillationConfig,
         OptimalSamplingDistillationTrainer,
         OptimalSamplingGRPOConfig,

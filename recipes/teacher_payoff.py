@@ -193,7 +193,7 @@ def run(args) -> Path:
     from trl import DistillationConfig, DistillationTrainer, GRPOConfig, GRPOTrainer
 
     from optimal_sampling.toy import exact_match_reward, final_answer_reward, load_toy_pair
-    from trainers import (
+    from optimal_sampling.trainers import (
         OptimalSamplingDistillationConfig,
         OptimalSamplingDistillationTrainer,
         OptimalSamplingGRPOConfig,

@@ -10,9 +10,9 @@ from datasets import Dataset  # noqa: E402
 from trl import DistillationConfig, DistillationTrainer  # noqa: E402
 
 from optimal_sampling.testing import tiny_causal_lm, tiny_tokenizer  # noqa: E402
-from trainers import OptimalSamplingDistillationConfig, OptimalSamplingDistillationTrainer  # noqa: E402
-from trainers.rollout import sample_rollouts  # noqa: E402
-from trainers.seam import check_trl_seam, seam_problems  # noqa: E402
+from optimal_sampling.trainers import OptimalSamplingDistillationConfig, OptimalSamplingDistillationTrainer  # noqa: E402
+from optimal_sampling.trainers.rollout import sample_rollouts  # noqa: E402
+from optimal_sampling.trainers.seam import check_trl_seam, seam_problems  # noqa: E402
 
 TOKENIZER = tiny_tokenizer()
 VOCAB = len(TOKENIZER)
@@ -166,7 +166,7 @@ def test_q_star_rollouts_train_with_trls_unweighted_loss_and_the_teachers_own_pr
 
 
 def test_the_sampler_gets_the_teachers_own_prompts(monkeypatch):
-    import trainers._common as common
+    import optimal_sampling.trainers._common as common
 
     seen = []
 

@@ -24,8 +24,8 @@ from tool_models import (
 )
 from trl import DistillationConfig, DistillationTrainer
 
-from trainers import OptimalSamplingDistillationConfig, OptimalSamplingDistillationTrainer
-from trainers.turns import tool_result_ids
+from optimal_sampling.trainers import OptimalSamplingDistillationConfig, OptimalSamplingDistillationTrainer
+from optimal_sampling.trainers.turns import tool_result_ids
 
 ALPHA = 0.5
 

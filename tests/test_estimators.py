@@ -1,4 +1,4 @@
-"""`trainers.estimators`: the weights and baselines of q* rows against their defining formulas,
+"""`optimal_sampling.trainers.estimators`: the weights and baselines of q* rows against their defining formulas,
 on hand-built batches, and the expected updates they give on a small problem enumerated exactly.
 
 The expectations are computed by enumerating every sequence of a tiny sequence space, so
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from trainers.estimators import (
+from optimal_sampling.trainers.estimators import (
     baseline_weights,
     check_consistent,
     group_statistics,

@@ -116,7 +116,7 @@ def run_front(front: str, base, teacher, seed: int = 0, max_new_tokens: int = 6,
             tokens=result.sequences[:, -result.alpha.shape[1] :],
         )
     else:
-        from trainers.rollout import sample_rollouts
+        from optimal_sampling.trainers.rollout import sample_rollouts
 
         rollouts = sample_rollouts(
             base,
@@ -252,7 +252,7 @@ def test_every_option_is_taken_or_refused_by_name_on_every_front():
 
 def test_trainer_config_fields_are_the_options_own():
     pytest.importorskip("trl")
-    from trainers import OptimalSamplingGRPOConfig
+    from optimal_sampling.trainers import OptimalSamplingGRPOConfig
 
     config_fields = {f.name: f for f in fields(OptimalSamplingGRPOConfig)}
     for option in fields(QStarOptions):

@@ -235,7 +235,7 @@ def length_reward(completions, **kwargs):
 
 
 def make_trainer(model, peft_config=None, rloo=False, **overrides):
-    from trainers import (
+    from optimal_sampling.trainers import (
         OptimalSamplingGRPOConfig,
         OptimalSamplingGRPOTrainer,
         OptimalSamplingRLOOConfig,

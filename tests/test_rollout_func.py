@@ -7,10 +7,10 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-import trainers.rollout_func as rollout_func_module
+import optimal_sampling.trainers.rollout_func as rollout_func_module
 from optimal_sampling.testing import tiny_causal_lm, tiny_tokenizer
-from trainers import q_star_rollout_func
-from trainers.rollout import sample_rollouts
+from optimal_sampling.trainers import q_star_rollout_func
+from optimal_sampling.trainers.rollout import sample_rollouts
 
 TOKENIZER = tiny_tokenizer()
 VOCAB = len(TOKENIZER)

@@ -17,17 +17,17 @@ import torch
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, RLOOTrainer  # noqa: E402
 
-import trainers  # noqa: E402
+import optimal_sampling.trainers as trainers  # noqa: E402
 from optimal_sampling.options import QStarOptions  # noqa: E402
 from optimal_sampling.testing import tiny_causal_lm, tiny_tokenizer  # noqa: E402
-from trainers import (  # noqa: E402
+from optimal_sampling.trainers import (  # noqa: E402
     OptimalSamplingGRPOConfig,
     OptimalSamplingGRPOTrainer,
     OptimalSamplingRLOOConfig,
     OptimalSamplingRLOOTrainer,
 )
-from trainers.rollout import sample_rollouts  # noqa: E402
-from trainers.seam import TESTED_TRL_RANGE, check_trl_seam, seam_problems  # noqa: E402
+from optimal_sampling.trainers.rollout import sample_rollouts  # noqa: E402
+from optimal_sampling.trainers.seam import TESTED_TRL_RANGE, check_trl_seam, seam_problems  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = tiny_tokenizer()
@@ -122,7 +122,7 @@ def test_unwrap_for_generation_takes_the_keywords_each_tested_trl_release_has(mo
     passes the seam check, and the trainer passes that keyword only where it exists."""
     import trl.models
 
-    from trainers.seam import generation_unwrap_kwargs
+    from optimal_sampling.trainers.seam import generation_unwrap_kwargs
 
     args = training_args(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert generation_unwrap_kwargs(args)["gather_deepspeed3_params"] == args.ds3_gather_for_generation
@@ -257,7 +257,7 @@ def capture_batches(trainer) -> list[dict]:
 
 
 def test_mixed_groups_sample_the_first_k_rows_of_each_group_from_the_policy(monkeypatch):
-    import trainers._common as common
+    import optimal_sampling.trainers._common as common
 
     seen = []
 
@@ -382,7 +382,7 @@ def test_alpha_kl_and_importance_metrics_reach_log_history():
 
 
 def test_teacher_prompt_template_gives_the_teacher_its_own_prompt(monkeypatch):
-    import trainers._common as common
+    import optimal_sampling.trainers._common as common
 
     seen = []
 
@@ -447,7 +447,7 @@ def test_rloo_advantages_are_recentred_and_carry_truncated_sequence_weights(monk
         advantage_baseline="on_policy",
     )
     monkeypatch.setattr(RLOOTrainer, "_generate_and_score_completions", spy)  # after the init-time seam check
-    import trainers._common as common
+    import optimal_sampling.trainers._common as common
 
     rollouts = []
     monkeypatch.setattr(
@@ -622,7 +622,10 @@ def test_unsupported_options_are_clear_errors(overrides, error, message):
 # --- docs and distributed runs ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["trainers.grpo", "trainers.config", "trainers.rollout"])
+@pytest.mark.parametrize(
+    "module",
+    ["optimal_sampling.trainers.grpo", "optimal_sampling.trainers.config", "optimal_sampling.trainers.rollout"],
+)
 def test_docstring_examples_run(module):
     import importlib
 

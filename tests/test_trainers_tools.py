@@ -24,8 +24,8 @@ from tool_models import (
 )
 from trl import GRPOConfig, GRPOTrainer
 
-from trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
-from trainers.turns import tool_result_ids
+from optimal_sampling.trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
+from optimal_sampling.trainers.turns import tool_result_ids
 
 ALPHA = 0.5
 

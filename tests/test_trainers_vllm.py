@@ -52,7 +52,7 @@ def train_two_steps(tmp_path, **fields):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
+    from optimal_sampling.trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
 
     rows = make_problems(8, seed=3)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "teacher_prompt": r["teacher_prompt"]} for r in rows])
@@ -176,7 +176,7 @@ def test_two_step_grpo_through_two_servers_loads_each_steps_weights(servers, tmp
 
 
 def test_vllm_backends_refuse_what_they_cannot_record(tmp_path):
-    from trainers import OptimalSamplingGRPOConfig
+    from optimal_sampling.trainers import OptimalSamplingGRPOConfig
 
     common = dict(
         output_dir=str(tmp_path),

@@ -55,7 +55,7 @@ VLLM_VENV_TESTS = [
     "optimal_sampling/generation.py",
     "optimal_sampling/fast.py",
     "optimal_sampling/decode_slot.py",
-    "trainers",
+    "optimal_sampling/trainers",
     "optimal_sampling/servers",
     "optimal_sampling/engines",
 ]

@@ -218,8 +218,8 @@ def own_template_tokenizer():
 
 def spy_sampler(monkeypatch) -> list[dict]:
     """Every call of the trainers' sampler: its inputs and its rollouts."""
-    import trainers._common as common
-    from trainers.rollout import sample_rollouts
+    import optimal_sampling.trainers._common as common
+    from optimal_sampling.trainers.rollout import sample_rollouts
 
     calls = []
 

@@ -23,7 +23,7 @@ METRIC_PREFIX = "optimal_sampling/"
 
 
 class VLLMRolloutsMixin:
-    """The vLLM half of `OptimalSamplingMixin` (see `trainers._common`)."""
+    """The vLLM half of `OptimalSamplingMixin` (see `optimal_sampling.trainers._common`)."""
 
     def _sample_vllm(self, prompt_ids, teacher_prompt_ids, on_policy: torch.Tensor) -> Rollouts:
         """q* rows from the vLLM sampler, after loading the policy's current weights into it."""

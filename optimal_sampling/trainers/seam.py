@@ -67,7 +67,7 @@ GRPO_SEAM = (
             "return tool_mask, completions, completion_ids, logprobs",
         ),
         "wrapped: it continues the rows that called a tool, in batch order, as prompt + completion + tool "
-        "result, updating its `completion_ids` and `completions` lists in place; `trainers.turns` maps each "
+        "result, updating its `completion_ids` and `completions` lists in place; `optimal_sampling.trainers.turns` maps each "
         "continuation back to its row from them and checks the final completions against what was sampled",
     ),
     SeamPoint(
@@ -200,7 +200,7 @@ DISTILLATION_SEAM = (
             "tool_mask[idx_with_tool] += [0] * tool_length + [1] * post_tool_length",
             "return tool_mask, completions, completion_ids, ",
         ),
-        "wrapped as GRPO's (`trainers.turns`): it continues the rows that called a tool, in batch order, as "
+        "wrapped as GRPO's (`optimal_sampling.trainers.turns`): it continues the rows that called a tool, in batch order, as "
         "prompt + completion + tool result, through `_generate_single_turn`, updating its lists in place",
     ),
     SeamPoint(

@@ -188,7 +188,7 @@ class QStarSamplingArguments:
 class OptimalSamplingArguments(QStarSamplingArguments):
     """The fields of the RL trainers (GRPO, RLOO): the sampler's, and how q* rows enter the update.
 
-    How q* rows enter the update (see `trainers.estimators`):
+    How q* rows enter the update (see `optimal_sampling.trainers.estimators`):
         num_on_policy_generations: k of each prompt's `num_generations` completions are sampled
             from π_θ itself (α = 0, weight 1) in the same batch, the rest from q*.
         importance_weighting: the weight of q* rows: `"none"`, `"shaping"`, `"token_truncate"`,
@@ -308,7 +308,7 @@ class OptimalSamplingGRPOConfig(OptimalSamplingArguments, GRPOConfig):
 
     Adds the fields of `OptimalSamplingArguments`: the teacher and its prompt, the α rule and
     its schedule, and how q* rows enter the update (`num_on_policy_generations`,
-    `importance_weighting`, `advantage_baseline`; see `trainers.estimators` for what each
+    `importance_weighting`, `advantage_baseline`; see `optimal_sampling.trainers.estimators` for what each
     value computes and which combinations are refused). TRL's `vllm_importance_sampling_*`
     fields are not used (a changed value raises and names the field to set instead).
 
@@ -316,7 +316,7 @@ class OptimalSamplingGRPOConfig(OptimalSamplingArguments, GRPOConfig):
     (the trainer scores untruncated π_θ).
 
     Example:
-        >>> from trainers import OptimalSamplingGRPOConfig
+        >>> from optimal_sampling.trainers import OptimalSamplingGRPOConfig
         >>> args = OptimalSamplingGRPOConfig(output_dir="/tmp/os-grpo", num_generations=8,
         ...                                  teacher_prompt_template="{teacher_prompt}", report_to="none",
         ...                                  use_cpu=True, bf16=False)
@@ -335,7 +335,7 @@ class OptimalSamplingGRPOConfig(OptimalSamplingArguments, GRPOConfig):
             if getattr(self, name) != _GRPO_DEFAULTS[name]:
                 raise ValueError(
                     f"`{name}` is TRL's correction for vLLM rollouts, which OptimalSamplingGRPOConfig does not use: "
-                    f"set `{replacement}` instead ({hint}). See `trainers.estimators` for the choices."
+                    f"set `{replacement}` instead ({hint}). See `optimal_sampling.trainers.estimators` for the choices."
                 )
         self._check_optimal_sampling_fields()
         if self.advantage_baseline != "group" and self.multi_objective_aggregation != "sum_then_normalize":
@@ -356,10 +356,10 @@ class OptimalSamplingRLOOConfig(OptimalSamplingArguments, RLOOConfig):
     `"sequence_truncate"`, `"sequence_mask"` or `"mis"`, and multiplies each completion's
     advantage (stop-gradient). `advantage_baseline` is `"group"` (leave-one-out),
     `"on_policy"` or `"is"`; a truncating weighting with the leave-one-out baseline over q*
-    rewards is refused (`trainers.estimators.check_consistent`).
+    rewards is refused (`optimal_sampling.trainers.estimators.check_consistent`).
 
     Example:
-        >>> from trainers import OptimalSamplingRLOOConfig
+        >>> from optimal_sampling.trainers import OptimalSamplingRLOOConfig
         >>> args = OptimalSamplingRLOOConfig(output_dir="/tmp/os-rloo", num_generations=4, use_cpu=True, bf16=False,
         ...                                  importance_weighting="sequence_truncate", advantage_baseline="is")
         >>> args.num_on_policy_generations, args.importance_weight_cap
@@ -401,7 +401,7 @@ class OptimalSamplingDistillationConfig(QStarSamplingArguments, DistillationConf
     trained toward π_t(· | teacher prompt, y<t), the distribution q* blends.
 
     Example:
-        >>> from trainers import OptimalSamplingDistillationConfig
+        >>> from optimal_sampling.trainers import OptimalSamplingDistillationConfig
         >>> args = OptimalSamplingDistillationConfig(output_dir="/tmp/os-distill", use_cpu=True, bf16=False,
         ...                                          report_to="none", teacher_decay_ratio=0.5)
         >>> args.alpha_method, args.beta, args.q_star.alpha_max

@@ -1,6 +1,7 @@
-"""TRL integration for optimal-sampling (installed with `pip install optimal-sampling[trl]`).
+"""TRL integration for optimal-sampling (installed with `pip install 'optimal-sampling[trl]'`).
 
-This is the only package that imports `trl`. Public names:
+This is the only subpackage that imports `trl`: `import optimal_sampling` never does, and importing
+this one without TRL says how to install it. Public names:
 
 - `OptimalSamplingGRPOConfig`, `OptimalSamplingGRPOTrainer`: GRPO whose groups mix on-policy
   rows with q* (or teacher) rows, weighted and baselined consistently (every GRPO `loss_type`).
@@ -8,12 +9,20 @@ This is the only package that imports `trl`. Public names:
   sequence-level weights on the advantage.
 - `OptimalSamplingDistillationConfig`, `OptimalSamplingDistillationTrainer`: TRL's on-policy
   distillation (`DistillationTrainer`) with the student's completions sampled from q*.
-- `trainers.estimators`: the weights, baselines and diagnostics themselves (pure functions).
+- `optimal_sampling.trainers.estimators`: the weights, baselines and diagnostics themselves (pure functions).
 - `q_star_rollout_func`: q* rollouts for TRL's plain `GRPOTrainer` through its public
-  `rollout_func` (no weights, no tools: its limits are in `trainers.rollout_func`).
+  `rollout_func` (no weights, no tools: its limits are in `optimal_sampling.trainers.rollout_func`).
 - `TESTED_TRL_RANGE`, `check_trl_seam`: the TRL versions tested, and the check (run at
   trainer init) that the TRL internals the trainers use are still there.
 """
+
+try:
+    import trl  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        f"optimal_sampling.trainers needs TRL, which did not import ({error}). Install the trainers' extra: "
+        "pip install 'optimal-sampling[trl]'"
+    ) from error
 
 from .config import OptimalSamplingDistillationConfig, OptimalSamplingGRPOConfig, OptimalSamplingRLOOConfig
 from .distillation import OptimalSamplingDistillationTrainer

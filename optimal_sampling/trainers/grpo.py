@@ -42,7 +42,7 @@ class OptimalSamplingGRPOTrainer(ToolLoopMixin, OptimalSamplingMixin, GRPOTraine
     the stop-gradient weight that multiplies each token's loss (`importance_weighting`: 1 on
     on-policy rows) and the baseline of the advantage (`advantage_baseline`); combinations
     known to bias the update toward the policy's own mistakes are refused
-    (`trainers.estimators`). α, KL(q‖π_θ), KL(q‖π_t), the weights, the policy mass truncation
+    (`optimal_sampling.trainers.estimators`). α, KL(q‖π_θ), KL(q‖π_t), the weights, the policy mass truncation
     drops, zero-variance groups by row kind and the policy's own (importance-weighted) success
     go to `trainer.state.log_history` and every `report_to` integration under
     `optimal_sampling/`.
@@ -54,7 +54,7 @@ class OptimalSamplingGRPOTrainer(ToolLoopMixin, OptimalSamplingMixin, GRPOTraine
     turn of a row is sampled by the row's rule (an on-policy row stays on-policy, a q* row stays
     q*), the teacher sees the conversation from its own prompt on, and log q, log π_θ, log π_t
     are recorded for every generated token and for no tool-result token, so the weights,
-    baselines and metrics cover generated tokens only (`trainers.turns`).
+    baselines and metrics cover generated tokens only (`optimal_sampling.trainers.turns`).
 
     Args:
         model, reward_funcs, args, train_dataset, eval_dataset, processing_class, **kwargs:
@@ -70,7 +70,7 @@ class OptimalSamplingGRPOTrainer(ToolLoopMixin, OptimalSamplingMixin, GRPOTraine
     Example:
         >>> from datasets import Dataset
         >>> from optimal_sampling.testing import tiny_causal_lm, tiny_tokenizer
-        >>> from trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
+        >>> from optimal_sampling.trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
         >>> tokenizer = tiny_tokenizer()
         >>> policy, teacher = tiny_causal_lm(len(tokenizer), seed=0), tiny_causal_lm(len(tokenizer), seed=1)
         >>> args = OptimalSamplingGRPOConfig(output_dir="/tmp/os-grpo-doctest", per_device_train_batch_size=4,

@@ -104,7 +104,7 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         self._generation_overrides = check_generation_options(args)  # already checked before TRL's init
         self._rollout_rows: list[dict] | None = None
         self._pending_rollouts: list[Rollouts] = []
-        self._turns: RolloutTurns | None = None  # the batch's rows, turn by turn (trainers.turns)
+        self._turns: RolloutTurns | None = None  # the batch's rows, turn by turn (optimal_sampling.trainers.turns)
         self._rollout_rewards: torch.Tensor | None = None
         self._vllm_sampler = None  # started at the first rollout (sampler_backend "vllm" / "vllm-inprocess")
         self._vllm_calls = 0

@@ -47,7 +47,7 @@ class OptimalSamplingDistillationTrainer(ToolLoopMixin, OptimalSamplingMixin, Di
     is 0), the teacher reads the conversation from its own prompt on (tool results through its own
     chat template when it differs from the student's), α and the KL metrics cover generated tokens
     only, and TRL's `tool_mask` keeps tool-result tokens out of the loss. With `teacher_prompt_in_loss`
-    the teacher scores that same conversation of its own in the loss (`trainers.turns`).
+    the teacher scores that same conversation of its own in the loss (`optimal_sampling.trainers.turns`).
 
     α, KL(q‖π_θ), KL(q‖π_t), the Chernoff information and the teacher's pull are logged under
     `optimal_sampling/` with TRL's metrics.
@@ -63,7 +63,7 @@ class OptimalSamplingDistillationTrainer(ToolLoopMixin, OptimalSamplingMixin, Di
     Example:
         >>> from datasets import Dataset
         >>> from optimal_sampling.testing import tiny_causal_lm, tiny_tokenizer
-        >>> from trainers import OptimalSamplingDistillationConfig, OptimalSamplingDistillationTrainer
+        >>> from optimal_sampling.trainers import OptimalSamplingDistillationConfig, OptimalSamplingDistillationTrainer
         >>> tokenizer = tiny_tokenizer()
         >>> student, teacher = tiny_causal_lm(len(tokenizer), seed=0), tiny_causal_lm(len(tokenizer), seed=1)
         >>> args = OptimalSamplingDistillationConfig(output_dir="/tmp/os-distill-doctest", per_device_train_batch_size=4,

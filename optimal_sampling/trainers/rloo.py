@@ -25,7 +25,7 @@ class OptimalSamplingRLOOTrainer(OptimalSamplingMixin, RLOOTrainer):
     c > 0, −min(r·cA, clip(r)·cA) = −c·min(r·A, clip(r)·A): the weighted RLOO objective,
     without touching TRL's loss. `advantage_baseline` replaces RLOO's leave-one-out baseline
     by the on-policy rows' mean or the importance-weighted estimate of π_θ's success, changing
-    only the centre of TRL's advantages (`trainers.estimators.recentre_advantages`), so RLOO's
+    only the centre of TRL's advantages (`optimal_sampling.trainers.estimators.recentre_advantages`), so RLOO's
     KL-in-reward and clipping stay as they are. π_old(y) is TRL's own `old_logps`; q(y) is the
     recorded Σ log q.
 

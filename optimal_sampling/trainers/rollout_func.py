@@ -4,7 +4,7 @@
 trains on what `f` returns: `{"prompt_ids", "completion_ids", "logprobs", ...}`, one completion per
 prompt it receives (TRL repeats each prompt `num_generations` times before the call; extra keys
 reach the reward functions as columns). `q_star_rollout_func` builds such an `f` from the same
-sampler as `OptimalSamplingGRPOTrainer` (`trainers.rollout.sample_rollouts`: the package's decode
+sampler as `OptimalSamplingGRPOTrainer` (`optimal_sampling.trainers.rollout.sample_rollouts`: the package's decode
 engine, exact, full vocabulary): the first `num_on_policy_generations` rows of each group are
 sampled from π_θ, the others from q* ∝ π_θ^(1-α) · π_t^α.
 
@@ -69,7 +69,7 @@ def q_star_rollout_func(
         >>> from datasets import Dataset
         >>> from trl import GRPOConfig, GRPOTrainer
         >>> from optimal_sampling.testing import tiny_causal_lm, tiny_tokenizer
-        >>> from trainers import q_star_rollout_func
+        >>> from optimal_sampling.trainers import q_star_rollout_func
         >>> tokenizer = tiny_tokenizer()
         >>> policy, teacher = tiny_causal_lm(len(tokenizer), seed=0), tiny_causal_lm(len(tokenizer), seed=1)
         >>> args = GRPOConfig(output_dir="/tmp/os-rollout-func-doctest", per_device_train_batch_size=4,
