@@ -1,7 +1,7 @@
 """Where the trainers live: `optimal_sampling.trainers`, the only subpackage that imports TRL.
 
-Each check runs in a fresh interpreter: whether TRL gets imported depends on what the process
-imported before.
+Each check runs in a fresh interpreter: whether TRL gets imported, and the one-time warning of the
+deprecated top-level `trainers` name, depend on what the process imported before.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ print(json.dumps({"outcome": outcome, "trl_loaded": "trl" in sys.modules}))
     assert not result["trl_loaded"]
 
 
-@pytest.mark.parametrize("module", ["optimal_sampling.trainers"])
+@pytest.mark.parametrize("module", ["optimal_sampling.trainers", "trainers"])
 def test_the_trainers_without_trl_say_how_to_install_them(module):
     result = run_python(
         HIDE_TRL
@@ -80,3 +80,33 @@ except ImportError as error:
     assert result["error"] is not None, f"`import {module}` should fail without TRL"
     assert "pip install 'optimal-sampling[trl]'" in result["error"]
     assert "No module named 'trl'" in result["error"]  # the cause, kept
+
+
+def test_the_old_top_level_name_warns_and_is_the_new_package():
+    pytest.importorskip("trl")
+    result = run_python(
+        """
+import json, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import trainers
+    from trainers.rollout import sample_rollouts
+    import trainers._common as common
+import optimal_sampling.trainers as new
+import optimal_sampling.trainers.rollout as rollout
+
+deprecations = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+print(json.dumps({
+    "deprecations": deprecations,
+    "same_names": sorted(name for name in new.__all__ if getattr(trainers, name) is getattr(new, name)),
+    "all": sorted(new.__all__),
+    "old_all": sorted(trainers.__all__),
+    "same_modules": common is new._common and trainers.rollout is rollout,
+    "same_function": sample_rollouts is rollout.sample_rollouts,
+}))
+"""
+    )
+    [message] = [m for m in result["deprecations"] if "trainers" in m]
+    assert "optimal_sampling.trainers" in message
+    assert result["same_names"] == result["all"] == result["old_all"]
+    assert result["same_modules"] and result["same_function"]
