@@ -10,20 +10,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from optimal_sampling.options import QStarOptions
 from optimal_sampling.records import check_same_vocabulary, model_eos_ids
 
-from .checks import check_generation_options, check_sampler_backend, check_teacher_given, resolve_callable
+from .checks import check_generation_options, resolve_callable
 from .config import VLLM_BACKENDS
 from .estimators import group_statistics, mixture_log_weights
 from .rollout import Rollouts, sample_rollouts
 from .turns import RolloutTurns
 from .vllm_rollouts import METRIC_PREFIX, VLLMRolloutsMixin
 
-__all__ = [
-    "METRIC_PREFIX",
-    "OptimalSamplingMixin",
-    "check_generation_options",
-    "check_sampler_backend",
-    "check_teacher_given",
-]
+__all__ = ["METRIC_PREFIX", "OptimalSamplingMixin"]
 
 
 class OptimalSamplingMixin(VLLMRolloutsMixin):

@@ -8,6 +8,32 @@ from typing import Callable
 import torch
 
 from .config import VLLM_BACKENDS, OptimalSamplingArguments
+from .seam import check_trl_seam
+
+#: The suffix of a default config's `output_dir` (`<model name>-OptimalSampling-<suffix>`), per trainer.
+_OUTPUT_SUFFIX = {"grpo": "GRPO", "rloo": "RLOO", "distillation": "Distill"}
+
+
+def checked_args(trainer: str, config_cls: type, model, args, teacher_model):
+    """The checks every trainer makes before TRL's own `__init__`; returns its config.
+
+    The installed TRL still has what `trainer` ("grpo", "rloo", "distillation") relies on; `args` is a
+    `config_cls` (default: one named after the model); a teacher is given; the sampler backend can run
+    here; the generation options change nothing that log q would not record.
+    """
+    check_trl_seam(trainer)
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
+        args = config_cls(f"{str(name).rstrip('/').split('/')[-1]}-OptimalSampling-{_OUTPUT_SUFFIX[trainer]}")
+    if not isinstance(args, config_cls):
+        raise TypeError(
+            f"`args` is a {type(args).__name__}; pass an `{config_cls.__name__}` (TRL's config with the teacher, α "
+            "and sampler fields)."
+        )
+    check_teacher_given(teacher_model, args)
+    check_sampler_backend(args)
+    check_generation_options(args)
+    return args
 
 
 def check_sampler_backend(args: OptimalSamplingArguments) -> None:

@@ -7,11 +7,10 @@ from typing import Any, Callable
 import torch
 from trl import DistillationTrainer
 
-from ._common import METRIC_PREFIX, OptimalSamplingMixin, check_generation_options, check_sampler_backend
-from .checks import check_teacher_given, check_tool_backend
-from .config import OptimalSamplingDistillationConfig, QStarSamplingArguments
+from ._common import METRIC_PREFIX, OptimalSamplingMixin
+from .checks import check_tool_backend, checked_args
+from .config import OptimalSamplingDistillationConfig
 from .rollout import left_pad
-from .seam import check_trl_seam
 from .turns import ToolLoopMixin
 
 #: The batch keys that carry the teacher's own prompt (one turn) or conversation (tools) into the loss.
@@ -90,18 +89,7 @@ class OptimalSamplingDistillationTrainer(ToolLoopMixin, OptimalSamplingMixin, Di
         teacher_prompt_fn: Callable[[dict], Any] | None = None,
         **kwargs,
     ):
-        check_trl_seam("distillation")
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
-            args = OptimalSamplingDistillationConfig(f"{str(name).rstrip('/').split('/')[-1]}-OptimalSampling-Distill")
-        if not isinstance(args, QStarSamplingArguments):
-            raise TypeError(
-                f"`args` is a {type(args).__name__}; pass an `OptimalSamplingDistillationConfig` (a "
-                "DistillationConfig with the α and sampler fields)."
-            )
-        check_teacher_given(teacher_model, args)
-        check_sampler_backend(args)
-        check_generation_options(args)
+        args = checked_args("distillation", OptimalSamplingDistillationConfig, model, args, teacher_model)
         if teacher_model is model or (teacher_model is None and args.teacher_model_name_or_path is model):
             raise ValueError(
                 "The student as its own teacher is not supported by the distillation trainer: TRL places the teacher "

@@ -7,16 +7,10 @@ from typing import Any, Callable
 import torch
 from trl import GRPOTrainer
 
-from ._common import (
-    OptimalSamplingMixin,
-    check_generation_options,
-    check_sampler_backend,
-    check_teacher_given,
-)
-from .checks import check_tool_backend
-from .config import OptimalSamplingArguments, OptimalSamplingGRPOConfig
+from ._common import OptimalSamplingMixin
+from .checks import check_tool_backend, checked_args
+from .config import OptimalSamplingGRPOConfig
 from .estimators import TRUNCATING, grpo_advantages, importance_weights
-from .seam import check_trl_seam
 from .turns import ToolLoopMixin
 
 
@@ -99,18 +93,7 @@ class OptimalSamplingGRPOTrainer(ToolLoopMixin, OptimalSamplingMixin, GRPOTraine
         teacher_prompt_fn: Callable[[dict], Any] | None = None,
         **kwargs,
     ):
-        check_trl_seam("grpo")
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
-            args = OptimalSamplingGRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-OptimalSampling-GRPO")
-        if not isinstance(args, OptimalSamplingArguments):
-            raise TypeError(
-                f"`args` is a {type(args).__name__}; pass an `OptimalSamplingGRPOConfig` (a GRPOConfig with the "
-                "teacher and α fields)."
-            )
-        check_teacher_given(teacher_model, args)
-        check_sampler_backend(args)
-        check_generation_options(args)
+        args = checked_args("grpo", OptimalSamplingGRPOConfig, model, args, teacher_model)
         if kwargs.get("rollout_func") is not None:
             raise ValueError(
                 "`rollout_func` replaces TRL's sampler, and so q*; it cannot be combined with this trainer."

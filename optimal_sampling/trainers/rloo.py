@@ -8,10 +8,10 @@ import torch
 from transformers import ProcessorMixin
 from trl import RLOOTrainer
 
-from ._common import OptimalSamplingMixin, check_generation_options, check_sampler_backend, check_teacher_given
-from .config import OptimalSamplingArguments, OptimalSamplingRLOOConfig
+from ._common import OptimalSamplingMixin
+from .checks import checked_args
+from .config import OptimalSamplingRLOOConfig
 from .estimators import TRUNCATING, importance_weights, recentre_advantages
-from .seam import check_trl_seam
 
 
 class OptimalSamplingRLOOTrainer(OptimalSamplingMixin, RLOOTrainer):
@@ -49,15 +49,7 @@ class OptimalSamplingRLOOTrainer(OptimalSamplingMixin, RLOOTrainer):
         teacher_prompt_fn: Callable[[dict], Any] | None = None,
         **kwargs,
     ):
-        check_trl_seam("rloo")
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
-            args = OptimalSamplingRLOOConfig(f"{str(name).rstrip('/').split('/')[-1]}-OptimalSampling-RLOO")
-        if not isinstance(args, OptimalSamplingArguments):
-            raise TypeError(f"`args` is a {type(args).__name__}; pass an `OptimalSamplingRLOOConfig`.")
-        check_teacher_given(teacher_model, args)
-        check_sampler_backend(args)
-        check_generation_options(args)
+        args = checked_args("rloo", OptimalSamplingRLOOConfig, model, args, teacher_model)
         super().__init__(
             model,
             reward_funcs,
