@@ -87,6 +87,7 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
             teacher.requires_grad_(False)
             self.teacher_model = prepared.eval() if prepared is not None else self._prepare_teacher(teacher.eval())
 
+        self._teacher_prompt_source: Callable[[dict], Any] | None
         if args.teacher_prompt_template is not None:
             template = args.teacher_prompt_template
             self._teacher_prompt_source = lambda row: _format_template(template, row)
@@ -125,17 +126,18 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
                     "`teacher_model=` a loaded model, or a local directory / Hub id of a causal LM."
                 ) from error
 
-    def _prepare_teacher(self, teacher: PreTrainedModel):
+    def _prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
         # As TRL prepares its reference model: sharded with the policy under ZeRO-3 / FSDP, else on the device.
         from trl.models import prepare_deepspeed, prepare_fsdp
 
+        prepared: Any  # a DeepSpeed engine, an FSDP wrapper, or the module on its device
         if self.is_deepspeed_enabled:
-            teacher = prepare_deepspeed(teacher, self.accelerator)
+            prepared = prepare_deepspeed(teacher, self.accelerator)
         elif self.is_fsdp_enabled:
-            teacher = prepare_fsdp(teacher, self.accelerator)
+            prepared = prepare_fsdp(teacher, self.accelerator)
         else:
-            teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        return teacher.eval()
+            prepared = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return prepared.eval()
 
     # -- teacher prompts ---------------------------------------------------------------
 
@@ -247,13 +249,31 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         self._rollout_rewards = rewards.masked_fill(torch.isnan(rewards_per_func).all(dim=1), float("nan"))
         return rewards_per_func
 
+    def _sampled_turns(self) -> RolloutTurns:
+        """This batch's rows, turn by turn, as the sampler drew them."""
+        if self._turns is None:
+            raise RuntimeError(
+                "No rows were sampled for this batch: TRL did not call `_generate_single_turn` before scoring "
+                "(a TRL seam change). Please report it with your TRL version."
+            )
+        return self._turns
+
+    def _batch_rewards(self, device) -> torch.Tensor:
+        """`[N]` this batch's gathered rewards (kept by `_calculate_rewards`)."""
+        if self._rollout_rewards is None:
+            raise RuntimeError(
+                "TRL scored this batch without `_calculate_rewards` (a TRL seam change). Please report it with your "
+                "TRL version."
+            )
+        return self._rollout_rewards.to(device)
+
     def _pending_on_policy(self, device) -> torch.Tensor:
-        return self._turns.on_policy.to(device)
+        return self._sampled_turns().on_policy.to(device)
 
     def _pending_padded(self, name: str, width: int, device) -> torch.Tensor:
         """`[B, width]` float32 of a per-token field of this batch's rows at their generated tokens (every
         turn), 0 at tool-result tokens and padding."""
-        return self._turns.padded(name, width, device)
+        return self._sampled_turns().padded(name, width, device)
 
     def _check_rollout_rows(self, batch: int) -> None:
         rows = 0 if self._turns is None else self._turns.num_rows
@@ -387,7 +407,8 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         if decoder is None or decoder.base is not policy or decoder.teacher is not teacher:
             # Eager: look at the finished mask every step, so that the random stream is used as `generate`
             # uses it (a graph mode checks every 8 steps, to keep the host out of the GPU's way).
-            config = FastPathConfig(mode=mode, diagnostics=True, **({"check_every": 1} if mode == "eager" else {}))
+            extra: dict[str, Any] = {"check_every": 1} if mode == "eager" else {}
+            config = FastPathConfig(mode=mode, diagnostics=True, **extra)
             decoder = decoders[mode] = FastDecoder(policy, teacher, config)
         return decoder
 
@@ -402,7 +423,7 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         mode = "train" if self.model.training else "eval"
         device = self.accelerator.device
         rollouts, self._pending_rollouts = self._pending_rollouts, []
-        per_token = {
+        per_token: dict[str, list[torch.Tensor]] = {
             "alpha": [],
             "kl_theta": [],
             "kl_t": [],

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from .config import VLLM_BACKENDS, OptimalSamplingArguments
+from .config import VLLM_BACKENDS, QStarSamplingArguments
 from .seam import check_trl_seam
 
 #: The suffix of a default config's `output_dir` (`<model name>-OptimalSampling-<suffix>`), per trainer.
 _OUTPUT_SUFFIX = {"grpo": "GRPO", "rloo": "RLOO", "distillation": "Distill"}
 
 
-def checked_args(trainer: str, config_cls: type, model, args, teacher_model):
+def checked_args(trainer: str, config_cls: type[Any], model, args, teacher_model) -> Any:
     """The checks every trainer makes before TRL's own `__init__`; returns its config.
 
     The installed TRL still has what `trainer` ("grpo", "rloo", "distillation") relies on; `args` is a
@@ -36,7 +36,7 @@ def checked_args(trainer: str, config_cls: type, model, args, teacher_model):
     return args
 
 
-def check_sampler_backend(args: OptimalSamplingArguments) -> None:
+def check_sampler_backend(args: Any) -> None:
     """Refuse a vLLM backend where this environment cannot run it, before TRL's set-up."""
     if args.sampler_backend not in VLLM_BACKENDS:
         return
@@ -57,7 +57,7 @@ def check_sampler_backend(args: OptimalSamplingArguments) -> None:
         )
 
 
-def check_tool_backend(args: OptimalSamplingArguments, uses_tools: bool) -> None:
+def check_tool_backend(args: QStarSamplingArguments, uses_tools: bool) -> None:
     """Tools need the transformers sampler: it alone continues a row in TRL's tool loop."""
     if uses_tools and args.sampler_backend != "transformers":
         raise NotImplementedError(
@@ -67,7 +67,7 @@ def check_tool_backend(args: OptimalSamplingArguments, uses_tools: bool) -> None
         )
 
 
-def check_teacher_given(teacher_model, args: OptimalSamplingArguments) -> None:
+def check_teacher_given(teacher_model, args: QStarSamplingArguments) -> None:
     if teacher_model is None and args.teacher_model_name_or_path is None:
         raise ValueError(
             "No teacher: pass `teacher_model=` (a causal LM or a path / Hub id) to the trainer, or set "

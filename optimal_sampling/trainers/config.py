@@ -177,7 +177,7 @@ class QStarSamplingArguments:
 
     def to_dict(self) -> dict[str, Any]:
         # A callable `teacher_prompt_fn` is logged (wandb, TensorBoard hparams) by its name.
-        d = super().to_dict()
+        d = super().to_dict()  # type: ignore[misc]  # TRL's config, this mixin's partner, has it
         fn = d.get("teacher_prompt_fn")
         if callable(fn):
             d["teacher_prompt_fn"] = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
@@ -265,7 +265,7 @@ class OptimalSamplingArguments(QStarSamplingArguments):
                 f"`importance_weight_cap` (={self.importance_weight_cap}) and `shaping_gamma` (={self.shaping_gamma}) "
                 "must be > 0."
             )
-        groups = self.num_generations
+        groups = self.num_generations  # type: ignore[attr-defined]  # a field of TRL's config
         if self.num_on_policy_generations is None:
             self.num_on_policy_generations = groups // 2
         check_consistent(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from transformers import PreTrainedModel
 from trl import DistillationTrainer
 
 from ._common import METRIC_PREFIX, OptimalSamplingMixin
@@ -79,7 +80,7 @@ class OptimalSamplingDistillationTrainer(ToolLoopMixin, OptimalSamplingMixin, Di
     def __init__(
         self,
         model,
-        teacher_model: torch.nn.Module | str | None = None,
+        teacher_model: PreTrainedModel | str | None = None,
         args: OptimalSamplingDistillationConfig | None = None,
         train_dataset=None,
         eval_dataset=None,
@@ -155,7 +156,9 @@ class OptimalSamplingDistillationTrainer(ToolLoopMixin, OptimalSamplingMixin, Di
         generated position of TRL's completion, the teacher state that predicts that token (0 at tool-result
         tokens and padding, which `tool_mask` and the completion mask keep out of the loss).
         """
-        turns, device, pad = self._turns, self.accelerator.device, self._tokenizer.pad_token_id
+        turns, device, pad = self._sampled_turns(), self.accelerator.device, self._tokenizer.pad_token_id
+        if turns.teacher_prompts is None:
+            raise RuntimeError("The batch was sampled without the teacher's prompts; they cannot enter the loss.")
         if not self.tools:
             ids, mask = left_pad(turns.teacher_prompts, pad, device)
             return {"teacher_prompt_ids": ids, "teacher_prompt_mask": mask}

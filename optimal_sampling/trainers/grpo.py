@@ -122,7 +122,7 @@ class OptimalSamplingGRPOTrainer(ToolLoopMixin, OptimalSamplingMixin, GRPOTraine
         # TRL's ratio is then replaced by the q* weights (`_reweight`).
         self.use_vllm = True
         self.vllm_mode = "server"  # never "colocate": the tool loop would query an engine's max length
-        self.vllm_generation = _NoVLLMEngine()
+        self.vllm_generation = _NoVLLMEngine()  # type: ignore[assignment]  # a stand-in that raises on any use
         self._last_loaded_step = -1
         self.vllm_importance_sampling_mode = "token_truncate"
         self.vllm_importance_sampling_clip_max = float("inf")
@@ -197,7 +197,7 @@ class OptimalSamplingGRPOTrainer(ToolLoopMixin, OptimalSamplingMixin, GRPOTraine
         on_policy_all, seq_log_ratio_all, log_mixture_weight = self._gather_group_inputs(
             on_policy, seq_log_ratio, log_ratio_star
         )
-        rewards = self._rollout_rewards.to(device)
+        rewards = self._batch_rewards(device)
         if args.advantage_baseline != "group":
             advantages = grpo_advantages(
                 rewards,

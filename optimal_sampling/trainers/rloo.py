@@ -90,7 +90,7 @@ class OptimalSamplingRLOOTrainer(OptimalSamplingMixin, RLOOTrainer):
         on_policy_all, seq_log_ratio_all, log_mixture_weight = self._gather_group_inputs(
             on_policy, seq_log_ratio, log_ratio_star
         )
-        rewards = self._rollout_rewards.to(device)
+        rewards = self._batch_rewards(device)
         n, rank = completion_mask.shape[0], self.accelerator.process_index
         advantages = recentre_advantages(
             self.accelerator.gather(output["advantages"]),

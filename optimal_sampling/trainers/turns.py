@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ._host import TrainerHost
 from .rollout import Rollouts
 
 #: The per-token fields of `Rollouts` that `RolloutTurns.padded` lays out over a completion.
@@ -119,7 +120,7 @@ class RolloutTurns:
     def tool_messages(self, row: int) -> list[dict[str, Any]]:
         """The tool-result messages TRL appended to `row` since its last turn."""
         messages = self._loop[2][row]  # type: ignore[index]
-        tail = []
+        tail: list[dict[str, Any]] = []
         for message in reversed(messages[self._seen[row] :]):
             if message.get("role") != "tool":
                 break
@@ -147,7 +148,7 @@ class RolloutTurns:
         """
         if self.teacher_prompts is None:
             raise RuntimeError("The teacher reads the policy's ids: it has no conversation of its own.")
-        ids, at = list(self.teacher_prompts[row]), []
+        ids, at = list(self.teacher_prompts[row]), list[int]()
         for turn in self.turns[row]:
             tokens = turn.tokens()
             ids += turn.teacher_prefix
@@ -240,7 +241,7 @@ def tool_result_ids(tokenizer, tool_messages: list[dict[str, Any]], **template_k
     return after[len(before) :]
 
 
-class ToolLoopMixin:
+class ToolLoopMixin(TrainerHost):
     """Samples TRL's tool-loop continuations by each row's rule (see the module docstring).
 
     For a TRL trainer whose `_tool_call_loop(prompts, prompt_ids, completion_ids, completions, ...)`

@@ -17,12 +17,13 @@ import torch
 from optimal_sampling.records import RECORDED_DIAGNOSTICS
 from optimal_sampling.topk_decoding import topk_config_fields
 
+from ._host import TrainerHost
 from .rollout import Rollouts
 
 METRIC_PREFIX = "optimal_sampling/"
 
 
-class VLLMRolloutsMixin:
+class VLLMRolloutsMixin(TrainerHost):
     """The vLLM half of `OptimalSamplingMixin` (see `optimal_sampling.trainers._common`)."""
 
     def _sample_vllm(self, prompt_ids, teacher_prompt_ids, on_policy: torch.Tensor) -> Rollouts:
