@@ -28,6 +28,7 @@ if importlib.util.find_spec("vllm") is None:
         "tests/test_engines_cli.py",
         "tests/test_engines_pipeline.py",
         "tests/test_engines_trainer.py",
+        "tests/test_vllm_weight_transfer.py",
     ]
 else:
     collect_ignore += ["tests/test_vllm_venv.py"]
