@@ -70,7 +70,7 @@ def _tensor_parallel_rank() -> int:
 class DrivenRows:
     """A processor's connections to the coordinator(s) and the per-step exchange."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.links: dict[str, WorkerLink] = {}
 
     def _link(self, channel: str) -> WorkerLink:

@@ -35,7 +35,7 @@ class DrivenDecodeLogitsProcessorV2(LogitsProcessor):
     def validate_params(cls, sampling_params) -> None:
         validate_driven_spec(sampling_params)
 
-    def __init__(self, vllm_config, req_states):
+    def __init__(self, vllm_config, req_states) -> None:
         self.req_states = req_states  # read-only: prompt_len per slot
         self.specs: dict[int, dict] = {}  # slot → driven-decode arguments
         self.driven = DrivenRows()
