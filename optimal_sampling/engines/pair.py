@@ -30,9 +30,8 @@ from .protocol import (
     unpack_step,
     unpack_step_header,
 )
-from .runner import V1_PROCESSOR, check_vllm_version, installed_vllm_version, processor_for
+from .runner import check_vllm_version, installed_vllm_version, processor_for
 
-PROCESSOR_FQCN = V1_PROCESSOR  # the V1 model runner's; `runner.processor_for` picks per engine
 # While waiting for an engine (a step, a pause, an abort), check this often that the pair's
 # engine processes still run: a killed EngineCore leaves its workers (and their sockets) behind.
 LIVENESS_POLL = 0.25
@@ -53,10 +52,35 @@ def _require_vllm():
     check_vllm_version(installed_vllm_version())
 
 
+# What `accelerate launch` / torchrun tell a training process about its process group. An engine's
+# processes form their own group: inheriting these would make them read the trainer's rank and size.
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_USE_AGENT_STORE",
+)
+
+
 @contextlib.contextmanager
 def _environment(env: dict[str, str]):
-    """Set `env` while an engine starts: its processes inherit the environment at spawn."""
-    saved = {name: os.environ.get(name) for name in env}
+    """Set `env` (and hide the launcher's process-group variables) while an engine starts: its
+    processes inherit the environment at spawn."""
+    hidden = [name for name in LAUNCHER_VARIABLES if name in os.environ and name not in env]
+    saved = {name: os.environ.get(name) for name in (*env, *hidden)}
+    for name in hidden:
+        del os.environ[name]
     os.environ.update({name: str(value) for name, value in env.items()})
     try:
         yield
