@@ -191,8 +191,8 @@ class FakeCoordinator:
         return data
 
     def _serve(self) -> None:
-        connection, _ = self.server.accept()
-        with contextlib.suppress(ConnectionError, OSError):
+        with contextlib.suppress(ConnectionError, OSError):  # (closed by the test, connected or not)
+            connection, _ = self.server.accept()
             unpack_hello(self._read(connection, HELLO_SIZE))
             while True:
                 rank, n, k, size = unpack_step_header(self._read(connection, STEP_HEADER_SIZE))
