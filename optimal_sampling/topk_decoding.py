@@ -243,13 +243,15 @@ def sample_step(step: StepDistribution, u_column: np.ndarray, u_rest: np.ndarray
 
 @contextlib.contextmanager
 def one_torch_thread():
-    """Run the step's maths on one thread: the tensors are tiny (`[B, ~2k]`), and on a busy
-    machine intra-op threads that wait for each other made a logsumexp 30x slower (7 ms)."""
+    """Run the step's maths on one thread and in inference mode: the tensors are tiny (`[B, ~2k]`);
+    on a busy machine intra-op threads that wait for each other made a logsumexp 30x slower (7 ms),
+    and autograd's bookkeeping was ~30% of the step's many small ops (nothing here is differentiated)."""
     threads = torch.get_num_threads()
     if threads > 1:
         torch.set_num_threads(1)
     try:
-        yield
+        with torch.inference_mode():
+            yield
     finally:
         if threads > 1:
             torch.set_num_threads(threads)

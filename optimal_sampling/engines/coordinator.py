@@ -41,6 +41,7 @@ from ..topk_decoding import (
     check_generate_arguments,
     declared_eos_ids,
     make_sequences,
+    one_torch_thread,
     sequence_output,
 )
 from .config import DrivenDecodeConfig, VLLMEngineSpec
@@ -458,10 +459,13 @@ class InProcessVLLMCoordinator:
             return
         started = time.perf_counter()
         lists = {}
-        for role in ROLES:
-            ids, logp, dropped = canonical_top_k(*_gather([s.topk[role] for s in ready]), call.top_k, self.vocab_size)
-            self._stats["dropped_entries"] += dropped
-            lists[role] = (ids, logp)
+        with one_torch_thread():
+            for role in ROLES:
+                ids, logp, dropped = canonical_top_k(
+                    *_gather([s.topk[role] for s in ready]), call.top_k, self.vocab_size
+                )
+                self._stats["dropped_entries"] += dropped
+                lists[role] = (ids, logp)
         if call.captured is not None:
             for j, s in enumerate(ready):
                 call.captured.setdefault(s.index, tuple(x[j : j + 1] for role in ROLES for x in lists[role]))
