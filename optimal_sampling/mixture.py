@@ -288,7 +288,10 @@ def compute_mixture(
     q_star = QStarOptions.build(q_star, **options)
     if validate:
         check_log_prob_pair(logp_theta, logp_t)
-    kl_symmetry = q_star.alpha_method == "kl_symmetry" and log_multiplicity is None
+    # Column multiplicities leave the KL-symmetric α as it is (they enter the entropy only), so the
+    # kernels take the sparse path's columns too; a nucleus over columns that stand for many
+    # tokens is the torch path's (and the top-k step refuses it).
+    kl_symmetry = q_star.alpha_method == "kl_symmetry" and (log_multiplicity is None or q_star.teacher_top_p is None)
     backend = solver_backend(logp_theta) if kl_symmetry else "torch"
     if backend == "c":  # float32 CPU rows: the whole step in C (optimal_sampling/cpu_kernel.py), two calls
         lp, lr = restrict_to_nucleus(logp_theta, logp_t, q_star.teacher_top_p)
@@ -296,7 +299,9 @@ def compute_mixture(
             backend, lp, lr, q_star.tol, q_star.max_iter, q_star.empty_support, q_star.alpha_min, q_star.alpha_max
         )
         solution = force_teacher(solution, forced, q_star)
-        logq_full, moments = mixture_cpu(lp, lr, solution.alpha, empty_support=q_star.empty_support)
+        logq_full, moments = mixture_cpu(
+            lp, lr, solution.alpha, log_multiplicity=log_multiplicity, empty_support=q_star.empty_support
+        )
         diagnostics = None
         if return_diagnostics:
             log_partition, mean_delta, entropy_q, ess_gap = moments.unbind(-1)

@@ -86,6 +86,27 @@ class SyncSampler:
             )
         )
 
+    def next_token_distribution(
+        self,
+        base_prefixes,
+        teacher_prefixes=None,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        return_diagnostics: bool = True,
+    ):
+        """q* for the next token after each prefix (token ids), without sampling: one step
+        (the coordinator's `next_token_distribution`; a `StepDistribution`)."""
+        return self._run(
+            self.coordinator.next_token_distribution(
+                base_prefixes,
+                teacher_prefixes,
+                temperature=temperature,
+                top_k=top_k,
+                return_diagnostics=return_diagnostics,
+            )
+        )
+
     def load_base_weights(self, weights_path=None, *, named_tensors=None, version: int | None = None, **options) -> int:
         """Load new policy weights into the base engine or server and return the new weight
         version (the coordinator's `load_base_weights`: a checkpoint directory, or

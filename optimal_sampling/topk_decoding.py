@@ -142,12 +142,15 @@ def _solve(
     forced: torch.Tensor | None = None,
 ) -> Mixture:
     pick = (lambda x: x) if rows is None else (lambda x: x[rows])  # noqa: E731
+    # The KL-symmetric solve in float32, so that CPU rows take the C step (rest bucket included);
+    # the fixed α = 0 of on-policy rows stays in the lists' float64 (log q = log π_θ exactly).
+    cast = (lambda x: x.float()) if q_star.alpha_method == "kl_symmetry" else (lambda x: x)  # noqa: E731
     return compute_mixture(
-        pick(candidates.logp_theta),
-        pick(candidates.logp_t),
+        cast(pick(candidates.logp_theta)),
+        cast(pick(candidates.logp_t)),
         q_star,
         forced=None if forced is None else pick(forced),
-        log_multiplicity=pick(candidates.log_multiplicity),
+        log_multiplicity=cast(pick(candidates.log_multiplicity)),
         return_diagnostics=return_diagnostics,
         validate=False,
     )
@@ -165,8 +168,9 @@ def _merge_rows(mask: torch.Tensor, where_true, where_false):
                 for f in fields(where_true)
             },
         )
-    out = where_false.new_empty((mask.shape[0], *where_false.shape[1:]))
-    out[mask], out[~mask] = where_true, where_false
+    dtype = torch.promote_types(where_true.dtype, where_false.dtype)
+    out = where_false.new_empty((mask.shape[0], *where_false.shape[1:]), dtype=dtype)
+    out[mask], out[~mask] = where_true.to(dtype), where_false.to(dtype)
     return out
 
 
@@ -239,13 +243,15 @@ def sample_step(step: StepDistribution, u_column: np.ndarray, u_rest: np.ndarray
 
 @contextlib.contextmanager
 def one_torch_thread():
-    """Run the step's maths on one thread: the tensors are tiny (`[B, ~2k]`), and on a busy
-    machine intra-op threads that wait for each other made a logsumexp 30x slower (7 ms)."""
+    """Run the step's maths on one thread and in inference mode: the tensors are tiny (`[B, ~2k]`);
+    on a busy machine intra-op threads that wait for each other made a logsumexp 30x slower (7 ms),
+    and autograd's bookkeeping was ~30% of the step's many small ops (nothing here is differentiated)."""
     threads = torch.get_num_threads()
     if threads > 1:
         torch.set_num_threads(1)
     try:
-        yield
+        with torch.inference_mode():
+            yield
     finally:
         if threads > 1:
             torch.set_num_threads(threads)

@@ -14,14 +14,8 @@ import shutil
 import tempfile
 
 
-@contextlib.contextmanager
-def checkpoint_of(named_tensors, directory: str | os.PathLike | None = None):
-    """A temporary directory holding `named_tensors` (`(name, tensor)` pairs in the model's
-    checkpoint naming, e.g. `model.state_dict().items()`) as one safetensors file.
-
-    It is made under `directory` if given (a server on another mount must be able to read it),
-    else in /dev/shm where there is one, and removed on exit.
-    """
+def write_safetensors(named_tensors, path: str) -> None:
+    """`(name, tensor)` pairs as one safetensors file (tied weights written once per name, as copies)."""
     from safetensors.torch import save_file
 
     tensors, seen = {}, set()
@@ -31,11 +25,22 @@ def checkpoint_of(named_tensors, directory: str | os.PathLike | None = None):
             tensor = tensor.clone()
         seen.add(tensor.data_ptr())
         tensors[name] = tensor
+    save_file(tensors, path)
+
+
+@contextlib.contextmanager
+def checkpoint_of(named_tensors, directory: str | os.PathLike | None = None):
+    """A temporary directory holding `named_tensors` (`(name, tensor)` pairs in the model's
+    checkpoint naming, e.g. `model.state_dict().items()`) as one safetensors file.
+
+    It is made under `directory` if given (a server on another mount must be able to read it),
+    else in /dev/shm where there is one, and removed on exit.
+    """
     if directory is None and os.path.isdir("/dev/shm"):
         directory = "/dev/shm"
     path = tempfile.mkdtemp(prefix="optimal-sampling-weights-", dir=directory)
     try:
-        save_file(tensors, os.path.join(path, "model.safetensors"))
+        write_safetensors(named_tensors, os.path.join(path, "model.safetensors"))
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)

@@ -103,6 +103,54 @@ def test_float32_cpu_rows_take_the_c_step_and_the_rest_the_torch_ops(monkeypatch
     assert len(calls) == 2
 
 
+def _top_k_step_lists(seed: int, rows: int = 16, vocab: int = 300, k: int = 12):
+    """Two models' top-k lists (float64, as both vLLM backends hold them) of random rows."""
+    generator = torch.Generator().manual_seed(seed)
+    p = torch.log_softmax(torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 2, -1)
+    r = torch.log_softmax(torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 2, -1)
+    (lp, ip), (lr, ir) = p.topk(k), r.topk(k)
+    return ip, lp, ir, lr, vocab
+
+
+def test_the_rest_buckets_multiplicity_enters_the_c_steps_entropy_as_the_torch_paths():
+    """A column that stands for m tokens adds q·log m to H(q) and changes nothing else."""
+    from optimal_sampling.mixture import compute_mixture
+    from optimal_sampling.sparse import sparse_candidates
+
+    ids_theta, lp_theta, ids_t, lp_t, vocab = _top_k_step_lists(seed=3)
+    c = sparse_candidates(ids_theta, lp_theta, ids_t, lp_t, vocab)
+    lp, lr, lm = c.logp_theta.float(), c.logp_t.float(), c.log_multiplicity.float()
+    assert bool((lm[:, -1] > 0).all()) and bool(torch.isinf(lm[:, :-1]).any())  # a bucket, and empty columns
+    alpha = cpu_kernel.kl_symmetry_cpu(lp, lr, 1e-6, 20)[0]
+    logq, moments = cpu_kernel.mixture_cpu(lp, lr, alpha, log_multiplicity=lm)
+    plain_logq, plain = cpu_kernel.mixture_cpu(lp, lr, alpha)
+    assert torch.equal(logq, plain_logq) and torch.equal(moments[:, [0, 1, 3]], plain[:, [0, 1, 3]])
+    q = logq.double().exp()
+    expected_entropy = -(q * torch.where(q > 0, logq.double() - lm.double(), 0.0)).sum(-1)
+    torch.testing.assert_close(moments[:, 2], expected_entropy, atol=1e-5, rtol=0)
+    assert bool((moments[:, 2] > plain[:, 2] + 1e-3).all())  # the bucket's tokens spread its mass
+    torch_step = compute_mixture(c.logp_theta, c.logp_t, log_multiplicity=c.log_multiplicity)  # float64: torch ops
+    c_step = compute_mixture(lp, lr, log_multiplicity=lm)
+    torch.testing.assert_close(c_step.alpha.double(), torch_step.alpha.double(), atol=1e-6, rtol=0)
+    for name, value in torch_step.diagnostics.as_dict().items():
+        torch.testing.assert_close(getattr(c_step.diagnostics, name), value, atol=1e-4, rtol=0, msg=name)
+
+
+def test_the_top_k_step_of_both_vllm_backends_runs_in_c(monkeypatch):
+    import optimal_sampling.mixture as mixture_module
+    from optimal_sampling.options import QStarOptions
+    from optimal_sampling.topk_decoding import mix_top_k
+
+    calls = []
+    for module, name in ((cpu_kernel, "kl_symmetry_cpu"), (mixture_module, "mixture_cpu")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    ids_theta, lp_theta, ids_t, lp_t, vocab = _top_k_step_lists(seed=5)
+    step = mix_top_k(ids_theta, lp_theta, ids_t, lp_t, vocab_size=vocab, q_star=QStarOptions())
+    assert calls == ["kl_symmetry_cpu", "mixture_cpu"]
+    assert bool(step.mixture.diagnostics.kl_diff.abs().max() < 1e-4)  # still the KL-symmetric point
+
+
 def test_the_library_is_built_into_the_cache_directory_once(fresh_build):
     lib = cpu_kernel.library()
     assert lib is not None

@@ -37,3 +37,17 @@ def test_two_step_grpo_through_in_process_engines_loads_each_steps_weights(tmp_p
     finally:
         trainer.close_sampler()
     assert trainer._vllm_sampler is None
+
+
+def test_two_processes_each_run_their_own_engine_pair_and_load_their_own_weights(tmp_path):
+    """Colocate-style (TRL's colocate mode): every rank starts a base and a teacher engine, samples its own
+    rows from them, and reloads its (DDP-identical) policy weights into its own base engine."""
+    from test_trainers_vllm import launch_two_ranks
+
+    first, second = launch_two_ranks(tmp_path, "vllm-inprocess", timeout=1200)
+    pids = [set(r["engine_pids"]["base"] + r["engine_pids"]["teacher"]) for r in (first, second)]
+    assert len(pids[0]) == len(pids[1]) == 2 and not pids[0] & pids[1]  # two engines per rank, none shared
+    for record in (first, second):
+        assert record["weight_loads"] == 1  # started from step 0's weights, reloaded after step 1
+        assert record["logged_versions"] == [0.0, 1.0]
+        assert record["gap_to_step_1"] < 1e-4 < 1e-3 < record["gap_to_step_2"]

@@ -158,7 +158,7 @@ def test_small_top_k_covered_mass_and_error_follow_the_theory(servers, exact):
         previous = c.covered_theta
 
         # q̂ as a distribution over the vocabulary: candidates at their column, the bucket spread over R.
-        q_cols = step.mixture.logq.exp()
+        q_cols = step.mixture.logq.double().exp()
         q_hat = torch.zeros_like(p)
         for row in range(len(prefixes)):
             listed = c.token_ids[row] >= 0

@@ -207,3 +207,76 @@ def test_vllm_backends_refuse_what_they_cannot_record(tmp_path):
         OptimalSamplingGRPOConfig(
             **{**common, "sampler_backend": "transformers"}, sampler_engine_args=["dtype=float32"]
         )
+
+
+# -- several processes -----------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def launch_two_ranks(out: Path, backend: str, *urls: str, python: str = sys.executable, timeout: int = 900) -> list:
+    """`tests/vllm_ranks.py` under `accelerate launch` with two CPU processes; each rank's record."""
+    import json
+    import os
+    import subprocess
+
+    command = [
+        python,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "recipes/accelerate/multi_cpu.yaml"),
+        str(REPO / "tests/vllm_ranks.py"),
+        str(out),
+        backend,
+        *urls,
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    env.update(TORCHDYNAMO_DISABLE="1", VLLM_HOST_IP="127.0.0.1")  # (the engines' processes inherit them)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-6000:]
+    records = [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["num_processes"] for r in records] == [2, 2]
+    prompts = [{tuple(p) for call in r["sampled"] for p in call["prompts"]} for r in records]
+    assert prompts[0] != prompts[1]  # each rank sampled its own slice of the batch
+    return records
+
+
+def test_two_processes_sample_from_shared_servers_and_the_main_one_loads_the_weights(servers, tmp_path):
+    urls = servers["OPTIMAL_SAMPLING_THETA_URL"], servers["OPTIMAL_SAMPLING_T_URL"]
+    try:
+        first, second = launch_two_ranks(tmp_path, "vllm", *urls)
+        # One coordinator per rank on the same servers: the main process loads each step's weights, once ...
+        assert (first["weight_loads"], second["weight_loads"]) == (2, 0)
+        # ... and every rank sampled each rollout from the policy of its step, and knows it.
+        for record in (first, second):
+            assert record["logged_versions"] == [0.0, 1.0] and record["weight_version"] == 1
+            assert record["gap_to_step_1"] < 1e-4 < 1e-3 < record["gap_to_step_2"]
+    finally:  # the other server tests need the original base weights back
+
+        async def restore():
+            from optimal_sampling.servers import CoordinatorConfig, DualVLLMCoordinator
+
+            config = dict(theta_url=urls[0], t_url=urls[1], top_k=16, theta_tokenizer=str(TOY / "base"))
+            async with DualVLLMCoordinator(
+                CoordinatorConfig(**config, t_tokenizer=str(TOY / "teacher"))
+            ) as coordinator:
+                await coordinator.load_base_weights(str(TOY / "base"))
+
+        asyncio.run(restore())
+
+
+def test_each_rank_draws_its_own_randomness():
+    """Rows of one prompt group may sit on two ranks: the same seed there would give them the same draws."""
+    from types import SimpleNamespace
+
+    from trainers.vllm_rollouts import VLLMRolloutsMixin
+
+    def seed(rank: int, calls: int = 3) -> int:
+        trainer = SimpleNamespace(args=SimpleNamespace(seed=11), _vllm_calls=calls)
+        trainer.accelerator = SimpleNamespace(process_index=rank)
+        return VLLMRolloutsMixin._rollout_seed(trainer)
+
+    assert len({seed(0), seed(1), seed(2), seed(0, calls=4)}) == 4
+    assert seed(1) == seed(1)

@@ -361,15 +361,19 @@ void kl_symmetry_rows(const float *lp, const float *lr, int64_t stride_lp, int64
  * The mixture at a given α: log q_α and the four per-row quantities its diagnostics come
  * from (mixture.diagnostics_from_moments): with t = log p + αΔ on the common support S,
  *
- *   A(α) = log Σ_S e^t,   E_q[Δ],   H(q) = A − E_q[t],   A(−α) − A(2 − α)  (ess_log_gap).
+ *   A(α) = log Σ_S e^t,   E_q[Δ],   H(q) = A − E_q[t] + E_q[log m],   A(−α) − A(2 − α)  (ess_log_gap).
  *
+ * m is a column's multiplicity: how many vocabulary tokens it stands for (the top-k path's
+ * rest bucket, `lm` = log m; NULL: every column is one token). A bucket of m tokens of equal
+ * probability has the column's log-probs minus log m each, which leaves A, E_q[Δ], the KLs and
+ * the ESS gap as they are computed over columns and adds E_q[log m] to the entropy only.
  * Three passes per row: the row maxima of the three exponents, the sums (three exps per
  * token), then log q = t − A written out. A row without a common token gets the fallback
  * row as its log q (its entropy, E_q[Δ] = 0, A = −inf, a NaN ESS gap), as
  * mixture.mixture_on_support does. A NaN input gives NaN in log q. */
 typedef struct {
-    const float *lp, *lr, *alpha;
-    int64_t stride_lp, stride_lr, stride_out, width;
+    const float *lp, *lr, *alpha, *lm;
+    int64_t stride_lp, stride_lr, stride_lm, stride_out, width;
     int32_t fallback_teacher;
     float *logq;
     double *moments; /* [B, 4]: A, E_q[Δ], H(q), A(−α) − A(2 − α) */
@@ -377,6 +381,7 @@ typedef struct {
 
 static void mixture_row(const MixCall *call, int64_t row) {
     const float *lp = call->lp + row * call->stride_lp, *lr = call->lr + row * call->stride_lr;
+    const float *lm = call->lm ? call->lm + row * call->stride_lm : NULL;
     float *out = call->logq + row * call->stride_out;
     double *moments = call->moments + 4 * row;
     int64_t width = call->width;
@@ -398,7 +403,7 @@ static void mixture_row(const MixCall *call, int64_t row) {
         for (int64_t i = 0; i < width; i++) {
             out[i] = fallback[i];
             if (fallback[i] > -INFINITY)
-                entropy -= exp((double)fallback[i]) * fallback[i];
+                entropy -= exp((double)fallback[i]) * (fallback[i] - (lm ? lm[i] : 0.0f));
         }
         moments[0] = -INFINITY;
         moments[1] = 0.0;
@@ -406,10 +411,10 @@ static void mixture_row(const MixCall *call, int64_t row) {
         moments[3] = NAN;
         return;
     }
-    double z = 0, z_delta = 0, z_t = 0, z_minus = 0, z_plus = 0;
+    double z = 0, z_delta = 0, z_t = 0, z_m = 0, z_minus = 0, z_plus = 0;
     for (int64_t chunk = 0; chunk < width; chunk += CHUNK) {
         int64_t end = chunk + CHUNK < width ? chunk + CHUNK : width;
-        vf s = {0}, s_delta = {0}, s_t = {0}, s_minus = {0}, s_plus = {0};
+        vf s = {0}, s_delta = {0}, s_t = {0}, s_m = {0}, s_minus = {0}, s_plus = {0};
         for (int64_t start = chunk; start < end; start += W) {
             Block b = block_at(lp, lr, start, width);
             vf t = select(b.common, (b.p + a * b.delta) - top, splat(-INFINITY)); /* ≤ 0 */
@@ -417,12 +422,18 @@ static void mixture_row(const MixCall *call, int64_t row) {
             s += w;
             s_delta += w * b.delta;
             s_t += select(b.common, w * t, splat(0.0f)); /* 0 · (−inf) off the support */
+            if (lm) { /* an empty column's log m is −inf: it is off the support */
+                vf m, unused;
+                load(lm, lm, start, width, &m, &unused);
+                s_m += select(b.common, w * m, splat(0.0f));
+            }
             s_minus += exp_below(select(b.common, (b.p + a_minus * b.delta) - top_minus, splat(-INFINITY)));
             s_plus += exp_below(select(b.common, (b.p + a_plus * b.delta) - top_plus, splat(-INFINITY)));
         }
         z += hsum(s);
         z_delta += hsum(s_delta);
         z_t += hsum(s_t);
+        z_m += hsum(s_m);
         z_minus += hsum(s_minus);
         z_plus += hsum(s_plus);
     }
@@ -442,17 +453,18 @@ static void mixture_row(const MixCall *call, int64_t row) {
     }
     moments[0] = top + log_z;
     moments[1] = z_delta / z;
-    moments[2] = log_z - z_t / z;
+    moments[2] = log_z - z_t / z + z_m / z;
     moments[3] = (top_minus + log(z_minus)) - (top_plus + log(z_plus));
 }
 
 static void mixture_row_fn(const void *call, int64_t row) { mixture_row((const MixCall *)call, row); }
 
 /* log q_α `[B, V]` (rows `stride_out` apart) and the moments `[B, 4]` of `batch` rows at
- * the given α per row. */
+ * the given α per row; `lm` (rows `stride_lm` apart) is each column's log multiplicity, or NULL. */
 void mixture_rows(const float *lp, const float *lr, int64_t stride_lp, int64_t stride_lr, int64_t batch, int64_t width,
-                  const float *alpha, int32_t fallback_teacher, float *logq, int64_t stride_out, double *moments,
-                  int32_t threads) {
-    MixCall call = {lp, lr, alpha, stride_lp, stride_lr, stride_out, width, fallback_teacher, logq, moments};
+                  const float *alpha, const float *lm, int64_t stride_lm, int32_t fallback_teacher, float *logq,
+                  int64_t stride_out, double *moments, int32_t threads) {
+    MixCall call = {lp, lr, alpha, lm, stride_lp, stride_lr, stride_lm, stride_out, width, fallback_teacher, logq,
+                    moments};
     run_rows(mixture_row_fn, &call, batch, threads);
 }

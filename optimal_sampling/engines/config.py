@@ -181,6 +181,14 @@ class DrivenDecodeConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "Sampling seed; draws depend only on (seed, prompt index, step)."})
+    weight_sync: str = field(
+        default="reload",
+        metadata={
+            "help": "How `load_base_weights` loads new policy weights into the base engine(s): 'reload' (from a "
+            "temporary checkpoint in shared memory; CPU and GPU) or 'ipc' (vLLM's CUDA IPC weight transfer of the "
+            "trainer's GPU tensors, for engines colocated with the trainer on its GPU; unverified, see README)."
+        },
+    )
     step_timeout: float = field(
         default=600.0,
         metadata={
@@ -202,6 +210,8 @@ class DrivenDecodeConfig:
                 f"`pipeline_groups` (={self.pipeline_groups}) cannot exceed `max_concurrency` "
                 f"(={self.max_concurrency}): each group needs at least one sequence."
             )
+        if self.weight_sync not in ("reload", "ipc"):
+            raise ValueError(f"`weight_sync` ({self.weight_sync!r}) must be 'reload' or 'ipc'.")
         if not self.step_timeout > 0:
             raise ValueError(f"`step_timeout` (={self.step_timeout}) must be > 0 seconds.")
         self.q_star  # noqa: B018 (QStarOptions validates the q* fields, as for every front)

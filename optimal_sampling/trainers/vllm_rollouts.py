@@ -3,6 +3,13 @@
 `VLLMRolloutsMixin` starts the sampler at the first rollout, loads the policy's weights into the
 base model before each rollout after an optimizer step (a stale sampler is an error), and turns
 the sampler's outputs into `Rollouts`.
+
+Under `accelerate launch` with several processes every rank samples its own rows (the slice of
+the batch TRL gives it), with draws seeded by its rank too. With `"vllm-inprocess"` each rank runs
+its own engine pair, as TRL's colocate mode does: on the rank's GPU, or on its own CPU cores, and
+loads its own (identical) policy weights into it. With `"vllm"` each rank has its own coordinator
+on the shared servers; the main process alone loads the weights, between two barriers, so that no
+rank samples while the base server changes and every rank then knows the new version.
 """
 
 from __future__ import annotations
@@ -31,8 +38,7 @@ class VLLMRolloutsMixin(TrainerHost):
         sampler = self._vllm_sampler or self._start_vllm_sampler()
         step = self.state.global_step
         if sampler.weight_version != step:  # an optimizer step since the last rollout (or a fresh server)
-            policy = self.accelerator.unwrap_model(self.model)
-            sampler.load_base_weights(named_tensors=policy.state_dict().items(), version=step)
+            self._load_policy_weights(sampler, step)
         if sampler.weight_version != step:
             raise RuntimeError(
                 f"The vLLM sampler holds the policy weights of step {sampler.weight_version}, not of "
@@ -47,7 +53,7 @@ class VLLMRolloutsMixin(TrainerHost):
             teacher_prompts=teacher_prompt_ids,
             max_new_tokens=max_new_tokens,
             temperature=self.temperature,
-            seed=(self.args.seed * 1_000_003 + self._vllm_calls) % 2**63,  # fresh draws for every batch
+            seed=self._rollout_seed(),
             on_policy=on_policy.tolist(),
             stop_token_ids=stop_ids,
             return_diagnostics=True,
@@ -55,6 +61,23 @@ class VLLMRolloutsMixin(TrainerHost):
         mode = "train" if self.model.training else "eval"
         self._metrics[mode][METRIC_PREFIX + "weight_version"].append(float(sampler.weight_version))
         return rollouts_from_outputs(outputs, on_policy)
+
+    def _rollout_seed(self) -> int:
+        """Fresh draws for every batch and every rank: a draw depends on (seed, row of the call, step),
+        and the ranks' rows of one prompt group must not share their randomness."""
+        call = self.args.seed * 1_000_003 + self._vllm_calls
+        return (call * 65_537 + self.accelerator.process_index) % 2**63
+
+    def _load_policy_weights(self, sampler, step: int) -> None:
+        shared_servers = self.args.sampler_backend == "vllm" and self.accelerator.num_processes > 1
+        if shared_servers:
+            self.accelerator.wait_for_everyone()  # every rank is done sampling from the old weights
+        if not shared_servers or self.accelerator.is_main_process:
+            policy = self.accelerator.unwrap_model(self.model)
+            sampler.load_base_weights(named_tensors=policy.state_dict().items(), version=step)
+        if shared_servers:
+            self.accelerator.wait_for_everyone()  # the main process has loaded them into the base server
+            sampler.coordinator.weight_version = step
 
     def _start_vllm_sampler(self):
         args = self.args
@@ -79,23 +102,40 @@ class VLLMRolloutsMixin(TrainerHost):
                 "base": self._saved_model(self.accelerator.unwrap_model(self.model), self._tokenizer),
                 "teacher": self._teacher_location(),
             }
-            specs = {
-                role: VLLMEngineSpec(
-                    location, **engine_arguments(args.sampler_engine_args or [], role, default_cpu=True)
-                )
-                for role, location in locations.items()
-            }
+            rank = self.accelerator.local_process_index  # this machine's rank-th engine pair
+            specs = {}
+            for role, location in locations.items():
+                fields = engine_arguments(args.sampler_engine_args or [], role, default_cpu=True, rank=rank)
+                fields["env"] = {**self._engine_device_env(), **fields.get("env", {})}
+                specs[role] = VLLMEngineSpec(location, **fields)
             sampler = InProcessVLLMSampler(specs["base"], specs["teacher"], temperature=self.temperature, **alpha)
             sampler.coordinator.weight_version = self.state.global_step
         self._vllm_sampler = sampler
         atexit.register(self.close_sampler)
         return sampler
 
+    def _engine_device_env(self) -> dict[str, str]:
+        """The rank's own GPU for its engines (as TRL's colocate mode), where several ranks share a machine:
+        an engine sees only `CUDA_VISIBLE_DEVICES`' entry of the rank's device (set `env` in
+        `sampler_engine_args` to choose otherwise)."""
+        device = self.accelerator.device
+        if device.type != "cuda" or self.accelerator.num_processes == 1:
+            return {}
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return {"CUDA_VISIBLE_DEVICES": visible.split(",")[index] if visible else str(index)}
+
     def _saved_model(self, model, tokenizer) -> str:
-        """A temporary directory holding `model` and `tokenizer` as `save_pretrained` writes them."""
+        """A temporary directory holding `model` (config and weights) and `tokenizer`, written by every rank:
+        `save_pretrained` writes the weights on global rank 0 only, and each rank's engines need a copy."""
+        from optimal_sampling.weights import write_safetensors
+
         directory = tempfile.mkdtemp(prefix="optimal-sampling-engine-")
         self._engine_dirs.append(directory)
-        model.save_pretrained(directory)
+        model.config.save_pretrained(directory)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(directory)
+        write_safetensors(model.state_dict().items(), os.path.join(directory, "model.safetensors"))
         tokenizer.save_pretrained(directory)
         return directory
 
