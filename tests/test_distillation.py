@@ -100,8 +100,8 @@ def test_changed_distillation_seam_fails_loudly(monkeypatch):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(alpha_method="fixed", alpha=0.0), dict(alpha_method="kl_symmetry", alpha_max=0.0)],
-    ids=["alpha=0", "alpha_max=0"],
+    [dict(), dict(alpha_method="fixed", alpha=0.0), dict(alpha_method="kl_symmetry", alpha_max=0.0)],
+    ids=["the default", "alpha=0", "alpha_max=0"],
 )
 def test_alpha_zero_reproduces_trls_distillation_trainer_exactly(overrides):
     vanilla = make_trainer(trainer_cls=DistillationTrainer, max_steps=3)

@@ -152,9 +152,10 @@ def test_pinned_trl_range_matches_the_tested_range():
 
 def test_config_defaults_mix_on_policy_rows_and_refuse_trls_own_correction_fields():
     args = training_args(max_steps=1)
-    # the configuration the pre-registered toy experiment chose (recipes/PREREGISTRATION.md)
+    # the configuration the pre-registered toy experiments chose (recipes/PREREGISTRATION.md: half the group
+    # on-policy, no weights; recipes/PREREGISTRATION_TEACHER_PAYOFF.md: the q* rows sample the KL-symmetric blend)
     assert args.num_on_policy_generations == args.num_generations // 2
-    assert (args.alpha_method, args.alpha) == ("fixed", 1.0)
+    assert (args.alpha_method, args.alpha) == ("kl_symmetry", None)
     assert (args.importance_weighting, args.advantage_baseline) == ("none", "group")
     assert "teacher_prompt_template" in {f for f in inspect.signature(OptimalSamplingGRPOConfig).parameters}
     with pytest.raises(ValueError, match="set `importance_weighting` instead"):

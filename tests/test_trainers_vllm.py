@@ -271,7 +271,7 @@ def test_each_rank_draws_its_own_randomness():
     """Rows of one prompt group may sit on two ranks: the same seed there would give them the same draws."""
     from types import SimpleNamespace
 
-    from trainers.vllm_rollouts import VLLMRolloutsMixin
+    from optimal_sampling.trainers.vllm_rollouts import VLLMRolloutsMixin
 
     def seed(rank: int, calls: int = 3) -> int:
         trainer = SimpleNamespace(args=SimpleNamespace(seed=11), _vllm_calls=calls)

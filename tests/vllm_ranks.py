@@ -24,7 +24,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 def main(out: Path, backend: str, urls: list[str]) -> None:
     from test_trainers_vllm import PREFIXES, served_matches, train_two_steps
 
-    from trainers.vllm_rollouts import VLLMRolloutsMixin
+    from optimal_sampling.trainers.vllm_rollouts import VLLMRolloutsMixin
 
     sampled: list[dict] = []
     original = VLLMRolloutsMixin._sample_vllm

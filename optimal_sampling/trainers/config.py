@@ -200,19 +200,19 @@ class OptimalSamplingArguments(QStarSamplingArguments):
             for ablations).
     """
 
-    # The α rule's default (fixed α = 1: the off-policy rows are teacher samples), half the group
-    # on-policy, no weights and the group baseline are the configuration the pre-registered
-    # experiment of recipes/PREREGISTRATION.md chose; recipes/RESULTS.md has the numbers.
+    # The α rule's default (KL symmetry: the off-policy rows are q* rows) comes from the pre-registered
+    # teacher-payoff experiment (recipes/PREREGISTRATION_TEACHER_PAYOFF.md): 4 + 4 q* rows were non-inferior
+    # to 4 + 4 teacher rows in all four regimes and far better where the teacher writes in another style.
+    # Half the group on-policy, no weights and the group baseline come from the issue-13 experiment
+    # (recipes/PREREGISTRATION.md); recipes/RESULTS.md has both.
     alpha_method: str = q_star_field(
         "alpha_method",
-        default="fixed",
-        help=f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}. Default 'fixed' with alpha=1.0: the "
-        "off-policy rows are teacher samples (the configuration the toy experiment in recipes/RESULTS.md "
-        "chose); 'kl_symmetry' samples the KL-symmetric blend q*.",
+        help=f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}. Default 'kl_symmetry': the "
+        "off-policy rows sample the KL-symmetric blend q* (the rule the teacher-payoff experiment in "
+        "recipes/RESULTS.md chose); 'fixed' with alpha=1.0 samples plain teacher rows.",
     )
     alpha: float | None = q_star_field(
         "alpha",
-        default=1.0,
         help="The constant α for `alpha_method='fixed'` (0: sample π_θ, i.e. vanilla GRPO; 1: the teacher).",
     )
     num_on_policy_generations: int | None = field(
@@ -320,11 +320,11 @@ class OptimalSamplingGRPOConfig(OptimalSamplingArguments, GRPOConfig):
         >>> args = OptimalSamplingGRPOConfig(output_dir="/tmp/os-grpo", num_generations=8,
         ...                                  teacher_prompt_template="{teacher_prompt}", report_to="none",
         ...                                  use_cpu=True, bf16=False)
-        >>> args.num_on_policy_generations, args.alpha_method, args.alpha, args.importance_weighting
-        (4, 'fixed', 1.0, 'none')
-        >>> OptimalSamplingGRPOConfig(output_dir="/tmp/os-grpo", alpha_method="kl_symmetry", num_generations=8,
-        ...                           report_to="none", use_cpu=True, bf16=False).alpha_method  # the blend q*
-        'kl_symmetry'
+        >>> args.num_on_policy_generations, args.alpha_method, args.importance_weighting  # 4 + 4 q* rows
+        (4, 'kl_symmetry', 'none')
+        >>> OptimalSamplingGRPOConfig(output_dir="/tmp/os-grpo", alpha_method="fixed", alpha=1.0, num_generations=8,
+        ...                           report_to="none", use_cpu=True, bf16=False).q_star.alpha  # plain teacher rows
+        1.0
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -388,10 +388,14 @@ class OptimalSamplingDistillationConfig(QStarSamplingArguments, DistillationConf
 
     TRL's on-policy distillation samples each completion from the student and trains it toward the
     teacher's next-token distribution at every visited prefix (generalized JSD, `beta`; 1 = reverse
-    KL). Here the completions are sampled from q* ∝ π_θ^(1-α)·π_t^α instead: the fields of
-    `QStarSamplingArguments` choose α (`alpha_method`, default the KL-symmetric α*), its clamp and its
-    schedule (`teacher_decay_ratio`: with `alpha_method="kl_budget"` that is TRB's trust region annealed
-    to on-policy distillation), and the backend. The loss is TRL's, unchanged and unweighted: a
+    KL). Here the completions can be sampled from q* ∝ π_θ^(1-α)·π_t^α instead: the fields of
+    `QStarSamplingArguments` choose α (`alpha_method`), its clamp and its schedule (`teacher_decay_ratio`:
+    with `alpha_method="kl_budget"` that is TRB's trust region annealed to on-policy distillation), and
+    the backend. **The default is α = 0** (`alpha_method="fixed", alpha=0.0`): exactly TRL's sampling. In
+    the pre-registered teacher-payoff experiment (recipes/RESULTS.md) q* rollouts gained +0.004 to +0.008
+    AUC over on-policy distillation on addition, nothing on subtraction, and lost 0.008 where the teacher
+    writes in another style, so by the rule fixed in advance they did not become the default; set
+    `alpha_method="kl_symmetry"` or the TRB schedule to use them. The loss is TRL's, unchanged and unweighted: a
     per-prefix divergence needs no importance weight when another policy chooses the prefixes
     (`theory/derivation.md` §9). With α = 0 (`alpha_method="fixed", alpha=0`, `alpha_max=0`, or a
     decayed schedule) the trainer draws exactly the completions of `DistillationTrainer`.
@@ -403,11 +407,27 @@ class OptimalSamplingDistillationConfig(QStarSamplingArguments, DistillationConf
     Example:
         >>> from optimal_sampling.trainers import OptimalSamplingDistillationConfig
         >>> args = OptimalSamplingDistillationConfig(output_dir="/tmp/os-distill", use_cpu=True, bf16=False,
-        ...                                          report_to="none", teacher_decay_ratio=0.5)
-        >>> args.alpha_method, args.beta, args.q_star.alpha_max
-        ('kl_symmetry', 1.0, 1.0)
+        ...                                          report_to="none")
+        >>> args.alpha_method, args.alpha, args.beta  # the default: on-policy distillation, as TRL's
+        ('fixed', 0.0, 1.0)
+        >>> OptimalSamplingDistillationConfig(output_dir="/tmp/os-distill", use_cpu=True, bf16=False, report_to="none",
+        ...     alpha_method="kl_budget", kl_budget=0.25, teacher_decay_ratio=0.5).q_star.kl_budget  # TRB
+        0.25
     """
 
+    # The default α rule, by the pre-registered rule of recipes/PREREGISTRATION_TEACHER_PAYOFF.md: neither
+    # q* (KL symmetry) nor the TRB schedule was non-inferior to on-policy distillation in every regime.
+    alpha_method: str = q_star_field(
+        "alpha_method",
+        default="fixed",
+        help=f"How α is chosen per token: one of {', '.join(ALPHA_METHODS)}. Default 'fixed' with alpha=0.0: "
+        "the student's own completions, exactly TRL's DistillationTrainer (the teacher-payoff experiment in "
+        "recipes/RESULTS.md found no robust gain from q* rollouts in distillation); 'kl_symmetry' samples "
+        "q*, 'kl_budget' with `teacher_decay_ratio` is TRB's annealed trust region.",
+    )
+    alpha: float | None = q_star_field(
+        "alpha", default=0.0, help="The constant α for `alpha_method='fixed'` (0: the student, 1: the teacher)."
+    )
     teacher_prompt_in_loss: bool = field(
         default=True,
         metadata={

@@ -34,7 +34,8 @@ class OptimalSamplingDistillationTrainer(ToolLoopMixin, OptimalSamplingMixin, Di
     (`alpha_method`, clamp, `kl_budget`, `teacher_decay_ratio`), so the prefixes the loss is taken at
     lie between the student's own (on-policy distillation) and the teacher's (supervised
     distillation). A per-prefix divergence needs no importance weight for that: the behaviour policy
-    only chooses which prefixes are trained on (`theory/derivation.md` §9). When α is 0 for every
+    only chooses which prefixes are trained on (`theory/derivation.md` §9). The config's default is
+    α = 0, TRL's own sampling (`OptimalSamplingDistillationConfig` says why). When α is 0 for every
     token (`alpha_method="fixed", alpha=0`, `alpha_max=0`, or the schedule decayed to 0) the rows are
     sampled from π_θ exactly as `DistillationTrainer` samples them: the same tokens and losses under one
     seed.
@@ -67,8 +68,8 @@ class OptimalSamplingDistillationTrainer(ToolLoopMixin, OptimalSamplingMixin, Di
         >>> tokenizer = tiny_tokenizer()
         >>> student, teacher = tiny_causal_lm(len(tokenizer), seed=0), tiny_causal_lm(len(tokenizer), seed=1)
         >>> args = OptimalSamplingDistillationConfig(output_dir="/tmp/os-distill-doctest", per_device_train_batch_size=4,
-        ...     max_completion_length=4, max_steps=1, report_to="none", use_cpu=True, bf16=False, logging_steps=1,
-        ...     save_strategy="no", disable_tqdm=True, gradient_checkpointing=False)
+        ...     alpha_method="kl_symmetry", max_completion_length=4, max_steps=1, report_to="none", use_cpu=True,
+        ...     bf16=False, logging_steps=1, save_strategy="no", disable_tqdm=True, gradient_checkpointing=False)
         >>> trainer = OptimalSamplingDistillationTrainer(student, teacher_model=teacher, args=args,
         ...     train_dataset=Dataset.from_dict({"prompt": ["the cat"] * 4}), processing_class=tokenizer)
         >>> _ = trainer.train()  # doctest: +ELLIPSIS
