@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_trainers_vllm import PREFIXES, check_log_history, served_matches, train_two_steps  # noqa: E402
+from test_trainers_vllm import (  # noqa: E402
+    PREFIXES,
+    check_distillation_log_history,
+    check_log_history,
+    distill_two_steps,
+    served_matches,
+    train_two_steps,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -37,6 +44,17 @@ def test_two_step_grpo_through_in_process_engines_loads_each_steps_weights(tmp_p
     finally:
         trainer.close_sampler()
     assert trainer._vllm_sampler is None
+
+
+def test_distillation_on_q_star_rollouts_through_in_process_engines(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    monkeypatch.setenv("VLLM_HOST_IP", "127.0.0.1")
+    trainer = distill_two_steps(tmp_path, sampler_backend="vllm-inprocess", sampler_engine_args=["max_model_len=256"])
+    try:
+        check_distillation_log_history(trainer)
+        assert trainer._vllm_sampler.get_statistics()["weight_loads"] == 1  # the engines started with step 0's weights
+    finally:
+        trainer.close_sampler()
 
 
 def test_two_processes_each_run_their_own_engine_pair_and_load_their_own_weights(tmp_path):

@@ -175,6 +175,78 @@ def test_two_step_grpo_through_two_servers_loads_each_steps_weights(servers, tmp
     assert served_matches(distribution, initial, PREFIXES) < 1e-4  # the original weights are back
 
 
+def distill_two_steps(tmp_path, **fields):
+    """Two steps of the distillation trainer on q* rollouts (the toy pair); returns the trainer."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimal_sampling.trainers import OptimalSamplingDistillationConfig, OptimalSamplingDistillationTrainer
+
+    rows = make_problems(8, seed=5)
+    args = OptimalSamplingDistillationConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_completion_length=6,
+        max_steps=2,
+        learning_rate=0.02,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        seed=11,
+        alpha_method="kl_symmetry",
+        teacher_prompt_template="{teacher_prompt}",
+        sampler_top_k=16,
+        **fields,
+    )
+    trainer = OptimalSamplingDistillationTrainer(
+        AutoModelForCausalLM.from_pretrained(TOY / "base", dtype=torch.float32),
+        teacher_model=AutoModelForCausalLM.from_pretrained(TOY / "teacher", dtype=torch.float32),
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": r["prompt"], "teacher_prompt": r["teacher_prompt"]} for r in rows]),
+        processing_class=AutoTokenizer.from_pretrained(TOY / "base"),
+    )
+    trainer.train()
+    return trainer
+
+
+def check_distillation_log_history(trainer) -> None:
+    """Each rollout came from the weights of its step, every row from q* (the KL-symmetric blend)."""
+    logs = [entry for entry in trainer.state.log_history if "optimal_sampling/weight_version" in entry]
+    assert [entry["optimal_sampling/weight_version"] for entry in logs] == [0.0, 1.0]
+    for entry in logs:
+        assert 0.0 < entry["optimal_sampling/alpha_mean"] < 1.0 and entry["optimal_sampling/on_policy_frac"] == 0.0
+        assert math.isfinite(entry["loss"]) and entry["grad_norm"] > 0
+
+
+def test_distillation_on_q_star_rollouts_through_two_servers_loads_each_steps_weights(servers, tmp_path):
+    """The distillation trainer on the same seam: its q* completions come from the two servers, which
+    hold the student's weights of the step that samples them."""
+    from optimal_sampling.servers import CoordinatorConfig, DualVLLMCoordinator
+
+    urls = dict(theta_url=servers["OPTIMAL_SAMPLING_THETA_URL"], t_url=servers["OPTIMAL_SAMPLING_T_URL"])
+    try:
+        trainer = distill_two_steps(
+            tmp_path, sampler_backend="vllm", sampler_theta_url=urls["theta_url"], sampler_t_url=urls["t_url"]
+        )
+        check_distillation_log_history(trainer)
+        assert trainer._vllm_sampler.get_statistics()["weight_loads"] == 2
+        trainer.close_sampler()
+    finally:  # the other server tests need the original base weights back
+        config = CoordinatorConfig(
+            **urls, top_k=16, theta_tokenizer=str(TOY / "base"), t_tokenizer=str(TOY / "teacher")
+        )
+
+        async def restore():
+            async with DualVLLMCoordinator(config) as coordinator:
+                await coordinator.load_base_weights(str(TOY / "base"))
+
+        asyncio.run(restore())
+
+
 def test_vllm_backends_refuse_what_they_cannot_record(tmp_path):
     from optimal_sampling.trainers import OptimalSamplingGRPOConfig
 
