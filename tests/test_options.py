@@ -270,9 +270,8 @@ def test_trainer_config_fields_are_the_options_own():
         kl_budget=0.05,
         temperature=0.7,
     )
-    assert args.q_star == QStarOptions(
-        empty_support="base", alpha_method="kl_budget", kl_budget=0.05, temperature=0.7, alpha=1.0
-    )  # the trainer's own default α (ignored by kl_budget)
+    # every default, the α rule's included, is the options' own since the teacher-payoff experiment
+    assert args.q_star == QStarOptions(empty_support="base", alpha_method="kl_budget", kl_budget=0.05, temperature=0.7)
 
 
 def test_cli_takes_every_option_and_reruns_with_another_one_are_not_resumed(tmp_path, capsys):
