@@ -2,8 +2,8 @@
 """GRPO with q* rollouts for any Hugging Face model pair, dataset and reward.
 
 Of each prompt's `--num_generations` rollouts, `--num_on_policy_generations` come from the policy
-and the rest from q* ∝ π_θ^(1-α) · π_t^α (by default teacher samples, α = 1; `--alpha_method
-kl_symmetry` for the KL-symmetric blend), weighted by `--importance_weighting` with the baseline
+and the rest from q* ∝ π_θ^(1-α) · π_t^α (by default the KL-symmetric blend; `--alpha_method fixed
+--alpha 1.0` for plain teacher samples), weighted by `--importance_weighting` with the baseline
 `--advantage_baseline` (README, "Training with TRL"). Every `OptimalSamplingGRPOConfig` /
 `GRPOConfig` field is a command-line flag (or a key of a `--config` YAML file).
 

@@ -337,6 +337,18 @@ def grid(args) -> None:
     """Every (regime, arm, seed) run that has no result file yet, `--workers` at a time."""
     arms = list(ARMS) if args.arms == ["all"] else args.arms
     jobs = [(regime, arm, seed) for regime in args.regime for seed in parse_seeds(args.seeds) for arm in arms]
+    run_grid(
+        __file__,
+        jobs,
+        args,
+        lambda result: f"final {result['regime']} accuracy {result['eval'][-1][result['regime']]:.3f}",
+    )
+
+
+def run_grid(script: str, jobs: list[tuple[str, str, int]], args, summarize) -> None:
+    """Run `script run --regime R --arm A --seed S ...` for every (R, A, S) job without a result file, in
+    single-threaded subprocesses, `args.workers` at a time; print one line per finished run (`summarize(result)`
+    of its result file) and exit non-zero if any run failed. Shared by the toy recipes."""
     todo = [job for job in jobs if not run_path(args.output_dir, *job).exists()]
     print(
         f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)} with {args.workers} workers",
@@ -348,23 +360,8 @@ def grid(args) -> None:
 
     def one(job):
         regime, arm, seed = job
-        command = [
-            sys.executable,
-            __file__,
-            "run",
-            "--regime",
-            regime,
-            "--arm",
-            arm,
-            "--seed",
-            str(seed),
-            "--output_dir",
-            args.output_dir,
-            "--steps",
-            str(args.steps),
-            "--eval_every",
-            str(args.eval_every),
-        ]
+        command = [sys.executable, script, "run", "--regime", regime, "--arm", arm, "--seed", str(seed)]
+        command += ["--output_dir", args.output_dir, "--steps", str(args.steps), "--eval_every", str(args.eval_every)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         with open(log_dir / f"{regime}-{arm}-seed{seed}.log", "w") as log:
             code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
@@ -376,10 +373,8 @@ def grid(args) -> None:
             (regime, arm, seed), code = future.result()
             done += 1
             failed += code != 0
-            summary = ""
             if code == 0:
-                curve = json.loads(run_path(args.output_dir, regime, arm, seed).read_text())["eval"]
-                summary = f"final {regime} accuracy {curve[-1][regime]:.3f}"
+                summary = summarize(json.loads(run_path(args.output_dir, regime, arm, seed).read_text()))
             else:
                 summary = f"FAILED (exit {code}), see {log_dir}/{regime}-{arm}-seed{seed}.log"
             print(

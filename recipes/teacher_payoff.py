@@ -36,10 +36,8 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -182,8 +180,7 @@ class ForwardTokens:
 # --- one run --------------------------------------------------------------------------------
 
 
-def run_path(output_dir, regime: str, arm: str, seed: int) -> Path:
-    return Path(output_dir) / regime / f"{arm}-seed{seed}.json"
+run_path = grpo_toy.run_path  # <output_dir>/<regime>/<arm>-seed<seed>.json, as the grid expects
 
 
 def run(args) -> Path:
@@ -316,40 +313,12 @@ def grid(args) -> None:
     seeds = grpo_toy.parse_seeds(args.seeds)
     order = sorted(args.regime, key=lambda r: -REGIMES[r]["tokens"])  # long completions first: better packing
     jobs = [(regime, arm, seed) for seed in seeds for regime in order for arm in arms]
-    todo = [job for job in jobs if not run_path(args.output_dir, *job).exists()]
-    print(
-        f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)} with {args.workers} workers",
-        flush=True,
-    )
-    log_dir = Path(args.output_dir) / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
 
-    def one(job):
-        regime, arm, seed = job
-        command = [sys.executable, __file__, "run", "--regime", regime, "--arm", arm, "--seed", str(seed)]
-        command += ["--output_dir", args.output_dir, "--steps", str(args.steps), "--eval_every", str(args.eval_every)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        with open(log_dir / f"{regime}-{arm}-seed{seed}.log", "w") as log:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        return job, code
+    def summarize(result: dict) -> str:
+        metric = REGIMES[result["regime"]]["metric"]
+        return f"final {metric} {result['eval'][-1][metric]:.3f} ({result['seconds']:.0f} s)"
 
-    done = failed = 0
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        for future in as_completed([pool.submit(one, job) for job in todo]):
-            (regime, arm, seed), code = future.result()
-            done += 1
-            failed += code != 0
-            if code == 0:
-                result = json.loads(run_path(args.output_dir, regime, arm, seed).read_text())
-                summary = f"final {REGIMES[regime]['metric']} {result['eval'][-1][REGIMES[regime]['metric']]:.3f} ({result['seconds']:.0f} s)"
-            else:
-                summary = f"FAILED (exit {code}), see {log_dir}/{regime}-{arm}-seed{seed}.log"
-            print(
-                f"[{done}/{len(todo)} {time.time() - started:.0f}s] {regime}/{arm} seed {seed}: {summary}", flush=True
-            )
-    if failed:
-        sys.exit(f"{failed} runs failed")
+    grpo_toy.run_grid(__file__, jobs, args, summarize)
 
 
 # --- analysis -------------------------------------------------------------------------------
