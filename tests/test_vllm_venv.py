@@ -122,7 +122,13 @@ def test_core_server_and_engine_tests_pass_beside_vllm(tmp_path):
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     cases = suite.findall("testcase")
     failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
-    skipped = [c.get("name") for c in cases if c.find("skipped") is not None]
+    # CI has no GPU: the CUDA-only tests (captured steps) skip there by design, beside vLLM as in the main venv;
+    # any other skip means CI did not provide something a test needs.
+    skipped = [
+        c.get("name")
+        for c in cases
+        if c.find("skipped") is not None and "GPU" not in (c.find("skipped").get("message") or "")
+    ]
     assert cases and not failed and run.returncode == 0, f"tests beside vLLM failed: {failed}\n{run.stdout[-4000:]}"
     for module in ("test_engines", "test_generation", "test_trainers", "test_peft"):
         assert any(c.get("classname", "").endswith(module) for c in cases), f"{module} was not collected"
