@@ -217,22 +217,37 @@ def sample_candidates(
     rest = candidates.rest_column
     token_ids = candidates.token_ids.cpu()
     ids = token_ids.gather(-1, column.clamp(max=rest - 1)[:, None])[:, 0]
-    for row in (column == rest).nonzero().flatten().tolist():  # rare: the bucket holds little mass
-        ids[row] = _unlisted_id(token_ids[row], candidates.vocab_size, float(uniforms[row, 1]))
+    in_rest = (column == rest).nonzero().flatten()  # rare with a good top-k: the bucket holds little mass
+    if len(in_rest):
+        ids[in_rest] = unlisted_ids(token_ids[in_rest], candidates.vocab_size, uniforms[in_rest, 1])
     column = column.to(logq.device)
     token_logq = (logq.gather(-1, column[:, None]) - candidates.log_multiplicity.gather(-1, column[:, None]))[:, 0]
     return ids.to(candidates.token_ids.device), token_logq
 
 
-def _unlisted_id(listed: torch.Tensor, vocab_size: int, u: float) -> int:
-    """The id of rank ⌊u · n⌋ among the n vocabulary ids not in `listed`."""
-    taken = sorted(set(listed[listed >= 0].tolist()))
-    unlisted = vocab_size - len(taken)
-    if unlisted <= 0:
+def unlisted_ids(listed: torch.Tensor, vocab_size: int, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the id of rank ⌊u · n⌋ among the n vocabulary ids not in the row of `listed`, `[B]`.
+
+    `listed` (`[B, M]`, -1 for padding) holds distinct ids per row. The answer is the least x with
+    x = r + #{listed ids ≤ x}; iterating that map from x = r climbs to it (each step adds the listed
+    ids it passed), in at most M + 1 rounds, all rows at once.
+
+    Example:
+        >>> import torch
+        >>> unlisted_ids(torch.tensor([[0, 1, 5, -1], [2, 3, -1, -1]]), 8, torch.tensor([0.0, 0.99]))
+        tensor([2, 7])
+    """
+    listed = listed.long()
+    valid = listed >= 0
+    unlisted = vocab_size - valid.sum(-1)  # [B]
+    if bool((unlisted <= 0).any()):
         raise RuntimeError("Sampled the rest bucket, but the candidate union already covers the whole vocabulary.")
-    target = min(int(u * unlisted), unlisted - 1)
-    for t in taken:
-        if t > target:
+    rank = torch.minimum((u.to(torch.float64) * unlisted).long(), unlisted - 1)
+    x = rank
+    for _ in range(listed.shape[-1] + 1):
+        passed = (valid & (listed <= x[:, None])).sum(-1)
+        moved = rank + passed
+        if torch.equal(moved, x):
             break
-        target += 1
-    return target
+        x = moved
+    return x

@@ -210,3 +210,42 @@ def test_non_positive_temperature_is_reported():
         sparse_candidates(
             torch.tensor([[1]]), torch.tensor([[-1.0]]), torch.tensor([[1]]), torch.tensor([[-1.0]]), 5, temperature=0.0
         )
+
+
+def test_a_rest_bucket_draw_is_the_unlisted_id_of_its_rank_for_every_row_at_once():
+    from optimal_sampling.sparse import unlisted_ids
+
+    rng = np.random.default_rng(0)
+    vocab = 50
+    for _ in range(200):
+        rows = []
+        for _ in range(8):
+            listed = rng.choice(vocab, size=rng.integers(0, 12), replace=False).tolist()
+            rows.append(listed + [-1] * (12 - len(listed)))
+        listed = torch.tensor(rows)
+        u = torch.from_numpy(rng.random(8))
+        got = unlisted_ids(listed, vocab, u).tolist()
+        for row, value, draw in zip(rows, got, u.tolist()):  # the definition: sort the unlisted ids, take rank
+            free = [i for i in range(vocab) if i not in row]
+            assert value == free[int(draw * len(free))]
+    with pytest.raises(RuntimeError, match="covers the whole vocabulary"):
+        unlisted_ids(torch.arange(4)[None], 4, torch.tensor([0.5]))
+
+
+def test_rest_bucket_draws_are_uniform_over_the_unlisted_ids():
+    # Two rows whose lists leave 6 of 10 ids unlisted, all of q's mass in the rest bucket; n draws of each.
+    n = 6000
+    tiny = torch.log(torch.full((2 * n, 2), 1e-9, dtype=torch.float64))
+    c = sparse_candidates(
+        torch.tensor([[1, 4], [0, 9]]).repeat(n, 1), tiny, torch.tensor([[2, 7], [3, 5]]).repeat(n, 1), tiny, 10
+    )
+    logq = torch.full((2 * n, c.rest_column + 1), float("-inf"), dtype=torch.float64)
+    logq[:, c.rest_column] = 0.0
+    ids, _ = sample_candidates(logq, c, generator=torch.Generator().manual_seed(0))
+    for row, free in ((0, [0, 3, 5, 6, 8, 9]), (1, [1, 2, 4, 6, 7, 8])):
+        counts = np.bincount(ids[row::2].numpy(), minlength=10)
+        assert set(np.flatnonzero(counts)) == set(free)
+        # chi-square against uniform over the 6 ids (5 degrees of freedom); false-failure rate 1e-4 per row
+        expected = n / 6
+        statistic = float(((counts[free] - expected) ** 2 / expected).sum())
+        assert statistic < chi2.ppf(1 - 1e-4, 5), statistic

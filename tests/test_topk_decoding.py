@@ -49,6 +49,29 @@ def test_canonical_top_k_keeps_the_k_largest_unique_ids_in_id_order():
     assert dropped == total_dropped > 0
 
 
+def test_lists_already_in_canonical_form_come_back_unchanged_and_match_the_reference():
+    # What a driven engine sends: k distinct in-vocabulary ids per row, in id order (the step skips its sorts).
+    generator = torch.Generator().manual_seed(3)
+    B, k, V = 32, 6, 40
+    logp = torch.log_softmax(torch.randn(B, V, generator=generator, dtype=torch.float64), -1)
+    values, ids = logp.topk(k)
+    ids, by_id = ids.sort(-1)
+    values = values.gather(-1, by_id)
+    got_ids, got_logp, dropped = canonical_top_k(ids, values, k, V)
+    assert torch.equal(got_ids, ids) and torch.equal(got_logp, values) and dropped == 0
+    for row in range(B):
+        assert list(zip(got_ids[row].tolist(), got_logp[row].tolist())) == _reference_row(
+            ids[row].tolist(), values[row].tolist(), k, V
+        )
+    shuffled = torch.randperm(k, generator=generator)
+    again = canonical_top_k(ids[:, shuffled], values[:, shuffled], k, V)
+    assert torch.equal(again[0], ids) and torch.equal(again[1], values)
+    # An id at or beyond the vocabulary is not canonical: it is dropped and counted, as before.
+    beyond = ids.clone()
+    beyond[0, -1] = V
+    assert canonical_top_k(beyond, values, k, V)[2] == 1
+
+
 def _top_k_lists(generator, B=6, V=50, k=8):
     p = torch.log_softmax(torch.randn(B, V, generator=generator, dtype=torch.float64) * 2, -1)
     r = torch.log_softmax(torch.randn(B, V, generator=generator, dtype=torch.float64) * 2, -1)

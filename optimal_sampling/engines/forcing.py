@@ -8,7 +8,7 @@ belong to which request; once each adapter knows, per driven row, its logits row
 arguments and how many tokens the request has generated, `DrivenRows.force` does the rest:
 
 1. the log-softmax of the row's unprocessed float32 logits (what vLLM's `raw_logprobs` returns)
-   and its top-k,
+   and its top-k, in id order,
 2. sent to the coordinator over the engine's socket; block until it answers with one token per row,
 3. the row's logits become -inf except at that token, so the request's greedy sampler picks it
    and the engine appends it as if it had sampled it.
@@ -88,6 +88,8 @@ class DrivenRows:
             batch_index = torch.tensor([d.row for d in group], device=logits.device)  # [n]
             logp = torch.log_softmax(logits.index_select(0, batch_index).float(), dim=-1)  # [n, V]
             values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)  # [n, k] each, descending
+            ids, by_id = ids.sort(dim=-1)  # in id order, the coordinator's canonical form: it skips its own sort
+            values = values.gather(-1, by_id)
             try:
                 tokens = self._link(channel).exchange(
                     np.array([d.spec["slot"] for d in group]),
