@@ -412,7 +412,27 @@ def _span(part: str) -> range:
     return range(int(low), int(high or low) + 1)
 
 
+#: The pre-registered family (recipes/PREREGISTRATION_SMOLLM2.md): (arm, reference), Holm over all six.
+COMPARISONS = (
+    ("distill", "vanilla"),
+    ("mixed_teacher", "vanilla"),
+    ("mixed_qstar", "vanilla"),
+    ("qstar_distill", "vanilla"),
+    ("mixed_qstar", "mixed_teacher"),
+    ("qstar_distill", "distill"),
+)
+CONFIRMATORY_SEEDS = range(10, 18)  # seeds 10-13 at least; the pilot's are 0-2
+
+
+def _auc(result: dict) -> float:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import grpo_toy
+
+    return grpo_toy.area_under_curve([e["step"] for e in result["eval"]], [e["temp1"] for e in result["eval"]])
+
+
 def analyze(args) -> str:
+    """Per arm: success curves' ends, T = 1 AUC, cost; then the pre-registered family on the confirmatory seeds."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import grpo_toy
 
@@ -420,31 +440,49 @@ def analyze(args) -> str:
     for path in sorted((Path(args.workdir) / "runs").glob("*-seed*.json")):
         r = json.loads(path.read_text())
         runs.setdefault(r["arm"], {})[r["seed"]] = r
-    lines = [
-        "| arm | seeds | greedy success: start → final | T = 1 success: start → final | T = 1 AUC | "
-        "AUC − vanilla's [95% CI] | generated tokens | s/run |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    vanilla = runs.get("vanilla", {})
-    for arm in [a for a in ARMS if a in runs]:
-        rs = runs[arm]
-
-        def auc(r):
-            return grpo_toy.area_under_curve([e["step"] for e in r["eval"]], [e["temp1"] for e in r["eval"]])
-
-        seeds = sorted(set(rs) & set(vanilla))
-        diff = (
-            grpo_toy.paired_tests([auc(rs[s]) - auc(vanilla[s]) for s in seeds])
-            if arm != "vanilla" and len(seeds) > 1
-            else None
-        )
-        mean = lambda key, i: sum(r["eval"][i][key] for r in rs.values()) / len(rs)  # noqa: E731
-        lines.append(
-            f"| {arm} | {len(rs)} | {mean('greedy', 0):.3f} → {mean('greedy', -1):.3f} | {mean('temp1', 0):.3f} → "
-            f"{mean('temp1', -1):.3f} | {grpo_toy._mean_sd([auc(r) for r in rs.values()])} | "
-            + (f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]" if diff else "–")
-            + f" | {mean('generated_tokens', -1):,.0f} | {sum(r['seconds'] for r in rs.values()) / len(rs):.0f} |"
-        )
+    lines = []
+    for label, confirmatory in (("pilot (exploratory)", False), ("confirmatory", True)):
+        chosen = {
+            arm: {s: r for s, r in rs.items() if (s in CONFIRMATORY_SEEDS) == confirmatory} for arm, rs in runs.items()
+        }
+        chosen = {arm: rs for arm, rs in chosen.items() if rs}
+        if not chosen:
+            continue
+        lines += [
+            f"**{label}**",
+            "",
+            "| arm | seeds | greedy success: start → final | T = 1 success: start → final | T = 1 AUC | "
+            "generated tokens | s/run |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for arm in [a for a in ARMS if a in chosen]:
+            rs = chosen[arm]
+            mean = lambda key, i: sum(r["eval"][i][key] for r in rs.values()) / len(rs)  # noqa: E731
+            lines.append(
+                f"| {arm} | {len(rs)} | {mean('greedy', 0):.3f} → {mean('greedy', -1):.3f} | "
+                f"{mean('temp1', 0):.3f} → {mean('temp1', -1):.3f} | "
+                f"{grpo_toy._mean_sd([_auc(r) for r in rs.values()])} | {mean('generated_tokens', -1):,.0f} | "
+                f"{sum(r['seconds'] for r in rs.values()) / len(rs):.0f} |"
+            )
+        lines.append("")
+        tests = {}
+        for arm, reference in COMPARISONS:
+            seeds = sorted(set(chosen.get(arm, {})) & set(chosen.get(reference, {})))
+            if len(seeds) > 1:
+                differences = [_auc(chosen[arm][s]) - _auc(chosen[reference][s]) for s in seeds]
+                tests[f"{arm} − {reference}"] = grpo_toy.paired_tests(differences)
+        if tests:
+            adjusted = grpo_toy.holm({name: t["t_p"] for name, t in tests.items()})
+            lines += [
+                "| T = 1 AUC difference | seeds | mean [95% CI] | t-test p | Holm p | Wilcoxon p |",
+                "|---|---|---|---|---|---|",
+            ]
+            for name, t in tests.items():
+                lines.append(
+                    f"| {name} | {t['n']} | {t['mean']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] | "
+                    f"{t['t_p']:.3g} | {adjusted[name]:.3g} | {t['wilcoxon_p']:.3g} |"
+                )
+            lines.append("")
     text = "\n".join(lines)
     print(text)
     return text

@@ -144,3 +144,28 @@ def test_every_arm_trains_two_steps_and_records_its_curve_cost_and_alpha(tiny_pa
         table = smollm2.analyze(smollm2.parse_args(["--workdir", str(tiny_pair), "analyze"]))
         for name in smollm2.ARMS:
             assert f"| {name} | 1 |" in table
+
+
+def test_analyze_tests_the_pre_registered_family_on_the_confirmatory_seeds_only(tmp_path):
+    # Flat curves, so each run's T = 1 AUC is its success: q* rows beat vanilla by 0.10 or 0.12 on the
+    # confirmatory seeds 10-13 (mean 0.11); the pilot seed 0, where vanilla is far ahead, must not count.
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    success = {"vanilla": 0.20, "mixed_qstar": 0.30}
+    for arm, value in success.items():
+        for seed in (0, 10, 11, 12, 13):
+            shift = 0.01 * (seed % 3) + (0.5 if seed == 0 else 0.0)  # the pilot seed would flip the sign if counted
+            value_of_run = value + shift if arm == "vanilla" else value + 0.01 * (seed % 3) + 0.02 * (seed % 2)
+            curve = [
+                {"step": step, "greedy": value_of_run, "temp1": value_of_run, "generated_tokens": 100 * step}
+                for step in (0, 20, 40, 60)
+            ]
+            (runs / f"{arm}-seed{seed}.json").write_text(
+                json.dumps({"arm": arm, "seed": seed, "eval": curve, "seconds": 1.0})
+            )
+    table = smollm2.analyze(smollm2.parse_args(["--workdir", str(tmp_path), "analyze"]))
+    pilot, confirmatory = table.split("**confirmatory**")
+    assert "| vanilla | 1 |" in pilot and "| vanilla | 4 |" in confirmatory
+    row = next(line for line in confirmatory.splitlines() if line.startswith("| mixed_qstar − vanilla |"))
+    assert row.startswith("| mixed_qstar − vanilla | 4 | +0.110 [+0.092, +0.128] |")  # t(3) interval, by hand
+    assert "mixed_qstar − vanilla" not in pilot  # one pilot seed: no test
