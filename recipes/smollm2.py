@@ -380,8 +380,27 @@ def run(args) -> Path:
     return path
 
 
+TEACHER_GATE = 0.30  # the teacher's T = 1 held-out success below which the arms are not run (pre-registered)
+
+
+def check_teacher_gate(workdir) -> float:
+    """The teacher's T = 1 success from `evaluate.json`; SystemExit if it is missing or below `TEACHER_GATE`."""
+    path = Path(workdir) / "evaluate.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run `python recipes/smollm2.py --workdir {workdir} evaluate` first.")
+    success = json.loads(path.read_text())["teacher_temp1"]["success"]
+    if success < TEACHER_GATE:
+        raise SystemExit(
+            f"The teacher's held-out success at T = 1 is {success:.3f}, below the pre-registered gate {TEACHER_GATE} "
+            "(recipes/PREREGISTRATION_SMOLLM2.md): the arms are not run. Report it; `--no-gate` runs them anyway."
+        )
+    return success
+
+
 def grid(args) -> None:
     """Every (arm, seed) run without a result, `--workers` processes at a time (several share one GPU)."""
+    if not args.no_gate:
+        print(f"teacher T = 1 success {check_teacher_gate(args.workdir):.3f} >= {TEACHER_GATE}: running", flush=True)
     arms = list(ARMS) if args.arms == ["all"] else args.arms
     seeds = [int(s) for part in args.seeds.split(",") for s in _span(part)]
     jobs = [(arm, seed) for seed in seeds for arm in arms if not run_path(args.workdir, arm, seed).exists()]
@@ -523,6 +542,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument("--arms", nargs="+", default=["all"])
             p.add_argument("--seeds", default="0-2")
             p.add_argument("--workers", type=int, default=5)
+            p.add_argument("--no-gate", action="store_true", help="run the arms whatever the teacher's success")
         p.set_defaults(func=func)
     p = commands.add_parser("analyze", help="the success curves' table")
     p.set_defaults(func=analyze)

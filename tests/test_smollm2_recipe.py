@@ -169,3 +169,16 @@ def test_analyze_tests_the_pre_registered_family_on_the_confirmatory_seeds_only(
     row = next(line for line in confirmatory.splitlines() if line.startswith("| mixed_qstar − vanilla |"))
     assert row.startswith("| mixed_qstar − vanilla | 4 | +0.110 [+0.092, +0.128] |")  # t(3) interval, by hand
     assert "mixed_qstar − vanilla" not in pilot  # one pilot seed: no test
+
+
+def test_the_grid_refuses_to_run_the_arms_below_the_pre_registered_teacher_gate(tmp_path):
+    with pytest.raises(SystemExit, match="evaluate.json is missing"):
+        smollm2.check_teacher_gate(tmp_path)
+    report = {"teacher_temp1": {"success": 0.25}}
+    (tmp_path / "evaluate.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match=r"0\.250, below the pre-registered gate 0\.3"):
+        smollm2.grid(smollm2.parse_args(["--workdir", str(tmp_path), "grid", "--seeds", "0"]))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "logs").exists()
+    report["teacher_temp1"]["success"] = 0.31
+    (tmp_path / "evaluate.json").write_text(json.dumps(report))
+    assert smollm2.check_teacher_gate(tmp_path) == 0.31
