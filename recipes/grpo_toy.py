@@ -346,40 +346,57 @@ def grid(args) -> None:
 
 
 def run_grid(script: str, jobs: list[tuple[str, str, int]], args, summarize) -> None:
-    """Run `script run --regime R --arm A --seed S ...` for every (R, A, S) job without a result file, in
-    single-threaded subprocesses, `args.workers` at a time; print one line per finished run (`summarize(result)`
-    of its result file) and exit non-zero if any run failed. Shared by the toy recipes."""
-    todo = [job for job in jobs if not run_path(args.output_dir, *job).exists()]
+    """`script run --regime R --arm A --seed S ...` for every (R, A, S) job without a result file, in
+    single-threaded subprocesses (`run_jobs`). Shared by the toy recipes."""
+
+    def command(job):
+        regime, arm, seed = job
+        return [sys.executable, script, "run", "--regime", regime, "--arm", arm, "--seed", str(seed)] + [
+            *("--output_dir", args.output_dir, "--steps", str(args.steps), "--eval_every", str(args.eval_every))
+        ]
+
+    run_jobs(
+        jobs,
+        command=command,
+        result_path=lambda job: run_path(args.output_dir, *job),
+        log_dir=Path(args.output_dir) / "logs",
+        workers=args.workers,
+        summarize=summarize,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    )
+
+
+def run_jobs(jobs: list[tuple], *, command, result_path, log_dir: Path, workers: int, summarize, env=None) -> None:
+    """Run `command(job)` for every job (a tuple ending in its seed) whose `result_path(job)` does not exist,
+    `workers` subprocesses at a time, each logging to `log_dir`; print one line per finished run
+    (`summarize(result)` of its result file) and exit non-zero if any run failed. Shared by every recipe's grid."""
+    todo = [job for job in jobs if not result_path(job).exists()]
     print(
-        f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)} with {args.workers} workers",
+        f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)} with {workers} workers",
         flush=True,
     )
-    log_dir = Path(args.output_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
+    def log_of(job) -> Path:
+        return log_dir / ("-".join(str(part) for part in job[:-1]) + f"-seed{job[-1]}.log")
+
     def one(job):
-        regime, arm, seed = job
-        command = [sys.executable, script, "run", "--regime", regime, "--arm", arm, "--seed", str(seed)]
-        command += ["--output_dir", args.output_dir, "--steps", str(args.steps), "--eval_every", str(args.eval_every)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        with open(log_dir / f"{regime}-{arm}-seed{seed}.log", "w") as log:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        return job, code
+        with open(log_of(job), "w") as log:
+            return job, subprocess.run(command(job), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
     done = failed = 0
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         for future in as_completed([pool.submit(one, job) for job in todo]):
-            (regime, arm, seed), code = future.result()
+            job, code = future.result()
             done += 1
             failed += code != 0
             if code == 0:
-                summary = summarize(json.loads(run_path(args.output_dir, regime, arm, seed).read_text()))
+                summary = summarize(json.loads(result_path(job).read_text()))
             else:
-                summary = f"FAILED (exit {code}), see {log_dir}/{regime}-{arm}-seed{seed}.log"
-            print(
-                f"[{done}/{len(todo)} {time.time() - started:.0f}s] {regime}/{arm} seed {seed}: {summary}", flush=True
-            )
+                summary = f"FAILED (exit {code}), see {log_of(job)}"
+            name = "/".join(str(part) for part in job[:-1])
+            print(f"[{done}/{len(todo)} {time.time() - started:.0f}s] {name} seed {job[-1]}: {summary}", flush=True)
     if failed:
         sys.exit(f"{failed} runs failed")
 

@@ -32,10 +32,8 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +42,9 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grpo_toy  # noqa: E402  (the toy recipes' grid runner and statistics)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 G = 8
@@ -402,33 +403,27 @@ def grid(args) -> None:
     if not args.no_gate:
         print(f"teacher T = 1 success {check_teacher_gate(args.workdir):.3f} >= {TEACHER_GATE}: running", flush=True)
     arms = list(ARMS) if args.arms == ["all"] else args.arms
-    seeds = [int(s) for part in args.seeds.split(",") for s in _span(part)]
-    jobs = [(arm, seed) for seed in seeds for arm in arms if not run_path(args.workdir, arm, seed).exists()]
-    print(f"running {len(jobs)} runs, {args.workers} at a time", flush=True)
-    logs = Path(args.workdir) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    jobs = [(arm, seed) for seed in grpo_toy.parse_seeds(args.seeds) for arm in arms]
 
-    def one(job):
+    def command(job):
         arm, seed = job
-        command = [sys.executable, __file__, "run", "--arm", arm, "--seed", str(seed), "--workdir", args.workdir]
-        command += ["--steps", str(args.steps), "--eval_every", str(args.eval_every)]
-        with open(logs / f"{arm}-seed{seed}.log", "w") as log:
-            return job, subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        return [sys.executable, __file__, "--workdir", args.workdir, "run", "--arm", arm, "--seed", str(seed)] + [
+            *("--steps", str(args.steps), "--eval_every", str(args.eval_every)),
+            *(("--smoke",) if args.smoke else ()),
+        ]
 
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        for future in as_completed([pool.submit(one, job) for job in jobs]):
-            (arm, seed), code = future.result()
-            note = "ok" if code == 0 else f"FAILED (exit {code}), see {logs}/{arm}-seed{seed}.log"
-            if code == 0:
-                last = json.loads(run_path(args.workdir, arm, seed).read_text())["eval"][-1]
-                note = f"greedy {last['greedy']:.3f} T=1 {last['temp1']:.3f}"
-            print(f"[{time.time() - started:.0f}s] {arm} seed {seed}: {note}", flush=True)
+    def summarize(result: dict) -> str:
+        last = result["eval"][-1]
+        return f"greedy {last['greedy']:.3f} T=1 {last['temp1']:.3f} ({result['seconds']:.0f} s)"
 
-
-def _span(part: str) -> range:
-    low, _, high = part.partition("-")
-    return range(int(low), int(high or low) + 1)
+    grpo_toy.run_jobs(
+        jobs,
+        command=command,
+        result_path=lambda job: run_path(args.workdir, *job),
+        log_dir=Path(args.workdir) / "logs",
+        workers=args.workers,
+        summarize=summarize,
+    )
 
 
 #: The pre-registered family (recipes/PREREGISTRATION_SMOLLM2.md): (arm, reference), Holm over all six.
@@ -444,17 +439,11 @@ CONFIRMATORY_SEEDS = range(10, 18)  # seeds 10-13 at least; the pilot's are 0-2
 
 
 def _auc(result: dict) -> float:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import grpo_toy
-
     return grpo_toy.area_under_curve([e["step"] for e in result["eval"]], [e["temp1"] for e in result["eval"]])
 
 
 def analyze(args) -> str:
     """Per arm: success curves' ends, T = 1 AUC, cost; then the pre-registered family on the confirmatory seeds."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import grpo_toy
-
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted((Path(args.workdir) / "runs").glob("*-seed*.json")):
         r = json.loads(path.read_text())
@@ -543,6 +532,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument("--seeds", default="0-2")
             p.add_argument("--workers", type=int, default=5)
             p.add_argument("--no-gate", action="store_true", help="run the arms whatever the teacher's success")
+            p.add_argument("--smoke", action="store_true", help="each run with `run --smoke`: a CPU check")
         p.set_defaults(func=func)
     p = commands.add_parser("analyze", help="the success curves' table")
     p.set_defaults(func=analyze)

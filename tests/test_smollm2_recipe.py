@@ -182,3 +182,15 @@ def test_the_grid_refuses_to_run_the_arms_below_the_pre_registered_teacher_gate(
     report["teacher_temp1"]["success"] = 0.31
     (tmp_path / "evaluate.json").write_text(json.dumps(report))
     assert smollm2.check_teacher_gate(tmp_path) == 0.31
+
+
+def test_the_grid_runs_each_missing_run_once_as_a_subprocess(tiny_pair, capsys):
+    # Its subprocess command once put --workdir after `run`, which the parser rejects: every run failed.
+    workdir = str(tiny_pair)
+    args = ["--workdir", workdir, "grid", "--arms", "vanilla", "--seeds", "5", "--steps", "1", "--eval_every", "1"]
+    smollm2.grid(smollm2.parse_args(args + ["--workers", "1", "--no-gate", "--smoke"]))
+    result = json.loads(smollm2.run_path(workdir, "vanilla", 5).read_text())
+    assert (result["arm"], result["seed"], [e["step"] for e in result["eval"]]) == ("vanilla", 5, [0, 1])
+    assert "vanilla seed 5: greedy" in capsys.readouterr().out
+    smollm2.grid(smollm2.parse_args(args + ["--workers", "1", "--no-gate", "--smoke"]))  # resumes: nothing to run
+    assert "1 of 1 runs already done; running 0" in capsys.readouterr().out
