@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generate_speed import save  # noqa: E402
 
 from optimal_sampling.options import QStarOptions  # noqa: E402
 from optimal_sampling.topk_decoding import TopKSequence, TopKStepper, canonical_top_k  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def top_k_lists(batch: int, vocab: int, k: int, rest: float, seed: int):
@@ -115,10 +116,10 @@ def main(argv=None) -> str:
         f"transformers {metadata.version('transformers')}, Python {platform.python_version()}\n"
         "- timing: process CPU time, median of the timed calls\n"
     )
-    print(heading + "\n" + table)
-    if not args.no_append:
-        with RESULTS.open("a") as results:
-            results.write("\n" + heading + "\n" + table + "\n")
+    if args.no_append:
+        print(heading + "\n" + table)
+    else:  # appended to RESULTS.md (and copied to $OUT on the GPU machine) as every benchmark does
+        save([heading, table + "\n"], "topk_step", {"settings": vars(args), "table": table})
     return table
 
 
