@@ -61,6 +61,20 @@ _FALLBACK = {"compile": "cuda_graph", "compile_mixture": "cuda_graph", "cuda_gra
 GRAPH_MAX_ITER = 8  # Newton iterations of a captured step, unless FastPathConfig.max_iter says otherwise
 
 
+def check_sampled_log_probs(records: dict[str, torch.Tensor], token_mask: torch.Tensor) -> None:
+    """ValueError, naming the model, if a generated token's log-probability is NaN under either model or q.
+
+    A NaN row of one model must not pass silently: q*'s solver finds no common support on it and falls back to
+    the other model (α = 0 or 1), so log q alone can stay finite while the policy's logits are NaN."""
+    for name, source in (("logp_theta", "the policy (π_θ)"), ("logp_t", "the teacher (π_t)"), ("logq", "q")):
+        if bool(torch.isnan(records[name][token_mask]).any()):
+            raise ValueError(
+                f"NaN log-probabilities from {source} (`{name}` of the sampled tokens): a model produced NaN logits. "
+                "Check its weights (a NaN optimizer step) and its dtype (fp16 overflow is the usual cause; try "
+                "bfloat16 or float32)."
+            )
+
+
 @dataclass(frozen=True)
 class FastPathConfig:
     """How the fast path runs. Pass as `fast=FastPathConfig(...)` (or `fast=True` for these defaults).
@@ -364,11 +378,7 @@ class FastDecoder:
             width = int(token_mask.sum(dim=1).max())  # generate stops after the step where the last row ended
             records = {name: r[:, :width].clone() for name, r in records.items()}
             token_mask = token_mask[:, :width].clone()
-            if bool(torch.isnan(records["logq"][token_mask]).any()):
-                raise ValueError(
-                    "log q contains NaN: a model produced NaN logits (check the dtype: fp16 overflow is the usual "
-                    "cause; try bfloat16 or float32)."
-                )
+            check_sampled_log_probs(records, token_mask)
             tokens = records.pop("tokens")
             logq_star = records.pop("logq_star")
             if on_policy is not None:

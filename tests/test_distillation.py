@@ -212,6 +212,23 @@ def test_teacher_stays_frozen_and_is_the_one_trl_placed():
 # --- errors ----------------------------------------------------------------------------------
 
 
+def test_a_policy_whose_weights_went_nan_is_named_at_the_next_draw():
+    """An optimizer step that wrote NaN weights (as a bf16 run's NaN gradient did on the GPU) surfaces at the
+    next q* draw as the policy's weights, by name, with the fix, not as the sampler's NaN logits alone."""
+    from transformers import TrainerCallback
+
+    class PoisonAfterFirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            with torch.no_grad():
+                model.get_output_embeddings().weight[3, 0] = float("nan")
+
+    trainer = make_trainer(alpha_method="kl_symmetry", max_steps=2)
+    trainer.add_callback(PoisonAfterFirstStep())
+    with pytest.raises(FloatingPointError, match=r"policy's weights hold NaN or inf \(.*weight.*\) after step 1") as caught:
+        trainer.train()
+    assert "float32 master weights" in str(caught.value) and "NaN" in str(caught.value.__cause__)
+
+
 def test_student_as_its_own_teacher_is_a_clear_error():
     student = tiny_causal_lm(VOCAB, seed=0)
     with pytest.raises(ValueError, match="own teacher is not supported"):

@@ -115,6 +115,39 @@ def test_evaluate_records_base_and_teacher_success_greedy_and_at_temperature_one
         assert 0.0 <= result["success"] <= 1.0 and 0 < result["mean_length"] <= 128
 
 
+def test_the_policy_keeps_float32_master_weights_that_a_small_adamw_step_moves(tiny_pair):
+    # On the GPU the arms first ran with bf16 policy weights, where AdamW's step at lr 5e-6 rounded away on
+    # most weights (recipes/RESULTS.md). The policy must load in float32 whatever the teacher's dtype.
+    import torch
+
+    policy, teacher, _ = smollm2.load_pair(tiny_pair / "base", tiny_pair / "teacher", "cpu", half=True)
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+
+    def fraction_moved(model) -> float:
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-6, weight_decay=0.0)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        moved = sum(int((p.detach() != b).sum()) for p, b in zip(model.parameters(), before))
+        return moved / sum(p.numel() for p in before)
+
+    assert fraction_moved(policy) > 0.99
+    assert fraction_moved(policy.to(torch.bfloat16)) < 0.5  # what bf16 weights would have done: the test can tell
+
+
+def test_a_q_star_arm_trains_a_float32_policy_beside_a_bf16_teacher(tiny_pair, monkeypatch):
+    # The GPU's dtypes (float32 policy, bf16 teacher) through the q* sampler and TRL's loss, here on CPU.
+    load_pair = smollm2.load_pair
+    monkeypatch.setattr(smollm2, "load_pair", lambda *a, half: load_pair(*a, half=True))
+    argv = ["--workdir", str(tiny_pair / "half"), "run", "--arm", "mixed_qstar", "--smoke", "--steps", "1"]
+    argv += ["--eval_every", "1", "--base", str(tiny_pair / "base"), "--teacher", str(tiny_pair / "teacher")]
+    result = json.loads(smollm2.run(smollm2.parse_args(argv)).read_text())
+    (step,) = [h for h in result["log_history"] if "loss" in h]
+    assert 0.0 < step["optimal_sampling/alpha_mean"] < 1.0 and step["grad_norm"] == step["grad_norm"]  # not NaN
+
+
 #: What each arm must log: the α it samples with (None: no q* rows, so no optimal_sampling metrics).
 ARM_ALPHA = {"vanilla": None, "distill": None, "mixed_teacher": "one", "mixed_qstar": "mixed", "qstar_distill": "mixed"}
 
@@ -168,7 +201,11 @@ def test_analyze_tests_the_pre_registered_family_on_the_confirmatory_seeds_only(
     assert "| vanilla | 1 |" in pilot and "| vanilla | 4 |" in confirmatory
     row = next(line for line in confirmatory.splitlines() if line.startswith("| mixed_qstar − vanilla |"))
     assert row.startswith("| mixed_qstar − vanilla | 4 | +0.110 [+0.092, +0.128] |")  # t(3) interval, by hand
-    assert "mixed_qstar − vanilla" not in pilot  # one pilot seed: no test
+    # t = 0.11 / (0.01155 / 2) = 19.05 on 3 df: p = 3.16e-4. The five comparisons without runs stay in Holm's family
+    # of six with p = 1, so the adjusted p is 6 x 3.16e-4, not the uncorrected p of a family of one.
+    assert row.split(" | ")[3:5] == ["0.000316", "0.00189"]
+    assert "| distill − vanilla | 0 | not run" in confirmatory
+    assert "mixed_qstar − vanilla" not in pilot  # the pilot is exploratory: no test
 
 
 def test_the_grid_refuses_to_run_the_arms_below_the_pre_registered_teacher_gate(tmp_path):

@@ -20,6 +20,17 @@ from .vllm_rollouts import METRIC_PREFIX, VLLMRolloutsMixin
 __all__ = ["METRIC_PREFIX", "OptimalSamplingMixin"]
 
 
+def non_finite_parameters(model: torch.nn.Module, limit: int = 3) -> list[str]:
+    """The names of the first `limit` parameters holding NaN or inf (empty when every weight is finite)."""
+    broken = []
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter.detach()).all()):
+            broken.append(name)
+            if len(broken) == limit:
+                break
+    return broken
+
+
 class OptimalSamplingMixin(VLLMRolloutsMixin):
     """Teacher handling, q* rollouts and their metrics; mixed into TRL trainer subclasses.
 
@@ -322,10 +333,22 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
 
     def _draw(self, prompt_ids, teacher_prompt_ids, on_policy: torch.Tensor) -> Rollouts:
         """One sampling call on the configured backend (a first turn or a tool-loop continuation)."""
-        if self.args.sampler_backend in VLLM_BACKENDS:
-            rollouts = self._sample_vllm(prompt_ids, teacher_prompt_ids, on_policy)
-        else:
-            rollouts = self._sample_transformers(prompt_ids, teacher_prompt_ids, on_policy)
+        try:
+            if self.args.sampler_backend in VLLM_BACKENDS:
+                rollouts = self._sample_vllm(prompt_ids, teacher_prompt_ids, on_policy)
+            else:
+                rollouts = self._sample_transformers(prompt_ids, teacher_prompt_ids, on_policy)
+        except ValueError as error:
+            broken = non_finite_parameters(self.model) if "NaN" in str(error) else []
+            if broken:
+                raise FloatingPointError(
+                    f"The policy's weights hold NaN or inf ({', '.join(broken)}) after step {self.state.global_step}: "
+                    "an optimizer step applied a non-finite gradient (its `grad_norm` in the logs is nan or inf), "
+                    "so the policy's logits are NaN. Keep float32 master weights (load the policy in float32 and "
+                    "train with `bf16=True`, which autocasts), lower the learning rate, or clip harder "
+                    "(`max_grad_norm`)."
+                ) from error
+            raise
         self._pending_rollouts.append(rollouts)
         return rollouts
 
