@@ -379,6 +379,7 @@ def run(args) -> Path:
         "config": ARMS[args.arm],
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
         "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "dtypes": {"policy": str(policy.dtype), "teacher": str(teacher.dtype)},
         "seconds": round(time.time() - started, 1),
         "eval": curve,
         "log_history": trainer.state.log_history,
@@ -408,17 +409,41 @@ def check_teacher_gate(workdir) -> float:
     return success
 
 
+def stale_reason(result: dict, args) -> str | None:
+    """Why a finished run's result does not belong to this grid (other settings, or bf16 policy weights)."""
+    if result.get("dtypes", {}).get("policy") != "torch.float32":
+        return "the policy trained in bf16 weights, before float32 master weights"
+    settings = result.get("settings", {})
+    for name in ("steps", "eval_every", "learning_rate", "smoke"):
+        if settings.get(name) != getattr(args, name):
+            return f"{name} {settings.get(name)!r}, not {getattr(args, name)!r}"
+    return None
+
+
 def grid(args) -> None:
     """Every (arm, seed) run without a result, `--workers` processes at a time (several share one GPU)."""
     if not args.no_gate:
         print(f"teacher T = 1 success {check_teacher_gate(args.workdir):.3f} >= {TEACHER_GATE}: running", flush=True)
     arms = list(ARMS) if args.arms == ["all"] else args.arms
     jobs = [(arm, seed) for seed in grpo_toy.parse_seeds(args.seeds) for arm in arms]
+    stale = []
+    for job in jobs:
+        path = run_path(args.workdir, *job)
+        why = stale_reason(json.loads(path.read_text()), args) if path.exists() else None
+        if why:
+            stale.append(f"{path} ({why})")
+    if stale:
+        raise SystemExit(
+            "These results were made with other settings, and the grid would count them as done:\n  "
+            + "\n  ".join(stale)
+            + "\nUse a new --workdir (after `prepare`, `sft` and `evaluate`, or copy those), or delete the files."
+        )
 
     def command(job):
         arm, seed = job
         return [sys.executable, __file__, "--workdir", args.workdir, "run", "--arm", arm, "--seed", str(seed)] + [
             *("--steps", str(args.steps), "--eval_every", str(args.eval_every)),
+            *("--learning_rate", str(args.learning_rate)),
             *(("--smoke",) if args.smoke else ()),
         ]
 
@@ -452,6 +477,10 @@ def _auc(result: dict) -> float:
     return grpo_toy.area_under_curve([e["step"] for e in result["eval"]], [e["temp1"] for e in result["eval"]])
 
 
+def _settings_of(result: dict) -> tuple:
+    return result.get("settings", {}).get("learning_rate"), result.get("dtypes", {}).get("policy")
+
+
 def analyze(args) -> str:
     """Per arm: success curves' ends, T = 1 AUC, cost; then the pre-registered family on the confirmatory seeds."""
     runs: dict[str, dict[int, dict]] = {}
@@ -466,6 +495,12 @@ def analyze(args) -> str:
         chosen = {arm: rs for arm, rs in chosen.items() if rs}
         if not chosen:
             continue
+        settings = {_settings_of(r) for rs in chosen.values() for r in rs.values()}
+        if confirmatory and len(settings) > 1:
+            raise SystemExit(
+                f"The confirmatory runs in {args.workdir}/runs mix settings (learning rate, policy dtype): "
+                f"{sorted(settings, key=str)}. A family compares one protocol: analyze each work directory apart."
+            )
         lines += [
             f"**{label}**",
             "",
@@ -505,7 +540,9 @@ def analyze(args) -> str:
                     f"{t['t_p']:.3g} | {adjusted[name]:.3g} | {t['wilcoxon_p']:.3g} |"
                 )
             for name, n in missing.items():
-                lines.append(f"| {name} | {n} | not run: fewer than two paired seeds (counted in Holm as p = 1) | | | |")
+                lines.append(
+                    f"| {name} | {n} | not run: fewer than two paired seeds (counted in Holm as p = 1) | | | |"
+                )
             lines.append("")
     text = "\n".join(lines)
     print(text)
@@ -534,10 +571,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p = commands.add_parser(name, help="one run" if name == "run" else "every missing run, several at a time")
         p.add_argument("--steps", type=int, default=60)
         p.add_argument("--eval_every", type=int, default=20)
+        p.add_argument("--learning_rate", type=float, default=5e-6)
         if name == "run":
             p.add_argument("--arm", choices=list(ARMS), required=True)
             p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--learning_rate", type=float, default=5e-6)
             p.add_argument("--max_completion_length", type=int, default=128)
             p.add_argument("--eval_size", type=int, default=128)
             p.add_argument("--base", help="the policy's model directory (default: <workdir>/base)")

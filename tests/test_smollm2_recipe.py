@@ -208,6 +208,36 @@ def test_analyze_tests_the_pre_registered_family_on_the_confirmatory_seeds_only(
     assert "mixed_qstar − vanilla" not in pilot  # the pilot is exploratory: no test
 
 
+def _fake_run(workdir, arm, seed, **fields):
+    curve = [{"step": step, "greedy": 0.1, "temp1": 0.1, "generated_tokens": step} for step in (0, 20, 40, 60)]
+    path = smollm2.run_path(workdir, arm, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"arm": arm, "seed": seed, "eval": curve, "seconds": 1.0, **fields}))
+    return path
+
+
+def test_the_grid_refuses_to_count_results_made_with_other_settings_as_done(tmp_path):
+    # The first GPU runs trained bf16 policy weights (and record no dtypes); a rerun must not resume from them.
+    settings = {"steps": 60, "eval_every": 20, "learning_rate": 5e-6, "smoke": False}
+    grid = ["--workdir", str(tmp_path), "grid", "--arms", "vanilla", "--seeds", "10", "--no-gate"]
+    old = _fake_run(tmp_path, "vanilla", 10, settings=settings)
+    with pytest.raises(SystemExit, match=r"vanilla-seed10\.json \(the policy trained in bf16 weights"):
+        smollm2.grid(smollm2.parse_args(grid))
+    _fake_run(tmp_path, "vanilla", 10, settings={**settings, "learning_rate": 2e-5}, dtypes={"policy": "torch.float32"})
+    with pytest.raises(SystemExit, match=r"learning_rate 2e-05, not 5e-06"):
+        smollm2.grid(smollm2.parse_args(grid))
+    assert not (tmp_path / "logs").exists()  # nothing ran
+    assert old.exists()  # and nothing was deleted
+
+
+def test_analyze_refuses_a_confirmatory_family_that_mixes_settings(tmp_path):
+    for seed, rate in ((10, 5e-6), (11, 2e-5)):
+        for arm in ("vanilla", "mixed_qstar"):
+            _fake_run(tmp_path, arm, seed, settings={"learning_rate": rate}, dtypes={"policy": "torch.float32"})
+    with pytest.raises(SystemExit, match=r"mix settings \(learning rate, policy dtype\)"):
+        smollm2.analyze(smollm2.parse_args(["--workdir", str(tmp_path), "analyze"]))
+
+
 def test_the_grid_refuses_to_run_the_arms_below_the_pre_registered_teacher_gate(tmp_path):
     with pytest.raises(SystemExit, match="evaluate.json is missing"):
         smollm2.check_teacher_gate(tmp_path)
