@@ -428,8 +428,14 @@ class TopKStepper:
         values.update(covered_theta=c.covered_theta, covered_t=c.covered_t)
         names = list(values)
         table = torch.stack([values[n].to(torch.float64) for n in names]).tolist()  # one conversion per step
-        if any(math.isnan(v) for v in table[names.index("logq")]):
-            raise FloatingPointError("NaN log q in this step's q*; the models' log-probs are not usable.")
+        # Each model's column too: on a NaN row of one model the solver finds no common support and falls back
+        # to the other (α = 0 or 1), so log q alone can stay finite.
+        for name, source in (("logp_theta", "the base (π_θ)"), ("logp_t", "the teacher (π_t)"), ("logq", "q*")):
+            if any(math.isnan(v) for v in table[names.index(name)]):
+                raise FloatingPointError(
+                    f"NaN log-probabilities from {source} in this step (`{name}` of the sampled tokens): its "
+                    "log-probs are not usable (NaN logits: check the model's weights and dtype)."
+                )
         for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
             row.tokens.append(token)
             row.base_ids.append(token)

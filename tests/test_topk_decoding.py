@@ -12,7 +12,7 @@ from optimal_sampling.engines import DrivenDecodeConfig, VLLMEngineSpec
 from optimal_sampling.engines.protocol import pack_step, pack_tokens, unpack_step, unpack_step_header
 from optimal_sampling.engines.sync import engine_arguments
 from optimal_sampling.mixture import compute_mixture
-from optimal_sampling.topk_decoding import canonical_top_k, mix_top_k
+from optimal_sampling.topk_decoding import TopKSequence, TopKStepper, canonical_top_k, mix_top_k
 
 
 def _reference_row(ids: list[int], logp: list[float], k: int, vocab_size: int) -> list[tuple[int, float]]:
@@ -96,6 +96,24 @@ def test_on_policy_rows_get_alpha_zero_and_the_others_are_unchanged():
     torch.testing.assert_close(mixed.mixture.alpha[q_star], plain.mixture.alpha[q_star], atol=0, rtol=0)
     alone = compute_mixture(c.logp_theta[q_star], c.logp_t[q_star], log_multiplicity=c.log_multiplicity[q_star])
     torch.testing.assert_close(mixed.mixture.alpha[q_star], alone.alpha, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["base", "teacher"])
+def test_a_nan_row_of_either_model_fails_that_row_alone_and_names_the_model(side):
+    # With one model's row NaN the solver finds no common support and falls back to the other model (α = 0 or 1)
+    # with a finite log q: the row used to be sampled from the other model without a word.
+    ids_theta, lp_theta, ids_t, lp_t, V = _top_k_lists(torch.Generator().manual_seed(2), B=3)
+    (lp_theta if side == "base" else lp_t)[1] = float("nan")
+    stepper = TopKStepper(DrivenDecodeConfig().q_star, V)
+    rows = [TopKSequence(i, None, None, [0], [0]) for i in range(3)]
+    stepper.advance(
+        rows, ids_theta, lp_theta, ids_t, lp_t,
+        seed=0, temperature=1.0, max_tokens=4, stop_token_ids=set(), return_diagnostics=False,
+    )  # fmt: skip
+    model = "the base (π_θ)" if side == "base" else "the teacher (π_t)"
+    assert rows[1].error is not None and f"NaN log-probabilities from {model}" in rows[1].error
+    assert rows[1].tokens == []
+    assert [len(r.tokens) for r in (rows[0], rows[2])] == [1, 1] and rows[0].error is rows[2].error is None
 
 
 def test_the_step_message_round_trips():
