@@ -149,8 +149,10 @@ def common_support(
     """Prepare a validated pair for `solve_on_support` and the mixture (a few passes over `[B, V]`)."""
     lp, lr = restrict_to_nucleus(logp_theta, logp_t, teacher_top_p)
     # Log-probs are never +inf, so the sum is -inf exactly off S (one pass instead of two
-    # comparisons). A NaN input stays NaN in Δ and log q, where callers that skip
-    # `check_log_prob_pair` (the fast path) detect it.
+    # comparisons). A NaN entry stays NaN in Δ and log q, but a row that is NaN throughout (NaN
+    # logits) ends with α at a bound and log q the other model's: callers that skip
+    # `check_log_prob_pair` (the fast path, the top-k step) check each model's log-prob of the
+    # sampled token as well (`fast.check_sampled_log_probs`, `TopKStepper.record`).
     both = lp + lr
     if on_host(both) and bool(both.amin() > float("-inf")):  # full support (and no NaN): no masking needed
         return CommonSupport(lp, lr, lp, lr - lp, None, torch.zeros(both.shape[0], dtype=torch.bool))
