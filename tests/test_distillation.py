@@ -224,7 +224,9 @@ def test_a_policy_whose_weights_went_nan_is_named_at_the_next_draw():
 
     trainer = make_trainer(alpha_method="kl_symmetry", max_steps=2)
     trainer.add_callback(PoisonAfterFirstStep())
-    with pytest.raises(FloatingPointError, match=r"policy's weights hold NaN or inf \(.*weight.*\) after step 1") as caught:
+    with pytest.raises(
+        FloatingPointError, match=r"policy's weights hold NaN or inf \(.*weight.*\) after step 1"
+    ) as caught:
         trainer.train()
     assert "float32 master weights" in str(caught.value) and "NaN" in str(caught.value.__cause__)
 
