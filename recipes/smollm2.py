@@ -14,11 +14,14 @@ Steps (each writes into --workdir, default outputs/smollm2):
     python recipes/smollm2.py prepare            # the GGUF as a bf16 model directory: base/
     python recipes/smollm2.py sft                # the teacher: teacher/ and sft.json
     python recipes/smollm2.py evaluate           # base and teacher held-out success (greedy, T = 1): evaluate.json
-    python recipes/smollm2.py grid --arms all --seeds 0-2 --workers 5   # the arms, several runs per GPU
+    python recipes/smollm2.py grid --arms all --seeds 0 --workers 5      # the pilot, several runs per GPU
+    python recipes/smollm2.py grid --arms all --seeds 10-13 --learning_rate LR --workers 8   # confirmatory
     python recipes/smollm2.py analyze
 
-Each run writes runs/<arm>-seed<seed>.json with its held-out success curve (greedy and T = 1), the
-generated tokens and the trainer's log_history. A smoke run on CPU with any small model pair:
+(PREREGISTRATION_SMOLLM2.md says which seeds and how the pilot sets LR.) Each run trains the policy with
+float32 master weights (`load_pair`) and writes runs/<arm>-seed<seed>.json with its held-out success
+curve (greedy and T = 1), the generated tokens, the models' dtypes and the trainer's log_history; the grid
+refuses to count a result made with other settings as done. A smoke run on CPU with any small model pair:
 `run --base DIR --teacher DIR --smoke`.
 """
 

@@ -5,7 +5,9 @@
 # given back). Then each step runs once: prepare, sft, evaluate, and the grid of the arms.
 #
 #   bash recipes/smollm2_device.sh                      # stash the parts carried by this call
-#   GRID="--arms all --seeds 0-1 --steps 40 --eval_every 10 --workers 5" bash recipes/smollm2_device.sh
+#   GRID="--arms all --seeds 0 --steps 60 --eval_every 20 --workers 5" bash recipes/smollm2_device.sh   # the pilot
+# Later calls on the same machine run `python3 recipes/smollm2.py --workdir /tmp/smollm2 grid ...` directly
+# (with PYTHONPATH=/tmp/site:$PWD), e.g. the confirmatory seeds with the learning rate the pilot chose.
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 WORK=/tmp/smollm2
