@@ -42,6 +42,7 @@ from .decode_slot import WARMUP_STEPS, DecodeSlot, captured_state, eval_mode, re
 from .decode_step import DeviceScalarConstants, MixingOptions, decode_tail
 from .options import QStarOptions
 from .records import OptimalGenerateOutput, check_same_device, output_width
+from .support import NaNLogProbsError, first_nan_record
 from .teacher import repeat_teacher_prompts
 
 __all__ = [
@@ -62,17 +63,16 @@ GRAPH_MAX_ITER = 8  # Newton iterations of a captured step, unless FastPathConfi
 
 
 def check_sampled_log_probs(records: dict[str, torch.Tensor], token_mask: torch.Tensor) -> None:
-    """ValueError, naming the model, if a generated token's log-probability is NaN under either model or q.
-
-    A NaN row of one model must not pass silently: q*'s solver finds no common support on it and falls back to
-    the other model (α = 0 or 1), so log q alone can stay finite while the policy's logits are NaN."""
-    for name, source in (("logp_theta", "the policy (π_θ)"), ("logp_t", "the teacher (π_t)"), ("logq", "q")):
-        if bool(torch.isnan(records[name][token_mask]).any()):
-            raise ValueError(
-                f"NaN log-probabilities from {source} (`{name}` of the sampled tokens): a model produced NaN logits. "
-                "Check its weights (a NaN optimizer step) and its dtype (fp16 overflow is the usual cause; try "
-                "bfloat16 or float32)."
-            )
+    """`NaNLogProbsError`, naming the model, if a generated token's log-probability is NaN under either
+    model or q (`support.first_nan_record`)."""
+    name = first_nan_record(records, token_mask)
+    if name is not None:
+        source = {"logp_theta": "the policy (π_θ)", "logp_t": "the teacher (π_t)", "logq": "q"}[name]
+        raise NaNLogProbsError(
+            f"NaN log-probabilities from {source} (`{name}` of the sampled tokens): a model produced NaN logits. "
+            "Check its weights (a NaN optimizer step) and its dtype (fp16 overflow is the usual cause; try "
+            "bfloat16 or float32)."
+        )
 
 
 @dataclass(frozen=True)

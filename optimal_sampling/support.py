@@ -14,6 +14,26 @@ import torch
 _SUM_CHUNK = 1024
 
 
+class NaNLogProbsError(ValueError):
+    """A model's log-probabilities (or q's) hold NaN: the model produced NaN logits."""
+
+
+#: The per-token records that carry each model's log-prob of the sampled token, then q's, in the order checked.
+SAMPLED_LOG_PROBS = ("logp_theta", "logp_t", "logq")
+
+
+def first_nan_record(records: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> str | None:
+    """The first of `SAMPLED_LOG_PROBS` in `records` holding a NaN (where `mask`, if given), else None.
+
+    Each model's record is checked, not log q alone: on a row that is NaN throughout, q*'s solver finds
+    no common support and falls back to the other model (α = 0 or 1), so log q stays finite."""
+    for name in SAMPLED_LOG_PROBS:
+        values = records[name] if mask is None else records[name][mask]
+        if bool(torch.isnan(values).any()):
+            return name
+    return None
+
+
 def check_log_prob_pair(logp_theta: torch.Tensor, logp_t: torch.Tensor) -> None:
     """Raise a clear error unless the two inputs are a valid `[B, V]` pair of log-probs.
 
@@ -45,7 +65,7 @@ def check_log_prob_pair(logp_theta: torch.Tensor, logp_t: torch.Tensor) -> None:
         return
     for name, x in (("logp_theta", logp_theta), ("logp_t", logp_t)):
         if bool(torch.isnan(x).any()):
-            raise ValueError(
+            raise NaNLogProbsError(
                 f"`{name}` contains NaN. The model produced NaN logits (check the dtype: fp16 "
                 "overflow is the usual cause; try bfloat16 or float32), or a mask was applied "
                 "with NaN instead of -inf."
@@ -152,7 +172,7 @@ def common_support(
     # comparisons). A NaN entry stays NaN in Δ and log q, but a row that is NaN throughout (NaN
     # logits) ends with α at a bound and log q the other model's: callers that skip
     # `check_log_prob_pair` (the fast path, the top-k step) check each model's log-prob of the
-    # sampled token as well (`fast.check_sampled_log_probs`, `TopKStepper.record`).
+    # sampled token as well (`first_nan_record`).
     both = lp + lr
     if on_host(both) and bool(both.amin() > float("-inf")):  # full support (and no NaN): no masking needed
         return CommonSupport(lp, lr, lp, lr - lp, None, torch.zeros(both.shape[0], dtype=torch.bool))

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from optimal_sampling.options import QStarOptions
 from optimal_sampling.records import check_same_vocabulary, model_eos_ids
+from optimal_sampling.support import NaNLogProbsError
 
 from .checks import check_generation_options, resolve_callable
 from .config import VLLM_BACKENDS
@@ -338,8 +339,8 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
                 rollouts = self._sample_vllm(prompt_ids, teacher_prompt_ids, on_policy)
             else:
                 rollouts = self._sample_transformers(prompt_ids, teacher_prompt_ids, on_policy)
-        except ValueError as error:
-            broken = non_finite_parameters(self.model) if "NaN" in str(error) else []
+        except NaNLogProbsError as error:
+            broken = non_finite_parameters(self.model)
             if broken:
                 raise FloatingPointError(
                     f"The policy's weights hold NaN or inf ({', '.join(broken)}) after step {self.state.global_step}: "
