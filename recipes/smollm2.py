@@ -412,12 +412,25 @@ def check_teacher_gate(workdir) -> float:
     return success
 
 
+#: The settings a grid passes to each run, and checks in a finished run's result before counting it as done.
+GRID_SETTINGS = ("steps", "eval_every", "learning_rate", "smoke")
+
+
+def grid_flags(args) -> list[str]:
+    """`GRID_SETTINGS` as `run` options: `--name value`, or `--name` alone for a set flag."""
+    flags = []
+    for name in GRID_SETTINGS:
+        value = getattr(args, name)
+        flags += ([f"--{name}"] if value else []) if isinstance(value, bool) else [f"--{name}", str(value)]
+    return flags
+
+
 def stale_reason(result: dict, args) -> str | None:
     """Why a finished run's result does not belong to this grid (other settings, or bf16 policy weights)."""
     if result.get("dtypes", {}).get("policy") != "torch.float32":
         return "the policy trained in bf16 weights, before float32 master weights"
     settings = result.get("settings", {})
-    for name in ("steps", "eval_every", "learning_rate", "smoke"):
+    for name in GRID_SETTINGS:
         if settings.get(name) != getattr(args, name):
             return f"{name} {settings.get(name)!r}, not {getattr(args, name)!r}"
     return None
@@ -444,11 +457,8 @@ def grid(args) -> None:
 
     def command(job):
         arm, seed = job
-        return [sys.executable, __file__, "--workdir", args.workdir, "run", "--arm", arm, "--seed", str(seed)] + [
-            *("--steps", str(args.steps), "--eval_every", str(args.eval_every)),
-            *("--learning_rate", str(args.learning_rate)),
-            *(("--smoke",) if args.smoke else ()),
-        ]
+        head = [sys.executable, __file__, "--workdir", args.workdir, "run", "--arm", arm, "--seed", str(seed)]
+        return head + grid_flags(args)
 
     def summarize(result: dict) -> str:
         last = result["eval"][-1]
