@@ -15,6 +15,7 @@ Steps (each writes into --workdir, default outputs/smollm2):
     python recipes/smollm2.py sft                # the teacher: teacher/ and sft.json
     python recipes/smollm2.py evaluate           # base and teacher held-out success (greedy, T = 1): evaluate.json
     python recipes/smollm2.py grid --arms all --seeds 0 --workers 5      # the pilot, several runs per GPU
+    python recipes/smollm2.py pilot_lr           # the pilot's rule: prints the confirmatory learning rate LR
     python recipes/smollm2.py grid --arms all --seeds 10-13 --learning_rate LR --workers 8   # confirmatory
     python recipes/smollm2.py analyze
 
@@ -474,6 +475,41 @@ def grid(args) -> None:
     )
 
 
+#: The pilot's learning-rate rule (recipes/PREREGISTRATION_SMOLLM2.md): when no arm's mean T = 1 success moves by
+#: more than `PILOT_MOVE` between the first and the last evaluation, the confirmatory runs use `PILOT_RAISED_LR`.
+PILOT_SEEDS = range(0, 3)
+PILOT_LR, PILOT_RAISED_LR, PILOT_MOVE = 5e-6, 2e-5, 0.02
+
+
+def pilot_lr(args) -> float:
+    """The confirmatory learning rate by the pilot's rule, printed on stdout (the reasons on stderr)."""
+    runs: dict[str, list[dict]] = {}
+    for path in sorted((Path(args.workdir) / "runs").glob("*-seed*.json")):
+        r = json.loads(path.read_text())
+        if r["seed"] in PILOT_SEEDS:
+            runs.setdefault(r["arm"], []).append(r)
+    if not runs:
+        raise SystemExit(f"No pilot runs (seeds {PILOT_SEEDS.start}-{PILOT_SEEDS.stop - 1}) in {args.workdir}/runs.")
+    rates = {_settings_of(r)[0] for rs in runs.values() for r in rs}
+    if rates != {PILOT_LR}:
+        raise SystemExit(f"The pilot's rule applies to runs at lr {PILOT_LR}; these ran at {sorted(rates)}.")
+    moves = {}
+    for arm, rs in runs.items():
+        start = sum(r["eval"][0]["temp1"] for r in rs) / len(rs)
+        final = sum(r["eval"][-1]["temp1"] for r in rs) / len(rs)
+        moves[arm] = final - start
+        print(f"{arm}: T = 1 success {start:.3f} -> {final:.3f} ({len(rs)} seed(s))", file=sys.stderr)
+    missing = [arm for arm in ARMS if arm not in runs]
+    if missing:
+        print(f"no pilot result (failed or not run): {', '.join(missing)}", file=sys.stderr)
+    moved = [arm for arm, move in moves.items() if abs(move) > PILOT_MOVE]
+    rate = PILOT_LR if moved else PILOT_RAISED_LR
+    why = f"moved by more than {PILOT_MOVE}: {', '.join(moved)}" if moved else f"no arm moved by more than {PILOT_MOVE}"
+    print(f"{why}: the confirmatory learning rate is {rate:g}", file=sys.stderr)
+    print(f"{rate:g}")
+    return rate
+
+
 #: The pre-registered family (recipes/PREREGISTRATION_SMOLLM2.md): (arm, reference), Holm over all six.
 COMPARISONS = (
     ("distill", "vanilla"),
@@ -602,6 +638,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.set_defaults(func=func)
     p = commands.add_parser("analyze", help="the success curves' table")
     p.set_defaults(func=analyze)
+    p = commands.add_parser("pilot_lr", help="the confirmatory learning rate by the pilot's pre-registered rule")
+    p.set_defaults(func=pilot_lr)
     return parser.parse_args(argv)
 
 

@@ -6,8 +6,7 @@
 #
 #   bash recipes/smollm2_device.sh                      # stash the parts carried by this call
 #   GRID="--arms all --seeds 0 --steps 60 --eval_every 20 --workers 5" bash recipes/smollm2_device.sh   # the pilot
-# Later calls on the same machine run `python3 recipes/smollm2.py --workdir /tmp/smollm2 grid ...` directly
-# (with PYTHONPATH=/tmp/site:$PWD), e.g. the confirmatory seeds with the learning rate the pilot chose.
+#   CONFIRM="--seeds 10 --workers 8" bash recipes/smollm2_device.sh   # confirmatory seeds, lr by the pilot's rule
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 WORK=/tmp/smollm2
@@ -35,9 +34,17 @@ run() { python3 recipes/smollm2.py --workdir "$WORK" "$@" 2>&1 | tee -a "$OUT/sm
 [ -d "$WORK/teacher" ] || run sft
 [ -f "$WORK/evaluate.json" ] || run evaluate
 status=0
+if [ -n "${CONFIRM:-}" ]; then
+    # The confirmatory seeds, at the learning rate the pilot's pre-registered rule gives (`pilot_lr`).
+    lr=$(python3 recipes/smollm2.py --workdir "$WORK" pilot_lr 2> >(tee -a "$OUT/smollm2.log" >&2))
+    GRID="--arms all --learning_rate $lr $CONFIRM"
+    echo "confirmatory: grid $GRID"
+fi
 if [ -n "${GRID:-}" ]; then
     # shellcheck disable=SC2086
     timeout "${GRID_SECONDS:-480}" python3 recipes/smollm2.py --workdir "$WORK" grid $GRID >> "$OUT/smollm2.log" 2>&1 || status=$?
+    tail -n 20 "$OUT/smollm2.log"
+    grep -l "Error" "$WORK"/logs/*.log 2>/dev/null | while read -r log; do echo "== $log"; tail -n 4 "$log"; done
     python3 recipes/smollm2.py --workdir "$WORK" analyze | tee "$OUT/smollm2-table.md" || true
 fi
 cp "$WORK"/*.json "$OUT/" 2>/dev/null || true

@@ -261,3 +261,32 @@ def test_the_grid_runs_each_missing_run_once_as_a_subprocess(tiny_pair, capsys):
     assert "vanilla seed 5: greedy" in capsys.readouterr().out
     smollm2.grid(smollm2.parse_args(args + ["--workers", "1", "--no-gate", "--smoke"]))  # resumes: nothing to run
     assert "1 of 1 runs already done; running 0" in capsys.readouterr().out
+
+
+def test_the_pilot_s_rule_raises_the_learning_rate_only_when_no_arm_moves_by_more_than_two_points(tmp_path, capsys):
+    def pilot(arm, start, final, rate=5e-6):
+        curve = [{"step": step, "greedy": 0.0, "temp1": t} for step, t in ((0, start), (30, 0.5), (60, final))]
+        path = smollm2.run_path(tmp_path, arm, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"arm": arm, "seed": 0, "eval": curve, "settings": {"learning_rate": rate}}))
+
+    args = smollm2.parse_args(["--workdir", str(tmp_path), "pilot_lr"])
+    with pytest.raises(SystemExit, match="No pilot runs"):
+        smollm2.pilot_lr(args)
+    pilot("vanilla", 0.0, 0.02)  # a move of exactly 0.02 is not "more than 0.02"; the middle point does not count
+    pilot("distill", 0.10, 0.09)
+    smollm2.run_path(tmp_path, "mixed_qstar", 10).write_text(  # a confirmatory seed is not the pilot's
+        json.dumps({"arm": "mixed_qstar", "seed": 10, "eval": [{"temp1": 0.0}, {"temp1": 0.9}], "settings": {}})
+    )
+    assert smollm2.pilot_lr(args) == 2e-5
+    out = capsys.readouterr()
+    assert (
+        out.out == "2e-05\n"
+        and "no pilot result (failed or not run): mixed_teacher, mixed_qstar, qstar_distill" in out.err
+    )
+    pilot("mixed_teacher", 0.05, 0.02)  # down by 0.03 also moves
+    assert smollm2.pilot_lr(args) == 5e-6
+    assert capsys.readouterr().out == "5e-06\n"
+    pilot("mixed_teacher", 0.05, 0.02, rate=2e-5)
+    with pytest.raises(SystemExit, match=r"runs at lr 5e-06; these ran at \[5e-06, 2e-05\]"):
+        smollm2.pilot_lr(args)
