@@ -566,6 +566,15 @@ def analyze(args) -> str:
                 f"{grpo_toy._mean_sd([_auc(r) for r in rs.values()])} | {mean('generated_tokens', -1):,.0f} | "
                 f"{sum(r['seconds'] for r in rs.values()) / len(rs):.0f} |"
             )
+        if confirmatory:
+            seeds = sorted({s for rs in chosen.values() for s in rs})
+            partial = {s: [a for a in ARMS if s not in chosen.get(a, {})] for s in seeds}
+            partial = {s: arms for s, arms in partial.items() if arms}
+            if partial:  # the pre-registration counts a seed only when all five arms finished it
+                lines += [
+                    "",
+                    "Seeds without every arm: " + "; ".join(f"{s} (no {', '.join(a)})" for s, a in partial.items()),
+                ]
         lines.append("")
         tests, missing = {}, {}
         for arm, reference in COMPARISONS:

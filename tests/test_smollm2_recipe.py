@@ -206,6 +206,7 @@ def test_analyze_tests_the_pre_registered_family_on_the_confirmatory_seeds_only(
     assert row.split(" | ")[3:5] == ["0.000316", "0.00189"]
     assert "| distill − vanilla | 0 | not run" in confirmatory
     assert "mixed_qstar − vanilla" not in pilot  # the pilot is exploratory: no test
+    assert "Seeds without every arm: 10 (no distill, mixed_teacher, qstar_distill); 11 (no distill," in confirmatory
 
 
 def _fake_run(workdir, arm, seed, **fields):
