@@ -33,7 +33,6 @@ import argparse
 import datetime
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -44,7 +43,9 @@ import torch
 from optimal_sampling import solve_alpha
 from optimal_sampling.alpha import kl_symmetry_kernel, solver_backend
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate_speed import append_results  # noqa: E402
+
 TARGET_SHAPE, TARGET_MS = (64, 151936), 0.25
 
 
@@ -229,14 +230,7 @@ def main() -> None:
     )
     print(section)
     if not args.no_append:
-        if not RESULTS.exists():
-            RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in `benchmarks/`; newest last.\n")
-        with RESULTS.open("a") as f:
-            f.write("\n" + section + "\n")
-        out = os.environ.get("OUT")
-        if out:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            shutil.copy(RESULTS, Path(out) / "RESULTS.md")
+        append_results(section)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from generate_speed import append_results  # noqa: E402
 
 from optimal_sampling import QStarOptions  # noqa: E402
 from optimal_sampling.fast import FastDecoder, FastPathConfig  # noqa: E402
 from optimal_sampling.toy import load_toy_pair, make_problems  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 OPTION_SETS = {
     "defaults (kl_symmetry)": QStarOptions(),
     "kl_budget=0.05": QStarOptions(alpha_method="kl_budget", kl_budget=0.05),
@@ -106,8 +108,7 @@ def main(argv=None) -> None:
     table = "\n".join([header, "", command, "", *rows]) + "\n"
     print(table)
     if not args.no_append:
-        with open(RESULTS, "a") as f:
-            f.write("\n" + table)
+        append_results(table)
     if failures:
         raise SystemExit(f"{failures} option set(s) did not reproduce the eager step in the captured one")
 

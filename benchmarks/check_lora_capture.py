@@ -37,13 +37,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from generate_speed import append_results  # noqa: E402
 
 from optimal_sampling import compute_mixture, log_probs_from_logits  # noqa: E402
 from optimal_sampling.fast import FastDecoder, FastPathConfig  # noqa: E402
 from optimal_sampling.teacher import position_ids_from_mask  # noqa: E402
 from optimal_sampling.toy import load_toy_pair, make_problems  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -265,8 +267,7 @@ def main(argv=None) -> None:
     table = "\n".join([header, "", command, "", *rows]) + "\n"
     print(table)
     if not args.no_append:
-        with open(RESULTS, "a") as f:
-            f.write("\n" + table)
+        append_results(table)
     if failures:
         raise SystemExit(f"{failures} LoRA capture check(s) failed")
 

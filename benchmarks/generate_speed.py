@@ -539,19 +539,26 @@ def _shape(shape: dict) -> str:
     )
 
 
-def save(sections: list[str], name: str, raw: dict):
-    """Append to benchmarks/RESULTS.md; on the GPU machine also write into $OUT."""
-    text = "\n".join(sections)
+def append_results(text: str, name: str | None = None, raw: dict | None = None) -> None:
+    """Append `text` to benchmarks/RESULTS.md, the one way every script in `benchmarks/` records a result.
+    Where $OUT is set (the lent GPU machine), RESULTS.md goes there too, with `name`.md and `name`.json (`raw`)."""
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in `benchmarks/`; newest last.\n")
     with RESULTS.open("a") as f:
-        f.write("\n" + text)
+        f.write("\n" + text.rstrip("\n") + "\n")
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"{name}.md").write_text(text)
-        (Path(out) / f"{name}.json").write_text(json.dumps(raw, indent=1, default=str))
+        if name:
+            (Path(out) / f"{name}.md").write_text(text)
+            (Path(out) / f"{name}.json").write_text(json.dumps(raw, indent=1, default=str))
         shutil.copy(RESULTS, Path(out) / "RESULTS.md")
+
+
+def save(sections: list[str], name: str, raw: dict):
+    """Append the sections to benchmarks/RESULTS.md (`append_results`) and print them."""
+    text = "\n".join(sections)
+    append_results(text, name, raw)
     print("\n" + text)
 
 

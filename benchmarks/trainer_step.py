@@ -47,9 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from generate_speed import QWEN25_05B, QWEN25_15B  # noqa: E402
+from generate_speed import QWEN25_05B, QWEN25_15B, append_results  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 DTYPE = torch.bfloat16
 
 
@@ -370,8 +369,7 @@ def main(argv=None) -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     if not args.no_append:
-        with open(RESULTS, "a") as f:
-            f.write("\n" + table)
+        append_results(table)
 
 
 if __name__ == "__main__":
