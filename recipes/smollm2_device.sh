@@ -7,6 +7,11 @@
 #   bash recipes/smollm2_device.sh                      # stash the parts carried by this call
 #   GRID="--arms all --seeds 0 --steps 60 --eval_every 20 --workers 5" bash recipes/smollm2_device.sh   # the pilot
 #   CONFIRM="--seeds 10 --workers 8" bash recipes/smollm2_device.sh   # confirmatory seeds, lr by the pilot's rule
+#
+# GRID and CONFIRM together run the pilot, then the confirmatory seeds at the rate its rule gives, in one call.
+# GRID_SECONDS bounds both together, counted from this script's start; a run still going then is stopped and
+# counts as not run. MPS=auto runs the grids under NVIDIA MPS when benchmarks/gpu_sharing_probe.sh, run
+# earlier on this machine, found it at least 1.2x the time-sliced throughput (its verdict in /tmp/mps_speedup).
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 WORK=/tmp/smollm2
@@ -34,17 +39,33 @@ run() { python3 recipes/smollm2.py --workdir "$WORK" "$@" 2>&1 | tee -a "$OUT/sm
 [ -d "$WORK/teacher" ] || run sft
 [ -f "$WORK/evaluate.json" ] || run evaluate
 status=0
+run_grid() {
+    local left=$(( ${GRID_SECONDS:-480} - SECONDS ))
+    if [ "$left" -le 30 ]; then echo "grid $*: skipped, ${left}s left of GRID_SECONDS"; status=124; return; fi
+    echo "grid $* (${left}s left)"
+    timeout "$left" python3 recipes/smollm2.py --workdir "$WORK" grid "$@" >> "$OUT/smollm2.log" 2>&1 || status=$?
+    tail -n 20 "$OUT/smollm2.log"
+}
+if [ "${MPS:-}" = auto ] && python3 -c "import sys; sys.exit(float(open('/tmp/mps_speedup').read()) < 1.2)" 2>/dev/null; then
+    echo "MPS: the probe measured $(cat /tmp/mps_speedup)x the time-sliced throughput; the grids run under it"
+    mkdir -p /tmp/nvidia-mps /tmp/nvidia-mps-log
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps CUDA_MPS_LOG_DIRECTORY=/tmp/nvidia-mps-log
+    nvidia-cuda-mps-control -d && trap 'echo quit | nvidia-cuda-mps-control' EXIT
+fi
+# shellcheck disable=SC2086
+[ -n "${GRID:-}" ] && run_grid $GRID
 if [ -n "${CONFIRM:-}" ]; then
     # The confirmatory seeds, at the learning rate the pilot's pre-registered rule gives (`pilot_lr`).
-    lr=$(python3 recipes/smollm2.py --workdir "$WORK" pilot_lr 2> >(tee -a "$OUT/smollm2.log" >&2))
-    GRID="--arms all --learning_rate $lr $CONFIRM"
-    echo "confirmatory: grid $GRID"
-fi
-if [ -n "${GRID:-}" ]; then
     # shellcheck disable=SC2086
-    timeout "${GRID_SECONDS:-480}" python3 recipes/smollm2.py --workdir "$WORK" grid $GRID >> "$OUT/smollm2.log" 2>&1 || status=$?
-    tail -n 20 "$OUT/smollm2.log"
-    grep -l "Error" "$WORK"/logs/*.log 2>/dev/null | while read -r log; do echo "== $log"; tail -n 4 "$log"; done
+    if lr=$(python3 recipes/smollm2.py --workdir "$WORK" pilot_lr 2> >(tee -a "$OUT/smollm2.log" >&2)); then
+        run_grid --arms all --learning_rate "$lr" $CONFIRM
+    else
+        status=1
+    fi
+fi
+if [ -n "${GRID:-}${CONFIRM:-}" ]; then
+    # the failed runs' log tails (`|| true`: under pipefail, no failed run would end the script here)
+    { grep -l "Error" "$WORK"/logs/*.log 2>/dev/null || true; } | while read -r log; do echo "== $log"; tail -n 4 "$log"; done
     python3 recipes/smollm2.py --workdir "$WORK" analyze | tee "$OUT/smollm2-table.md" || true
 fi
 cp "$WORK"/*.json "$OUT/" 2>/dev/null || true
