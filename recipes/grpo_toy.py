@@ -40,7 +40,6 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -366,10 +365,25 @@ def run_grid(script: str, jobs: list[tuple[str, str, int]], args, summarize) -> 
     )
 
 
-def run_jobs(jobs: list[tuple], *, command, result_path, log_dir: Path, workers: int, summarize, env=None) -> None:
+def run_jobs(
+    jobs: list[tuple],
+    *,
+    command,
+    result_path,
+    log_dir: Path,
+    workers: int,
+    summarize,
+    env=None,
+    crowded=None,
+    poll: float = 1.0,
+) -> None:
     """Run `command(job)` for every job (a tuple ending in its seed) whose `result_path(job)` does not exist,
     `workers` subprocesses at a time, each logging to `log_dir`; print one line per finished run
-    (`summarize(result)` of its result file) and exit non-zero if any run failed. Shared by every recipe's grid."""
+    (`summarize(result)` of its result file) and exit non-zero if any run failed. Shared by every recipe's grid.
+
+    `crowded(log_text)` says whether a failed run failed for want of a shared resource (the GPU's memory): such
+    a run, if others ran beside it, goes back to the front of the queue, and from then on at most as many runs
+    go at once as ran beside it, so a grid started with too many workers for its GPU still finishes every run."""
     todo = [job for job in jobs if not result_path(job).exists()]
     print(
         f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)} with {workers} workers",
@@ -381,22 +395,46 @@ def run_jobs(jobs: list[tuple], *, command, result_path, log_dir: Path, workers:
     def log_of(job) -> Path:
         return log_dir / ("-".join(str(part) for part in job[:-1]) + f"-seed{job[-1]}.log")
 
-    def one(job):
-        with open(log_of(job), "w") as log:
-            return job, subprocess.run(command(job), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    def name_of(job) -> str:
+        return "/".join(str(part) for part in job[:-1]) + f" seed {job[-1]}"
 
-    done = failed = 0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for future in as_completed([pool.submit(one, job) for job in todo]):
-            job, code = future.result()
+    queue, running, tried = list(todo), {}, set()  # running: process -> [job, where its log starts, most beside]
+    limit, done, failed = workers, 0, 0
+    while queue or running:
+        while queue and len(running) < limit:
+            job = queue.pop(0)
+            with open(log_of(job), "a" if job in tried else "w") as log:  # a retry keeps the crowded try's log
+                running[subprocess.Popen(command(job), stdout=log, stderr=subprocess.STDOUT, env=env)] = [
+                    job,
+                    log.tell(),
+                    0,
+                ]
+            tried.add(job)
+        for entry in running.values():
+            entry[2] = max(entry[2], len(running) - 1)
+        time.sleep(poll)
+        for process in [p for p in running if p.poll() is not None]:
+            job, start, beside = running.pop(process)
+            code = process.returncode
+            with open(log_of(job), errors="replace") as log:
+                log.seek(start)
+                this_try = log.read()
+            if code != 0 and beside and crowded is not None and crowded(this_try):
+                limit = min(limit, beside)
+                queue.insert(0, job)
+                print(
+                    f"[{time.time() - started:.0f}s] {name_of(job)}: short of GPU memory beside {beside} other run(s);"
+                    f" again, with at most {limit} at a time",
+                    flush=True,
+                )
+                continue
             done += 1
             failed += code != 0
             if code == 0:
                 summary = summarize(json.loads(result_path(job).read_text()))
             else:
                 summary = f"FAILED (exit {code}), see {log_of(job)}"
-            name = "/".join(str(part) for part in job[:-1])
-            print(f"[{done}/{len(todo)} {time.time() - started:.0f}s] {name} seed {job[-1]}: {summary}", flush=True)
+            print(f"[{done}/{len(todo)} {time.time() - started:.0f}s] {name_of(job)}: {summary}", flush=True)
     if failed:
         sys.exit(f"{failed} runs failed")
 

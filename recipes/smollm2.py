@@ -472,7 +472,14 @@ def grid(args) -> None:
         log_dir=Path(args.workdir) / "logs",
         workers=args.workers,
         summarize=summarize,
+        crowded=out_of_gpu_memory,
     )
+
+
+def out_of_gpu_memory(log: str) -> bool:
+    """Whether a run's log ends in CUDA running out of memory (five runs of the arms need about 110 GiB: on an
+    80 GiB H100 some of them fail so, and the grid runs them again with fewer beside them)."""
+    return "torch.OutOfMemoryError: CUDA out of memory" in log or "CUDA error: out of memory" in log
 
 
 #: The pilot's learning-rate rule (recipes/PREREGISTRATION_SMOLLM2.md): when no arm's mean T = 1 success moves by
@@ -503,6 +510,12 @@ def pilot_lr(args) -> float:
     if missing:
         print(f"no pilot result (failed or not run): {', '.join(missing)}", file=sys.stderr)
     moved = [arm for arm, move in moves.items() if abs(move) > PILOT_MOVE]
+    if missing and not moved:  # a missing arm might have moved: only its run can say the rate is raised
+        raise SystemExit(
+            f"The pilot lacks {', '.join(missing)}, and no arm that ran moved by more than {PILOT_MOVE}: the rule "
+            f"cannot raise the learning rate until they ran. Run them: python recipes/smollm2.py --workdir "
+            f"{args.workdir} grid --arms {' '.join(missing)} --seeds {PILOT_SEEDS.start} --learning_rate {PILOT_LR:g}"
+        )
     rate = PILOT_LR if moved else PILOT_RAISED_LR
     why = f"moved by more than {PILOT_MOVE}: {', '.join(moved)}" if moved else f"no arm moved by more than {PILOT_MOVE}"
     print(f"{why}: the confirmatory learning rate is {rate:g}", file=sys.stderr)

@@ -39,6 +39,55 @@ def test_seed_ranges_parse():
     assert grpo_toy.parse_seeds("0-2,5") == [0, 1, 2, 5]
 
 
+#: A run that holds a slot in SLOTS for half a second and fails like a CUDA out-of-memory error when more than
+#: two runs hold one then: a stand-in for the GPU's memory, which the scheduler below must share out.
+CROWDED_RUN = """
+import json, os, sys, time
+slots, result = sys.argv[1], sys.argv[2]
+mine = os.path.join(slots, os.path.basename(result))
+open(mine, "w").close()
+time.sleep(0.5)
+crowd = len(os.listdir(slots))
+time.sleep(0.3)
+os.remove(mine)
+if crowd > 2:
+    sys.exit(f"torch.OutOfMemoryError: CUDA out of memory ({crowd} runs at once)")
+if "broken" in result:
+    sys.exit("ValueError: a run that fails for another reason")
+json.dump({"crowd": crowd}, open(result, "w"))
+"""
+
+
+def test_runs_short_of_a_shared_resource_run_again_with_fewer_beside_them(tmp_path, capsys):
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    jobs = [("arm", seed) for seed in range(5)] + [("broken", 9)]
+
+    def path(job):
+        return tmp_path / f"{job[0]}-{job[1]}.json"
+
+    with pytest.raises(SystemExit, match="1 runs failed"):
+        grpo_toy.run_jobs(
+            jobs,
+            command=lambda job: [sys.executable, "-c", CROWDED_RUN, str(slots), str(path(job))],
+            result_path=path,
+            log_dir=tmp_path / "logs",
+            workers=6,
+            summarize=lambda result: f"ran beside {result['crowd'] - 1}",
+            crowded=lambda log: "CUDA out of memory" in log,
+            poll=0.05,
+        )
+    out = capsys.readouterr().out
+    assert all(path(job).exists() for job in jobs[:5])  # every run finished, at most two at a time
+    assert all(json.loads(path(job).read_text())["crowd"] <= 2 for job in jobs[:5])
+    assert "short of GPU memory beside 5 other run(s); again, with at most 5 at a time" in out
+    assert "with at most 2 at a time" in out and "with at most 1 at a time" not in out
+    # a failure of another kind is not retried, and is reported once with its log, which keeps the crowded tries
+    assert out.count("broken seed 9: FAILED") == 1
+    log = (tmp_path / "logs/broken-seed9.log").read_text()
+    assert "ValueError: a run that fails for another reason" in log and "CUDA out of memory" in log
+
+
 def test_the_grid_runs_resumes_and_analyses(tmp_path):
     """One arm pair, one seed, two steps: the grid writes a complete result per run, skips it on a
     rerun, and the analysis reads it."""

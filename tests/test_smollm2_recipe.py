@@ -264,6 +264,19 @@ def test_the_grid_runs_each_missing_run_once_as_a_subprocess(tiny_pair, capsys):
     assert "1 of 1 runs already done; running 0" in capsys.readouterr().out
 
 
+def test_the_grid_retries_a_run_only_when_its_log_ends_short_of_gpu_memory():
+    # The last lines of two logs from the H100 pilot (2026-12-07): five runs at once overran its 80 GiB.
+    oom = (
+        "    q_embed = (q * cos) + (rotate_half(q) * sin)\n"
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 30.00 MiB. GPU 0 has a total capacity of "
+        "79.18 GiB of which 24.38 MiB is free.\n"
+    )
+    finished = "{'train_runtime': '144.8', 'train_loss': '0.008178', 'epoch': '1'}\nwrote /tmp/smollm2/runs/x.json\n"
+    nan = "ValueError: log q contains NaN in the sampled tokens' records\n"
+    assert smollm2.out_of_gpu_memory(oom) and smollm2.out_of_gpu_memory("RuntimeError: CUDA error: out of memory")
+    assert not smollm2.out_of_gpu_memory(finished) and not smollm2.out_of_gpu_memory(nan)
+
+
 def test_the_pilot_s_rule_raises_the_learning_rate_only_when_no_arm_moves_by_more_than_two_points(tmp_path, capsys):
     def pilot(arm, start, final, rate=5e-6):
         curve = [{"step": step, "greedy": 0.0, "temp1": t} for step, t in ((0, start), (30, 0.5), (60, final))]
@@ -279,15 +292,23 @@ def test_the_pilot_s_rule_raises_the_learning_rate_only_when_no_arm_moves_by_mor
     smollm2.run_path(tmp_path, "mixed_qstar", 10).write_text(  # a confirmatory seed is not the pilot's
         json.dumps({"arm": "mixed_qstar", "seed": 10, "eval": [{"temp1": 0.0}, {"temp1": 0.9}], "settings": {}})
     )
+    # On the first H100 pilot (2026-12-07) two arms ran out of GPU memory; the rule then said 2e-5 without them.
+    with pytest.raises(SystemExit, match=r"lacks mixed_teacher, mixed_qstar, qstar_distill, and no arm that ran") as no:
+        smollm2.pilot_lr(args)
+    assert "grid --arms mixed_teacher mixed_qstar qstar_distill --seeds 0 --learning_rate 5e-06" in str(no.value)
+    for arm in ("mixed_qstar", "qstar_distill"):
+        pilot(arm, 0.0, 0.0)
+    pilot("mixed_teacher", 0.0, 0.01)
+    capsys.readouterr()
     assert smollm2.pilot_lr(args) == 2e-5
     out = capsys.readouterr()
-    assert (
-        out.out == "2e-05\n"
-        and "no pilot result (failed or not run): mixed_teacher, mixed_qstar, qstar_distill" in out.err
-    )
+    assert out.out == "2e-05\n" and "no arm moved by more than 0.02" in out.err
     pilot("mixed_teacher", 0.05, 0.02)  # down by 0.03 also moves
     assert smollm2.pilot_lr(args) == 5e-6
     assert capsys.readouterr().out == "5e-06\n"
+    smollm2.run_path(tmp_path, "vanilla", 0).unlink()  # with an arm that moved, a missing one cannot change the rate
+    assert smollm2.pilot_lr(args) == 5e-6
+    assert "no pilot result (failed or not run): vanilla" in capsys.readouterr().err
     pilot("mixed_teacher", 0.05, 0.02, rate=2e-5)
     with pytest.raises(SystemExit, match=r"runs at lr 5e-06; these ran at \[5e-06, 2e-05\]"):
         smollm2.pilot_lr(args)
