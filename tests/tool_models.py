@@ -123,7 +123,7 @@ def _train(model, sequences: list[tuple[list[int], list[int]]], steps: int, seed
         ids[i, : len(row)] = torch.tensor(row)
         attention[i, : len(row)] = 1
         labels[i, : len(row)] = torch.where(torch.tensor(mask, dtype=torch.bool), torch.tensor(row), -100)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     model.train()
     for _ in range(steps):
         loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
@@ -170,7 +170,7 @@ def _trained_state(role: str):
                 ids = parts["prompt"] + parts["call"] + parts["suffix"] + answer_ids
                 mask = [0] * len(parts["prompt"]) + [1] * len(parts["call"]) + [0] * len(parts["suffix"])
                 sequences.append((ids, mask + [1] * len(answer_ids)))
-    _train(model, sequences, steps=60, seed=seed)
+    _train(model, sequences, steps=800, seed=seed)
     return {k: v.clone() for k, v in model.state_dict().items()}, config
 
 
