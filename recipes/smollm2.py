@@ -277,6 +277,18 @@ ARMS: dict[str, dict] = {
 }
 
 
+def teacher_sha256(teacher_dir) -> str:
+    """The sha256 of the teacher's weight files. Each lent GPU machine starts bare and makes its own teacher
+    (`sft`), and two of them differ (0.883 and 0.871 greedy success on the H200 and the H100): a run records
+    which teacher it trained beside, and `analyze` pairs two runs of a seed only when they share it."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(teacher_dir).glob("*.safetensors")):
+        with open(path, "rb") as weights:
+            for block in iter(lambda: weights.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def run_path(workdir, arm: str, seed: int) -> Path:
     return Path(workdir) / "runs" / f"{arm}-seed{seed}.json"
 
@@ -384,6 +396,7 @@ def run(args) -> Path:
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "dtypes": {"policy": str(policy.dtype), "teacher": str(teacher.dtype)},
+        "teacher_sha256": teacher_sha256(teacher_dir),
         "seconds": round(time.time() - started, 1),
         "eval": curve,
         "log_history": trainer.state.log_history,
@@ -539,6 +552,10 @@ def _auc(result: dict) -> float:
     return grpo_toy.area_under_curve([e["step"] for e in result["eval"]], [e["temp1"] for e in result["eval"]])
 
 
+def _teacher_of(result: dict) -> str | None:
+    return result.get("teacher_sha256")
+
+
 def _settings_of(result: dict) -> tuple:
     return result.get("settings", {}).get("learning_rate"), result.get("dtypes", {}).get("policy")
 
@@ -589,14 +606,24 @@ def analyze(args) -> str:
                     "Seeds without every arm: " + "; ".join(f"{s} (no {', '.join(a)})" for s, a in partial.items()),
                 ]
         lines.append("")
-        tests, missing = {}, {}
+        tests, missing, unpaired = {}, {}, {}
         for arm, reference in COMPARISONS:
             seeds = sorted(set(chosen.get(arm, {})) & set(chosen.get(reference, {})))
+            other_teacher = [s for s in seeds if _teacher_of(chosen[arm][s]) != _teacher_of(chosen[reference][s])]
+            for s in other_teacher:
+                unpaired.setdefault(s, []).append(f"{arm} − {reference}")
+            seeds = [s for s in seeds if s not in other_teacher]
             if len(seeds) > 1:
                 differences = [_auc(chosen[arm][s]) - _auc(chosen[reference][s]) for s in seeds]
                 tests[f"{arm} − {reference}"] = grpo_toy.paired_tests(differences)
             else:
                 missing[f"{arm} − {reference}"] = len(seeds)
+        if unpaired:  # runs of one seed made on two machines, each with its own teacher
+            lines += [
+                "Not paired, the two runs trained beside different teachers (made on different machines): "
+                + "; ".join(f"seed {s} ({', '.join(names)})" for s, names in sorted(unpaired.items())),
+                "",
+            ]
         if tests and confirmatory:
             # Holm over the whole pre-registered family: a comparison without two paired seeds stays in it
             # with p = 1, so a missing arm never makes the others' correction milder.

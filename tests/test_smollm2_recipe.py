@@ -7,6 +7,7 @@ so the recipe's prompts, rewards, trainers and α rules are exercised as on the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -159,6 +160,8 @@ def test_every_arm_trains_two_steps_and_records_its_curve_cost_and_alpha(tiny_pa
     path = smollm2.run(smollm2.parse_args(argv))
     result = json.loads(path.read_text())
     assert (result["arm"], result["config"], result["device"]) == (arm, smollm2.ARMS[arm], "cpu")
+    teacher_weights = (tiny_pair / "teacher" / "model.safetensors").read_bytes()
+    assert result["teacher_sha256"] == hashlib.sha256(teacher_weights).hexdigest()
     assert [e["step"] for e in result["eval"]] == [0, 1, 2]
     tokens = [e["generated_tokens"] for e in result["eval"]]
     assert tokens[0] == 0 < tokens[1] < tokens[2] <= 2 * 2 * smollm2.G * 16  # 16 rollouts of <= 16 tokens a step
@@ -207,6 +210,19 @@ def test_analyze_tests_the_pre_registered_family_on_the_confirmatory_seeds_only(
     assert "| distill − vanilla | 0 | not run" in confirmatory
     assert "mixed_qstar − vanilla" not in pilot  # the pilot is exploratory: no test
     assert "Seeds without every arm: 10 (no distill, mixed_teacher, qstar_distill); 11 (no distill," in confirmatory
+
+
+def test_analyze_pairs_two_runs_of_a_seed_only_when_they_trained_beside_the_same_teacher(tmp_path):
+    # Each lent machine makes its own teacher; seed 13's mixed_qstar ran on another machine than its vanilla.
+    for seed in (10, 11, 12, 13):
+        _fake_run(tmp_path, "vanilla", seed, teacher_sha256="aa")
+        _fake_run(tmp_path, "mixed_qstar", seed, teacher_sha256="bb" if seed == 13 else "aa")
+    table = smollm2.analyze(smollm2.parse_args(["--workdir", str(tmp_path), "analyze"]))
+    assert "| mixed_qstar − vanilla | 3 |" in table
+    assert "Not paired, the two runs trained beside different teachers (made on different machines): seed 13 (" in table
+    _fake_run(tmp_path, "mixed_qstar", 13, teacher_sha256="aa")
+    table = smollm2.analyze(smollm2.parse_args(["--workdir", str(tmp_path), "analyze"]))
+    assert "| mixed_qstar − vanilla | 4 |" in table and "Not paired" not in table
 
 
 def _fake_run(workdir, arm, seed, **fields):
