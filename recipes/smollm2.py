@@ -439,10 +439,13 @@ def grid_flags(args) -> list[str]:
     return flags
 
 
-def stale_reason(result: dict, args) -> str | None:
-    """Why a finished run's result does not belong to this grid (other settings, or bf16 policy weights)."""
+def stale_reason(result: dict, args, teacher: str | None = None) -> str | None:
+    """Why a finished run's result does not belong to this grid: other settings, bf16 policy weights, or a
+    teacher other than `teacher` (the sha256 of this work directory's, when it has one)."""
     if result.get("dtypes", {}).get("policy") != "torch.float32":
         return "the policy trained in bf16 weights, before float32 master weights"
+    if teacher is not None and _teacher_of(result) != teacher:
+        return f"trained beside another teacher ({_teacher_of(result)}, not this work directory's {teacher})"
     settings = result.get("settings", {})
     for name in GRID_SETTINGS:
         if settings.get(name) != getattr(args, name):
@@ -456,10 +459,12 @@ def grid(args) -> None:
         print(f"teacher T = 1 success {check_teacher_gate(args.workdir):.3f} >= {TEACHER_GATE}: running", flush=True)
     arms = list(ARMS) if args.arms == ["all"] else args.arms
     jobs = [(arm, seed) for seed in grpo_toy.parse_seeds(args.seeds) for arm in arms]
+    teacher_dir = Path(args.workdir) / "teacher"
+    teacher = teacher_sha256(teacher_dir) if teacher_dir.is_dir() else None
     stale = []
     for job in jobs:
         path = run_path(args.workdir, *job)
-        why = stale_reason(json.loads(path.read_text()), args) if path.exists() else None
+        why = stale_reason(json.loads(path.read_text()), args, teacher) if path.exists() else None
         if why:
             stale.append(f"{path} ({why})")
     if stale:

@@ -245,6 +245,19 @@ def test_the_grid_refuses_to_count_results_made_with_other_settings_as_done(tmp_
         smollm2.grid(smollm2.parse_args(grid))
     assert not (tmp_path / "logs").exists()  # nothing ran
     assert old.exists()  # and nothing was deleted
+    # A work directory's teacher is made afresh on each lent machine: a run beside another teacher is not done.
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "model.safetensors").write_bytes(b"this machine's teacher")
+    ours = hashlib.sha256(b"this machine's teacher").hexdigest()
+    fields = dict(settings=settings, dtypes={"policy": "torch.float32"})
+    _fake_run(tmp_path, "vanilla", 10, teacher_sha256="a teacher made on another machine", **fields)
+    with pytest.raises(
+        SystemExit, match=rf"beside another teacher \(a teacher made on another machine, not .* {ours}\)"
+    ):
+        smollm2.grid(smollm2.parse_args(grid))
+    _fake_run(tmp_path, "vanilla", 10, teacher_sha256=ours, **fields)
+    smollm2.grid(smollm2.parse_args(grid))  # done beside this teacher: nothing to run
+    assert not (tmp_path / "logs" / "vanilla-seed10.log").exists()
 
 
 def test_analyze_refuses_a_confirmatory_family_that_mixes_settings(tmp_path):
