@@ -11,7 +11,9 @@
 # GRID and CONFIRM together run the pilot, then the confirmatory seeds at the rate its rule gives, in one call.
 # GRID_SECONDS bounds both together, counted from this script's start; a run still going then is stopped and
 # counts as not run. MPS=auto runs the grids under NVIDIA MPS when benchmarks/gpu_sharing_probe.sh, run
-# earlier on this machine, found it at least 1.2x the time-sliced throughput (its verdict in /tmp/mps_speedup).
+# earlier on this machine, found it at least 1.2x the time-sliced throughput (its verdict in /tmp/mps_speedup);
+# MPS=on runs them under it without the probe (1.86x on an H100, 2026-12-07). A run that fails short of GPU
+# memory is run again by the grid with fewer beside it.
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 WORK=/tmp/smollm2
@@ -46,8 +48,9 @@ run_grid() {
     timeout "$left" python3 recipes/smollm2.py --workdir "$WORK" grid "$@" >> "$OUT/smollm2.log" 2>&1 || status=$?
     tail -n 20 "$OUT/smollm2.log"
 }
-if [ "${MPS:-}" = auto ] && python3 -c "import sys; sys.exit(float(open('/tmp/mps_speedup').read()) < 1.2)" 2>/dev/null; then
-    echo "MPS: the probe measured $(cat /tmp/mps_speedup)x the time-sliced throughput; the grids run under it"
+if [ "${MPS:-}" = on ] || { [ "${MPS:-}" = auto ] &&
+    python3 -c "import sys; sys.exit(float(open('/tmp/mps_speedup').read()) < 1.2)" 2>/dev/null; }; then
+    echo "MPS=$MPS (the probe measured $(cat /tmp/mps_speedup 2>/dev/null || echo nothing here) x the time-sliced rate): the grids run under it"
     mkdir -p /tmp/nvidia-mps /tmp/nvidia-mps-log
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps CUDA_MPS_LOG_DIRECTORY=/tmp/nvidia-mps-log
     nvidia-cuda-mps-control -d && trap 'echo quit | nvidia-cuda-mps-control' EXIT
