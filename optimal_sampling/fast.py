@@ -42,7 +42,7 @@ from .decode_slot import WARMUP_STEPS, DecodeSlot, captured_state, eval_mode, re
 from .decode_step import DeviceScalarConstants, MixingOptions, decode_tail
 from .options import QStarOptions
 from .records import OptimalGenerateOutput, check_same_device, output_width
-from .support import NaNLogProbsError, first_nan_record
+from .support import check_sampled_log_probs
 from .teacher import repeat_teacher_prompts
 
 __all__ = [
@@ -60,19 +60,6 @@ __all__ = [
 FAST_MODES = ("auto", "eager", "cuda_graph", "compile_mixture", "compile")
 _FALLBACK = {"compile": "cuda_graph", "compile_mixture": "cuda_graph", "cuda_graph": "eager"}
 GRAPH_MAX_ITER = 8  # Newton iterations of a captured step, unless FastPathConfig.max_iter says otherwise
-
-
-def check_sampled_log_probs(records: dict[str, torch.Tensor], token_mask: torch.Tensor) -> None:
-    """`NaNLogProbsError`, naming the model, if a generated token's log-probability is NaN under either
-    model or q (`support.first_nan_record`)."""
-    name = first_nan_record(records, token_mask)
-    if name is not None:
-        source = {"logp_theta": "the policy (π_θ)", "logp_t": "the teacher (π_t)", "logq": "q"}[name]
-        raise NaNLogProbsError(
-            f"NaN log-probabilities from {source} (`{name}` of the sampled tokens): a model produced NaN logits. "
-            "Check its weights (a NaN optimizer step) and its dtype (fp16 overflow is the usual cause; try "
-            "bfloat16 or float32)."
-        )
 
 
 @dataclass(frozen=True)

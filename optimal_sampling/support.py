@@ -22,16 +22,23 @@ class NaNLogProbsError(ValueError):
 SAMPLED_LOG_PROBS = ("logp_theta", "logp_t", "logq")
 
 
-def first_nan_record(records: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> str | None:
-    """The first of `SAMPLED_LOG_PROBS` in `records` holding a NaN (where `mask`, if given), else None.
+def check_sampled_log_probs(
+    records: dict[str, torch.Tensor], mask: torch.Tensor | None = None, *, policy: str = "the policy"
+) -> None:
+    """`NaNLogProbsError`, naming the model, if a sampled token's log-prob in `records` (where `mask`, if
+    given) is NaN: each of `SAMPLED_LOG_PROBS` in turn, `policy` naming π_θ (the fast path's policy, the
+    top-k coordinator's base).
 
     Each model's record is checked, not log q alone: on a row that is NaN throughout, q*'s solver finds
     no common support and falls back to the other model (α = 0 or 1), so log q stays finite."""
-    for name in SAMPLED_LOG_PROBS:
+    for name, source in zip(SAMPLED_LOG_PROBS, (f"{policy} (π_θ)", "the teacher (π_t)", "q*")):
         values = records[name] if mask is None else records[name][mask]
         if bool(torch.isnan(values).any()):
-            return name
-    return None
+            raise NaNLogProbsError(
+                f"NaN log-probabilities from {source} (`{name}` of the sampled tokens): a model produced NaN "
+                "logits. Check its weights (a NaN optimizer step) and its dtype (fp16 overflow is the usual "
+                "cause; try bfloat16 or float32)."
+            )
 
 
 def check_log_prob_pair(logp_theta: torch.Tensor, logp_t: torch.Tensor) -> None:
@@ -172,7 +179,7 @@ def common_support(
     # comparisons). A NaN entry stays NaN in Δ and log q, but a row that is NaN throughout (NaN
     # logits) ends with α at a bound and log q the other model's: callers that skip
     # `check_log_prob_pair` (the fast path, the top-k step) check each model's log-prob of the
-    # sampled token as well (`first_nan_record`).
+    # sampled token as well (`check_sampled_log_probs`).
     both = lp + lr
     if on_host(both) and bool(both.amin() > float("-inf")):  # full support (and no NaN): no masking needed
         return CommonSupport(lp, lr, lp, lr - lp, None, torch.zeros(both.shape[0], dtype=torch.bool))

@@ -28,7 +28,7 @@ from .mixture import Mixture, compute_mixture, token_records
 from .options import CONFIG_FIELD_NAMES, OPTION_NAMES, QStarOptions, refuse_unsupported
 from .records import RECORDED_DIAGNOSTICS, GenerationOutput, prompt_token_ids, summarize_tokens
 from .sparse import SparseCandidates, sample_candidates, sparse_candidates
-from .support import NaNLogProbsError, first_nan_record
+from .support import check_sampled_log_probs
 
 #: The q* options both vLLM coordinators take with each call (`generate_batch(temperature=...)`), not in their config.
 PER_CALL_OPTIONS = ("temperature",)
@@ -427,13 +427,7 @@ class TopKStepper:
             record = {name: record[name] for name in ("alpha", "logq", "logp_theta", "logp_t")}
         values = {name: value for name, value in record.items() if name in PER_TOKEN}
         values.update(covered_theta=c.covered_theta, covered_t=c.covered_t)
-        nan = first_nan_record(values)
-        if nan is not None:
-            source = {"logp_theta": "the base (π_θ)", "logp_t": "the teacher (π_t)", "logq": "q*"}[nan]
-            raise NaNLogProbsError(
-                f"NaN log-probabilities from {source} in this step (`{nan}` of the sampled tokens): its "
-                "log-probs are not usable (NaN logits: check the model's weights and dtype)."
-            )
+        check_sampled_log_probs(values, policy="the base")
         names = list(values)
         table = torch.stack([values[n].to(torch.float64) for n in names]).tolist()  # one conversion per step
         for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
