@@ -6,11 +6,13 @@
 #
 #   bash recipes/smollm2_device.sh                      # stash the parts carried by this call
 #   GRID="--arms all --seeds 0 --steps 60 --eval_every 20 --workers 5" bash recipes/smollm2_device.sh   # the pilot
-#   CONFIRM="--seeds 10 --workers 8" bash recipes/smollm2_device.sh   # confirmatory seeds, lr by the pilot's rule
+#   CONFIRM_SEEDS=10-13 CONFIRM="--steps 60 --eval_every 20 --workers 5" bash recipes/smollm2_device.sh   # confirmatory
 #
 # GRID and CONFIRM together run the pilot, then the confirmatory seeds at the rate its rule gives, in one call.
 # GRID_SECONDS bounds both together, counted from this script's start; a run still going then is stopped and
-# counts as not run. MPS=auto runs the grids under NVIDIA MPS when benchmarks/gpu_sharing_probe.sh, run
+# counts as not run. So the confirmatory seeds run one whole seed (all five arms) per grid, and a seed starts
+# only while the time left exceeds the last seed's (or the pilot's) measured time, kept in /tmp/seed_seconds
+# across calls; a seed that would not finish is left for the next call instead of being stopped half-way. MPS=auto runs the grids under NVIDIA MPS when benchmarks/gpu_sharing_probe.sh, run
 # earlier on this machine, found it at least 1.2x the time-sliced throughput (its verdict in /tmp/mps_speedup);
 # MPS=on runs them under it without the probe (1.86x on an H100, 2026-12-07). A run that fails short of GPU
 # memory is run again by the grid with fewer beside it.
@@ -55,13 +57,28 @@ if [ "${MPS:-}" = on ] || { [ "${MPS:-}" = auto ] &&
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps CUDA_MPS_LOG_DIRECTORY=/tmp/nvidia-mps-log
     nvidia-cuda-mps-control -d && trap 'echo quit | nvidia-cuda-mps-control' EXIT
 fi
+timed_grid() {  # run_grid, keeping the longest time a whole seed took (a grid with nothing left to run is quick)
+    local start=$SECONDS before=$status took
+    run_grid "$@"
+    took=$(( SECONDS - start ))
+    if [ "$status" = "$before" ] && [ "$took" -gt "$(cat /tmp/seed_seconds 2>/dev/null || echo 0)" ]; then
+        echo "$took" > /tmp/seed_seconds
+    fi
+}
 # shellcheck disable=SC2086
-[ -n "${GRID:-}" ] && run_grid $GRID
+[ -n "${GRID:-}" ] && timed_grid $GRID
 if [ -n "${CONFIRM:-}" ]; then
     # The confirmatory seeds, at the learning rate the pilot's pre-registered rule gives (`pilot_lr`).
     # shellcheck disable=SC2086
     if lr=$(python3 recipes/smollm2.py --workdir "$WORK" pilot_lr 2> >(tee -a "$OUT/smollm2.log" >&2)); then
-        run_grid --arms all --learning_rate "$lr" $CONFIRM
+        for seed in $(python3 -c "import sys; sys.path.insert(0, 'recipes'); import grpo_toy; print(*grpo_toy.parse_seeds(sys.argv[1]))" "${CONFIRM_SEEDS:?}"); do
+            need=$(( $(cat /tmp/seed_seconds 2>/dev/null || echo 0) + 15 ))
+            if [ $(( ${GRID_SECONDS:-480} - SECONDS )) -lt "$need" ]; then
+                echo "seed $seed and later: left for the next call ($(( ${GRID_SECONDS:-480} - SECONDS ))s left, a seed took $(( need - 15 ))s)"
+                break
+            fi
+            timed_grid --arms all --learning_rate "$lr" --seeds "$seed" $CONFIRM
+        done
     else
         status=1
     fi
