@@ -14,14 +14,16 @@ from .seam import check_trl_seam
 _OUTPUT_SUFFIX = {"grpo": "GRPO", "rloo": "RLOO", "distillation": "Distill"}
 
 
-def checked_args(trainer: str, config_cls: type[Any], model, args, teacher_model) -> Any:
+def checked_args(trainer: str, config_cls: type[Any], model, args, teacher_model, processing_class=None) -> Any:
     """The checks every trainer makes before TRL's own `__init__`; returns its config.
 
     The installed TRL still has what `trainer` ("grpo", "rloo", "distillation") relies on; `args` is a
-    `config_cls` (default: one named after the model); a teacher is given; the sampler backend can run
-    here; the generation options change nothing that log q would not record.
+    `config_cls` (default: one named after the model); a teacher is given; a processing class given is a
+    tokenizer (TRL, given a processor with a text model, fails in its own set-up with an AttributeError);
+    the sampler backend can run here; the generation options change nothing that log q would not record.
     """
     check_trl_seam(trainer)
+    refuse_multimodal_processor(processing_class, "students" if trainer == "distillation" else "policies")
     if args is None:
         name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
         args = config_cls(f"{str(name).rstrip('/').split('/')[-1]}-OptimalSampling-{_OUTPUT_SUFFIX[trainer]}")
@@ -64,6 +66,18 @@ def check_tool_backend(args: QStarSamplingArguments, uses_tools: bool) -> None:
             f"Tool calling with sampler_backend={args.sampler_backend!r} is not built yet: the tool loop's later "
             "turns are sampled by sampler_backend='transformers' only. Use that backend with `tools` / "
             "`environment_factory`."
+        )
+
+
+def refuse_multimodal_processor(processing_class, role: str = "policies") -> None:
+    """Refuse a multimodal processing class (TRL's `_is_vlm` test, which TRL 1.14 and 1.15 lack): the q*
+    sampler reads text prompts through a tokenizer. `role` names the model as the trainer calls it."""
+    from transformers import ProcessorMixin
+
+    if isinstance(processing_class, ProcessorMixin):
+        raise NotImplementedError(
+            f"Vision-language (multimodal) {role} are not supported by the q* sampler yet: the processing class is a "
+            f"{type(processing_class).__name__}. For a text model, pass its tokenizer as `processing_class`."
         )
 
 

@@ -9,7 +9,7 @@ from transformers import PreTrainedModel
 from trl import DistillationTrainer
 
 from ._common import METRIC_PREFIX, OptimalSamplingMixin
-from .checks import check_tool_backend, checked_args
+from .checks import check_tool_backend, checked_args, refuse_multimodal_processor
 from .config import OptimalSamplingDistillationConfig
 from .rollout import left_pad
 from .turns import ToolLoopMixin
@@ -91,7 +91,9 @@ class OptimalSamplingDistillationTrainer(ToolLoopMixin, OptimalSamplingMixin, Di
         teacher_prompt_fn: Callable[[dict], Any] | None = None,
         **kwargs,
     ):
-        args = checked_args("distillation", OptimalSamplingDistillationConfig, model, args, teacher_model)
+        args = checked_args(
+            "distillation", OptimalSamplingDistillationConfig, model, args, teacher_model, processing_class
+        )
         if teacher_model is model or (teacher_model is None and args.teacher_model_name_or_path is model):
             raise ValueError(
                 "The student as its own teacher is not supported by the distillation trainer: TRL places the teacher "
@@ -109,8 +111,7 @@ class OptimalSamplingDistillationTrainer(ToolLoopMixin, OptimalSamplingMixin, Di
             processing_class=processing_class,
             **kwargs,
         )
-        if self._is_vlm:
-            raise NotImplementedError("Vision-language students are not supported by the q* sampler yet.")
+        refuse_multimodal_processor(self.processing_class, "students")
         if uses_tools:
             self._refuse_sharded_tool_loop()
         # TRL loaded and placed the teacher (it scores every completion in the loss); the sampler shares it.

@@ -8,7 +8,7 @@ import torch
 from trl import GRPOTrainer
 
 from ._common import OptimalSamplingMixin
-from .checks import check_tool_backend, checked_args
+from .checks import check_tool_backend, checked_args, refuse_multimodal_processor
 from .config import OptimalSamplingGRPOConfig
 from .estimators import TRUNCATING, grpo_advantages, importance_weights
 from .turns import ToolLoopMixin
@@ -93,7 +93,7 @@ class OptimalSamplingGRPOTrainer(ToolLoopMixin, OptimalSamplingMixin, GRPOTraine
         teacher_prompt_fn: Callable[[dict], Any] | None = None,
         **kwargs,
     ):
-        args = checked_args("grpo", OptimalSamplingGRPOConfig, model, args, teacher_model)
+        args = checked_args("grpo", OptimalSamplingGRPOConfig, model, args, teacher_model, processing_class)
         if kwargs.get("rollout_func") is not None:
             raise ValueError(
                 "`rollout_func` replaces TRL's sampler, and so q*; it cannot be combined with this trainer."
@@ -110,8 +110,7 @@ class OptimalSamplingGRPOTrainer(ToolLoopMixin, OptimalSamplingMixin, GRPOTraine
             processing_class=processing_class,
             **kwargs,
         )
-        if self._is_vlm:
-            raise NotImplementedError("Vision-language policies are not supported by the q* sampler yet.")
+        refuse_multimodal_processor(self.processing_class)
         if uses_tools:
             self._refuse_sharded_tool_loop()
         self._setup_teacher(teacher_model, teacher_processing_class, teacher_prompt_fn)

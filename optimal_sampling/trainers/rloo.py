@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from transformers import ProcessorMixin
 from trl import RLOOTrainer
 
 from ._common import OptimalSamplingMixin
-from .checks import checked_args
+from .checks import checked_args, refuse_multimodal_processor
 from .config import OptimalSamplingRLOOConfig
 from .estimators import TRUNCATING, importance_weights, recentre_advantages
 
@@ -49,7 +48,7 @@ class OptimalSamplingRLOOTrainer(OptimalSamplingMixin, RLOOTrainer):
         teacher_prompt_fn: Callable[[dict], Any] | None = None,
         **kwargs,
     ):
-        args = checked_args("rloo", OptimalSamplingRLOOConfig, model, args, teacher_model)
+        args = checked_args("rloo", OptimalSamplingRLOOConfig, model, args, teacher_model, processing_class)
         super().__init__(
             model,
             reward_funcs,
@@ -59,8 +58,7 @@ class OptimalSamplingRLOOTrainer(OptimalSamplingMixin, RLOOTrainer):
             processing_class=processing_class,
             **kwargs,
         )
-        if isinstance(self.processing_class, ProcessorMixin):  # (TRL 1.16's `_is_vlm`; 1.14 and 1.15 lack it)
-            raise NotImplementedError("Vision-language policies are not supported by the q* sampler yet.")
+        refuse_multimodal_processor(self.processing_class)
         self._setup_teacher(teacher_model, teacher_processing_class, teacher_prompt_fn)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
