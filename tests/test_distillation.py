@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from trainer_options import cpu_options
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
@@ -25,23 +26,9 @@ def dataset(rows: int = 8) -> Dataset:
 
 
 def arguments(config_cls=OptimalSamplingDistillationConfig, **overrides):
-    options = dict(
-        output_dir="/tmp/optimal-sampling-test-distillation",
-        per_device_train_batch_size=4,
-        max_completion_length=6,
-        max_steps=2,
-        learning_rate=1e-2,
-        seed=7,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        gradient_checkpointing=False,
-    )
+    options = dict(per_device_train_batch_size=4, gradient_checkpointing=False)
     options.update(overrides)
-    return config_cls(**options)
+    return config_cls(**cpu_options("/tmp/optimal-sampling-test-distillation", groups=False, **options))
 
 
 def teacher_model():

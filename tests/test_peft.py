@@ -235,6 +235,8 @@ def length_reward(completions, **kwargs):
 
 
 def make_trainer(model, peft_config=None, rloo=False, **overrides):
+    from trainer_options import cpu_options
+
     from optimal_sampling.trainers import (
         OptimalSamplingGRPOConfig,
         OptimalSamplingGRPOTrainer,
@@ -242,23 +244,8 @@ def make_trainer(model, peft_config=None, rloo=False, **overrides):
         OptimalSamplingRLOOTrainer,
     )
 
-    options = dict(
-        output_dir="/tmp/optimal-sampling-test-peft",
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        learning_rate=5e-2,
-        seed=7,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        log_completions=False,
-        num_on_policy_generations=1,
-        alpha_method="kl_symmetry",
+    options = cpu_options(
+        "/tmp/optimal-sampling-test-peft", learning_rate=5e-2, num_on_policy_generations=1, alpha_method="kl_symmetry"
     )
     options.update(overrides)
     trainer_cls, config_cls = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
+from trainer_options import cpu_options
 from trl import GRPOConfig, GRPOTrainer
 
 import optimal_sampling.trainers.rollout_func as rollout_func_module
@@ -21,22 +22,7 @@ def length_reward(completions, **kwargs):
 
 
 def grpo_trainer(rollout_func=None, reward=length_reward, **overrides):
-    options = dict(
-        output_dir="/tmp/optimal-sampling-test-rollout-func",
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        learning_rate=1e-2,
-        seed=7,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    options.update(overrides)
+    options = cpu_options("/tmp/optimal-sampling-test-rollout-func", **overrides)
     return GRPOTrainer(
         tiny_causal_lm(VOCAB, seed=0),
         reward_funcs=reward,

@@ -15,6 +15,7 @@ import torch
 
 # trl comes with the README's test install (`.[test,trl]`): a missing trl must fail, not skip.
 from datasets import Dataset  # noqa: E402
+from trainer_options import cpu_options
 from trl import GRPOConfig, GRPOTrainer, RLOOTrainer  # noqa: E402
 
 import optimal_sampling.trainers as trainers  # noqa: E402
@@ -45,24 +46,7 @@ def toy_dataset(rows: int = 8) -> Dataset:
 
 
 def training_args(config_cls=OptimalSamplingGRPOConfig, **overrides):
-    options = dict(
-        output_dir="/tmp/optimal-sampling-test-trainers",
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        learning_rate=1e-2,
-        seed=7,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        log_completions=False,
-    )
-    options.update(overrides)
-    return config_cls(**options)
+    return config_cls(**cpu_options("/tmp/optimal-sampling-test-trainers", **overrides))
 
 
 def make_trainer(

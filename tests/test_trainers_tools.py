@@ -22,6 +22,7 @@ from tool_models import (
     tool_suffix,
     tool_tokenizer,
 )
+from trainer_options import cpu_options
 from trl import GRPOConfig, GRPOTrainer
 
 from optimal_sampling.trainers import OptimalSamplingGRPOConfig, OptimalSamplingGRPOTrainer
@@ -50,24 +51,9 @@ class SecretEnvironment:
 
 
 def grpo_args(config_cls=OptimalSamplingGRPOConfig, **overrides):
-    options = dict(
-        output_dir="/tmp/optimal-sampling-test-tools",
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=40,
-        max_steps=1,
-        learning_rate=1e-3,
-        seed=3,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        log_completions=False,
-    )
+    options = dict(max_completion_length=40, max_steps=1, learning_rate=1e-3, seed=3)
     options.update(overrides)
-    return config_cls(**options)
+    return config_cls(**cpu_options("/tmp/optimal-sampling-test-tools", **options))
 
 
 def q_star_trainer(*, tools=True, **overrides):
