@@ -5,8 +5,8 @@
 # given back). Then each step runs once: prepare, sft, evaluate, and the grid of the arms.
 #
 #   bash recipes/smollm2_device.sh                      # stash the parts carried by this call
-#   GRID="--arms all --seeds 0 --steps 60 --eval_every 20 --workers 5" bash recipes/smollm2_device.sh   # the pilot
-#   CONFIRM_SEEDS=10-13 CONFIRM="--steps 60 --eval_every 20 --workers 5" bash recipes/smollm2_device.sh   # confirmatory
+#   GRID="--arms all --seeds 0 --steps 60 --eval_every 20 --workers auto" bash recipes/smollm2_device.sh   # the pilot
+#   CONFIRM_SEEDS=10-13 CONFIRM="--steps 60 --eval_every 20 --workers auto" bash recipes/smollm2_device.sh   # confirmatory
 #
 # GRID and CONFIRM together run the pilot, then the confirmatory seeds at the rate its rule gives, in one call.
 # GRID_SECONDS bounds both together, counted from this script's start; a run still going then is stopped and
@@ -37,6 +37,13 @@ if [ ! -f "$GGUF" ]; then
     fi
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# `--workers auto` in GRID or CONFIRM: as many runs as the card holds at their measured peaks (2026-12-07, GiB:
+# q* distillation 34.7, TRL's distillation at most 23.7, the other three at most 17.6; 110 for all five), so 5 on
+# an H200's 139 GiB and 3 on an H100's 80 (the largest three need 76); the grid still reruns one that runs short.
+mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 || echo 0)
+workers=$(( mib >= 115000 ? 5 : mib >= 78000 ? 3 : 2 ))
+GRID=${GRID:-} CONFIRM=${CONFIRM:-}
+GRID=${GRID//--workers auto/--workers $workers} CONFIRM=${CONFIRM//--workers auto/--workers $workers}
 python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
 run() { python3 recipes/smollm2.py --workdir "$WORK" "$@" 2>&1 | tee -a "$OUT/smollm2.log" | grep -v "^\[eval\]" | tail -n 30; }
 [ -d "$WORK/base" ] || run prepare --gguf "$GGUF"
