@@ -7,6 +7,7 @@
 #   bash recipes/smollm2_device.sh                      # stash the parts carried by this call
 #   GRID="--arms all --seeds 0 --steps 60 --eval_every 20 --workers auto" bash recipes/smollm2_device.sh   # the pilot
 #   CONFIRM_SEEDS=10-13 CONFIRM="--steps 60 --eval_every 20 --workers auto" bash recipes/smollm2_device.sh   # confirmatory
+#   PILOT_RUNS=recipes/results/smollm2_gpu_h100_2026-12-07b.tgz CONFIRM_SEEDS=11-13 CONFIRM=... bash ...   # on a later machine
 #
 # GRID and CONFIRM together run the pilot, then the confirmatory seeds at the rate its rule gives, in one call.
 # GRID_SECONDS bounds both together, counted from this script's start; a run still going then is stopped and
@@ -75,7 +76,12 @@ timed_grid() {  # run_grid, keeping the longest time a whole seed took (a grid w
 # shellcheck disable=SC2086
 [ -n "${GRID:-}" ] && timed_grid $GRID
 if [ -n "${CONFIRM:-}" ]; then
-    # The confirmatory seeds, at the learning rate the pilot's pre-registered rule gives (`pilot_lr`).
+    # The confirmatory seeds, at the learning rate the pilot's pre-registered rule gives (`pilot_lr`). The pilot
+    # runs once: a later machine reads the recorded one (PILOT_RUNS, an archive of recipes/results/) instead.
+    if [ -n "${PILOT_RUNS:-}" ] && ! ls "$WORK"/runs/*-seed0.json >/dev/null 2>&1; then
+        tar xzf "$PILOT_RUNS" -C "$WORK" --wildcards './runs/*-seed0.json'
+        echo "the pilot's runs from $PILOT_RUNS: $(ls "$WORK"/runs/*-seed0.json | xargs -n 1 basename | tr '\n' ' ')"
+    fi
     # shellcheck disable=SC2086
     if lr=$(python3 recipes/smollm2.py --workdir "$WORK" pilot_lr 2> >(tee -a "$OUT/smollm2.log" >&2)); then
         for seed in $(python3 -c "import sys; sys.path.insert(0, 'recipes'); import grpo_toy; print(*grpo_toy.parse_seeds(sys.argv[1]))" "${CONFIRM_SEEDS:?}"); do
