@@ -6,17 +6,19 @@
 #
 #   bash recipes/smollm2_device.sh                      # stash the parts carried by this call
 #   GRID="--arms all --seeds 0 --steps 60 --eval_every 20 --workers auto" bash recipes/smollm2_device.sh   # the pilot
-#   CONFIRM_SEEDS=10-13 CONFIRM="--steps 60 --eval_every 20 --workers auto" bash recipes/smollm2_device.sh   # confirmatory
-#   PILOT_RUNS=recipes/results/smollm2_gpu_h100_2026-12-07b.tgz CONFIRM_SEEDS=11-13 CONFIRM=... bash ...   # on a later machine
+#   CONFIRM_SEEDS=10-13 CONFIRM="--steps 60 --eval_every 20 --workers auto" bash recipes/smollm2_device.sh
+#   PILOT_RUNS=recipes/results/smollm2_gpu_h100_2026-12-07b.tgz CONFIRM_SEEDS=11-13 CONFIRM=...   # a later machine
 #
 # GRID and CONFIRM together run the pilot, then the confirmatory seeds at the rate its rule gives, in one call.
 # GRID_SECONDS bounds both together, counted from this script's start; a run still going then is stopped and
 # counts as not run. So the confirmatory seeds run one whole seed (all five arms) per grid, and a seed starts
-# only while the time left exceeds the last seed's (or the pilot's) measured time, kept in /tmp/seed_seconds
-# across calls; a seed that would not finish is left for the next call instead of being stopped half-way. MPS=auto runs the grids under NVIDIA MPS when benchmarks/gpu_sharing_probe.sh, run
-# earlier on this machine, found it at least 1.2x the time-sliced throughput (its verdict in /tmp/mps_speedup);
-# MPS=on runs them under it without the probe (1.86x on an H100, 2026-12-07). A run that fails short of GPU
-# memory is run again by the grid with fewer beside it.
+# only while the time left exceeds the longest time a seed (or the pilot) took on this machine, kept in
+# /tmp/seed_seconds across calls, or SEED_SECONDS before any ran here (on an H100, 3 runs at once: 432 s for
+# the pilot, 364 s for seed 10); a seed that would not finish is left for the next call, not stopped half-way.
+# MPS=auto runs the grids under NVIDIA MPS when benchmarks/gpu_sharing_probe.sh, run earlier on this machine,
+# found it at least 1.2x the time-sliced throughput (its verdict in /tmp/mps_speedup); MPS=on runs them under
+# it without the probe (1.86x on an H100, 2026-12-07). A run that fails short of GPU memory is run again by
+# the grid with fewer beside it.
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 WORK=/tmp/smollm2
@@ -84,8 +86,10 @@ if [ -n "${CONFIRM:-}" ]; then
     fi
     # shellcheck disable=SC2086
     if lr=$(python3 recipes/smollm2.py --workdir "$WORK" pilot_lr 2> >(tee -a "$OUT/smollm2.log" >&2)); then
-        for seed in $(python3 -c "import sys; sys.path.insert(0, 'recipes'); import grpo_toy; print(*grpo_toy.parse_seeds(sys.argv[1]))" "${CONFIRM_SEEDS:?}"); do
-            need=$(( $(cat /tmp/seed_seconds 2>/dev/null || echo 0) + 15 ))
+        seeds=$(python3 -c "import sys; sys.path.insert(0, 'recipes'); import grpo_toy; print(*grpo_toy.parse_seeds(sys.argv[1]))" \
+            "${CONFIRM_SEEDS:?}")
+        for seed in $seeds; do
+            need=$(( $(cat /tmp/seed_seconds 2>/dev/null || echo "${SEED_SECONDS:-0}") + 15 ))
             if [ $(( ${GRID_SECONDS:-480} - SECONDS )) -lt "$need" ]; then
                 echo "seed $seed and later: left for the next call ($(( ${GRID_SECONDS:-480} - SECONDS ))s left, a seed took $(( need - 15 ))s)"
                 break
