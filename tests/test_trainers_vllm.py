@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_servers import exact_log_probs  # noqa: E402
+from trainer_options import cpu_options  # noqa: E402
 
 from optimal_sampling.toy import TOY_PAIR_DIR, make_problems  # noqa: E402
 
@@ -59,25 +60,17 @@ def train_two_steps(tmp_path, **fields):
     tokenizer = AutoTokenizer.from_pretrained(TOY / "base")
     policy = AutoModelForCausalLM.from_pretrained(TOY / "base", dtype=torch.float32)
     args = OptimalSamplingGRPOConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        learning_rate=0.02,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=11,
-        teacher_prompt_template="{teacher_prompt}",
-        teacher_model_name_or_path=str(TOY / "teacher"),
-        alpha_method="kl_symmetry",
-        importance_weighting="token_truncate",
-        advantage_baseline="on_policy",
-        **fields,
+        **cpu_options(
+            str(tmp_path),
+            learning_rate=0.02,
+            seed=11,
+            teacher_prompt_template="{teacher_prompt}",
+            teacher_model_name_or_path=str(TOY / "teacher"),
+            alpha_method="kl_symmetry",
+            importance_weighting="token_truncate",
+            advantage_baseline="on_policy",
+            **fields,
+        )
     )
     keep = _KeepWeights()
     trainer = OptimalSamplingGRPOTrainer(
@@ -184,23 +177,18 @@ def distill_two_steps(tmp_path, **fields):
 
     rows = make_problems(8, seed=5)
     args = OptimalSamplingDistillationConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        max_completion_length=6,
-        max_steps=2,
-        learning_rate=0.02,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        gradient_checkpointing=False,
-        seed=11,
-        alpha_method="kl_symmetry",
-        teacher_prompt_template="{teacher_prompt}",
-        sampler_top_k=16,
-        **fields,
+        **cpu_options(
+            str(tmp_path),
+            groups=False,
+            per_device_train_batch_size=8,
+            learning_rate=0.02,
+            gradient_checkpointing=False,
+            seed=11,
+            alpha_method="kl_symmetry",
+            teacher_prompt_template="{teacher_prompt}",
+            sampler_top_k=16,
+            **fields,
+        )
     )
     trainer = OptimalSamplingDistillationTrainer(
         AutoModelForCausalLM.from_pretrained(TOY / "base", dtype=torch.float32),
