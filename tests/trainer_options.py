@@ -4,9 +4,10 @@ saved or reported. Each test module passes its own output directory and what it 
 from __future__ import annotations
 
 
-def cpu_options(output_dir: str, *, groups: bool = True, **overrides) -> dict:
+def cpu_options(output_dir: str, /, *, groups: bool = True, **overrides) -> dict:
     """Keyword arguments for a TRL config (GRPO / RLOO with `groups`: 8 rows in groups of 4, completions
-    not logged; distillation without), updated by `overrides`."""
+    not logged; distillation without), updated by `overrides` (an `output_dir` among them replaces the
+    module's default directory)."""
     options = dict(
         output_dir=output_dir,
         max_completion_length=6,
