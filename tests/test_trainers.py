@@ -675,8 +675,8 @@ def test_two_process_accelerate_run_completes(tmp_path):
     assert all(h["optimal_sampling/on_policy_frac"] == 0.5 for h in logged)
 
 
-@pytest.mark.parametrize("trainer_cls", ["grpo", "rloo", "distillation"])
-def test_a_multimodal_processing_class_is_refused_by_name(trainer_cls):
+@pytest.mark.parametrize("kind", ["grpo", "rloo", "distillation"])
+def test_a_multimodal_processing_class_is_refused_by_name(kind):
     """A processor (here a real `Wav2Vec2Processor` around the tokenizer: no image library needed) is what
     TRL takes for a vision-language model; the q* sampler reads text through a tokenizer, so each trainer
     refuses it with the processor's name and the fix."""
@@ -685,28 +685,15 @@ def test_a_multimodal_processing_class_is_refused_by_name(trainer_cls):
     from optimal_sampling.trainers import OptimalSamplingDistillationConfig, OptimalSamplingDistillationTrainer
 
     processor = Wav2Vec2Processor(feature_extractor=Wav2Vec2FeatureExtractor(), tokenizer=TOKENIZER)
-    teacher = tiny_causal_lm(VOCAB, seed=1)
+    student = tiny_causal_lm(VOCAB, seed=0)
+    common = dict(train_dataset=toy_dataset(), processing_class=processor, teacher_model=tiny_causal_lm(VOCAB, seed=1))
     with pytest.raises(NotImplementedError, match=r"Wav2Vec2Processor\. For a text model, pass its tokenizer"):
-        if trainer_cls == "distillation":
-            OptimalSamplingDistillationTrainer(
-                tiny_causal_lm(VOCAB, seed=0),
-                teacher_model=teacher,
-                args=OptimalSamplingDistillationConfig(
-                    output_dir="/tmp/optimal-sampling-test-trainers", report_to="none", use_cpu=True, bf16=False
-                ),
-                train_dataset=toy_dataset(),
-                processing_class=processor,
-            )
+        if kind == "distillation":
+            options = cpu_options("/tmp/optimal-sampling-test-trainers", groups=False)
+            OptimalSamplingDistillationTrainer(student, args=OptimalSamplingDistillationConfig(**options), **common)
         else:
             trainer_cls, config_cls = {
                 "grpo": (OptimalSamplingGRPOTrainer, OptimalSamplingGRPOConfig),
                 "rloo": (OptimalSamplingRLOOTrainer, OptimalSamplingRLOOConfig),
-            }[trainer_cls]
-            trainer_cls(
-                tiny_causal_lm(VOCAB, seed=0),
-                reward_funcs=length_reward,
-                args=training_args(config_cls),
-                train_dataset=toy_dataset(),
-                processing_class=processor,
-                teacher_model=teacher,
-            )
+            }[kind]
+            trainer_cls(student, reward_funcs=length_reward, args=training_args(config_cls), **common)
