@@ -84,16 +84,17 @@ if [ -n "${CONFIRM:-}" ]; then
         tar xzf "$PILOT_RUNS" -C "$WORK" --wildcards './runs/*-seed0.json'
         echo "the pilot's runs from $PILOT_RUNS: $(ls "$WORK"/runs/*-seed0.json | xargs -n 1 basename | tr '\n' ' ')"
     fi
-    # shellcheck disable=SC2086
     if lr=$(python3 recipes/smollm2.py --workdir "$WORK" pilot_lr 2> >(tee -a "$OUT/smollm2.log" >&2)); then
         seeds=$(python3 -c "import sys; sys.path.insert(0, 'recipes'); import grpo_toy; print(*grpo_toy.parse_seeds(sys.argv[1]))" \
             "${CONFIRM_SEEDS:?}")
         for seed in $seeds; do
-            need=$(( $(cat /tmp/seed_seconds 2>/dev/null || echo "${SEED_SECONDS:-0}") + 15 ))
-            if [ $(( ${GRID_SECONDS:-480} - SECONDS )) -lt "$need" ]; then
-                echo "seed $seed and later: left for the next call ($(( ${GRID_SECONDS:-480} - SECONDS ))s left, a seed took $(( need - 15 ))s)"
+            longest=$(cat /tmp/seed_seconds 2>/dev/null || echo "${SEED_SECONDS:-0}")
+            left=$(( ${GRID_SECONDS:-480} - SECONDS ))
+            if [ "$left" -lt $(( longest + 15 )) ]; then
+                echo "seed $seed and later: left for the next call (${left}s left, a seed takes up to ${longest}s)"
                 break
             fi
+            # shellcheck disable=SC2086
             timed_grid --arms all --learning_rate "$lr" --seeds "$seed" $CONFIRM
         done
     else
