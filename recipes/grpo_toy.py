@@ -375,6 +375,8 @@ def run_jobs(
     summarize,
     env=None,
     crowded=None,
+    deadline: float | None = None,
+    expected_seconds=None,
     poll: float = 1.0,
 ) -> None:
     """Run `command(job)` for every job (a tuple ending in its seed) whose `result_path(job)` does not exist,
@@ -383,7 +385,11 @@ def run_jobs(
 
     `crowded(log_text)` says whether a failed run failed for want of a shared resource (the GPU's memory): such
     a run, if others ran beside it, goes back to the front of the queue, and from then on at most as many runs
-    go at once as ran beside it, so a grid started with too many workers for its GPU still finishes every run."""
+    go at once as ran beside it, so a grid started with too many workers for its GPU still finishes every run.
+
+    `deadline` (a `time.time()` value) with `expected_seconds(job)`: a run starts only when it is expected to
+    finish by then; a free worker takes the first queued run that fits, so short runs fill the time that a long
+    one would not. Runs that fit nowhere are left undone and named (a later grid runs them), not failed."""
     todo = [job for job in jobs if not result_path(job).exists()]
     print(
         f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)} with {workers} workers",
@@ -400,9 +406,13 @@ def run_jobs(
 
     queue, running, tried = list(todo), {}, set()  # running: process -> [job, where its log starts, most beside]
     limit, done, failed = workers, 0, 0
-    while queue or running:
-        while queue and len(running) < limit:
-            job = queue.pop(0)
+
+    def fits(job) -> bool:
+        return deadline is None or time.time() + expected_seconds(job) <= deadline
+
+    while running or any(fits(job) for job in queue):
+        while len(running) < limit and (job := next((job for job in queue if fits(job)), None)) is not None:
+            queue.remove(job)
             with open(log_of(job), "a" if job in tried else "w") as log:  # a retry keeps the crowded try's log
                 running[subprocess.Popen(command(job), stdout=log, stderr=subprocess.STDOUT, env=env)] = [
                     job,
@@ -435,6 +445,12 @@ def run_jobs(
             else:
                 summary = f"FAILED (exit {code}), see {log_of(job)}"
             print(f"[{done}/{len(todo)} {time.time() - started:.0f}s] {name_of(job)}: {summary}", flush=True)
+    if queue:
+        print(
+            f"[{time.time() - started:.0f}s] left for a later grid, as they would not finish by the deadline: "
+            + ", ".join(f"{name_of(job)} (~{expected_seconds(job):.0f} s)" for job in queue),
+            flush=True,
+        )
     if failed:
         sys.exit(f"{failed} runs failed")
 

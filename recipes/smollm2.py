@@ -483,6 +483,7 @@ def grid(args) -> None:
         last = result["eval"][-1]
         return f"greedy {last['greedy']:.3f} T=1 {last['temp1']:.3f} ({result['seconds']:.0f} s)"
 
+    expected = expected_seconds(args.workdir)
     grpo_toy.run_jobs(
         jobs,
         command=command,
@@ -491,7 +492,29 @@ def grid(args) -> None:
         workers=args.workers,
         summarize=summarize,
         crowded=out_of_gpu_memory,
+        deadline=None if args.deadline is None else time.time() + args.deadline,
+        expected_seconds=lambda job: expected[job[0]],
     )
+
+
+#: A run's seconds from its process's start to its end, the longest of the pilot's and seed 10's, three at a time
+#: under MPS on an H100 (2026-12-07): what a grid with a deadline expects of an arm with no run in its workdir.
+ARM_SECONDS = {"vanilla": 291, "distill": 301, "mixed_teacher": 173, "mixed_qstar": 176, "qstar_distill": 150}
+STARTUP_SECONDS = 15  # a run's process start and model loading, which its result's `seconds` leaves out
+EXPECTED_MARGIN = 1.1
+
+
+def expected_seconds(workdir) -> dict[str, float]:
+    """Per arm, the seconds a grid expects a run to take: the longest that arm's runs in `workdir` took (their
+    `seconds` plus `STARTUP_SECONDS`), or `ARM_SECONDS` where none ran, times `EXPECTED_MARGIN`."""
+    longest = dict(ARM_SECONDS)
+    ran = set()
+    for path in (Path(workdir) / "runs").glob("*-seed*.json"):
+        result = json.loads(path.read_text())
+        took = result["seconds"] + STARTUP_SECONDS
+        longest[result["arm"]] = max(longest[result["arm"]], took) if result["arm"] in ran else took
+        ran.add(result["arm"])
+    return {arm: seconds * EXPECTED_MARGIN for arm, seconds in longest.items()}
 
 
 def out_of_gpu_memory(log: str) -> bool:
@@ -687,6 +710,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument("--arms", nargs="+", default=["all"])
             p.add_argument("--seeds", default="0-2")
             p.add_argument("--workers", type=int, default=5)
+            p.add_argument(
+                "--deadline",
+                type=float,
+                help="seconds from now: start only the runs expected to finish by then (by the longest time that "
+                "arm took in this workdir), leaving the rest for a later grid",
+            )
             p.add_argument("--no-gate", action="store_true", help="run the arms whatever the teacher's success")
             p.add_argument("--smoke", action="store_true", help="each run with `run --smoke`: a CPU check")
         p.set_defaults(func=func)

@@ -10,11 +10,11 @@
 #   PILOT_RUNS=recipes/results/smollm2_gpu_h100_2026-12-07b.tgz CONFIRM_SEEDS=11-13 CONFIRM=...   # a later machine
 #
 # GRID and CONFIRM together run the pilot, then the confirmatory seeds at the rate its rule gives, in one call.
-# GRID_SECONDS bounds both together, counted from this script's start; a run still going then is stopped and
-# counts as not run. So the confirmatory seeds run one whole seed (all five arms) per grid, and a seed starts
-# only while the time left exceeds the longest time a seed (or the pilot) took on this machine, kept in
-# /tmp/seed_seconds across calls, or SEED_SECONDS before any ran here (on an H100, 3 runs at once: 432 s for
-# the pilot, 364 s for seed 10); a seed that would not finish is left for the next call, not stopped half-way.
+# GRID_SECONDS bounds both together, counted from this script's start: each grid gets the time left as its
+# --deadline, so a run starts only where it is expected to finish by then (by the longest time its arm took on
+# this work directory, or an H100's time before any ran), a free GPU share taking the next run that fits; the
+# rest are left for the next call on the held machine (its teacher stays, so a seed's arms pair across calls).
+# A run still going at the deadline (it took longer than expected) is stopped and counts as not run.
 # MPS=auto runs the grids under NVIDIA MPS when benchmarks/gpu_sharing_probe.sh, run earlier on this machine,
 # found it at least 1.2x the time-sliced throughput (its verdict in /tmp/mps_speedup); MPS=on runs them under
 # it without the probe (1.86x on an H100, 2026-12-07). A run that fails short of GPU memory is run again by
@@ -57,7 +57,8 @@ run_grid() {
     local left=$(( ${GRID_SECONDS:-480} - SECONDS ))
     if [ "$left" -le 30 ]; then echo "grid $*: skipped, ${left}s left of GRID_SECONDS"; status=124; return; fi
     echo "grid $* (${left}s left)"
-    timeout "$left" python3 recipes/smollm2.py --workdir "$WORK" grid "$@" >> "$OUT/smollm2.log" 2>&1 || status=$?
+    timeout "$left" python3 recipes/smollm2.py --workdir "$WORK" grid --deadline $(( left - 5 )) "$@" \
+        >> "$OUT/smollm2.log" 2>&1 || status=$?
     tail -n 20 "$OUT/smollm2.log"
 }
 if [ "${MPS:-}" = on ] || { [ "${MPS:-}" = auto ] &&
@@ -67,16 +68,8 @@ if [ "${MPS:-}" = on ] || { [ "${MPS:-}" = auto ] &&
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps CUDA_MPS_LOG_DIRECTORY=/tmp/nvidia-mps-log
     nvidia-cuda-mps-control -d && trap 'echo quit | nvidia-cuda-mps-control' EXIT
 fi
-timed_grid() {  # run_grid, keeping the longest time a whole seed took (a grid with nothing left to run is quick)
-    local start=$SECONDS before=$status took
-    run_grid "$@"
-    took=$(( SECONDS - start ))
-    if [ "$status" = "$before" ] && [ "$took" -gt "$(cat /tmp/seed_seconds 2>/dev/null || echo 0)" ]; then
-        echo "$took" > /tmp/seed_seconds
-    fi
-}
 # shellcheck disable=SC2086
-[ -n "${GRID:-}" ] && timed_grid $GRID
+[ -n "${GRID:-}" ] && run_grid $GRID
 if [ -n "${CONFIRM:-}" ]; then
     # The confirmatory seeds, at the learning rate the pilot's pre-registered rule gives (`pilot_lr`). The pilot
     # runs once: a later machine reads the recorded one (PILOT_RUNS, an archive of recipes/results/) instead.
@@ -85,18 +78,8 @@ if [ -n "${CONFIRM:-}" ]; then
         echo "the pilot's runs from $PILOT_RUNS: $(ls "$WORK"/runs/*-seed0.json | xargs -n 1 basename | tr '\n' ' ')"
     fi
     if lr=$(python3 recipes/smollm2.py --workdir "$WORK" pilot_lr 2> >(tee -a "$OUT/smollm2.log" >&2)); then
-        seeds=$(python3 -c "import sys; sys.path.insert(0, 'recipes'); import grpo_toy; print(*grpo_toy.parse_seeds(sys.argv[1]))" \
-            "${CONFIRM_SEEDS:?}")
-        for seed in $seeds; do
-            longest=$(cat /tmp/seed_seconds 2>/dev/null || echo "${SEED_SECONDS:-0}")
-            left=$(( ${GRID_SECONDS:-480} - SECONDS ))
-            if [ "$left" -lt $(( longest + 15 )) ]; then
-                echo "seed $seed and later: left for the next call (${left}s left, a seed takes up to ${longest}s)"
-                break
-            fi
-            # shellcheck disable=SC2086
-            timed_grid --arms all --learning_rate "$lr" --seeds "$seed" $CONFIRM
-        done
+        # shellcheck disable=SC2086
+        run_grid --arms all --learning_rate "$lr" --seeds "${CONFIRM_SEEDS:?}" $CONFIRM
     else
         status=1
     fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,35 @@ def test_runs_short_of_a_shared_resource_run_again_with_fewer_beside_them(tmp_pa
     assert out.count("broken seed 9: FAILED") == 1
     log = (tmp_path / "logs/broken-seed9.log").read_text()
     assert "ValueError: a run that fails for another reason" in log and "CUDA out of memory" in log
+
+
+def test_a_deadline_starts_only_the_runs_expected_to_finish_by_it(tmp_path, capsys):
+    """One worker, two seconds: the long run would not finish and is passed over for the run after it, which
+    sleeps 1.5 s (expected 1 s), after which the third (expected 1 s) no longer fits: both are left, not failed."""
+    sleeps, expected = {"long": 0.0, "a": 1.5, "b": 0.0}, {"long": 100.0, "a": 1.0, "b": 1.0}
+    jobs = [("long", 0), ("a", 1), ("b", 2)]
+
+    def path(job):
+        return tmp_path / f"{job[0]}.json"
+
+    sleeper = "import json, sys, time; time.sleep(float(sys.argv[1])); json.dump({}, open(sys.argv[2], 'w'))"
+    grpo_toy.run_jobs(
+        jobs,
+        command=lambda job: [sys.executable, "-c", sleeper, str(sleeps[job[0]]), str(path(job))],
+        result_path=path,
+        log_dir=tmp_path / "logs",
+        workers=1,
+        summarize=lambda result: "done",
+        deadline=time.time() + 2.0,
+        expected_seconds=lambda job: expected[job[0]],
+        poll=0.05,
+    )
+    out = capsys.readouterr().out
+    assert [job for job in jobs if path(job).exists()] == [("a", 1)]
+    assert "a seed 1: done" in out
+    assert (
+        "left for a later grid, as they would not finish by the deadline: long seed 0 (~100 s), b seed 2 (~1 s)" in out
+    )
 
 
 def test_the_grid_runs_resumes_and_analyses(tmp_path):

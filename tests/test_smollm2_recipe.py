@@ -293,6 +293,26 @@ def test_the_grid_runs_each_missing_run_once_as_a_subprocess(tiny_pair, capsys):
     assert "1 of 1 runs already done; running 0" in capsys.readouterr().out
 
 
+def test_a_grid_with_a_deadline_expects_each_arm_to_take_its_longest_recorded_time(tmp_path, capsys):
+    # No run yet: the H100's measured times (vanilla 291 s, distill 301 s), with a 10% margin.
+    assert smollm2.expected_seconds(tmp_path)["vanilla"] == pytest.approx(320.1)
+    _fake_run(tmp_path, "vanilla", 10, seconds=400.0)
+    _fake_run(tmp_path, "vanilla", 11, seconds=100.0)
+    expected = smollm2.expected_seconds(tmp_path)
+    assert expected["vanilla"] == pytest.approx((400 + 15) * 1.1)  # the longest, plus the process's start
+    assert expected["distill"] == pytest.approx(331.1)
+    _fake_run(tmp_path, "distill", 10, seconds=100.0)  # a run measured here replaces the default, even if shorter
+    assert smollm2.expected_seconds(tmp_path)["distill"] == pytest.approx(126.5)
+    # A grid whose deadline no run fits starts none, and names what it left.
+    grid = ["--workdir", str(tmp_path), "grid", "--arms", "vanilla", "distill", "--seeds", "12", "--no-gate"]
+    smollm2.grid(smollm2.parse_args(grid + ["--deadline", "100"]))
+    assert (
+        "left for a later grid, as they would not finish by the deadline: vanilla seed 12 (~457 s), distill seed 12 (~127 s)"
+        in (capsys.readouterr().out)
+    )
+    assert not list((tmp_path / "logs").glob("*seed12.log"))
+
+
 def test_the_grid_retries_a_run_only_when_its_log_ends_short_of_gpu_memory():
     # The last lines of two logs from the H100 pilot (2026-12-07): five runs at once overran its 80 GiB.
     oom = (
