@@ -37,6 +37,7 @@ import os
 import random
 import re
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -517,6 +518,40 @@ def expected_seconds(workdir) -> dict[str, float]:
     return {arm: seconds * EXPECTED_MARGIN for arm, seconds in longest.items()}
 
 
+def adopt(args) -> list[Path]:
+    """Runs recorded on earlier machines (archives of `recipes/results/`, as the device script packs them) into
+    this work directory, each one made beside this directory's teacher (the same sha256, as two H100 sessions
+    made) with float32 policy weights and not here yet: a grid then counts it as done, and `analyze` pairs it,
+    so a seed's arms may finish over several sessions. Another teacher's runs stay out: they pair only with
+    runs beside theirs."""
+    teacher_dir = Path(args.workdir) / "teacher"
+    if not teacher_dir.is_dir():
+        raise SystemExit(f"{teacher_dir} is missing: run `sft` first, as runs are adopted beside their teacher only.")
+    teacher = teacher_sha256(teacher_dir)
+    adopted, skipped = [], []
+    for archive in args.archives:
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                if not re.fullmatch(r"(\./)?runs/[a-z_]+-seed\d+\.json", member.name):
+                    continue
+                result = json.load(tar.extractfile(member))
+                target = run_path(args.workdir, result["arm"], result["seed"])
+                if _teacher_of(result) != teacher:
+                    skipped.append(f"{member.name} (beside teacher {_teacher_of(result)})")
+                elif result.get("dtypes", {}).get("policy") != "torch.float32":
+                    skipped.append(f"{member.name} (bf16 policy weights)")
+                elif target.exists():
+                    skipped.append(f"{member.name} (already in {target.parent})")
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_text(json.dumps(result))
+                    adopted.append(target)
+    print(f"adopted {len(adopted)} runs beside teacher {teacher[:12]}: {' '.join(p.stem for p in adopted) or '-'}")
+    if skipped:
+        print("not adopted: " + "; ".join(skipped))
+    return adopted
+
+
 def out_of_gpu_memory(log: str) -> bool:
     """Whether a run's log ends in CUDA running out of memory (five runs of the arms need about 110 GiB: on an
     80 GiB H100 some of them fail so, and the grid runs them again with fewer beside them)."""
@@ -719,6 +754,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument("--no-gate", action="store_true", help="run the arms whatever the teacher's success")
             p.add_argument("--smoke", action="store_true", help="each run with `run --smoke`: a CPU check")
         p.set_defaults(func=func)
+    p = commands.add_parser("adopt", help="earlier machines' runs made beside this teacher, from their archives")
+    p.add_argument("archives", nargs="+", help="archives of recipes/results/ (tar.gz with ./runs/*.json)")
+    p.set_defaults(func=adopt)
     p = commands.add_parser("analyze", help="the success curves' table")
     p.set_defaults(func=analyze)
     p = commands.add_parser("pilot_lr", help="the confirmatory learning rate by the pilot's pre-registered rule")

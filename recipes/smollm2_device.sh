@@ -8,6 +8,7 @@
 #   GRID="--arms all --seeds 0 --steps 60 --eval_every 20 --workers auto" bash recipes/smollm2_device.sh   # the pilot
 #   CONFIRM_SEEDS=10-13 CONFIRM="--steps 60 --eval_every 20 --workers auto" bash recipes/smollm2_device.sh
 #   PILOT_RUNS=recipes/results/smollm2_gpu_h100_2026-12-07b.tgz CONFIRM_SEEDS=11-13 CONFIRM=...   # a later machine
+#   RUNS_FROM="recipes/results/a.tgz recipes/results/b.tgz" ...   # and earlier sessions' runs beside its teacher
 #
 # GRID and CONFIRM together run the pilot, then the confirmatory seeds at the rate its rule gives, in one call.
 # GRID_SECONDS bounds both together, counted from this script's start: each grid gets the time left as its
@@ -52,6 +53,9 @@ run() { python3 recipes/smollm2.py --workdir "$WORK" "$@" 2>&1 | tee -a "$OUT/sm
 [ -d "$WORK/base" ] || run prepare --gguf "$GGUF"
 [ -d "$WORK/teacher" ] || run sft
 [ -f "$WORK/evaluate.json" ] || run evaluate
+# Earlier sessions' runs made beside this teacher (the same sha256), from their archives: a grid counts them done.
+# shellcheck disable=SC2086
+[ -n "${RUNS_FROM:-}" ] && [ ! -f /tmp/smol-adopted ] && run adopt $RUNS_FROM && touch /tmp/smol-adopted
 status=0
 run_grid() {
     local left=$(( ${GRID_SECONDS:-480} - SECONDS ))

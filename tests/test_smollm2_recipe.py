@@ -13,6 +13,7 @@ import os
 import random
 import re
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -258,6 +259,36 @@ def test_the_grid_refuses_to_count_results_made_with_other_settings_as_done(tmp_
     _fake_run(tmp_path, "vanilla", 10, teacher_sha256=ours, **fields)
     smollm2.grid(smollm2.parse_args(grid))  # done beside this teacher: nothing to run
     assert not (tmp_path / "logs" / "vanilla-seed10.log").exists()
+
+
+def test_adopt_takes_an_archives_runs_made_beside_this_teacher_and_the_grid_counts_them_done(tmp_path, capsys):
+    earlier, here = tmp_path / "earlier", tmp_path / "here"
+    (here / "teacher").mkdir(parents=True)
+    (here / "teacher" / "model.safetensors").write_bytes(b"the teacher both machines made")
+    ours = hashlib.sha256(b"the teacher both machines made").hexdigest()
+    fields = dict(settings={"steps": 60, "eval_every": 20, "learning_rate": 5e-6, "smoke": False})
+    float32 = {"policy": "torch.float32"}
+    _fake_run(earlier, "vanilla", 11, teacher_sha256=ours, dtypes=float32, **fields)
+    _fake_run(earlier, "distill", 11, teacher_sha256="another machine's teacher", dtypes=float32, **fields)
+    _fake_run(earlier, "mixed_teacher", 11, teacher_sha256=ours, dtypes={"policy": "torch.bfloat16"}, **fields)
+    _fake_run(earlier, "mixed_qstar", 11, teacher_sha256=ours, dtypes=float32, **fields)
+    (earlier / "evaluate.json").write_text("{}")  # not a run: left alone
+    mine = _fake_run(here, "mixed_qstar", 11, teacher_sha256=ours, dtypes=float32, seconds=7.0, **fields)
+    archive = tmp_path / "earlier.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(earlier, arcname=".")
+    adopted = smollm2.adopt(smollm2.parse_args(["--workdir", str(here), "adopt", str(archive)]))
+    assert adopted == [smollm2.run_path(here, "vanilla", 11)]
+    assert sorted(path.name for path in (here / "runs").iterdir()) == ["mixed_qstar-seed11.json", "vanilla-seed11.json"]
+    assert json.loads(mine.read_text())["seconds"] == 7.0  # a run already here is kept, not replaced
+    out = capsys.readouterr().out
+    assert "distill-seed11.json (beside teacher another machine's teacher)" in out
+    assert "mixed_teacher-seed11.json (bf16 policy weights)" in out
+    grid = ["--workdir", str(here), "grid", "--arms", "vanilla", "--seeds", "11", "--no-gate"]
+    smollm2.grid(smollm2.parse_args(grid))
+    assert "1 of 1 runs already done; running 0" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="run `sft` first"):
+        smollm2.adopt(smollm2.parse_args(["--workdir", str(earlier), "adopt", str(archive)]))
 
 
 def test_analyze_refuses_a_confirmatory_family_that_mixes_settings(tmp_path):
