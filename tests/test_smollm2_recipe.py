@@ -183,18 +183,26 @@ def test_every_arm_trains_two_steps_and_records_its_curve_cost_and_alpha(tiny_pa
             assert f"| {name} | 1 |" in table
 
 
-def test_analyze_tests_the_pre_registered_family_on_the_confirmatory_seeds_only(tmp_path):
+def test_analyze_tests_the_pre_registered_family_on_the_complete_confirmatory_seeds_only(tmp_path):
     # Flat curves, so each run's T = 1 AUC is its success: q* rows beat vanilla by 0.10 or 0.12 on the
-    # confirmatory seeds 10-13 (mean 0.11); the pilot seed 0, where vanilla is far ahead, must not count.
+    # confirmatory seeds 10-13 (mean 0.11); the pilot seed 0, where vanilla is far ahead, must not count, nor
+    # seed 14, which lacks three arms (its q* rows are far behind).
     runs = tmp_path / "runs"
     runs.mkdir()
-    success = {"vanilla": 0.20, "mixed_qstar": 0.30}
-    for arm, value in success.items():
-        for seed in (0, 10, 11, 12, 13):
-            shift = 0.01 * (seed % 3) + (0.5 if seed == 0 else 0.0)  # the pilot seed would flip the sign if counted
-            value_of_run = value + shift if arm == "vanilla" else value + 0.01 * (seed % 3) + 0.02 * (seed % 2)
+
+    def success(arm, seed):
+        if arm == "vanilla":
+            return 0.20 + 0.01 * (seed % 3) + (0.5 if seed in (0, 14) else 0.0)
+        if arm == "mixed_qstar":
+            return 0.30 + 0.01 * (seed % 3) + 0.02 * (seed % 2)
+        wobble = seed if arm != "qstar_distill" else seed // 2  # the other three: vanilla, give or take 0.03
+        return 0.20 + 0.01 * (seed % 3) + 0.03 * (-1) ** wobble
+
+    for seed in (0, 10, 11, 12, 13, 14):
+        for arm in smollm2.ARMS if seed != 14 else ("vanilla", "mixed_qstar"):
+            value = success(arm, seed)
             curve = [
-                {"step": step, "greedy": value_of_run, "temp1": value_of_run, "generated_tokens": 100 * step}
+                {"step": step, "greedy": value, "temp1": value, "generated_tokens": 100 * step}
                 for step in (0, 20, 40, 60)
             ]
             (runs / f"{arm}-seed{seed}.json").write_text(
@@ -202,28 +210,30 @@ def test_analyze_tests_the_pre_registered_family_on_the_confirmatory_seeds_only(
             )
     table = smollm2.analyze(smollm2.parse_args(["--workdir", str(tmp_path), "analyze"]))
     pilot, confirmatory = table.split("**confirmatory**")
-    assert "| vanilla | 1 |" in pilot and "| vanilla | 4 |" in confirmatory
+    assert "| vanilla | 1 |" in pilot and "| vanilla | 5 |" in confirmatory  # seed 14 is described, not tested
+    assert "Seeds without every arm: 14 (no distill, mixed_teacher, qstar_distill)" in confirmatory
     row = next(line for line in confirmatory.splitlines() if line.startswith("| mixed_qstar − vanilla |"))
     assert row.startswith("| mixed_qstar − vanilla | 4 | +0.110 [+0.092, +0.128] |")  # t(3) interval, by hand
-    # t = 0.11 / (0.01155 / 2) = 19.05 on 3 df: p = 3.16e-4. The five comparisons without runs stay in Holm's family
-    # of six with p = 1, so the adjusted p is 6 x 3.16e-4, not the uncorrected p of a family of one.
+    # t = 0.11 / (0.01155 / 2) = 19.05 on 3 df: p = 3.16e-4, the family's smallest (distill − vanilla: differences
+    # +0.03, -0.03, +0.03, -0.03, p = 1), so Holm multiplies it by the family's six.
     assert row.split(" | ")[3:5] == ["0.000316", "0.00189"]
-    assert "| distill − vanilla | 0 | not run" in confirmatory
+    assert "| distill − vanilla | 4 |" in confirmatory and "nan" not in confirmatory
     assert "mixed_qstar − vanilla" not in pilot  # the pilot is exploratory: no test
-    assert "Seeds without every arm: 10 (no distill, mixed_teacher, qstar_distill); 11 (no distill," in confirmatory
 
 
-def test_analyze_pairs_two_runs_of_a_seed_only_when_they_trained_beside_the_same_teacher(tmp_path):
-    # Each lent machine makes its own teacher; seed 13's mixed_qstar ran on another machine than its vanilla.
+def test_analyze_pairs_a_seed_only_when_its_arms_trained_beside_one_teacher(tmp_path):
+    # Each lent machine makes its own teacher; seed 13's mixed_qstar ran beside another teacher than its other arms.
     for seed in (10, 11, 12, 13):
-        _fake_run(tmp_path, "vanilla", seed, teacher_sha256="aa")
-        _fake_run(tmp_path, "mixed_qstar", seed, teacher_sha256="bb" if seed == 13 else "aa")
+        for arm in smollm2.ARMS:
+            _fake_run(tmp_path, arm, seed, teacher_sha256="bb" if (arm, seed) == ("mixed_qstar", 13) else "aa")
     table = smollm2.analyze(smollm2.parse_args(["--workdir", str(tmp_path), "analyze"]))
     assert "| mixed_qstar − vanilla | 3 |" in table
+    assert "| distill − vanilla | 3 |" in table  # seed 13 counts for no comparison: it is not one teacher's
     assert "Not paired, the two runs trained beside different teachers (made on different machines): seed 13 (" in table
     _fake_run(tmp_path, "mixed_qstar", 13, teacher_sha256="aa")
     table = smollm2.analyze(smollm2.parse_args(["--workdir", str(tmp_path), "analyze"]))
-    assert "| mixed_qstar − vanilla | 4 |" in table and "Not paired" not in table
+    assert "| mixed_qstar − vanilla | 4 |" in table and "| distill − vanilla | 4 |" in table
+    assert "Not paired" not in table
 
 
 def _fake_run(workdir, arm, seed, **fields):
