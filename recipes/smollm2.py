@@ -440,13 +440,20 @@ def grid_flags(args) -> list[str]:
     return flags
 
 
-def stale_reason(result: dict, args, teacher: str | None = None) -> str | None:
-    """Why a finished run's result does not belong to this grid: other settings, bf16 policy weights, or a
-    teacher other than `teacher` (the sha256 of this work directory's, when it has one)."""
+def foreign_reason(result: dict, teacher: str | None) -> str | None:
+    """Why a finished run cannot count in this work directory whatever the grid's settings: bf16 policy
+    weights, or a teacher other than `teacher` (the sha256 of this work directory's, when it has one)."""
     if result.get("dtypes", {}).get("policy") != "torch.float32":
         return "the policy trained in bf16 weights, before float32 master weights"
     if teacher is not None and _teacher_of(result) != teacher:
         return f"trained beside another teacher ({_teacher_of(result)}, not this work directory's {teacher})"
+    return None
+
+
+def stale_reason(result: dict, args, teacher: str | None = None) -> str | None:
+    """Why a finished run's result does not belong to this grid: `foreign_reason`, or other settings."""
+    if why := foreign_reason(result, teacher):
+        return why
     settings = result.get("settings", {})
     for name in GRID_SETTINGS:
         if settings.get(name) != getattr(args, name):
@@ -536,12 +543,9 @@ def adopt(args) -> list[Path]:
                     continue
                 result = json.load(tar.extractfile(member))
                 target = run_path(args.workdir, result["arm"], result["seed"])
-                if _teacher_of(result) != teacher:
-                    skipped.append(f"{member.name} (beside teacher {_teacher_of(result)})")
-                elif result.get("dtypes", {}).get("policy") != "torch.float32":
-                    skipped.append(f"{member.name} (bf16 policy weights)")
-                elif target.exists():
-                    skipped.append(f"{member.name} (already in {target.parent})")
+                why = foreign_reason(result, teacher) or (f"already in {target.parent}" if target.exists() else None)
+                if why:
+                    skipped.append(f"{member.name} ({why})")
                 else:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_text(json.dumps(result))

@@ -54,8 +54,9 @@ run() { python3 recipes/smollm2.py --workdir "$WORK" "$@" 2>&1 | tee -a "$OUT/sm
 [ -d "$WORK/teacher" ] || run sft
 [ -f "$WORK/evaluate.json" ] || run evaluate
 # Earlier sessions' runs made beside this teacher (the same sha256), from their archives: a grid counts them done.
+# Each call adopts again (a run already here is kept); a failure is in the log, and the grid goes on.
 # shellcheck disable=SC2086
-[ -n "${RUNS_FROM:-}" ] && [ ! -f /tmp/smol-adopted ] && run adopt $RUNS_FROM && touch /tmp/smol-adopted
+[ -n "${RUNS_FROM:-}" ] && { run adopt $RUNS_FROM || true; }
 status=0
 run_grid() {
     local left=$(( ${GRID_SECONDS:-480} - SECONDS ))

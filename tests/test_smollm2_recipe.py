@@ -292,8 +292,11 @@ def test_adopt_takes_an_archives_runs_made_beside_this_teacher_and_the_grid_coun
     assert sorted(path.name for path in (here / "runs").iterdir()) == ["mixed_qstar-seed11.json", "vanilla-seed11.json"]
     assert json.loads(mine.read_text())["seconds"] == 7.0  # a run already here is kept, not replaced
     out = capsys.readouterr().out
-    assert "distill-seed11.json (beside teacher another machine's teacher)" in out
-    assert "mixed_teacher-seed11.json (bf16 policy weights)" in out
+    assert (
+        f"distill-seed11.json (trained beside another teacher (another machine's teacher, not this work directory's {ours}))"
+        in out
+    )
+    assert "mixed_teacher-seed11.json (the policy trained in bf16 weights, before float32 master weights)" in out
     grid = ["--workdir", str(here), "grid", "--arms", "vanilla", "--seeds", "11", "--no-gate"]
     smollm2.grid(smollm2.parse_args(grid))
     assert "1 of 1 runs already done; running 0" in capsys.readouterr().out
