@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The SmolLM2 experiment (recipes/smollm2.py) on a lent GPU machine, whose calls carry at most 64 MiB:
-# the 98 MB GGUF travels in three parts (.gguf_parts/{a,b,c}, made by `split -b 33000000`), one per call
-# while the machine is held, and is assembled once all three are there (files stay until the machine is
-# given back). Then each step runs once: prepare, sft, evaluate, and the grid of the arms.
+# the packages and the GGUF travel in two parts (.carry/a, then .carry/b, made by recipes/smollm2_carry.sh), one
+# per call while the machine is held, and the GGUF is assembled once both are there (files stay until the machine
+# is given back). Then each step runs once: prepare, sft, evaluate, and the grid of the arms.
 #
-#   bash recipes/smollm2_device.sh                      # stash the parts carried by this call
+#   bash recipes/smollm2_device.sh                      # stash the part carried by this call
 #   GRID="--arms all --seeds 0 --steps 60 --eval_every 20 --workers auto" bash recipes/smollm2_device.sh   # the pilot
 #   CONFIRM_SEEDS=10-13 CONFIRM="--steps 60 --eval_every 20 --workers auto" bash recipes/smollm2_device.sh
 #   PILOT_RUNS=recipes/results/smollm2_gpu_h100_2026-12-07b.tgz CONFIRM_SEEDS=11-13 CONFIRM=...   # a later machine
@@ -24,20 +24,23 @@ set -euo pipefail
 OUT=${OUT:-/tmp/out}
 WORK=/tmp/smollm2
 mkdir -p /tmp/smol-parts "$WORK"
-for part in .gguf_parts/*/*; do [ -f "$part" ] && cp "$part" /tmp/smol-parts/; done
+for part in .carry/*/*; do [ -f "$part" ] && cp "$part" /tmp/smol-parts/; done
 ls -la /tmp/smol-parts
-if [ ! -d /tmp/site/trl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if [ ! -d /tmp/site/trl ] && [ -f /tmp/smol-parts/site.tar.xz ]; then
+    mkdir -p /tmp/site && python3 -m tarfile -e /tmp/smol-parts/site.tar.xz /tmp/site
 fi
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 GGUF=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f "$GGUF" ]; then
-    if [ -f /tmp/smol-parts/smolpart.0 ] && [ -f /tmp/smol-parts/smolpart.1 ] && [ -f /tmp/smol-parts/smolpart.2 ]; then
+    if [ -f /tmp/smol-parts/smol.gguf.xz.0 ] && [ -f /tmp/smol-parts/smol.gguf.xz.1 ]; then
         mkdir -p /tmp/smol
-        cat /tmp/smol-parts/smolpart.0 /tmp/smol-parts/smolpart.1 /tmp/smol-parts/smolpart.2 > "$GGUF"
-        echo "$(cat /tmp/smol-parts/sha256)  $GGUF" | sha256sum -c -
+        cat /tmp/smol-parts/smol.gguf.xz.0 /tmp/smol-parts/smol.gguf.xz.1 |
+            python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" \
+            > "$GGUF.part"
+        echo "$(cat /tmp/smol-parts/sha256)  $GGUF.part" | sha256sum -c -
+        mv "$GGUF.part" "$GGUF"
     else
-        echo "GGUF incomplete: carry the other parts in the next calls"; exit 0
+        echo "GGUF incomplete: carry the other part in the next call"; exit 0
     fi
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
