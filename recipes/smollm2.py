@@ -39,6 +39,7 @@ import re
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -305,6 +306,7 @@ def run(args) -> Path:
         OptimalSamplingGRPOConfig,
         OptimalSamplingGRPOTrainer,
     )
+    from optimal_sampling.trainers._common import non_finite_parameters
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
@@ -341,7 +343,7 @@ def run(args) -> Path:
     )
     grpo = dict(num_generations=groups, beta=0.0, shuffle_dataset=False)
     distillation = dict(beta=1.0, shuffle_dataset=False)
-    curve, generated = [], {"tokens": 0}
+    curve, generated, diverged = [], {"tokens": 0}, {}
 
     class Evaluate(TrainerCallback):
         def _record(self, state, model):
@@ -359,7 +361,13 @@ def run(args) -> Path:
             self._record(state, model)
 
         def on_step_end(self, args_, state, control, model=None, **kwargs):
-            if state.global_step % args.eval_every == 0 or state.global_step == args.steps:
+            if broken := non_finite_parameters(model):
+                # The step made the weights non-finite (on SmolLM2, mixed_qstar seed 11 applied a gradient whose
+                # norm was nan at step 31): every output of the policy is NaN from here on, so the run ends, and is
+                # recorded as diverged, not failed, so that a grid does not run it again.
+                diverged.update(step=state.global_step, parameters=broken)
+                control.should_training_stop = True
+            elif state.global_step % args.eval_every == 0 or state.global_step == args.steps:
                 self._record(state, model)
 
     kwargs = dict(train_dataset=dataset, processing_class=tokenizer, callbacks=[Evaluate()])
@@ -400,13 +408,15 @@ def run(args) -> Path:
         "teacher_sha256": teacher_sha256(teacher_dir),
         "seconds": round(time.time() - started, 1),
         "eval": curve,
+        "diverged": diverged or None,
         "log_history": trainer.state.log_history,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.tmp")
     partial.write_text(json.dumps(result))
     partial.replace(path)
-    print(f"wrote {path} ({result['seconds']} s)")
+    ended = f"diverged at step {diverged['step']}, " if diverged else ""
+    print(f"wrote {path} ({ended}{result['seconds']} s)")
     return path
 
 
@@ -488,6 +498,8 @@ def grid(args) -> None:
         return head + grid_flags(args)
 
     def summarize(result: dict) -> str:
+        if result.get("diverged"):
+            return f"diverged at step {result['diverged']['step']}: non-finite weights ({result['seconds']:.0f} s)"
         last = result["eval"][-1]
         return f"greedy {last['greedy']:.3f} T=1 {last['temp1']:.3f} ({result['seconds']:.0f} s)"
 
@@ -513,12 +525,15 @@ EXPECTED_MARGIN = 1.1
 
 
 def expected_seconds(workdir) -> dict[str, float]:
-    """Per arm, the seconds a grid expects a run to take: the longest that arm's runs in `workdir` took (their
-    `seconds` plus `STARTUP_SECONDS`), or `ARM_SECONDS` where none ran, times `EXPECTED_MARGIN`."""
+    """Per arm, the seconds a grid expects a run to take: the longest that arm's finished runs in `workdir` took
+    (their `seconds` plus `STARTUP_SECONDS`; a diverged run stopped early), or `ARM_SECONDS` where none finished,
+    times `EXPECTED_MARGIN`."""
     longest = dict(ARM_SECONDS)
     ran = set()
     for path in (Path(workdir) / "runs").glob("*-seed*.json"):
         result = json.loads(path.read_text())
+        if result.get("diverged"):
+            continue
         took = result["seconds"] + STARTUP_SECONDS
         longest[result["arm"]] = max(longest[result["arm"]], took) if result["arm"] in ran else took
         ran.add(result["arm"])
@@ -619,6 +634,17 @@ def _auc(result: dict) -> float:
     return grpo_toy.area_under_curve([e["step"] for e in result["eval"]], [e["temp1"] for e in result["eval"]])
 
 
+def _auc_counting_divergence(result: dict) -> float:
+    """`_auc`, with a diverged run's planned evaluations after its divergence counted as success 0 (a policy whose
+    weights are NaN solves nothing): Amendment 5's sensitivity analysis."""
+    if not result.get("diverged"):
+        return _auc(result)
+    settings = result["settings"]
+    planned = sorted({*range(0, settings["steps"] + 1, settings["eval_every"]), settings["steps"]})
+    measured = {e["step"]: e["temp1"] for e in result["eval"]}
+    return grpo_toy.area_under_curve(planned, [measured.get(step, 0.0) for step in planned])
+
+
 def _teacher_of(result: dict) -> str | None:
     return result.get("teacher_sha256")
 
@@ -627,8 +653,63 @@ def _settings_of(result: dict) -> tuple:
     return result.get("settings", {}).get("learning_rate"), result.get("dtypes", {}).get("policy")
 
 
+def _complete_seeds(runs: dict[str, dict[int, dict]]) -> set[int]:
+    """The seeds the family's tests use: those with a run of every arm, all beside one teacher (their runs may
+    come from several sessions' machines that made the same teacher, `adopt`)."""
+    seeds = {s for rs in runs.values() for s in rs}
+    return {
+        s
+        for s in seeds
+        if all(s in runs.get(a, {}) for a in ARMS) and len({_teacher_of(runs[a][s]) for a in ARMS}) == 1
+    }
+
+
+def _family(runs: dict[str, dict[int, dict]], counted: set[int], auc: Callable[[dict], float]) -> list[str]:
+    """The pre-registered family's table: paired t-tests of `auc` on the `counted` seeds, Holm over all six."""
+    lines, tests, missing, unpaired = [], {}, {}, {}
+    for arm, reference in COMPARISONS:
+        seeds = sorted(set(runs.get(arm, {})) & set(runs.get(reference, {})))
+        other_teacher = [s for s in seeds if _teacher_of(runs[arm][s]) != _teacher_of(runs[reference][s])]
+        for s in other_teacher:
+            unpaired.setdefault(s, []).append(f"{arm} − {reference}")
+        seeds = [s for s in seeds if s in counted]
+        if len(seeds) > 1:
+            tests[f"{arm} − {reference}"] = grpo_toy.paired_tests(
+                [auc(runs[arm][s]) - auc(runs[reference][s]) for s in seeds]
+            )
+        else:
+            missing[f"{arm} − {reference}"] = len(seeds)
+    if unpaired:  # runs of one seed made on two machines, each with its own teacher
+        lines += [
+            "Not paired, the two runs trained beside different teachers (made on different machines): "
+            + "; ".join(f"seed {s} ({', '.join(names)})" for s, names in sorted(unpaired.items())),
+            "",
+        ]
+    if not tests:
+        return lines
+    # Holm over the whole pre-registered family: a comparison without two paired seeds stays in it with p = 1,
+    # so a missing arm never makes the others' correction milder.
+    adjusted = grpo_toy.holm({**{name: t["t_p"] for name, t in tests.items()}, **dict.fromkeys(missing, 1.0)})
+    lines += [
+        "| T = 1 AUC difference | seeds | mean [95% CI] | t-test p | Holm p | Wilcoxon p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, t in tests.items():
+        lines.append(
+            f"| {name} | {t['n']} | {t['mean']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] | "
+            f"{t['t_p']:.3g} | {adjusted[name]:.3g} | {t['wilcoxon_p']:.3g} |"
+        )
+    for name, n in missing.items():
+        lines.append(f"| {name} | {n} | not run: fewer than two paired seeds (counted in Holm as p = 1) | | | |")
+    return lines + [""]
+
+
 def analyze(args) -> str:
-    """Per arm: success curves' ends, T = 1 AUC, cost; then the pre-registered family on the confirmatory seeds."""
+    """Per arm: success curves' ends, T = 1 AUC, cost; then the pre-registered family on the confirmatory seeds.
+
+    A diverged run (its weights became non-finite, so training stopped) has not finished: its seed does not count
+    in the family, as pre-registered. Amendment 5's sensitivity analysis counts it, with success 0 after it
+    diverged, and is shown beside whenever a confirmatory run diverged."""
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted((Path(args.workdir) / "runs").glob("*-seed*.json")):
         r = json.loads(path.read_text())
@@ -647,6 +728,7 @@ def analyze(args) -> str:
                 f"The confirmatory runs in {args.workdir}/runs mix settings (learning rate, policy dtype): "
                 f"{sorted(settings, key=str)}. A family compares one protocol: analyze each work directory apart."
             )
+        finished = {arm: {s: r for s, r in rs.items() if not r.get("diverged")} for arm, rs in chosen.items()}
         lines += [
             f"**{label}**",
             "",
@@ -654,8 +736,8 @@ def analyze(args) -> str:
             "generated tokens | s/run |",
             "|---|---|---|---|---|---|---|",
         ]
-        for arm in [a for a in ARMS if a in chosen]:
-            rs = chosen[arm]
+        for arm in [a for a in ARMS if finished.get(a)]:
+            rs = finished[arm]
             mean = lambda key, i: sum(r["eval"][i][key] for r in rs.values()) / len(rs)  # noqa: E731
             lines.append(
                 f"| {arm} | {len(rs)} | {mean('greedy', 0):.3f} → {mean('greedy', -1):.3f} | "
@@ -663,56 +745,40 @@ def analyze(args) -> str:
                 f"{grpo_toy._mean_sd([_auc(r) for r in rs.values()])} | {mean('generated_tokens', -1):,.0f} | "
                 f"{sum(r['seconds'] for r in rs.values()) / len(rs):.0f} |"
             )
-        counted = None  # the seeds the family's tests use: all of them in the exploratory pilot
-        if confirmatory:
-            seeds = sorted({s for rs in chosen.values() for s in rs})
-            partial = {s: [a for a in ARMS if s not in chosen.get(a, {})] for s in seeds}
-            partial = {s: arms for s, arms in partial.items() if arms}
-            if partial:
-                lines += [
-                    "",
-                    "Seeds without every arm: " + "; ".join(f"{s} (no {', '.join(a)})" for s, a in partial.items()),
-                ]
-            # The pre-registration counts a seed only when all five arms finished it beside one teacher (their
-            # runs may come from several sessions' machines that made the same teacher, `adopt`).
-            counted = {s for s in seeds if s not in partial and len({_teacher_of(chosen[a][s]) for a in ARMS}) == 1}
-        lines.append("")
-        tests, missing, unpaired = {}, {}, {}
-        for arm, reference in COMPARISONS:
-            seeds = sorted(set(chosen.get(arm, {})) & set(chosen.get(reference, {})))
-            other_teacher = [s for s in seeds if _teacher_of(chosen[arm][s]) != _teacher_of(chosen[reference][s])]
-            for s in other_teacher:
-                unpaired.setdefault(s, []).append(f"{arm} − {reference}")
-            seeds = [s for s in seeds if s not in other_teacher and (counted is None or s in counted)]
-            if len(seeds) > 1:
-                differences = [_auc(chosen[arm][s]) - _auc(chosen[reference][s]) for s in seeds]
-                tests[f"{arm} − {reference}"] = grpo_toy.paired_tests(differences)
-            else:
-                missing[f"{arm} − {reference}"] = len(seeds)
-        if unpaired:  # runs of one seed made on two machines, each with its own teacher
+        diverged = [(arm, s, r) for arm in ARMS for s, r in sorted(chosen.get(arm, {}).items()) if r.get("diverged")]
+        if diverged:
             lines += [
-                "Not paired, the two runs trained beside different teachers (made on different machines): "
-                + "; ".join(f"seed {s} ({', '.join(names)})" for s, names in sorted(unpaired.items())),
                 "",
+                "Diverged (the weights became non-finite, so the run stopped; not in the rows above): "
+                + "; ".join(
+                    f"{arm} seed {s} at step {r['diverged']['step']}, T = 1 success "
+                    + ", ".join(f"{e['temp1']:.3f}" for e in r["eval"])
+                    + f" at steps {', '.join(str(e['step']) for e in r['eval'])}"
+                    for arm, s, r in diverged
+                ),
             ]
-        if tests and confirmatory:
-            # Holm over the whole pre-registered family: a comparison without two paired seeds stays in it
-            # with p = 1, so a missing arm never makes the others' correction milder.
-            adjusted = grpo_toy.holm({**{name: t["t_p"] for name, t in tests.items()}, **dict.fromkeys(missing, 1.0)})
-            lines += [
-                "| T = 1 AUC difference | seeds | mean [95% CI] | t-test p | Holm p | Wilcoxon p |",
-                "|---|---|---|---|---|---|",
-            ]
-            for name, t in tests.items():
-                lines.append(
-                    f"| {name} | {t['n']} | {t['mean']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] | "
-                    f"{t['t_p']:.3g} | {adjusted[name]:.3g} | {t['wilcoxon_p']:.3g} |"
-                )
-            for name, n in missing.items():
-                lines.append(
-                    f"| {name} | {n} | not run: fewer than two paired seeds (counted in Holm as p = 1) | | | |"
-                )
+        if not confirmatory:
             lines.append("")
+            continue
+        unfinished = []
+        for s in sorted({s for rs in chosen.values() for s in rs}):
+            not_run = [a for a in ARMS if s not in chosen.get(a, {})]
+            stopped = [a for a in ARMS if s in chosen.get(a, {}) and s not in finished[a]]
+            why = ([f"no {', '.join(not_run)}"] if not_run else []) + (
+                [f"{', '.join(stopped)} diverged"] if stopped else []
+            )
+            if why:
+                unfinished.append(f"{s} ({'; '.join(why)})")
+        if unfinished:
+            lines += ["", "Seeds without every arm finished: " + "; ".join(unfinished)]
+        # As pre-registered, a seed counts only when all five arms finished it beside one teacher.
+        lines += [""] + _family(finished, _complete_seeds(finished), _auc)
+        if diverged:
+            lines += [
+                "**Sensitivity (Amendment 5): a diverged run counted, with T = 1 success 0 at each evaluation after "
+                "it diverged**",
+                "",
+            ] + _family(chosen, _complete_seeds(chosen), _auc_counting_divergence)
     text = "\n".join(lines)
     print(text)
     return text

@@ -211,7 +211,7 @@ def test_analyze_tests_the_pre_registered_family_on_the_complete_confirmatory_se
     table = smollm2.analyze(smollm2.parse_args(["--workdir", str(tmp_path), "analyze"]))
     pilot, confirmatory = table.split("**confirmatory**")
     assert "| vanilla | 1 |" in pilot and "| vanilla | 5 |" in confirmatory  # seed 14 is described, not tested
-    assert "Seeds without every arm: 14 (no distill, mixed_teacher, qstar_distill)" in confirmatory
+    assert "Seeds without every arm finished: 14 (no distill, mixed_teacher, qstar_distill)" in confirmatory
     row = next(line for line in confirmatory.splitlines() if line.startswith("| mixed_qstar − vanilla |"))
     assert row.startswith("| mixed_qstar − vanilla | 4 | +0.110 [+0.092, +0.128] |")  # t(3) interval, by hand
     # t = 0.11 / (0.01155 / 2) = 19.05 on 3 df: p = 3.16e-4, the family's smallest (distill − vanilla: differences
@@ -234,6 +234,54 @@ def test_analyze_pairs_a_seed_only_when_its_arms_trained_beside_one_teacher(tmp_
     table = smollm2.analyze(smollm2.parse_args(["--workdir", str(tmp_path), "analyze"]))
     assert "| mixed_qstar − vanilla | 4 |" in table and "| distill − vanilla | 4 |" in table
     assert "Not paired" not in table
+
+
+def test_a_run_whose_weights_become_non_finite_stops_there_recorded_as_diverged_and_the_grid_keeps_it(
+    tiny_pair, capsys
+):
+    # A learning rate of 1e39 overflows float32 in AdamW's first update: the weights are inf after step 1.
+    settings = ["--smoke", "--steps", "3", "--eval_every", "1", "--learning_rate", "1e39"]
+    path = smollm2.run(
+        smollm2.parse_args(["--workdir", str(tiny_pair), "run", "--arm", "vanilla", "--seed", "5", *settings])
+    )
+    result = json.loads(path.read_text())
+    assert result["diverged"]["step"] == 1 and result["diverged"]["parameters"]
+    assert [e["step"] for e in result["eval"]] == [0]  # nothing is evaluated on non-finite weights
+    assert [h["step"] for h in result["log_history"] if "loss" in h] == [1]  # training stopped after step 1
+    assert "diverged at step 1" in capsys.readouterr().out
+    args = ["--workdir", str(tiny_pair), "grid", "--arms", "vanilla", "--seeds", "5", "--workers", "1", "--no-gate"]
+    smollm2.grid(smollm2.parse_args(args + settings))
+    assert "1 of 1 runs already done" in capsys.readouterr().out  # not run again: it would diverge again
+    path.unlink()
+
+
+def test_analyze_counts_a_diverged_run_s_seed_out_of_the_family_and_in_the_sensitivity_analysis(tmp_path):
+    # Flat curves: vanilla 0.10 at every seed, q* rows 0.20 or 0.21. mixed_qstar seed 11 diverged at step 31
+    # after 0.30 at steps 0 and 20. Pre-registered: seed 11 does not count (q* − vanilla on 10, 12, 13: +0.10,
+    # +0.10, +0.11). Amendment 5's sensitivity counts it with 0 at steps 40 and 60: AUC (20·0.3 + 20·0.15) / 60
+    # = 0.15, so the four differences are +0.10, +0.05, +0.10, +0.11 (mean +0.09).
+    settings = {"steps": 60, "eval_every": 20}
+    for seed in (10, 11, 12, 13):
+        for arm in smollm2.ARMS:
+            path = _fake_run(tmp_path, arm, seed, settings=settings)
+            value = {"vanilla": 0.10, "mixed_qstar": 0.20 + 0.01 * (seed == 13)}.get(arm, 0.10 + 0.01 * seed)
+            if (arm, seed) == ("mixed_qstar", 11):
+                value = 0.30
+            result = json.loads(path.read_text())
+            result["eval"] = [{**e, "temp1": value} for e in result["eval"]]
+            if (arm, seed) == ("mixed_qstar", 11):
+                result["eval"], result["diverged"] = result["eval"][:2], {"step": 31, "parameters": ["lm_head.weight"]}
+            path.write_text(json.dumps(result))
+    table = smollm2.analyze(smollm2.parse_args(["--workdir", str(tmp_path), "analyze"]))
+    primary, sensitivity = table.split("**Sensitivity (Amendment 5)")
+    assert "| mixed_qstar | 3 |" in primary  # the diverged run is named, not averaged into the arm's row
+    assert (
+        "Diverged (the weights became non-finite, so the run stopped; not in the rows above): mixed_qstar seed 11 "
+        "at step 31, T = 1 success 0.300, 0.300 at steps 0, 20" in primary
+    )
+    assert "Seeds without every arm finished: 11 (mixed_qstar diverged)" in primary
+    assert "| mixed_qstar − vanilla | 3 | +0.103 [" in primary and "| distill − vanilla | 3 |" in primary
+    assert "| mixed_qstar − vanilla | 4 | +0.090 [" in sensitivity and "| distill − vanilla | 4 |" in sensitivity
 
 
 def _fake_run(workdir, arm, seed, **fields):
@@ -342,7 +390,10 @@ def test_a_grid_with_a_deadline_expects_each_arm_to_take_its_longest_recorded_ti
     assert smollm2.expected_seconds(tmp_path)["vanilla"] == pytest.approx(320.1)
     _fake_run(tmp_path, "vanilla", 10, seconds=400.0)
     _fake_run(tmp_path, "vanilla", 11, seconds=100.0)
+    _fake_run(tmp_path, "vanilla", 13, seconds=900.0, diverged={"step": 31})  # stopped early: it says nothing
+    _fake_run(tmp_path, "mixed_qstar", 13, seconds=20.0, diverged={"step": 2})
     expected = smollm2.expected_seconds(tmp_path)
+    assert expected["mixed_qstar"] == pytest.approx(176 * 1.1)  # as if no run of the arm were here
     assert expected["vanilla"] == pytest.approx((400 + 15) * 1.1)  # the longest, plus the process's start
     assert expected["distill"] == pytest.approx(331.1)
     _fake_run(tmp_path, "distill", 10, seconds=100.0)  # a run measured here replaces the default, even if shorter
