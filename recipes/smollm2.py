@@ -295,7 +295,7 @@ def run_path(workdir, arm: str, seed: int) -> Path:
     return Path(workdir) / "runs" / f"{arm}-seed{seed}.json"
 
 
-def run(args) -> Path:
+def run(args) -> Path | None:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer, GRPOConfig, GRPOTrainer
@@ -360,12 +360,18 @@ def run(args) -> Path:
         def on_train_begin(self, args_, state, control, model=None, **kwargs):
             self._record(state, model)
 
+        def on_step_begin(self, args_, state, control, **kwargs):
+            if state.global_step + 1 == args.detect_anomaly_at:
+                torch.autograd.set_detect_anomaly(True)
+
         def on_step_end(self, args_, state, control, model=None, **kwargs):
             if broken := non_finite_parameters(model):
                 # The step made the weights non-finite (on SmolLM2, mixed_qstar seed 11 applied a gradient whose
                 # norm was nan at step 31): every output of the policy is NaN from here on, so the run ends, and is
                 # recorded as diverged, not failed, so that a grid does not run it again.
                 diverged.update(step=state.global_step, parameters=broken)
+                control.should_training_stop = True
+            elif state.global_step == args.detect_anomaly_at:
                 control.should_training_stop = True
             elif state.global_step % args.eval_every == 0 or state.global_step == args.steps:
                 self._record(state, model)
@@ -397,6 +403,13 @@ def run(args) -> Path:
     started = time.time()
     with contextlib.redirect_stdout(sys.stderr):
         trainer.train()
+    if args.detect_anomaly_at is not None:
+        torch.autograd.set_detect_anomaly(False)
+        print(
+            f"no anomaly up to step {args.detect_anomaly_at}"
+            + (f"; diverged at step {diverged['step']}" if diverged else "")
+        )
+        return None
     path = run_path(args.workdir, args.arm, args.seed)
     result = {
         "arm": args.arm,
@@ -815,6 +828,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument("--base", help="the policy's model directory (default: <workdir>/base)")
             p.add_argument("--teacher", help="the teacher's model directory (default: <workdir>/teacher)")
             p.add_argument("--smoke", action="store_true", help="tiny batches and completions: a CPU check")
+            p.add_argument(
+                "--detect_anomaly_at",
+                type=int,
+                metavar="STEP",
+                help="a diagnosis, not a result: train up to STEP, that step under torch's anomaly detection (a "
+                "backward op that returns NaN raises, naming the forward op), and write no record",
+            )
         else:
             p.add_argument("--arms", nargs="+", default=["all"])
             p.add_argument("--seeds", default="0-2")

@@ -9,6 +9,7 @@
 #   CONFIRM_SEEDS=10-13 CONFIRM="--steps 60 --eval_every 20 --workers auto" bash recipes/smollm2_device.sh
 #   PILOT_RUNS=recipes/results/smollm2_gpu_h100_2026-12-07b.tgz CONFIRM_SEEDS=11-13 CONFIRM=...   # a later machine
 #   RUNS_FROM="recipes/results/a.tgz recipes/results/b.tgz" ...   # and earlier sessions' runs beside its teacher
+#   ANOMALY="--arm mixed_qstar --seed 11 --learning_rate 2e-5 --detect_anomaly_at 31" ...   # a diagnosis first
 #
 # GRID and CONFIRM together run the pilot, then the confirmatory seeds at the rate its rule gives, in one call.
 # GRID_SECONDS bounds both together, counted from this script's start: each grid gets the time left as its
@@ -75,6 +76,14 @@ if [ "${MPS:-}" = on ] || { [ "${MPS:-}" = auto ] &&
     mkdir -p /tmp/nvidia-mps /tmp/nvidia-mps-log
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps CUDA_MPS_LOG_DIRECTORY=/tmp/nvidia-mps-log
     nvidia-cuda-mps-control -d && trap 'echo quit | nvidia-cuda-mps-control' EXIT
+fi
+# A diagnosis before the grids, e.g. ANOMALY="--arm mixed_qstar --seed 11 --learning_rate 2e-5 --detect_anomaly_at 31":
+# that run up to its diverging step, that step under anomaly detection; its traceback is in $OUT/anomaly.log.
+if [ -n "${ANOMALY:-}" ]; then
+    # shellcheck disable=SC2086
+    timeout $(( ${GRID_SECONDS:-480} - SECONDS )) python3 recipes/smollm2.py --workdir "$WORK" run $ANOMALY \
+        > "$OUT/anomaly.log" 2>&1 || echo "the diagnosis ended with status $?"
+    { grep -v "^\[eval\]" "$OUT/anomaly.log" || true; } | tail -n 40
 fi
 # shellcheck disable=SC2086
 [ -n "${GRID:-}" ] && run_grid $GRID

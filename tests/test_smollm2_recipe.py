@@ -255,6 +255,32 @@ def test_a_run_whose_weights_become_non_finite_stops_there_recorded_as_diverged_
     path.unlink()
 
 
+def test_detect_anomaly_at_trains_up_to_that_step_under_anomaly_detection_there_only_and_records_nothing(
+    tiny_pair, monkeypatch, capsys
+):
+    import torch
+
+    load_pair, modes = smollm2.load_pair, []
+
+    def watched(*args, **kwargs):  # the policy's training forwards: was anomaly detection on?
+        policy, teacher, tokenizer = load_pair(*args, **kwargs)
+        policy.register_forward_hook(
+            lambda *_: modes.append(torch.is_anomaly_enabled()) if torch.is_grad_enabled() else None
+        )
+        return policy, teacher, tokenizer
+
+    monkeypatch.setattr(smollm2, "load_pair", watched)
+    argv = ["--workdir", str(tiny_pair), "run", "--arm", "vanilla", "--seed", "6", "--smoke", "--steps", "4"]
+    try:
+        assert smollm2.run(smollm2.parse_args(argv + ["--detect_anomaly_at", "2"])) is None
+    finally:
+        torch.autograd.set_detect_anomaly(False)
+    assert modes == [False, True]  # step 1 as usual, step 2 under detection, and no step 3
+    assert not torch.is_anomaly_enabled()
+    assert "no anomaly up to step 2" in capsys.readouterr().out
+    assert not smollm2.run_path(tiny_pair, "vanilla", 6).exists()
+
+
 def test_analyze_counts_a_diverged_run_s_seed_out_of_the_family_and_in_the_sensitivity_analysis(tmp_path):
     # Flat curves: vanilla 0.10 at every seed, q* rows 0.20 or 0.21. mixed_qstar seed 11 diverged at step 31
     # after 0.30 at steps 0 and 20. Pre-registered: seed 11 does not count (q* − vanilla on 10, 12, 13: +0.10,
