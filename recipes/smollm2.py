@@ -295,6 +295,11 @@ def run_path(workdir, arm: str, seed: int) -> Path:
     return Path(workdir) / "runs" / f"{arm}-seed{seed}.json"
 
 
+def recorded_runs(workdir) -> list[dict]:
+    """Every run recorded in `workdir/runs` (`run_path`'s files), in file-name order."""
+    return [json.loads(path.read_text()) for path in sorted((Path(workdir) / "runs").glob("*-seed*.json"))]
+
+
 def run(args) -> Path | None:
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -541,16 +546,11 @@ def expected_seconds(workdir) -> dict[str, float]:
     """Per arm, the seconds a grid expects a run to take: the longest that arm's finished runs in `workdir` took
     (their `seconds` plus `STARTUP_SECONDS`; a diverged run stopped early), or `ARM_SECONDS` where none finished,
     times `EXPECTED_MARGIN`."""
-    longest = dict(ARM_SECONDS)
-    ran = set()
-    for path in (Path(workdir) / "runs").glob("*-seed*.json"):
-        result = json.loads(path.read_text())
-        if result.get("diverged"):
-            continue
-        took = result["seconds"] + STARTUP_SECONDS
-        longest[result["arm"]] = max(longest[result["arm"]], took) if result["arm"] in ran else took
-        ran.add(result["arm"])
-    return {arm: seconds * EXPECTED_MARGIN for arm, seconds in longest.items()}
+    measured: dict[str, list[float]] = {}
+    for result in recorded_runs(workdir):
+        if not result.get("diverged"):
+            measured.setdefault(result["arm"], []).append(result["seconds"] + STARTUP_SECONDS)
+    return {arm: max(measured.get(arm, [seconds])) * EXPECTED_MARGIN for arm, seconds in ARM_SECONDS.items()}
 
 
 def adopt(args) -> list[Path]:
@@ -599,8 +599,7 @@ PILOT_LR, PILOT_RAISED_LR, PILOT_MOVE = 5e-6, 2e-5, 0.02
 def pilot_lr(args) -> float:
     """The confirmatory learning rate by the pilot's rule, printed on stdout (the reasons on stderr)."""
     runs: dict[str, list[dict]] = {}
-    for path in sorted((Path(args.workdir) / "runs").glob("*-seed*.json")):
-        r = json.loads(path.read_text())
+    for r in recorded_runs(args.workdir):
         if r["seed"] in PILOT_SEEDS:
             runs.setdefault(r["arm"], []).append(r)
     if not runs:
@@ -724,8 +723,7 @@ def analyze(args) -> str:
     in the family, as pre-registered. Amendment 5's sensitivity analysis counts it, with success 0 after it
     diverged, and is shown beside whenever a confirmatory run diverged."""
     runs: dict[str, dict[int, dict]] = {}
-    for path in sorted((Path(args.workdir) / "runs").glob("*-seed*.json")):
-        r = json.loads(path.read_text())
+    for r in recorded_runs(args.workdir):
         runs.setdefault(r["arm"], {})[r["seed"]] = r
     lines = []
     for label, confirmatory in (("pilot (exploratory)", False), ("confirmatory", True)):

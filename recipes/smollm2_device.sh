@@ -62,8 +62,10 @@ run() { python3 recipes/smollm2.py --workdir "$WORK" "$@" 2>&1 | tee -a "$OUT/sm
 # shellcheck disable=SC2086
 [ -n "${RUNS_FROM:-}" ] && { run adopt $RUNS_FROM || true; }
 status=0
+seconds_left() { echo $(( ${GRID_SECONDS:-480} - SECONDS )); }  # of GRID_SECONDS, counted from this script's start
 run_grid() {
-    local left=$(( ${GRID_SECONDS:-480} - SECONDS ))
+    local left
+    left=$(seconds_left)
     if [ "$left" -le 30 ]; then echo "grid $*: skipped, ${left}s left of GRID_SECONDS"; status=124; return; fi
     echo "grid $* (${left}s left)"
     timeout "$left" python3 recipes/smollm2.py --workdir "$WORK" grid --deadline $(( left - 5 )) "$@" \
@@ -81,7 +83,7 @@ fi
 # that run up to its diverging step, that step under anomaly detection; its traceback is in $OUT/anomaly.log.
 if [ -n "${ANOMALY:-}" ]; then
     # shellcheck disable=SC2086
-    timeout $(( ${GRID_SECONDS:-480} - SECONDS )) python3 recipes/smollm2.py --workdir "$WORK" run $ANOMALY \
+    timeout "$(seconds_left)" python3 recipes/smollm2.py --workdir "$WORK" run $ANOMALY \
         > "$OUT/anomaly.log" 2>&1 || echo "the diagnosis ended with status $?"
     { grep -v "^\[eval\]" "$OUT/anomaly.log" || true; } | tail -n 40
 fi
