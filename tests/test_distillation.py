@@ -216,6 +216,62 @@ def test_a_policy_whose_weights_went_nan_is_named_at_the_next_draw():
     ) as caught:
         trainer.train()
     assert "float32 master weights" in str(caught.value) and "NaN" in str(caught.value.__cause__)
+    assert "cuDNN" not in str(caught.value)  # a CPU run: the Hopper advice would mislead
+
+
+def test_nan_weights_on_a_hopper_gpu_under_cudnn_attention_name_that_bug_and_its_fix(monkeypatch):
+    """Where `cudnn_attention_hazard` holds (an H100 with torch's default attention backends, as SmolLM2's
+    diverged run had), the trainer warns at set-up and the NaN-weights error names the cuDNN attention bug and how
+    to turn it off. The hazard is forced here (no GPU in CI); its conditions are tested below, and the device run is
+    in recipes/RESULTS.md."""
+    from transformers import TrainerCallback
+
+    from optimal_sampling.trainers import _common
+
+    seen = []
+
+    def hazard(capability, cudnn_sdp_enabled, attention):
+        seen.append((capability, cudnn_sdp_enabled, attention))
+        return True
+
+    monkeypatch.setattr(_common, "cudnn_attention_hazard", hazard)
+
+    class PoisonAfterFirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            with torch.no_grad():
+                model.get_output_embeddings().weight[3, 0] = float("nan")
+
+    with pytest.warns(UserWarning, match=r"A known bug may make this run's gradients NaN: on a Hopper GPU"):
+        trainer = make_trainer(alpha_method="kl_symmetry", max_steps=2)  # warned once, before any step
+    trainer.add_callback(PoisonAfterFirstStep())
+    with pytest.raises(FloatingPointError, match=r"torch\.backends\.cuda\.enable_cudnn_sdp\(False\)") as caught:
+        trainer.train()
+    assert "A known cause here" in str(caught.value) and "pytorch/pytorch#196678" in str(caught.value)
+    assert "float32 master weights" in str(caught.value)
+    # What it was asked about, at set-up and at the error: this CPU run (no capability), torch's switch and the
+    # policy's own attention implementation.
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    assert seen == 2 * [(None, torch.backends.cuda.cudnn_sdp_enabled(), policy.config._attn_implementation)]
+
+
+@pytest.mark.parametrize(
+    "capability, cudnn_on, attention, expected",
+    [
+        ((9, 0), True, "sdpa", True),  # H100 / H200, torch's defaults
+        ((9, 0), False, "sdpa", False),  # torch.backends.cuda.enable_cudnn_sdp(False)
+        ((9, 0), True, "eager", False),  # no SDPA at all
+        ((9, 0), True, "flash_attention_2", False),
+        ((8, 0), True, "sdpa", False),  # A100: the cuDNN kernel at fault is Hopper's
+        ((10, 0), True, "sdpa", False),  # Blackwell
+        (None, True, "sdpa", False),  # CPU
+    ],
+)
+def test_cudnn_attention_hazard_is_a_hopper_gpu_with_cudnn_attention_on_and_an_sdpa_model(
+    capability, cudnn_on, attention, expected
+):
+    from optimal_sampling.trainers._common import cudnn_attention_hazard
+
+    assert cudnn_attention_hazard(capability, cudnn_on, attention) is expected
 
 
 def test_student_as_its_own_teacher_is_a_clear_error():

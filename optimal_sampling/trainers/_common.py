@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from optimal_sampling.compat import unwrapped_model
 from optimal_sampling.options import QStarOptions
 from optimal_sampling.records import check_same_vocabulary, model_eos_ids
 from optimal_sampling.support import NaNLogProbsError
@@ -30,6 +32,33 @@ def non_finite_parameters(model: torch.nn.Module, limit: int = 3) -> list[str]:
             if len(broken) == limit:
                 break
     return broken
+
+
+def cudnn_attention_hazard(capability: tuple[int, int] | None, cudnn_sdp_enabled: bool, attention: str | None) -> bool:
+    """Whether a model runs where torch's cuDNN attention backward is known to return NaN gradients.
+
+    That is a Hopper GPU (`capability` 9.x: H100, H200), the cuDNN backend of `scaled_dot_product_attention`
+    enabled (torch's default), and a transformers model on its "sdpa" attention, which passes a mask: torch's
+    cuDNN backward then returns a NaN query gradient for some padded lengths (pytorch/pytorch#196678, since
+    torch 2.11; huggingface/trl#7181). On SmolLM2 it made one GRPO step's gradient NaN (recipes/RESULTS.md).
+    `capability` is None off CUDA.
+    """
+    return capability is not None and capability[0] == 9 and cudnn_sdp_enabled and attention == "sdpa"
+
+
+def cudnn_attention_advice(model: torch.nn.Module) -> str:
+    """The cuDNN attention bug and its fix, in a sentence, where `model` runs under it (`cudnn_attention_hazard`);
+    else empty."""
+    device = next(model.parameters()).device
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if not cudnn_attention_hazard(capability, torch.backends.cuda.cudnn_sdp_enabled(), attention):
+        return ""
+    return (
+        "on a Hopper GPU, torch's cuDNN attention backward returns NaN gradients for some padded lengths "
+        "(pytorch/pytorch#196678). Call `torch.backends.cuda.enable_cudnn_sdp(False)` before training, or load the "
+        'policy with `attn_implementation="eager"`.'
+    )
 
 
 class OptimalSamplingMixin(VLLMRolloutsMixin):
@@ -108,6 +137,9 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         else:
             self._teacher_prompt_source = None
         self._q_star = args.q_star
+        if advice := cudnn_attention_advice(policy):
+            # Warned before the first step: by the time a NaN gradient shows, AdamW has written it into the weights.
+            warnings.warn(f"A known bug may make this run's gradients NaN: {advice}", stacklevel=3)
         self._generation_overrides = check_generation_options(args)  # already checked before TRL's init
         self._rollout_rows: list[dict] | None = None
         self._pending_rollouts: list[Rollouts] = []
@@ -342,12 +374,13 @@ class OptimalSamplingMixin(VLLMRolloutsMixin):
         except NaNLogProbsError as error:
             broken = non_finite_parameters(self.model)
             if broken:
+                advice = cudnn_attention_advice(unwrapped_model(self.model))
                 raise FloatingPointError(
                     f"The policy's weights hold NaN or inf ({', '.join(broken)}) after step {self.state.global_step}: "
                     "an optimizer step applied a non-finite gradient (its `grad_norm` in the logs is nan or inf), "
                     "so the policy's logits are NaN. Keep float32 master weights (load the policy in float32 and "
                     "train with `bf16=True`, which autocasts), lower the learning rate, or clip harder "
-                    "(`max_grad_norm`)."
+                    "(`max_grad_norm`)." + (f" A known cause here: {advice}" if advice else "")
                 ) from error
             raise
         self._pending_rollouts.append(rollouts)
