@@ -199,9 +199,9 @@ def test_teacher_stays_frozen_and_is_the_one_trl_placed():
 # --- errors ----------------------------------------------------------------------------------
 
 
-def test_a_policy_whose_weights_went_nan_is_named_at_the_next_draw():
-    """An optimizer step that wrote NaN weights (as a bf16 run's NaN gradient did on the GPU) surfaces at the
-    next q* draw as the policy's weights, by name, with the fix, not as the sampler's NaN logits alone."""
+def _poison_after_first_step():
+    """A callback that writes a NaN into the policy's output layer after each optimizer step, as an applied NaN
+    gradient would."""
     from transformers import TrainerCallback
 
     class PoisonAfterFirstStep(TrainerCallback):
@@ -209,8 +209,14 @@ def test_a_policy_whose_weights_went_nan_is_named_at_the_next_draw():
             with torch.no_grad():
                 model.get_output_embeddings().weight[3, 0] = float("nan")
 
+    return PoisonAfterFirstStep()
+
+
+def test_a_policy_whose_weights_went_nan_is_named_at_the_next_draw():
+    """An optimizer step that wrote NaN weights (as a bf16 run's NaN gradient did on the GPU) surfaces at the
+    next q* draw as the policy's weights, by name, with the fix, not as the sampler's NaN logits alone."""
     trainer = make_trainer(alpha_method="kl_symmetry", max_steps=2)
-    trainer.add_callback(PoisonAfterFirstStep())
+    trainer.add_callback(_poison_after_first_step())
     with pytest.raises(
         FloatingPointError, match=r"policy's weights hold NaN or inf \(.*weight.*\) after step 1"
     ) as caught:
@@ -224,8 +230,6 @@ def test_nan_weights_on_a_hopper_gpu_under_cudnn_attention_name_that_bug_and_its
     diverged run had), the trainer warns at set-up and the NaN-weights error names the cuDNN attention bug and how
     to turn it off. The hazard is forced here (no GPU in CI); its conditions are tested below, and the device run is
     in recipes/RESULTS.md."""
-    from transformers import TrainerCallback
-
     from optimal_sampling.trainers import _common
 
     seen = []
@@ -236,14 +240,9 @@ def test_nan_weights_on_a_hopper_gpu_under_cudnn_attention_name_that_bug_and_its
 
     monkeypatch.setattr(_common, "cudnn_attention_hazard", hazard)
 
-    class PoisonAfterFirstStep(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            with torch.no_grad():
-                model.get_output_embeddings().weight[3, 0] = float("nan")
-
     with pytest.warns(UserWarning, match=r"A known bug may make this run's gradients NaN: on a Hopper GPU"):
         trainer = make_trainer(alpha_method="kl_symmetry", max_steps=2)  # warned once, before any step
-    trainer.add_callback(PoisonAfterFirstStep())
+    trainer.add_callback(_poison_after_first_step())
     with pytest.raises(FloatingPointError, match=r"torch\.backends\.cuda\.enable_cudnn_sdp\(False\)") as caught:
         trainer.train()
     assert "A known cause here" in str(caught.value) and "pytorch/pytorch#196678" in str(caught.value)
